@@ -1,0 +1,21 @@
+"""graphprune: a compiler for model compression (structured pruning, N:M sparsity, int8).
+
+    import graphprune as gp
+    from graphprune.passes import ChannelPrune
+
+    analysis = gp.analyze(model, example_inputs)
+    result = gp.prune(model, example_inputs, passes=[ChannelPrune(ratio=0.5, round_to=8)])
+"""
+
+from graphprune.analysis import Analysis, FrozenSpace, Group, Member
+from graphprune.api import PruneResult, analyze, prune
+from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
+from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
+from graphprune.plan import Plan
+from graphprune.recipe import load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "FrozenSpace",
+           "GraphpruneError", "Group", "InputError", "Member", "Pass", "PassManager", "PassResult", "Plan",
+           "PruneResult", "Stage", "analyze", "load_recipe", "prune", "__version__"]

@@ -1,0 +1,243 @@
+"""Analysis: run the op rules over a captured graph and turn the solved spaces into groups.
+
+A :class:`Group` is one prunable channel space (a leaf of the solver) together with every
+parameter, buffer and constant slice it indexes.  Spaces that touch the model's inputs or
+outputs, ops without rules, or structures the solver cannot reconcile are *frozen*, and the
+reason is kept so :meth:`Analysis.describe` can say why a layer was left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
+from graphprune.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.rules import RuleContext, ShapeConstant, aten_rules
+
+_BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dim of one tensor (parameter, buffer or constant) that a group indexes."""
+
+    name: str
+    kind: str
+    dim: int
+    atom: int
+    shape: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+@dataclass
+class Group:
+    """A prunable channel space and everything that must shrink with it."""
+
+    id: int
+    leaf: int
+    size: int
+    members: list[Member]
+    tags: frozenset[str] = frozenset()
+    inexact: str | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m.module for m in self.members if m.kind == "parameter"})
+
+    def describe(self, max_members: int = 8) -> str:
+        flags = []
+        if self.tags:
+            flags.append("/".join(sorted(self.tags)))
+        if self.inexact:
+            flags.append(f"inexact: {self.inexact}")
+        head = f"group {self.id}: {self.size} channels" + (f" [{'; '.join(flags)}]" if flags else "")
+        lines = [head]
+        for m in self.members[:max_members]:
+            lines.append(f"    {m.name} {list(m.shape)} dim {m.dim}")
+        if len(self.members) > max_members:
+            lines.append(f"    ... and {len(self.members) - max_members} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class FrozenSpace:
+    """A channel space with parameters that may not be pruned, and why."""
+
+    leaf: int
+    size: int
+    members: list[Member]
+    reason: FreezeReason
+
+    def describe(self) -> str:
+        names = ", ".join(f"{m.name}[dim {m.dim}]" for m in self.members[:3])
+        more = f" and {len(self.members) - 3} more" if len(self.members) > 3 else ""
+        return f"{self.size} channels: {self.reason} -- {names}{more}"
+
+
+@dataclass
+class Analysis:
+    """The coupled groups of a model, and what was frozen and why."""
+
+    model_name: str
+    captured: CapturedGraph
+    context: RuleContext
+    spaces: Spaces
+    groups: list[Group]
+    frozen: list[FrozenSpace]
+    tensors: dict[str, Member | Any] = field(default_factory=dict)  # name -> (kind, dims)
+    seconds: float = 0.0
+
+    @property
+    def constants(self) -> list[ShapeConstant]:
+        return self.context.constants
+
+    @property
+    def unsupported(self) -> dict[str, list[str]]:
+        return self.context.unsupported
+
+    @property
+    def rule_errors(self) -> list[str]:
+        return self.context.rule_errors
+
+    def node_count(self) -> int:
+        return sum(len(gm.graph.nodes) for gm in _graph_modules(self.captured.graph_module))
+
+    def describe(self, max_groups: int = 50) -> str:
+        lines = [f"{self.model_name}: {self.node_count()} graph nodes, {len(self.groups)} prunable groups, "
+                 f"{len(self.frozen)} frozen spaces (analysed in {self.seconds:.2f} s)"]
+        for g in self.groups[:max_groups]:
+            lines.append(g.describe())
+        if len(self.groups) > max_groups:
+            lines.append(f"... and {len(self.groups) - max_groups} more groups")
+        if self.frozen:
+            lines.append("frozen:")
+            lines.extend(f"  {f.describe()}" for f in self.frozen)
+        if self.unsupported:
+            lines.append("ops without a rule (everything they touch is frozen):")
+            lines.extend(f"  {op}: {', '.join(nodes[:5])}" for op, nodes in sorted(self.unsupported.items()))
+        if self.rule_errors:
+            lines.append("rules that failed (their nodes are frozen):")
+            lines.extend(f"  {e}" for e in self.rule_errors)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def group(self, group_id: int) -> Group:
+        return self.groups[group_id]
+
+
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    out = [gm]
+    for child in gm.children():
+        if isinstance(child, fx.GraphModule):
+            out.extend(_graph_modules(child))
+    return out
+
+
+def analyze(model: nn.Module, example_inputs: ExampleInputs) -> Analysis:
+    """Capture ``model`` and find its coupled channel groups.  Works on ``meta``-device models."""
+    start = time.perf_counter()
+    captured = capture(model, example_inputs)
+    return analyze_captured(captured, type(model).__name__, start)
+
+
+def analyze_captured(captured: CapturedGraph, model_name: str, start: float | None = None) -> Analysis:
+    start = time.perf_counter() if start is None else start
+    solver = SpaceSolver()
+    ctx = RuleContext(solver)
+    ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
+    run_graph(ctx, captured.graph_module, None)
+    for node in captured.user_inputs:
+        for atom in _flat(ctx.raw(node)):
+            solver.freeze(atom, FreezeReason("reaches a model input", node.name))
+    for node in captured.outputs:
+        for atom in _flat(ctx.raw(node)):
+            solver.freeze(atom, FreezeReason("reaches a model output", node.name))
+    spaces = solver.finalize()
+
+    members: dict[int, list[Member]] = defaultdict(list)
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    for node in captured.graph.nodes:
+        if node.op != "placeholder" or node.name not in captured.tensor_names:
+            continue
+        kind, name = captured.tensor_names[node.name]
+        dims = ctx.dims(node) or []
+        tensors[name] = (kind, dims)
+        shape = tuple(solver.size(a) for a in dims)
+        for d, atom in enumerate(dims):
+            for leaf in dict.fromkeys(spaces.leaves(atom)):
+                members[leaf].append(Member(name, kind, d, atom, shape))
+    groups: list[Group] = []
+    frozen: list[FrozenSpace] = []
+    for leaf, ms in members.items():
+        if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
+            continue
+        if leaf in spaces.frozen:
+            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
+        else:
+            groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
+                                frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
+    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+
+
+def run_graph(ctx: RuleContext, gm: fx.GraphModule, bindings: list[Any] | None) -> list[Any]:
+    """Apply the rules to every node of ``gm``; ``bindings`` give the dims of a body graph's inputs."""
+    inputs = iter(bindings) if bindings is not None else None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if inputs is None:
+                ctx.allocate(node)
+            else:
+                ctx.bind(node, next(inputs))
+        elif node.op == "call_function":
+            _apply(ctx, gm, node)
+        elif node.op == "output":
+            return [ctx.raw(x) if isinstance(x, fx.Node) else None for x in pytree.tree_leaves(node.args[0])]
+        elif node.op == "get_attr":
+            ctx.allocate(node)
+        else:
+            ctx.allocate(node)
+            ctx.freeze_node(node, f"unexpected {node.op} node in an exported graph")
+    return []
+
+
+def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
+    target = node.target
+    if target is operator.getitem:
+        src = ctx.raw(node.args[0])
+        ctx.bind(node, src[node.args[1]] if isinstance(src, list) else None)
+        return
+    if target in _BODY_HOPS:
+        k = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        body = getattr(gm, node.args[k].target)
+        operands = [ctx.raw(a) if isinstance(a, fx.Node) else None for a in node.args[k + 1:]]
+        ctx.bind(node, run_graph(ctx, body, operands))
+        return
+    ctx.allocate(node)
+    rule = aten_rules.lookup(target)
+    if rule is None:
+        ctx.report_unsupported(node)
+        ctx.freeze_node(node, f"no rule for {target}")
+        return
+    try:
+        rule(ctx, node)
+    except Exception as exc:  # a rule bug must not corrupt the analysis: freeze and report it
+        ctx.rule_errors.append(f"{node.name} ({target}): {type(exc).__name__}: {exc}")
+        ctx.freeze_node(node, f"the rule for {target} failed")
+
+
+def _flat(d: Any) -> list[int]:
+    return [a for a in pytree.tree_leaves(d) if isinstance(a, int)] if d is not None else []

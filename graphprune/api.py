@@ -1,0 +1,55 @@
+"""The public entry points: ``analyze`` and ``prune``."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from graphprune.analysis import Analysis, analyze
+from graphprune.capture import ExampleInputs, capture
+from graphprune.errors import InputError
+from graphprune.macs import count_params, graph_macs
+from graphprune.pipeline import CompressionState, Pass, PassManager, Stage, run_outputs
+from graphprune.plan import Plan
+from graphprune.recipe import load_recipe
+from graphprune.report import Report
+
+
+@dataclass
+class PruneResult:
+    """The compressed model and what happened to it."""
+
+    module: nn.Module
+    report: Report
+    stage: Stage
+    plans: list[Plan] = field(default_factory=list)
+
+
+def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
+          recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
+          inplace: bool = False) -> PruneResult:
+    """Run ``passes`` (or a TOML ``recipe``) on ``model`` and return the compressed module and a report.
+
+    The caller's model is not modified unless ``inplace=True``.  The pass order is checked
+    before anything runs.
+    """
+    if (passes is None) == (recipe is None):
+        raise InputError("give exactly one of passes=[...] or recipe=...")
+    passes = load_recipe(recipe) if recipe is not None else list(passes)
+    manager = PassManager(passes)
+    manager.check_order(Stage.DENSE)
+    captured = capture(model, example_inputs)
+    reference = run_outputs(model, captured)
+    working = model if inplace else copy.deepcopy(model)
+    state = CompressionState(working, captured, calibration=calibration)
+    report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module))
+    state = manager.run(state, report, reference)
+    return PruneResult(state.model, report, state.stage, state.plans)
+
+
+__all__ = ["Analysis", "PruneResult", "analyze", "prune"]

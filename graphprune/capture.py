@@ -1,0 +1,215 @@
+"""Capture: turn an ``nn.Module`` and example inputs into an ATen-level FX graph.
+
+``torch.export`` (non-strict) is the one capture path: it runs the model's own Python code,
+keeps high-level ATen ops (linear, conv, sdpa, layer_norm) with shapes on every node, names
+every parameter by its module path, and works on ``meta``-device models.  ``torch.fx``'s
+``symbolic_trace`` is not used: it yields torch-level call_module/call_method nodes without
+shapes, which would need a second rule table for the same facts, and it fails on everything
+export fails on (data-dependent control flow) plus modern Hugging Face models.
+
+While tracing, graphprune records which integer attributes each module's ``forward`` reads
+(``self.num_heads``, ``self.head_dim`` ...).  Pruning uses this to find the attribute behind a
+shape constant it must rewrite, instead of guessing from every attribute with a matching value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from graphprune.errors import CaptureError, InputError
+
+ExampleInputs = tuple[Any, ...] | dict[str, Any] | torch.Tensor
+
+_READS: contextvars.ContextVar[dict[int, set[str]] | None] = contextvars.ContextVar("graphprune_reads", default=None)
+
+
+@dataclass
+class CapturedGraph:
+    """An exported program plus the facts graphprune needs about it."""
+
+    program: torch.export.ExportedProgram
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    tensor_names: dict[str, tuple[str, str]]  # placeholder name -> (kind, module path)
+    user_inputs: list[fx.Node]
+    outputs: list[fx.Node]
+    attribute_reads: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.program.graph_module
+
+
+def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Split example inputs into positional and keyword parts and check every leaf."""
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, tuple):
+        args, kwargs = example_inputs, {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise InputError(
+            f"example_inputs must be a tuple of tensors or a dict of keyword tensors, got {type(example_inputs).__name__}")
+    tensors = 0
+    for path, leaf in _leaves(args, kwargs):
+        if isinstance(leaf, torch.Tensor):
+            tensors += 1
+        elif not (leaf is None or isinstance(leaf, (bool, int, float))):
+            raise InputError(f"example input {path} is a {type(leaf).__name__}; inputs must be tensors "
+                             "(bool/int/float/None are accepted as fixed options such as use_cache=False)")
+    if tensors == 0:
+        raise InputError("example_inputs contain no tensor: pass the tensors the model's forward takes")
+    return args, kwargs
+
+
+def _leaves(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
+    def walk(prefix: str, x: Any) -> Iterator[tuple[str, Any]]:
+        if isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                yield from walk(f"{prefix}[{i}]", v)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                yield from walk(f"{prefix}[{k!r}]", v)
+        else:
+            yield prefix, x
+    for i, a in enumerate(args):
+        yield from walk(f"[{i}]", a)
+    for k, v in kwargs.items():
+        yield from walk(f"[{k!r}]", v)
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs) -> CapturedGraph:
+    """Export ``model`` on ``example_inputs``; raise :class:`CaptureError` naming the failing construct."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    return capture_call(model, args, kwargs)
+
+
+def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedGraph:
+    """Export ``model(*args, **kwargs)`` (inputs already checked by :func:`normalize_inputs`)."""
+    device = model_device(model)
+    if device is not None and device.type == "meta":
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
+    reads: dict[int, set[str]] = {}
+    with _eval_mode(model), _no_kv_cache(model), _recording_reads(model, reads):
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as exc:  # re-raised with the user's failing line
+            raise CaptureError(_describe_failure(model, exc)) from exc
+    names = {id(m): n for n, m in model.named_modules()}
+    sig = program.graph_signature
+    tensor_names: dict[str, tuple[str, str]] = {}
+    for kind, mapping in (("parameter", sig.inputs_to_parameters), ("buffer", sig.inputs_to_buffers),
+                          ("constant", sig.inputs_to_lifted_tensor_constants)):
+        for placeholder, fqn in mapping.items():
+            tensor_names[placeholder] = (kind, fqn)
+    user_input_names = set(sig.user_inputs)
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_input_names]
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    outputs = [x for x in pytree.tree_leaves(output_node.args[0]) if isinstance(x, fx.Node)]
+    return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs,
+                         {names[k]: v for k, v in reads.items() if k in names})
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models return a cache object that cannot be exported; switch it off while tracing."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+    def __getattribute__(self, name):  # noqa: N807 - the hook's name is fixed by Python
+        value = cls.__getattribute__(self, name)
+        if type(value) is int:
+            reads = _READS.get()
+            if reads is not None:
+                reads.setdefault(id(self), set()).add(name)
+        return value
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "_graphprune_recording": True})
+
+
+@contextlib.contextmanager
+def _recording_reads(model: nn.Module, reads: dict[int, set[str]]) -> Iterator[None]:
+    """Record the int attributes each user-defined module reads while tracing (classes restored after)."""
+    swapped: list[tuple[nn.Module, type]] = []
+    for m in model.modules():
+        cls = type(m)
+        if cls.__module__.startswith("torch."):
+            continue  # torch.nn modules have explicit attribute rules
+        object.__setattr__(m, "__class__", _recording_class(cls))
+        swapped.append((m, cls))
+    token = _READS.set(reads)
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+        for m, cls in swapped:
+            object.__setattr__(m, "__class__", cls)
+
+
+def _describe_failure(model: nn.Module, exc: Exception) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f.filename.startswith((torch_dir, here)) and "site-packages/torch" not in f.filename]
+    where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}" if user else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"could not capture {type(model).__name__} with torch.export{where}\n"
+            f"  {type(exc).__name__}: {first}\n"
+            "  graphprune needs a model whose forward can be traced for the given example inputs "
+            "(no control flow that depends on tensor values).")

@@ -1,0 +1,21 @@
+"""Errors that name the problem, so a user knows what to change."""
+
+
+class GraphpruneError(Exception):
+    """Base class for every error graphprune raises on purpose."""
+
+
+class InputError(GraphpruneError, ValueError):
+    """The caller passed something graphprune cannot use (inputs, ratios, names, options)."""
+
+
+class CaptureError(GraphpruneError):
+    """The model could not be turned into a graph."""
+
+
+class ContractError(GraphpruneError):
+    """A pass pipeline violates a pass's declared requirements (e.g. the wrong order)."""
+
+
+class ApplyError(GraphpruneError):
+    """A plan could not be applied; the caller's model was left unchanged."""

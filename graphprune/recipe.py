@@ -1,0 +1,57 @@
+"""Recipes: a pass pipeline written as TOML.
+
+```toml
+[[pass]]
+name = "ChannelPrune"
+ratio = 0.5
+round_to = 8
+```
+Each table names a pass from :mod:`graphprune.passes`; the other keys are its options.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tomllib
+
+from graphprune.errors import InputError
+from graphprune.pipeline import Pass
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    import graphprune.passes as passes
+
+    return {name: getattr(passes, name) for name in passes.__all__}
+
+
+def load_recipe(source: str | os.PathLike) -> list[Pass]:
+    """Build the passes of a recipe given as a TOML file path or TOML text."""
+    text = source
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and source.endswith(".toml")):
+        try:
+            with open(source, "rb") as f:
+                text = f.read().decode()
+        except OSError as exc:
+            raise InputError(f"cannot read recipe {source}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"recipe is not valid TOML: {exc}") from exc
+    tables = data.get("pass")
+    if not isinstance(tables, list) or not tables:
+        raise InputError("a recipe needs at least one [[pass]] table")
+    known = available_passes()
+    passes = []
+    for i, table in enumerate(tables):
+        options = dict(table)
+        name = options.pop("name", None)
+        if name not in known:
+            raise InputError(f"recipe pass #{i + 1}: unknown pass {name!r}; available: {sorted(known)}")
+        params = inspect.signature(known[name]).parameters
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            raise InputError(f"recipe pass #{i + 1} ({name}): unknown option(s) {unknown}; "
+                             f"options are {[p for p in params if p != 'self']}")
+        passes.append(known[name](**options))
+    return passes

@@ -1,0 +1,822 @@
+"""Constraint rules for the ATen ops that ``torch.export`` produces.
+
+Each rule states how an op couples the dims of its inputs and outputs.  Conventions:
+dims of size 1 never couple (they broadcast); output dims that an op computes from
+spatial arithmetic (conv, pooling, interpolation, padding) are frozen, because their size
+is not a channel count; any integer argument that equals a channel count is registered as
+a shape constant so that pruning can rewrite it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphprune.rules.registry import RuleContext, arg, aten_rules as R
+
+aten = torch.ops.aten
+INT64_MAX = 2**63 - 1
+
+
+def _nd(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _tensor_args(ctx: RuleContext, node: fx.Node) -> list[list[int]]:
+    out = []
+    for x in list(node.args) + list(node.kwargs.values()):
+        d = ctx.dims(x)
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def broadcast(ctx: RuleContext, node: fx.Node, inputs: list[list[int]], out: list[int]) -> None:
+    """Right-aligned broadcasting: equal-sized, non-1 dims are the same channels."""
+    s = ctx.solver
+    for dims in inputs:
+        for i in range(1, min(len(dims), len(out)) + 1):
+            a, b = dims[-i], out[-i]
+            if s.size(a) == s.size(b) and s.size(a) != 1:
+                ctx.unify(a, b, node)
+
+
+def _pointwise(ctx: RuleContext, node: fx.Node) -> None:
+    broadcast(ctx, node, _tensor_args(ctx, node), ctx.out(node))
+
+
+R.pointwise = _pointwise
+R.register(aten.__and__, aten.__or__, aten.__xor__, aten.masked_fill, aten.hardswish, aten.hardswish_,
+           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as)(_pointwise)
+
+
+@R.register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
+            aten.feature_dropout, aten.alpha_dropout, aten.to, aten._to_copy, aten.zeros_like,
+            aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like, aten.dropout_)
+def identity(ctx: RuleContext, node: fx.Node) -> None:
+    ctx.unify_all(ctx.dims(node.args[0]), ctx.out(node), node)
+
+
+@R.register(aten.native_dropout)
+def native_dropout(ctx: RuleContext, node: fx.Node) -> None:
+    for out in ctx.raw(node):
+        ctx.unify_all(ctx.dims(node.args[0]), out, node)
+
+
+@R.register(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size)
+def no_output(ctx: RuleContext, node: fx.Node) -> None:
+    """Runtime checks of dtype/device: they read a tensor and produce nothing."""
+
+
+# ----------------------------------------------------------------- shapes
+def reshape_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of source and destination dims with equal products (size-1 dims skipped)."""
+    si = [i for i, s in enumerate(src) if s != 1]
+    di = [i for i, s in enumerate(dst) if s != 1]
+    groups = []
+    i = j = 0
+    while i < len(si) and j < len(di):
+        gi, gj = [si[i]], [di[j]]
+        pa, pb = src[si[i]], dst[di[j]]
+        while pa != pb:
+            if pa < pb:
+                i += 1
+                gi.append(si[i])
+                pa *= src[si[i]]
+            else:
+                j += 1
+                gj.append(di[j])
+                pb *= dst[di[j]]
+        groups.append((gi, gj))
+        i += 1
+        j += 1
+    return groups
+
+
+def couple_reshape(ctx: RuleContext, node: fx.Node, src: list[int], dst: list[int]) -> None:
+    s = ctx.solver
+    src_sizes = [s.size(a) for a in src]
+    dst_sizes = [s.size(a) for a in dst]
+    if 0 in src_sizes or 0 in dst_sizes:
+        ctx.freeze_node(node, "reshape of an empty tensor")
+        return
+    for gi, gj in reshape_groups(src_sizes, dst_sizes):
+        whole = s.product([src[i] for i in gi])
+        for atom, out in zip(s.factors(whole, [dst_sizes[j] for j in gj], node.name), (dst[j] for j in gj)):
+            ctx.unify(atom, out, node)
+
+
+def _size_constants(ctx: RuleContext, node: fx.Node, index: int, sizes: list, out: list[int]) -> None:
+    for k, v in enumerate(sizes):
+        if isinstance(v, int) and v != -1:
+            ctx.constant(node, ("args", index, k), [out[k]])
+
+
+@R.register(aten.view, aten.reshape, aten._unsafe_view)
+def view(ctx: RuleContext, node: fx.Node) -> None:
+    couple_reshape(ctx, node, ctx.dims(node.args[0]), ctx.out(node))
+    _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
+
+
+@R.register(aten.view_as, aten.reshape_as, aten.expand_as)
+def reshape_as(ctx: RuleContext, node: fx.Node) -> None:
+    if node.target.overloadpacket is aten.expand_as:
+        expand_like(ctx, node)
+    else:
+        couple_reshape(ctx, node, ctx.dims(node.args[0]), ctx.out(node))
+    ctx.unify_all(ctx.dims(node.args[1]), ctx.out(node), node)
+
+
+@R.register(aten.flatten)
+def flatten(ctx: RuleContext, node: fx.Node) -> None:
+    couple_reshape(ctx, node, ctx.dims(node.args[0]), ctx.out(node))
+
+
+@R.register(aten.unflatten)
+def unflatten(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    couple_reshape(ctx, node, src, out)
+    dim = _nd(node.args[1], len(src))
+    for k, v in enumerate(node.args[2]):
+        if v != -1:
+            ctx.constant(node, ("args", 2, k), [out[dim + k]])
+
+
+@R.register(aten.squeeze, aten.unsqueeze)
+def squeeze(ctx: RuleContext, node: fx.Node) -> None:
+    couple_reshape(ctx, node, ctx.dims(node.args[0]), ctx.out(node))
+
+
+@R.register(aten.permute)
+def permute(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    for i, p in enumerate(node.args[1]):
+        ctx.unify(src[_nd(p, len(src))], out[i], node)
+
+
+@R.register(aten.transpose, aten.swapaxes, aten.swapdims)
+def transpose(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    a, b = _nd(node.args[1], len(src)), _nd(node.args[2], len(src))
+    perm = list(range(len(src)))
+    perm[a], perm[b] = perm[b], perm[a]
+    for i, p in enumerate(perm):
+        ctx.unify(src[p], out[i], node)
+
+
+@R.register(aten.t, aten.numpy_T, aten.mT)
+def t(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    perm = list(range(len(src)))
+    if len(src) >= 2:
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+    for i, p in enumerate(perm):
+        ctx.unify(src[p], out[i], node)
+
+
+def expand_like(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    broadcast(ctx, node, [src], out)
+
+
+@R.register(aten.expand)
+def expand(ctx: RuleContext, node: fx.Node) -> None:
+    expand_like(ctx, node)
+    _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
+
+
+@R.register(aten.repeat)
+def repeat(ctx: RuleContext, node: fx.Node) -> None:
+    s = ctx.solver
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    reps = list(node.args[1])
+    lead = len(reps) - len(src)
+    for i, r in enumerate(reps):
+        if i < lead:
+            ctx.constant(node, ("args", 1, i), [out[i]])
+            continue
+        x = src[i - lead]
+        if r == 1:
+            ctx.unify(x, out[i], node)
+        else:
+            tile = s.new(r)
+            ctx.unify(s.product([tile, x]), out[i], node)
+            ctx.constant(node, ("args", 1, i), [tile])
+
+
+@R.register(aten.repeat_interleave.self_int)
+def repeat_interleave(ctx: RuleContext, node: fx.Node) -> None:
+    s = ctx.solver
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    dim, _ = arg(node, 2, "dim")
+    if dim is None:
+        ctx.freeze_node(node, "repeat_interleave without dim flattens the tensor")
+        return
+    dim = _nd(dim, len(src))
+    rep = s.new(node.args[1])
+    for i, (a, b) in enumerate(zip(src, out)):
+        if i == dim:
+            ctx.unify(s.product([a, rep]), b, node)
+        else:
+            ctx.unify(a, b, node)
+    ctx.constant(node, ("args", 1), [rep])
+    if node.kwargs.get("output_size") is not None:
+        ctx.constant(node, ("kwargs", "output_size"), [out[dim]])
+
+
+@R.register(aten.cat, aten.concat, aten.concatenate)
+def cat(ctx: RuleContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    dim = _nd(arg(node, 1, "dim", 0)[0], len(out))
+    ins = [ctx.dims(x) for x in node.args[0]]
+    ins = [d for d in ins if d is not None and len(d) == len(out)]  # legacy 1-D empties are skipped
+    ctx.unify(ctx.solver.concat([d[dim] for d in ins]), out[dim], node)
+    for d in ins:
+        for i in range(len(out)):
+            if i != dim:
+                ctx.unify(d[i], out[i], node)
+
+
+@R.register(aten.stack)
+def stack(ctx: RuleContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    dim = _nd(arg(node, 1, "dim", 0)[0], len(out))
+    rest = [a for i, a in enumerate(out) if i != dim]
+    for x in node.args[0]:
+        ctx.unify_all(ctx.dims(x), rest, node)
+
+
+def _split_outputs(ctx: RuleContext, node: fx.Node, dim: int, equal_parts: bool) -> list[int]:
+    src = ctx.dims(node.args[0])
+    outs = ctx.raw(node)
+    sizes = [ctx.solver.size(o[dim]) for o in outs]
+    parts = ctx.solver.parts(src[dim], sizes, node.name)
+    for p, o in zip(parts, outs):
+        ctx.unify(p, o[dim], node)
+        for i in range(len(src)):
+            if i != dim:
+                ctx.unify(src[i], o[i], node)
+    if equal_parts:
+        # One size argument serves all full parts: they must keep equal counts, which
+        # coupling them channel-for-channel guarantees.
+        full = [o[dim] for o in outs if ctx.solver.size(o[dim]) == sizes[0]]
+        for o in full[1:]:
+            ctx.unify(full[0], o, node)
+    return [o[dim] for o in outs]
+
+
+@R.register(aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.split.sizes)
+def split(ctx: RuleContext, node: fx.Node) -> None:
+    src = ctx.dims(node.args[0])
+    dim = _nd(arg(node, 2, "dim", 0)[0], len(src))
+    packet = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
+    sizes_arg = node.args[1]
+    equal = isinstance(sizes_arg, int)
+    parts = _split_outputs(ctx, node, dim, equal)
+    if packet is aten.chunk:
+        return
+    if equal:
+        ctx.constant(node, ("args", 1), [parts[0]])
+    else:
+        for k, p in enumerate(parts):
+            ctx.constant(node, ("args", 1, k), [p])
+
+
+@R.register(aten.unbind)
+def unbind(ctx: RuleContext, node: fx.Node) -> None:
+    src = ctx.dims(node.args[0])
+    dim = _nd(arg(node, 1, "dim", 0)[0], len(src))
+    ctx.freeze(src[dim], "unbind: the code names each slice by position", node)
+    rest = [a for i, a in enumerate(src) if i != dim]
+    for o in ctx.raw(node):
+        ctx.unify_all(rest, o, node)
+
+
+@R.register(aten.select.int)
+def select(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    dim = _nd(node.args[1], len(src))
+    ctx.freeze(src[dim], "select: a fixed index is read", node)
+    ctx.unify_all([a for i, a in enumerate(src) if i != dim], out, node)
+
+
+def _contiguous_slice(ctx: RuleContext, node: fx.Node, dim: int, start: int, end: int,
+                      start_path, end_path, start_given: bool, end_given: bool) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    size = ctx.solver.size(src[dim])
+    before, mid, after = ctx.solver.parts(src[dim], [start, end - start, size - end], node.name)
+    ctx.unify(mid, out[dim], node)
+    for i in range(len(src)):
+        if i != dim:
+            ctx.unify(src[i], out[i], node)
+    if start_given:
+        ctx.constant(node, start_path, [before])
+    if end_given:
+        ctx.constant(node, end_path, [before, mid])
+
+
+@R.register(aten.slice.Tensor)
+def slice_(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    dim = _nd(arg(node, 1, "dim", 0)[0], len(src))
+    size = ctx.solver.size(src[dim])
+    start, start_path = arg(node, 2, "start")
+    end, end_path = arg(node, 3, "end")
+    step = arg(node, 4, "step", 1)[0]
+    if (start is not None and start < 0) or (end is not None and end < 0):
+        ctx.freeze(src[dim], "slice with negative bounds", node)
+        ctx.freeze(out[dim], "slice with negative bounds", node)
+        ctx.unify_all([a for i, a in enumerate(src) if i != dim], [a for i, a in enumerate(out) if i != dim], node)
+        return
+    lo = min(start or 0, size)
+    hi = size if end is None else min(end, size)
+    if step != 1:
+        ctx.freeze(src[dim], "strided slice", node)
+        ctx.freeze(out[dim], "strided slice", node)
+        ctx.unify_all([a for i, a in enumerate(src) if i != dim], [a for i, a in enumerate(out) if i != dim], node)
+        return
+    _contiguous_slice(ctx, node, dim, lo, max(hi, lo), start_path, end_path,
+                      start is not None and start != 0, end is not None and end < size)
+
+
+@R.register(aten.narrow)
+def narrow(ctx: RuleContext, node: fx.Node) -> None:
+    src = ctx.dims(node.args[0])
+    dim = _nd(node.args[1], len(src))
+    start, length = node.args[2], node.args[3]
+    _contiguous_slice(ctx, node, dim, start, start + length, ("args", 2), ("args", 3), True, False)
+    if length != ctx.solver.size(src[dim]):
+        ctx.constant(node, ("args", 3), [ctx.out(node)[dim]])
+
+
+@R.register(aten.index.Tensor)
+def index(ctx: RuleContext, node: fx.Node) -> None:
+    src, out = ctx.dims(node.args[0]), ctx.out(node)
+    indices = list(node.args[1])
+    used = [i for i, x in enumerate(indices) if x is not None]
+    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
+    tail = len(src) - len(indices)
+    passed = 0
+    if adjacent:
+        for i in range(used[0] if used else 0):  # leading ':' entries keep their place
+            ctx.unify(src[i], out[i], node)
+            passed += 1
+    for k in range(1, tail + 1):  # trailing unindexed dims stay last
+        ctx.unify(src[-k], out[-k], node)
+    for i in used:
+        ctx.freeze(src[i], "advanced indexing reads positions chosen by data", node)
+    for j in range(passed, len(out) - tail):
+        ctx.freeze(out[j], "advanced indexing creates these dims", node)
+
+
+@R.register(aten.embedding)
+def embedding(ctx: RuleContext, node: fx.Node) -> None:
+    weight, ids, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
+    ctx.freeze(weight[0], "embedding rows are selected by token ids", node)
+    ctx.unify(weight[1], out[-1], node)
+    ctx.unify_all(ids, out[:-1], node)
+
+
+# --------------------------------------------------------------- matmuls
+@R.register(aten.linear)
+def linear(ctx: RuleContext, node: fx.Node) -> None:
+    x, w, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
+    bias = ctx.dims(arg(node, 2, "bias")[0])
+    ctx.unify(x[-1], w[-1], node)
+    if len(w) == 2:
+        ctx.unify(w[0], out[-1], node)
+        if bias is not None:
+            ctx.unify(bias[0], w[0], node)
+        ctx.unify_all(x[:-1], out[:-1], node)
+    else:
+        ctx.unify_all(x[:-1], out, node)
+
+
+def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out: list[int]) -> None:
+    """torch.matmul semantics, including 1-D operands and broadcast batch dims."""
+    s = ctx.solver
+    a_vec, b_vec = len(a) == 1, len(b) == 1
+    k_a = a[-1]
+    k_b = b[0] if b_vec else b[-2]
+    ctx.unify(k_a, k_b, node)
+    o = list(out)
+    if not b_vec:
+        ctx.unify(b[-1], o.pop(), node)
+    if not a_vec:
+        ctx.unify(a[-2], o.pop(), node)
+    batch_a = a[:-2] if not a_vec else []
+    batch_b = b[:-2] if not b_vec else []
+    broadcast(ctx, node, [batch_a, batch_b], o)
+    if _is_activation(ctx, node.args[0]) and _is_activation(ctx, node.args[1]):
+        s.tag(k_a, "head_dim")
+        for d in o:
+            s.tag(d, "heads")
+
+
+def _is_activation(ctx: RuleContext, x) -> bool:
+    return isinstance(x, fx.Node) and x not in ctx.parameter_nodes
+
+
+@R.register(aten.matmul, aten.mm, aten.bmm)
+def matmul(ctx: RuleContext, node: fx.Node) -> None:
+    matmul_dims(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node))
+
+
+@R.register(aten.addmm, aten.baddbmm, aten.addbmm)
+def addmm(ctx: RuleContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    if node.target.overloadpacket is aten.addbmm:
+        ctx.freeze_node(node, "addbmm sums over the batch of products")
+        return
+    matmul_dims(ctx, node, ctx.dims(node.args[1]), ctx.dims(node.args[2]), out)
+    broadcast(ctx, node, [ctx.dims(node.args[0])], out)
+
+
+@R.register(aten.einsum)
+def einsum(ctx: RuleContext, node: fx.Node) -> None:
+    equation = node.args[0].replace(" ", "")
+    operands = [ctx.dims(x) for x in node.args[1]]
+    if "..." in equation or "->" not in equation:
+        ctx.freeze_node(node, "einsum with ellipsis or implicit output")
+        return
+    lhs, rhs = equation.split("->")
+    letters: dict[str, int] = {}
+    for spec, dims in list(zip(lhs.split(","), operands)) + [(rhs, ctx.out(node))]:
+        for ch, atom in zip(spec, dims):
+            if ctx.solver.size(atom) == 1:
+                continue
+            if ch in letters:
+                ctx.unify(letters[ch], atom, node)
+            else:
+                letters[ch] = atom
+
+
+# ------------------------------------------------------------------ conv
+def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups_path) -> None:
+    s = ctx.solver
+    x, w, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
+    bias = ctx.dims(node.args[2]) if len(node.args) > 2 else None
+    spatial = len(w) - 2
+    batched = len(x) == spatial + 2
+    cx, co = (x[1], out[1]) if batched else (x[0], out[0])
+    if batched:
+        ctx.unify(x[0], out[0], node)
+    for a in out[-spatial:] if spatial else []:
+        ctx.freeze(a, "spatial size is computed by the convolution", node)
+    w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
+    if bias is not None:
+        ctx.unify(bias[0], co, node)
+    if groups == 1:
+        if transposed:
+            ctx.unify(cx, w_in, node)
+            ctx.unify(co, w_out, node)
+        else:
+            ctx.unify(cx, w_in, node)
+            ctx.unify(co, w_out, node)
+        return
+    g_in, per_in = s.factors(cx, [groups, s.size(cx) // groups], node.name)
+    g_out, per_out = s.factors(co, [groups, s.size(co) // groups], node.name)
+    ctx.unify(g_in, g_out, node)
+    if transposed:
+        ctx.unify(w_in, cx, node)      # weight rows follow the input channels
+        ctx.unify(w_out, per_out, node)
+    else:
+        ctx.unify(w_out, co, node)     # weight rows follow the output channels
+        ctx.unify(w_in, per_in, node)
+    ctx.constant(node, groups_path, [g_in])
+
+
+@R.register(aten.conv1d, aten.conv2d, aten.conv3d)
+def conv(ctx: RuleContext, node: fx.Node) -> None:
+    groups, path = arg(node, 6, "groups", 1)
+    _conv(ctx, node, False, groups, path)
+
+
+@R.register(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_transpose(ctx: RuleContext, node: fx.Node) -> None:
+    groups, path = arg(node, 6, "groups", 1)
+    _conv(ctx, node, True, groups, path)
+
+
+@R.register(aten.convolution, aten._convolution)
+def convolution(ctx: RuleContext, node: fx.Node) -> None:
+    groups, path = arg(node, 8, "groups", 1)
+    _conv(ctx, node, bool(node.args[6]), groups, path)
+
+
+# ----------------------------------------------------------------- norms
+def _per_channel(ctx: RuleContext, node: fx.Node, x: list[int], vectors: list) -> None:
+    for v in vectors:
+        d = ctx.dims(v)
+        if d is not None:
+            ctx.unify(d[0], x[1], node)
+
+
+@R.register(aten.batch_norm, aten.instance_norm)
+def batch_norm(ctx: RuleContext, node: fx.Node) -> None:
+    x = ctx.dims(node.args[0])
+    ctx.unify_all(x, ctx.out(node), node)
+    _per_channel(ctx, node, x, node.args[1:5])
+
+
+@R.register(aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
+            aten.native_batch_norm, aten._native_batch_norm_legit_functional)
+def native_batch_norm(ctx: RuleContext, node: fx.Node) -> None:
+    x = ctx.dims(node.args[0])
+    ctx.unify_all(x, ctx.out(node, 0), node)
+    _per_channel(ctx, node, x, node.args[1:5])
+    for extra in ctx.raw(node)[1:]:
+        for a in extra:
+            if ctx.solver.size(a) == ctx.solver.size(x[1]):
+                ctx.unify(a, x[1], node)
+
+
+def _last_dims_norm(ctx: RuleContext, node: fx.Node, out: list[int], weight_args: list) -> None:
+    x = ctx.dims(node.args[0])
+    shape = list(node.args[1])
+    ctx.unify_all(x, out, node)
+    k = len(shape)
+    for v in weight_args:
+        d = ctx.dims(v)
+        if d is not None:
+            ctx.unify_all(d, x[-k:], node)
+    for i in range(k):
+        ctx.solver.mark_inexact(x[-k + i], f"normalized by {node.target} ({node.name})")
+        ctx.constant(node, ("args", 1, i), [x[-k + i]])
+
+
+@R.register(aten.layer_norm)
+def layer_norm(ctx: RuleContext, node: fx.Node) -> None:
+    _last_dims_norm(ctx, node, ctx.out(node), [arg(node, 2, "weight")[0], arg(node, 3, "bias")[0]])
+
+
+@R.register(aten.native_layer_norm)
+def native_layer_norm(ctx: RuleContext, node: fx.Node) -> None:
+    _last_dims_norm(ctx, node, ctx.out(node, 0), [node.args[2], node.args[3]])
+
+
+@R.register(aten.rms_norm)
+def rms_norm(ctx: RuleContext, node: fx.Node) -> None:
+    _last_dims_norm(ctx, node, ctx.out(node), [arg(node, 2, "weight")[0]])
+
+
+def _group_norm(ctx: RuleContext, node: fx.Node, out: list[int], groups: int, groups_path, weights) -> None:
+    s = ctx.solver
+    x = ctx.dims(node.args[0])
+    ctx.unify_all(x, out, node)
+    for v in weights:
+        d = ctx.dims(v)
+        if d is not None:
+            ctx.unify(d[0], x[1], node)
+    g, per = s.factors(x[1], [groups, s.size(x[1]) // groups], node.name)
+    s.mark_inexact(per, f"normalized within groups by {node.target} ({node.name})")
+    for a in x[2:]:
+        s.mark_inexact(a, f"normalized by {node.target} ({node.name})")
+    ctx.constant(node, groups_path, [g])
+
+
+@R.register(aten.group_norm)
+def group_norm(ctx: RuleContext, node: fx.Node) -> None:
+    groups, path = arg(node, 1, "num_groups")
+    _group_norm(ctx, node, ctx.out(node), groups, path, [arg(node, 2, "weight")[0], arg(node, 3, "bias")[0]])
+
+
+@R.register(aten.native_group_norm)
+def native_group_norm(ctx: RuleContext, node: fx.Node) -> None:
+    _group_norm(ctx, node, ctx.out(node, 0), node.args[6], ("args", 6), [node.args[1], node.args[2]])
+    ctx.constant(node, ("args", 4), [ctx.dims(node.args[0])[1]])
+
+
+# ------------------------------------------------------------ reductions
+def _reduce(ctx: RuleContext, node: fx.Node, dims, keepdim: bool, exact_sum: bool = False,
+            outputs: list[list[int]] | None = None) -> None:
+    x = ctx.dims(node.args[0])
+    rank = len(x)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        reduced = set(range(rank))
+    elif isinstance(dims, int):
+        reduced = {_nd(dims, rank)}
+    else:
+        reduced = {_nd(d, rank) for d in dims}
+    for d in reduced:
+        ctx.solver.mark_inexact(x[d], f"reduced by {node.target} ({node.name})")
+    kept = [a for i, a in enumerate(x) if i not in reduced]
+    for out in outputs if outputs is not None else [ctx.out(node)]:
+        if keepdim:
+            ctx.unify_all([a for i, a in enumerate(x) if i not in reduced],
+                          [a for i, a in enumerate(out) if i not in reduced], node)
+        else:
+            ctx.unify_all(kept, out, node)
+
+
+@R.register(aten.mean.dim, aten.sum.dim_IntList, aten.amax, aten.amin, aten.logsumexp, aten.nansum,
+            aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.any.dims)
+def reduce_dims(ctx: RuleContext, node: fx.Node) -> None:
+    _reduce(ctx, node, arg(node, 1, "dim")[0], bool(arg(node, 2, "keepdim", False)[0]))
+
+
+@R.register(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default, aten.prod.default,
+            aten.any.default, aten.all.default)
+def reduce_all(ctx: RuleContext, node: fx.Node) -> None:
+    _reduce(ctx, node, None, False)
+
+
+@R.register(aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim)
+def var(ctx: RuleContext, node: fx.Node) -> None:
+    _reduce(ctx, node, arg(node, 1, "dim")[0], bool(node.kwargs.get("keepdim", False)
+                                                     or (len(node.args) > 3 and node.args[3])))
+
+
+@R.register(aten.var_mean.correction, aten.std_mean.correction)
+def var_mean(ctx: RuleContext, node: fx.Node) -> None:
+    _reduce(ctx, node, arg(node, 1, "dim")[0], bool(node.kwargs.get("keepdim", False)), outputs=ctx.raw(node))
+
+
+@R.register(aten.max.dim, aten.min.dim)
+def max_dim(ctx: RuleContext, node: fx.Node) -> None:
+    x = ctx.dims(node.args[0])
+    dim = _nd(node.args[1], len(x))
+    ctx.freeze(x[dim], f"{node.target} returns positions along this dim", node)
+    _reduce(ctx, node, dim, bool(arg(node, 2, "keepdim", False)[0]), outputs=ctx.raw(node))
+
+
+@R.register(aten.argmax, aten.argmin)
+def argmax(ctx: RuleContext, node: fx.Node) -> None:
+    dim = arg(node, 1, "dim")[0]
+    x = ctx.dims(node.args[0])
+    if dim is None:
+        ctx.freeze_node(node, f"{node.target} over all dims returns flat positions")
+        return
+    ctx.freeze(x[_nd(dim, len(x))], f"{node.target} returns positions along this dim", node)
+    _reduce(ctx, node, dim, bool(arg(node, 2, "keepdim", False)[0]))
+
+
+@R.register(aten.linalg_vector_norm, aten.norm.ScalarOpt_dim, aten.norm.ScalarOpt_dim_dtype)
+def vector_norm(ctx: RuleContext, node: fx.Node) -> None:
+    _reduce(ctx, node, arg(node, 2, "dim")[0], bool(arg(node, 3, "keepdim", False)[0]))
+
+
+@R.register(aten.softmax.int, aten._softmax, aten.log_softmax.int, aten._log_softmax, aten.cumsum, aten.cumprod,
+            aten._safe_softmax)
+def along_dim(ctx: RuleContext, node: fx.Node) -> None:
+    x = ctx.dims(node.args[0])
+    ctx.unify_all(x, ctx.out(node), node)
+    ctx.solver.mark_inexact(x[_nd(node.args[1], len(x))], f"normalized along by {node.target} ({node.name})")
+
+
+# ------------------------------------------------------------- attention
+@R.register(aten.scaled_dot_product_attention)
+def sdpa(ctx: RuleContext, node: fx.Node) -> None:
+    s = ctx.solver
+    q, k, v, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.dims(node.args[2]), ctx.out(node)
+    mask = ctx.dims(arg(node, 3, "attn_mask")[0])
+    scale = arg(node, 6, "scale")[0]
+    gqa = bool(arg(node, 7, "enable_gqa", False)[0])
+    ctx.unify(q[-1], k[-1], node)
+    ctx.unify(v[-1], out[-1], node)
+    ctx.unify(q[-2], out[-2], node)
+    ctx.unify(k[-2], v[-2], node)
+    ctx.unify_all(q[:-2], out[:-2], node)
+    if gqa and len(q) >= 3 and s.size(q[-3]) != s.size(k[-3]):
+        hk = s.size(k[-3])
+        kv, _rep = s.factors(q[-3], [hk, s.size(q[-3]) // hk], node.name)
+        ctx.unify(kv, k[-3], node)
+        broadcast(ctx, node, [k[:-3], v[:-3]], q[:-3])
+        ctx.unify(k[-3], v[-3], node)
+    else:
+        broadcast(ctx, node, [k[:-2], v[:-2]], q[:-2])
+    if mask is not None:
+        scores = [*q[:-1], k[-2]]
+        broadcast(ctx, node, [mask], scores)
+    s.tag(q[-1], "head_dim")
+    s.tag(v[-1], "head_dim")
+    if len(q) >= 3:
+        s.tag(q[-3], "heads")
+    s.mark_inexact(k[-2], f"softmax over keys ({node.name})")
+    if scale is None:
+        ctx.freeze(q[-1], "scaled_dot_product_attention without an explicit scale uses 1/sqrt(head_dim)", node)
+
+
+# ---------------------------------------------------- spatial operators
+def _spatial(ctx: RuleContext, node: fx.Node, n_spatial: int, out: list[int] | None = None,
+             why: str = "spatial size is computed by the op") -> None:
+    x = ctx.dims(node.args[0])
+    out = ctx.out(node) if out is None else out
+    lead = len(x) - n_spatial
+    ctx.unify_all(x[:lead], out[:lead], node)
+    for a in out[lead:]:
+        ctx.freeze(a, why, node)
+
+
+def _pool(n: int):
+    def rule(ctx: RuleContext, node: fx.Node) -> None:
+        outs = ctx.raw(node)
+        if outs and not isinstance(outs[0], int):
+            for o in outs:
+                _spatial(ctx, node, n, o)
+        else:
+            _spatial(ctx, node, n)
+    return rule
+
+
+for _n, _ops in {
+    1: [aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d,
+        aten.max_pool1d_with_indices, aten.upsample_nearest1d, aten.upsample_linear1d, aten._upsample_nearest_exact1d],
+    2: [aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
+        aten.max_pool2d_with_indices, aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+        aten.upsample_bicubic2d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa],
+    3: [aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
+        aten.max_pool3d_with_indices, aten.upsample_nearest3d, aten.upsample_trilinear3d, aten._upsample_nearest_exact3d],
+}.items():
+    R.register(*_ops)(_pool(_n))
+
+
+@R.register(aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d,
+            aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d)
+def pad(ctx: RuleContext, node: fx.Node) -> None:
+    x, out = ctx.dims(node.args[0]), ctx.out(node)
+    pads = list(node.args[1])
+    padded = set()
+    for i in range(len(pads) // 2):
+        if pads[2 * i] or pads[2 * i + 1]:
+            padded.add(len(x) - 1 - i)
+    for i, (a, b) in enumerate(zip(x, out)):
+        if i in padded:
+            ctx.freeze(a, "padded dim", node)
+            ctx.freeze(b, "padded dim", node)
+        else:
+            ctx.unify(a, b, node)
+
+
+@R.register(aten.roll, aten.flip)
+def roll(ctx: RuleContext, node: fx.Node) -> None:
+    x, out = ctx.dims(node.args[0]), ctx.out(node)
+    dims = node.args[2] if node.target.overloadpacket is aten.roll else node.args[1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        ctx.freeze_node(node, "roll over the flattened tensor")
+        return
+    moved = {_nd(d, len(x)) for d in dims}
+    for i, (a, b) in enumerate(zip(x, out)):
+        if i in moved:
+            ctx.freeze(a, f"{node.target} moves positions along this dim", node)
+            ctx.freeze(b, f"{node.target} moves positions along this dim", node)
+        else:
+            ctx.unify(a, b, node)
+
+
+@R.register(aten.pixel_shuffle, aten.pixel_unshuffle)
+def pixel_shuffle(ctx: RuleContext, node: fx.Node) -> None:
+    s = ctx.solver
+    x, out = ctx.dims(node.args[0]), ctx.out(node)
+    r = node.args[1]
+    shuffle = node.target.overloadpacket is aten.pixel_shuffle
+    wide, narrow_ = (x, out) if shuffle else (out, x)
+    c, r1, r2 = s.factors(wide[-3], [s.size(narrow_[-3]), r, r], node.name)
+    ctx.unify(c, narrow_[-3], node)
+    ctx.unify_all(x[:-3], out[:-3], node)
+    for a in (r1, r2, *out[-2:]):
+        ctx.freeze(a, "pixel shuffle moves channels into space", node)
+
+
+@R.register(aten.channel_shuffle, aten.native_channel_shuffle)
+def channel_shuffle(ctx: RuleContext, node: fx.Node) -> None:
+    s = ctx.solver
+    x, out = ctx.dims(node.args[0]), ctx.out(node)
+    g = node.args[1]
+    grp, per = s.factors(x[1], [g, s.size(x[1]) // g], node.name)
+    ctx.unify(s.product([per, grp]), out[1], node)
+    for i in range(len(x)):
+        if i != 1:
+            ctx.unify(x[i], out[i], node)
+    ctx.constant(node, ("args", 1), [grp])
+
+
+# ------------------------------------------------------------ factories
+@R.register(aten.zeros, aten.ones, aten.empty.memory_format, aten.rand, aten.randn, aten.full)
+def factory(ctx: RuleContext, node: fx.Node) -> None:
+    _size_constants(ctx, node, 0, list(node.args[0]), ctx.out(node))
+
+
+@R.register(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)
+def new_factory(ctx: RuleContext, node: fx.Node) -> None:
+    _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
+
+
+@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def arange(ctx: RuleContext, node: fx.Node) -> None:
+    out = ctx.out(node)
+    if node.target is aten.arange.default:
+        ctx.constant(node, ("args", 0), [out[0]])
+    else:
+        ctx.freeze(out[0], "arange with a start or step", node)
+
+
+@R.register(aten.scalar_tensor)
+def scalar_tensor(ctx: RuleContext, node: fx.Node) -> None:
+    """A 0-d constant: no dims."""
+
+
+def supported_ops() -> list[str]:
+    return R.covered_ops()
+

@@ -1,0 +1,167 @@
+"""ChannelPrune: structured channel pruning over the analysed groups.
+
+For every prunable group the pass scores its channels (:mod:`graphprune.importance`),
+decides how many to keep (uniform ratio, per-module overrides, or a global ranking with a
+per-group cap), rounds the kept count so that every tensor dim stays a multiple of
+``round_to``, and applies the plan: tensors physically shrink and the module's attributes
+follow, verified by re-capturing the result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from graphprune.analysis import Analysis, Group
+from graphprune.apply import apply_plan
+from graphprune.errors import InputError
+from graphprune.importance import Criterion, criterion
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.plan import Plan
+
+
+class ChannelPrune(Pass):
+    """Remove ``ratio`` of the channels of every prunable group.
+
+    Args:
+        ratio: fraction of each group's channels to remove, in [0, 1).
+        round_to: kept channel counts make every affected tensor dim a multiple of this.
+        importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"`` or a callable
+            ``(analysis, group, model) -> scores``.
+        global_ranking: rank channels of all groups together (scores normalised per group)
+            instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
+        ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
+            module name that owns one of its parameters.
+        ignore: module names (or modules) whose groups are left alone.
+        heads: prune attention groups made of whole heads (GQA kv groups stay consistent).
+        head_dim: prune attention head dimensions too (off by default: the softmax scale of
+            many models is tied to head_dim, and RoPE couples every layer's head_dim).
+    """
+
+    accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
+    produces = Stage.STRUCTURED
+
+    def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Criterion = "l2",
+                 global_ranking: bool = False, max_ratio: float = 0.9, ratios: dict[str, float] | None = None,
+                 ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False) -> None:
+        _check_ratio("ratio", ratio)
+        _check_ratio("max_ratio", max_ratio)
+        for name, r in (ratios or {}).items():
+            _check_ratio(f"ratios[{name!r}]", r)
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+        self.ratio = float(ratio)
+        self.round_to = round_to
+        self.importance = criterion(importance)
+        self.global_ranking = global_ranking
+        self.max_ratio = float(max_ratio)
+        self.ratios = dict(ratios or {})
+        self.ignore = list(ignore)
+        self.heads = heads
+        self.head_dim = head_dim
+
+    def __repr__(self) -> str:
+        return f"ChannelPrune(ratio={self.ratio}, round_to={self.round_to})"
+
+    # ------------------------------------------------------------ planning
+    def plan(self, analysis: Analysis, model: nn.Module) -> Plan:
+        """Decide the kept channels of every group (does not modify ``model``)."""
+        ignore = self._resolve_names(model)
+        candidates = [g for g in analysis.groups if self._selected(g, ignore)]
+        scores = {g.id: self.importance(analysis, g, model) for g in candidates}
+        targets = self._global_targets(candidates, scores) if self.global_ranking else {
+            g.id: self._group_ratio(g) for g in candidates}
+        plan = Plan()
+        for g in candidates:
+            keep = self._kept_count(analysis, g, targets[g.id])
+            if keep >= g.size:
+                continue
+            order = torch.argsort(scores[g.id], descending=True, stable=True)
+            plan.set(analysis, g.id, order[:keep])
+        return plan
+
+    def _resolve_names(self, model: nn.Module) -> list[str]:
+        names = dict(model.named_modules())
+        by_id = {id(m): n for n, m in names.items()}
+        resolved = []
+        for item in self.ignore:
+            name = by_id.get(id(item)) if isinstance(item, nn.Module) else item
+            if name is None:
+                raise InputError(f"ignore: {type(item).__name__} module is not part of the model")
+            resolved.append(name)
+        for name in [*resolved, *self.ratios]:
+            if name not in names:
+                close = difflib.get_close_matches(name, list(names), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise InputError(f"no module named {name!r} in {type(model).__name__}{hint}")
+        return resolved
+
+    def _selected(self, group: Group, ignore: list[str]) -> bool:
+        if "head_dim" in group.tags and not self.head_dim:
+            return False
+        if "heads" in group.tags and not self.heads:
+            return False
+        return not any(_within(mod, name) for mod in group.modules for name in ignore)
+
+    def _group_ratio(self, group: Group) -> float:
+        best, best_len = self.ratio, -1
+        for name, r in self.ratios.items():
+            if any(_within(mod, name) for mod in group.modules) and len(name) > best_len:
+                best, best_len = r, len(name)
+        return best
+
+    def _global_targets(self, groups: list[Group], scores: dict[int, torch.Tensor]) -> dict[int, float]:
+        pooled = []
+        for g in groups:
+            s = scores[g.id]
+            normalised = s / (s.mean() + 1e-12)
+            pooled.extend((float(v), g.id) for v in normalised)
+        pooled.sort()
+        budget = int(len(pooled) * self.ratio)
+        removed = {g.id: 0 for g in groups}
+        sizes = {g.id: g.size for g in groups}
+        for _, gid in pooled:
+            if budget == 0:
+                break
+            if removed[gid] + 1 <= math.floor(sizes[gid] * self.max_ratio):
+                removed[gid] += 1
+                budget -= 1
+        return {gid: removed[gid] / sizes[gid] for gid in removed}
+
+    def _kept_count(self, analysis: Analysis, group: Group, ratio: float) -> int:
+        step = 1
+        for m in group.members:
+            if m.kind != "parameter":
+                continue
+            cofactor = analysis.spaces.cofactor(m.atom, group.leaf)
+            if cofactor is not None:
+                need = self.round_to // math.gcd(self.round_to, cofactor)
+                step = step * need // math.gcd(step, need)
+        keep = group.size - int(group.size * ratio)
+        keep = max(step, int(round(keep / step)) * step)
+        return min(keep, group.size)
+
+    # --------------------------------------------------------------- pass
+    def call(self, state: CompressionState) -> PassResult:
+        analysis = state.analysis()
+        plan = self.plan(analysis, state.model)
+        applied = apply_plan(state.model, analysis, plan, inplace=True)
+        state.replace_model(applied.module, applied.captured)
+        state.stage = Stage.STRUCTURED
+        state.plans.append(plan)
+        details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
+                   "channels removed": plan.removed(analysis)}
+        return PassResult(state, bool(plan.keep), details)
+
+
+def _within(module: str, name: str) -> bool:
+    return module == name or module.startswith(name + ".") or name == ""
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise InputError(f"{name} must be a number in [0, 1), got {value!r}")
