@@ -160,6 +160,11 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
     ctx = RuleContext(solver)
     ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
     run_graph(ctx, captured.graph_module, None)
+    placeholders = {n.name: n for n in captured.graph.nodes if n.op == "placeholder"}
+    for names in captured.tied:  # one tensor object lifted under several names
+        first = ctx.dims(placeholders[names[0]])
+        for other in names[1:]:
+            ctx.unify_all(first, ctx.dims(placeholders[other]), placeholders[other])
     for node in captured.user_inputs:
         for atom in _flat(ctx.raw(node)):
             solver.freeze(atom, FreezeReason("reaches a model input", node.name))
@@ -180,17 +185,37 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         for d, atom in enumerate(dims):
             for leaf in dict.fromkeys(spaces.leaves(atom)):
                 members[leaf].append(Member(name, kind, d, atom, shape))
+    carried = _leaves_of_activations(ctx, captured, spaces)
     groups: list[Group] = []
     frozen: list[FrozenSpace] = []
     for leaf, ms in members.items():
         if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
             continue
-        if leaf in spaces.frozen:
+        if leaf not in carried:
+            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, FreezeReason(
+                "no activation carries these channels (a parameter dim that no rule coupled)")))
+        elif leaf in spaces.frozen:
             frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
         else:
             groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
                                 frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
     return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+
+
+def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:
+    """Leaves that appear in the dims of some op's output (not only in parameters)."""
+    leaves: set[int] = set()
+    seen: set[int] = set()
+    for gm in _graph_modules(captured.graph_module):
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for atom in _flat(ctx.raw(node)):
+                root = spaces.solver.find(atom)
+                if root not in seen:
+                    seen.add(root)
+                    leaves.update(spaces.leaves(root))
+    return leaves
 
 
 def run_graph(ctx: RuleContext, gm: fx.GraphModule, bindings: list[Any] | None) -> list[Any]:

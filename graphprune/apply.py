@@ -44,8 +44,10 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
     try:
         masks = plan.masks(analysis)
         _shrink_tensors(target, analysis, masks, undo)
-        changed = _changed_constants(analysis, masks)
-        _update_attributes(target, analysis, changed, undo)
+        constants = _constant_values(analysis, masks)
+        changed: Changed = {n: {p: v for p, v in paths.items() if _get_path(n, p) != v}
+                            for n, paths in constants.items()}
+        _update_attributes(target, analysis, constants, undo)
         recaptured = _verify(target, analysis, masks, changed)
     except BaseException:
         undo.rollback()
@@ -63,6 +65,10 @@ class _UndoLog:
         self._entries.append((mapping, key, mapping[key]))
         mapping[key] = value
 
+    def record(self, mapping: dict, key: str, old: Any) -> None:
+        """Note a write someone else already made, so it can be undone."""
+        self._entries.append((mapping, key, old))
+
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         self._entries.append((obj.__dict__, name, obj.__dict__[name]))
         object.__setattr__(obj, name, value)
@@ -77,7 +83,13 @@ class _UndoLog:
 def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], undo: _UndoLog) -> None:
     holders = _tensor_holders(model)
     spaces = analysis.spaces
+    originals = {name: _get_tensor(model, name) for name in analysis.tensors}
+    done: set[int] = set()
     for name, (kind, dims) in analysis.tensors.items():
+        old = originals[name]
+        if id(old) in done:  # tied: the same tensor under another name, already replaced everywhere
+            continue
+        done.add(id(old))
         index = []
         for d, atom in enumerate(dims):
             if not any(leaf in masks for leaf in spaces.leaves(atom)):
@@ -87,7 +99,6 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
                 index.append((d, keep.nonzero().squeeze(1)))
         if not index:
             continue
-        old = _get_tensor(model, name)
         new = old.detach()
         for d, idx in index:
             new = new.index_select(d, idx.to(new.device))
@@ -123,29 +134,20 @@ Changed = dict[fx.Node, dict[tuple, int]]
 
 def _get_path(node: fx.Node, path: tuple) -> Any:
     where, key, *rest = path
-    if where == "default":
-        return None
     value = node.args[key] if where == "args" else node.kwargs[key]
     return value[rest[0]] if rest else value
 
 
-def _changed_constants(analysis: Analysis, masks: dict[int, torch.Tensor]) -> Changed:
+def _constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> Changed:
+    """New value of every registered shape constant (changed or not)."""
     spaces = analysis.spaces
-    changed: Changed = defaultdict(dict)
+    values: Changed = defaultdict(dict)
     for c in analysis.constants:
-        old = _get_path(c.node, c.path)
-        if old is None:
-            continue
         new = c.base + sum(spaces.kept_size(a, masks) for a in c.atoms)
-        if new == old:
-            continue
-        if c.path[0] == "default":
-            raise ApplyError(f"{c.node.name}: the default of {c.path[1]} would have to change to {new}")
-        prior = changed[c.node].get(c.path)
-        if prior is not None and prior != new:
+        prior = values[c.node].setdefault(c.path, new)
+        if prior != new:
             raise ApplyError(f"{c.node.name}: argument {c.path} would need two values ({prior} and {new})")
-        changed[c.node][c.path] = new
-    return changed
+    return values
 
 
 def _arg_name(node: fx.Node, path: tuple) -> str:
@@ -160,108 +162,178 @@ def _owner_chain(node: fx.Node) -> list[str]:
     return [path for path, _cls in stack.values()]
 
 
-def _update_attributes(model: nn.Module, analysis: Analysis, changed: Changed, undo: _UndoLog) -> None:
+def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed, undo: _UndoLog) -> None:
+    """Make the modules' forward code produce the new constants.
+
+    torch.nn modules follow their tensors (:mod:`graphprune.module_rules`).  For any other
+    module, the capture recorded which int attribute became which op argument; each such
+    attribute takes the new value of the constants it produced.  A constant no attribute
+    produced is presumed to come from a tensor's shape; verification checks that it does.
+    """
     modules = dict(model.named_modules())
     builtin_consts: dict[str, dict[str, Any]] = defaultdict(dict)
-    wanted: dict[tuple[str, int], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for node, paths in changed.items():
+    wanted: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    uses = analysis.captured.attribute_uses
+    for node, paths in constants.items():
         chain = _owner_chain(node)
         owner = chain[-1] if chain else ""
         module = modules.get(owner)
         if module is not None and rule_for(module) is not None:
+            node_consts: dict[str, Any] = {}
             for path, new in paths.items():
                 name = _arg_name(node, path)
-                if len(path) == 3:
-                    full = list(_get_path(node, path[:2]))
-                    prev = builtin_consts[owner].get(name, full)
-                    prev[path[2]] = new
-                    builtin_consts[owner][name] = prev
+                if len(path) == 3:  # one entry of a list argument, e.g. normalized_shape[0]
+                    node_consts.setdefault(name, list(_get_path(node, path[:2])))[path[2]] = new
                 else:
-                    builtin_consts[owner][name] = new
+                    node_consts[name] = new
+            builtin_consts[owner].update(node_consts)
             continue
         for path, new in paths.items():
-            old = _get_path(node, path)
-            wanted[(tuple(chain), old)][new].append(f"{node.name} {path}")
-    # torch.nn modules: attributes follow their tensors.
+            for use in _uses_for(uses, node, path, chain):
+                wanted[(use.owner, use.attr)][new] = f"{node.name} {path}"
     for name, module in modules.items():
         rule = rule_for(module)
-        if rule is None:
-            continue
-        before = {k: v for k, v in vars(module).items() if not isinstance(v, (torch.Tensor, dict))}
-        rule(module, builtin_consts.get(name, {}))
-        for k, v in vars(module).items():
-            if k in before and before[k] != v:
-                undo._entries.append((module.__dict__, k, before[k]))
-    # Other modules: the int attribute forward read that holds the old value.
-    assigned: dict[tuple[str, str], int] = {}
-    originals = {path: {k: v for k, v in vars(m).items() if type(v) is int} for path, m in modules.items()}
-    for (chain, old), news in wanted.items():
+        if rule is not None:
+            before = {k: v for k, v in vars(module).items() if isinstance(v, (int, tuple))}
+            rule(module, builtin_consts.get(name, {}))
+            for k, v in before.items():
+                if vars(module)[k] != v:
+                    undo.record(module.__dict__, k, v)
+    for (owner, attr), news in wanted.items():
         if len(news) > 1:
-            raise ApplyError(f"size {old} in {chain[-1] if chain else 'the model'} must become "
-                             f"{sorted(news)} at different places ({'; '.join(sum(news.values(), []))}); "
-                             "graphprune cannot rewrite one attribute two ways")
+            places = "; ".join(f"{where} needs {value}" for value, where in news.items())
+            raise ApplyError(f"{owner}.{attr} sizes several tensors that the plan prunes differently ({places}); "
+                             "prune the groups it sizes by the same count, or exclude them")
         (new,) = news
-        for path in reversed(chain):
-            module = modules.get(path)
-            reads = analysis.captured.attribute_reads.get(path, set())
-            hits = [a for a in sorted(reads) if originals.get(path, {}).get(a) == old]
-            if not hits:
-                continue
-            for attr in hits:
-                key = (path, attr)
-                if assigned.get(key, new) != new:
-                    raise ApplyError(f"{path}.{attr} would need two values ({assigned[key]} and {new})")
-                if key not in assigned:
-                    assigned[key] = new
-                    undo.set_attr(module, attr, new)
-            break
+        if vars(modules[owner])[attr] != new:
+            undo.set_attr(modules[owner], attr, new)
+
+
+def _uses_for(uses: list, node: fx.Node, path: tuple, chain: list[str]) -> list:
+    """The recorded attribute uses that produced argument ``path`` of ``node``."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    packet = node.target.overloadpacket
+    old = _get_path(node, path)
+    dim = None
+    if packet is torch.ops.aten.slice:
+        dim = node.args[1] if len(node.args) > 1 else 0
+    owners = set(chain)
+    found = []
+    for u in uses:
+        if u.path == path and u.value == old and packet in u.packets and u.owner in owners:
+            if u.dim is None or dim is None or _same_dim(u.dim, dim, node):
+                found.append(u)
+    return found
+
+
+def _same_dim(a: int, b: int, node: fx.Node) -> bool:
+    rank = len(node.args[0].meta["val"].shape)
+    return a % rank == b % rank
 
 
 # ------------------------------------------------------------ verification
+class _StructureDiffers(ApplyError):
+    """The pruned model traces to a graph of another shape (e.g. code skips a no-op at size 1)."""
+
+
 def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed) -> CapturedGraph:
+    """Check the pruned module against the plan: node by node, or by outputs where the graphs differ."""
     original = analysis.captured
     try:
         recaptured = capture_call(model, original.args, original.kwargs)
     except Exception as exc:
         raise ApplyError(f"the pruned model no longer traces: {exc}") from exc
-    spaces = analysis.spaces
-    ctx = analysis.context
+    try:
+        _compare_graphs(original.graph_module, recaptured.graph_module, analysis, masks, changed)
+    except _StructureDiffers as exc:
+        if any(t.device.type == "meta" for t in model.parameters()):
+            raise ApplyError(f"{exc}; a meta-device model cannot be checked by its outputs instead") from exc
+        want = _run_rewritten(analysis, changed, model)
+        got = [t for t in pytree.tree_leaves(_call(model, original)) if isinstance(t, torch.Tensor)]
+        if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                        for a, b in zip(got, want)):
+            raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
+    return recaptured
 
-    def check(old_gm: fx.GraphModule, new_gm: fx.GraphModule) -> None:
-        old_nodes, new_nodes = list(old_gm.graph.nodes), list(new_gm.graph.nodes)
-        if len(old_nodes) != len(new_nodes):
-            raise ApplyError(f"the pruned model traces to a different graph ({len(new_nodes)} nodes instead of "
-                             f"{len(old_nodes)}): its control flow depends on the pruned sizes")
-        old_pos = {n: i for i, n in enumerate(old_nodes)}
-        new_pos = {n: i for i, n in enumerate(new_nodes)}
-        for old, new in zip(old_nodes, new_nodes):
-            where = f"node {old.name} ({old.target}) in {(_owner_chain(old) or ['the model'])[-1]}"
-            if old.op != new.op or (old.op == "call_function" and old.target != new.target):
-                raise ApplyError(f"{where}: the pruned model runs {new.target} here instead")
-            expect_args = _substituted(old, changed.get(old, {}))
-            got = pytree.tree_leaves((new.args, new.kwargs))
-            want = pytree.tree_leaves(expect_args)
-            same = len(got) == len(want) and all(
-                (old_pos[w] == new_pos[g]) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
-                else (not isinstance(g, fx.Node) and not isinstance(w, fx.Node) and _equal(w, g))
-                for w, g in zip(want, got))
-            if not same:
-                raise ApplyError(f"{where}: expected arguments {_fmt(expect_args)} but the pruned model's forward "
-                                 f"passes {_fmt((new.args, new.kwargs))}; a size or scale in its code is not "
-                                 "derived from what was pruned")
-            dims = ctx.raw(old)
-            val = new.meta.get("val")
-            if isinstance(val, torch.Tensor) and dims is not None and all(isinstance(a, int) for a in dims):
-                expected = [spaces.kept_size(a, masks) for a in dims]
-                if list(val.shape) != expected:
-                    raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
-                                     f"the plan predicts {expected}")
+
+def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: Analysis,
+                    masks: dict[int, torch.Tensor], changed: Changed) -> None:
+    old_nodes, new_nodes = list(old_gm.graph.nodes), list(new_gm.graph.nodes)
+    if len(old_nodes) != len(new_nodes):
+        raise _StructureDiffers(f"the pruned model traces to a different graph ({len(new_nodes)} nodes instead of "
+                                f"{len(old_nodes)}): its control flow depends on the pruned sizes")
+    old_pos = {n: i for i, n in enumerate(old_nodes)}
+    new_pos = {n: i for i, n in enumerate(new_nodes)}
+    for old, new in zip(old_nodes, new_nodes):
+        where = f"node {old.name} ({old.target}) in {(_owner_chain(old) or ['the model'])[-1]}"
+        if old.op != new.op or (old.op == "call_function" and old.target != new.target):
+            raise _StructureDiffers(f"{where}: the pruned model runs {new.target} here instead")
+        expect_args = _substituted(old, changed.get(old, {}))
+        got = pytree.tree_leaves((new.args, new.kwargs))
+        want = pytree.tree_leaves(expect_args)
+        same = len(got) == len(want) and all(
+            (old_pos[w] == new_pos[g]) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
+            else (not isinstance(g, fx.Node) and not isinstance(w, fx.Node) and _equal(w, g))
+            for w, g in zip(want, got))
+        if not same:
+            raise ApplyError(f"{where}: expected arguments {_fmt(expect_args)} but the pruned model's forward "
+                             f"passes {_fmt((new.args, new.kwargs))}; a size or scale in its code is not "
+                             "derived from what was pruned")
+        dims = analysis.context.raw(old)
+        val = new.meta.get("val")
+        if isinstance(val, torch.Tensor) and dims is not None and all(isinstance(a, int) for a in dims):
+            expected = [analysis.spaces.kept_size(a, masks) for a in dims]
+            if list(val.shape) != expected:
+                raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
+                                 f"the plan predicts {expected}")
+        if old.op == "call_function" and old.target in _BODY_HOPS:
+            k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+            _compare_graphs(getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target),
+                            analysis, masks, changed)
+
+
+def _call(model: nn.Module, captured: CapturedGraph) -> Any:
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*captured.args, **captured.kwargs)
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+
+
+def _run_rewritten(analysis: Analysis, changed: Changed, model: nn.Module) -> list[torch.Tensor]:
+    """Outputs the plan predicts: the original graph, constants rewritten, run with the pruned tensors."""
+    captured = analysis.captured
+    gm = copy.deepcopy(captured.graph_module)
+
+    def rewrite(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+        twin = dict(zip(src.graph.nodes, dst.graph.nodes))
+        for old, new in twin.items():
+            if old in changed:
+                args, kwargs = _substituted(old, changed[old])
+                new.args = fx.node.map_arg(args, twin.__getitem__)
+                new.kwargs = fx.node.map_arg(kwargs, twin.__getitem__)
             if old.op == "call_function" and old.target in _BODY_HOPS:
                 k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
-                check(getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target))
+                rewrite(getattr(src, old.args[k].target), getattr(dst, new.args[k].target))
+        dst.recompile()
 
-    check(original.graph_module, recaptured.graph_module)
-    return recaptured
+    rewrite(captured.graph_module, gm)
+    user = iter(x for x in pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(x, torch.Tensor))
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in captured.tensor_names:
+            inputs.append(_get_tensor(model, captured.tensor_names[node.name][1]).detach())
+        else:
+            inputs.append(next(user))
+    with torch.no_grad():
+        out = gm(*inputs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _substituted(node: fx.Node, paths: dict[tuple, int]) -> tuple:

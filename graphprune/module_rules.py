@@ -7,6 +7,7 @@ Registered by class; looked up along the MRO so subclasses inherit their base's 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ def module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
 
 
 def rule_for(module: nn.Module) -> ModuleRule | None:
+    _register_transformers_rules()
     for cls in type(module).__mro__:
         if cls in _RULES:
             return _RULES[cls]
@@ -82,3 +84,19 @@ def _embedding(m: nn.Embedding, consts: dict[str, Any]) -> None:
 @module_rule(nn.ChannelShuffle)
 def _channel_shuffle(m: nn.ChannelShuffle, consts: dict[str, Any]) -> None:
     m.groups = int(consts.get("groups", m.groups))
+
+
+def _register_transformers_rules() -> None:
+    """Rules for Hugging Face layers, registered only once the user's code has imported transformers."""
+    if "transformers" not in sys.modules or _TRANSFORMERS_DONE:
+        return
+    _TRANSFORMERS_DONE.append(True)
+    from transformers.pytorch_utils import Conv1D
+
+    @module_rule(Conv1D)
+    def _conv1d(m: nn.Module, consts: dict[str, Any]) -> None:
+        """GPT-2's transposed linear: weight is [in, out] and ``nf`` is the output width."""
+        m.nx, m.nf = m.weight.shape
+
+
+_TRANSFORMERS_DONE: list[bool] = []

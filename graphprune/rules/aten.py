@@ -463,6 +463,8 @@ def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups
         ctx.unify(x[0], out[0], node)
     for a in out[-spatial:] if spatial else []:
         ctx.freeze(a, "spatial size is computed by the convolution", node)
+    for a in w[2:]:
+        ctx.freeze(a, "convolution kernel window", node)
     w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
     if bias is not None:
         ctx.unify(bias[0], co, node)

@@ -20,7 +20,7 @@ import torch.fx as fx
 from graphprune.algebra import FreezeReason, SpaceSolver
 
 Rule = Callable[["RuleContext", fx.Node], None]
-ArgPath = tuple[Any, ...]  # ("args", i[, j]) or ("kwargs", name[, j])
+ArgPath = tuple[Any, ...]  # ("args", i[, j]) or ("kwargs", name[, j]); None: not given, default used
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,16 @@ class RuleContext:
         atoms.extend(_flat(self._dims.get(node)))
         return atoms
 
-    def constant(self, node: fx.Node, path: ArgPath, atoms: Iterable[int], base: int = 0) -> None:
+    def constant(self, node: fx.Node, path: ArgPath | None, atoms: Iterable[int], base: int = 0) -> None:
+        """Register an int argument that equals ``base`` + the channel count of ``atoms``.
+
+        An argument left at its default (``path`` None) cannot be rewritten: if its channels
+        are pruned, the op's meaning would change, so they are frozen instead.
+        """
+        if path is None:
+            for atom in atoms:
+                self.freeze(atom, "a size given by an argument's default value", node)
+            return
         self.constants.append(ShapeConstant(node, path, tuple(atoms), base))
 
     def report_unsupported(self, node: fx.Node) -> None:
@@ -156,4 +165,4 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> tuple[Any,
         return node.args[index], ("args", index)
     if name in node.kwargs:
         return node.kwargs[name], ("kwargs", name)
-    return default, ("default", name)
+    return default, None

@@ -1,0 +1,70 @@
+"""Oracles shared by the tests: outputs of a model, zeroing removed channels, random plans."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from graphprune.analysis import Analysis
+from graphprune.capture import normalize_inputs
+from graphprune.plan import Plan
+
+
+def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    args, kwargs = normalize_inputs(example_inputs)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    model.train(was)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def random_plan(analysis: Analysis, fraction: float, seed: int = 0, exact_only: bool = False,
+                head_dim: bool = False) -> Plan:
+    """Keep a random ``1 - fraction`` of every group (at least one channel).
+
+    Head-dim groups are left alone unless asked for: models typically size q/k and v heads
+    with one attribute, so their counts can only shrink together (ChannelPrune's default).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    plan = Plan()
+    for g in analysis.groups:
+        if (exact_only and g.inexact) or ("head_dim" in g.tags and not head_dim):
+            continue
+        keep = max(1, g.size - int(g.size * fraction))
+        plan.set(analysis, g.id, torch.randperm(g.size, generator=gen)[:keep])
+    return plan
+
+
+def zero_removed(model: nn.Module, analysis: Analysis, plan: Plan) -> nn.Module:
+    """A copy of ``model`` whose parameter slices for the channels ``plan`` removes are zero."""
+    zeroed = copy.deepcopy(model)
+    params = dict(zeroed.named_parameters(remove_duplicate=False))
+    masks = plan.masks(analysis)
+    with torch.no_grad():
+        for gid in plan.keep:
+            group = analysis.group(gid)
+            for m in group.members:
+                if m.kind != "parameter":
+                    continue
+                idx = analysis.spaces.leaf_index(m.atom, group.leaf)
+                removed = (idx >= 0) & ~masks[group.leaf][idx.clamp(min=0)]
+                params[m.name].index_fill_(m.dim, removed.nonzero().squeeze(1), 0.0)
+    return zeroed
+
+
+def max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    assert len(got) == len(want)
+    worst = 0.0
+    for a, b in zip(got, want):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        if a.is_floating_point():
+            scale = max(b.abs().max().item(), 1e-6)
+            worst = max(worst, (a - b).abs().max().item() / scale)
+        else:
+            assert torch.equal(a, b)
+    return worst
