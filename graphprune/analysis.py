@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
-from graphprune.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.capture import CapturedGraph, ExampleInputs, capture, uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 
 _BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
@@ -165,6 +165,8 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         first = ctx.dims(placeholders[names[0]])
         for other in names[1:]:
             ctx.unify_all(first, ctx.dims(placeholders[other]), placeholders[other])
+    _couple_attribute_sizes(ctx, captured)
+    _freeze_unsupported_modules(ctx, captured)
     for node in captured.user_inputs:
         for atom in _flat(ctx.raw(node)):
             solver.freeze(atom, FreezeReason("reaches a model input", node.name))
@@ -191,15 +193,47 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
     for leaf, ms in members.items():
         if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
             continue
-        if leaf not in carried:
+        if leaf in spaces.frozen:
+            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
+        elif leaf not in carried:
             frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, FreezeReason(
                 "no activation carries these channels (a parameter dim that no rule coupled)")))
-        elif leaf in spaces.frozen:
-            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
         else:
             groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
                                 frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
     return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+
+
+def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
+    """One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
+    one new value, so every space it sizes must keep the same count: couple them."""
+    by_attr: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for c in ctx.constants:
+        if len(c.atoms) != 1 or c.base:
+            continue
+        for use in uses_for(captured.attribute_uses, c.node, c.path):
+            by_attr[(use.owner, use.attr)].append(c.atoms[0])
+    for (owner, attr), atoms in by_attr.items():
+        for other in atoms[1:]:
+            ctx.solver.unify(atoms[0], other, where=f"{owner}.{attr} sizes both")
+
+
+# torch.nn modules whose forward checks sizes against attributes in ways no rule rewrites yet.
+_FROZEN_MODULES: dict[type, str] = {
+    nn.MultiheadAttention: "nn.MultiheadAttention requires num_heads * head_dim == embed_dim == the query width",
+}
+
+
+def _freeze_unsupported_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
+    modules = captured.module_types
+    for node in captured.graph.nodes:
+        if node.op != "placeholder" or node.name not in captured.tensor_names:
+            continue
+        owner = captured.tensor_names[node.name][1].rpartition(".")[0]
+        why = next((w for t, w in _FROZEN_MODULES.items() if issubclass(modules.get(owner, object), t)), None)
+        if why is not None:
+            for atom in ctx.dims(node) or []:
+                ctx.solver.freeze(atom, FreezeReason(why, owner))
 
 
 def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:

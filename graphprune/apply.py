@@ -23,9 +23,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.fx.operator_schemas import normalize_function
 
 from graphprune.analysis import Analysis, _BODY_HOPS
-from graphprune.capture import CapturedGraph, capture_call
+from graphprune.capture import CapturedGraph, capture_call, owner_chain, uses_for
 from graphprune.errors import ApplyError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
@@ -157,11 +158,6 @@ def _arg_name(node: fx.Node, path: tuple) -> str:
     return schema.arguments[path[1]].name if schema is not None else str(path[1])
 
 
-def _owner_chain(node: fx.Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _cls in stack.values()]
-
-
 def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed, undo: _UndoLog) -> None:
     """Make the modules' forward code produce the new constants.
 
@@ -175,7 +171,7 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
     wanted: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     uses = analysis.captured.attribute_uses
     for node, paths in constants.items():
-        chain = _owner_chain(node)
+        chain = owner_chain(node)
         owner = chain[-1] if chain else ""
         module = modules.get(owner)
         if module is not None and rule_for(module) is not None:
@@ -189,7 +185,7 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
             builtin_consts[owner].update(node_consts)
             continue
         for path, new in paths.items():
-            for use in _uses_for(uses, node, path, chain):
+            for use in uses_for(uses, node, path):
                 wanted[(use.owner, use.attr)][new] = f"{node.name} {path}"
     for name, module in modules.items():
         rule = rule_for(module)
@@ -207,29 +203,6 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
         (new,) = news
         if vars(modules[owner])[attr] != new:
             undo.set_attr(modules[owner], attr, new)
-
-
-def _uses_for(uses: list, node: fx.Node, path: tuple, chain: list[str]) -> list:
-    """The recorded attribute uses that produced argument ``path`` of ``node``."""
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return []
-    packet = node.target.overloadpacket
-    old = _get_path(node, path)
-    dim = None
-    if packet is torch.ops.aten.slice:
-        dim = node.args[1] if len(node.args) > 1 else 0
-    owners = set(chain)
-    found = []
-    for u in uses:
-        if u.path == path and u.value == old and packet in u.packets and u.owner in owners:
-            if u.dim is None or dim is None or _same_dim(u.dim, dim, node):
-                found.append(u)
-    return found
-
-
-def _same_dim(a: int, b: int, node: fx.Node) -> bool:
-    rank = len(node.args[0].meta["val"].shape)
-    return a % rank == b % rank
 
 
 # ------------------------------------------------------------ verification
@@ -266,11 +239,11 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
     old_pos = {n: i for i, n in enumerate(old_nodes)}
     new_pos = {n: i for i, n in enumerate(new_nodes)}
     for old, new in zip(old_nodes, new_nodes):
-        where = f"node {old.name} ({old.target}) in {(_owner_chain(old) or ['the model'])[-1]}"
+        where = f"node {old.name} ({old.target}) in {(owner_chain(old) or ['the model'])[-1]}"
         if old.op != new.op or (old.op == "call_function" and old.target != new.target):
             raise _StructureDiffers(f"{where}: the pruned model runs {new.target} here instead")
-        expect_args = _substituted(old, changed.get(old, {}))
-        got = pytree.tree_leaves((new.args, new.kwargs))
+        expect_args = _normalized(old, *_substituted(old, changed.get(old, {})))
+        got = pytree.tree_leaves(_normalized(new, new.args, new.kwargs))
         want = pytree.tree_leaves(expect_args)
         same = len(got) == len(want) and all(
             (old_pos[w] == new_pos[g]) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
@@ -348,6 +321,15 @@ def _substituted(node: fx.Node, paths: dict[tuple, int]) -> tuple:
         else:
             container[key] = new
     return (tuple(args), kwargs)
+
+
+def _normalized(node: fx.Node, args: tuple, kwargs: dict) -> dict:
+    """Arguments by name with defaults filled in (export omits trailing defaults)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        pair = normalize_function(node.target, tuple(args), dict(kwargs), normalize_to_only_use_kwargs=True)
+        if pair is not None:
+            return dict(sorted(pair.kwargs.items()))
+    return {"args": tuple(args), **kwargs}
 
 
 def _equal(a: Any, b: Any) -> bool:

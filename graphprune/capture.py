@@ -64,6 +64,7 @@ class CapturedGraph:
     outputs: list[fx.Node]
     attribute_uses: list[AttributeUse] = field(default_factory=list)
     tied: list[list[str]] = field(default_factory=list)  # placeholder names holding one tensor object
+    module_types: dict[str, type] = field(default_factory=dict)  # module path -> class
 
     @property
     def graph(self) -> fx.Graph:
@@ -162,7 +163,30 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     for placeholder, (_kind, fqn) in tensor_names.items():
         by_tensor.setdefault(id(_lookup(model, fqn)), []).append(placeholder)
     tied = [ps for ps in by_tensor.values() if len(ps) > 1]
-    return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs, uses, tied)
+    return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs, uses, tied,
+                         {name: type(m) for name, m in model.named_modules()})
+
+
+def owner_chain(node: fx.Node) -> list[str]:
+    """Module paths from the outermost to the module whose forward created ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _cls in stack.values()]
+
+
+def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[AttributeUse]:
+    """The recorded attribute uses that produced argument ``path`` of ``node``."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    packet = node.target.overloadpacket
+    where, key, *rest = path
+    value = node.args[key] if where == "args" else node.kwargs[key]
+    old = value[rest[0]] if rest else value
+    rank = len(node.args[0].meta["val"].shape) if packet is torch.ops.aten.slice else 0
+    dim = (node.args[1] if len(node.args) > 1 else 0) if packet is torch.ops.aten.slice else None
+    owners = set(owner_chain(node))
+    return [u for u in uses
+            if u.path == path and u.value == old and packet in u.packets and u.owner in owners
+            and (u.dim is None or dim is None or u.dim % rank == dim % rank)]
 
 
 def _lookup(model: nn.Module, fqn: str) -> object:
@@ -339,7 +363,7 @@ def _describe_failure(model: nn.Module, exc: Exception) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     torch_dir = os.path.dirname(torch.__file__)
-    user = [f for f in frames if not f.filename.startswith((torch_dir, here)) and "site-packages/torch" not in f.filename]
+    user = [f for f in frames if not f.filename.startswith((torch_dir, here, "<"))]
     where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}" if user else ""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return (f"could not capture {type(model).__name__} with torch.export{where}\n"

@@ -1,0 +1,170 @@
+"""Op rules on small modules: the oracles for every family, plus the expected couplings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.apply import apply_plan
+from graphprune.passes import ChannelPrune
+from graphprune.plan import Plan
+from tests import zoo
+from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
+
+CASES = zoo.cases()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_oracles(name):
+    model, inputs = CASES[name]
+    model.eval()
+    analysis = gp.analyze(model, inputs)
+    assert not analysis.rule_errors, analysis.rule_errors
+    assert all(torch.equal(a, b) for a, b in zip(outputs(apply_plan(model, analysis, Plan()).module, inputs),
+                                                 outputs(model, inputs)))
+    for seed in range(3):
+        plan = random_plan(analysis, 0.5, seed=seed, exact_only=True)
+        if not plan.keep:
+            continue
+        zeroed = zero_removed(model, analysis, plan)
+        pruned = apply_plan(zeroed, analysis, plan).module
+        assert max_relative_error(outputs(pruned, inputs), outputs(zeroed, inputs)) < 1e-4
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert [t.shape for t in outputs(result.module, inputs)] == [t.shape for t in outputs(model, inputs)]
+
+
+def _members(analysis, group):
+    return {(m.name, m.dim) for m in group.members}
+
+
+def _group_with(analysis, name, dim):
+    return [g for g in analysis.groups if (name, dim) in _members(analysis, g)]
+
+
+def test_grouped_conv_splits_into_groups_and_per_group_channels():
+    model, inputs = CASES["grouped_conv"]
+    analysis = gp.analyze(model, inputs)
+    sizes = sorted(g.size for g in _group_with(analysis, "b.weight", 0))
+    assert sizes == [4, 4]  # 4 groups x 4 output channels per group
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.b.groups == 2 and result.module.b.out_channels == 4
+
+
+def test_depthwise_prunes_whole_channels_and_updates_groups():
+    model, inputs = CASES["depthwise"]
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    dw = result.module.dw
+    assert dw.groups == dw.in_channels == result.module.pw.out_channels == 8
+    assert dw.out_channels == 8  # the channel multiplier (2) is pruned too
+
+
+def test_flatten_removes_whole_spatial_blocks_of_the_linear():
+    model, inputs = CASES["flatten_linear"]
+    analysis = gp.analyze(model, inputs)
+    (group,) = _group_with(analysis, "conv.weight", 0)
+    assert ("fc.weight", 1) in _members(analysis, group)
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.fc.in_features == 4 * 16
+
+
+def test_concat_keeps_branches_separate_and_split_follows():
+    model, inputs = CASES["concat_split"]
+    analysis = gp.analyze(model, inputs)
+    assert sorted(g.size for g in _group_with(analysis, "mix.weight", 1)) == [8, 12]
+
+
+def test_gqa_query_heads_refine_into_kv_heads_times_repeats():
+    model, inputs = CASES["gqa_sdpa"]
+    analysis = gp.analyze(model, inputs)
+    head_groups = [g for g in analysis.groups if "heads" in g.tags]
+    assert sorted(g.size for g in head_groups) == [2, 2]  # kv heads (2) x queries per kv head (2)
+    kv = [g for g in head_groups if ("k.weight", 0) in _members(analysis, g)]
+    assert len(kv) == 1 and ("q.weight", 0) in _members(analysis, kv[0])
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.k.out_features == 8 and result.module.q.out_features == 8
+
+
+def test_unknown_op_freezes_what_it_touches_and_is_reported():
+    model, inputs = CASES["unsupported"]
+    analysis = gp.analyze(model, inputs)
+    assert any("sort" in op for op in analysis.unsupported)
+    assert not _group_with(analysis, "a.weight", 0)
+    assert _group_with(analysis, "c.weight", 0)
+    assert "no rule for aten.sort" in analysis.describe()
+
+
+def test_shared_module_is_one_tensor_pruned_once():
+    model, inputs = CASES["shared_module"]
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.shared.weight.shape == (8, 8)
+
+
+def test_tied_embedding_and_head_stay_tied():
+    model, inputs = CASES["tied_embedding"]
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.head.weight is result.module.embed.weight
+    assert result.module.embed.weight.shape == (50, 8)
+
+
+def test_model_inputs_and_outputs_stay_frozen():
+    model, inputs = CASES["conv2d"]
+    analysis = gp.analyze(model, inputs)
+    assert not _group_with(analysis, "a.weight", 1)
+    assert not _group_with(analysis, "c.weight", 0)
+    reasons = {str(f.reason) for f in analysis.frozen}
+    assert any("model input" in r for r in reasons) and any("model output" in r for r in reasons)
+
+
+def test_every_registered_op_is_an_aten_op():
+    from graphprune.rules import aten_rules
+    assert all(str(op).startswith("aten.") for op in aten_rules.covered_ops())
+    assert len(aten_rules.covered_ops()) > 150
+
+
+def test_multihead_attention_is_frozen_with_its_reason():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.mha, self.out = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 4)
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = self.mha(h, h, h, need_weights=False)[0]
+            return self.out(self.mlp(h))
+
+    net, x = Net().eval(), torch.randn(2, 5, 8)
+    analysis = gp.analyze(net, (x,))
+    assert any("MultiheadAttention" in str(f.reason) for f in analysis.frozen)
+    result = gp.prune(net, (x,), passes=[ChannelPrune(0.5)])
+    assert result.module.mha.embed_dim == 16 and result.module.mlp[0].out_features == 16
+    assert result.module(x).shape == net(x).shape
+
+
+def test_one_attribute_sizing_several_spaces_couples_them():
+    """LLaMA-style code sizes q, k and v heads with one head_dim: head-dim pruning must agree."""
+    model, inputs = CASES["gqa_sdpa"]
+    analysis = gp.analyze(model, inputs)
+    dims = [g for g in analysis.groups if "head_dim" in g.tags]
+    assert len(dims) == 1 and {("q.weight", 0), ("v.weight", 0)} <= _members(analysis, dims[0])
+
+
+def test_a_size_the_code_cannot_produce_is_refused_and_the_model_kept():
+    class Literal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x).view(x.shape[0], 8, -1).view(x.shape[0], 8, 8, 8))
+
+    model, x = Literal().eval(), torch.randn(1, 3, 8, 8)
+    analysis = gp.analyze(model, (x,))
+    plan = random_plan(analysis, 0.5)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(gp.ApplyError, match="no longer traces"):
+        apply_plan(model, analysis, plan, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert model.a.out_channels == 8
