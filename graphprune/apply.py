@@ -15,6 +15,7 @@ wiring, the constant arguments and the output shapes that the plan predicts.  An
 from __future__ import annotations
 
 import copy
+from math import prod
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -230,40 +231,69 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
     return recaptured
 
 
+_RELAYOUT = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.unsqueeze,
+             torch.ops.aten.squeeze, torch.ops.aten.expand, torch.ops.aten.contiguous, torch.ops.aten.clone,
+             torch.ops.aten.alias, torch.ops.aten.flatten, torch.ops.aten.unflatten}
+
+
 def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: Analysis,
                     masks: dict[int, torch.Tensor], changed: Changed) -> None:
-    old_nodes, new_nodes = list(old_gm.graph.nodes), list(new_gm.graph.nodes)
-    if len(old_nodes) != len(new_nodes):
-        raise _StructureDiffers(f"the pruned model traces to a different graph ({len(new_nodes)} nodes instead of "
-                                f"{len(old_nodes)}): its control flow depends on the pruned sizes")
-    old_pos = {n: i for i, n in enumerate(old_nodes)}
-    new_pos = {n: i for i, n in enumerate(new_nodes)}
-    for old, new in zip(old_nodes, new_nodes):
+    """Align the two graphs node by node and check ops, wiring, arguments and predicted shapes.
+
+    The pruned graph may leave out view-like nodes that only re-layout data at the new sizes
+    (code that skips ``repeat_kv`` when one query head per kv head remains, say).
+    """
+    spaces = analysis.spaces
+
+    def predicted(node: fx.Node) -> list[int] | None:
+        dims = analysis.context.raw(node)
+        if dims is None or not all(isinstance(a, int) for a in dims):
+            return None
+        return [spaces.kept_size(a, masks) for a in dims]
+
+    def skippable(node: fx.Node) -> bool:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
+                or node.target.overloadpacket not in _RELAYOUT or not isinstance(node.args[0], fx.Node):
+            return False
+        out, src = predicted(node), predicted(node.args[0])
+        return out is not None and src is not None and prod(out) == prod(src)
+
+    new_nodes = list(new_gm.graph.nodes)
+    twin: dict[fx.Node, fx.Node] = {}
+    j = 0
+    for old in old_gm.graph.nodes:
+        new = new_nodes[j] if j < len(new_nodes) else None
         where = f"node {old.name} ({old.target}) in {(owner_chain(old) or ['the model'])[-1]}"
-        if old.op != new.op or (old.op == "call_function" and old.target != new.target):
-            raise _StructureDiffers(f"{where}: the pruned model runs {new.target} here instead")
+        if new is None or old.op != new.op or (old.op == "call_function" and old.target != new.target):
+            if skippable(old):
+                twin[old] = twin[old.args[0]]
+                continue
+            raise _StructureDiffers(f"{where}: the pruned model runs {new.target if new else 'nothing'} here "
+                                    "instead (its control flow depends on the pruned sizes)")
+        j += 1
+        twin[old] = new
         expect_args = _normalized(old, *_substituted(old, changed.get(old, {})))
         got = pytree.tree_leaves(_normalized(new, new.args, new.kwargs))
         want = pytree.tree_leaves(expect_args)
         same = len(got) == len(want) and all(
-            (old_pos[w] == new_pos[g]) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
+            (twin.get(w) is g) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
             else (not isinstance(g, fx.Node) and not isinstance(w, fx.Node) and _equal(w, g))
             for w, g in zip(want, got))
         if not same:
             raise ApplyError(f"{where}: expected arguments {_fmt(expect_args)} but the pruned model's forward "
-                             f"passes {_fmt((new.args, new.kwargs))}; a size or scale in its code is not "
-                             "derived from what was pruned")
-        dims = analysis.context.raw(old)
-        val = new.meta.get("val")
-        if isinstance(val, torch.Tensor) and dims is not None and all(isinstance(a, int) for a in dims):
-            expected = [analysis.spaces.kept_size(a, masks) for a in dims]
-            if list(val.shape) != expected:
-                raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
-                                 f"the plan predicts {expected}")
+                             f"passes {_fmt(_normalized(new, new.args, new.kwargs))}; a size or scale in its code "
+                             "is not derived from what was pruned")
+        val, expected = new.meta.get("val"), predicted(old)
+        if isinstance(val, torch.Tensor) and expected is not None and list(val.shape) != expected:
+            raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
+                             f"the plan predicts {expected}")
         if old.op == "call_function" and old.target in _BODY_HOPS:
             k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
             _compare_graphs(getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target),
                             analysis, masks, changed)
+    if j != len(new_nodes):
+        raise _StructureDiffers(f"the pruned model's graph has {len(new_nodes) - j} extra nodes "
+                                "(its control flow depends on the pruned sizes)")
 
 
 def _call(model: nn.Module, captured: CapturedGraph) -> Any:

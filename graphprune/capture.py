@@ -365,6 +365,11 @@ def _describe_failure(model: nn.Module, exc: Exception) -> str:
     torch_dir = os.path.dirname(torch.__file__)
     user = [f for f in frames if not f.filename.startswith((torch_dir, here, "<"))]
     where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}" if user else ""
+    text = str(exc)
+    marker = "The following call raised this error:"
+    if marker in text:  # torch.export names the user's line in the message, not the traceback
+        lines = [ln.strip() for ln in text.split(marker, 1)[1].strip().splitlines()[:2]]
+        where = f" at {lines[0]}: {lines[1]}" if len(lines) == 2 else where
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return (f"could not capture {type(model).__name__} with torch.export{where}\n"
             f"  {type(exc).__name__}: {first}\n"

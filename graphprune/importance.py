@@ -20,7 +20,11 @@ Criterion = Callable[[Analysis, Group, nn.Module], torch.Tensor]
 
 def _member_tensor(model: nn.Module, member: Member) -> torch.Tensor:
     owner, _, attr = member.name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr).detach()
+    tensor = getattr(model.get_submodule(owner) if owner else model, attr).detach()
+    if tensor.device.type == "meta":
+        raise InputError(f"{member.name} is on the meta device: weight-based importance needs real weights "
+                         "(pass importance=<callable> to score channels another way)")
+    return tensor
 
 
 def _scatter(analysis: Analysis, group: Group, member: Member, per_position: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,242 @@
+"""The public contract: gp.analyze, gp.prune, ChannelPrune options, pass order, recipes, bad input."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers as T
+
+import graphprune as gp
+from graphprune.passes import ChannelPrune
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from samples import resnet
+from tests.oracles import outputs
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return resnet.build()
+
+
+def test_prune_returns_smaller_model_with_same_interface(sample):
+    model, x = sample
+    result = gp.prune(model, x, passes=[ChannelPrune(ratio=0.5, round_to=8)])
+    assert result.module(*x).shape == model(*x).shape
+    assert result.stage is Stage.STRUCTURED
+    text = str(result.report)
+    assert "ChannelPrune" in text and "params" in text and "MACs" in text
+    row = result.report.rows[0]
+    assert row.params_after < row.params_before and row.macs_after < row.macs_before and row.seconds > 0
+
+
+def test_round_to_keeps_every_channel_count_a_multiple(sample):
+    model, x = sample
+    result = gp.prune(model, x, passes=[ChannelPrune(ratio=0.37, round_to=8)])
+    for m in result.module.modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels != 3:
+            assert m.in_channels % 8 == 0 and m.out_channels % 8 == 0, m
+
+
+def test_caller_model_untouched_unless_inplace(sample):
+    model, x = sample
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gp.prune(model, x, passes=[ChannelPrune(0.5)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    copy = resnet.build()[0]
+    result = gp.prune(copy, x, passes=[ChannelPrune(0.5)], inplace=True)
+    assert result.module is copy and copy.fc.in_features == 128
+
+
+def test_ignore_and_per_module_ratios(sample):
+    model, x = sample
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5, ignore=["layers.0"], ratios={"layers.7": 0.25})])
+    assert result.module.layers[0].conv1.out_channels == 32  # ignored
+    assert result.module.layers[7].conv1.out_channels == 192  # 256 * (1 - 0.25)
+    assert result.module.layers[3].conv1.out_channels == 32  # 64 * 0.5
+
+
+def test_global_ranking_respects_the_cap(sample):
+    model, x = sample
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5, global_ranking=True, max_ratio=0.6)])
+    before, after = gp.analyze(model, x), gp.analyze(result.module, x)
+    assert sum(g.size for g in after.groups) <= 0.51 * sum(g.size for g in before.groups)
+    assert all(m.out_channels >= 0.4 * o.out_channels - 1 for m, o in zip(result.module.modules(), model.modules())
+               if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale"])
+def test_importance_keeps_the_strongest_channels(criterion):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    strong = [1, 4, 6, 7]
+    with torch.no_grad():
+        scale = torch.full((8,), 0.01)
+        scale[strong] = 1.0
+        model[0].weight.mul_(scale[:, None, None, None])
+        model[1].weight.copy_(scale)
+        model[3].weight.mul_(scale[None, :, None, None])
+    x = torch.randn(1, 3, 4, 4)
+    result = gp.prune(model, (x,), passes=[ChannelPrune(0.5, importance=criterion)])
+    kept = result.module[1].weight.detach()
+    assert torch.allclose(kept, model[1].weight.detach()[strong])
+
+
+def test_keyword_inputs_and_hf_output_objects():
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+    model = T.BertModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (1, 6)), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    out = result.module(**inputs)
+    assert out.last_hidden_state.shape == (1, 6, 32) and out.pooler_output.shape == (1, 32)
+
+
+def test_meta_device_analysis_allocates_no_weights():
+    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = T.LlamaForCausalLM(cfg)
+    start = time.perf_counter()
+    analysis = gp.analyze(model, {"input_ids": torch.randint(0, 32000, (1, 16))})
+    assert time.perf_counter() - start < 60
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert len([g for g in analysis.groups if g.size == 11008]) == 32  # one MLP group per layer
+    assert len([g for g in analysis.groups if "heads" in g.tags]) == 32
+
+
+def test_meta_device_prune_is_verified_structurally():
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100)
+    with torch.device("meta"):
+        model = T.LlamaForCausalLM(cfg)
+    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    with pytest.raises(gp.InputError, match="meta device"):
+        gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    by_index = ChannelPrune(0.5, importance=lambda analysis, group, model: -torch.arange(group.size).double())
+    result = gp.prune(model, inputs, passes=[by_index])
+    assert result.module.model.layers[0].mlp.up_proj.weight.shape == (64, 32)
+    assert result.report.rows[0].output_error is None
+
+
+def test_head_dim_pruning_on_request_keeps_llama_consistent():
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100)
+    model = T.LlamaForCausalLM(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5, heads=False, head_dim=True)])
+    attn = result.module.model.layers[1].self_attn
+    assert attn.head_dim == 8 and attn.q_proj.out_features == 32 and attn.v_proj.out_features == 16
+    assert result.module.model.rotary_emb.inv_freq.shape == (4,)
+    assert outputs(result.module, inputs)[0].shape == (1, 8, 100)
+
+
+# ----------------------------------------------------------------- contracts
+class _FakeMask(Pass):
+    """A stand-in for a sparsity pass: it only moves the stage forward."""
+
+    accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
+    produces = Stage.MASKED
+
+    def call(self, state: CompressionState) -> PassResult:
+        state.stage = Stage.MASKED
+        return PassResult(state, False)
+
+
+def test_wrong_order_is_refused_before_anything_runs(sample):
+    model, x = sample
+    with pytest.raises(gp.ContractError, match="ChannelPrune runs on a dense, structured model"):
+        gp.prune(model, x, passes=[_FakeMask(), ChannelPrune(0.5)])
+
+
+def test_pass_that_breaks_its_promise_is_caught(sample):
+    class Liar(_FakeMask):
+        def call(self, state):
+            return PassResult(state, False)
+
+    with pytest.raises(gp.ContractError, match="should leave the model at stage 'masked'"):
+        gp.prune(*sample, passes=[Liar()])
+
+
+# --------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "half", True])
+def test_ratio_outside_range(ratio):
+    with pytest.raises(gp.InputError, match="ratio must be a number in \\[0, 1\\)"):
+        ChannelPrune(ratio)
+
+
+def test_bad_round_to():
+    with pytest.raises(gp.InputError, match="round_to"):
+        ChannelPrune(0.5, round_to=0)
+
+
+def test_unknown_module_name_suggests_close_ones(sample):
+    with pytest.raises(gp.InputError, match="no module named 'layer.0'.*did you mean"):
+        gp.prune(*sample, passes=[ChannelPrune(0.5, ignore=["layer.0"])])
+
+
+def test_non_tensor_inputs(sample):
+    model, _ = sample
+    with pytest.raises(gp.InputError, match="example input \\[0\\] is a str"):
+        gp.analyze(model, ("an image",))
+    with pytest.raises(gp.InputError, match="tuple of tensors or a dict"):
+        gp.analyze(model, [torch.randn(1, 3, 8, 8)])
+    with pytest.raises(gp.InputError, match="contain no tensor"):
+        gp.analyze(model, (None,))
+
+
+def test_not_a_module():
+    with pytest.raises(gp.InputError, match="must be a torch.nn.Module"):
+        gp.analyze(lambda x: x, (torch.randn(1),))
+
+
+def test_untraceable_model_names_the_line():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a tensor value
+                return x * 2
+            return x
+
+    with pytest.raises(gp.CaptureError, match="if x.sum\\(\\) > 0"):
+        gp.analyze(DataDependent(), (torch.randn(3),))
+
+
+def test_wrong_example_inputs_are_a_capture_error(sample):
+    model, _ = sample
+    with pytest.raises(gp.CaptureError, match="could not capture ResNet"):
+        gp.analyze(model, (torch.randn(1, 5, 32, 32),))
+
+
+def test_passes_xor_recipe(sample):
+    with pytest.raises(gp.InputError, match="exactly one"):
+        gp.prune(*sample)
+    with pytest.raises(gp.ContractError, match="not a graphprune pass"):
+        gp.prune(*sample, passes=["ChannelPrune"])
+
+
+# ------------------------------------------------------------------ recipes
+def test_recipe_file(tmp_path, sample):
+    path = tmp_path / "r.toml"
+    path.write_text('[[pass]]\nname = "ChannelPrune"\nratio = 0.5\nround_to = 8\n')
+    result = gp.prune(*sample, recipe=str(path))
+    assert result.module.fc.in_features == 128
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(gp.InputError, match="unknown pass 'Prune'"):
+        gp.load_recipe('[[pass]]\nname = "Prune"\n')
+    with pytest.raises(gp.InputError, match="unknown option\\(s\\) \\['raito'\\]"):
+        gp.load_recipe('[[pass]]\nname = "ChannelPrune"\nraito = 0.5\n')
+    with pytest.raises(gp.InputError, match="not valid TOML"):
+        gp.load_recipe("[[pass]\n")
+    with pytest.raises(gp.InputError, match="cannot read recipe"):
+        gp.load_recipe(str(tmp_path / "missing.toml"))
+
+
+def test_plan_round_trips_through_json(sample):
+    model, x = sample
+    analysis = gp.analyze(model, x)
+    plan = ChannelPrune(0.5).plan(analysis, model)
+    again = gp.Plan.from_json(plan.to_json())
+    assert again.keep == plan.keep

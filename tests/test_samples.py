@@ -1,0 +1,16 @@
+"""Every sample runs end to end and keeps its output shape."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+SAMPLES = ["resnet", "mobilenet", "densenet", "shufflenet", "vit"]
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_sample_runs(name, capsys):
+    importlib.import_module(f"samples.{name}").main()
+    out = capsys.readouterr().out
+    assert "graphprune report" in out and "prunable groups" in out
