@@ -19,7 +19,7 @@ import torch.nn as nn
 from graphprune.analysis import Analysis, Group
 from graphprune.apply import apply_plan
 from graphprune.errors import InputError
-from graphprune.importance import Criterion, criterion
+from graphprune.importance import GroupScore, Importance, LossFn, calibration_batches, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.plan import Plan
 
@@ -30,8 +30,10 @@ class ChannelPrune(Pass):
     Args:
         ratio: fraction of each group's channels to remove, in [0, 1).
         round_to: kept channel counts make every affected tensor dim a multiple of this.
-        importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"`` or a callable
-            ``(analysis, group, model) -> scores``.
+        importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``
+            (the last two need ``calibration=`` in ``gp.prune``; see :mod:`graphprune.importance`),
+            an :class:`~graphprune.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
+        loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         global_ranking: rank channels of all groups together (scores normalised per group)
             instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
         ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
@@ -45,7 +47,8 @@ class ChannelPrune(Pass):
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
     produces = Stage.STRUCTURED
 
-    def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Criterion = "l2",
+    def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Importance | GroupScore = "l2",
+                 loss_fn: LossFn | None = None,
                  global_ranking: bool = False, max_ratio: float = 0.9, ratios: dict[str, float] | None = None,
                  ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False) -> None:
         _check_ratio("ratio", ratio)
@@ -56,7 +59,7 @@ class ChannelPrune(Pass):
             raise InputError(f"round_to must be a positive integer, got {round_to!r}")
         self.ratio = float(ratio)
         self.round_to = round_to
-        self.importance = criterion(importance)
+        self.importance = resolve(importance, loss_fn)
         self.global_ranking = global_ranking
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
@@ -68,11 +71,11 @@ class ChannelPrune(Pass):
         return f"ChannelPrune(ratio={self.ratio}, round_to={self.round_to})"
 
     # ------------------------------------------------------------ planning
-    def plan(self, analysis: Analysis, model: nn.Module) -> Plan:
-        """Decide the kept channels of every group (does not modify ``model``)."""
+    def plan(self, analysis: Analysis, model: nn.Module, calibration: list | None = None) -> Plan:
+        """Decide the kept channels of every group (does not modify ``model``'s weights)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
-        scores = {g.id: self.importance(analysis, g, model) for g in candidates}
+        scores = self.importance.scores(analysis, model, candidates, calibration)
         targets = self._global_targets(candidates, scores) if self.global_ranking else {
             g.id: self._group_ratio(g) for g in candidates}
         plan = Plan()
@@ -148,7 +151,10 @@ class ChannelPrune(Pass):
     # --------------------------------------------------------------- pass
     def call(self, state: CompressionState) -> PassResult:
         analysis = state.analysis()
-        plan = self.plan(analysis, state.model)
+        calibration = None
+        if self.importance.needs_calibration:
+            calibration = calibration_batches(state.calibration, type(self.importance).__name__.lower())
+        plan = self.plan(analysis, state.model, calibration)
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
         state.stage = Stage.STRUCTURED

@@ -240,3 +240,66 @@ def test_plan_round_trips_through_json(sample):
     plan = ChannelPrune(0.5).plan(analysis, model)
     again = gp.Plan.from_json(plan.to_json())
     assert again.keep == plan.keep
+
+
+# --------------------------------------------------------- data-driven criteria
+def _digits_like(act=nn.ReLU):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4)).eval()
+    batches = [(torch.randn(8, 16),) for _ in range(4)]
+    return model, batches
+
+
+def test_activation_importance_prefers_channels_that_fire():
+    model, batches = _digits_like()
+    with torch.no_grad():
+        model[0].bias[:16] = -100.0  # the first 16 hidden channels never fire after the ReLU
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")], calibration=batches)
+    kept_bias = result.module[0].bias.detach()
+    assert bool((kept_bias > -50).all()), "a dead channel was kept"
+
+
+def test_taylor_importance_uses_the_loss():
+    model, batches = _digits_like(nn.Tanh)  # no dead units: only the zeroed channels score 0
+    with torch.no_grad():
+        model[4].weight[:, :16] = 0.0  # channels 0..15 of the last hidden layer cannot move the loss
+
+    def loss_fn(outputs, batch):
+        return outputs.pow(2).mean()
+
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="taylor", loss_fn=loss_fn)],
+                      calibration=batches)
+    assert torch.count_nonzero(result.module[4].weight) == result.module[4].weight.numel()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_criteria_that_need_data_say_so():
+    model, batches = _digits_like()
+    with pytest.raises(gp.InputError, match="needs calibration data"):
+        gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")])
+    with pytest.raises(gp.InputError, match="needs loss_fn"):
+        ChannelPrune(0.5, importance="taylor")
+    with pytest.raises(gp.InputError, match="calibration data is empty"):
+        gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")], calibration=[])
+    with pytest.raises(gp.InputError, match="calibration batch 1"):
+        gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")],
+                 calibration=[batches[0], "not a batch"])
+    with pytest.raises(gp.InputError, match="unknown importance criterion 'l3'"):
+        ChannelPrune(0.5, importance="l3")
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor"])
+def test_data_criteria_on_transformer_and_grouped_conv(criterion):
+    from tests import zoo
+    from tests.architectures import build
+
+    loss = (lambda out, batch: sum(t.float().pow(2).mean() for t in pytree_leaves(out)))
+    for model, inputs in (build("gpt2"), zoo.cases()["depthwise"]):
+        result = gp.prune(model, inputs, passes=[ChannelPrune(0.5, importance=criterion, loss_fn=loss)],
+                          calibration=[inputs, inputs])
+        assert result.report.params_after < result.report.params
+
+
+def pytree_leaves(out):
+    import torch.utils._pytree as pytree
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
