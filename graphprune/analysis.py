@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
-from graphprune.capture import CapturedGraph, ExampleInputs, capture, uses_for
+from graphprune.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.provenance import uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 
 _BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
@@ -165,6 +166,11 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         first = ctx.dims(placeholders[names[0]])
         for other in names[1:]:
             ctx.unify_all(first, ctx.dims(placeholders[other]), placeholders[other])
+    for node in ctx.parameter_nodes:
+        kind, name = captured.tensor_names[node.name]
+        if kind == "code_constant":
+            for atom in ctx.dims(node) or []:
+                solver.freeze(atom, FreezeReason("a tensor constant built inside forward cannot be resized", name))
     _couple_attribute_sizes(ctx, captured)
     _freeze_unsupported_modules(ctx, captured)
     for node in captured.user_inputs:
@@ -205,17 +211,65 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
 
 
 def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
-    """One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
-    one new value, so every space it sizes must keep the same count: couple them."""
-    by_attr: dict[tuple[str, str], list[int]] = defaultdict(list)
+    """Apply what provenance says about sizes written in the model's code.
+
+    * One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
+      one new value, so every space it sizes must keep the same count: couple them.
+    * A size computed as a product of attributes and ints is the product of the spaces those
+      attributes size (attributes that size nothing directly keep their value).
+    * Any other computed size cannot be rewritten: freeze its channels.
+    * An attribute whose value also feeds a computed number (a scale) must not change: freeze
+      every space it sizes.
+    """
+    solver = ctx.solver
+    direct: dict[tuple[str, str], list[int]] = defaultdict(list)
+    computed = []
     for c in ctx.constants:
-        if len(c.atoms) != 1 or c.base:
-            continue
         for use in uses_for(captured.attribute_uses, c.node, c.path):
-            by_attr[(use.owner, use.attr)].append(c.atoms[0])
-    for (owner, attr), atoms in by_attr.items():
+            if use.direct and len(c.atoms) == 1 and not c.base:
+                direct[use.attribute].append(c.atoms[0])
+            elif not use.direct:
+                computed.append((c, use))
+    for (owner, attr), atoms in direct.items():
         for other in atoms[1:]:
-            ctx.solver.unify(atoms[0], other, where=f"{owner}.{attr} sizes both")
+            solver.unify(atoms[0], other, where=f"{owner}.{attr} sizes both")
+    fixed: set[tuple[str, str]] = set()
+    for c, use in computed:
+        parts = _product_spaces(use, direct, solver, c.node.name) if len(c.atoms) == 1 and not c.base else None
+        if parts is not None:
+            solver.unify(c.atoms[0], solver.product(parts), where=f"{c.node.name}: size computed in forward")
+            continue
+        names = ", ".join(f"{o}.{a}" for o, a in sorted(use.sources))
+        for atom in c.atoms:
+            solver.freeze(atom, FreezeReason(f"size computed from {names} in forward", c.node.name))
+        fixed |= use.sources  # the expression would change with them
+    semantic = {s for u in captured.attribute_uses if u.path is None for s in u.sources}
+    for (owner, attr), atoms in direct.items():
+        if (owner, attr) in semantic | fixed:
+            for atom in atoms:
+                solver.freeze(atom, FreezeReason(f"{owner}.{attr} also enters a computed value "
+                                                 "(a scale, or a size graphprune cannot rewrite)"))
+
+
+def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[int] | None:
+    """Spaces whose product a computed size is: the spaces of its directly-sizing attributes, and
+    fixed (frozen) spaces for its ints and for at most one attribute that sizes nothing directly."""
+    if use.factors is None:
+        return None
+    known, unknown = 1, [f for f in use.factors if not isinstance(f, int) and f not in direct]
+    if len(unknown) > 1:
+        return None
+    for f in use.factors:
+        known *= f if isinstance(f, int) else solver.size(direct[f][0]) if f in direct else 1
+    parts = []
+    for f in use.factors:
+        if not isinstance(f, int) and f in direct:
+            parts.append(direct[f][0])
+            continue
+        fixed = solver.new(f if isinstance(f, int) else int(use.value) // known)
+        solver.freeze(fixed, FreezeReason("a fixed factor of a size computed in forward", where))
+        parts.append(fixed)
+    return parts
 
 
 # torch.nn modules whose forward checks sizes against attributes in ways no rule rewrites yet.

@@ -27,7 +27,8 @@ import torch.utils._pytree as pytree
 from torch.fx.operator_schemas import normalize_function
 
 from graphprune.analysis import Analysis, _BODY_HOPS
-from graphprune.capture import CapturedGraph, capture_call, owner_chain, uses_for
+from graphprune.capture import CapturedGraph, capture_call
+from graphprune.provenance import owner_chain, uses_for
 from graphprune.errors import ApplyError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
@@ -85,10 +86,11 @@ class _UndoLog:
 def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], undo: _UndoLog) -> None:
     holders = _tensor_holders(model)
     spaces = analysis.spaces
-    originals = {name: _get_tensor(model, name) for name in analysis.tensors}
+    originals = {name: _get_tensor(model, name) for name, (kind, _) in analysis.tensors.items()
+                 if kind != "code_constant"}  # those are frozen: nothing to shrink
     done: set[int] = set()
-    for name, (kind, dims) in analysis.tensors.items():
-        old = originals[name]
+    for name, old in originals.items():
+        dims = analysis.tensors[name][1]
         if id(old) in done:  # tied: the same tensor under another name, already replaced everywhere
             continue
         done.add(id(old))
@@ -187,7 +189,8 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
             continue
         for path, new in paths.items():
             for use in uses_for(uses, node, path):
-                wanted[(use.owner, use.attr)][new] = f"{node.name} {path}"
+                if use.direct:
+                    wanted[use.attribute][new] = f"{node.name} {path}"
     for name, module in modules.items():
         rule = rule_for(module)
         if rule is not None:

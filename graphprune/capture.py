@@ -7,10 +7,8 @@ every parameter by its module path, and works on ``meta``-device models.  ``torc
 shapes, which would need a second rule table for the same facts, and it fails on everything
 export fails on (data-dependent control flow) plus modern Hugging Face models.
 
-While tracing, the int attributes of user-defined modules are handed out as tagged ints, and a
-torch-function mode records which attribute (``self.num_heads``, ``self.head_dim`` ...) became
-which size argument of which op.  Pruning uses this provenance to rewrite exactly the
-attribute behind a shape constant, instead of guessing from values.
+While tracing, :mod:`graphprune.provenance` records which module attribute became which size
+argument of which op, so that pruning rewrites exactly the attribute behind a shape constant.
 """
 
 from __future__ import annotations
@@ -28,28 +26,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.overrides import TorchFunctionMode
 
 from graphprune.errors import CaptureError, InputError
+from graphprune.provenance import AttributeUse, recording_uses
 
 ExampleInputs = tuple[Any, ...] | dict[str, Any] | torch.Tensor
 
-
-
-@dataclass(frozen=True)
-class AttributeUse:
-    """An int attribute of a module (``owner.attr == value``) that became an argument of an ATen op.
-
-    ``path`` locates the argument (``("args", 1, 2)``: third entry of the size list); ``dim``
-    is the sliced dim for slices.  Pruning rewrites the attribute when that argument changes.
-    """
-
-    owner: str
-    attr: str
-    value: int
-    packets: tuple
-    path: tuple
-    dim: int | None = None
 
 
 @dataclass
@@ -59,7 +41,7 @@ class CapturedGraph:
     program: torch.export.ExportedProgram
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    tensor_names: dict[str, tuple[str, str]]  # placeholder name -> (kind, module path)
+    tensor_names: dict[str, tuple[str, str]]  # placeholder -> (parameter|buffer|constant|code_constant, path)
     user_inputs: list[fx.Node]
     outputs: list[fx.Node]
     attribute_uses: list[AttributeUse] = field(default_factory=list)
@@ -144,7 +126,7 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if device is not None and device.type == "meta":
         args, kwargs = to_device(args, device), to_device(kwargs, device)
     uses: list[AttributeUse] = []
-    with _eval_mode(model), _no_kv_cache(model), _recording_uses(model, uses):
+    with _eval_mode(model), _no_kv_cache(model), recording_uses(model, uses):
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # re-raised with the user's failing line
@@ -160,33 +142,16 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     outputs = [x for x in pytree.tree_leaves(output_node.args[0]) if isinstance(x, fx.Node)]
     by_tensor: dict[int, list[str]] = {}
-    for placeholder, (_kind, fqn) in tensor_names.items():
-        by_tensor.setdefault(id(_lookup(model, fqn)), []).append(placeholder)
+    for placeholder, (kind, fqn) in list(tensor_names.items()):
+        try:
+            tensor = _lookup(model, fqn)
+        except AttributeError:  # a tensor built inside forward (torch.tensor(...)): no attribute holds it
+            tensor_names[placeholder] = ("code_constant", fqn)
+            continue
+        by_tensor.setdefault(id(tensor), []).append(placeholder)
     tied = [ps for ps in by_tensor.values() if len(ps) > 1]
     return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs, uses, tied,
                          {name: type(m) for name, m in model.named_modules()})
-
-
-def owner_chain(node: fx.Node) -> list[str]:
-    """Module paths from the outermost to the module whose forward created ``node``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _cls in stack.values()]
-
-
-def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[AttributeUse]:
-    """The recorded attribute uses that produced argument ``path`` of ``node``."""
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return []
-    packet = node.target.overloadpacket
-    where, key, *rest = path
-    value = node.args[key] if where == "args" else node.kwargs[key]
-    old = value[rest[0]] if rest else value
-    rank = len(node.args[0].meta["val"].shape) if packet is torch.ops.aten.slice else 0
-    dim = (node.args[1] if len(node.args) > 1 else 0) if packet is torch.ops.aten.slice else None
-    owners = set(owner_chain(node))
-    return [u for u in uses
-            if u.path == path and u.value == old and packet in u.packets and u.owner in owners
-            and (u.dim is None or dim is None or u.dim % rank == dim % rank)]
 
 
 def _lookup(model: nn.Module, fqn: str) -> object:
@@ -217,146 +182,6 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         config.use_cache = True
-
-
-class _TaggedInt(int):
-    """An int attribute read during capture, remembering which module attribute it came from."""
-
-    owner: str
-    attr: str
-
-
-def _untag(x: Any) -> Any:
-    if type(x) is _TaggedInt:
-        return int(x)
-    if isinstance(x, (list, tuple)) and any(type(v) is _TaggedInt for v in x):
-        return type(x)(int(v) if type(v) is _TaggedInt else v for v in x) if not isinstance(x, torch.Size) \
-            else torch.Size(int(v) for v in x)
-    if isinstance(x, slice):
-        return slice(_untag(x.start), _untag(x.stop), _untag(x.step))
-    if isinstance(x, tuple):
-        return tuple(_untag(v) for v in x)
-    return x
-
-
-@functools.cache
-def _recording_class(cls: type) -> type:
-    def __getattribute__(self, name):  # noqa: N807 - the hook's name is fixed by Python
-        value = cls.__getattribute__(self, name)
-        state = _STATE.get()
-        if type(value) is int and state is not None and id(self) in state.paths:
-            tagged = _TaggedInt(value)
-            tagged.owner, tagged.attr = state.paths[id(self)], name
-            return tagged
-        return value
-    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
-
-
-@dataclass
-class _RecordingState:
-    paths: dict[int, str]
-    uses: list[AttributeUse]
-
-
-_STATE: contextvars.ContextVar[_RecordingState | None] = contextvars.ContextVar("graphprune_uses", default=None)
-
-
-class _UseRecorder(TorchFunctionMode):
-    """Notes every tagged int that reaches a size argument of a torch function, then calls it untagged."""
-
-    def __init__(self, state: _RecordingState) -> None:
-        super().__init__()
-        self.state = state
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if any(_has_tag(a) for a in args) or any(_has_tag(v) for v in kwargs.values()):
-            self.state.uses.extend(_uses_of(func, args, kwargs))
-            args = tuple(_untag(a) for a in args)
-            kwargs = {k: _untag(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-
-def _has_tag(x: Any) -> bool:
-    if type(x) is _TaggedInt:
-        return True
-    if isinstance(x, slice):
-        return any(type(v) is _TaggedInt for v in (x.start, x.stop, x.step))
-    if isinstance(x, (list, tuple)):
-        return any(_has_tag(v) for v in x)
-    return False
-
-
-def _uses_of(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
-    """Where each tagged int lands among the ATen op's arguments, for the functions that take sizes."""
-    aten = torch.ops.aten
-    out: list[AttributeUse] = []
-
-    def add(value: Any, packets: tuple, path: tuple, dim: int | None = None) -> None:
-        if type(value) is _TaggedInt:
-            out.append(AttributeUse(value.owner, value.attr, int(value), packets, path, dim))
-
-    def sizes(rest: tuple) -> list:
-        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-
-    shape_ops = {
-        torch.Tensor.view: (aten.view, aten._unsafe_view, aten.reshape),
-        torch.Tensor.reshape: (aten.reshape, aten.view, aten._unsafe_view),
-        torch.reshape: (aten.reshape, aten.view, aten._unsafe_view),
-        torch.Tensor.expand: (aten.expand,),
-        torch.Tensor.repeat: (aten.repeat,),
-        torch.Tensor.new_zeros: (aten.new_zeros,), torch.Tensor.new_ones: (aten.new_ones,),
-        torch.Tensor.new_empty: (aten.new_empty,),
-    }
-    if func in shape_ops:
-        for k, v in enumerate(sizes(args[1:] or (kwargs.get("size") or kwargs.get("shape") or (),))):
-            add(v, shape_ops[func], ("args", 1, k))
-    elif func in (torch.zeros, torch.ones, torch.empty, torch.randn, torch.rand):
-        for k, v in enumerate(sizes(args)):
-            add(v, (getattr(aten, func.__name__),), ("args", 0, k))
-    elif func in (torch.split, torch.Tensor.split):
-        split = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
-        if isinstance(split, (list, tuple)):
-            for k, v in enumerate(split):
-                add(v, (aten.split_with_sizes, aten.split), ("args", 1, k))
-        else:
-            add(split, (aten.split,), ("args", 1))
-    elif func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
-        add(args[1] if len(args) > 1 else kwargs.get("repeats"), (aten.repeat_interleave,), ("args", 1))
-    elif func is torch.Tensor.__getitem__:
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if not any(i is None for i in index):
-            after = index.index(Ellipsis) if Ellipsis in index else None
-            for k, item in enumerate(index):
-                if isinstance(item, slice) and item.step is None:
-                    dim = k if after is None or k < after else k - len(index)
-                    add(item.start, (aten.slice,), ("args", 2), dim)
-                    add(item.stop, (aten.slice,), ("args", 3), dim)
-    return out
-
-
-@contextlib.contextmanager
-def _recording_uses(model: nn.Module, uses: list[AttributeUse]) -> Iterator[None]:
-    """Tag the int attributes of user-defined modules while tracing (classes restored after)."""
-    swapped: list[tuple[nn.Module, type]] = []
-    paths: dict[int, str] = {}
-    for name, m in model.named_modules():
-        cls = type(m)
-        if cls.__module__.startswith("torch."):
-            continue  # torch.nn modules have explicit attribute rules
-        object.__setattr__(m, "__class__", _recording_class(cls))
-        swapped.append((m, cls))
-        paths[id(m)] = name
-    state = _RecordingState(paths, uses)
-    token = _STATE.set(state)
-    try:
-        with _UseRecorder(state):
-            yield
-    finally:
-        _STATE.reset(token)
-        for m, cls in swapped:
-            object.__setattr__(m, "__class__", cls)
 
 
 def _describe_failure(model: nn.Module, exc: Exception) -> str:

@@ -144,11 +144,54 @@ def test_multihead_attention_is_frozen_with_its_reason():
 
 
 def test_one_attribute_sizing_several_spaces_couples_them():
-    """LLaMA-style code sizes q, k and v heads with one head_dim: head-dim pruning must agree."""
-    model, inputs = CASES["gqa_sdpa"]
+    """Code that sizes q, k and v heads with one head_dim: head-dim pruning must agree across them."""
+    model, inputs = CASES["repeat_interleave_kv"]
     analysis = gp.analyze(model, inputs)
-    dims = [g for g in analysis.groups if "head_dim" in g.tags]
-    assert len(dims) == 1 and {("q.weight", 0), ("v.weight", 0)} <= _members(analysis, dims[0])
+    dims = [g for g in analysis.groups if ("v.weight", 0) in _members(analysis, g) and "head_dim" in g.tags]
+    assert len(dims) == 1 and ("q.weight", 0) in _members(analysis, dims[0])
+
+
+def test_attribute_that_also_sets_the_scale_freezes_what_it_sizes():
+    model, inputs = CASES["gqa_sdpa"]  # scale=self.head_dim ** -0.5
+    analysis = gp.analyze(model, inputs)
+    assert not [g for g in analysis.groups if "head_dim" in g.tags]
+    assert any("head_dim also enters a computed value" in str(f.reason) for f in analysis.frozen)
+
+
+class _Computed(nn.Module):
+    """LeViT-style: value heads are ``ratio * key_dim`` wide, computed in forward."""
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__()
+        self.heads, self.key_dim, self.ratio, self.shift = 2, 4, 2, shift
+        self.qkv, self.out = nn.Linear(8, 2 * (4 + 4 + 8 + shift)), nn.Linear(2 * (8 + shift), 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        v_dim = self.ratio * self.key_dim + self.shift if self.shift else self.ratio * self.key_dim
+        q, k, v = self.qkv(x).view(b, t, self.heads, -1).transpose(1, 2).split(
+            [self.key_dim, self.key_dim, v_dim], dim=3)
+        y = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_size_computed_as_a_product_follows_its_factors():
+    model, x = _Computed().eval(), torch.randn(2, 3, 8)
+    analysis = gp.analyze(model, (x,))
+    key_dim = [g for g in analysis.groups if "head_dim" in g.tags and g.size == 4]
+    assert key_dim, analysis.describe()
+    result = gp.prune(model, (x,), passes=[ChannelPrune(0.5, heads=False, head_dim=True)])
+    assert result.module.key_dim == 2 and result.module.out.in_features == 2 * 2 * 2  # heads x ratio x key_dim
+    assert result.module(x).shape == (2, 3, 8)
+
+
+def test_size_computed_otherwise_is_frozen_not_guessed():
+    model, x = _Computed(shift=1).eval(), torch.randn(2, 3, 8)
+    analysis = gp.analyze(model, (x,))
+    assert any("size computed from" in str(f.reason) and "shift" in str(f.reason) for f in analysis.frozen)
+    assert not [g for g in analysis.groups if "head_dim" in g.tags]  # key_dim enters that expression
+    result = gp.prune(model, (x,), passes=[ChannelPrune(0.5, head_dim=True)])
+    assert result.module(x).shape == (2, 3, 8)
 
 
 def test_a_size_the_code_cannot_produce_is_refused_and_the_model_kept():

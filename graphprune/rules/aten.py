@@ -47,7 +47,7 @@ def _pointwise(ctx: RuleContext, node: fx.Node) -> None:
 
 R.pointwise = _pointwise
 R.register(aten.__and__, aten.__or__, aten.__xor__, aten.masked_fill, aten.hardswish, aten.hardswish_,
-           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as)(_pointwise)
+           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as, aten.where)(_pointwise)
 
 
 @R.register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
@@ -369,6 +369,38 @@ def index(ctx: RuleContext, node: fx.Node) -> None:
         ctx.freeze(out[j], "advanced indexing creates these dims", node)
 
 
+@R.register(aten.gather)
+def gather(ctx: RuleContext, node: fx.Node) -> None:
+    """out[..i..] = x[..index[..i..]..] along ``dim``; every other position is read where it is written."""
+    x, index, out = ctx.dims(node.args[0]), ctx.dims(node.args[2]), ctx.out(node)
+    dim = _nd(node.args[1], len(x))
+    ctx.freeze(x[dim], "gather reads positions chosen by data", node)
+    ctx.freeze(out[dim], "gather reads positions chosen by data", node)
+    ctx.unify_all(index, out, node)
+    for i in range(len(x)):
+        if i != dim and ctx.solver.size(x[i]) == ctx.solver.size(out[i]):
+            ctx.unify(x[i], out[i], node)
+
+
+@R.register(aten.diff)
+def diff(ctx: RuleContext, node: fx.Node) -> None:
+    """Differences of neighbours along ``dim``: positions along it mix, the other dims map through."""
+    x, out = ctx.dims(node.args[0]), ctx.out(node)
+    dim = _nd(arg(node, 2, "dim", -1)[0], len(x))
+    ctx.freeze(x[dim], "diff mixes neighbouring positions", node)
+    ctx.freeze(out[dim], "diff mixes neighbouring positions", node)
+    extras = [ctx.dims(arg(node, 3, "prepend")[0]), ctx.dims(arg(node, 4, "append")[0])]
+    for i in range(len(x)):
+        if i != dim:
+            ctx.unify(x[i], out[i], node)
+            for e in extras:
+                if e is not None and ctx.solver.size(e[i]) == ctx.solver.size(out[i]) != 1:
+                    ctx.unify(e[i], out[i], node)
+    for e in extras:
+        if e is not None:
+            ctx.freeze(e[dim], "diff mixes neighbouring positions", node)
+
+
 @R.register(aten.embedding)
 def embedding(ctx: RuleContext, node: fx.Node) -> None:
     weight, ids, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
@@ -413,7 +445,15 @@ def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out
             s.tag(d, "heads")
 
 
+_VIEWS = (aten.t, aten.numpy_T, aten.mT, aten.transpose, aten.permute, aten.view, aten.reshape, aten._unsafe_view, aten.alias,
+          aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.unsqueeze, aten.expand, aten.detach)
+
+
 def _is_activation(ctx: RuleContext, x) -> bool:
+    """True unless ``x`` is a parameter, possibly seen through views (``x @ self.weight.T``)."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and isinstance(x.target, torch._ops.OpOverload) \
+            and x.target.overloadpacket in _VIEWS:
+        x = x.args[0]
     return isinstance(x, fx.Node) and x not in ctx.parameter_nodes
 
 

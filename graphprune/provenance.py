@@ -1,0 +1,311 @@
+"""Provenance of sizes: which module attribute produced which op argument.
+
+While a model is captured, the int attributes of its user-defined modules are handed out as
+:class:`_Tagged` ints.  Arithmetic on them yields :class:`_Derived` values that remember every
+attribute involved.  A torch-function mode sees each torch call before it is traced and records:
+
+* a tagged int in a size argument (``x.view(b, t, self.num_heads, self.head_dim)``): a *direct*
+  use.  Pruning rewrites that attribute, and every space one attribute sizes must keep one count;
+* a derived int in a size argument: a *computed* size.  When it is a product of attributes and
+  ints (``self.num_heads * self.head_dim``) its space is coupled to the product of the spaces
+  those attributes size (an attribute that sizes nothing directly keeps its value); any other
+  expression cannot be rewritten, so its channels are frozen;
+* a derived value anywhere else (``self.head_dim ** -0.5`` as a scale): the attributes involved
+  mean something beyond a size, so the spaces they size are frozen.
+
+Values are untagged before the call proceeds, so tracing sees plain Python numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+Source = tuple[str, str]  # (module path, attribute name)
+
+
+@dataclass(frozen=True)
+class AttributeUse:
+    """A tagged or derived number that reached a torch call.
+
+    ``path`` locates the ATen argument it became (``("args", 1, 2)``: third entry of the size
+    list) for size arguments, and is None for any other argument; ``dim`` is the sliced dim for
+    slices.  ``sources`` are the attributes it came from; ``direct`` says it is one attribute
+    read unchanged.
+    """
+
+    sources: frozenset[Source]
+    direct: bool
+    value: Any
+    packets: tuple = ()
+    path: tuple | None = None
+    dim: int | None = None
+    factors: tuple | None = None  # the value as a product of attributes and ints, if it is one
+
+    @property
+    def attribute(self) -> Source:
+        (source,) = self.sources
+        return source
+
+
+class _Tracked:
+    """Arithmetic that keeps the set of source attributes, and the product it is, if it is one."""
+
+    sources: frozenset[Source]
+    factors: tuple | None
+
+
+def _sources(x: Any) -> frozenset[Source]:
+    return x.sources if isinstance(x, _Tracked) else frozenset()
+
+
+def _factors(x: Any) -> tuple | None:
+    if isinstance(x, _Tracked):
+        return x.factors
+    return (x,) if type(x) is int else None
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, _Tracked):
+        return int(x) if isinstance(x, int) else float(x)
+    return x
+
+
+def _derive(value: Any, sources: frozenset[Source], factors: tuple | None = None) -> Any:
+    if not sources or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        out: Any = _DerivedInt(value)
+    elif isinstance(value, float):
+        out = _DerivedFloat(value)
+    else:
+        return value
+    out.sources, out.factors = sources, factors if isinstance(value, int) else None
+    return out
+
+
+def _binary(op):
+    def combined(a, b):
+        fa, fb = _factors(a), _factors(b)
+        factors = fa + fb if op is operator.mul and fa is not None and fb is not None else None
+        return _derive(op(_plain(a), _plain(b)), _sources(a) | _sources(b), factors)
+
+    def forward(self, other):
+        return combined(self, other)
+
+    def reflected(self, other):
+        return combined(other, self)
+    return forward, reflected
+
+
+def _with_arithmetic(cls: type) -> type:
+    for name, op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                     ("floordiv", operator.floordiv), ("truediv", operator.truediv), ("mod", operator.mod),
+                     ("pow", operator.pow)):
+        forward, reflected = _binary(op)
+        setattr(cls, f"__{name}__", forward)
+        setattr(cls, f"__r{name}__", reflected)
+    cls.__neg__ = lambda self: _derive(-_plain(self), _sources(self))
+    return cls
+
+
+@_with_arithmetic
+class _Tagged(_Tracked, int):
+    """An int attribute read during capture."""
+
+
+@_with_arithmetic
+class _DerivedInt(_Tracked, int):
+    """An int computed from tagged attributes."""
+
+
+@_with_arithmetic
+class _DerivedFloat(_Tracked, float):
+    """A float computed from tagged attributes."""
+
+
+def _untag(x: Any) -> Any:
+    if isinstance(x, _Tracked):
+        return _plain(x)
+    if isinstance(x, slice):
+        return slice(_untag(x.start), _untag(x.stop), _untag(x.step))
+    if isinstance(x, torch.Size):
+        return torch.Size(_untag(v) for v in x)
+    if isinstance(x, (list, tuple)) and _has_tracked(x):
+        return type(x)(_untag(v) for v in x)
+    return x
+
+
+def _has_tracked(x: Any) -> bool:
+    if isinstance(x, _Tracked):
+        return True
+    if isinstance(x, slice):
+        return any(isinstance(v, _Tracked) for v in (x.start, x.stop, x.step))
+    if isinstance(x, (list, tuple)):
+        return any(_has_tracked(v) for v in x)
+    return False
+
+
+def _leaves(x: Any) -> Iterator[Any]:
+    if isinstance(x, slice):
+        yield from (x.start, x.stop, x.step)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+# -------------------------------------------------------------- recording
+@functools.cache
+def _recording_class(cls: type) -> type:
+    def __getattribute__(self, name):  # noqa: N807 - the hook's name is fixed by Python
+        value = cls.__getattribute__(self, name)
+        state = _STATE.get()
+        if type(value) is int and state is not None and id(self) in state.paths:
+            return _derive_tagged(value, (state.paths[id(self)], name))
+        return value
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def _derive_tagged(value: int, source: Source) -> _Tagged:
+    tagged = _Tagged(value)
+    tagged.sources, tagged.factors = frozenset({source}), (source,)
+    return tagged
+
+
+@dataclass
+class _RecordingState:
+    paths: dict[int, str]
+    uses: list[AttributeUse]
+
+
+_STATE: contextvars.ContextVar[_RecordingState | None] = contextvars.ContextVar("graphprune_uses", default=None)
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Notes where tracked numbers reach torch functions, then calls them with plain numbers."""
+
+    def __init__(self, state: _RecordingState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _has_tracked(args) or _has_tracked(tuple(kwargs.values())):
+            sized = _size_uses(func, args, kwargs)
+            self.state.uses.extend(sized)
+            placed = {id(u.value) for u in sized}
+            for leaf in _leaves((args, tuple(kwargs.values()))):
+                if isinstance(leaf, _Tracked) and id(leaf) not in placed and not type(leaf) is _Tagged:
+                    self.state.uses.append(AttributeUse(leaf.sources, False, leaf))
+            args = tuple(_untag(a) for a in args)
+            kwargs = {k: _untag(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _size_uses(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
+    """Where each tracked int lands among the ATen op's size arguments, for functions that take sizes."""
+    out: list[AttributeUse] = []
+
+    def add(value: Any, packets: tuple, path: tuple, dim: int | None = None) -> None:
+        if isinstance(value, _Tracked) and isinstance(value, int):
+            out.append(AttributeUse(value.sources, type(value) is _Tagged, value, packets, path, dim, value.factors))
+
+    def sizes(rest: tuple) -> list:
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+    shape_ops = {
+        torch.Tensor.view: (aten.view, aten._unsafe_view, aten.reshape),
+        torch.Tensor.reshape: (aten.reshape, aten.view, aten._unsafe_view),
+        torch.reshape: (aten.reshape, aten.view, aten._unsafe_view),
+        torch.Tensor.expand: (aten.expand,),
+        torch.Tensor.repeat: (aten.repeat,),
+        torch.Tensor.new_zeros: (aten.new_zeros,), torch.Tensor.new_ones: (aten.new_ones,),
+        torch.Tensor.new_empty: (aten.new_empty,),
+    }
+    if func in shape_ops:
+        for k, v in enumerate(sizes(args[1:] or (kwargs.get("size") or kwargs.get("shape") or (),))):
+            add(v, shape_ops[func], ("args", 1, k))
+    elif func in (torch.zeros, torch.ones, torch.empty, torch.randn, torch.rand):
+        for k, v in enumerate(sizes(args)):
+            add(v, (getattr(aten, func.__name__),), ("args", 0, k))
+    elif func in (torch.split, torch.Tensor.split):
+        split = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+        if isinstance(split, (list, tuple)):
+            for k, v in enumerate(split):
+                add(v, (aten.split_with_sizes, aten.split), ("args", 1, k))
+        else:
+            add(split, (aten.split,), ("args", 1))
+    elif func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
+        add(args[1] if len(args) > 1 else kwargs.get("repeats"), (aten.repeat_interleave,), ("args", 1))
+    elif func is torch.Tensor.__getitem__:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if not any(i is None for i in index):
+            after = index.index(Ellipsis) if Ellipsis in index else None
+            for k, item in enumerate(index):
+                if isinstance(item, slice) and item.step is None:
+                    dim = k if after is None or k < after else k - len(index)
+                    add(item.start, (aten.slice,), ("args", 2), dim)
+                    add(item.stop, (aten.slice,), ("args", 3), dim)
+    return out
+
+
+@contextlib.contextmanager
+def recording_uses(model: nn.Module, uses: list[AttributeUse]) -> Iterator[None]:
+    """Tag the int attributes of user-defined modules while tracing (classes restored after)."""
+    swapped: list[tuple[nn.Module, type]] = []
+    paths: dict[int, str] = {}
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls.__module__.startswith("torch."):
+            continue  # torch.nn modules have explicit attribute rules
+        object.__setattr__(m, "__class__", _recording_class(cls))
+        swapped.append((m, cls))
+        paths[id(m)] = name
+    state = _RecordingState(paths, uses)
+    token = _STATE.set(state)
+    try:
+        with _UseRecorder(state):
+            yield
+    finally:
+        _STATE.reset(token)
+        for m, cls in swapped:
+            object.__setattr__(m, "__class__", cls)
+
+
+# ---------------------------------------------------------------- queries
+def owner_chain(node: fx.Node) -> list[str]:
+    """Module paths from the outermost to the module whose forward created ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _cls in stack.values()]
+
+
+def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[AttributeUse]:
+    """The recorded size uses (direct or computed) that produced argument ``path`` of ``node``."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    packet = node.target.overloadpacket
+    where, key, *rest = path
+    value = node.args[key] if where == "args" else node.kwargs[key]
+    old = value[rest[0]] if rest else value
+    is_slice = packet is aten.slice
+    rank = len(node.args[0].meta["val"].shape) if is_slice else 0
+    dim = (node.args[1] if len(node.args) > 1 else 0) if is_slice else None
+    owners = set(owner_chain(node))
+    return [u for u in uses
+            if u.path == path and int(u.value) == old and packet in u.packets
+            and any(owner in owners for owner, _ in u.sources)
+            and (u.dim is None or dim is None or u.dim % rank == dim % rank)]
