@@ -21,12 +21,14 @@ size) can never create a cycle.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from math import prod
 
 import torch
 
 PROD = "prod"
 CAT = "cat"
+_NEUTRAL = {PROD: 1, CAT: 0}  # the size of a factor / part that adds nothing
 
 
 @dataclass(frozen=True)
@@ -131,41 +133,39 @@ class SpaceSolver:
 
     def product(self, atoms: list[int]) -> int:
         """An atom that is the row-major product of ``atoms`` (size-1 factors dropped)."""
-        factors = tuple(a for a in atoms if self._size[a] != 1)
-        if not factors:
-            return self.new(1)
-        if len(factors) == 1:
-            return factors[0]
-        atom = self.new(prod(self._size[a] for a in factors))
-        self._definition[atom] = Definition(PROD, factors)
-        return atom
+        return self._compose(PROD, atoms)
 
     def concat(self, atoms: list[int]) -> int:
         """An atom that is the concatenation of ``atoms`` (empty parts dropped)."""
-        parts = tuple(a for a in atoms if self._size[a] != 0)
-        if not parts:
-            return self.new(0)
-        if len(parts) == 1:
-            return parts[0]
-        atom = self.new(sum(self._size[a] for a in parts))
-        self._definition[atom] = Definition(CAT, parts)
-        return atom
+        return self._compose(CAT, atoms)
 
     def factors(self, atom: int, sizes: list[int], where: str = "") -> list[int]:
         """Atoms ``f`` with ``atom == product(f)`` and ``size(f[i]) == sizes[i]``, refining as needed."""
         assert prod(sizes) == self._size[atom], (sizes, self._size[atom])
-        wanted = [s for s in sizes if s != 1]
-        result = self._factors(atom, wanted, where)
-        it = iter(result)
-        return [self.new(1) if s == 1 else next(it) for s in sizes]
+        return self._decompose(PROD, atom, sizes, where)
 
     def parts(self, atom: int, sizes: list[int], where: str = "") -> list[int]:
         """Atoms ``p`` with ``atom == concat(p)`` and ``size(p[i]) == sizes[i]``, refining as needed."""
         assert sum(sizes) == self._size[atom], (sizes, self._size[atom])
-        wanted = [s for s in sizes if s != 0]
-        result = self._parts(atom, wanted, where)
-        it = iter(result)
-        return [self.new(0) if s == 0 else next(it) for s in sizes]
+        return self._decompose(CAT, atom, sizes, where)
+
+    def _compose(self, kind: str, atoms: list[int]) -> int:
+        neutral = _NEUTRAL[kind]
+        children = tuple(a for a in atoms if self._size[a] != neutral)
+        if not children:
+            return self.new(neutral)
+        if len(children) == 1:
+            return children[0]
+        sizes = [self._size[a] for a in children]
+        atom = self.new(prod(sizes) if kind == PROD else sum(sizes))
+        self._definition[atom] = Definition(kind, children)
+        return atom
+
+    def _decompose(self, kind: str, atom: int, sizes: list[int], where: str) -> list[int]:
+        neutral = _NEUTRAL[kind]
+        split = self._factors if kind == PROD else self._parts
+        it = iter(split(atom, [s for s in sizes if s != neutral], where))
+        return [self.new(neutral) if s == neutral else next(it) for s in sizes]
 
     # --------------------------------------------------------------- internals
     def _conflict(self, atoms: tuple[int, ...], why: str, where: str) -> None:
@@ -191,7 +191,7 @@ class SpaceSolver:
         if sizes_l == sizes_r:
             return left, right
         if kind == CAT:
-            bounds = sorted(set(_cumsum(sizes_l)) | set(_cumsum(sizes_r)))
+            bounds = sorted(set(accumulate(sizes_l)) | set(accumulate(sizes_r)))
             pieces = [b - a for a, b in zip([0] + bounds[:-1], bounds)]
             total = self.concat(left)
             other = self.concat(right)
@@ -201,16 +201,22 @@ class SpaceSolver:
             return None
         return self._factors(self.product(left), common, where), self._factors(self.product(right), common, where)
 
-    def _factors(self, atom: int, sizes: list[int], where: str) -> list[int]:
+    def _refine_trivially(self, kind: str, atom: int, sizes: list[int]) -> tuple[int, list[int] | None]:
+        """The cases that need no alignment: nothing to split, or a leaf that simply gets children."""
         root = self.find(atom)
         if len(sizes) <= 1:
-            return [root] if sizes else []
-        d = self._definition[root]
-        if d is None:
+            return root, [root] if sizes else []
+        if self._definition[root] is None:
             children = tuple(self.new(s) for s in sizes)
-            self._definition[root] = Definition(PROD, children)
-            return list(children)
-        if d.kind == CAT:
+            self._definition[root] = Definition(kind, children)
+            return root, list(children)
+        return root, None
+
+    def _factors(self, atom: int, sizes: list[int], where: str) -> list[int]:
+        root, done = self._refine_trivially(PROD, atom, sizes)
+        if done is not None:
+            return done
+        if self._definition[root].kind == CAT:
             return self._fresh_frozen(root, sizes, "a concatenated space is reshaped into a product", where)
         pending = self._flatten(root, PROD)
         out: list[int] = []
@@ -236,15 +242,10 @@ class SpaceSolver:
         return out
 
     def _parts(self, atom: int, sizes: list[int], where: str) -> list[int]:
-        root = self.find(atom)
-        if len(sizes) <= 1:
-            return [root] if sizes else []
-        d = self._definition[root]
-        if d is None:
-            children = tuple(self.new(s) for s in sizes)
-            self._definition[root] = Definition(CAT, children)
-            return list(children)
-        if d.kind == PROD:
+        root, done = self._refine_trivially(CAT, atom, sizes)
+        if done is not None:
+            return done
+        if self._definition[root].kind == PROD:
             outer, *inner = self._flatten(root, PROD)
             inner_size = prod(self._size[a] for a in inner)
             if any(s % inner_size for s in sizes):
@@ -330,32 +331,38 @@ class Spaces:
     def leaves(self, atom: int) -> list[int]:
         return self.solver.leaves(atom)
 
-    def keep_mask(self, atom: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Bool mask over the channels of ``atom`` given a bool keep-mask per leaf (absent = keep all)."""
-        s = self.solver
-        root = s.find(atom)
-        d = s._definition[root]
+    def _fold(self, atom: int, at_leaf, join, outer):
+        """Evaluate a definition tree: leaves by ``at_leaf``, concatenations by ``join``, products
+        row-major by ``outer`` applied pairwise from the outermost factor."""
+        root = self.solver.find(atom)
+        d = self.solver._definition[root]
         if d is None:
-            mask = keep.get(root)
-            return torch.ones(s.size(root), dtype=torch.bool) if mask is None else mask
-        masks = [self.keep_mask(c, keep) for c in d.children]
+            return at_leaf(root)
+        values = [self._fold(c, at_leaf, join, outer) for c in d.children]
         if d.kind == CAT:
-            return torch.cat(masks)
-        out = masks[0]
-        for m in masks[1:]:
-            out = (out[:, None] & m[None, :]).reshape(-1)
+            return join(values)
+        out = values[0]
+        for v in values[1:]:
+            out = outer(out, v)
         return out
 
+    def keep_mask(self, atom: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Bool mask over the channels of ``atom`` given a bool keep-mask per leaf (absent = keep all)."""
+        size = self.solver.size
+        return self._fold(atom, lambda leaf: keep[leaf] if leaf in keep else torch.ones(size(leaf), dtype=torch.bool),
+                          torch.cat, lambda a, b: (a[:, None] & b[None, :]).reshape(-1))
+
     def kept_size(self, atom: int, keep: dict[int, torch.Tensor]) -> int:
-        """Channels of ``atom`` that remain, computed without materialising masks where possible."""
-        s = self.solver
-        root = s.find(atom)
-        d = s._definition[root]
-        if d is None:
-            mask = keep.get(root)
-            return s.size(root) if mask is None else int(mask.sum())
-        sizes = [self.kept_size(c, keep) for c in d.children]
-        return prod(sizes) if d.kind == PROD else sum(sizes)
+        """Channels of ``atom`` that remain."""
+        size = self.solver.size
+        return self._fold(atom, lambda leaf: int(keep[leaf].sum()) if leaf in keep else size(leaf),
+                          sum, lambda a, b: a * b)
+
+    def leaf_index(self, atom: int, leaf: int) -> torch.Tensor:
+        """For each channel of ``atom``, the index of the ``leaf`` channel it belongs to (-1: none)."""
+        size = self.solver.size
+        return self._fold(atom, lambda x: torch.arange(size(x)) if x == leaf else torch.full((size(x),), -1),
+                          torch.cat, lambda a, b: torch.maximum(a[:, None], b[None, :]).reshape(-1))
 
     def cofactor(self, atom: int, leaf: int) -> int | None:
         """``size(atom) / size(leaf)`` when ``atom`` is a pure product containing ``leaf`` once, else None."""
@@ -371,31 +378,6 @@ class Spaces:
             return None
         inner = self.cofactor(found[0], leaf)
         return None if inner is None else inner * (s.size(root) // s.size(found[0]))
-
-    def leaf_index(self, atom: int, leaf: int) -> torch.Tensor:
-        """For each channel of ``atom``, the index of the ``leaf`` channel it belongs to (-1: none)."""
-        s = self.solver
-        root = s.find(atom)
-        if root == leaf:
-            return torch.arange(s.size(root))
-        d = s._definition[root]
-        if d is None:
-            return torch.full((s.size(root),), -1, dtype=torch.long)
-        idx = [self.leaf_index(c, leaf) for c in d.children]
-        if d.kind == CAT:
-            return torch.cat(idx)
-        out = idx[0]
-        for i in idx[1:]:
-            out = torch.maximum(out[:, None], i[None, :]).reshape(-1)
-        return out
-
-
-def _cumsum(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes:
-        total += s
-        out.append(total)
-    return out
 
 
 def _common_radix(left: list[int], right: list[int]) -> list[int] | None:
