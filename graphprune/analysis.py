@@ -24,7 +24,7 @@ from graphprune.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.provenance import uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 
-_BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
+BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,10 @@ def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
 
 
 def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[int] | None:
-    """Spaces whose product a computed size is: the spaces of its directly-sizing attributes, and
-    fixed (frozen) spaces for its ints and for at most one attribute that sizes nothing directly."""
+    """Spaces whose product a computed size is: the spaces of its directly-sizing attributes, a
+    fixed (frozen) space for at most one attribute that sizes nothing directly (it keeps its value),
+    and an unconstrained space for each plain int (it may come from a tensor's shape, which follows
+    the pruning by itself, or be a literal, which verification would catch)."""
     if use.factors is None:
         return None
     known, unknown = 1, [f for f in use.factors if not isinstance(f, int) and f not in direct]
@@ -263,12 +265,14 @@ def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[
         known *= f if isinstance(f, int) else solver.size(direct[f][0]) if f in direct else 1
     parts = []
     for f in use.factors:
-        if not isinstance(f, int) and f in direct:
+        if isinstance(f, int):
+            parts.append(solver.new(f))
+        elif f in direct:
             parts.append(direct[f][0])
-            continue
-        fixed = solver.new(f if isinstance(f, int) else int(use.value) // known)
-        solver.freeze(fixed, FreezeReason("a fixed factor of a size computed in forward", where))
-        parts.append(fixed)
+        else:
+            fixed = solver.new(int(use.value) // known)
+            solver.freeze(fixed, FreezeReason(f"{f[0]}.{f[1]} is a fixed factor of a size computed in forward", where))
+            parts.append(fixed)
     return parts
 
 
@@ -333,7 +337,7 @@ def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
         src = ctx.raw(node.args[0])
         ctx.bind(node, src[node.args[1]] if isinstance(src, list) else None)
         return
-    if target in _BODY_HOPS:
+    if target in BODY_HOPS:
         k = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
         body = getattr(gm, node.args[k].target)
         operands = [ctx.raw(a) if isinstance(a, fx.Node) else None for a in node.args[k + 1:]]

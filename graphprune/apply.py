@@ -3,8 +3,8 @@
 Shrinking tensors is mechanical (each dim's kept positions follow from the group masks).
 The module's own forward code must then produce the new shapes: torch.nn modules get their
 attributes from :mod:`graphprune.module_rules`; for other modules, every shape constant that
-changed is traced back to the integer attribute of the owning module that forward read
-while being captured (``self.num_heads`` ...).
+changed is traced back, through the provenance recorded at capture (:mod:`graphprune.provenance`),
+to the attribute that produced it (``self.num_heads`` ...).
 
 The result is then *verified*: it is captured again, and every node must have the op, the
 wiring, the constant arguments and the output shapes that the plan predicts.  Anything else
@@ -15,9 +15,9 @@ wiring, the constant arguments and the output shapes that the plan predicts.  An
 from __future__ import annotations
 
 import copy
-from math import prod
 from collections import defaultdict
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import torch
@@ -26,12 +26,13 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.fx.operator_schemas import normalize_function
 
-from graphprune.analysis import Analysis, _BODY_HOPS
-from graphprune.capture import CapturedGraph, capture_call
-from graphprune.provenance import owner_chain, uses_for
+from graphprune.analysis import BODY_HOPS, Analysis
+from graphprune.capture import CapturedGraph, capture_call, tensor_at
 from graphprune.errors import ApplyError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
+from graphprune.provenance import owner_chain, uses_for
+from graphprune.rules.registry import arg_at
 
 
 @dataclass
@@ -48,7 +49,7 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
         masks = plan.masks(analysis)
         _shrink_tensors(target, analysis, masks, undo)
         constants = _constant_values(analysis, masks)
-        changed: Changed = {n: {p: v for p, v in paths.items() if _get_path(n, p) != v}
+        changed: Changed = {n: {p: v for p, v in paths.items() if arg_at(n, p) != v}
                             for n, paths in constants.items()}
         _update_attributes(target, analysis, constants, undo)
         recaptured = _verify(target, analysis, masks, changed)
@@ -86,7 +87,7 @@ class _UndoLog:
 def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], undo: _UndoLog) -> None:
     holders = _tensor_holders(model)
     spaces = analysis.spaces
-    originals = {name: _get_tensor(model, name) for name, (kind, _) in analysis.tensors.items()
+    originals = {name: tensor_at(model, name) for name, (kind, _) in analysis.tensors.items()
                  if kind != "code_constant"}  # those are frozen: nothing to shrink
     done: set[int] = set()
     for name, old in originals.items():
@@ -127,19 +128,8 @@ def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
     return holders
 
 
-def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
-
-
 # ---------------------------------------------------------------- constants
 Changed = dict[fx.Node, dict[tuple, int]]
-
-
-def _get_path(node: fx.Node, path: tuple) -> Any:
-    where, key, *rest = path
-    value = node.args[key] if where == "args" else node.kwargs[key]
-    return value[rest[0]] if rest else value
 
 
 def _constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> Changed:
@@ -182,7 +172,7 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
             for path, new in paths.items():
                 name = _arg_name(node, path)
                 if len(path) == 3:  # one entry of a list argument, e.g. normalized_shape[0]
-                    node_consts.setdefault(name, list(_get_path(node, path[:2])))[path[2]] = new
+                    node_consts.setdefault(name, list(arg_at(node, path[:2])))[path[2]] = new
                 else:
                     node_consts[name] = new
             builtin_consts[owner].update(node_consts)
@@ -290,7 +280,7 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
         if isinstance(val, torch.Tensor) and expected is not None and list(val.shape) != expected:
             raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
                              f"the plan predicts {expected}")
-        if old.op == "call_function" and old.target in _BODY_HOPS:
+        if old.op == "call_function" and old.target in BODY_HOPS:
             k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
             _compare_graphs(getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target),
                             analysis, masks, changed)
@@ -322,7 +312,7 @@ def _run_rewritten(analysis: Analysis, changed: Changed, model: nn.Module) -> li
                 args, kwargs = _substituted(old, changed[old])
                 new.args = fx.node.map_arg(args, twin.__getitem__)
                 new.kwargs = fx.node.map_arg(kwargs, twin.__getitem__)
-            if old.op == "call_function" and old.target in _BODY_HOPS:
+            if old.op == "call_function" and old.target in BODY_HOPS:
                 k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
                 rewrite(getattr(src, old.args[k].target), getattr(dst, new.args[k].target))
         dst.recompile()
@@ -334,7 +324,7 @@ def _run_rewritten(analysis: Analysis, changed: Changed, model: nn.Module) -> li
         if node.op != "placeholder":
             continue
         if node.name in captured.tensor_names:
-            inputs.append(_get_tensor(model, captured.tensor_names[node.name][1]).detach())
+            inputs.append(tensor_at(model, captured.tensor_names[node.name][1]).detach())
         else:
             inputs.append(next(user))
     with torch.no_grad():

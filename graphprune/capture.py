@@ -144,7 +144,7 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     by_tensor: dict[int, list[str]] = {}
     for placeholder, (kind, fqn) in list(tensor_names.items()):
         try:
-            tensor = _lookup(model, fqn)
+            tensor = tensor_at(model, fqn)
         except AttributeError:  # a tensor built inside forward (torch.tensor(...)): no attribute holds it
             tensor_names[placeholder] = ("code_constant", fqn)
             continue
@@ -154,7 +154,8 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                          {name: type(m) for name, m in model.named_modules()})
 
 
-def _lookup(model: nn.Module, fqn: str) -> object:
+def tensor_at(model: nn.Module, fqn: str) -> torch.Tensor:
+    """The tensor (parameter, buffer or plain attribute) a module path names."""
     owner, _, attr = fqn.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, attr)
 

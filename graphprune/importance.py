@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
-from graphprune.capture import normalize_inputs
+from graphprune.capture import normalize_inputs, tensor_at
 from graphprune.errors import InputError
 
 aten = torch.ops.aten
@@ -42,8 +42,7 @@ class Importance(abc.ABC):
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    tensor = getattr(model.get_submodule(owner) if owner else model, attr)
+    tensor = tensor_at(model, name)
     if tensor.device.type == "meta":
         raise InputError(f"{name} is on the meta device: weight-based importance needs real weights "
                          "(pass importance=<callable> to score channels another way)")

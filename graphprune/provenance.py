@@ -31,6 +31,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from graphprune.rules.registry import arg_at
+
 aten = torch.ops.aten
 Source = tuple[str, str]  # (module path, attribute name)
 
@@ -298,9 +300,7 @@ def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[Attri
     if not isinstance(node.target, torch._ops.OpOverload):
         return []
     packet = node.target.overloadpacket
-    where, key, *rest = path
-    value = node.args[key] if where == "args" else node.kwargs[key]
-    old = value[rest[0]] if rest else value
+    old = arg_at(node, path)
     is_slice = packet is aten.slice
     rank = len(node.args[0].meta["val"].shape) if is_slice else 0
     dim = (node.args[1] if len(node.args) > 1 else 0) if is_slice else None

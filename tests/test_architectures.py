@@ -55,3 +55,16 @@ def test_channel_prune(arch, ratio):
     report = result.report
     assert report.params_after < report.params and report.macs_after < report.macs, str(report)
     assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values())), "caller's model changed"
+
+
+def test_llama_gqa_groups_are_kv_heads_times_queries_per_kv_head():
+    """24 query heads over 8 kv heads: per layer one 8-way kv group and one 3-way repeat group,
+    and one head_dim space shared by every layer through RoPE's inv_freq."""
+    model, inputs = build("llama_gqa")
+    analysis = gp.analyze(model, inputs)
+    heads = sorted(g.size for g in analysis.groups if "heads" in g.tags)
+    assert heads == [3, 3, 8, 8]
+    (head_dim,) = [g for g in analysis.groups if "head_dim" in g.tags]
+    names = {m.name for m in head_dim.members}
+    assert "model.rotary_emb.inv_freq" in names and "model.layers.1.self_attn.v_proj.weight" in names
+    assert head_dim.size == 4  # 8 channels = 4 rotate_half pairs

@@ -159,6 +159,13 @@ def _flat(d: Any) -> list[int]:
     return out
 
 
+def arg_at(node: fx.Node, path: ArgPath) -> Any:
+    """The argument of ``node`` that ``path`` locates (an entry of a list argument if 3 long)."""
+    where, key, *rest = path
+    value = node.args[key] if where == "args" else node.kwargs[key]
+    return value[rest[0]] if rest else value
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> tuple[Any, ArgPath]:
     """An argument given positionally or by keyword, with its path for constants."""
     if len(node.args) > index:
