@@ -211,3 +211,17 @@ def test_a_size_the_code_cannot_produce_is_refused_and_the_model_kept():
         apply_plan(model, analysis, plan, inplace=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert model.a.out_channels == 8
+
+
+def test_stack_repeat_unflatten_bmm_and_structured_outputs():
+    model, inputs = CASES["stack_repeat_bmm"]
+    analysis = gp.analyze(model, inputs)
+    assert not analysis.unsupported and not analysis.rule_errors
+    # stack couples both branches channel for channel; b's channels reach the tuple output, so the
+    # coupled space is frozen for both
+    (space,) = [f for f in analysis.frozen if ("a.weight", 0) in {(m.name, m.dim) for m in f.members}]
+    assert ("b.weight", 0) in {(m.name, m.dim) for m in space.members}
+    assert "model output" in str(space.reason)
+    assert _group_with(analysis, "mix.weight", 1) == []  # mix reads the same stacked channels
+    out = gp.prune(model, inputs, passes=[ChannelPrune(0.5)]).module(*inputs)
+    assert set(out) == {"out", "extra"} and out["extra"][0].shape == (2, 2, 2)

@@ -210,6 +210,24 @@ class Unsupported(nn.Module):
         return self.b(sorted_) + self.d(F.relu(self.c(x)))
 
 
+class StackRepeatBmm(nn.Module):
+    """stack, repeat, unflatten and bmm, returning a dict and a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 12), nn.Linear(8, 12)
+        self.mix = nn.Linear(12, 6)
+        self.heads = 3
+
+    def forward(self, x):
+        s = torch.stack([self.a(x), self.b(x)], dim=1)           # [B, 2, 12]
+        pair = torch.bmm(s, s.transpose(1, 2))                   # [B, 2, 2], contracts the 12 channels
+        tiled = self.a(x).repeat(1, 2)                           # [B, 24]
+        heads = self.b(x).unflatten(-1, (self.heads, -1))        # [B, 3, 4]
+        out = self.mix(s.sum(1)) + tiled[:, :6] * 0 + heads.mean(-1).sum(-1, keepdim=True)
+        return {"out": out, "extra": (pair, heads.flatten(1))}
+
+
 def cases() -> dict[str, tuple[nn.Module, tuple]]:
     torch.manual_seed(0)
     img = torch.randn(2, 3, 8, 8)
@@ -234,4 +252,5 @@ def cases() -> dict[str, tuple[nn.Module, tuple]]:
         "repeat_interleave_kv": (RepeatInterleaveKV(), (torch.randn(2, 5, 16),)),
         "pool_interpolate": (PoolInterpolate(), (img,)),
         "unsupported": (Unsupported(), (torch.randn(2, 8),)),
+        "stack_repeat_bmm": (StackRepeatBmm(), (torch.randn(2, 8),)),
     }
