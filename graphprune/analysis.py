@@ -172,7 +172,7 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
             for atom in ctx.dims(node) or []:
                 solver.freeze(atom, FreezeReason("a tensor constant built inside forward cannot be resized", name))
     _couple_attribute_sizes(ctx, captured)
-    _freeze_unsupported_modules(ctx, captured)
+    _constrain_modules(ctx, captured)
     for node in captured.user_inputs:
         for atom in _flat(ctx.raw(node)):
             solver.freeze(atom, FreezeReason("reaches a model input", node.name))
@@ -276,22 +276,31 @@ def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[
     return parts
 
 
-# torch.nn modules whose forward checks sizes against attributes in ways no rule rewrites yet.
-_FROZEN_MODULES: dict[type, str] = {
-    nn.MultiheadAttention: "nn.MultiheadAttention requires num_heads * head_dim == embed_dim == the query width",
-}
+def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
+    """Size checks that torch.nn modules make in forward, beyond what their ops say.
 
-
-def _freeze_unsupported_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
-    modules = captured.module_types
-    for node in captured.graph.nodes:
-        if node.op != "placeholder" or node.name not in captured.tensor_names:
+    ``nn.MultiheadAttention`` requires query width == embed_dim == num_heads * head_dim: the
+    input space, the q/k/v space and the output space keep one count, so they are coupled.  With
+    separate q/k/v projection weights (kdim/vdim != embed_dim) it is frozen.
+    """
+    placeholders = {name: node for node in ctx.parameter_nodes
+                    for kind, name in [captured.tensor_names[node.name]]}
+    for path, cls in captured.module_types.items():
+        if not issubclass(cls, nn.MultiheadAttention):
             continue
-        owner = captured.tensor_names[node.name][1].rpartition(".")[0]
-        why = next((w for t, w in _FROZEN_MODULES.items() if issubclass(modules.get(owner, object), t)), None)
-        if why is not None:
-            for atom in ctx.dims(node) or []:
-                ctx.solver.freeze(atom, FreezeReason(why, owner))
+        prefix = f"{path}." if path else ""
+        packed, out = placeholders.get(prefix + "in_proj_weight"), placeholders.get(prefix + "out_proj.weight")
+        if packed is None or out is None:
+            for name, node in placeholders.items():
+                if name.startswith(prefix):
+                    for atom in ctx.dims(node) or []:
+                        ctx.solver.freeze(atom, FreezeReason(
+                            "nn.MultiheadAttention with separate q/k/v projections (kdim/vdim) is not rewritten", path))
+            continue
+        rows, cols = ctx.dims(packed)
+        _, embed = ctx.solver.factors(rows, [3, ctx.solver.size(rows) // 3], path)
+        ctx.solver.unify(cols, embed, where=f"{path}: query width == embed_dim")
+        ctx.solver.unify(ctx.dims(out)[0], embed, where=f"{path}: output width == embed_dim")
 
 
 def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:

@@ -81,6 +81,13 @@ def _embedding(m: nn.Embedding, consts: dict[str, Any]) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
+@module_rule(nn.MultiheadAttention)
+def _multihead_attention(m: nn.MultiheadAttention, consts: dict[str, Any]) -> None:
+    """Heads are pruned whole (head_dim is frozen: its default softmax scale depends on it)."""
+    m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    m.num_heads = m.embed_dim // m.head_dim
+
+
 @module_rule(nn.ChannelShuffle)
 def _channel_shuffle(m: nn.ChannelShuffle, consts: dict[str, Any]) -> None:
     m.groups = int(consts.get("groups", m.groups))

@@ -123,7 +123,7 @@ def test_every_registered_op_is_an_aten_op():
     assert len(aten_rules.covered_ops()) > 150
 
 
-def test_multihead_attention_is_frozen_with_its_reason():
+def test_multihead_attention_prunes_whole_heads_and_keeps_its_invariant():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -132,15 +132,26 @@ def test_multihead_attention_is_frozen_with_its_reason():
 
         def forward(self, x):
             h = self.inp(x)
-            h = self.mha(h, h, h, need_weights=False)[0]
-            return self.out(self.mlp(h))
+            h = h + self.mha(h, h, h, need_weights=False)[0]
+            return self.out(h + self.mlp(h))
 
     net, x = Net().eval(), torch.randn(2, 5, 8)
     analysis = gp.analyze(net, (x,))
-    assert any("MultiheadAttention" in str(f.reason) for f in analysis.frozen)
+    plan = random_plan(analysis, 0.5)
+    zeroed = zero_removed(net, analysis, plan)
+    assert max_relative_error(outputs(apply_plan(zeroed, analysis, plan).module, (x,)), outputs(zeroed, (x,))) < 1e-4
     result = gp.prune(net, (x,), passes=[ChannelPrune(0.5)])
-    assert result.module.mha.embed_dim == 16 and result.module.mlp[0].out_features == 16
+    mha = result.module.mha
+    assert (mha.num_heads, mha.head_dim, mha.embed_dim) == (2, 4, 8) and result.module.mlp[0].out_features == 16
     assert result.module(x).shape == net(x).shape
+
+
+def test_multihead_attention_with_separate_kv_width_is_frozen():
+    mha = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True).eval()
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
+    analysis = gp.analyze(mha, (q, kv, kv))
+    assert any("separate q/k/v projections" in str(f.reason) for f in analysis.frozen)
+    assert not analysis.groups
 
 
 def test_one_attribute_sizing_several_spaces_couples_them():
