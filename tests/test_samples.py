@@ -6,11 +6,12 @@ import importlib
 
 import pytest
 
-SAMPLES = ["resnet", "mobilenet", "densenet", "shufflenet", "vit"]
+SAMPLES = ["resnet", "mobilenet", "densenet", "shufflenet", "vit", "minilm"]
 
 
 @pytest.mark.parametrize("name", SAMPLES)
 def test_sample_runs(name, capsys):
     importlib.import_module(f"samples.{name}").main()
     out = capsys.readouterr().out
-    assert "graphprune report" in out and "prunable groups" in out
+    assert "graphprune report" in out
+    assert "prunable groups" in out or "nearest-neighbour" in out
