@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Sequence
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import torch.utils._pytree as pytree
 
 from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
 from graphprune.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.errors import InputError
 from graphprune.provenance import uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 
@@ -148,15 +150,26 @@ def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
     return out
 
 
-def analyze(model: nn.Module, example_inputs: ExampleInputs) -> Analysis:
-    """Capture ``model`` and find its coupled channel groups.  Works on ``meta``-device models."""
+def analyze(model: nn.Module, example_inputs: ExampleInputs, *,
+            prunable_outputs: Sequence[str] = ()) -> Analysis:
+    """Capture ``model`` and find its coupled channel groups.  Works on ``meta``-device models.
+
+    Spaces that reach the model's outputs are frozen, so the pruned model returns the same shapes;
+    name outputs in ``prunable_outputs`` (``"last_hidden_state"``, ``"0"``, ``"extra.1"``) to let
+    their channel dims shrink too.
+    """
     start = time.perf_counter()
     captured = capture(model, example_inputs)
-    return analyze_captured(captured, type(model).__name__, start)
+    return analyze_captured(captured, type(model).__name__, start, prunable_outputs)
 
 
-def analyze_captured(captured: CapturedGraph, model_name: str, start: float | None = None) -> Analysis:
+def analyze_captured(captured: CapturedGraph, model_name: str, start: float | None = None,
+                     prunable_outputs: Sequence[str] = ()) -> Analysis:
     start = time.perf_counter() if start is None else start
+    unknown = set(prunable_outputs) - set(captured.output_names.values())
+    if unknown:
+        raise InputError(f"prunable_outputs names {sorted(unknown)}, but the model's outputs are "
+                         f"{sorted(captured.output_names.values())}")
     solver = SpaceSolver()
     ctx = RuleContext(solver)
     ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
@@ -177,8 +190,11 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         for atom in _flat(ctx.raw(node)):
             solver.freeze(atom, FreezeReason("reaches a model input", node.name))
     for node in captured.outputs:
+        if captured.output_names.get(node) in prunable_outputs:
+            continue
         for atom in _flat(ctx.raw(node)):
-            solver.freeze(atom, FreezeReason("reaches a model output", node.name))
+            solver.freeze(atom, FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}",
+                                             node.name))
     spaces = solver.finalize()
 
     members: dict[int, list[Member]] = defaultdict(list)

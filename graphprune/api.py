@@ -32,11 +32,12 @@ class PruneResult:
 
 def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
           recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
-          inplace: bool = False) -> PruneResult:
+          inplace: bool = False, prunable_outputs: Sequence[str] = ()) -> PruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on ``model`` and return the compressed module and a report.
 
     The caller's model is not modified unless ``inplace=True``.  The pass order is checked
-    before anything runs.
+    before anything runs.  Outputs keep their shapes unless named in ``prunable_outputs``
+    (see :func:`graphprune.analyze`).
     """
     if (passes is None) == (recipe is None):
         raise InputError("give exactly one of passes=[...] or recipe=...")
@@ -46,7 +47,7 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     captured = capture(model, example_inputs)
     reference = run_outputs(model, captured)
     working = model if inplace else copy.deepcopy(model)
-    state = CompressionState(working, captured, calibration=calibration)
+    state = CompressionState(working, captured, calibration=calibration, prunable_outputs=tuple(prunable_outputs))
     report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module))
     state = manager.run(state, report, reference)
     return PruneResult(state.model, report, state.stage, state.plans)

@@ -47,6 +47,7 @@ class CapturedGraph:
     attribute_uses: list[AttributeUse] = field(default_factory=list)
     tied: list[list[str]] = field(default_factory=list)  # placeholder names holding one tensor object
     module_types: dict[str, type] = field(default_factory=dict)  # module path -> class
+    output_names: dict[fx.Node, str] = field(default_factory=dict)  # output node -> its path in the result
 
     @property
     def graph(self) -> fx.Graph:
@@ -140,7 +141,9 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     user_input_names = set(sig.user_inputs)
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_input_names]
     output_node = next(n for n in program.graph.nodes if n.op == "output")
-    outputs = [x for x in pytree.tree_leaves(output_node.args[0]) if isinstance(x, fx.Node)]
+    leaves = pytree.tree_leaves(output_node.args[0])
+    outputs = [x for x in leaves if isinstance(x, fx.Node)]
+    output_names = {leaves[i]: name for name, i in _output_paths(program) if isinstance(leaves[i], fx.Node)}
     by_tensor: dict[int, list[str]] = {}
     for placeholder, (kind, fqn) in list(tensor_names.items()):
         try:
@@ -151,7 +154,21 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         by_tensor.setdefault(id(tensor), []).append(placeholder)
     tied = [ps for ps in by_tensor.values() if len(ps) > 1]
     return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs, uses, tied,
-                         {name: type(m) for name, m in model.named_modules()})
+                         {name: type(m) for name, m in model.named_modules()}, output_names)
+
+
+def _output_paths(program: torch.export.ExportedProgram) -> list[tuple[str, int]]:
+    """Each flat output's name: its key or index path in what forward returns (``last_hidden_state``,
+    ``0``, ``logits``, ``extra.1``)."""
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return []
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    out = []
+    for path, index in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out.append((".".join(parts) or "0", index))
+    return out
 
 
 def tensor_at(model: nn.Module, fqn: str) -> torch.Tensor:

@@ -303,3 +303,26 @@ def test_data_criteria_on_transformer_and_grouped_conv(criterion):
 def pytree_leaves(out):
     import torch.utils._pytree as pytree
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+# ------------------------------------------------------------ output opt-in
+def test_outputs_are_named_by_their_path_and_can_be_let_shrink():
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+    model = T.BertModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (1, 6))}
+    frozen = gp.analyze(model, inputs)
+    assert not [g for g in frozen.groups if g.size == 32]
+    assert any("'last_hidden_state'" in str(f.reason) for f in frozen.frozen)
+    both = ["last_hidden_state", "pooler_output"]
+    opened = gp.analyze(model, inputs, prunable_outputs=both)
+    assert [g for g in opened.groups if g.size == 32]  # the hidden size is a group now
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)], prunable_outputs=both)
+    assert result.module(**inputs).last_hidden_state.shape == (1, 6, 16)
+
+
+def test_unknown_output_name_lists_the_real_ones():
+    from tests import zoo
+
+    model, inputs = zoo.cases()["stack_repeat_bmm"]
+    with pytest.raises(gp.InputError, match=r"model's outputs are \['extra.0', 'extra.1', 'out'\]"):
+        gp.analyze(model, inputs, prunable_outputs=["logits"])
