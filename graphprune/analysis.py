@@ -99,7 +99,7 @@ class Analysis:
     spaces: Spaces
     groups: list[Group]
     frozen: list[FrozenSpace]
-    tensors: dict[str, Member | Any] = field(default_factory=dict)  # name -> (kind, dims)
+    tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (kind, dim atoms)
     seconds: float = 0.0
 
     @property

@@ -509,12 +509,8 @@ def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups
     if bias is not None:
         ctx.unify(bias[0], co, node)
     if groups == 1:
-        if transposed:
-            ctx.unify(cx, w_in, node)
-            ctx.unify(co, w_out, node)
-        else:
-            ctx.unify(cx, w_in, node)
-            ctx.unify(co, w_out, node)
+        ctx.unify(cx, w_in, node)
+        ctx.unify(co, w_out, node)
         return
     g_in, per_in = s.factors(cx, [groups, s.size(cx) // groups], node.name)
     g_out, per_out = s.factors(co, [groups, s.size(co) // groups], node.name)
