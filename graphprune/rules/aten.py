@@ -47,10 +47,11 @@ def _pointwise(ctx: RuleContext, node: fx.Node) -> None:
 
 R.pointwise = _pointwise
 R.register(aten.__and__, aten.__or__, aten.__xor__, aten.masked_fill, aten.hardswish, aten.hardswish_,
-           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as, aten.where)(_pointwise)
+           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as, aten.where,
+           aten.floor_divide)(_pointwise)
 
 
-@R.register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
+@R.register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.dropout,
             aten.feature_dropout, aten.alpha_dropout, aten.to, aten._to_copy, aten.zeros_like,
             aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like, aten.dropout_)
 def identity(ctx: RuleContext, node: fx.Node) -> None:
@@ -501,8 +502,8 @@ def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups
     cx, co = (x[1], out[1]) if batched else (x[0], out[0])
     if batched:
         ctx.unify(x[0], out[0], node)
-    for a in out[-spatial:] if spatial else []:
-        ctx.freeze(a, "spatial size is computed by the convolution", node)
+    for a in (out[-spatial:] + x[-spatial:]) if spatial else []:
+        ctx.freeze(a, "the convolution window mixes these positions", node)
     for a in w[2:]:
         ctx.freeze(a, "convolution kernel window", node)
     w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
@@ -678,6 +679,41 @@ def max_dim(ctx: RuleContext, node: fx.Node) -> None:
     _reduce(ctx, node, dim, bool(arg(node, 2, "keepdim", False)[0]), outputs=ctx.raw(node))
 
 
+@R.register(aten.topk, aten.sort)
+def topk(ctx: RuleContext, node: fx.Node) -> None:
+    """Values and positions chosen along ``dim``: that dim is data-ordered, the others map through."""
+    x = ctx.dims(node.args[0])
+    packet = node.target.overloadpacket
+    dim = _nd(arg(node, 2, "dim", -1)[0] if packet is aten.topk else arg(node, 1, "dim", -1)[0], len(x))
+    for out in ctx.raw(node):
+        for i, (a, b) in enumerate(zip(x, out)):
+            if i == dim:
+                ctx.freeze(a, f"{node.target} orders positions along this dim by value", node)
+                ctx.freeze(b, f"{node.target} orders positions along this dim by value", node)
+            else:
+                ctx.unify(a, b, node)
+
+
+@R.register(aten.histc, aten.bincount, aten.index_put, aten.index_put_, aten.scatter, aten.scatter_add,
+            aten.scatter_reduce, aten.index_add, aten.index_copy)
+def data_placed(ctx: RuleContext, node: fx.Node) -> None:
+    """Results placed at positions computed from data: every dim involved is frozen."""
+    ctx.freeze_node(node, f"{node.target} places values at positions chosen by data")
+
+
+@R.register(aten._weight_norm)
+def weight_norm(ctx: RuleContext, node: fx.Node) -> None:
+    """w = g * v / ||v||, the norm taken over every dim but ``dim``: v's shape passes through, and
+    channels of the normalised dims are inexact (removing one changes the norm)."""
+    v, g, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
+    dim = _nd(arg(node, 2, "dim", 0)[0], len(v))
+    ctx.unify_all(v, out, node)
+    broadcast(ctx, node, [g], out)
+    for i, a in enumerate(v):
+        if i != dim:
+            ctx.solver.mark_inexact(a, f"normalized by {node.target} ({node.name})")
+
+
 @R.register(aten.argmax, aten.argmin)
 def argmax(ctx: RuleContext, node: fx.Node) -> None:
     dim = arg(node, 1, "dim")[0]
@@ -737,12 +773,14 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> None:
 
 # ---------------------------------------------------- spatial operators
 def _spatial(ctx: RuleContext, node: fx.Node, n_spatial: int, out: list[int] | None = None,
-             why: str = "spatial size is computed by the op") -> None:
+             why: str = "positions are mixed by the op") -> None:
+    """Pooling and resampling: leading (batch, channel) dims map through; the spatial dims of
+    input and output are frozen, since the op combines neighbouring positions."""
     x = ctx.dims(node.args[0])
     out = ctx.out(node) if out is None else out
     lead = len(x) - n_spatial
     ctx.unify_all(x[:lead], out[:lead], node)
-    for a in out[lead:]:
+    for a in x[lead:] + out[lead:]:
         ctx.freeze(a, why, node)
 
 
