@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
+from graphprune.calibration import Consumer, consumers, input_rms
 from graphprune.capture import normalize_inputs, tensor_at
 from graphprune.errors import InputError
+from graphprune.sparsity import CONV1D, LINEAR
 
-aten = torch.ops.aten
 GroupScore = Callable[[Analysis, Group, nn.Module], torch.Tensor]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -139,78 +139,31 @@ class Activation(Importance):
     needs_calibration = True
 
     def scores(self, analysis, model, groups, calibration):
-        consumers = _consumers(analysis)
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
-        hooks = []
-        for i, (module_name, axis, _node) in enumerate(consumers):
-            def hook(_mod, args, kwargs, i=i, axis=axis):
-                x = args[0] if args else next(iter(kwargs.values()))
-                sq = x.detach().float().movedim(axis, 0).reshape(x.shape[axis], -1).pow(2)
-                sums[i] = sums.get(i, 0) + sq.sum(1).double().cpu()
-                counts[i] = counts.get(i, 0) + sq.shape[1]
-            hooks.append(model.get_submodule(module_name).register_forward_pre_hook(hook, with_kwargs=True))
-        training = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in calibration:
-                    args, kwargs = normalize_inputs(batch)
-                    model(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-            for m, flag in training.items():
-                m.training = flag
+        layers = consumers(analysis)
+        rms = input_rms(model, layers, calibration)
         totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        for i, (module_name, _axis, node) in enumerate(consumers):
-            if i not in sums:
+        for layer in layers:
+            if layer not in rms:
                 continue
-            rms = (sums[i] / counts[i]).sqrt()
-            x_atom, weight_norm = _consumer_input(analysis, model, node)
-            per_channel = rms * weight_norm
+            x_atom, weight_norm = _consumer_input(analysis, model, layer)
             for g in groups:
                 if g.leaf in analysis.spaces.leaves(x_atom):
-                    totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
+                    totals[g.id] += _scatter(analysis, g, x_atom, rms[layer] * weight_norm)
         return totals
 
 
-def _consumers(analysis: Analysis) -> list[tuple[str, int, Any]]:
-    """(module, channel axis of its input, node) for every linear/conv whose weight is a parameter."""
-    names = analysis.captured.tensor_names
-    out = []
-    for node in analysis.captured.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        packet = node.target.overloadpacket
-        weight = node.args[2] if packet is aten.addmm else node.args[1] if len(node.args) > 1 else None
-        if not isinstance(weight, fx.Node) or weight.name not in names:
-            continue
-        if packet in (aten.linear, aten.addmm):
-            axis = -1
-        elif packet in (aten.conv1d, aten.conv2d, aten.conv3d):
-            axis = 1
-        else:
-            continue
-        module = names[weight.name][1].rpartition(".")[0]
-        out.append((module, axis, node))
-    return out
-
-
-def _consumer_input(analysis: Analysis, model: nn.Module, node) -> tuple[int, torch.Tensor]:
+def _consumer_input(analysis: Analysis, model: nn.Module, layer: Consumer) -> tuple[int, torch.Tensor]:
     """The atom of the consumed channel dim and the weight norm per input channel."""
-    packet = node.target.overloadpacket
-    x = node.args[1] if packet is aten.addmm else node.args[0]
+    node = layer.node
+    x = node.args[1] if layer.layout == CONV1D else node.args[0]
     dims = analysis.context.dims(x)
-    weight = _tensor(model, analysis.captured.tensor_names[(node.args[2] if packet is aten.addmm else node.args[1]).name][1])
-    w = weight.detach().double()
-    if packet is aten.linear:
+    w = _tensor(model, layer.weight).detach().double()
+    if layer.layout == LINEAR:
         return dims[-1], w.pow(2).sum(0).sqrt()
-    if packet is aten.addmm:  # transformers Conv1D: weight is [in, out]
+    if layer.layout == CONV1D:  # weight is [in, out]
         return dims[-1], w.pow(2).sum(1).sqrt()
-    groups = node.args[6] if len(node.args) > 6 else 1
     cout, cin_g = w.shape[:2]
-    per_group = w.reshape(groups, cout // groups, cin_g, -1).pow(2).sum((1, 3)).sqrt()  # [groups, cin_g]
+    per_group = w.reshape(layer.groups, cout // layer.groups, cin_g, -1).pow(2).sum((1, 3)).sqrt()
     return dims[1], per_group.reshape(-1)
 
 
@@ -233,19 +186,3 @@ def resolve(importance: str | Importance | GroupScore, loss_fn: LossFn | None = 
     if callable(importance):
         return _PerGroup(importance)
     raise InputError(f"importance must be a name, an Importance or a callable, got {type(importance).__name__}")
-
-
-def calibration_batches(calibration: Iterable[Any] | None, name: str) -> list[Any]:
-    """Materialise calibration data once (an iterator could be consumed only once)."""
-    if calibration is None:
-        raise InputError(f"importance={name!r} needs calibration data: gp.prune(..., calibration=batches)")
-    batches = list(calibration)
-    if not batches:
-        raise InputError("calibration data is empty")
-    for i, batch in enumerate(batches):
-        try:
-            normalize_inputs(batch)
-        except InputError as exc:
-            raise InputError(f"calibration batch {i}: {exc}") from exc
-    return batches
-

@@ -26,6 +26,7 @@ from graphprune.errors import ContractError
 from graphprune.macs import count_params, graph_macs
 from graphprune.plan import Plan
 from graphprune.report import Report, ReportRow
+from graphprune.sparsity import check_patterns
 
 
 class Stage(enum.IntEnum):
@@ -126,6 +127,7 @@ class PassManager:
             start = time.perf_counter()
             result = p(state)
             state = result.state
+            check_patterns(state.model, p.name)  # every N:M mask must survive every pass
             new_params, new_macs = count_params(state.model), graph_macs(state.captured.graph_module)
             report.rows.append(ReportRow(p.name, time.perf_counter() - start, params, new_params, macs, new_macs,
                                          output_error(state, reference), str(state.stage), result.details))

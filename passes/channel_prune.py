@@ -19,7 +19,8 @@ import torch.nn as nn
 from graphprune.analysis import Analysis, Group
 from graphprune.apply import apply_plan
 from graphprune.errors import InputError
-from graphprune.importance import GroupScore, Importance, LossFn, calibration_batches, resolve
+from graphprune.calibration import batches
+from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.plan import Plan
 
@@ -153,7 +154,7 @@ class ChannelPrune(Pass):
         analysis = state.analysis()
         calibration = None
         if self.importance.needs_calibration:
-            calibration = calibration_batches(state.calibration, type(self.importance).__name__.lower())
+            calibration = batches(state.calibration, f"importance={type(self.importance).__name__.lower()!r}")
         plan = self.plan(analysis, state.model, calibration)
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)

@@ -1,0 +1,102 @@
+"""Statistics gathered by running calibration batches through the model.
+
+The layers that multiply an activation by a parameter weight (linear, transformers' Conv1D,
+conv) are found in the captured graph; forward pre-hooks on their modules accumulate, per
+input channel, the mean square of the activation, in memory proportional to the channel count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphprune.analysis import Analysis
+from graphprune.capture import normalize_inputs
+from graphprune.errors import InputError
+from graphprune.sparsity import CONV, CONV1D, LINEAR
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads an activation through a parameter weight."""
+
+    node: fx.Node
+    module: str  # path of the module whose forward receives the activation
+    weight: str  # the weight's name
+    layout: str  # sparsity layout of the weight (LINEAR, CONV1D, CONV)
+    axis: int  # channel axis of the module's input
+    groups: int = 1
+
+
+def consumers(analysis: Analysis) -> list[Consumer]:
+    """Every linear / Conv1D / conv node whose weight is a parameter, in graph order."""
+    names = analysis.captured.tensor_names
+    out = []
+    for node in analysis.captured.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        packet = node.target.overloadpacket
+        weight = node.args[2] if packet is aten.addmm else node.args[1] if len(node.args) > 1 else None
+        if not isinstance(weight, fx.Node) or names.get(weight.name, ("",))[0] != "parameter":
+            continue
+        name = names[weight.name][1]
+        module = name.rpartition(".")[0]
+        if packet is aten.linear:
+            out.append(Consumer(node, module, name, LINEAR, -1))
+        elif packet is aten.addmm:
+            out.append(Consumer(node, module, name, CONV1D, -1))
+        elif packet in (aten.conv1d, aten.conv2d, aten.conv3d):
+            groups = node.args[6] if len(node.args) > 6 else 1
+            out.append(Consumer(node, module, name, CONV, 1, groups))
+    return out
+
+
+def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
+    """Materialise and check calibration data once (an iterator could be consumed only once)."""
+    if calibration is None:
+        raise InputError(f"{purpose} needs calibration data: gp.prune(..., calibration=batches)")
+    data = list(calibration)
+    if not data:
+        raise InputError("calibration data is empty")
+    for i, batch in enumerate(data):
+        try:
+            normalize_inputs(batch)
+        except InputError as exc:
+            raise InputError(f"calibration batch {i}: {exc}") from exc
+    return data
+
+
+def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
+    """Root mean square of each input channel of each layer over the calibration batches."""
+    sums: dict[Consumer, torch.Tensor] = {}
+    counts: dict[Consumer, int] = {}
+    hooks = []
+    for layer in {c.module: c for c in layers}.values():
+        def hook(_mod, args, kwargs, layer=layer):
+            x = args[0] if args else next(iter(kwargs.values()))
+            sq = x.detach().float().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1).pow(2)
+            sums[layer] = sums.get(layer, 0) + sq.sum(1).double().cpu()
+            counts[layer] = counts.get(layer, 0) + sq.shape[1]
+        hooks.append(model.get_submodule(layer.module).register_forward_pre_hook(hook, with_kwargs=True))
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                args, kwargs = normalize_inputs(batch)
+                model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+    by_module = {c.module: c for c in layers}
+    return {c: (sums[by_module[c.module]] / counts[by_module[c.module]]).sqrt()
+            for c in layers if by_module[c.module] in sums}

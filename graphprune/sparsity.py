@@ -1,0 +1,136 @@
+"""N:M semi-structured sparsity: the layout hardware uses, masks, and the pattern check.
+
+A weight is viewed as a matrix ``[rows, reduction]`` in the order sparse tensor cores and
+TensorRT read it: Linear ``[out, in]`` as is; transformers' Conv1D ``[in, out]`` transposed;
+Conv ``[K, C, R, S]`` channel-last ``(K, R, S, C)``, so each group of ``m`` runs along input
+channels.  ``n`` of every ``m`` consecutive reduction entries may be non-zero.
+
+Masks live in the model as ``torch.nn.utils.parametrize`` parametrizations (``weight =
+original * mask``): gradients and optimizer updates reach ``original`` but can never make a
+masked entry non-zero.  :func:`finalize` bakes them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from graphprune.errors import ContractError, InputError
+
+LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """``n`` kept of every ``m`` consecutive weights along the reduction dim, in ``layout``."""
+
+    n: int
+    m: int
+    layout: str
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise InputError(f"N:M sparsity needs integers 0 < n < m, got {self.n}:{self.m}")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def to_matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The ``[rows, reduction]`` view in hardware order."""
+    if layout == LINEAR:
+        return weight
+    if layout == CONV1D:
+        return weight.t()
+    return weight.movedim(1, -1).reshape(weight.shape[0], -1)  # (K, R, S, C)
+
+
+def from_matrix(matrix: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`to_matrix`."""
+    if layout == LINEAR:
+        return matrix
+    if layout == CONV1D:
+        return matrix.t()
+    k, c, *window = shape
+    return matrix.reshape(k, *window, c).movedim(-1, 1)
+
+
+def fits(weight: torch.Tensor, pattern: NMPattern) -> str | None:
+    """None if ``weight`` can hold ``pattern``, else why not."""
+    if pattern.layout == CONV:
+        channels = weight.shape[1]
+        return None if channels % pattern.m == 0 else f"{channels} input channels per group are not a multiple of {pattern.m}"
+    width = to_matrix(weight, pattern.layout).shape[1]
+    return None if width % pattern.m == 0 else f"reduction width {width} is not a multiple of {pattern.m}"
+
+
+def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Keep the ``n`` highest scores of every ``m`` consecutive entries (scores in weight layout)."""
+    matrix = to_matrix(scores, pattern.layout)
+    rows, width = matrix.shape
+    groups = matrix.reshape(rows, width // pattern.m, pattern.m)
+    top = groups.topk(pattern.n, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return from_matrix(keep.reshape(rows, width), pattern.layout, scores.shape)
+
+
+def satisfies(weight: torch.Tensor, pattern: NMPattern) -> bool:
+    """True if at most ``n`` of every ``m`` consecutive reduction entries are non-zero."""
+    matrix = to_matrix(weight.detach(), pattern.layout)
+    rows, width = matrix.shape
+    if width % pattern.m:
+        return False
+    nonzero = (matrix != 0).reshape(rows, width // pattern.m, pattern.m).sum(-1)
+    return bool((nonzero <= pattern.n).all())
+
+
+class NMMask(nn.Module):
+    """Parametrization ``weight = original * mask``; the mask is a buffer, saved with the model."""
+
+    def __init__(self, mask: torch.Tensor, pattern: NMPattern) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.pattern = pattern
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original * self.mask
+
+
+def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern) -> None:
+    """Mask ``module.<name>`` (the masked entries are also zeroed in the stored original)."""
+    with torch.no_grad():
+        getattr(module, name).mul_(mask)
+    parametrize.register_parametrization(module, name, NMMask(mask.to(getattr(module, name).dtype), pattern))
+
+
+def masked_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
+    """Every N:M-masked tensor of ``model``: name -> (effective tensor, pattern)."""
+    out = {}
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, NMMask):
+                    out[f"{path}.{name}" if path else name] = (getattr(module, name), p.pattern)
+    return out
+
+
+def check_patterns(model: nn.Module, where: str) -> None:
+    """Raise :class:`ContractError` if a masked tensor no longer follows its N:M pattern."""
+    for name, (tensor, pattern) in masked_weights(model).items():
+        if not satisfies(tensor, pattern):
+            raise ContractError(f"after {where}, {name} no longer follows its {pattern} pattern")
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Bake N:M masks into the weights (removes the parametrizations); returns ``model``."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                if any(isinstance(p, NMMask) for p in module.parametrizations[name]):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model

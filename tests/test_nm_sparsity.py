@@ -1,0 +1,157 @@
+"""N:M sparsity: layouts, criteria against references, masks that survive, contracts."""
+
+from __future__ import annotations
+
+from itertools import product
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+import graphprune as gp
+from graphprune.passes import ChannelPrune, NMSparsity
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
+from samples import resnet
+from tests.architectures import build
+
+PATTERNS = [(1, 2), (1, 4), (2, 4), (4, 8), (2, 8)]
+
+
+def _reference_mask(matrix: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    keep = torch.zeros_like(matrix, dtype=torch.bool)
+    for r, g in product(range(matrix.shape[0]), range(matrix.shape[1] // m)):
+        block = matrix[r, g * m:(g + 1) * m]
+        for i in sorted(range(m), key=lambda i: -float(block[i]))[:n]:
+            keep[r, g * m + i] = True
+    return keep
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_mask_matches_brute_force_in_every_layout(n, m):
+    g = torch.Generator().manual_seed(n * 10 + m)
+    linear = torch.randn(6, 16, generator=g)
+    assert torch.equal(nm_mask(linear, NMPattern(n, m, LINEAR)), _reference_mask(linear, n, m))
+    conv1d = torch.randn(16, 6, generator=g)  # transformers Conv1D: [in, out]
+    assert torch.equal(nm_mask(conv1d, NMPattern(n, m, CONV1D)).t(), _reference_mask(conv1d.t(), n, m))
+    conv = torch.randn(5, 8, 3, 3, generator=g)  # [K, C, R, S]; groups run along C in (K, R, S, C)
+    channel_last = conv.permute(0, 2, 3, 1).reshape(5, -1)
+    got = nm_mask(conv, NMPattern(n, m, CONV)).permute(0, 2, 3, 1).reshape(5, -1)
+    assert torch.equal(got, _reference_mask(channel_last, n, m))
+    assert satisfies(conv * nm_mask(conv, NMPattern(n, m, CONV)), NMPattern(n, m, CONV))
+
+
+class _Kinds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 1, groups=2)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.odd = nn.Linear(16, 6)
+        self.lin = nn.Linear(6, 8)  # 6 inputs: cannot hold a 4-wide group
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.dw(self.grouped(torch.relu(self.conv(torch.relu(self.stem(x))))))
+        return self.head(torch.relu(self.lin(torch.relu(self.odd(y.mean((2, 3)))))))
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_pattern_holds_on_every_layer_kind_and_odd_shapes_are_skipped(n, m):
+    torch.manual_seed(0)
+    model, x = _Kinds().eval(), (torch.randn(2, 3, 8, 8),)
+    result = gp.prune(model, x, passes=[NMSparsity(n, m)])
+    masked = masked_weights(result.module)
+    expect = {"conv.weight", "odd.weight"} | ({"grouped.weight"} if 8 % m == 0 else set()) \
+        | ({"lin.weight"} if 6 % m == 0 else set())
+    assert set(masked) == expect
+    assert all(satisfies(t, p) for t, p in masked.values())
+    dense = result.report.rows[0].details["dense layers"]
+    assert "stem.weight: first convolution" in dense and "head.weight: output head" in dense
+    assert "dw.weight: depthwise" in dense
+    assert ("lin.weight: reduction width 6" in dense) == (6 % m != 0)
+    assert result.module(*x).shape == (2, 3)
+
+
+def test_gpt2_conv1d_and_wanda_follow_the_reference():
+    model, inputs = build("gpt2")
+    batches = [inputs, {"input_ids": torch.randint(0, 100, (2, 8))}]
+    result = gp.prune(model, inputs, passes=[NMSparsity(2, 4, method="wanda")], calibration=batches)
+    masked = masked_weights(result.module)
+    assert "transformer.h.0.attn.c_attn.weight" in masked and "lm_head.weight" not in masked
+    # reference for one layer: |W| * rms(input channel), top-2 of every 4 along the input dim
+    xs = []
+    hook = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda mod, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    rms = torch.cat(xs).pow(2).mean(0).sqrt()
+    w = model.transformer.h[1].mlp.c_proj.weight.detach()  # [in, out]
+    want = _reference_mask((w.abs() * rms[:, None]).t(), 2, 4).t()
+    got = masked["transformer.h.1.mlp.c_proj.weight"][0] != 0
+    assert torch.equal(got, want & (w != 0))
+
+
+def test_masks_survive_training_and_finalize_bakes_them():
+    model, x = resnet.build()
+    result = gp.prune(model, x, passes=[NMSparsity(2, 4)])
+    net = result.module.train()
+    for opt in (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1)):
+        for _ in range(3):
+            net(*x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(satisfies(t, p) for t, p in masked_weights(net).values())
+    assert any("parametrizations" in k and k.endswith("mask") for k in net.state_dict())
+    finalize(net)
+    assert not any(parametrize.is_parametrized(m) for m in net.modules())
+    assert satisfies(net.layers[0].conv1.weight, NMPattern(2, 4, CONV))
+
+
+def test_structured_then_nm_masks_the_shrunk_tensors():
+    model, x = resnet.build()
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5, round_to=8), NMSparsity(2, 4)])
+    tensor, pattern = masked_weights(result.module)["layers.7.conv2.weight"]
+    assert tensor.shape == (128, 128, 3, 3) and satisfies(tensor, pattern)
+    assert result.stage is Stage.MASKED
+
+
+def test_structured_after_masking_is_refused():
+    model, x = resnet.build()
+    with pytest.raises(gp.ContractError, match="ChannelPrune runs on a dense, structured model.*'masked'"):
+        gp.prune(model, x, passes=[NMSparsity(2, 4), ChannelPrune(0.5)])
+
+
+def test_a_pass_that_breaks_a_mask_is_caught():
+    class Breaker(Pass):
+        def call(self, state: CompressionState) -> PassResult:
+            for module in state.model.modules():
+                if parametrize.is_parametrized(module):
+                    module.parametrizations.weight[0].mask.fill_(1.0)
+                    module.parametrizations.weight.original.data.fill_(1.0)
+            return PassResult(state, True)
+
+    model, x = resnet.build()
+    with pytest.raises(gp.ContractError, match="after Breaker, .* no longer follows its 2:4 pattern"):
+        gp.prune(model, x, passes=[NMSparsity(2, 4), Breaker()])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=4, m=4), "0 < n < m"), (dict(n=0, m=4), "0 < n < m"), (dict(n=2.0, m=4), "0 < n < m"),
+    (dict(method="sparsegpt"), "not available yet"), (dict(method="random"), "must be one of"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(gp.InputError, match=match):
+        NMSparsity(**kwargs)
+
+
+def test_wanda_needs_calibration_and_ignore_names_must_exist():
+    model, x = resnet.build()
+    with pytest.raises(gp.InputError, match="needs calibration data"):
+        gp.prune(model, x, passes=[NMSparsity(method="wanda")])
+    with pytest.raises(gp.InputError, match="no module named 'layer9'"):
+        gp.prune(model, x, passes=[NMSparsity(ignore=["layer9"])])
