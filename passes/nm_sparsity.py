@@ -6,9 +6,12 @@ usually leaves dense: the first convolution (it reads the model input) and outpu
 outputs reach the model outputs).  Weights whose reduction width cannot hold the pattern are
 skipped; every skip is reported with its reason.
 
-Criteria: ``magnitude`` (|W|) and ``wanda`` (|W| times the RMS of the matching input channel over
-calibration batches, Sun et al. 2023).  Masks are attached as parametrizations, so fine-tuning
-cannot revive pruned weights; :func:`graphprune.sparsity.finalize` bakes them in.
+Criteria: ``magnitude`` (|W|); ``wanda`` (|W| times the RMS of the matching input channel over
+calibration batches, Sun et al. 2023); ``sparsegpt`` (second-order mask choice and weight update,
+:mod:`graphprune.sparsegpt`), layer by layer in graph order with each layer's inputs taken from the
+already-sparsified model (layers that read the same activation share one Hessian).  Masks are
+attached as parametrizations, so fine-tuning cannot revive pruned weights;
+:func:`graphprune.sparsity.finalize` bakes them in.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, batches, consumers, input_rms
-from graphprune.capture import tensor_at
+from graphprune.capture import normalize_inputs, tensor_at
 from graphprune.errors import InputError
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, nm_mask
+from graphprune.sparsegpt import conv_columns, prune_matrix
+from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, to_matrix
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 class NMSparsity(Pass):
@@ -33,7 +38,8 @@ class NMSparsity(Pass):
 
     Args:
         n, m: the pattern (2:4 by default; any 0 < n < m, e.g. 1:4, 4:8, 2:8).
-        method: ``"magnitude"`` or ``"wanda"`` (needs ``calibration=`` in ``gp.prune``).
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need ``calibration=``).
+        block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
         ignore: module names (or prefixes) left dense.
         dense_first_conv: leave convolutions that read the model input dense.
         dense_heads: leave layers whose outputs reach the model outputs dense.
@@ -43,12 +49,14 @@ class NMSparsity(Pass):
     produces = Stage.MASKED
 
     def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", ignore: Iterable[str] = (),
-                 dense_first_conv: bool = True, dense_heads: bool = True) -> None:
+                 dense_first_conv: bool = True, dense_heads: bool = True, block: int = 128,
+                 damp: float = 0.01) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
-            raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r} "
-                             "(SparseGPT and channel permutations are not available yet)")
-        self.n, self.m, self.method = n, m, method
+            raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r}")
+        if not 0 <= damp < 1 or block < m:
+            raise InputError(f"NMSparsity needs 0 <= damp < 1 and block >= m, got damp={damp}, block={block}")
+        self.n, self.m, self.method, self.block, self.damp = n, m, method, block, damp
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
@@ -83,21 +91,91 @@ class NMSparsity(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis, model = state.analysis(), state.model
         layers, skipped = self.selected(analysis, model)
-        rms = input_rms(model, layers, batches(state.calibration, "NMSparsity(method='wanda')")) \
-            if self.method == "wanda" else {}
-        for layer in layers:
-            owner = model.get_submodule(layer.module)
-            attr = layer.weight.rpartition(".")[2]
-            weight = getattr(owner, attr).detach()
-            scores = weight.abs().float()
-            if layer in rms:
-                scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
-            attach(owner, attr, nm_mask(scores, NMPattern(self.n, self.m, layer.layout)), NMPattern(self.n, self.m, layer.layout))
+        calibration = batches(state.calibration, f"NMSparsity(method={self.method!r})") \
+            if self.method != "magnitude" else None
+        if self.method == "sparsegpt":
+            self._sparsegpt(model, analysis, layers, calibration)
+        else:
+            rms = input_rms(model, layers, calibration) if self.method == "wanda" else {}
+            for layer in layers:
+                owner, attr = _owner(model, layer)
+                weight = getattr(owner, attr).detach()
+                scores = weight.abs().float()
+                if layer in rms:
+                    scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
+                pattern = NMPattern(self.n, self.m, layer.layout)
+                attach(owner, attr, nm_mask(scores, pattern), pattern)
         state.stage = Stage.MASKED
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if skipped:
             details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
+
+
+    def _sparsegpt(self, model: nn.Module, analysis: Analysis, layers: list[Consumer], calibration: list) -> None:
+        """Layer by layer in graph order; linear layers reading one activation share its Hessian."""
+        by_input: dict[tuple, list[Consumer]] = {}
+        for layer in layers:  # convs see their input through their own patch geometry
+            key = (_input_node(layer), layer.module if layer.layout == CONV else None)
+            by_input.setdefault(key, []).append(layer)
+        for group in by_input.values():
+            hessians = _hessians(model, group[0], calibration)
+            for layer in group:
+                owner, attr = _owner(model, layer)
+                weight = getattr(owner, attr).detach()
+                pattern = NMPattern(self.n, self.m, layer.layout)
+                new, keep = torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool)
+                rows = weight.shape[0] // len(hessians) if layer.layout == CONV else None
+                for g, hessian in enumerate(hessians):
+                    part = weight[g * rows:(g + 1) * rows] if rows else weight
+                    w, k = prune_matrix(to_matrix(part, layer.layout), hessian, pattern, block=self.block, damp=self.damp)
+                    target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
+                    new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
+                    keep[target] = from_matrix(k, layer.layout, part.shape)
+                with torch.no_grad():
+                    getattr(owner, attr).copy_(new)
+                attach(owner, attr, keep, pattern)
+
+
+def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
+    return model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
+
+
+def _input_node(layer: Consumer) -> fx.Node:
+    return layer.node.args[1] if layer.layout == CONV1D else layer.node.args[0]
+
+
+def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torch.Tensor]:
+    """``2/N sum x x^T`` of the layer's inputs (one per conv group), from the model as it is now."""
+    module = model.get_submodule(layer.module)
+    sums: list[torch.Tensor] = []
+    count = [0]
+
+    def hook(_mod, args, kwargs):
+        x = (args[0] if args else next(iter(kwargs.values()))).detach().double()
+        if layer.layout == CONV:
+            cols = [conv_columns(x, module, g) for g in range(module.groups)]
+        else:
+            cols = [x.reshape(-1, x.shape[-1])]
+        for g, c in enumerate(cols):
+            if len(sums) <= g:
+                sums.append(torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64))
+            sums[g] += c.T @ c
+        count[0] += cols[0].shape[0]
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                args, kwargs = normalize_inputs(batch)
+                model(*args, **kwargs)
+    finally:
+        handle.remove()
+        for m, flag in training.items():
+            m.training = flag
+    return [2 * s / max(count[0], 1) for s in sums]
 
 
 def _output_channels(analysis: Analysis, layer: Consumer) -> int:

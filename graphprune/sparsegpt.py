@@ -1,0 +1,66 @@
+"""SparseGPT (Frantar & Alistarh, 2023): N:M masks chosen with second-order information, and the
+remaining weights updated to reconstruct the layer's output on calibration inputs.
+
+For a weight matrix ``W [rows, cols]`` (hardware layout, see :mod:`graphprune.sparsity`) and the
+Hessian ``H = 2/N sum x x^T`` of its inputs, columns are processed left to right in blocks.  At
+the start of every group of ``m`` columns the ``n`` weights per row with the largest
+``w^2 / [H^-1]_jj^2`` are kept; each column's pruning error is then spread over the columns not
+yet processed through the inverse Hessian's Cholesky factor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graphprune.sparsity import NMPattern
+
+
+def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, block: int = 128,
+                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (updated weight, keep mask), both ``[rows, cols]``, in float64."""
+    n, m = pattern.n, pattern.m
+    block = max(m, block - block % m)
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fire carry no information
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rows, cols = w.shape
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w1 = w[:, start:end].clone()
+        inv1 = inverse[start:end, start:end]
+        errors = torch.zeros_like(w1)
+        for i in range(end - start):
+            if i % m == 0:
+                scores = w1[:, i:i + m].pow(2) / torch.diagonal(inv1)[i:i + m].pow(2)
+                chosen = scores.topk(n, dim=1).indices
+                keep[:, start + i:start + i + m].scatter_(1, chosen, True)
+            column = w1[:, i]
+            kept = column * keep[:, start + i]
+            error = (column - kept) / inv1[i, i]
+            w1[:, i:] -= error[:, None] * inv1[i, i:][None, :]
+            w1[:, i] = kept
+            errors[:, i] = error
+        w[:, start:end] = w1
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return w * keep, keep
+
+
+def conv_columns(x: torch.Tensor, conv: torch.nn.Conv2d | torch.nn.Conv1d, group: int) -> torch.Tensor:
+    """Input patches of one group of a conv, ``[patches, R*S*C_group]`` in channel-last order."""
+    if x.dim() == 3:  # conv1d as a conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, padding, dilation = (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+    else:
+        kernel, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    c = x.shape[1] // conv.groups
+    x = x[:, group * c:(group + 1) * c]
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*R*S, L], C outermost
+    window = kernel[0] * kernel[1]
+    cols = cols.reshape(x.shape[0], c, window, -1).permute(0, 3, 2, 1)  # [B, L, R*S, C]
+    return cols.reshape(-1, window * c)
