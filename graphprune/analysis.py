@@ -101,11 +101,6 @@ class Analysis:
     frozen: list[FrozenSpace]
     tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (kind, dim atoms)
     seconds: float = 0.0
-    output_leaves: frozenset[int] = frozenset()  # leaves that reach a model output
-
-    def reaches_output(self, atom: int) -> bool:
-        """Whether channels of ``atom`` reach one of the model's outputs."""
-        return not self.output_leaves.isdisjoint(self.spaces.leaves(atom))
 
     @property
     def constants(self) -> list[ShapeConstant]:
@@ -228,8 +223,7 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         else:
             groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
                                 frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
-    outputs = frozenset(leaf for node in captured.outputs for atom in _flat(ctx.raw(node)) for leaf in spaces.leaves(atom))
-    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start, outputs)
+    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
 
 
 def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:

@@ -70,8 +70,10 @@ class NMSparsity(Pass):
             if name not in names:
                 raise InputError(f"NMSparsity ignore: no module named {name!r} in {type(model).__name__}")
         inputs = set(analysis.captured.user_inputs)
+        layers = consumers(analysis)
+        heads = _heads(analysis, layers)
         chosen, skipped = [], {}
-        for layer in consumers(analysis):
+        for layer in layers:
             weight = tensor_at(model, layer.weight)
             pattern = NMPattern(self.n, self.m, layer.layout)
             if layer.layout == CONV and layer.groups > 1 and weight.shape[1] == 1:
@@ -80,7 +82,7 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "ignored"
             elif self.dense_first_conv and layer.layout == CONV and layer.node.args[0] in inputs:
                 skipped[layer.weight] = "first convolution (reads the model input); dense_first_conv=False to mask it"
-            elif self.dense_heads and analysis.reaches_output(_output_channels(analysis, layer)):
+            elif self.dense_heads and layer.node in heads:
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
             elif (why := fits(weight, pattern)) is not None:
                 skipped[layer.weight] = why
@@ -178,10 +180,23 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torc
     return [2 * s / max(count[0], 1) for s in sums]
 
 
-def _output_channels(analysis: Analysis, layer: Consumer) -> int:
-    """The atom of the layer's output channel dim."""
-    dims = analysis.context.dims(layer.node)
-    return dims[1] if layer.layout == CONV else dims[-1]
+def _heads(analysis: Analysis, layers: list[Consumer]) -> set[fx.Node]:
+    """Layers whose result reaches a model output through single-input ops only (views, casts,
+    activations, norms): classifiers and LM heads, not blocks that write a residual stream."""
+    layer_nodes = {layer.node for layer in layers}
+    params = analysis.context.parameter_nodes
+    heads: set[fx.Node] = set()
+    for output in analysis.captured.outputs:
+        node = output
+        while node.op == "call_function":
+            if node in layer_nodes:
+                heads.add(node)
+                break
+            activations = [x for x in node.all_input_nodes if x not in params]
+            if len(activations) != 1:
+                break
+            node = activations[0]
+    return heads
 
 
 def _per_input_channel(rms: torch.Tensor, layer: Consumer, shape: torch.Size) -> torch.Tensor:

@@ -207,3 +207,12 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_a_calibrated_mlp():
         result = gp.prune(model, data[0], passes=[NMSparsity(2, 4, method=method, dense_heads=False)], calibration=data)
         errors[method] = result.report.rows[0].output_error
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_heads_are_final_layers_not_blocks_writing_the_residual_stream():
+    model, inputs = build("bert")
+    result = gp.prune(model, inputs, passes=[NMSparsity(2, 4)])
+    masked = masked_weights(result.module)
+    assert "encoder.layer.1.output.dense.weight" in masked  # writes the residual stream
+    assert "pooler.dense.weight" not in masked  # its result is the pooler_output
+    assert "pooler.dense.weight: output head" in result.report.rows[0].details["dense layers"]
