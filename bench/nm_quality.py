@@ -33,18 +33,23 @@ def main() -> None:
     held = tokenize(HELD_OUT)
     dense = embed(model, held)
     neighbours = (dense @ dense.T).fill_diagonal_(-1).argmax(1)
-    print(f"{'method':<12}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}{'max sim err':>13}{'seconds':>9}")
-    for n, m in ((2, 4), (4, 8)):
+    print(f"{'method':<12}{'permute':>8}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}{'max sim err':>13}"
+          f"{'seconds':>9}")
+    for (n, m), permute in (((2, 4), False), ((2, 4), True), ((4, 8), False)):
         for method in ("magnitude", "wanda", "sparsegpt"):
             start = time.perf_counter()
-            result = gp.prune(model, calibration[0], passes=[NMSparsity(n, m, method=method)], calibration=calibration)
+            result = gp.prune(model, calibration[0], passes=[NMSparsity(n, m, method=method, permute=permute)],
+                              calibration=calibration)
             seconds = time.perf_counter() - start
             sparse = embed(result.module, held)
             agree = int(((sparse @ sparse.T).fill_diagonal_(-1).argmax(1) == neighbours).sum())
             err = (sparse @ sparse.T - dense @ dense.T).abs().max().item()
             cos = (sparse * dense).sum(-1).mean().item()
             layers = len(masked_weights(result.module))
-            print(f"{method:<12}{f'{n}:{m}':>8}{layers:>8}{cos:>9.3f}{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}")
+            print(f"{method:<12}{'yes' if permute else 'no':>8}{f'{n}:{m}':>8}{layers:>8}{cos:>9.3f}"
+                  f"{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}")
+            if permute:
+                print("    " + result.report.rows[0].details["permutations"][:160])
 
 
 if __name__ == "__main__":

@@ -358,6 +358,23 @@ class Spaces:
         return self._fold(atom, lambda leaf: int(keep[leaf].sum()) if leaf in keep else size(leaf),
                           sum, lambda a, b: a * b)
 
+    def gather_index(self, atom: int, order: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Positions of ``atom`` to gather so that each leaf in ``order`` appears permuted by its
+        index tensor (``new[leaf i] = old[leaf order[i]]``); other leaves keep their order."""
+        size = self.solver.size
+
+        def at_leaf(leaf: int) -> torch.Tensor:
+            return order[leaf] if leaf in order else torch.arange(size(leaf))
+
+        def join(parts: list[torch.Tensor]) -> torch.Tensor:
+            offsets, out = 0, []
+            for p in parts:
+                out.append(p + offsets)
+                offsets += p.numel()
+            return torch.cat(out)
+
+        return self._fold(atom, at_leaf, join, lambda a, b: (a[:, None] * b.numel() + b[None, :]).reshape(-1))
+
     def leaf_index(self, atom: int, leaf: int) -> torch.Tensor:
         """For each channel of ``atom``, the index of the ``leaf`` channel it belongs to (-1: none)."""
         size = self.solver.size

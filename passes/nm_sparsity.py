@@ -26,7 +26,8 @@ from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, batches, consumers, input_rms
 from graphprune.capture import normalize_inputs, tensor_at
 from graphprune.errors import InputError
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.permutation import retained, search
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
 from graphprune.sparsegpt import conv_columns, prune_matrix
 from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, to_matrix
 
@@ -40,6 +41,9 @@ class NMSparsity(Pass):
         n, m: the pattern (2:4 by default; any 0 < n < m, e.g. 1:4, 4:8, 2:8).
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need ``calibration=``).
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
+        permute: before masking, permute each channel group (through every tensor that indexes it,
+            so the model's function is unchanged) to retain more magnitude under the pattern;
+            ``permute_sweeps`` sets the search effort per group (:mod:`graphprune.permutation`).
         ignore: module names (or prefixes) left dense.
         dense_first_conv: leave convolutions that read the model input dense.
         dense_heads: leave layers whose outputs reach the model outputs dense.
@@ -50,13 +54,14 @@ class NMSparsity(Pass):
 
     def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", ignore: Iterable[str] = (),
                  dense_first_conv: bool = True, dense_heads: bool = True, block: int = 128,
-                 damp: float = 0.01) -> None:
+                 damp: float = 0.01, permute: bool = False, permute_sweeps: int = 4) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
             raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r}")
         if not 0 <= damp < 1 or block < m:
             raise InputError(f"NMSparsity needs 0 <= damp < 1 and block >= m, got damp={damp}, block={block}")
         self.n, self.m, self.method, self.block, self.damp = n, m, method, block, damp
+        self.permute, self.permute_sweeps = permute, permute_sweeps
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
@@ -93,12 +98,18 @@ class NMSparsity(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis, model = state.analysis(), state.model
         layers, skipped = self.selected(analysis, model)
+        for layer in layers:
+            if tensor_at(model, layer.weight).device.type == "meta":
+                raise InputError(f"{layer.weight} is on the meta device: N:M masks need real weights")
         calibration = batches(state.calibration, f"NMSparsity(method={self.method!r})") \
             if self.method != "magnitude" else None
+        rms = input_rms(model, layers, calibration) if self.method == "wanda" else {}
+        gains = self._permute_groups(state, analysis, layers, rms) if self.permute else {}
+        if gains and rms:  # the input channels moved: their statistics must be read in the new order
+            rms = input_rms(model, layers, calibration)
         if self.method == "sparsegpt":
             self._sparsegpt(model, analysis, layers, calibration)
         else:
-            rms = input_rms(model, layers, calibration) if self.method == "wanda" else {}
             for layer in layers:
                 owner, attr = _owner(model, layer)
                 weight = getattr(owner, attr).detach()
@@ -109,10 +120,37 @@ class NMSparsity(Pass):
                 attach(owner, attr, nm_mask(scores, pattern), pattern)
         state.stage = Stage.MASKED
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
+        if self.permute:
+            details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
         if skipped:
             details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
 
+
+    def _permute_groups(self, state: CompressionState, analysis: Analysis, layers: list[Consumer],
+                        rms: dict[Consumer, torch.Tensor]) -> dict[str, str]:
+        """Permute every channel group that masked layers reduce over; returns the gain per group."""
+        model, spaces = state.model, analysis.spaces
+        reference = run_outputs(model, state.captured)
+        gains = {}
+        for group in analysis.groups:
+            if group.size % self.m:
+                continue
+            blocks = [b for layer in layers if (b := _reduction_block(analysis, model, layer, group.leaf, rms)) is not None]
+            if not blocks:
+                continue
+            scores = torch.cat(blocks)
+            order = search(scores, self.n, self.m, sweeps=self.permute_sweeps)
+            before, after = (retained(scores, o, self.n, self.m) for o in (torch.arange(group.size), order))
+            if after <= before:
+                continue
+            _permute(model, analysis, group.leaf, order)
+            if reference is not None and not _same(run_outputs(model, state.captured), reference):
+                _permute(model, analysis, group.leaf, torch.argsort(order))  # an order-dependent op reads it
+                gains[f"group {group.id}"] = "skipped: permuting changed the outputs"
+                continue
+            gains[f"group {group.id} ({group.size} ch)"] = f"+{after / before - 1:.2%} retained"
+        return gains
 
     def _sparsegpt(self, model: nn.Module, analysis: Analysis, layers: list[Consumer], calibration: list) -> None:
         """Layer by layer in graph order; linear layers reading one activation share its Hessian."""
@@ -137,6 +175,47 @@ class NMSparsity(Pass):
                 with torch.no_grad():
                     getattr(owner, attr).copy_(new)
                 attach(owner, attr, keep, pattern)
+
+
+def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf: int,
+                     rms: dict[Consumer, torch.Tensor]) -> torch.Tensor | None:
+    """The layer's scores as ``[rows, |leaf|]`` when ``leaf`` is the innermost factor of its
+    reduction (so the N:M groups run inside it), else None."""
+    dims = analysis.tensors[layer.weight][1]
+    if layer.layout == CONV and layer.groups > 1:
+        return None
+    atom = dims[0] if layer.layout == CONV1D else dims[1]
+    spaces = analysis.spaces
+    leaves = spaces.leaves(atom)
+    if not leaves or leaves[-1] != leaf or leaves.count(leaf) != 1 or spaces.cofactor(atom, leaf) is None:
+        return None
+    weight = tensor_at(model, layer.weight).detach()
+    scores = weight.abs().float()
+    if layer in rms:
+        scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
+    return to_matrix(scores, layer.layout).reshape(-1, spaces.solver.size(leaf))
+
+
+def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tensor) -> None:
+    """Reorder channel space ``leaf`` in every tensor that indexes it (tied tensors once)."""
+    done: set[int] = set()
+    for name, (kind, dims) in analysis.tensors.items():
+        if kind == "code_constant":
+            continue
+        tensor = tensor_at(model, name)
+        if id(tensor) in done:
+            continue
+        done.add(id(tensor))
+        data = tensor.data
+        for d, atom in enumerate(dims):
+            if leaf in analysis.spaces.leaves(atom):
+                data = data.index_select(d, analysis.spaces.gather_index(atom, {leaf: order}).to(data.device))
+        tensor.data = data
+
+
+def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() or 1.0))
+               for a, b in zip(got, want))
 
 
 def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:

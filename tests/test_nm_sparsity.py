@@ -7,10 +7,13 @@ from itertools import product
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
 import graphprune as gp
 from graphprune.passes import ChannelPrune, NMSparsity
+from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
 from samples import resnet
@@ -216,3 +219,53 @@ def test_heads_are_final_layers_not_blocks_writing_the_residual_stream():
     assert "encoder.layer.1.output.dense.weight" in masked  # writes the residual stream
     assert "pooler.dense.weight" not in masked  # its result is the pooler_output
     assert "pooler.dense.weight: output head" in result.report.rows[0].details["dense layers"]
+
+
+# --------------------------------------------------------------- permutations
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8)]), st.integers(0, 1000))
+def test_search_is_a_permutation_that_never_retains_less(rows, nm, seed):
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, m * 4, generator=g) * torch.rand(m * 4, generator=g)
+    order = search(scores, n, m, sweeps=2)
+    assert sorted(order.tolist()) == list(range(m * 4))
+    assert retained(scores, order, n, m) >= retained(scores, torch.arange(m * 4), n, m) - 1e-6
+
+
+@pytest.mark.parametrize("name", ["resnet_sample", "bert"])
+def test_permuting_a_group_leaves_outputs_unchanged(name):
+    from graphprune.passes.nm_sparsity import _permute
+    from tests.oracles import outputs
+
+    model, inputs = resnet.build() if name == "resnet_sample" else build("bert")
+    analysis = gp.analyze(model, inputs)
+    before = outputs(model, inputs)
+    g = torch.Generator().manual_seed(0)
+    for group in analysis.groups:
+        _permute(model, analysis, group.leaf, torch.randperm(group.size, generator=g))
+    for a, b in zip(outputs(model, inputs), before):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
+
+
+def test_permute_keeps_the_pattern_and_reports_gains():
+    model, x = resnet.build()
+    result = gp.prune(model, x, passes=[NMSparsity(2, 4, permute=True, permute_sweeps=1)])
+    assert all(satisfies(t, p) for t, p in masked_weights(result.module).values())
+    assert "retained" in result.report.rows[0].details["permutations"]
+
+
+def test_permutation_reverted_where_channel_order_matters():
+    class Ordered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(torch.relu(self.a(x)), dim=-1))  # prefix sums: order matters
+
+    torch.manual_seed(0)
+    model, x = Ordered().eval(), (torch.randn(4, 8),)
+    result = gp.prune(model, x, passes=[NMSparsity(2, 4, permute=True, dense_heads=False)])
+    assert "skipped: permuting changed the outputs" in result.report.rows[0].details["permutations"]
