@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, batches, consumers, input_rms
@@ -91,6 +92,8 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
             elif (why := fits(weight, pattern)) is not None:
                 skipped[layer.weight] = why
+            elif self.method == "sparsegpt" and weight.dim() > 4:
+                skipped[layer.weight] = "SparseGPT handles 1-D and 2-D convolutions; this 3-D one stays dense"
             else:
                 chosen.append(layer)
         return list({c.weight: c for c in chosen}.values()), skipped
@@ -133,7 +136,7 @@ class NMSparsity(Pass):
         model, spaces = state.model, analysis.spaces
         reference = run_outputs(model, state.captured)
         gains = {}
-        for group in analysis.groups:
+        for group in tqdm(analysis.groups, desc="permutations", unit="group", disable=None):
             if group.size % self.m:
                 continue
             blocks = [b for layer in layers if (b := _reduction_block(analysis, model, layer, group.leaf, rms)) is not None]
@@ -158,7 +161,7 @@ class NMSparsity(Pass):
         for layer in layers:  # convs see their input through their own patch geometry
             key = (_input_node(layer), layer.module if layer.layout == CONV else None)
             by_input.setdefault(key, []).append(layer)
-        for group in by_input.values():
+        for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None):
             hessians = _hessians(model, group[0], calibration)
             for layer in group:
                 owner, attr = _owner(model, layer)

@@ -269,3 +269,13 @@ def test_permutation_reverted_where_channel_order_matters():
     model, x = Ordered().eval(), (torch.randn(4, 8),)
     result = gp.prune(model, x, passes=[NMSparsity(2, 4, permute=True, dense_heads=False)])
     assert "skipped: permuting changed the outputs" in result.report.rows[0].details["permutations"]
+
+
+def test_sparsegpt_leaves_3d_convs_dense_and_says_why():
+    model = nn.Sequential(nn.Conv3d(3, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv3d(8, 2, 1)).eval()
+    x = (torch.randn(1, 3, 4, 4, 4),)
+    result = gp.prune(model, x, passes=[NMSparsity(2, 4, method="sparsegpt")], calibration=[x])
+    assert "2.weight: SparseGPT handles 1-D and 2-D convolutions" in result.report.rows[0].details["dense layers"]
+    magnitude = gp.prune(model, x, passes=[NMSparsity(2, 4)])
+    assert "2.weight" in masked_weights(magnitude.module)
