@@ -9,7 +9,6 @@ evaluation use different sentences.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 import graphprune as gp

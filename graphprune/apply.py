@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch.fx.operator_schemas import normalize_function
 
 from graphprune.analysis import BODY_HOPS, Analysis
-from graphprune.capture import CapturedGraph, capture_call, tensor_at
+from graphprune.capture import CapturedGraph, capture_call, run_outputs, tensor_at
 from graphprune.errors import ApplyError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
@@ -217,7 +217,7 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
         if any(t.device.type == "meta" for t in model.parameters()):
             raise ApplyError(f"{exc}; a meta-device model cannot be checked by its outputs instead") from exc
         want = _run_rewritten(analysis, changed, model)
-        got = [t for t in pytree.tree_leaves(_call(model, original)) if isinstance(t, torch.Tensor)]
+        got = run_outputs(model, original)
         if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                         for a, b in zip(got, want)):
             raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
@@ -287,17 +287,6 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
     if j != len(new_nodes):
         raise _StructureDiffers(f"the pruned model's graph has {len(new_nodes) - j} extra nodes "
                                 "(its control flow depends on the pruned sizes)")
-
-
-def _call(model: nn.Module, captured: CapturedGraph) -> Any:
-    was = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*captured.args, **captured.kwargs)
-    finally:
-        for m, flag in was.items():
-            m.training = flag
 
 
 def _run_rewritten(analysis: Analysis, changed: Changed, model: nn.Module) -> list[torch.Tensor]:

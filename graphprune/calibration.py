@@ -7,7 +7,7 @@ input channel, the mean square of the activation, in memory proportional to the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphprune.analysis import Analysis
-from graphprune.capture import normalize_inputs
+from graphprune.capture import eval_mode, normalize_inputs
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV, CONV1D, LINEAR
 
@@ -73,30 +73,35 @@ def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
     return data
 
 
-def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
-    """Root mean square of each input channel of each layer over the calibration batches."""
-    sums: dict[Consumer, torch.Tensor] = {}
-    counts: dict[Consumer, int] = {}
-    hooks = []
-    for layer in {c.module: c for c in layers}.values():
-        def hook(_mod, args, kwargs, layer=layer):
-            x = args[0] if args else next(iter(kwargs.values()))
-            sq = x.detach().float().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1).pow(2)
-            sums[layer] = sums.get(layer, 0) + sq.sum(1).double().cpu()
-            counts[layer] = counts.get(layer, 0) + sq.shape[1]
-        hooks.append(model.get_submodule(layer.module).register_forward_pre_hook(hook, with_kwargs=True))
-    training = {m: m.training for m in model.modules()}
-    model.eval()
+def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]]) -> None:
+    """Run the batches (eval mode, no gradients), handing each named module's first input to its callback."""
+    handles = []
+    for name, callback in inputs_of.items():
+        def hook(_mod, args, kwargs, callback=callback):
+            callback(args[0] if args else next(iter(kwargs.values())))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in calibration:
                 args, kwargs = normalize_inputs(batch)
                 model(*args, **kwargs)
     finally:
-        for h in hooks:
-            h.remove()
-        for m, flag in training.items():
-            m.training = flag
+        for handle in handles:
+            handle.remove()
+
+
+def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
+    """Root mean square of each input channel of each layer over the calibration batches."""
+    sums: dict[Consumer, torch.Tensor] = {}
+    counts: dict[Consumer, int] = {}
+    hooks = {}
+    for layer in {c.module: c for c in layers}.values():
+        def hook(x: torch.Tensor, layer: Consumer = layer) -> None:
+            sq = x.detach().float().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1).pow(2)
+            sums[layer] = sums.get(layer, 0) + sq.sum(1).double().cpu()
+            counts[layer] = counts.get(layer, 0) + sq.shape[1]
+        hooks[layer.module] = hook
+    run_batches(model, calibration, hooks)
     by_module = {c.module: c for c in layers}
     return {c: (sums[by_module[c.module]] / counts[by_module[c.module]]).sqrt()
             for c in layers if by_module[c.module] in sums}

@@ -14,8 +14,6 @@ argument of which op, so that pruning rewrites exactly the attribute behind a sh
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import os
 import traceback
 from collections.abc import Iterator
@@ -127,7 +125,7 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if device is not None and device.type == "meta":
         args, kwargs = to_device(args, device), to_device(kwargs, device)
     uses: list[AttributeUse] = []
-    with _eval_mode(model), _no_kv_cache(model), recording_uses(model, uses):
+    with eval_mode(model), _no_kv_cache(model), recording_uses(model, uses):
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # re-raised with the user's failing line
@@ -178,7 +176,8 @@ def tensor_at(model: nn.Module, fqn: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every module in eval mode; the caller's training flags come back after."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -186,6 +185,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+def run_outputs(model: nn.Module, captured: CapturedGraph) -> list[torch.Tensor] | None:
+    """The model's outputs on the captured example inputs, flattened; None for meta-device models."""
+    device = model_device(model)
+    if device is not None and device.type == "meta":
+        return None
+    with eval_mode(model), torch.no_grad():
+        out = model(*captured.args, **captured.kwargs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager

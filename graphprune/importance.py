@@ -14,7 +14,7 @@ Torch-Pruning): a channel is as important as all the weights that would be remov
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch

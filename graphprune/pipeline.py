@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
 from graphprune.analysis import Analysis, analyze_captured
-from graphprune.capture import CapturedGraph, model_device
+from graphprune.capture import CapturedGraph, run_outputs
 from graphprune.errors import ContractError
 from graphprune.macs import count_params, graph_macs
 from graphprune.plan import Plan
@@ -133,22 +132,6 @@ class PassManager:
                                          output_error(state, reference), str(state.stage), result.details))
             params, macs = new_params, new_macs
         return state
-
-
-def run_outputs(model: nn.Module, captured: CapturedGraph) -> list[torch.Tensor] | None:
-    """The model's outputs on the example inputs, flattened; None for meta-device models."""
-    device = model_device(model)
-    if device is not None and device.type == "meta":
-        return None
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*captured.args, **captured.kwargs)
-    finally:
-        for m, flag in training.items():
-            m.training = flag
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def output_error(state: CompressionState, reference: list[torch.Tensor] | None) -> float | None:

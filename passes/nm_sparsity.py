@@ -24,8 +24,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
-from graphprune.calibration import Consumer, batches, consumers, input_rms
-from graphprune.capture import normalize_inputs, tensor_at
+from graphprune.calibration import Consumer, batches, consumers, input_rms, run_batches
+from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
@@ -133,7 +133,7 @@ class NMSparsity(Pass):
     def _permute_groups(self, state: CompressionState, analysis: Analysis, layers: list[Consumer],
                         rms: dict[Consumer, torch.Tensor]) -> dict[str, str]:
         """Permute every channel group that masked layers reduce over; returns the gain per group."""
-        model, spaces = state.model, analysis.spaces
+        model = state.model
         reference = run_outputs(model, state.captured)
         gains = {}
         for group in tqdm(analysis.groups, desc="permutations", unit="group", disable=None):
@@ -235,8 +235,8 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torc
     sums: list[torch.Tensor] = []
     count = [0]
 
-    def hook(_mod, args, kwargs):
-        x = (args[0] if args else next(iter(kwargs.values()))).detach().double()
+    def accumulate(x: torch.Tensor) -> None:
+        x = x.detach().double()
         if layer.layout == CONV:
             cols = [conv_columns(x, module, g) for g in range(module.groups)]
         else:
@@ -247,18 +247,7 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torc
             sums[g] += c.T @ c
         count[0] += cols[0].shape[0]
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in calibration:
-                args, kwargs = normalize_inputs(batch)
-                model(*args, **kwargs)
-    finally:
-        handle.remove()
-        for m, flag in training.items():
-            m.training = flag
+    run_batches(model, calibration, {layer.module: accumulate})
     return [2 * s / max(count[0], 1) for s in sums]
 
 
