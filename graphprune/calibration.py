@@ -33,16 +33,40 @@ class Consumer:
     layout: str  # sparsity layout of the weight (LINEAR, CONV1D, CONV)
     axis: int  # channel axis of the module's input
     groups: int = 1
+    matmul: bool = False  # a plain matmul: the module's input must be the matmul's activation
+
+
+_TRANSPOSES = (aten.t, aten.numpy_T, aten.mT)
+
+
+def _matmul_weight(node: fx.Node, names: dict) -> tuple[fx.Node, str] | None:
+    """For ``x @ W`` or ``x @ W.T`` with a 2-D parameter W: (W's placeholder, its layout)."""
+    operand = node.args[1]
+    transposed = False
+    if isinstance(operand, fx.Node) and operand.op == "call_function" and isinstance(operand.target, torch._ops.OpOverload):
+        packet = operand.target.overloadpacket
+        if packet in _TRANSPOSES or (packet is aten.transpose and sorted(a % 2 for a in operand.args[1:3]) == [0, 1]):
+            operand, transposed = operand.args[0], True
+    if not isinstance(operand, fx.Node) or names.get(operand.name, ("",))[0] != "parameter":
+        return None
+    if len(operand.meta["val"].shape) != 2:
+        return None
+    return operand, LINEAR if transposed else CONV1D
 
 
 def consumers(analysis: Analysis) -> list[Consumer]:
-    """Every linear / Conv1D / conv node whose weight is a parameter, in graph order."""
+    """Every linear / Conv1D / conv node, and matmul against a 2-D parameter, in graph order."""
     names = analysis.captured.tensor_names
     out = []
     for node in analysis.captured.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         packet = node.target.overloadpacket
+        if packet in (aten.matmul, aten.mm) and (found := _matmul_weight(node, names)) is not None:
+            weight, layout = found
+            name = names[weight.name][1]
+            out.append(Consumer(node, name.rpartition(".")[0], name, layout, -1, matmul=True))
+            continue
         weight = node.args[2] if packet is aten.addmm else node.args[1] if len(node.args) > 1 else None
         if not isinstance(weight, fx.Node) or names.get(weight.name, ("",))[0] != "parameter":
             continue
@@ -73,6 +97,16 @@ def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
     return data
 
 
+def check_input(layer: Consumer, x: torch.Tensor) -> None:
+    """A matmul's statistics are read at its module's input: refuse if that is another tensor."""
+    if layer.matmul:
+        want = layer.node.args[0].meta["val"].shape[-1]
+        if x.dim() == 0 or x.shape[-1] != want:
+            raise InputError(f"{layer.weight} is used by a matmul inside {layer.module}.forward, whose first "
+                             f"input is not that matmul's activation: calibration statistics cannot be read there "
+                             "(use method='magnitude' or ignore this module)")
+
+
 def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]]) -> None:
     """Run the batches (eval mode, no gradients), handing each named module's first input to its callback."""
     handles = []
@@ -97,6 +131,7 @@ def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) 
     hooks = {}
     for layer in {c.module: c for c in layers}.values():
         def hook(x: torch.Tensor, layer: Consumer = layer) -> None:
+            check_input(layer, x)
             sq = x.detach().float().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1).pow(2)
             sums[layer] = sums.get(layer, 0) + sq.sum(1).double().cpu()
             counts[layer] = counts.get(layer, 0) + sq.shape[1]

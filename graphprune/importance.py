@@ -155,7 +155,7 @@ class Activation(Importance):
 def _consumer_input(analysis: Analysis, model: nn.Module, layer: Consumer) -> tuple[int, torch.Tensor]:
     """The atom of the consumed channel dim and the weight norm per input channel."""
     node = layer.node
-    x = node.args[1] if layer.layout == CONV1D else node.args[0]
+    x = node.args[1] if layer.layout == CONV1D and not layer.matmul else node.args[0]
     dims = analysis.context.dims(x)
     w = _tensor(model, layer.weight).detach().double()
     if layer.layout == LINEAR:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
-from graphprune.calibration import Consumer, batches, consumers, input_rms, run_batches
+from graphprune.calibration import Consumer, batches, check_input, consumers, input_rms, run_batches
 from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.permutation import retained, search
@@ -226,7 +226,7 @@ def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
 
 
 def _input_node(layer: Consumer) -> fx.Node:
-    return layer.node.args[1] if layer.layout == CONV1D else layer.node.args[0]
+    return layer.node.args[1] if layer.layout == CONV1D and not layer.matmul else layer.node.args[0]
 
 
 def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torch.Tensor]:
@@ -236,6 +236,7 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torc
     count = [0]
 
     def accumulate(x: torch.Tensor) -> None:
+        check_input(layer, x)
         x = x.detach().double()
         if layer.layout == CONV:
             cols = [conv_columns(x, module, g) for g in range(module.groups)]

@@ -279,3 +279,35 @@ def test_sparsegpt_leaves_3d_convs_dense_and_says_why():
     assert "2.weight: SparseGPT handles 1-D and 2-D convolutions" in result.report.rows[0].details["dense layers"]
     magnitude = gp.prune(model, x, passes=[NMSparsity(2, 4)])
     assert "2.weight" in masked_weights(magnitude.module)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_matmul_against_a_parameter_is_masked(method):
+    import transformers as T
+
+    cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                         new_decoder_architecture=False, multi_query=True)
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(cfg).eval()  # FalconLinear computes x @ self.weight.T
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    result = gp.prune(model, inputs, passes=[NMSparsity(2, 4, method=method)], calibration=[inputs])
+    masked = masked_weights(result.module)
+    assert "transformer.h.0.mlp.dense_h_to_4h.weight" in masked and "lm_head.weight" not in masked
+    assert all(satisfies(t, p) for t, p in masked.values())
+
+
+def test_matmul_whose_module_input_is_another_tensor_is_refused_for_data_criteria():
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 16))
+            self.inp = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return torch.relu(self.inp(x)) @ self.w  # the module's input is x, not the matmul's input
+
+    model = nn.Sequential(Gate(), nn.Linear(16, 2)).eval()
+    x = (torch.randn(3, 4),)
+    assert "0.w" in masked_weights(gp.prune(model, x, passes=[NMSparsity(2, 4)]).module)
+    with pytest.raises(gp.InputError, match="whose first input is not that matmul's activation"):
+        gp.prune(model, x, passes=[NMSparsity(2, 4, method="wanda")], calibration=[x])
