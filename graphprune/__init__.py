@@ -13,9 +13,10 @@ from graphprune.errors import ApplyError, CaptureError, ContractError, Graphprun
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
 from graphprune.recipe import load_recipe
+from graphprune.sparsity import finalize
 
 __version__ = "0.1.0"
 
 __all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "FrozenSpace",
            "GraphpruneError", "Group", "InputError", "Member", "Pass", "PassManager", "PassResult", "Plan",
-           "PruneResult", "Stage", "analyze", "load_recipe", "prune", "__version__"]
+           "PruneResult", "Stage", "analyze", "finalize", "load_recipe", "prune", "__version__"]

@@ -115,12 +115,8 @@ class NMSparsity(Pass):
         else:
             for layer in layers:
                 owner, attr = _owner(model, layer)
-                weight = getattr(owner, attr).detach()
-                scores = weight.abs().float()
-                if layer in rms:
-                    scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
                 pattern = NMPattern(self.n, self.m, layer.layout)
-                attach(owner, attr, nm_mask(scores, pattern), pattern)
+                attach(owner, attr, nm_mask(_scores(model, layer, rms), pattern), pattern)
         state.stage = Stage.MASKED
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if self.permute:
@@ -128,7 +124,6 @@ class NMSparsity(Pass):
         if skipped:
             details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
-
 
     def _permute_groups(self, state: CompressionState, analysis: Analysis, layers: list[Consumer],
                         rms: dict[Consumer, torch.Tensor]) -> dict[str, str]:
@@ -192,11 +187,16 @@ def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf
     leaves = spaces.leaves(atom)
     if not leaves or leaves[-1] != leaf or leaves.count(leaf) != 1 or spaces.cofactor(atom, leaf) is None:
         return None
+    return to_matrix(_scores(model, layer, rms), layer.layout).reshape(-1, spaces.solver.size(leaf))
+
+
+def _scores(model: nn.Module, layer: Consumer, rms: dict[Consumer, torch.Tensor]) -> torch.Tensor:
+    """|W| (magnitude), times the RMS of the matching input channel when statistics exist (Wanda)."""
     weight = tensor_at(model, layer.weight).detach()
     scores = weight.abs().float()
     if layer in rms:
         scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
-    return to_matrix(scores, layer.layout).reshape(-1, spaces.solver.size(leaf))
+    return scores
 
 
 def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tensor) -> None:
