@@ -124,19 +124,23 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
             handle.remove()
 
 
-def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
-    """Root mean square of each input channel of each layer over the calibration batches."""
-    sums: dict[Consumer, torch.Tensor] = {}
-    counts: dict[Consumer, int] = {}
+def input_moments(model: nn.Module, layers: list[Consumer],
+                  calibration: list[Any]) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and mean square of each input channel of each layer over the calibration batches."""
+    sums: dict[str, list] = {}
     hooks = {}
     for layer in {c.module: c for c in layers}.values():
         def hook(x: torch.Tensor, layer: Consumer = layer) -> None:
             check_input(layer, x)
-            sq = x.detach().float().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1).pow(2)
-            sums[layer] = sums.get(layer, 0) + sq.sum(1).double().cpu()
-            counts[layer] = counts.get(layer, 0) + sq.shape[1]
+            flat = x.detach().double().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1)
+            acc = sums.setdefault(layer.module, [0, 0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + flat.sum(1).cpu(), acc[1] + flat.pow(2).sum(1).cpu(), acc[2] + flat.shape[1]
         hooks[layer.module] = hook
     run_batches(model, calibration, hooks)
-    by_module = {c.module: c for c in layers}
-    return {c: (sums[by_module[c.module]] / counts[by_module[c.module]]).sqrt()
-            for c in layers if by_module[c.module] in sums}
+    return {c: (sums[c.module][0] / sums[c.module][2], sums[c.module][1] / sums[c.module][2])
+            for c in layers if c.module in sums}
+
+
+def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
+    """Root mean square of each input channel of each layer over the calibration batches."""
+    return {c: mean_sq.sqrt() for c, (_mean, mean_sq) in input_moments(model, layers, calibration).items()}

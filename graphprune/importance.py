@@ -9,6 +9,7 @@ Torch-Pruning): a channel is as important as all the weights that would be remov
   averaged over calibration batches (Molchanov et al., 2019); needs ``loss_fn``.
 * ``activation``: for every layer that consumes the channel (linear / conv input),
   ``sqrt(E[x_c^2]) * ||W[:, c]||``, the channel form of Wanda's |x|·|W|, from calibration batches.
+* ``fluctuation``: ``Var[x_c] * ||W[:, c]||^2`` over the same layers (FLAP).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
-from graphprune.calibration import Consumer, consumers, input_rms
+from graphprune.calibration import Consumer, consumers, input_moments
 from graphprune.capture import normalize_inputs, tensor_at
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV1D, LINEAR
@@ -133,22 +134,35 @@ class Taylor(Importance):
         return {gid: t / max(len(calibration), 1) for gid, t in totals.items()}
 
 
-class Activation(Importance):
-    """``sqrt(E[x_c^2]) * ||W[:, c]||`` summed over every linear / conv layer that reads channel c."""
+class InputWeighted(Importance):
+    """Scores from what each linear / conv layer reading channel c sees, summed over those layers:
+
+    * ``activation``: ``sqrt(E[x_c^2]) * ||W[:, c]||``;
+    * ``fluctuation``: ``Var[x_c] * ||W[:, c]||^2`` (FLAP, An et al. 2024): a channel that barely
+      varies can be removed and its mean folded into a bias.
+    """
 
     needs_calibration = True
 
+    def __init__(self, statistic: str) -> None:
+        self.statistic = statistic
+
     def scores(self, analysis, model, groups, calibration):
         layers = consumers(analysis)
-        rms = input_rms(model, layers, calibration)
+        moments = input_moments(model, layers, calibration)
         totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         for layer in layers:
-            if layer not in rms:
+            if layer not in moments:
                 continue
+            mean, mean_sq = moments[layer]
             x_atom, weight_norm = _consumer_input(analysis, model, layer)
+            if self.statistic == "activation":
+                per_channel = mean_sq.sqrt() * weight_norm
+            else:
+                per_channel = (mean_sq - mean.pow(2)).clamp(min=0) * weight_norm.pow(2)
             for g in groups:
                 if g.leaf in analysis.spaces.leaves(x_atom):
-                    totals[g.id] += _scatter(analysis, g, x_atom, rms[layer] * weight_norm)
+                    totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
         return totals
 
 
@@ -168,7 +182,7 @@ def _consumer_input(analysis: Analysis, model: nn.Module, layer: Consumer) -> tu
 
 
 BUILTIN: dict[str, GroupScore] = {"l1": _magnitude(1), "l2": _magnitude(2), "bn_scale": _bn_scale}
-NAMES = sorted([*BUILTIN, "taylor", "activation"])
+NAMES = sorted([*BUILTIN, "taylor", "activation", "fluctuation"])
 
 
 def resolve(importance: str | Importance | GroupScore, loss_fn: LossFn | None = None) -> Importance:
@@ -178,8 +192,8 @@ def resolve(importance: str | Importance | GroupScore, loss_fn: LossFn | None = 
     if isinstance(importance, str):
         if importance == "taylor":
             return Taylor(loss_fn)
-        if importance == "activation":
-            return Activation()
+        if importance in ("activation", "fluctuation"):
+            return InputWeighted(importance)
         if importance in BUILTIN:
             return _PerGroup(BUILTIN[importance])
         raise InputError(f"unknown importance criterion {importance!r}; choose one of {NAMES} or pass a callable")

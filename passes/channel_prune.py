@@ -22,7 +22,10 @@ from graphprune.errors import InputError
 from graphprune.calibration import batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.compensation import reestimate_batchnorm
 from graphprune.plan import Plan
+
+COMPENSATIONS = (None, "batchnorm")
 
 
 class ChannelPrune(Pass):
@@ -31,10 +34,13 @@ class ChannelPrune(Pass):
     Args:
         ratio: fraction of each group's channels to remove, in [0, 1).
         round_to: kept channel counts make every affected tensor dim a multiple of this.
-        importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``
-            (the last two need ``calibration=`` in ``gp.prune``; see :mod:`graphprune.importance`),
+        importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``,
+            ``"fluctuation"`` (the last three need ``calibration=`` in ``gp.prune``; see
+            :mod:`graphprune.importance`),
             an :class:`~graphprune.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
+        compensate: ``None``, or ``"batchnorm"`` to re-estimate every BatchNorm's running statistics
+            on the calibration data after pruning (:mod:`graphprune.compensation`).
         global_ranking: rank channels of all groups together (scores normalised per group)
             instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
         ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
@@ -49,7 +55,7 @@ class ChannelPrune(Pass):
     produces = Stage.STRUCTURED
 
     def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Importance | GroupScore = "l2",
-                 loss_fn: LossFn | None = None,
+                 loss_fn: LossFn | None = None, compensate: str | None = None,
                  global_ranking: bool = False, max_ratio: float = 0.9, ratios: dict[str, float] | None = None,
                  ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False) -> None:
         _check_ratio("ratio", ratio)
@@ -61,6 +67,9 @@ class ChannelPrune(Pass):
         self.ratio = float(ratio)
         self.round_to = round_to
         self.importance = resolve(importance, loss_fn)
+        if compensate not in COMPENSATIONS:
+            raise InputError(f"compensate must be one of {list(COMPENSATIONS)}, got {compensate!r}")
+        self.compensate = compensate
         self.global_ranking = global_ranking
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
@@ -153,11 +162,13 @@ class ChannelPrune(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis = state.analysis()
         calibration = None
-        if self.importance.needs_calibration:
-            calibration = batches(state.calibration, f"importance={type(self.importance).__name__.lower()!r}")
+        if self.importance.needs_calibration or self.compensate:
+            calibration = batches(state.calibration, "this ChannelPrune (data-driven importance or compensation)")
         plan = self.plan(analysis, state.model, calibration)
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
+        if self.compensate == "batchnorm":
+            reestimate_batchnorm(state.model, calibration)
         state.stage = Stage.STRUCTURED
         state.plans.append(plan)
         details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",

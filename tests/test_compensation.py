@@ -1,0 +1,75 @@
+"""Compensation after structured pruning (issue 9, first part): BatchNorm re-estimation, fluctuation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.compensation import reestimate_batchnorm
+from graphprune.passes import ChannelPrune
+from samples import resnet
+
+
+def _by_hand(model: nn.Module, batches: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Average over batches of each BatchNorm input's per-channel mean and unbiased variance, with
+    every BatchNorm normalising by its batch statistics (as during re-estimation)."""
+    model = copy.deepcopy(model).eval()
+    seen: dict[str, list] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.setdefault(name, []).append(
+                    (args[0].mean((0, 2, 3)), args[0].transpose(0, 1).flatten(1).var(1)))))
+    with torch.no_grad():
+        for (x,) in batches:
+            model(x)
+    return {name: (torch.stack([m for m, _ in v]).mean(0), torch.stack([v_ for _, v_ in v]).mean(0))
+            for name, v in seen.items()}
+
+
+def test_batchnorm_reestimation_matches_statistics_computed_by_hand():
+    model, _ = resnet.build()
+    batches = [(torch.randn(6, 3, 32, 32),) for _ in range(3)]
+    want = _by_hand(model, batches)
+    count = reestimate_batchnorm(model, batches)
+    assert count == len(want) and not any(m.training for m in model.modules())
+    for name, (mean, var) in want.items():
+        bn = model.get_submodule(name)
+        assert torch.allclose(bn.running_mean, mean, atol=1e-5) and torch.allclose(bn.running_var, var, atol=1e-4)
+        assert bn.momentum == 0.1
+
+
+def test_channel_prune_reestimates_batchnorm_on_request():
+    model, x = resnet.build()
+    batches = [(torch.randn(6, 3, 32, 32),) for _ in range(2)]
+    plain = gp.prune(model, x, passes=[ChannelPrune(0.5)]).module
+    compensated = gp.prune(model, x, passes=[ChannelPrune(0.5, compensate="batchnorm")], calibration=batches).module
+    assert torch.equal(plain.layers[0].conv1.weight, compensated.layers[0].conv1.weight)
+    want = _by_hand(plain, batches)
+    bn = compensated.layers[3].bn2
+    assert torch.allclose(bn.running_mean, want["layers.3.bn2"][0], atol=1e-5)
+
+
+def test_fluctuation_removes_channels_that_do_not_vary():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:8] = 0.0   # channels 0..7 are their bias: constant on any data
+        model[0].bias[:8] = 1.0
+    batches = [(torch.randn(32, 8),) for _ in range(2)]
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="fluctuation")], calibration=batches)
+    assert bool((result.module[0].weight.abs().sum(1) > 0).all()), "a constant channel was kept"
+
+
+def test_compensation_arguments():
+    with pytest.raises(gp.InputError, match="compensate must be one of"):
+        ChannelPrune(0.5, compensate="magic")
+    model, x = resnet.build()
+    with pytest.raises(gp.InputError, match="needs calibration data"):
+        gp.prune(model, x, passes=[ChannelPrune(0.5, compensate="batchnorm")])
