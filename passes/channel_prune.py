@@ -22,10 +22,10 @@ from graphprune.errors import InputError
 from graphprune.calibration import batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.compensation import reestimate_batchnorm
+from graphprune.compensation import apply_bias_corrections, bias_corrections, reestimate_batchnorm
 from graphprune.plan import Plan
 
-COMPENSATIONS = (None, "batchnorm")
+COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm")
 
 
 class ChannelPrune(Pass):
@@ -39,8 +39,10 @@ class ChannelPrune(Pass):
             :mod:`graphprune.importance`),
             an :class:`~graphprune.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
-        compensate: ``None``, or ``"batchnorm"`` to re-estimate every BatchNorm's running statistics
-            on the calibration data after pruning (:mod:`graphprune.compensation`).
+        compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
+            the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
+            channels into each consumer's bias; ``"bias+batchnorm"`` for both, bias first
+            (:mod:`graphprune.compensation`).
         global_ranking: rank channels of all groups together (scores normalised per group)
             instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
         ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
@@ -165,14 +167,21 @@ class ChannelPrune(Pass):
         if self.importance.needs_calibration or self.compensate:
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance or compensation)")
         plan = self.plan(analysis, state.model, calibration)
+        corrections, without_bias = ({}, 0)
+        if self.compensate and "bias" in self.compensate:
+            corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
-        if self.compensate == "batchnorm":
+        apply_bias_corrections(state.model, corrections)
+        if self.compensate and "batchnorm" in self.compensate:
             reestimate_batchnorm(state.model, calibration)
         state.stage = Stage.STRUCTURED
         state.plans.append(plan)
         details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
                    "channels removed": plan.removed(analysis)}
+        if self.compensate and "bias" in self.compensate:
+            details["bias compensation"] = f"{len(corrections)} layers" + (
+                f" ({without_bias} without a bias left as they are)" if without_bias else "")
         return PassResult(state, bool(plan.keep), details)
 
 

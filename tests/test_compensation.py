@@ -73,3 +73,34 @@ def test_compensation_arguments():
     model, x = resnet.build()
     with pytest.raises(gp.InputError, match="needs calibration data"):
         gp.prune(model, x, passes=[ChannelPrune(0.5, compensate="batchnorm")])
+
+
+@pytest.mark.parametrize("act", [nn.Identity, nn.ReLU])
+def test_bias_compensation_is_exact_when_removed_channels_are_constant(act):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), act(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:8] = 0.0                   # channels 0..7 are constant (their bias) on any data,
+        model[0].bias[:8] = torch.rand(8) + 0.5     # positive so that ReLU passes them unchanged
+        model[0].weight[8:] *= 10                   # and the weakest by fluctuation
+    batches = [(torch.randn(32, 8),) for _ in range(2)]
+    x = (torch.randn(5, 8),)
+    plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance="fluctuation")], calibration=batches)
+    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance="fluctuation", compensate="bias")],
+                     calibration=batches)
+    assert fixed.report.rows[0].details["bias compensation"] == "1 layers"
+    dense = model(*x)
+    assert not torch.allclose(plain.module(*x), dense, atol=1e-3)
+    assert torch.allclose(fixed.module(*x), dense, atol=1e-5)
+
+
+def test_bias_compensation_on_convs_and_layers_without_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[:4] = 0.0
+        model[0].bias[:4] = 1.0  # constant channels feeding a bias-free conv: nothing to fold into
+    batches = [(torch.randn(4, 3, 6, 6),)]
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="bias+batchnorm")], calibration=batches)
+    assert "without a bias left as they are" in result.report.rows[0].details["bias compensation"]
