@@ -9,11 +9,9 @@ evaluation use different sentences.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 import graphprune as gp
 from graphprune.passes import ChannelPrune
-from samples.minilm import build, embed, tokenize
+from samples.minilm import build, embed, pool, tokenize
 
 HELD_OUT = [
     "A dog runs across the park.", "The concert was cancelled due to rain.", "A puppy is playing outside.",
@@ -29,9 +27,7 @@ def main() -> None:
     target = embed(model, calib)
 
     def distill(outputs, batch):
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        e = F.normalize((outputs.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1)
-        return -(e * target).sum(-1).mean()
+        return -(pool(outputs.last_hidden_state, batch) * target).sum(-1).mean()
 
     print(f"{'criterion':<12}{'ratio':>6}{'params':>9}{'cosine':>9}{'max sim err':>13}")
     for criterion in ("l1", "l2", "taylor", "activation"):

@@ -25,6 +25,7 @@ from graphprune.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.errors import InputError
 from graphprune.provenance import uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
+from graphprune.rules.registry import flat_atoms
 
 BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
@@ -187,12 +188,12 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
     _couple_attribute_sizes(ctx, captured)
     _constrain_modules(ctx, captured)
     for node in captured.user_inputs:
-        for atom in _flat(ctx.raw(node)):
+        for atom in flat_atoms(ctx.raw(node)):
             solver.freeze(atom, FreezeReason("reaches a model input", node.name))
     for node in captured.outputs:
         if captured.output_names.get(node) in prunable_outputs:
             continue
-        for atom in _flat(ctx.raw(node)):
+        for atom in flat_atoms(ctx.raw(node)):
             solver.freeze(atom, FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}",
                                              node.name))
     spaces = solver.finalize()
@@ -327,7 +328,7 @@ def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Sp
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            for atom in _flat(ctx.raw(node)):
+            for atom in flat_atoms(ctx.raw(node)):
                 root = spaces.solver.find(atom)
                 if root not in seen:
                     seen.add(root)
@@ -379,7 +380,3 @@ def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
     except Exception as exc:  # a rule bug must not corrupt the analysis: freeze and report it
         ctx.rule_errors.append(f"{node.name} ({target}): {type(exc).__name__}: {exc}")
         ctx.freeze_node(node, f"the rule for {target} failed")
-
-
-def _flat(d: Any) -> list[int]:
-    return [a for a in pytree.tree_leaves(d) if isinstance(a, int)] if d is not None else []

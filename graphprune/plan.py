@@ -1,8 +1,9 @@
 """The Plan: plain data saying which channels of each group survive.
 
 A plan is computed by passes and applied by :mod:`graphprune.apply`.  It holds kept indices
-per group (by group id of the analysis it was made for, plus the group's size as a check),
-so it can be saved, inspected and re-applied.
+per group, by group id of the analysis it was made for (group ids are deterministic for a given
+graph; a fingerprint to refuse a plan made for another graph is issue 10's), so it can be
+saved, inspected and re-applied.
 """
 
 from __future__ import annotations

@@ -38,12 +38,15 @@ def build() -> tuple[torch.nn.Module, dict]:
     return AutoModel.from_pretrained(_path()).eval(), tokenize(SENTENCES)
 
 
-def embed(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def pool(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean pooling over real tokens, L2-normalised: the sentence-transformers recipe."""
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def embed(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return pool(model(**batch).last_hidden_state, batch)
 
 
 def main(ratio: float = 0.2) -> None:

@@ -128,8 +128,8 @@ class RuleContext:
     def node_atoms(self, node: fx.Node) -> list[int]:
         atoms: list[int] = []
         for x in node.all_input_nodes:
-            atoms.extend(_flat(self._dims.get(x)))
-        atoms.extend(_flat(self._dims.get(node)))
+            atoms.extend(flat_atoms(self._dims.get(x)))
+        atoms.extend(flat_atoms(self._dims.get(node)))
         return atoms
 
     def constant(self, node: fx.Node, path: ArgPath | None, atoms: Iterable[int], base: int = 0) -> None:
@@ -148,14 +148,15 @@ class RuleContext:
         self.unsupported.setdefault(str(node.target), []).append(node.name)
 
 
-def _flat(d: Any) -> list[int]:
+def flat_atoms(d: Any) -> list[int]:
+    """Every atom in a node's dims (a tensor's list, or nested lists for tuple values)."""
     if d is None:
         return []
     if isinstance(d, int):
         return [d]
     out: list[int] = []
     for x in d:
-        out.extend(_flat(x))
+        out.extend(flat_atoms(x))
     return out
 
 
