@@ -14,7 +14,7 @@ from graphprune.analysis import Analysis, analyze
 from graphprune.capture import ExampleInputs, capture
 from graphprune.errors import InputError
 from graphprune.macs import count_params, graph_macs
-from graphprune.pipeline import CompressionState, Pass, PassManager, Stage, run_outputs
+from graphprune.pipeline import CompressionState, Pass, PassManager, Stage, detect_stage, run_outputs
 from graphprune.plan import Plan
 from graphprune.recipe import load_recipe
 from graphprune.report import Report
@@ -32,22 +32,29 @@ class PruneResult:
 
 def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
           recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
-          inplace: bool = False, prunable_outputs: Sequence[str] = ()) -> PruneResult:
+          inplace: bool = False, prunable_outputs: Sequence[str] = (),
+          experimental_order: bool = False) -> PruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on ``model`` and return the compressed module and a report.
 
     The caller's model is not modified unless ``inplace=True``.  The pass order is checked
-    before anything runs.  Outputs keep their shapes unless named in ``prunable_outputs``
-    (see :func:`graphprune.analyze`).
+    against the model's own stage (a result of an earlier run keeps its masks and quantization)
+    before anything runs; ``experimental_order=True`` lets a pass run on a stage it accepts only
+    for experiments, e.g. sparsity after quantization, and the report records it.  Outputs keep
+    their shapes unless named in ``prunable_outputs`` (see :func:`graphprune.analyze`).
     """
     if (passes is None) == (recipe is None):
         raise InputError("give exactly one of passes=[...] or recipe=...")
-    passes = load_recipe(recipe) if recipe is not None else list(passes)
-    manager = PassManager(passes)
-    manager.check_order(Stage.DENSE)
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        passes, experimental_order = loaded.passes, experimental_order or loaded.experimental_order
+    manager = PassManager(list(passes), experimental_order=experimental_order)
+    stage = detect_stage(model)
+    manager.check_order(stage)
     captured = capture(model, example_inputs)
     reference = run_outputs(model, captured)
     working = model if inplace else copy.deepcopy(model)
-    state = CompressionState(working, captured, calibration=calibration, prunable_outputs=tuple(prunable_outputs))
+    state = CompressionState(working, captured, stage, calibration=calibration,
+                             prunable_outputs=tuple(prunable_outputs))
     report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module))
     state = manager.run(state, report, reference)
     return PruneResult(state.model, report, state.stage, state.plans)

@@ -33,7 +33,12 @@ class Consumer:
     layout: str  # sparsity layout of the weight (LINEAR, CONV1D, CONV)
     axis: int  # channel axis of the module's input
     groups: int = 1
-    matmul: bool = False  # a plain matmul: the module's input must be the matmul's activation
+    matmul: bool = False  # a plain matmul inside the module's forward
+
+    @property
+    def activation(self) -> fx.Node:
+        """The graph node of the activation this layer multiplies (addmm's is its second argument)."""
+        return self.node.args[1] if self.layout == CONV1D and not self.matmul else self.node.args[0]
 
 
 _TRANSPOSES = (aten.t, aten.numpy_T, aten.mT)
@@ -98,22 +103,28 @@ def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
 
 
 def check_input(layer: Consumer, x: torch.Tensor) -> None:
-    """A matmul's statistics are read at its module's input: refuse if that is another tensor."""
-    if layer.matmul:
-        want = layer.node.args[0].meta["val"].shape[-1]
-        if x.dim() == 0 or x.shape[-1] != want:
-            raise InputError(f"{layer.weight} is used by a matmul inside {layer.module}.forward, whose first "
-                             f"input is not that matmul's activation: calibration statistics cannot be read there "
-                             "(use method='magnitude' or ignore this module)")
+    """Statistics are read at the module's first input: refuse when that is visibly not the layer's
+    activation (a matmul or functional linear inside a larger module's forward)."""
+    want = layer.activation.meta["val"].shape
+    if x.dim() <= max(layer.axis, 0) or x.shape[layer.axis] != want[layer.axis]:
+        raise InputError(f"{layer.weight} is used inside {layer.module}.forward, whose first input is not that "
+                         "layer's activation: calibration statistics cannot be read there (leave this module out "
+                         "of the pass, or use a criterion that needs no calibration)")
 
 
-def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]]) -> None:
-    """Run the batches (eval mode, no gradients), handing each named module's first input to its callback."""
+def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]],
+                outputs_of: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
+    """Run the batches (eval mode, no gradients), handing each named module's first input (and, for
+    ``outputs_of``, its output) to its callback."""
     handles = []
     for name, callback in inputs_of.items():
         def hook(_mod, args, kwargs, callback=callback):
             callback(args[0] if args else next(iter(kwargs.values())))
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    for name, callback in (outputs_of or {}).items():
+        def out_hook(_mod, _args, output, callback=callback):
+            callback(output)
+        handles.append(model.get_submodule(name).register_forward_hook(out_hook))
     try:
         with eval_mode(model), torch.no_grad():
             for batch in calibration:

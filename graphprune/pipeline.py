@@ -24,8 +24,9 @@ from graphprune.capture import CapturedGraph, run_outputs
 from graphprune.errors import ContractError
 from graphprune.macs import count_params, graph_macs
 from graphprune.plan import Plan
+from graphprune.quantization import QuantPlan, is_quantized
 from graphprune.report import Report, ReportRow
-from graphprune.sparsity import check_patterns
+from graphprune.sparsity import check_patterns, masked_weights
 
 
 class Stage(enum.IntEnum):
@@ -38,6 +39,14 @@ class Stage(enum.IntEnum):
         return self.name.lower()
 
 
+def detect_stage(model: nn.Module) -> Stage:
+    """The stage a model is at, read off the model itself (so it travels with it): quantized if a
+    weight carries fake quantization, masked if one carries an N:M mask, else dense."""
+    if is_quantized(model):
+        return Stage.QUANTIZED
+    return Stage.MASKED if masked_weights(model) else Stage.DENSE
+
+
 @dataclass
 class CompressionState:
     """What passes read and write: the working model, its graph, the stage and the plans so far."""
@@ -46,8 +55,9 @@ class CompressionState:
     captured: CapturedGraph
     stage: Stage = Stage.DENSE
     calibration: Iterable[Any] | None = None
-    plans: list[Plan] = field(default_factory=list)
+    plans: list[Plan | QuantPlan] = field(default_factory=list)
     prunable_outputs: tuple[str, ...] = ()
+    experimental_order: bool = False  # passes may run on stages they accept only experimentally
     _analysis: Analysis | None = None
 
     def analysis(self) -> Analysis:
@@ -69,9 +79,15 @@ class PassResult:
 
 
 class Pass(abc.ABC):
-    """Base class: subclasses set ``accepts``/``produces`` and implement :meth:`call`."""
+    """Base class: subclasses set ``accepts``/``produces`` and implement :meth:`call`.
+
+    ``experimental`` maps stages a pass can technically run on but should not, to the reason;
+    it runs there only when the pipeline is started with ``experimental_order=True``, and the
+    report says so.  A pass never lowers the stage: the result is the later of the two.
+    """
 
     accepts: frozenset[Stage] = frozenset(Stage)
+    experimental: dict[Stage, str] = {}
     produces: Stage | None = None  # None: the stage is unchanged
 
     @property
@@ -80,12 +96,23 @@ class Pass(abc.ABC):
 
     def requires(self, state: CompressionState) -> None:
         """Raise :class:`ContractError` if ``state`` is not something this pass can work on."""
-        if state.stage not in self.accepts:
+        if not self.runs_on(state.stage, state.experimental_order):
             raise ContractError(self.order_error(state.stage))
+
+    def runs_on(self, stage: Stage, experimental_order: bool) -> bool:
+        return stage in self.accepts or (experimental_order and stage in self.experimental)
+
+    def next_stage(self, stage: Stage) -> Stage:
+        return stage if self.produces is None else max(stage, self.produces)
 
     def order_error(self, stage: Stage) -> str:
         allowed = ", ".join(str(s) for s in sorted(self.accepts))
-        return f"{self.name} runs on a {allowed} model, but the pipeline reaches it at stage '{stage}'"
+        message = f"{self.name} runs on a {allowed} model, but the pipeline reaches it at stage '{stage}'"
+        if stage in self.experimental:
+            message += (f": {self.experimental[stage]}. To run it anyway as an experiment, pass "
+                        "experimental_order=True to gp.prune (in a recipe: experimental_order = true); "
+                        "the report will record it")
+        return message
 
     @abc.abstractmethod
     def call(self, state: CompressionState) -> PassResult:
@@ -93,7 +120,7 @@ class Pass(abc.ABC):
 
     def ensures(self, state: CompressionState) -> None:
         """Raise :class:`ContractError` if the pass did not deliver what it promises."""
-        if self.produces is not None and state.stage != self.produces:
+        if self.produces is not None and state.stage < self.produces:
             raise ContractError(f"{self.name} should leave the model at stage '{self.produces}', "
                                 f"it is at '{state.stage}'")
 
@@ -107,24 +134,35 @@ class Pass(abc.ABC):
 class PassManager:
     """Runs passes in the given order after checking the order against their declared stages."""
 
-    def __init__(self, passes: Sequence[Pass]) -> None:
+    def __init__(self, passes: Sequence[Pass], *, experimental_order: bool = False) -> None:
         for p in passes:
             if not isinstance(p, Pass):
                 raise ContractError(f"{p!r} is not a graphprune pass (see graphprune.passes)")
         self.passes = list(passes)
+        self.experimental_order = experimental_order
 
-    def check_order(self, stage: Stage) -> None:
+    def check_order(self, stage: Stage) -> list[str]:
+        """Raise :class:`ContractError` at the first pass that cannot run where it stands; returns a
+        note for each pass that runs out of order experimentally."""
+        notes = []
         for p in self.passes:
-            if stage not in p.accepts:
+            if not p.runs_on(stage, self.experimental_order):
                 raise ContractError(p.order_error(stage))
-            stage = p.produces if p.produces is not None else stage
+            if stage not in p.accepts:
+                notes.append(f"EXPERIMENTAL ORDER: {p.name} ran on a {stage} model (experimental_order=True)")
+            stage = p.next_stage(stage)
+        return notes
 
     def run(self, state: CompressionState, report: Report, reference: Any) -> CompressionState:
-        self.check_order(state.stage)
+        report.notes.extend(self.check_order(state.stage))
+        state.experimental_order = self.experimental_order
         params, macs = count_params(state.model), graph_macs(state.captured.graph_module)
         for p in self.passes:
             start = time.perf_counter()
+            before = state.stage
             result = p(state)
+            if before not in p.accepts:
+                result.details["experimental order"] = f"ran on a {before} model; normally refused: {p.experimental[before]}"
             state = result.state
             check_patterns(state.model, p.name)  # every N:M mask must survive every pass
             new_params, new_macs = count_params(state.model), graph_macs(state.captured.graph_module)

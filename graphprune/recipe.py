@@ -6,7 +6,9 @@ name = "ChannelPrune"
 ratio = 0.5
 round_to = 8
 ```
-Each table names a pass from :mod:`graphprune.passes`; the other keys are its options.
+Each table names a pass from :mod:`graphprune.passes`; the other keys are its options.  The one
+top-level key, ``experimental_order = true``, lets passes run on stages they accept only for
+experiments (see :class:`graphprune.Pass`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import tomllib
+from dataclasses import dataclass
 
 from graphprune.errors import InputError
 from graphprune.pipeline import Pass
@@ -25,7 +28,13 @@ def available_passes() -> dict[str, type[Pass]]:
     return {name: getattr(passes, name) for name in passes.__all__}
 
 
-def load_recipe(source: str | os.PathLike) -> list[Pass]:
+@dataclass
+class Recipe:
+    passes: list[Pass]
+    experimental_order: bool = False
+
+
+def load_recipe(source: str | os.PathLike) -> Recipe:
     """Build the passes of a recipe given as a TOML file path or TOML text."""
     text = source
     if isinstance(source, os.PathLike) or (isinstance(source, str) and source.endswith(".toml")):
@@ -38,6 +47,13 @@ def load_recipe(source: str | os.PathLike) -> list[Pass]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"recipe is not valid TOML: {exc}") from exc
+    unknown_keys = sorted(set(data) - {"pass", "experimental_order"})
+    if unknown_keys:
+        raise InputError(f"recipe: unknown top-level key(s) {unknown_keys}; a recipe has [[pass]] tables "
+                         "and optionally experimental_order = true")
+    experimental_order = data.get("experimental_order", False)
+    if not isinstance(experimental_order, bool):
+        raise InputError(f"recipe: experimental_order must be true or false, got {experimental_order!r}")
     tables = data.get("pass")
     if not isinstance(tables, list) or not tables:
         raise InputError("a recipe needs at least one [[pass]] table")
@@ -54,4 +70,4 @@ def load_recipe(source: str | os.PathLike) -> list[Pass]:
             raise InputError(f"recipe pass #{i + 1} ({name}): unknown option(s) {unknown}; "
                              f"options are {[p for p in params if p != 'self']}")
         passes.append(known[name](**options))
-    return passes
+    return Recipe(passes, experimental_order)

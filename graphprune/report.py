@@ -24,6 +24,7 @@ class Report:
     params: int
     macs: int
     rows: list[ReportRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # pipeline-level facts a reader must not miss
 
     @property
     def params_after(self) -> int:
@@ -36,12 +37,13 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model_name, "params": self.params, "macs": self.macs,
                 "params_after": self.params_after, "macs_after": self.macs_after,
-                "passes": [asdict(r) for r in self.rows]}
+                "notes": list(self.notes), "passes": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
         lines = [f"graphprune report: {self.model_name}",
                  f"  params {_n(self.params)} -> {_n(self.params_after)} ({_ratio(self.params_after, self.params)}), "
                  f"MACs {_n(self.macs)} -> {_n(self.macs_after)} ({_ratio(self.macs_after, self.macs)})",
+                 *(f"  {note}" for note in self.notes),
                  f"  {'pass':<28}{'stage':<12}{'time':>9}{'params':>22}{'MACs':>22}{'out err':>10}"]
         for r in self.rows:
             err = "-" if r.output_error is None else f"{r.output_error:.2e}"

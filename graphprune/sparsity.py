@@ -99,10 +99,18 @@ class NMMask(nn.Module):
         return original * self.mask
 
 
+def stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``module.<name>`` is computed from: the original under parametrizations (masks,
+    fake quantization), else the attribute itself.  Writes must go here."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
 def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern) -> None:
     """Mask ``module.<name>`` (the masked entries are also zeroed in the stored original)."""
     with torch.no_grad():
-        getattr(module, name).mul_(mask)
+        stored(module, name).mul_(mask)
     parametrize.register_parametrization(module, name, NMMask(mask.to(getattr(module, name).dtype), pattern))
 
 
@@ -127,10 +135,24 @@ def check_patterns(model: nn.Module, where: str) -> None:
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Bake N:M masks into the weights (removes the parametrizations); returns ``model``."""
+    """Bake N:M masks into the weights; returns ``model``.
+
+    Other parametrizations of a masked weight (int8 fake quantization) stay in place: zeroing
+    an entry commutes with them, because they map zero to zero element by element.
+    """
     for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                if any(isinstance(p, NMMask) for p in module.parametrizations[name]):
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations):
+            plist = module.parametrizations[name]
+            masks = [p.mask for p in plist if isinstance(p, NMMask)]
+            if not masks:
+                continue
+            others = [p for p in plist if not isinstance(p, NMMask)]
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            with torch.no_grad():
+                for mask in masks:
+                    getattr(module, name).mul_(mask)
+            for p in others:
+                parametrize.register_parametrization(module, name, p)
     return model

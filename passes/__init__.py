@@ -2,5 +2,6 @@
 
 from graphprune.passes.channel_prune import ChannelPrune
 from graphprune.passes.nm_sparsity import NMSparsity
+from graphprune.passes.quantize import Quantize
 
-__all__ = ["ChannelPrune", "NMSparsity"]
+__all__ = ["ChannelPrune", "NMSparsity", "Quantize"]

@@ -30,7 +30,7 @@ from graphprune.errors import InputError
 from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
 from graphprune.sparsegpt import conv_columns, prune_matrix
-from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, to_matrix
+from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -51,6 +51,10 @@ class NMSparsity(Pass):
     """
 
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
+    experimental = {Stage.QUANTIZED: "sparsity after quantization is refused because quantization scales distort "
+                    "the magnitude ranking sparsity criteria use and the two errors compound (Harma et al., "
+                    "'Effective Interplay between Sparsity and Quantization', ICLR 2025); put NMSparsity "
+                    "before Quantize"}
     produces = Stage.MASKED
 
     def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", ignore: Iterable[str] = (),
@@ -117,7 +121,7 @@ class NMSparsity(Pass):
                 owner, attr = _owner(model, layer)
                 pattern = NMPattern(self.n, self.m, layer.layout)
                 attach(owner, attr, nm_mask(_scores(model, layer, rms), pattern), pattern)
-        state.stage = Stage.MASKED
+        state.stage = self.next_stage(state.stage)
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if self.permute:
             details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
@@ -154,7 +158,7 @@ class NMSparsity(Pass):
         """Layer by layer in graph order; linear layers reading one activation share its Hessian."""
         by_input: dict[tuple, list[Consumer]] = {}
         for layer in layers:  # convs see their input through their own patch geometry
-            key = (_input_node(layer), layer.module if layer.layout == CONV else None)
+            key = (layer.activation, layer.module if layer.layout == CONV else None)
             by_input.setdefault(key, []).append(layer)
         for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None):
             hessians = _hessians(model, group[0], calibration)
@@ -171,7 +175,7 @@ class NMSparsity(Pass):
                     new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
                     keep[target] = from_matrix(k, layer.layout, part.shape)
                 with torch.no_grad():
-                    getattr(owner, attr).copy_(new)
+                    stored(owner, attr).copy_(new)
                 attach(owner, attr, keep, pattern)
 
 
@@ -223,10 +227,6 @@ def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
 
 def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
     return model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
-
-
-def _input_node(layer: Consumer) -> fx.Node:
-    return layer.node.args[1] if layer.layout == CONV1D and not layer.matmul else layer.node.args[0]
 
 
 def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torch.Tensor]:

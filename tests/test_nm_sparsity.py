@@ -309,5 +309,5 @@ def test_matmul_whose_module_input_is_another_tensor_is_refused_for_data_criteri
     model = nn.Sequential(Gate(), nn.Linear(16, 2)).eval()
     x = (torch.randn(3, 4),)
     assert "0.w" in masked_weights(gp.prune(model, x, passes=[NMSparsity(2, 4)]).module)
-    with pytest.raises(gp.InputError, match="whose first input is not that matmul's activation"):
+    with pytest.raises(gp.InputError, match="whose first input is not that layer's activation"):
         gp.prune(model, x, passes=[NMSparsity(2, 4, method="wanda")], calibration=[x])

@@ -1,0 +1,170 @@
+"""Quantize: static int8 quantization (fake-quant in PyTorch, parameters recorded for emitters).
+
+Which layers: every layer that multiplies an activation by a parameter weight (linear,
+transformers' Conv1D, conv, matmul against a parameter), except those named or typed in
+``skip`` and those whose weight object is shared with another module (quantizing one user of
+a tied weight would silently change the other).  Each skip is reported with its reason.
+
+What is quantized (see :mod:`graphprune.quantization` for the arithmetic):
+- the weight, per output channel, symmetric, zero-point 0, so N:M zeros stay exact zeros;
+- the layer's input activation, per tensor, calibrated;
+- a convolution's output too (onnxruntime fuses QLinearConv only when the output is quantized).
+  BatchNorm after a convolution is folded into it first, and when a ReLU follows, the output
+  range starts at 0 so the quantization itself clips (the emitter can then drop the ReLU).
+  Linear outputs stay float: QGemm / MatMulIntegerToFloat produce float, which keeps residual
+  streams and softmax inputs at full precision.
+
+Activation ranges (``activations``): ``"minmax"`` uses the extremes seen in calibration;
+``"percentile"`` the ``percentile``-th percentile of each tail, which ignores rare outliers;
+``"auto"`` (default) uses min/max for convolutions (post-ReLU CNN activations are bounded, and
+clipping them loses more than it gains) and the percentile for linear and matmul inputs
+(transformer activations carry rare large outliers that would waste most of the 8-bit range).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from graphprune.calibration import Consumer, batches, check_input, consumers, run_batches
+from graphprune.capture import tensor_at
+from graphprune.errors import InputError
+from graphprune.folding import fold_batchnorm, foldable_batchnorm
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.quantization import (LayerQuant, QuantPlan, RangeObserver, activation_qparams, quantize_activation,
+                                     quantize_weight, weight_axis)
+from graphprune.sparsity import CONV
+
+ACTIVATION_METHODS = ("auto", "minmax", "percentile")
+aten = torch.ops.aten
+
+
+class Quantize(Pass):
+    """Static int8 quantization of weights (per channel) and activations (per tensor).
+
+    Args:
+        dtype: ``"int8"`` (the only one so far).
+        activations: ``"auto"``, ``"minmax"`` or ``"percentile"`` (how activation ranges are
+            calibrated; needs ``calibration=``).
+        percentile: the tail percentile for ``"percentile"`` (and ``"auto"`` on linear layers).
+        skip: module names (or prefixes) and module types left in float.
+    """
+
+    accepts = frozenset({Stage.DENSE, Stage.STRUCTURED, Stage.MASKED})
+    produces = Stage.QUANTIZED
+
+    def __init__(self, dtype: str = "int8", *, activations: str = "auto", percentile: float = 99.99,
+                 skip: Iterable[str | type] = ()) -> None:
+        if dtype != "int8":
+            raise InputError(f"Quantize supports dtype='int8' only, got {dtype!r}")
+        if activations not in ACTIVATION_METHODS:
+            raise InputError(f"Quantize activations must be one of {list(ACTIVATION_METHODS)}, got {activations!r}")
+        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 50 < percentile <= 100:
+            raise InputError(f"Quantize percentile must be a number in (50, 100], got {percentile!r}")
+        self.skip = list(skip)
+        for s in self.skip:
+            if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
+                raise InputError(f"Quantize skip takes module names and nn.Module types, got {s!r}")
+        self.dtype, self.activations, self.percentile = dtype, activations, float(percentile)
+
+    def __repr__(self) -> str:
+        return f"Quantize({self.dtype!r}, activations={self.activations!r})"
+
+    def selected(self, state: CompressionState) -> tuple[list[Consumer], dict[str, str]]:
+        """The layers to quantize, and the skipped ones with the reason."""
+        model = state.model
+        modules = dict(model.named_modules())
+        for s in self.skip:
+            if isinstance(s, str) and s not in modules:
+                raise InputError(f"Quantize skip: no module named {s!r} in {type(model).__name__}")
+        owners: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(name)
+        chosen, skipped = [], {}
+        for layer in {c.weight: c for c in consumers(state.analysis())}.values():
+            module = modules[layer.module]
+            holders = owners.get(id(tensor_at(model, layer.weight)), [])
+            if any(isinstance(s, str) and (layer.module == s or layer.module.startswith(s + ".")) for s in self.skip):
+                skipped[layer.weight] = "skipped by name"
+            elif any(isinstance(s, type) and isinstance(module, s) for s in self.skip):
+                skipped[layer.weight] = f"skipped by type ({type(module).__name__})"
+            elif len(holders) > 1:
+                skipped[layer.weight] = f"weight shared with {', '.join(h for h in holders if h != layer.weight)}"
+            else:
+                chosen.append(layer)
+        return chosen, skipped
+
+    def call(self, state: CompressionState) -> PassResult:
+        model = state.model
+        layers, skipped = self.selected(state)
+        for layer in layers:
+            if tensor_at(model, layer.weight).device.type == "meta":
+                raise InputError(f"{layer.weight} is on the meta device: quantization needs real weights")
+        calibration = batches(state.calibration, "Quantize (static activation ranges)")
+        folded = {}
+        for layer in layers:
+            if layer.layout == CONV and (found := foldable_batchnorm(state.captured, model, layer)) is not None:
+                folded[layer.module] = found
+        for layer in layers:  # fold before computing weight scales: scales are for the deployed weights
+            if layer.module in folded:
+                fold_batchnorm(model, layer.module, folded[layer.module][0])
+        for layer in layers:
+            owner, attr = model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
+            quantize_weight(owner, attr, weight_axis(layer.layout))
+        inputs, outputs = self._calibrate(model, layers, calibration)
+        relu_after = {layer.module for layer in layers if layer.layout == CONV and _feeds_relu(layer, folded)}
+        plan = QuantPlan(activations=self.activations)
+        for module, observer in inputs.items():
+            quantize_activation(model.get_submodule(module), "input", *observer.qparams())
+        for module, observer in outputs.items():
+            low, high = observer.range()
+            if module in relu_after:
+                low = 0.0  # the ReLU clips below 0; the output quantization can do it exactly
+            quantize_activation(model.get_submodule(module), "output", *activation_qparams(low, high))
+        for layer in layers:
+            owner = model.get_submodule(layer.module)
+            scale = owner.parametrizations[layer.weight.rpartition(".")[2]][-1].scale
+            plan.layers[layer.weight] = LayerQuant(layer.module, weight_axis(layer.layout), scale.tolist(),
+                                                   _buffer_qparams(owner, "qinput"),
+                                                   _buffer_qparams(owner, "qoutput") if layer.module in outputs else None)
+        state.plans.append(plan)
+        state.stage = self.next_stage(state.stage)
+        details = {"quantized layers": len(layers), "activations": self.activations}
+        if folded:
+            details["folded BatchNorm"] = len(folded)
+        if skipped:
+            details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        return PassResult(state, bool(layers), details)
+
+    def _calibrate(self, model: nn.Module, layers: list[Consumer],
+                   calibration: list) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
+        """Range observers for each layer module's input (and a convolution's output)."""
+        inputs, outputs, hooks, out_hooks = {}, {}, {}, {}
+        for layer in {c.module: c for c in layers}.values():
+            method = self.activations
+            if method == "auto":
+                method = "minmax" if layer.layout == CONV else "percentile"
+            observer = inputs[layer.module] = RangeObserver(method, self.percentile)
+
+            def on_input(x: torch.Tensor, layer: Consumer = layer, observer: RangeObserver = observer) -> None:
+                check_input(layer, x)
+                observer(x)
+            hooks[layer.module] = on_input
+            if layer.layout == CONV:
+                outputs[layer.module] = out_hooks[layer.module] = RangeObserver(method, self.percentile)
+        run_batches(model, calibration, hooks, out_hooks)
+        return inputs, outputs
+
+
+def _feeds_relu(layer: Consumer, folded: dict) -> bool:
+    """True if the convolution's result (after a folded BatchNorm) goes only to a ReLU."""
+    node = folded[layer.module][1] if layer.module in folded else layer.node
+    users = list(node.users)
+    return len(users) == 1 and users[0].op == "call_function" and users[0].target in (aten.relu.default,
+                                                                                       aten.relu_.default)
+
+
+def _buffer_qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
+    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
