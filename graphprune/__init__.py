@@ -9,6 +9,7 @@
 
 from graphprune.analysis import Analysis, FrozenSpace, Group, Member
 from graphprune.api import PruneResult, analyze, prune
+from graphprune.onnx_export import ExportReport, export_onnx
 from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
@@ -17,6 +18,6 @@ from graphprune.sparsity import finalize
 
 __version__ = "0.1.0"
 
-__all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "FrozenSpace",
+__all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
            "GraphpruneError", "Group", "InputError", "Member", "Pass", "PassManager", "PassResult", "Plan",
-           "PruneResult", "Stage", "analyze", "finalize", "load_recipe", "prune", "__version__"]
+           "PruneResult", "Stage", "analyze", "export_onnx", "finalize", "load_recipe", "prune", "__version__"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,10 +11,13 @@ import torch.nn as nn
 
 from graphprune.analysis import Analysis, analyze
 from graphprune.capture import ExampleInputs, capture
+from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.macs import count_params, graph_macs
+from graphprune.onnx_export import ExportReport, export_onnx
 from graphprune.pipeline import CompressionState, Pass, PassManager, Stage, detect_stage, run_outputs
 from graphprune.plan import Plan
+from graphprune.quantization import QuantPlan
 from graphprune.recipe import load_recipe
 from graphprune.report import Report
 
@@ -27,7 +29,13 @@ class PruneResult:
     module: nn.Module
     report: Report
     stage: Stage
-    plans: list[Plan] = field(default_factory=list)
+    plans: list[Plan | QuantPlan] = field(default_factory=list)
+    example_inputs: ExampleInputs = ()
+
+    def export_onnx(self, path: str | os.PathLike, **options: Any) -> ExportReport:
+        """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
+        the metadata records this run's pipeline."""
+        return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline, **options)
 
 
 def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
@@ -52,12 +60,13 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     manager.check_order(stage)
     captured = capture(model, example_inputs)
     reference = run_outputs(model, captured)
-    working = model if inplace else copy.deepcopy(model)
+    working = model if inplace else clone(model)
     state = CompressionState(working, captured, stage, calibration=calibration,
                              prunable_outputs=tuple(prunable_outputs))
-    report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module))
+    report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
+                    pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, reference)
-    return PruneResult(state.model, report, state.stage, state.plans)
+    return PruneResult(state.model, report, state.stage, state.plans, example_inputs)
 
 
-__all__ = ["Analysis", "PruneResult", "analyze", "prune"]
+__all__ = ["Analysis", "PruneResult", "analyze", "export_onnx", "prune"]

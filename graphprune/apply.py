@@ -28,6 +28,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from graphprune.analysis import BODY_HOPS, Analysis
 from graphprune.capture import CapturedGraph, capture_call, run_outputs, tensor_at
+from graphprune.copying import clone
 from graphprune.errors import ApplyError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
@@ -43,7 +44,7 @@ class Applied:
 
 def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: bool = False) -> Applied:
     """Return ``model`` pruned by ``plan`` (a copy unless ``inplace``), verified against the plan."""
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else clone(model)
     undo = _UndoLog()
     try:
         masks = plan.masks(analysis)

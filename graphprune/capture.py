@@ -125,7 +125,7 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if device is not None and device.type == "meta":
         args, kwargs = to_device(args, device), to_device(kwargs, device)
     uses: list[AttributeUse] = []
-    with eval_mode(model), _no_kv_cache(model), recording_uses(model, uses):
+    with eval_mode(model), no_kv_cache(model), recording_uses(model, uses):
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # re-raised with the user's failing line
@@ -198,7 +198,7 @@ def run_outputs(model: nn.Module, captured: CapturedGraph) -> list[torch.Tensor]
 
 
 @contextlib.contextmanager
-def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
     """Hugging Face models return a cache object that cannot be exported; switch it off while tracing."""
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "use_cache", False):

@@ -39,12 +39,18 @@ class Stage(enum.IntEnum):
         return self.name.lower()
 
 
+STAGE_ATTRIBUTE = "graphprune_stage"
+
+
 def detect_stage(model: nn.Module) -> Stage:
     """The stage a model is at, read off the model itself (so it travels with it): quantized if a
-    weight carries fake quantization, masked if one carries an N:M mask, else dense."""
+    weight carries fake quantization, masked if one carries an N:M mask, else the stage the pass
+    manager wrote on the root module (structured models look dense otherwise), else dense."""
     if is_quantized(model):
         return Stage.QUANTIZED
-    return Stage.MASKED if masked_weights(model) else Stage.DENSE
+    if masked_weights(model):
+        return Stage.MASKED
+    return Stage(getattr(model, STAGE_ATTRIBUTE, Stage.DENSE))
 
 
 @dataclass
@@ -169,6 +175,7 @@ class PassManager:
             report.rows.append(ReportRow(p.name, time.perf_counter() - start, params, new_params, macs, new_macs,
                                          output_error(state, reference), str(state.stage), result.details))
             params, macs = new_params, new_macs
+        setattr(state.model, STAGE_ATTRIBUTE, state.stage)
         return state
 
 

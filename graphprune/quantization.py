@@ -3,7 +3,9 @@
 Weights: symmetric, per output channel, zero-point 0, range [-127, 127].  Zero-point 0 maps an
 exact zero to the integer 0 and back, so N:M masks survive quantization; the narrow range keeps
 ``q(-w) == -q(w)``.  Activations: static, per tensor, asymmetric int8 [-128, 127] (onnxruntime's
-S8S8 QDQ default); the range always contains 0 so zero is exact.
+S8S8 QDQ default); the range always contains 0 so zero is exact.  Biases: int32 with scale
+``input_scale * weight_scale[c]``, as integer kernels add them to the int32 accumulator
+(onnxruntime fuses a Gemm with a float output into QGemm only with such a bias).
 
 In PyTorch the quantized model runs with fake quantization (quantize, round half to even, clamp,
 dequantize, exactly as ONNX QuantizeLinear/DequantizeLinear do), so its accuracy can be measured
@@ -27,6 +29,7 @@ from graphprune.sparsity import CONV1D
 
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 ACT_QMIN, ACT_QMAX = -128, 127
+BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
 
 
 def weight_axis(layout: str) -> int:
@@ -71,6 +74,22 @@ def quantize_weight(module: nn.Module, name: str, axis: int) -> torch.Tensor:
     return scale
 
 
+class FakeQuantBias(nn.Module):
+    """Parametrization: int32 fake quantization of a bias with per-channel scale ``s_in * s_w[c]``."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(bias, self.scale, self.zero_point, 0, BIAS_QMIN, BIAS_QMAX)
+
+
+def quantize_bias(module: nn.Module, name: str, scale: torch.Tensor) -> None:
+    parametrize.register_parametrization(module, name, FakeQuantBias(scale))
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
 
@@ -98,10 +117,65 @@ def quantize_activation(module: nn.Module, where: str, scale: float, zero_point:
         module.register_forward_hook(_quantize_output)
 
 
+def _fake_quant_tensors(model: nn.Module, kinds: tuple[type, ...] = (FakeQuantWeight,)):
+    """(module path, module, tensor name, parametrization) for every fake-quantized tensor of ``kinds``."""
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, kinds):
+                        yield path, module, name, p
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True if some weight of ``model`` carries a :class:`FakeQuantWeight` parametrization."""
-    return any(isinstance(p, FakeQuantWeight) for m in model.modules() if parametrize.is_parametrized(m)
-               for plist in m.parametrizations.values() for p in plist)
+    return next(_fake_quant_tensors(model), None) is not None
+
+
+def read_quant_plan(model: nn.Module) -> QuantPlan | None:
+    """The int8 parameters a fake-quantized model carries (None for a float model)."""
+    layers = {}
+    for path, module, name, fq in _fake_quant_tensors(model):
+        output = _qparams(module, "qoutput") if hasattr(module, "qoutput_scale") else None
+        bias = next((p for p in module.parametrizations["bias"] if isinstance(p, FakeQuantBias)), None) \
+            if parametrize.is_parametrized(module, "bias") and name == "weight" else None
+        layers[f"{path}.{name}" if path else name] = LayerQuant(
+            path, fq.axis, fq.scale.tolist(), _qparams(module, "qinput"), output,
+            (f"{path}.bias" if path else "bias") if bias is not None else None,
+            bias.scale.tolist() if bias is not None else None)
+    return QuantPlan(layers) if layers else None
+
+
+def _qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
+    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
+
+
+def integer_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """The int8 values the fake-quantized ``weight`` stands for (``fake_quant(w) == q * scale``)."""
+    shape = [-1 if d == axis else 1 for d in range(weight.dim())]
+    fq = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale, torch.zeros_like(scale, dtype=torch.int32),
+                                                axis, WEIGHT_QMIN, WEIGHT_QMAX)
+    return torch.round(fq / scale.reshape(shape)).to(torch.int8)
+
+
+def strip_quantization(model: nn.Module) -> nn.Module:
+    """Remove fake quantization (weights back to their float originals, activation hooks gone),
+    leaving the float model a QDQ emitter starts from; returns ``model``.  The ``q*`` buffers stay."""
+    kinds = (FakeQuantWeight, FakeQuantBias)
+    for _path, module, name, _fq in list(_fake_quant_tensors(model, kinds)):
+        if not parametrize.is_parametrized(module, name):
+            continue  # a tensor with two fake quantizations, already stripped
+        others = [p for p in module.parametrizations[name] if not isinstance(p, kinds)]
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for p in others:
+            parametrize.register_parametrization(module, name, p)
+    for module in model.modules():  # hooks added by quantize_activation are identified by function
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _quantize_input]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in [k for k, h in module._forward_hooks.items() if h is _quantize_output]:
+            del module._forward_hooks[key]
+    return model
 
 
 class RangeObserver:
@@ -161,6 +235,8 @@ class LayerQuant:
     weight_scale: list[float]
     input: tuple[float, int]  # (scale, zero_point)
     output: tuple[float, int] | None = None
+    bias: str | None = None  # the int32-quantized bias tensor
+    bias_scale: list[float] | None = None
 
 
 @dataclass
@@ -168,11 +244,9 @@ class QuantPlan:
     """The int8 parameters of a model, by weight name (plain data, JSON round-trip)."""
 
     layers: dict[str, LayerQuant] = field(default_factory=dict)
-    activations: str = "auto"
 
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "kind": "int8", "activations": self.activations,
-                           "layers": {k: asdict(v) for k, v in self.layers.items()}})
+        return json.dumps({"version": 1, "kind": "int8", "layers": {k: asdict(v) for k, v in self.layers.items()}})
 
     @classmethod
     def from_json(cls, text: str) -> "QuantPlan":
@@ -183,5 +257,6 @@ class QuantPlan:
         for name, layer in data["layers"].items():
             out = layer.get("output")
             layers[name] = LayerQuant(layer["module"], layer["axis"], list(layer["weight_scale"]),
-                                      tuple(layer["input"]), tuple(out) if out is not None else None)
-        return cls(layers, data.get("activations", "auto"))
+                                      tuple(layer["input"]), tuple(out) if out is not None else None,
+                                      layer.get("bias"), layer.get("bias_scale"))
+        return cls(layers)

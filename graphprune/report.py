@@ -25,6 +25,7 @@ class Report:
     macs: int
     rows: list[ReportRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # pipeline-level facts a reader must not miss
+    pipeline: list[str] = field(default_factory=list)  # the passes as written (repr)
 
     @property
     def params_after(self) -> int:
@@ -37,7 +38,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model_name, "params": self.params, "macs": self.macs,
                 "params_after": self.params_after, "macs_after": self.macs_after,
-                "notes": list(self.notes), "passes": [asdict(r) for r in self.rows]}
+                "pipeline": list(self.pipeline), "notes": list(self.notes), "passes": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
         lines = [f"graphprune report: {self.model_name}",

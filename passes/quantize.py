@@ -33,8 +33,8 @@ from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.folding import fold_batchnorm, foldable_batchnorm
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.quantization import (LayerQuant, QuantPlan, RangeObserver, activation_qparams, quantize_activation,
-                                     quantize_weight, weight_axis)
+from graphprune.quantization import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
+                                     quantize_weight, read_quant_plan, weight_axis)
 from graphprune.sparsity import CONV
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
@@ -115,7 +115,6 @@ class Quantize(Pass):
             quantize_weight(owner, attr, weight_axis(layer.layout))
         inputs, outputs = self._calibrate(model, layers, calibration)
         relu_after = {layer.module for layer in layers if layer.layout == CONV and _feeds_relu(layer, folded)}
-        plan = QuantPlan(activations=self.activations)
         for module, observer in inputs.items():
             quantize_activation(model.get_submodule(module), "input", *observer.qparams())
         for module, observer in outputs.items():
@@ -124,12 +123,12 @@ class Quantize(Pass):
                 low = 0.0  # the ReLU clips below 0; the output quantization can do it exactly
             quantize_activation(model.get_submodule(module), "output", *activation_qparams(low, high))
         for layer in layers:
-            owner = model.get_submodule(layer.module)
-            scale = owner.parametrizations[layer.weight.rpartition(".")[2]][-1].scale
-            plan.layers[layer.weight] = LayerQuant(layer.module, weight_axis(layer.layout), scale.tolist(),
-                                                   _buffer_qparams(owner, "qinput"),
-                                                   _buffer_qparams(owner, "qoutput") if layer.module in outputs else None)
-        state.plans.append(plan)
+            if _reads_module_bias(state, layer) or layer.module in folded:
+                owner = model.get_submodule(layer.module)
+                weight_scale = owner.parametrizations["weight"][-1].scale
+                quantize_bias(owner, "bias", owner.qinput_scale * weight_scale)
+        if (plan := read_quant_plan(model)) is not None:
+            state.plans.append(plan)
         state.stage = self.next_stage(state.stage)
         details = {"quantized layers": len(layers), "activations": self.activations}
         if folded:
@@ -166,5 +165,12 @@ def _feeds_relu(layer: Consumer, folded: dict) -> bool:
                                                                                        aten.relu_.default)
 
 
-def _buffer_qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
-    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
+
+def _reads_module_bias(state: CompressionState, layer: Consumer) -> bool:
+    """True if the layer's op adds its module's own ``bias`` parameter (linear, conv, Conv1D's addmm)."""
+    if layer.matmul or not layer.weight.endswith(".weight"):
+        return False
+    node = layer.node
+    bias = node.args[0] if node.target.overloadpacket is aten.addmm else node.args[2] if len(node.args) > 2 else None
+    names = state.captured.tensor_names
+    return isinstance(bias, torch.fx.Node) and names.get(bias.name) == ("parameter", f"{layer.module}.bias")

@@ -1,0 +1,257 @@
+"""Emit an optimized, verified ONNX file from a (compressed) PyTorch module.
+
+Pipeline: copy the module, bake N:M masks into the weights, strip fake quantization (its
+parameters are read off the model first), export with torch's dynamo exporter (dynamic batch
+dimension by default), turn ``Transpose(W)`` weight reads into transposed initializers, optimize
+with onnxscript's optimizer (constant folding with no size limits, BatchNorm fused, dead nodes
+removed), write the model's int8 parameters as QDQ nodes (:mod:`graphprune.qdq`), and record
+metadata.  The file is written to a temporary directory beside ``path`` and verified there: the
+ONNX checker; onnxruntime's outputs against the PyTorch module's on the example inputs and on a
+batch one larger (fp32 within ``fp32_tolerance``; int8 against the fake-quant model within
+``int8_tolerance``, both relative to the largest output magnitude: onnxruntime's integer kernels and
+the fake quantization compute the same values, 1e-7 apart on the test models, except where a value
+falls on a rounding boundary, which moves it by one quantization step); every N:M pattern on the
+written weights; and, for int8, that onnxruntime fused every quantized layer (no float
+Conv/Gemm/MatMul left reading a DequantizeLinear in its optimized graph).  Only then is it moved
+into place, so a failure leaves no partial file and an existing file untouched.  Models over
+2 GB store their weights as external data beside the file (``<name>.data``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import onnxscript.optimizer
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from graphprune.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_inputs
+from graphprune.copying import clone
+from graphprune.errors import ApplyError, CaptureError, InputError
+from graphprune.pipeline import Stage, detect_stage
+from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose
+from graphprune.quantization import read_quant_plan, strip_quantization
+from graphprune.sparsity import CONV1D, NMPattern, finalize, masked_weights
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph itself
+FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"}
+INT8_COMPUTE = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+                "DynamicQuantizeMatMul"}
+
+
+@dataclass
+class ExportReport:
+    """What was written and how it was checked."""
+
+    path: str
+    stage: Stage
+    max_error: float  # max |onnxruntime - torch| / max |torch| over the checked batches
+    tolerance: float
+    quantized_layers: int = 0
+    int8_ops: dict[str, int] = field(default_factory=dict)  # in onnxruntime's optimized graph
+    sparse_weights: dict[str, str] = field(default_factory=dict)  # ONNX initializer -> N:M pattern
+    external_data: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path} (stage {self.stage}{', external data' if self.external_data else ''})",
+                 f"  onnxruntime vs torch: max relative error {self.max_error:.2e} (tolerance {self.tolerance:g})"]
+        if self.quantized_layers:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.int8_ops.items()))
+            lines.append(f"  int8 layers: {self.quantized_layers}, fused by onnxruntime into {ops}")
+        if self.sparse_weights:
+            lines.append(f"  N:M weights (dense with exact zeros, recorded in metadata): {len(self.sparse_weights)}")
+        return "\n".join(lines)
+
+
+def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
+                pipeline: Sequence[str] = (), dynamic_batch: bool = True, fp32_tolerance: float = 1e-4,
+                int8_tolerance: float = 0.01, opset: int | None = None) -> ExportReport:
+    """Write ``module`` as an optimized ONNX file at ``path`` and verify it in onnxruntime.
+
+    ``module`` is not modified.  ``pipeline`` (pass descriptions) goes into the metadata.
+    Raises :class:`ApplyError` (nothing written) when the file does not match the module.
+    """
+    if not isinstance(module, nn.Module):
+        raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise InputError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a directory")
+    args, kwargs = normalize_inputs(example_inputs)
+    stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
+    float_model = strip_quantization(finalize(clone(module))).eval()
+    model = _export(float_model, args, kwargs, dynamic_batch, opset)
+    pretranspose(model, set(plan.layers) if plan else set())
+    onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
+    quantized = insert_qdq(model, plan) if plan else 0
+    sparse = _sparse_records(model, patterns)
+    model.metadata_props.update(_metadata(stage, pipeline, sparse))
+    try:
+        staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        staged = os.path.join(staging, os.path.basename(path))
+        external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
+        ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
+        report = ExportReport(path, stage, 0.0, int8_tolerance if plan else fp32_tolerance, quantized,
+                              sparse_weights={k: v["pattern"] for k, v in sparse.items()}, external_data=external)
+        _verify(staged, module, args, kwargs, dynamic_batch, report)
+        if external:
+            os.replace(staged + ".data", path + ".data")
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, opset: int | None) -> ir.Model:
+    shapes = _batch_shapes(model, args, kwargs) if dynamic_batch else None
+    try:
+        with no_kv_cache(model), _quiet_exporter():
+            program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, optimize=False,
+                                        dynamic_shapes=shapes, opset_version=opset, verbose=False)
+    except Exception as exc:
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        hint = ""
+        if dynamic_batch and any(t.dim() and t.shape[0] == 1 for t in pytree.tree_leaves((args, kwargs))
+                                 if isinstance(t, torch.Tensor)):
+            hint = (" With dynamic_batch=True every input's first dim is the batch, which cannot be traced from "
+                    "a batch of 1: give examples with a batch of at least 2, or pass dynamic_batch=False.")
+        raise CaptureError(f"torch's ONNX exporter failed on {type(model).__name__}: "
+                           f"{type(root).__name__}: {(str(root).strip() or '?').splitlines()[0]}{hint}") from exc
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter prints progress and logs warnings about optional packages (torchvision ops);
+    they are not about the user's model, so they are silenced while it runs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``dynamic_shapes`` marking dim 0 of every input tensor as one shared batch dimension."""
+    batch = torch.export.Dim("batch")
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(x: Any) -> Any:
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMPattern]]) -> dict[str, dict]:
+    """Per N:M weight: its ONNX initializer, pattern and the axis its groups run along there;
+    the pattern is checked on the written values."""
+    records = {}
+    initializers = model.graph.initializers
+    for name, (_tensor, pattern) in patterns.items():
+        axis = 0 if pattern.layout == CONV1D else 1
+        found = [(n, t) for n, t in ((name, False), (name + TRANSPOSED, True), (name + "_quantized", False),
+                                     (name + TRANSPOSED + "_quantized", True)) if n in initializers]
+        if not found:
+            raise ApplyError(f"N:M weight {name} is not an initializer of the exported graph (the optimizer "
+                             "rewrote it), so its pattern cannot be recorded")
+        onnx_name, transposed = found[0]
+        axis = 1 - axis if transposed else axis
+        values = initializers[onnx_name].const_value.numpy()
+        groups = np.moveaxis(values, axis, -1).reshape(-1, pattern.m)
+        if ((groups != 0).sum(-1) > pattern.n).any():
+            raise ApplyError(f"{name} lost its {pattern} pattern in the exported graph ({onnx_name})")
+        records[onnx_name] = {"pattern": str(pattern), "axis": axis, "torch_name": name}
+    return records
+
+
+def _metadata(stage: Stage, pipeline: Sequence[str], sparse: dict[str, dict]) -> dict[str, str]:
+    from graphprune import __version__
+
+    return {"graphprune.version": __version__, "graphprune.stage": str(stage),
+            "graphprune.pipeline": json.dumps(list(pipeline)), "graphprune.nm_sparsity": json.dumps(sparse)}
+
+
+def _verify(staged: str, module: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
+            report: ExportReport) -> None:
+    try:
+        onnx.checker.check_model(staged)
+    except onnx.checker.ValidationError as exc:
+        raise ApplyError(f"the exported model fails the ONNX checker: {exc}") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    optimized = os.path.join(os.path.dirname(staged), "optimized.onnx")
+    options.optimized_model_filepath = optimized
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
+    session = ort.InferenceSession(staged, options, providers=["CPUExecutionProvider"])
+    checks = [(args, kwargs)]
+    if dynamic_batch:
+        checks.append(pytree.tree_map(_one_more, (args, kwargs)))
+    for call_args, call_kwargs in checks:
+        with eval_mode(module), no_kv_cache(module), torch.no_grad():
+            want = [t for t in pytree.tree_leaves(module(*call_args, **call_kwargs)) if isinstance(t, torch.Tensor)]
+        feeds = [t for t in pytree.tree_leaves((call_args, call_kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = session.get_inputs()
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(inputs, feeds, strict=False)})
+        if len(got) != len(want):
+            raise ApplyError(f"the ONNX model returns {len(got)} outputs, the module {len(want)}")
+        for g, w in zip(got, want, strict=True):
+            if tuple(g.shape) != tuple(w.shape):
+                raise ApplyError(f"ONNX output shape {tuple(g.shape)} differs from the module's {tuple(w.shape)}")
+            w = w.detach().double().numpy()
+            scale = np.abs(w).max() or 1.0
+            report.max_error = max(report.max_error, float(np.abs(g.astype(np.float64) - w).max() / scale))
+    if report.max_error > report.tolerance:
+        raise ApplyError(f"onnxruntime's outputs differ from the module's by {report.max_error:.3g} (relative to the "
+                         f"largest output), over the tolerance {report.tolerance:g}; nothing was written")
+    if report.quantized_layers:
+        report.int8_ops = _check_fusion(onnx.load(optimized))
+
+
+def _one_more(x: Any) -> Any:
+    """The input with its first sample appended: a batch one larger, to check the dynamic batch."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return torch.cat([x, x[:1]])
+    return x
+
+
+def _check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
+    """Raise if a float Conv/Gemm/MatMul still reads a DequantizeLinear after onnxruntime's
+    optimizations; returns the count of each int8 op."""
+    producers = {out: node for node in optimized.graph.node for out in node.output}
+    unfused = [node.name or node.op_type for node in optimized.graph.node if node.op_type in FLOAT_COMPUTE
+               and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)]
+    if unfused:
+        raise ApplyError(f"onnxruntime did not fuse {len(unfused)} quantized layer(s) into int8 kernels "
+                         f"({', '.join(unfused[:5])}); they would run as float with extra conversions")
+    counts: dict[str, int] = {}
+    for node in optimized.graph.node:
+        if node.op_type in INT8_COMPUTE:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
