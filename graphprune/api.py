@@ -20,6 +20,7 @@ from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import load_recipe
 from graphprune.report import Report
+from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
 
 
 @dataclass
@@ -36,6 +37,11 @@ class PruneResult:
         """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
         the metadata records this run's pipeline."""
         return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline, **options)
+
+    def to_sparse_kernels(self, **options: Any) -> tuple[nn.Module, SparseKernelReport]:
+        """The module with its 2:4 layers on sparse tensor-core kernels where they are faster
+        (see :func:`graphprune.sparse_kernels.to_sparse_kernels`)."""
+        return to_sparse_kernels(self.module, self.example_inputs, **options)
 
 
 def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
