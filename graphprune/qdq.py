@@ -81,6 +81,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan) -> int:
             node.replace_input_with(0, activations[key])
             if layer.output is not None:
                 _quantize_output(graph, node, *layer.output)
+    graph.sort()  # a shared activation's pair sits before the reader handled first, maybe not the earliest
     return len(plan.layers)
 
 

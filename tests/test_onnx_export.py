@@ -178,3 +178,19 @@ def test_exporter_failure_is_reported_with_its_cause(tmp_path):
                                               "ValueError: Cannot view a tensor"):
         gp.export_onnx(model, inputs, tmp_path / "swin.onnx")
     assert not os.listdir(tmp_path)
+
+
+def test_a_wrongly_written_int8_layer_is_caught(tmp_path, monkeypatch):
+    import graphprune.qdq as qdq
+
+    _model, _x, result = _resnet_s_then_q()
+    real, calls = qdq.integer_weight, []
+
+    def wrong_sign_once(weight, scale, axis):  # an emitter bug: the first layer's integers negated
+        calls.append(1)
+        q = real(weight, scale, axis)
+        return -q if len(calls) == 1 else q
+    monkeypatch.setattr(qdq, "integer_weight", wrong_sign_once)
+    with pytest.raises(gp.ApplyError, match="further from the float model"):
+        result.export_onnx(tmp_path / "bad.onnx")
+    assert not os.listdir(tmp_path)
