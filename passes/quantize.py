@@ -8,6 +8,8 @@ a tied weight would silently change the other).  Each skip is reported with its 
 What is quantized (see :mod:`graphprune.quantization` for the arithmetic):
 - the weight, per output channel, symmetric, zero-point 0, so N:M zeros stay exact zeros;
 - the layer's input activation, per tensor, calibrated;
+- the layer's own bias, as int32 with scale ``input_scale * weight_scale[c]`` (what integer kernels
+  add to their accumulator; onnxruntime fuses a float-output Gemm only with such a bias);
 - a convolution's output too (onnxruntime fuses QLinearConv only when the output is quantized).
   BatchNorm after a convolution is folded into it first, and when a ReLU follows, the output
   range starts at 0 so the quantization itself clips (the emitter can then drop the ReLU).
