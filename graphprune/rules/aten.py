@@ -891,8 +891,3 @@ def arange(ctx: RuleContext, node: fx.Node) -> None:
 @R.register(aten.scalar_tensor)
 def scalar_tensor(ctx: RuleContext, node: fx.Node) -> None:
     """A 0-d constant: no dims."""
-
-
-def supported_ops() -> list[str]:
-    return R.covered_ops()
-

@@ -58,8 +58,12 @@ class RuleRegistry:
         return rule
 
     def covered_ops(self) -> list[str]:
-        """Names of the ops with an explicit rule (for the supported-ops table)."""
+        """Names of the ops with an explicit rule."""
         return sorted(str(op) for op in self._rules)
+
+    def rules(self) -> dict[Any, Rule]:
+        """Op -> rule, for the supported-ops table (a copy: the registry stays as registered)."""
+        return dict(self._rules)
 
 
 aten_rules = RuleRegistry()

@@ -1,0 +1,288 @@
+"""The ``graphprune`` command line: inspect, prune, export, bench.
+
+MODEL is ``package.module:factory`` (a function returning ``(module, example_inputs)`` or
+``(module, example_inputs, calibration_batches)``), or a ``.pt2`` file saved with
+``torch.export.save`` (its example inputs are the ones it was exported with).  ``.onnx`` files are
+accepted by ``bench``; pruning ONNX graphs directly is not implemented yet, and saying so is the
+answer.  Exit codes: 0 done, 2 bad input (paths, options, recipes, a pass order that is refused),
+3 a model graphprune cannot handle (capture, apply, ONNX verification), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from graphprune.errors import ContractError, GraphpruneError, InputError
+
+EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
+
+
+def load_model(spec: str) -> tuple[nn.Module, Any, list | None]:
+    """(module, example inputs, calibration batches or None) from a MODEL argument."""
+    if spec.endswith(".onnx"):
+        raise InputError(f"{spec}: pruning ONNX files directly is not implemented yet (issue 6); give the PyTorch "
+                         "model as package.module:factory or a .pt2 exported program")
+    if spec.endswith(".pt2"):
+        if not os.path.isfile(spec):
+            raise InputError(f"{spec}: no such file")
+        try:
+            program = torch.export.load(spec)
+        except Exception as exc:
+            raise InputError(f"{spec}: not a torch.export program ({type(exc).__name__}: {exc})") from exc
+        if program.example_inputs is None:
+            raise InputError(f"{spec}: the exported program carries no example inputs")
+        args, kwargs = program.example_inputs
+        if args and kwargs:
+            raise InputError(f"{spec}: programs exported with both positional and keyword inputs are not supported")
+        return program.module(), (kwargs or args), None
+    module_name, sep, factory_name = spec.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise InputError(f"MODEL must be package.module:factory, a .pt2 or an .onnx file, got {spec!r}")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory are importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load {spec}: {exc}") from exc
+    built = factory()
+    if not isinstance(built, tuple) or len(built) not in (2, 3) or not isinstance(built[0], nn.Module):
+        raise InputError(f"{spec} must return (module, example_inputs) or (module, example_inputs, calibration)")
+    return built[0], built[1], list(built[2]) if len(built) == 3 else None
+
+
+def load_calibration(path: str, batch_size: int) -> list:
+    """Calibration batches from ``.npz`` (arrays keyed by input name, first dim = samples) or ``.pt``
+    (a list of batches, or a dict / tensor split into batches the same way)."""
+    if not os.path.isfile(path):
+        raise InputError(f"calibration file {path}: no such file")
+    if path.endswith(".npz"):
+        import numpy as np
+
+        with np.load(path) as data:
+            tensors: Any = {k: torch.from_numpy(data[k]) for k in data.files}
+    elif path.endswith(".pt"):
+        tensors = torch.load(path, weights_only=True)
+        if isinstance(tensors, list):
+            return tensors
+    else:
+        raise InputError(f"calibration file {path}: use .npz or .pt")
+    if isinstance(tensors, torch.Tensor):
+        return [(chunk,) for chunk in tensors.split(batch_size)]
+    if isinstance(tensors, dict) and tensors and all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        count = {v.shape[0] for v in tensors.values()}
+        if len(count) != 1:
+            raise InputError(f"calibration file {path}: arrays have different sample counts {sorted(count)}")
+        n = count.pop()
+        return [{k: v[i:i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+    raise InputError(f"calibration file {path}: expected arrays keyed by input name, a tensor or a list of batches")
+
+
+def _passes(args: argparse.Namespace) -> tuple[list, bool]:
+    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
+    from graphprune.recipe import load_recipe
+
+    flags = args.channels is not None or args.nm is not None or args.int8
+    if args.recipe and flags:
+        raise InputError("give either --recipe or the --channels/--nm/--int8 flags, not both")
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        return recipe.passes, recipe.experimental_order
+    passes: list = []
+    if args.channels is not None:
+        passes.append(ChannelPrune(args.channels, round_to=args.round_to))
+    if args.nm is not None:
+        n, _, m = args.nm.partition(":")
+        if not (n.isdigit() and m.isdigit()):
+            raise InputError(f"--nm takes N:M such as 2:4, got {args.nm!r}")
+        passes.append(NMSparsity(int(n), int(m), method=args.method))
+    if args.int8:
+        passes.append(Quantize("int8"))
+    if not passes:
+        raise InputError("nothing to do: give --recipe, or --channels, --nm and/or --int8")
+    return passes, False
+
+
+def _needs_calibration(passes: Sequence) -> bool:
+    from graphprune.passes import NMSparsity, Quantize
+
+    return any(isinstance(p, Quantize) or (isinstance(p, NMSparsity) and p.method != "magnitude") for p in passes)
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict:
+    import graphprune as gp
+    from graphprune.macs import count_params, graph_macs
+
+    model, inputs, _ = load_model(args.model)
+    analysis = gp.analyze(model, inputs)
+    summary = {"model": args.model, "params": count_params(model), "macs": graph_macs(analysis.captured.graph_module),
+               "groups": [{"id": g.id, "channels": g.size, "members": [m.name for m in g.members]} for g in analysis.groups],
+               "frozen": [f.describe() for f in analysis.frozen]}
+    if not args.json:
+        print(analysis.describe(max_groups=args.max_groups))
+        print(f"params {summary['params']:,}, MACs {summary['macs']:,}")
+    return summary
+
+
+def cmd_prune(args: argparse.Namespace) -> dict:
+    import graphprune as gp
+
+    passes, experimental = _passes(args)
+    if not args.output.endswith(".onnx"):
+        raise InputError(f"-o must name an .onnx file, got {args.output!r}")
+    model, inputs, calibration = load_model(args.model)
+    if args.calibration:
+        calibration = load_calibration(args.calibration, args.batch_size)
+    if calibration is None and _needs_calibration(passes):
+        _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
+        calibration = [inputs]
+    result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
+    exported = result.export_onnx(args.output)
+    report = {**result.report.to_dict(), "output": args.output, "stage": str(result.stage),
+              "onnx": {"max_error": exported.max_error, "l2_error": exported.l2_error,
+                       "int8_ops": exported.int8_ops, "sparse_weights": len(exported.sparse_weights)}}
+    _write_atomically(args.output + ".report.json", json.dumps(report, indent=2))
+    if not args.json:
+        print(result.report)
+        print(exported)
+    return report
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    import graphprune as gp
+
+    model, inputs, _ = load_model(args.model)
+    exported = gp.export_onnx(model, inputs, args.output, dynamic_batch=not args.static_batch)
+    if not args.json:
+        print(exported)
+    return {"output": args.output, "stage": str(exported.stage), "max_error": exported.max_error}
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    rows = [{"model": path, "ms": onnx_latency_ms(path, args.batch, args.runs, args.threads)} for path in args.models]
+    base = rows[0]["ms"]
+    for row in rows:
+        row["speedup"] = base / row["ms"]
+    if not args.json:
+        print(f"onnxruntime CPU, batch {args.batch}, median of {args.runs} runs")
+        for row in rows:
+            print(f"  {row['model']:<48}{row['ms']:>10.2f} ms{row['speedup']:>8.2f}x")
+    return {"batch": args.batch, "runs": args.runs, "models": rows}
+
+
+def onnx_latency_ms(path: str, batch: int, runs: int, threads: int) -> float:
+    """Median onnxruntime latency on random inputs shaped by the model's inputs (symbolic dims = batch)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in i.shape]
+        feeds[i.name] = (rng.integers(0, 100, shape).astype(np.int64) if "int" in i.type
+                         else rng.standard_normal(shape).astype(np.float32))
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    staging = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(staging, "w") as f:
+            f.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"graphprune: {message}", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="graphprune", description="Compress PyTorch models: structured pruning, "
+                                  "N:M sparsity, int8; emit verified ONNX.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (for scripts)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+
+    p = sub.add_parser("inspect", help="coupled channel groups, frozen spaces and why, params and MACs")
+    p.add_argument("model")
+    p.add_argument("--max-groups", type=int, default=50)
+    common(p)
+    p = sub.add_parser("prune", help="run passes and write a verified ONNX file plus <out>.report.json")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--recipe")
+    p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
+    p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
+    p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
+    p.add_argument("--calibration", help=".npz or .pt calibration data")
+    p.add_argument("--batch-size", type=int, default=8)
+    common(p)
+    p = sub.add_parser("export", help="write a model as a verified ONNX file")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--static-batch", action="store_true")
+    common(p)
+    p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    common(p)
+    return top
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        summary = COMMANDS[args.command](args)
+    except (InputError, ContractError) as exc:
+        print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except GraphpruneError as exc:
+        print(f"graphprune {args.command}: cannot handle this model: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

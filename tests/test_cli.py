@@ -1,0 +1,89 @@
+"""The command line end to end, in subprocesses: outputs exist, JSON parses, exit codes are right,
+and failures leave no partial files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    dense = run("export", "samples.resnet:build", "-o", str(out / "dense.onnx"), "--json")
+    assert dense.returncode == 0, dense.stderr
+    np.savez(out / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    result = run("prune", "samples.resnet:build", "-o", str(out / "small.onnx"), "--channels", "0.5", "--nm", "2:4",
+                 "--method", "wanda", "--int8", "--calibration", str(out / "calib.npz"), "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
+    out, summary = pruned
+    assert summary["stage"] == "quantized" and [p["pass_name"] for p in summary["passes"]] == \
+        ["ChannelPrune", "NMSparsity", "Quantize"]
+    assert summary["onnx"]["int8_ops"]["QLinearConv"] > 0
+    assert json.loads((out / "small.onnx.report.json").read_text()) == summary
+    meta = {p.key: p.value for p in onnx.load(str(out / "small.onnx")).metadata_props}
+    assert meta["graphprune.stage"] == "quantized"
+
+
+def test_inspect_and_bench(pruned):
+    out, _ = pruned
+    inspect = run("inspect", "samples.resnet:build", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    summary = json.loads(inspect.stdout)
+    assert summary["params"] > 0 and summary["groups"] and all(g["members"] for g in summary["groups"])
+    bench = run("bench", str(out / "dense.onnx"), str(out / "small.onnx"), "--runs", "3", "--json")
+    assert bench.returncode == 0, bench.stderr
+    rows = json.loads(bench.stdout)["models"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["ms"] > 0
+    text = run("inspect", "samples.resnet:build")
+    assert text.returncode == 0 and "prunable groups" in text.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "no_such_module:build", "-o", "{out}/m.onnx", "--channels", "0.5"], "cannot load no_such_module:build"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/missing.toml"], "cannot read recipe"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/bad.toml"], "unknown pass 'Prune'"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/order.toml"], "experimental_order"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.txt", "--channels", "0.5"], "must name an .onnx file"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--nm", "two:four"], "--nm takes N:M"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx"], "nothing to do"),
+    (["prune", "{out}/model.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "not implemented yet"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"], "no such file"),
+    (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
+    (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
+])
+def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
+    (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
+    (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
+    before = set(os.listdir(tmp_path))
+    result = run(*[a.format(out=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_installed_entry_point():
+    script = shutil.which("graphprune")
+    if script is None:
+        pytest.skip("the package is not installed in this environment (pip install -e .)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "inspect" in result.stdout and "prune" in result.stdout
