@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from graphprune.coupling_graph import write_graph
 from graphprune.errors import ContractError, GraphpruneError, InputError
+from graphprune.report_page import layer_rows, write_report
 
 EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
 
@@ -128,9 +131,16 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     summary = {"model": args.model, "params": count_params(model), "macs": graph_macs(analysis.captured.graph_module),
                "groups": [{"id": g.id, "channels": g.size, "members": [m.name for m in g.members]} for g in analysis.groups],
                "frozen": [f.describe() for f in analysis.frozen]}
+    if args.graph and not args.graph.endswith((".dot", ".svg", ".png")):
+        raise InputError(f"--graph writes .dot, .svg or .png, got {args.graph!r}")
+    if args.graph:
+        write_graph(analysis, args.graph)
+        summary["graph"] = args.graph
     if not args.json:
         print(analysis.describe(max_groups=args.max_groups))
         print(f"params {summary['params']:,}, MACs {summary['macs']:,}")
+        if args.graph:
+            print(f"coupling graph: {args.graph}")
     return summary
 
 
@@ -148,14 +158,24 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         calibration = [inputs]
     result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
     exported = result.export_onnx(args.output)
-    report = {**result.report.to_dict(), "output": args.output, "stage": str(result.stage),
-              "onnx": {"max_error": exported.max_error, "l2_error": exported.l2_error,
-                       "int8_ops": exported.int8_ops, "sparse_weights": len(exported.sparse_weights)}}
-    _write_atomically(args.output + ".report.json", json.dumps(report, indent=2))
+    latency = None
+    if args.latency:
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = os.path.join(tmp, "dense.onnx")
+            gp.export_onnx(model, inputs, dense)
+            latency = {"dense": onnx_latency_ms(dense, 1, args.runs, args.threads),
+                       "compressed": onnx_latency_ms(args.output, 1, args.runs, args.threads)}
+    pages = args.output + ".report"
+    write_report(pages, result.report, layer_rows(model, result.module), latency)
+    summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
+               "latency_ms": latency,
+               "onnx": {"max_error": exported.max_error, "l2_error": exported.l2_error,
+                        "int8_ops": exported.int8_ops, "sparse_weights": len(exported.sparse_weights)}}
     if not args.json:
         print(result.report)
         print(exported)
-    return report
+        print(f"report: {pages}/report.html (and report.md, report.json, plots)")
+    return summary
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
@@ -209,17 +229,6 @@ def onnx_latency_ms(path: str, batch: int, runs: int, threads: int) -> float:
     return statistics.median(times)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    staging = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(staging, "w") as f:
-            f.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(f"graphprune: {message}", file=sys.stderr)
@@ -237,8 +246,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="coupled channel groups, frozen spaces and why, params and MACs")
     p.add_argument("model")
     p.add_argument("--max-groups", type=int, default=50)
+    p.add_argument("--graph", help="write the coupling graph: .dot (Graphviz), .svg or .png (drawn)")
     common(p)
-    p = sub.add_parser("prune", help="run passes and write a verified ONNX file plus <out>.report.json")
+    p = sub.add_parser("prune", help="run passes, write a verified ONNX file and report pages in <out>.report/")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--recipe")
@@ -249,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
     p.add_argument("--calibration", help=".npz or .pt calibration data")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     common(p)
     p = sub.add_parser("export", help="write a model as a verified ONNX file")
     p.add_argument("model")

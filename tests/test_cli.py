@@ -29,7 +29,8 @@ def pruned(tmp_path_factory):
     assert dense.returncode == 0, dense.stderr
     np.savez(out / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
     result = run("prune", "samples.resnet:build", "-o", str(out / "small.onnx"), "--channels", "0.5", "--nm", "2:4",
-                 "--method", "wanda", "--int8", "--calibration", str(out / "calib.npz"), "--json", "--quiet")
+                 "--method", "wanda", "--int8", "--calibration", str(out / "calib.npz"), "--latency", "--runs", "3",
+                 "--json", "--quiet")
     assert result.returncode == 0, result.stderr
     return out, json.loads(result.stdout)
 
@@ -39,17 +40,31 @@ def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
     assert summary["stage"] == "quantized" and [p["pass_name"] for p in summary["passes"]] == \
         ["ChannelPrune", "NMSparsity", "Quantize"]
     assert summary["onnx"]["int8_ops"]["QLinearConv"] > 0
-    assert json.loads((out / "small.onnx.report.json").read_text()) == summary
+    assert summary["latency_ms"]["dense"] > 0 and summary["latency_ms"]["compressed"] > 0
+    pages = out / "small.onnx.report"
+    assert sorted(os.listdir(pages)) == ["latency.png", "params_macs.png", "report.html", "report.json", "report.md",
+                                         "sparsity.png"]
+    data = json.loads((pages / "report.json").read_text())
+    layers = {row["name"]: row for row in data["layers"]}
+    assert layers["layers.0.conv1"]["pattern"] == "2:4" and layers["layers.0.conv1"]["weight_scale"]
+    assert layers["layers.0.conv1"]["shape_after"][0] < layers["layers.0.conv1"]["shape_before"][0]
+    markdown = (pages / "report.md").read_text()
+    assert "| ChannelPrune |" in markdown and "![sparsity](sparsity.png)" in markdown
+    assert (pages / "report.html").read_text().count("data:image/png;base64,") == 3
     meta = {p.key: p.value for p in onnx.load(str(out / "small.onnx")).metadata_props}
     assert meta["graphprune.stage"] == "quantized"
 
 
 def test_inspect_and_bench(pruned):
     out, _ = pruned
-    inspect = run("inspect", "samples.resnet:build", "--json")
+    inspect = run("inspect", "samples.resnet:build", "--json", "--graph", str(out / "coupling.dot"))
     assert inspect.returncode == 0, inspect.stderr
     summary = json.loads(inspect.stdout)
     assert summary["params"] > 0 and summary["groups"] and all(g["members"] for g in summary["groups"])
+    dot = (out / "coupling.dot").read_text()
+    assert dot.startswith("graph coupling {") and '"group 0" -- "stem.0.weight"' in dot
+    drawn = run("inspect", "samples.resnet:build", "--graph", str(out / "coupling.svg"))
+    assert drawn.returncode == 0 and "<svg" in (out / "coupling.svg").read_text()[:2000]
     bench = run("bench", str(out / "dense.onnx"), str(out / "small.onnx"), "--runs", "3", "--json")
     assert bench.returncode == 0, bench.stderr
     rows = json.loads(bench.stdout)["models"]
@@ -70,6 +85,7 @@ def test_inspect_and_bench(pruned):
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"], "no such file"),
     (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
     (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
+    (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
 ])
 def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')

@@ -1,0 +1,197 @@
+"""The run report as pages a person reads: Markdown and a self-contained HTML file, with plots.
+
+:func:`layer_rows` compares the compressed model with the original layer by layer (shape before
+and after, fraction of zero weights, N:M pattern, int8 scales); :func:`write_report` writes
+``report.md``, ``report.html`` (plots embedded), ``report.json`` and the plots as PNG into a
+directory, staged beside it and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from graphprune.quantization import FakeQuantWeight
+from graphprune.report import Report
+from graphprune.sparsity import NMMask
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    shape_before: list[int]
+    shape_after: list[int]
+    zeros: float  # fraction of exactly-zero weights in the compressed layer
+    pattern: str | None = None  # N:M pattern of its mask
+    weight_scale: list[float] | None = None  # int8: min, median, max of the per-channel scales
+    input_qparams: list[float] | None = None  # int8: activation scale, zero-point
+
+
+def layer_rows(original: nn.Module, compressed: nn.Module) -> list[LayerRow]:
+    """One row per weight layer of ``compressed`` (layers the compression removed are not listed)."""
+    before = dict(original.named_modules())
+    rows = []
+    for name, module in compressed.named_modules():
+        if not (isinstance(module, LAYER_TYPES) or type(module).__name__ == "Conv1D"):
+            continue
+        weight = module.weight.detach()
+        old = before.get(name)
+        row = LayerRow(name, type(module).__name__.removeprefix("Parametrized"),
+                       list(old.weight.shape) if old is not None else [], list(weight.shape),
+                       float((weight == 0).float().mean()))
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations["weight"]:
+                if isinstance(p, NMMask):
+                    row.pattern = str(p.pattern)
+                elif isinstance(p, FakeQuantWeight):
+                    scale = p.scale.sort().values
+                    row.weight_scale = [scale[0].item(), scale[len(scale) // 2].item(), scale[-1].item()]
+        if hasattr(module, "qinput_scale"):
+            row.input_qparams = [module.qinput_scale.item(), module.qinput_zero_point.item()]
+        rows.append(row)
+    return rows
+
+
+def write_report(directory: str | os.PathLike, report: Report, layers: list[LayerRow],
+                 latency_ms: dict[str, float] | None = None) -> list[str]:
+    """Write the report pages into ``directory`` (replaced if it exists); returns the file names."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    staging = tempfile.mkdtemp(prefix=".graphprune-report-", dir=parent)
+    try:
+        plots = _plots(staging, report, layers, latency_ms or {})
+        data = {**report.to_dict(), "layers": [asdict(r) for r in layers], "latency_ms": latency_ms or {}}
+        with open(os.path.join(staging, "report.json"), "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        with open(os.path.join(staging, "report.md"), "w") as f:
+            f.write(_markdown(report, layers, latency_ms or {}, plots))
+        with open(os.path.join(staging, "report.html"), "w") as f:
+            f.write(_html(report, layers, latency_ms or {}, plots, staging))
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(os.listdir(directory))
+
+
+def _plots(directory: str, report: Report, layers: list[LayerRow], latency: dict[str, float]) -> dict[str, str]:
+    from matplotlib.figure import Figure  # object API: no global pyplot state, no GUI backend
+
+    plots = {}
+    if layers:
+        fig = Figure(figsize=(7, max(2.5, 0.18 * len(layers) + 1)))
+        ax = fig.add_subplot()
+        ax.barh(range(len(layers)), [r.zeros for r in layers], color="#4c72b0")
+        ax.set_yticks(range(len(layers)), [r.name for r in layers], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of zero weights")
+        ax.set_title("Per-layer sparsity")
+        plots["sparsity"] = _save(fig, directory, "sparsity.png")
+    stages = ["original"] + [r.pass_name for r in report.rows]
+    fig = Figure(figsize=(7, 3))
+    for i, (label, values) in enumerate((("params", [report.params] + [r.params_after for r in report.rows]),
+                                         ("MACs", [report.macs] + [r.macs_after for r in report.rows]))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.bar(range(len(stages)), [v / (values[0] or 1) for v in values], color="#55a868")
+        ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{label} (fraction of original)", fontsize=9)
+    fig.tight_layout()
+    plots["size"] = _save(fig, directory, "params_macs.png")
+    if latency:
+        fig = Figure(figsize=(5, 2.5))
+        ax = fig.add_subplot()
+        ax.barh(list(latency), list(latency.values()), color="#c44e52")
+        ax.set_xlabel("onnxruntime latency (ms)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        plots["latency"] = _save(fig, directory, "latency.png")
+    return plots
+
+
+def _save(fig, directory: str, name: str) -> str:
+    fig.savefig(os.path.join(directory, name), dpi=110, bbox_inches="tight")
+    return name
+
+
+def _markdown(report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str]) -> str:
+    out = [f"# graphprune report: {report.model_name}", "",
+           f"Pipeline: {', '.join(f'`{p}`' for p in report.pipeline) or '-'}", ""]
+    out += [f"> {note}" for note in report.notes]
+    out += ["", f"Params {report.params:,} → {report.params_after:,} "
+                f"({report.params_after / (report.params or 1):.1%}); MACs {report.macs:,} → {report.macs_after:,} "
+                f"({report.macs_after / (report.macs or 1):.1%})", ""]
+    if latency:
+        base = next(iter(latency.values()))
+        out += ["| model | onnxruntime ms | speedup |", "|---|---|---|"]
+        out += [f"| {k} | {v:.2f} | {base / v:.2f}x |" for k, v in latency.items()] + [""]
+    out += ["## Passes", "", "| pass | stage | seconds | params after | MACs after | output error | details |",
+            "|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        err = "-" if r.output_error is None else f"{r.output_error:.2e}"
+        details = "; ".join(f"{k}: {v}" for k, v in r.details.items()).replace("|", "/")
+        out.append(f"| {r.pass_name} | {r.stage} | {r.seconds:.2f} | {r.params_after:,} | {r.macs_after:,} | {err} "
+                   f"| {details[:300]} |")
+    out += ["", *[f"![{k}]({v})" for k, v in plots.items()], "", "## Layers", "",
+            "| layer | kind | shape before | shape after | zeros | N:M | int8 weight scales (min/median/max) "
+            "| input scale, zero-point |", "|---|---|---|---|---|---|---|---|"]
+    for r in layers:
+        scales = "/".join(f"{s:.2e}" for s in r.weight_scale) if r.weight_scale else "-"
+        qin = f"{r.input_qparams[0]:.2e}, {int(r.input_qparams[1])}" if r.input_qparams else "-"
+        out.append(f"| {r.name} | {r.kind} | {r.shape_before} | {r.shape_after} | {r.zeros:.1%} | {r.pattern or '-'} "
+                   f"| {scales} | {qin} |")
+    return "\n".join(out) + "\n"
+
+
+def _html(report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str],
+          directory: str) -> str:
+    """The Markdown content as a small self-contained HTML page (tables and embedded PNGs)."""
+    body = []
+    in_table = False
+    for line in _markdown(report, layers, latency, {}).splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+            if line == "## Layers":
+                for name in plots.values():
+                    with open(os.path.join(directory, name), "rb") as f:
+                        data = base64.b64encode(f.read()).decode()
+                    body.append(f'<img alt="{name}" src="data:image/png;base64,{data}">')
+        elif line.startswith("> "):
+            body.append(f"<p><b>{html.escape(line[2:])}</b></p>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%;display:block}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>graphprune report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
