@@ -115,10 +115,12 @@ def check_input(layer: Consumer, x: torch.Tensor) -> None:
 def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]],
                 outputs_of: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
     """Run the batches (eval mode, no gradients), handing each named module's first input (and, for
-    ``outputs_of``, its output) to its callback."""
-    handles = []
+    ``outputs_of``, its output) to its callback.  Raises :class:`InputError` if a named module is
+    never called (its statistics would silently be missing)."""
+    handles, called = [], set()
     for name, callback in inputs_of.items():
-        def hook(_mod, args, kwargs, callback=callback):
+        def hook(_mod, args, kwargs, callback=callback, name=name):
+            called.add(name)
             callback(args[0] if args else next(iter(kwargs.values())))
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     for name, callback in (outputs_of or {}).items():
@@ -133,6 +135,11 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
     finally:
         for handle in handles:
             handle.remove()
+    missing = sorted(set(inputs_of) - called)
+    if missing:
+        raise InputError(f"module(s) {', '.join(repr(m) for m in missing[:5])} hold weights but are never called by "
+                         "the model's forward (their parameters are read directly, as in a module unlifted from "
+                         "torch.export), so calibration statistics cannot be gathered at their inputs")
 
 
 def input_moments(model: nn.Module, layers: list[Consumer],

@@ -175,11 +175,21 @@ def tensor_at(model: nn.Module, fqn: str) -> torch.Tensor:
     return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
+def set_eval(model: nn.Module) -> nn.Module:
+    """``model.eval()``, except for the modules ``ExportedProgram.module()`` returns: they refuse
+    ``eval()``, and their mode was fixed when they were exported."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run the block with every module in eval mode; the caller's training flags come back after."""
     flags = {m: m.training for m in model.modules()}
-    model.eval()
+    set_eval(model)
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,16 @@ from graphprune.report_page import layer_rows, write_report
 EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
 
 
-def load_model(spec: str) -> tuple[nn.Module, Any, list | None]:
-    """(module, example inputs, calibration batches or None) from a MODEL argument."""
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    inputs: Any
+    calibration: list | None = None
+    dynamic_batch: bool = True  # False for a .pt2 exported with static shapes: its module checks them
+
+
+def load_model(spec: str) -> LoadedModel:
+    """The module, example inputs and calibration batches (if the factory gives them) of a MODEL argument."""
     if spec.endswith(".onnx"):
         raise InputError(f"{spec}: pruning ONNX files directly is not implemented yet (issue 6); give the PyTorch "
                          "model as package.module:factory or a .pt2 exported program")
@@ -48,7 +57,11 @@ def load_model(spec: str) -> tuple[nn.Module, Any, list | None]:
         args, kwargs = program.example_inputs
         if args and kwargs:
             raise InputError(f"{spec}: programs exported with both positional and keyword inputs are not supported")
-        return program.module(), (kwargs or args), None
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in
+                        set(program.graph_signature.user_inputs)]
+        dynamic = any(isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
+                      for v in (n.meta.get("val") for n in placeholders))
+        return LoadedModel(program.module(), kwargs or args, None, dynamic)
     module_name, sep, factory_name = spec.partition(":")
     if not sep or not module_name or not factory_name:
         raise InputError(f"MODEL must be package.module:factory, a .pt2 or an .onnx file, got {spec!r}")
@@ -61,7 +74,7 @@ def load_model(spec: str) -> tuple[nn.Module, Any, list | None]:
     built = factory()
     if not isinstance(built, tuple) or len(built) not in (2, 3) or not isinstance(built[0], nn.Module):
         raise InputError(f"{spec} must return (module, example_inputs) or (module, example_inputs, calibration)")
-    return built[0], built[1], list(built[2]) if len(built) == 3 else None
+    return LoadedModel(built[0], built[1], list(built[2]) if len(built) == 3 else None)
 
 
 def load_calibration(path: str, batch_size: int) -> list:
@@ -124,13 +137,24 @@ def _needs_calibration(passes: Sequence) -> bool:
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
     import graphprune as gp
+    from graphprune.capture import model_device
+    from graphprune.importance import resolve
     from graphprune.macs import count_params, graph_macs
 
-    model, inputs, _ = load_model(args.model)
+    loaded = load_model(args.model)
+    model, inputs = loaded.module, loaded.inputs
     analysis = gp.analyze(model, inputs)
+    scores = resolve("l2").scores(analysis, model, analysis.groups, None) if model_device(model) != torch.device("meta") \
+        else {}
+    groups = []
+    for g in analysis.groups:
+        row = {"id": g.id, "channels": g.size, "members": [m.name for m in g.members]}
+        if g.id in scores:  # channel L2 importance spread: a flat spread means no cheap channels to remove
+            s = scores[g.id].double().sort().values
+            row["l2_importance"] = {"min": s[0].item(), "median": s[len(s) // 2].item(), "max": s[-1].item()}
+        groups.append(row)
     summary = {"model": args.model, "params": count_params(model), "macs": graph_macs(analysis.captured.graph_module),
-               "groups": [{"id": g.id, "channels": g.size, "members": [m.name for m in g.members]} for g in analysis.groups],
-               "frozen": [f.describe() for f in analysis.frozen]}
+               "groups": groups, "frozen": [f.describe() for f in analysis.frozen]}
     if args.graph and not args.graph.endswith((".dot", ".svg", ".png")):
         raise InputError(f"--graph writes .dot, .svg or .png, got {args.graph!r}")
     if args.graph:
@@ -138,6 +162,12 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         summary["graph"] = args.graph
     if not args.json:
         print(analysis.describe(max_groups=args.max_groups))
+        if scores:
+            print("channel L2 importance per group (min / median / max):")
+            for row in groups[:args.max_groups]:
+                imp = row["l2_importance"]
+                print(f"  group {row['id']:<4}{row['channels']:>6} ch  {imp['min']:.3g} / {imp['median']:.3g} / "
+                      f"{imp['max']:.3g}")
         print(f"params {summary['params']:,}, MACs {summary['macs']:,}")
         if args.graph:
             print(f"coupling graph: {args.graph}")
@@ -150,19 +180,20 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     passes, experimental = _passes(args)
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
-    model, inputs, calibration = load_model(args.model)
+    loaded = load_model(args.model)
+    model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
     if args.calibration:
         calibration = load_calibration(args.calibration, args.batch_size)
     if calibration is None and _needs_calibration(passes):
         _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
         calibration = [inputs]
     result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
-    exported = result.export_onnx(args.output)
+    exported = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded))
     latency = None
     if args.latency:
         with tempfile.TemporaryDirectory() as tmp:
             dense = os.path.join(tmp, "dense.onnx")
-            gp.export_onnx(model, inputs, dense)
+            gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
             latency = {"dense": onnx_latency_ms(dense, 1, args.runs, args.threads),
                        "compressed": onnx_latency_ms(args.output, 1, args.runs, args.threads)}
     pages = args.output + ".report"
@@ -181,8 +212,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     import graphprune as gp
 
-    model, inputs, _ = load_model(args.model)
-    exported = gp.export_onnx(model, inputs, args.output, dynamic_batch=not args.static_batch)
+    loaded = load_model(args.model)
+    exported = gp.export_onnx(loaded.module, loaded.inputs, args.output,
+                              dynamic_batch=not args.static_batch and _dynamic_batch(args, loaded))
     if not args.json:
         print(exported)
     return {"output": args.output, "stage": str(exported.stage), "max_error": exported.max_error}
@@ -227,6 +259,12 @@ def onnx_latency_ms(path: str, batch: int, runs: int, threads: int) -> float:
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _dynamic_batch(args: argparse.Namespace, loaded: LoadedModel) -> bool:
+    if not loaded.dynamic_batch:
+        _say(args, f"{args.model} was exported with a static batch size: the ONNX file keeps it")
+    return loaded.dynamic_batch
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

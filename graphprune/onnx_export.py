@@ -44,8 +44,9 @@ import onnxscript.optimizer
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
 
-from graphprune.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_inputs
+from graphprune.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_inputs, set_eval, tensor_at
 from graphprune.copying import clone
 from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.pipeline import Stage, detect_stage
@@ -109,31 +110,41 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         raise InputError(f"cannot write {path}: it is a directory")
     args, kwargs = normalize_inputs(example_inputs)
     stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
-    float_model = strip_quantization(finalize(clone(module))).eval()
-    model = _export(float_model, args, kwargs, dynamic_batch, opset)
-    pretranspose(model, set(plan.layers) if plan else set())
-    with _quiet_exporter():
-        onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
-    quantized = insert_qdq(model, plan) if plan else 0
-    sparse = _sparse_records(model, patterns)
-    model.metadata_props.update(_metadata(stage, pipeline, sparse))
-    try:
-        staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        staged = os.path.join(staging, os.path.basename(path))
-        external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
-        ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
-        report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
-                              quantized_layers=quantized, external_data=external,
-                              sparse_weights={k: v["pattern"] for k, v in sparse.items()})
-        _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
-        if external:
-            os.replace(staged + ".data", path + ".data")
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
+        float_model = set_eval(strip_quantization(finalize(clone(module))))
+        progress.set_postfix_str("torch.onnx.export")
+        model = _export(float_model, args, kwargs, dynamic_batch, opset)
+        progress.update()
+        progress.set_postfix_str("optimize")
+        pretranspose(model, set(plan.layers) if plan else set())
+        with _quiet_exporter():
+            onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
+        progress.update()
+        progress.set_postfix_str("QDQ" if plan else "metadata")
+        weights = {name: tensor_at(float_model, name).detach().numpy() for name in (plan.layers if plan else {})}
+        quantized = insert_qdq(model, plan, weights) if plan else 0
+        sparse = _sparse_records(model, patterns)
+        model.metadata_props.update(_metadata(stage, pipeline, sparse))
+        try:
+            staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+        try:
+            staged = os.path.join(staging, os.path.basename(path))
+            external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
+            ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
+            progress.update()
+            progress.set_postfix_str("verify in onnxruntime")
+            report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
+                                  quantized_layers=quantized, external_data=external,
+                                  sparse_weights={k: v["pattern"] for k, v in sparse.items()})
+            _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
+            if external:
+                os.replace(staged + ".data", path + ".data")
+            os.replace(staged, path)
+            progress.update()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

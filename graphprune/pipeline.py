@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis, analyze_captured
 from graphprune.capture import CapturedGraph, run_outputs
@@ -163,7 +164,7 @@ class PassManager:
         report.notes.extend(self.check_order(state.stage))
         state.experimental_order = self.experimental_order
         params, macs = count_params(state.model), graph_macs(state.captured.graph_module)
-        for p in self.passes:
+        for p in tqdm(self.passes, desc="passes", unit="pass", disable=None):
             start = time.perf_counter()
             before = state.stage
             result = p(state)

@@ -50,8 +50,10 @@ def _is_2d_transpose(node: ir.Node) -> bool:
     return node.op_type == "Transpose" and node.domain == "" and perm is not None and list(perm.as_ints()) == [1, 0]
 
 
-def insert_qdq(model: ir.Model, plan: QuantPlan) -> int:
-    """Rewrite ``model`` in place; returns the number of quantized layers written."""
+def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray]) -> int:
+    """Rewrite ``model`` in place; returns the number of quantized layers written.  ``weights`` are
+    the float weights the plan's scales were computed for: an initializer whose values differ (the
+    optimizer folded something into it) is refused, since the plan no longer describes it."""
     graph = model.graph
     activations: dict[tuple, ir.Value] = {}  # (value, scale, zero point) -> its dequantized copy
     for weight_name, layer in plan.layers.items():
@@ -65,6 +67,11 @@ def insert_qdq(model: ir.Model, plan: QuantPlan) -> int:
                               for n in readers):
             raise ApplyError(f"quantized weight {weight_name} is read by "
                              f"{sorted({n.op_type for n in readers})}, not as the weight of Conv/Gemm/MatMul")
+        written = value.const_value.numpy()
+        if not np.array_equal(written.T if transposed else written, weights[weight_name]):
+            raise ApplyError(f"the ONNX optimizer rewrote quantized weight {weight_name} (it folded an op into it, "
+                             "e.g. a BatchNorm that Quantize could not fold because it is not an nn.BatchNorm "
+                             "module), so the model's int8 parameters no longer describe it")
         axis = 1 - layer.axis if transposed else layer.axis
         scale = torch.tensor(layer.weight_scale, dtype=torch.float32)
         q = integer_weight(torch.from_numpy(value.const_value.numpy().copy()), scale, axis)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from graphprune.capture import ExampleInputs, eval_mode, normalize_inputs, to_device
+from graphprune.capture import ExampleInputs, eval_mode, normalize_inputs, set_eval, to_device
 from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.quantization import ACT_QMAX, ACT_QMIN, FakeQuantWeight, integer_weight, strip_quantization
@@ -234,7 +234,7 @@ def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype
         elif why != "no 2:4 mask along the input features":
             report.decisions.append(KernelDecision(name, "dense", why))
     device = torch.device("cuda")
-    strip_quantization(finalize(model)).to(device=device, dtype=dtype).eval()
+    set_eval(strip_quantization(finalize(model)).to(device=device, dtype=dtype))
     tokens = _tokens_per_layer(model, candidates, example_inputs, device, dtype)
     from torch.sparse import to_sparse_semi_structured
 

@@ -103,3 +103,21 @@ def test_installed_entry_point():
         pytest.skip("the package is not installed in this environment (pip install -e .)")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "inspect" in result.stdout and "prune" in result.stdout
+
+
+def test_exported_program_file(tmp_path):
+    import torch
+
+    from samples.resnet import build
+
+    model, x = build()
+    torch.export.save(torch.export.export(model, x), str(tmp_path / "resnet.pt2"))
+    pruned = run("prune", str(tmp_path / "resnet.pt2"), "-o", str(tmp_path / "p.onnx"), "--channels", "0.5",
+                 "--nm", "2:4", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    summary = json.loads(pruned.stdout)
+    assert summary["params_after"] < summary["params"] and "static batch size" in pruned.stderr
+    # int8 needs activation statistics at each layer's module, which an unlifted program never calls
+    refused = run("prune", str(tmp_path / "resnet.pt2"), "-o", str(tmp_path / "q.onnx"), "--int8")
+    assert refused.returncode == 2 and "never called by the model's forward" in refused.stderr
+    assert not (tmp_path / "q.onnx").exists()

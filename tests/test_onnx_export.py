@@ -194,3 +194,25 @@ def test_a_wrongly_written_int8_layer_is_caught(tmp_path, monkeypatch):
     with pytest.raises(gp.ApplyError, match="further from the float model"):
         result.export_onnx(tmp_path / "bad.onnx")
     assert not os.listdir(tmp_path)
+
+
+class _FunctionalBN(nn.Module):
+    """A conv followed by a batch norm written functionally: Quantize cannot fold it (no BN module),
+    but the ONNX optimizer fuses it into the conv's weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("mean", torch.linspace(-0.2, 0.2, 8))
+        self.register_buffer("var", torch.linspace(0.5, 2.0, 8))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(self.conv(x), self.mean, self.var)
+
+
+def test_weights_the_optimizer_rewrote_are_refused_not_misquantized(tmp_path):
+    model, x = _FunctionalBN().eval(), torch.randn(2, 3, 8, 8)
+    result = gp.prune(model, (x,), passes=[Quantize()], calibration=[(x,)])
+    with pytest.raises(gp.ApplyError, match="optimizer rewrote quantized weight conv.weight"):
+        result.export_onnx(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
