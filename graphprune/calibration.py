@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
 from graphprune.capture import eval_mode, normalize_inputs
@@ -129,7 +130,7 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
         handles.append(model.get_submodule(name).register_forward_hook(out_hook))
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in calibration:
+            for batch in tqdm(calibration, desc="calibration", unit="batch", disable=None, leave=False):
                 args, kwargs = normalize_inputs(batch)
                 model(*args, **kwargs)
     finally:

@@ -22,10 +22,11 @@ from graphprune.errors import InputError
 from graphprune.calibration import batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.compensation import apply_bias_corrections, bias_corrections, reestimate_batchnorm
+from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
+from graphprune.copying import clone
 from graphprune.plan import Plan
 
-COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm")
+COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
 
 
 class ChannelPrune(Pass):
@@ -41,7 +42,10 @@ class ChannelPrune(Pass):
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
             the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
-            channels into each consumer's bias; ``"bias+batchnorm"`` for both, bias first
+            channels into each consumer's bias; ``"bias+batchnorm"`` for both, bias first;
+            ``"reconstruct"`` to re-fit each layer that lost inputs by ridge least squares to the dense
+            model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
+            layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
             (:mod:`graphprune.compensation`).
         global_ranking: rank channels of all groups together (scores normalised per group)
             instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
@@ -59,7 +63,8 @@ class ChannelPrune(Pass):
     def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Importance | GroupScore = "l2",
                  loss_fn: LossFn | None = None, compensate: str | None = None,
                  global_ranking: bool = False, max_ratio: float = 0.9, ratios: dict[str, float] | None = None,
-                 ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False) -> None:
+                 ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False,
+                 damp: float = 0.01) -> None:
         _check_ratio("ratio", ratio)
         _check_ratio("max_ratio", max_ratio)
         for name, r in (ratios or {}).items():
@@ -69,9 +74,14 @@ class ChannelPrune(Pass):
         self.ratio = float(ratio)
         self.round_to = round_to
         self.importance = resolve(importance, loss_fn)
+        self.importance_name = importance if isinstance(importance, str) else getattr(importance, "__name__",
+                                                                                      type(importance).__name__)
         if compensate not in COMPENSATIONS:
             raise InputError(f"compensate must be one of {list(COMPENSATIONS)}, got {compensate!r}")
         self.compensate = compensate
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < 1:
+            raise InputError(f"damp must be a number in [0, 1), got {damp!r}")
+        self.damp = float(damp)
         self.global_ranking = global_ranking
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
@@ -80,7 +90,9 @@ class ChannelPrune(Pass):
         self.head_dim = head_dim
 
     def __repr__(self) -> str:
-        return f"ChannelPrune(ratio={self.ratio}, round_to={self.round_to})"
+        extra = "".join(f", {k}={v!r}" for k, v in (("importance", self.importance_name),
+                                                     ("compensate", self.compensate)) if v not in ("l2", None))
+        return f"ChannelPrune(ratio={self.ratio}, round_to={self.round_to}{extra})"
 
     # ------------------------------------------------------------ planning
     def plan(self, analysis: Analysis, model: nn.Module, calibration: list | None = None) -> Plan:
@@ -170,15 +182,26 @@ class ChannelPrune(Pass):
         corrections, without_bias = ({}, 0)
         if self.compensate and "bias" in self.compensate:
             corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)
+        dense = clone(state.model) if self.compensate and "reconstruct" in self.compensate and plan.keep else None
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
         apply_bias_corrections(state.model, corrections)
+        refits, not_refit = reconstruct(analysis, dense, state.model, plan, calibration, self.damp) \
+            if dense is not None else ([], {})
+        del dense
         if self.compensate and "batchnorm" in self.compensate:
             reestimate_batchnorm(state.model, calibration)
         state.stage = Stage.STRUCTURED
         state.plans.append(plan)
         details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
                    "channels removed": plan.removed(analysis)}
+        if refits:
+            before = sum(r.error_before for r in refits) / len(refits)
+            after = sum(r.error_after for r in refits) / len(refits)
+            details["reconstruction"] = (f"{len(refits)} layers, mean relative calibration error "
+                                         f"{before:.3g} -> {after:.3g}")
+        if not_refit:
+            details["not reconstructed"] = "; ".join(f"{k}: {v}" for k, v in not_refit.items())
         if self.compensate and "bias" in self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
                 f" ({without_bias} without a bias left as they are)" if without_bias else "")

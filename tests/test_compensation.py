@@ -104,3 +104,61 @@ def test_bias_compensation_on_convs_and_layers_without_bias():
     batches = [(torch.randn(4, 3, 6, 6),)]
     result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="bias+batchnorm")], calibration=batches)
     assert "without a bias left as they are" in result.report.rows[0].details["bias compensation"]
+
+
+def _keep_first_half(analysis, group, model):
+    """Importance that keeps channels 0..n/2-1 of every group."""
+    return torch.cat([torch.ones(group.size // 2), torch.zeros(group.size - group.size // 2)]).double()
+
+
+def test_reconstruction_is_exact_when_removed_channels_are_combinations_of_kept_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Identity(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():  # hidden channels 8..15 are 2 x channels 0..7: removing them loses nothing
+        model[0].weight[8:] = 2 * model[0].weight[:8]
+        model[0].bias[8:] = 2 * model[0].bias[:8]
+    batches = [(torch.randn(64, 8),) for _ in range(3)]
+    x = (torch.randn(5, 8),)
+    plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half)], calibration=batches)
+    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="reconstruct",
+                                                    damp=1e-9)], calibration=batches)
+    dense = model(*x)
+    assert not torch.allclose(plain.module(*x), dense, atol=1e-2)
+    assert torch.allclose(fixed.module(*x), dense, atol=1e-4)
+    assert fixed.report.rows[0].details["reconstruction"].startswith("1 layers")
+
+
+def test_reconstruction_never_increases_calibration_error():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+    batches = [(torch.randn(16, 3, 6, 6),) for _ in range(4)]
+
+    def calibration_error(module: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((module(x) - model(x)).pow(2).sum()) for (x,) in batches)
+
+    plain = gp.prune(model, batches[0], passes=[ChannelPrune(0.5)], calibration=batches)
+    fixed = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="reconstruct")], calibration=batches)
+    assert calibration_error(fixed.module) < calibration_error(plain.module)
+    from graphprune.compensation import reconstruct  # per layer too: every record is no worse than before
+
+    analysis = gp.analyze(model, batches[0])
+    plan = ChannelPrune(0.5).plan(analysis, model, None)
+    from graphprune.apply import apply_plan
+    from graphprune.copying import clone
+
+    pruned = apply_plan(clone(model), analysis, plan).module
+    records, skipped = reconstruct(analysis, model, pruned, plan, batches)
+    assert records and all(r.error_after <= r.error_before for r in records)
+    assert set(skipped) == {"5.weight"}  # the linear has 289 unknowns per output and 48 rows to fit them
+
+
+def test_reconstruction_refuses_to_fit_more_unknowns_than_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    batches = [(torch.randn(4, 8),) for _ in range(3)]  # 8 rows to fit 33 unknowns per output
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="reconstruct")], calibration=batches)
+    assert "8 calibration rows to fit 33 unknowns" in result.report.rows[0].details["not reconstructed"]
+    with pytest.raises(gp.InputError, match="damp must be"):
+        ChannelPrune(0.5, damp=2.0)
