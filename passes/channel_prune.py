@@ -24,6 +24,7 @@ from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
 from graphprune.copying import clone
+from graphprune.macs import planned_macs, planned_params
 from graphprune.plan import Plan
 
 COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
@@ -33,7 +34,10 @@ class ChannelPrune(Pass):
     """Remove ``ratio`` of the channels of every prunable group.
 
     Args:
-        ratio: fraction of each group's channels to remove, in [0, 1).
+        ratio: fraction of each group's channels to remove, in [0, 1) (0.5 when no target is given).
+        target_macs, target_params: instead of a ratio, the fraction of the dense model's MACs or
+            parameters to keep, in (0, 1): the smallest ratio (uniform, or the global ranking's) whose
+            predicted cost fits is found by bisection on the analysis, without applying trial plans.
         round_to: kept channel counts make every affected tensor dim a multiple of this.
         importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``,
             ``"fluctuation"`` (the last three need ``calibration=`` in ``gp.prune``; see
@@ -60,11 +64,21 @@ class ChannelPrune(Pass):
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
     produces = Stage.STRUCTURED
 
-    def __init__(self, ratio: float = 0.5, *, round_to: int = 1, importance: str | Importance | GroupScore = "l2",
-                 loss_fn: LossFn | None = None, compensate: str | None = None,
-                 global_ranking: bool = False, max_ratio: float = 0.9, ratios: dict[str, float] | None = None,
-                 ignore: Iterable[str | nn.Module] = (), heads: bool = True, head_dim: bool = False,
-                 damp: float = 0.01) -> None:
+    def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
+                 target_params: float | None = None, round_to: int = 1,
+                 importance: str | Importance | GroupScore = "l2", loss_fn: LossFn | None = None,
+                 compensate: str | None = None, global_ranking: bool = False, max_ratio: float = 0.9,
+                 ratios: dict[str, float] | None = None, ignore: Iterable[str | nn.Module] = (), heads: bool = True,
+                 head_dim: bool = False, damp: float = 0.01) -> None:
+        if sum(x is not None for x in (ratio, target_macs, target_params)) > 1:
+            raise InputError("give one of ratio, target_macs or target_params")
+        for name, target in (("target_macs", target_macs), ("target_params", target_params)):
+            if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                                       or not 0 < target < 1):
+                raise InputError(f"{name} is the fraction of the dense model to keep, in (0, 1); got {target!r}")
+        self.target = ("macs", float(target_macs)) if target_macs is not None else \
+            ("params", float(target_params)) if target_params is not None else None
+        ratio = 0.5 if ratio is None else ratio
         _check_ratio("ratio", ratio)
         _check_ratio("max_ratio", max_ratio)
         for name, r in (ratios or {}).items():
@@ -92,7 +106,8 @@ class ChannelPrune(Pass):
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("importance", self.importance_name),
                                                      ("compensate", self.compensate)) if v not in ("l2", None))
-        return f"ChannelPrune(ratio={self.ratio}, round_to={self.round_to}{extra})"
+        amount = f"target_{self.target[0]}={self.target[1]}" if self.target else f"ratio={self.ratio}"
+        return f"ChannelPrune({amount}, round_to={self.round_to}{extra})"
 
     # ------------------------------------------------------------ planning
     def plan(self, analysis: Analysis, model: nn.Module, calibration: list | None = None) -> Plan:
@@ -100,8 +115,39 @@ class ChannelPrune(Pass):
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
         scores = self.importance.scores(analysis, model, candidates, calibration)
-        targets = self._global_targets(candidates, scores) if self.global_ranking else {
-            g.id: self._group_ratio(g) for g in candidates}
+        if self.target is None:
+            return self._plan_at(analysis, candidates, scores, self.ratio)
+        return self._plan_for_target(analysis, model, candidates, scores)
+
+    def _plan_for_target(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
+                         scores: dict[int, torch.Tensor]) -> Plan:
+        """The plan at the smallest ratio (uniform, or global with ``global_ranking``) whose predicted
+        MACs / params (:mod:`graphprune.macs`, from the analysis alone) fit the target."""
+        kind, target = self.target
+
+        def cost(plan: Plan) -> int:
+            masks = plan.masks(analysis)
+            return planned_macs(analysis, masks) if kind == "macs" else planned_params(analysis, masks, model)
+        dense = cost(Plan())
+        low, high = 0.0, self.max_ratio
+        best = self._plan_at(analysis, candidates, scores, high)
+        if cost(best) > target * dense:
+            raise InputError(f"target_{kind}={target} cannot be met: removing max_ratio={self.max_ratio} of every "
+                             f"prunable group leaves {cost(best) / dense:.1%} of the {kind} (frozen spaces and "
+                             "ignored modules keep the rest)")
+        for _ in range(24):  # bisection on the ratio: the cost only falls as the ratio grows
+            middle = (low + high) / 2
+            plan = self._plan_at(analysis, candidates, scores, middle)
+            if cost(plan) <= target * dense:
+                high, best = middle, plan
+            else:
+                low = middle
+        return best
+
+    def _plan_at(self, analysis: Analysis, candidates: list[Group], scores: dict[int, torch.Tensor],
+                 ratio: float) -> Plan:
+        targets = self._global_targets(candidates, scores, ratio) if self.global_ranking else {
+            g.id: self._group_ratio(g, ratio) for g in candidates}
         plan = Plan()
         for g in candidates:
             keep = self._kept_count(analysis, g, targets[g.id])
@@ -134,21 +180,21 @@ class ChannelPrune(Pass):
             return False
         return not any(_within(mod, name) for mod in group.modules for name in ignore)
 
-    def _group_ratio(self, group: Group) -> float:
-        best, best_len = self.ratio, -1
+    def _group_ratio(self, group: Group, ratio: float) -> float:
+        best, best_len = ratio, -1
         for name, r in self.ratios.items():
             if any(_within(mod, name) for mod in group.modules) and len(name) > best_len:
                 best, best_len = r, len(name)
         return best
 
-    def _global_targets(self, groups: list[Group], scores: dict[int, torch.Tensor]) -> dict[int, float]:
+    def _global_targets(self, groups: list[Group], scores: dict[int, torch.Tensor], ratio: float) -> dict[int, float]:
         pooled = []
         for g in groups:
             s = scores[g.id]
             normalised = s / (s.mean() + 1e-12)
             pooled.extend((float(v), g.id) for v in normalised)
         pooled.sort()
-        budget = int(len(pooled) * self.ratio)
+        budget = int(len(pooled) * ratio)
         removed = {g.id: 0 for g in groups}
         sizes = {g.id: g.size for g in groups}
         for _, gid in pooled:

@@ -162,3 +162,36 @@ def test_reconstruction_refuses_to_fit_more_unknowns_than_rows():
     assert "8 calibration rows to fit 33 unknowns" in result.report.rows[0].details["not reconstructed"]
     with pytest.raises(gp.InputError, match="damp must be"):
         ChannelPrune(0.5, damp=2.0)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa", "convnext"])
+def test_planned_cost_equals_the_pruned_models_cost(name):
+    from graphprune.macs import planned_macs, planned_params
+    from tests.architectures import build
+
+    model, inputs = build(name)
+    analysis = gp.analyze(model, inputs)
+    plan = ChannelPrune(0.4).plan(analysis, model)
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.4)])
+    masks = plan.masks(analysis)
+    assert planned_macs(analysis, masks) == result.report.macs_after < result.report.macs
+    assert planned_params(analysis, masks, model) == result.report.params_after
+
+
+@pytest.mark.parametrize("kind,target", [("macs", 0.5), ("params", 0.3)])
+def test_budgets_are_met_within_a_rounding_step(kind, target):
+    model, x = resnet.build()
+    result = gp.prune(model, x, passes=[ChannelPrune(**{f"target_{kind}": target})])
+    kept = getattr(result.report, f"{kind}_after") / getattr(result.report, kind)
+    assert target - 0.02 < kept <= target  # round_to=1: one channel of the widest group is well under 2%
+    assert repr(result.report.pipeline) == repr([f"ChannelPrune(target_{kind}={target}, round_to=1)"])
+
+
+def test_budget_arguments():
+    with pytest.raises(gp.InputError, match="one of ratio, target_macs or target_params"):
+        ChannelPrune(0.5, target_macs=0.5)
+    with pytest.raises(gp.InputError, match="fraction of the dense model to keep"):
+        ChannelPrune(target_params=1.5)
+    model, x = resnet.build()
+    with pytest.raises(gp.InputError, match="target_macs=0.01 cannot be met"):
+        gp.prune(model, x, passes=[ChannelPrune(target_macs=0.01)])
