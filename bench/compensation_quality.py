@@ -2,7 +2,7 @@
 
 1. A residual CNN trained here on scikit-learn's digits (1,200 train / 597 test), 30/50/70% of the
    channels removed with each criterion and compensation, test accuracy with no fine-tuning and
-   after one short fine-tuning epoch.
+   after one short fine-tuning epoch; then MACs budgets (70/50/30% kept) with each allocation.
 2. The pretrained all-MiniLM-L6-v2: 25% / 50% of MLP channels and heads, mean cosine between
    dense and pruned sentence embeddings on held-out sentences.
 
@@ -87,6 +87,18 @@ def digits_rows() -> None:
                 tuned = _train(result.module, images[train], labels[train], epochs=1, lr=1e-3)
                 cells.append(f"{before:.3f} / {accuracy(tuned):.3f}")
             print(f"{criterion:<12}{str(compensate):<24}" + "".join(f"{c:>20}" for c in cells))
+    print("\nallocation under a MACs budget (activation importance; accuracy without fine-tuning)")
+    print(f"{'target MACs':<13}{'allocation':<13}" + "".join(f"{str(c):>24}" for c in COMPENSATIONS[:3]) + f"{'MACs kept':>11}")
+    for target in (0.7, 0.5, 0.3):
+        for allocation in ("uniform", "global", "sensitivity"):
+            cells = []
+            for compensate in COMPENSATIONS[:3]:
+                result = gp.prune(model, images[train][:64], calibration=calibration,
+                                  passes=[ChannelPrune(target_macs=target, allocation=allocation,
+                                                       importance="activation", compensate=compensate)])
+                cells.append(accuracy(result.module))
+            kept = result.report.macs_after / result.report.macs
+            print(f"{target:<13}{allocation:<13}" + "".join(f"{c:>24.3f}" for c in cells) + f"{kept:>11.3f}")
 
 
 def minilm_rows() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -25,8 +25,10 @@ from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
 from graphprune.copying import clone
 from graphprune.macs import planned_macs, planned_params
+from graphprune.sensitivity import output_errors
 from graphprune.plan import Plan
 
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
 
 
@@ -51,8 +53,12 @@ class ChannelPrune(Pass):
             model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
             layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
             (:mod:`graphprune.compensation`).
-        global_ranking: rank channels of all groups together (scores normalised per group)
-            instead of removing ``ratio`` from each group; ``max_ratio`` caps any one group.
+        allocation: how the amount is spread over groups: ``"uniform"`` (the same ratio everywhere),
+            ``"global"`` (rank channels of all groups together, scores normalised per group) or
+            ``"sensitivity"`` (measure each group's output error on the first calibration batch at
+            ratios 1/8, 2/8, ..., then greedily take the cheapest error per unit of cost saved until
+            the target, or ``ratio`` of all channels, is met; :mod:`graphprune.sensitivity`).
+            ``max_ratio`` caps any one group.
         ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
             module name that owns one of its parameters.
         ignore: module names (or modules) whose groups are left alone.
@@ -67,7 +73,7 @@ class ChannelPrune(Pass):
     def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
                  target_params: float | None = None, round_to: int = 1,
                  importance: str | Importance | GroupScore = "l2", loss_fn: LossFn | None = None,
-                 compensate: str | None = None, global_ranking: bool = False, max_ratio: float = 0.9,
+                 compensate: str | None = None, allocation: str = "uniform", max_ratio: float = 0.9,
                  ratios: dict[str, float] | None = None, ignore: Iterable[str | nn.Module] = (), heads: bool = True,
                  head_dim: bool = False, damp: float = 0.01) -> None:
         if sum(x is not None for x in (ratio, target_macs, target_params)) > 1:
@@ -96,7 +102,11 @@ class ChannelPrune(Pass):
         if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < 1:
             raise InputError(f"damp must be a number in [0, 1), got {damp!r}")
         self.damp = float(damp)
-        self.global_ranking = global_ranking
+        if allocation not in ALLOCATIONS:
+            raise InputError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+        if allocation == "sensitivity" and ratios:
+            raise InputError("per-module ratios do not combine with allocation='sensitivity', which sets every ratio")
+        self.allocation = allocation
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
         self.ignore = list(ignore)
@@ -105,7 +115,8 @@ class ChannelPrune(Pass):
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("importance", self.importance_name),
-                                                     ("compensate", self.compensate)) if v not in ("l2", None))
+                                                     ("compensate", self.compensate), ("allocation", self.allocation))
+                        if v not in ("l2", None, "uniform"))
         amount = f"target_{self.target[0]}={self.target[1]}" if self.target else f"ratio={self.ratio}"
         return f"ChannelPrune({amount}, round_to={self.round_to}{extra})"
 
@@ -115,19 +126,75 @@ class ChannelPrune(Pass):
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
         scores = self.importance.scores(analysis, model, candidates, calibration)
+        if self.allocation == "sensitivity":
+            return self._plan_by_sensitivity(analysis, model, candidates, scores, calibration)
         if self.target is None:
             return self._plan_at(analysis, candidates, scores, self.ratio)
         return self._plan_for_target(analysis, model, candidates, scores)
 
-    def _plan_for_target(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
-                         scores: dict[int, torch.Tensor]) -> Plan:
-        """The plan at the smallest ratio (uniform, or global with ``global_ranking``) whose predicted
-        MACs / params (:mod:`graphprune.macs`, from the analysis alone) fit the target."""
-        kind, target = self.target
+    def _cost(self, analysis: Analysis, model: nn.Module) -> Callable[[Plan], int]:
+        kind = self.target[0] if self.target else "channels"
 
         def cost(plan: Plan) -> int:
             masks = plan.masks(analysis)
-            return planned_macs(analysis, masks) if kind == "macs" else planned_params(analysis, masks, model)
+            if kind == "macs":
+                return planned_macs(analysis, masks)
+            if kind == "params":
+                return planned_params(analysis, masks, model)
+            return -plan.removed(analysis)  # ratio budget: channels removed over the candidates
+        return cost
+
+    def _plan_by_sensitivity(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
+                             scores: dict[int, torch.Tensor], calibration: list | None) -> Plan:
+        if not calibration:
+            raise InputError("allocation='sensitivity' needs calibration data: gp.prune(..., calibration=batches)")
+        steps = [k / 8 for k in range(1, int(self.max_ratio * 8) + 1)]
+        removed = {g.id: sorted({g.size - self._kept_count(analysis, g, r) for r in steps} - {0}) for g in candidates}
+        errors = output_errors(analysis, model, candidates, scores, lambda g: removed[g.id], calibration[0])
+        orders = {g.id: torch.argsort(scores[g.id], descending=True, stable=True) for g in candidates}
+
+        def plan_for(level: dict[int, int]) -> Plan:
+            plan = Plan()
+            for g in candidates:
+                if level[g.id]:
+                    plan.set(analysis, g.id, orders[g.id][:g.size - removed[g.id][level[g.id] - 1]])
+            return plan
+        cost = self._cost(analysis, model)
+        nothing = {g.id: 0 for g in candidates}
+        dense = cost(plan_for(nothing))
+        if self.target:
+            budget = self.target[1] * dense
+        else:
+            budget = -self.ratio * sum(g.size for g in candidates)
+        saving = {}  # per group and level: cost saved with that group alone pruned (savings roughly add up)
+        for g in candidates:
+            saving[g.id] = [0] + [dense - cost(plan_for({**nothing, g.id: i + 1})) for i in range(len(removed[g.id]))]
+        level = dict(nothing)
+        plan = plan_for(level)
+        while cost(plan) > budget:
+            best, best_rate = None, None
+            for g in candidates:
+                i = level[g.id]
+                if i == len(removed[g.id]):
+                    continue
+                gain = saving[g.id][i + 1] - saving[g.id][i]
+                loss = errors[g.id][i] - (errors[g.id][i - 1] if i else 0.0)
+                rate = max(loss, 0.0) / max(gain, 1e-12)
+                if best_rate is None or rate < best_rate:
+                    best, best_rate = g.id, rate
+            if best is None:
+                what = f"target_{self.target[0]}={self.target[1]}" if self.target else f"ratio={self.ratio}"
+                raise InputError(f"{what} cannot be met: every prunable group is at max_ratio={self.max_ratio}")
+            level[best] += 1
+            plan = plan_for(level)
+        return plan
+
+    def _plan_for_target(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
+                         scores: dict[int, torch.Tensor]) -> Plan:
+        """The plan at the smallest ratio (uniform, or the global ranking's) whose predicted
+        MACs / params (:mod:`graphprune.macs`, from the analysis alone) fit the target."""
+        kind, target = self.target
+        cost = self._cost(analysis, model)
         dense = cost(Plan())
         low, high = 0.0, self.max_ratio
         best = self._plan_at(analysis, candidates, scores, high)
@@ -146,7 +213,7 @@ class ChannelPrune(Pass):
 
     def _plan_at(self, analysis: Analysis, candidates: list[Group], scores: dict[int, torch.Tensor],
                  ratio: float) -> Plan:
-        targets = self._global_targets(candidates, scores, ratio) if self.global_ranking else {
+        targets = self._global_targets(candidates, scores, ratio) if self.allocation == "global" else {
             g.id: self._group_ratio(g, ratio) for g in candidates}
         plan = Plan()
         for g in candidates:
@@ -222,8 +289,9 @@ class ChannelPrune(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis = state.analysis()
         calibration = None
-        if self.importance.needs_calibration or self.compensate:
-            calibration = batches(state.calibration, "this ChannelPrune (data-driven importance or compensation)")
+        if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
+            calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
+                                                     "sensitivity allocation)")
         plan = self.plan(analysis, state.model, calibration)
         corrections, without_bias = ({}, 0)
         if self.compensate and "bias" in self.compensate:

@@ -60,7 +60,7 @@ def test_ignore_and_per_module_ratios(sample):
 
 def test_global_ranking_respects_the_cap(sample):
     model, x = sample
-    result = gp.prune(model, x, passes=[ChannelPrune(0.5, global_ranking=True, max_ratio=0.6)])
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5, allocation="global", max_ratio=0.6)])
     before, after = gp.analyze(model, x), gp.analyze(result.module, x)
     assert sum(g.size for g in after.groups) <= 0.51 * sum(g.size for g in before.groups)
     assert all(m.out_channels >= 0.4 * o.out_channels - 1 for m, o in zip(result.module.modules(), model.modules())

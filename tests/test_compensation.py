@@ -195,3 +195,60 @@ def test_budget_arguments():
     model, x = resnet.build()
     with pytest.raises(gp.InputError, match="target_macs=0.01 cannot be met"):
         gp.prune(model, x, passes=[ChannelPrune(target_macs=0.01)])
+
+
+class _TwoBranches(nn.Module):
+    """Two hidden groups; the second barely reaches the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.b1, self.b2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.a2(torch.relu(self.a1(x))) + 1e-3 * self.b2(torch.relu(self.b1(x)))
+
+
+def test_sensitivity_allocation_takes_channels_where_they_matter_least():
+    torch.manual_seed(0)
+    model = _TwoBranches().eval()
+    batches = [(torch.randn(64, 8),)]
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.25, allocation="sensitivity")], calibration=batches)
+    assert result.module.a1.out_features == 32 and result.module.b1.out_features == 16
+    uniform = gp.prune(model, batches[0], passes=[ChannelPrune(0.25)], calibration=batches)
+    assert result.report.rows[0].output_error < uniform.report.rows[0].output_error
+    budget = gp.prune(model, batches[0], passes=[ChannelPrune(target_params=0.7, allocation="sensitivity")],
+                      calibration=batches)
+    assert budget.report.params_after <= 0.7 * budget.report.params
+
+
+def test_silencing_equals_removal_and_restores_every_parameter():
+    from graphprune.sensitivity import output_errors
+    from tests.architectures import build
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 8)
+    analysis = gp.analyze(model, (x,))
+    group = analysis.groups[0]
+    scores = {group.id: torch.arange(16, dtype=torch.float64)}  # channels 0..5 are the least important
+    errors = output_errors(analysis, model, [group], scores, lambda g: [6], (x,))
+    plan = gp.Plan()
+    plan.set(analysis, group.id, list(range(6, 16)))
+    from graphprune.apply import apply_plan
+
+    pruned = apply_plan(model, analysis, plan).module
+    with torch.no_grad():
+        want = float((pruned(x) - model(x)).pow(2).sum() / model(x).pow(2).sum())
+    assert errors[group.id][0] == pytest.approx(want, rel=1e-5)
+    gpt2, inputs = build("gpt2")  # tied embedding and head: silencing must restore both names' tensor
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    analysis = gp.analyze(gpt2, inputs)
+    groups = analysis.groups[:3]
+    output_errors(analysis, gpt2, groups, {g.id: torch.rand(g.size, dtype=torch.float64) for g in groups},
+                  lambda g: [g.size // 2], inputs)
+    assert all(torch.equal(v, gpt2.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(gp.InputError, match="allocation must be one of"):
+        ChannelPrune(0.5, allocation="greedy")
+    with pytest.raises(gp.InputError, match="do not combine"):
+        ChannelPrune(0.5, allocation="sensitivity", ratios={"a1": 0.1})
