@@ -15,9 +15,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import graphprune as gp
+from bench.digits import fit, split
 from graphprune.passes import ChannelPrune
 
 CRITERIA = ("l2", "activation", "fluctuation")
@@ -31,7 +31,7 @@ class Block(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
 class ResidualNet(nn.Module):
@@ -47,33 +47,15 @@ class ResidualNet(nn.Module):
         return self.head(self.block2(self.down(self.block1(self.stem(x)))))
 
 
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(images[idx]), labels[idx]).backward()
-            optimizer.step()
-    return model.eval()
-
-
 def digits_rows() -> None:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1200], order[1200:]
+    train_x, train_y, test_x, test_y = split()
     torch.manual_seed(0)
-    model = _train(ResidualNet(), images[train], labels[train], epochs=12, lr=3e-3)
-    calibration = list(images[train][:512].split(128))
+    model = fit(ResidualNet(), train_x, train_y, epochs=12, lr=3e-3)
+    calibration = list(train_x[:512].split(128))
 
     def accuracy(m: nn.Module) -> float:
         with torch.no_grad():
-            return (m(images[test]).argmax(1) == labels[test]).float().mean().item()
+            return (m(test_x).argmax(1) == test_y).float().mean().item()
 
     print(f"ResidualNet on digits: dense test accuracy {accuracy(model):.3f} (no fine-tuning / after 1 epoch)")
     print(f"{'criterion':<12}{'compensation':<24}" + "".join(f"{f'{r:.0%} removed':>20}" for r in (0.3, 0.5, 0.7)))
@@ -81,10 +63,10 @@ def digits_rows() -> None:
         for compensate in COMPENSATIONS:
             cells = []
             for ratio in (0.3, 0.5, 0.7):
-                result = gp.prune(model, images[train][:64], calibration=calibration,
+                result = gp.prune(model, train_x[:64], calibration=calibration,
                                   passes=[ChannelPrune(ratio, importance=criterion, compensate=compensate)])
                 before = accuracy(result.module)
-                tuned = _train(result.module, images[train], labels[train], epochs=1, lr=1e-3)
+                tuned = fit(result.module, train_x, train_y, epochs=1, lr=1e-3)
                 cells.append(f"{before:.3f} / {accuracy(tuned):.3f}")
             print(f"{criterion:<12}{str(compensate):<24}" + "".join(f"{c:>20}" for c in cells))
     print("\nallocation under a MACs budget (activation importance; accuracy without fine-tuning)")
@@ -93,7 +75,7 @@ def digits_rows() -> None:
         for allocation in ("uniform", "global", "sensitivity"):
             cells = []
             for compensate in COMPENSATIONS[:3]:
-                result = gp.prune(model, images[train][:64], calibration=calibration,
+                result = gp.prune(model, train_x[:64], calibration=calibration,
                                   passes=[ChannelPrune(target_macs=target, allocation=allocation,
                                                        importance="activation", compensate=compensate)])
                 cells.append(accuracy(result.module))

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import onnxruntime as ort
 import torch
 import transformers as T
 
 import graphprune as gp
+from graphprune.latency import onnx_latency_ms
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
 
@@ -41,21 +40,6 @@ def bert_base() -> tuple[torch.nn.Module, dict, list]:
         return {"input_ids": torch.randint(0, 30522, (n, 128), generator=g),
                 "attention_mask": torch.ones(n, 128, dtype=torch.long)}
     return T.BertModel(T.BertConfig()).eval(), batch(1), [batch(4) for _ in range(2)]
-
-
-def latency_ms(path: str, inputs: dict, runs: int, threads: int) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -84,7 +68,8 @@ def main() -> None:
                     rows.append((variant, path, gp.export_onnx(model, inputs, path), None))
             base_ms = None
             for variant, path, exported, macs in rows:
-                ms = latency_ms(path, inputs, args.runs, args.threads)
+                ms = onnx_latency_ms(path, {k: v.numpy() for k, v in inputs.items()}, runs=args.runs,
+                                     threads=args.threads)
                 base_ms = base_ms or ms
                 ops = ", ".join(f"{k} {v}" for k, v in sorted(exported.int8_ops.items())) or "-"
                 size = os.path.getsize(path) / 1e6

@@ -21,9 +21,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import graphprune as gp
+from bench.digits import fit, split
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples.minilm import SENTENCES, build, embed, tokenize
 
@@ -110,22 +110,9 @@ class DigitsNet(nn.Module):
 
 def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train DigitsNet on 1,200 digits; returns (model, train images, test images, test labels)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1200], order[1200:]
+    train_x, train_y, test_x, test_y = split()
     torch.manual_seed(0)
-    model = DigitsNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _epoch in range(15):
-        for idx in train[torch.randperm(len(train))].split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(images[idx]), labels[idx]).backward()
-            optimizer.step()
-    return model.eval(), images[train], images[test], labels[test]
+    return fit(DigitsNet(), train_x, train_y, epochs=15, lr=3e-3), train_x, test_x, test_y
 
 
 def digits_rows() -> None:

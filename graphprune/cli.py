@@ -14,10 +14,8 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +25,7 @@ import torch.nn as nn
 
 from graphprune.coupling_graph import write_graph
 from graphprune.errors import ContractError, GraphpruneError, InputError
+from graphprune.latency import onnx_latency_ms
 from graphprune.report_page import layer_rows, write_report
 
 EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
@@ -194,8 +193,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             dense = os.path.join(tmp, "dense.onnx")
             gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
-            latency = {"dense": onnx_latency_ms(dense, 1, args.runs, args.threads),
-                       "compressed": onnx_latency_ms(args.output, 1, args.runs, args.threads)}
+            latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
+                       "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
     pages = args.output + ".report"
     write_report(pages, result.report, layer_rows(model, result.module), latency)
     summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
@@ -221,7 +220,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    rows = [{"model": path, "ms": onnx_latency_ms(path, args.batch, args.runs, args.threads)} for path in args.models]
+    rows = [{"model": path, "ms": onnx_latency_ms(path, batch=args.batch, runs=args.runs, threads=args.threads)} for path in args.models]
     base = rows[0]["ms"]
     for row in rows:
         row["speedup"] = base / row["ms"]
@@ -230,35 +229,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         for row in rows:
             print(f"  {row['model']:<48}{row['ms']:>10.2f} ms{row['speedup']:>8.2f}x")
     return {"batch": args.batch, "runs": args.runs, "models": rows}
-
-
-def onnx_latency_ms(path: str, batch: int, runs: int, threads: int) -> float:
-    """Median onnxruntime latency on random inputs shaped by the model's inputs (symbolic dims = batch)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise InputError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for i in session.get_inputs():
-        shape = [d if isinstance(d, int) else batch for d in i.shape]
-        feeds[i.name] = (rng.integers(0, 100, shape).astype(np.int64) if "int" in i.type
-                         else rng.standard_normal(shape).astype(np.float32))
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _dynamic_batch(args: argparse.Namespace, loaded: LoadedModel) -> bool:
