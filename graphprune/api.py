@@ -7,9 +7,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from graphprune.analysis import Analysis, analyze
+from graphprune.calibration import check_calibration
 from graphprune.capture import ExampleInputs, capture
 from graphprune.copying import clone
 from graphprune.errors import InputError
@@ -64,7 +66,11 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     manager = PassManager(list(passes), experimental_order=experimental_order)
     stage = detect_stage(model)
     manager.check_order(stage)
+    _check_finite(model)
     captured = capture(model, example_inputs)
+    if calibration is not None:  # materialised once: every pass sees the same batches, even from a generator
+        calibration = list(calibration)
+        check_calibration(calibration, captured.args, captured.kwargs)
     reference = run_outputs(model, captured)
     working = model if inplace else clone(model)
     state = CompressionState(working, captured, stage, calibration=calibration,
@@ -73,6 +79,12 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
                     pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, reference)
     return PruneResult(state.model, report, state.stage, state.plans, example_inputs)
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            raise InputError(f"parameter {name} contains NaN or Inf: no pruning criterion can rank it")
 
 
 __all__ = ["Analysis", "PruneResult", "analyze", "export_onnx", "prune"]

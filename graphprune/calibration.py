@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
-from graphprune.capture import eval_mode, normalize_inputs
+from graphprune.capture import eval_mode, input_leaves, normalize_inputs
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV, CONV1D, LINEAR
 
@@ -103,6 +103,29 @@ def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
     return data
 
 
+def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict) -> None:
+    """Refuse calibration batches whose inputs cannot stand for the example inputs: an input the
+    example also has must keep its rank and kind of dtype (float / integer / bool; sizes may differ,
+    e.g. batch and sequence length), and float inputs must be finite."""
+    def kind(t: torch.Tensor) -> str:
+        return "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "integer"
+    example = {p: v for p, v in input_leaves(example_args, example_kwargs) if isinstance(v, torch.Tensor)}
+    for i, batch in enumerate(data):
+        try:
+            args, kwargs = normalize_inputs(batch)
+        except InputError as exc:
+            raise InputError(f"calibration batch {i}: {exc}") from exc
+        for path, value in input_leaves(args, kwargs):
+            if not isinstance(value, torch.Tensor):
+                continue
+            want = example.get(path)
+            if want is not None and (value.dim() != want.dim() or kind(value) != kind(want)):
+                raise InputError(f"calibration batch {i}, input {path}: {value.dim()}-d {value.dtype}, but the example "
+                                 f"input is {want.dim()}-d {want.dtype}")
+            if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+                raise InputError(f"calibration batch {i}, input {path}: contains NaN or Inf")
+
+
 def check_input(layer: Consumer, x: torch.Tensor) -> None:
     """Statistics are read at the module's first input: refuse when that is visibly not the layer's
     activation (a matmul or functional linear inside a larger module's forward)."""
@@ -122,7 +145,11 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
     for name, callback in inputs_of.items():
         def hook(_mod, args, kwargs, callback=callback, name=name):
             called.add(name)
-            callback(args[0] if args else next(iter(kwargs.values())))
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise InputError(f"the input of {name} contains NaN or Inf on the calibration data: statistics "
+                                 "would be meaningless (check the model's weights and the calibration batches)")
+            callback(x)
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     for name, callback in (outputs_of or {}).items():
         def out_hook(_mod, _args, output, callback=callback):

@@ -68,7 +68,7 @@ def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], di
         raise InputError(
             f"example_inputs must be a tuple of tensors or a dict of keyword tensors, got {type(example_inputs).__name__}")
     tensors = 0
-    for path, leaf in _leaves(args, kwargs):
+    for path, leaf in input_leaves(args, kwargs):
         if isinstance(leaf, torch.Tensor):
             tensors += 1
         elif not (leaf is None or isinstance(leaf, (bool, int, float))):
@@ -79,7 +79,8 @@ def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], di
     return args, kwargs
 
 
-def _leaves(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
+def input_leaves(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
+    """(path such as ``[0]`` or ``['input_ids']``, value) for every leaf of a call's inputs."""
     def walk(prefix: str, x: Any) -> Iterator[tuple[str, Any]]:
         if isinstance(x, (list, tuple)):
             for i, v in enumerate(x):

@@ -1,0 +1,175 @@
+"""The bad-input catalogue (docs/BAD_INPUTS.md): one test per row.  Every bad input gets an error
+that names the problem, and nothing the caller gave is changed or left half-written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.passes import ChannelPrune, NMSparsity, Quantize
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def test_wrong_example_inputs():
+    with pytest.raises(gp.CaptureError, match="could not capture Sequential(?s:.*)same reduction dim"):
+        gp.prune(_mlp(), (torch.randn(2, 5),), passes=[ChannelPrune(0.5)])
+    with pytest.raises(gp.InputError, match="must be a tuple of tensors or a dict"):
+        gp.prune(_mlp(), [torch.randn(2, 8)], passes=[ChannelPrune(0.5)])
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * float(x.numpy().sum())  # leaves torch: cannot be exported
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on tensor values
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.parametrize("model", [_Untraceable, _DataDependent])
+def test_models_that_cannot_be_captured(model):
+    with pytest.raises(gp.CaptureError, match="forward"):
+        gp.prune(model().eval(), (torch.randn(2, 8),), passes=[ChannelPrune(0.5)])
+
+
+class _UnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.logcumsumexp(self.b(h), dim=-1))  # no rule for logcumsumexp
+
+
+def test_unsupported_ops_freeze_what_they_touch_and_are_reported():
+    model, x = _UnknownOp().eval(), (torch.randn(2, 8),)
+    analysis = gp.analyze(model, x)
+    assert any("logcumsumexp" in op for op in analysis.unsupported)
+    assert "ops without a rule" in analysis.describe()
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5)])
+    assert result.module.b.out_features == 16  # frozen: the op mixes channels in a way nobody described
+    assert result.module.a.out_features == 8  # the rest still prunes
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ChannelPrune(1.0), "ratio must be a number in"),
+    (lambda: ChannelPrune(-0.1), "ratio must be a number in"),
+    (lambda: NMSparsity(4, 4), "0 < n < m"),
+    (lambda: Quantize(percentile=20), "percentile must be a number"),
+])
+def test_ratios_and_options_out_of_range(make, match):
+    with pytest.raises(gp.InputError, match=match):
+        make()
+
+
+def test_conflicting_options():
+    with pytest.raises(gp.InputError, match="one of ratio, target_macs or target_params"):
+        ChannelPrune(0.3, target_params=0.5)
+    with pytest.raises(gp.InputError, match="exactly one of passes"):
+        gp.prune(_mlp(), (torch.randn(2, 8),), passes=[ChannelPrune(0.5)], recipe="[[pass]]\nname='ChannelPrune'\n")
+
+
+@pytest.mark.parametrize("batch,match", [
+    ((torch.randn(4, 8, 1),), "3-d torch.float32, but the example input is 2-d"),
+    ((torch.randint(0, 5, (4, 8)),), "2-d torch.int64, but the example input is 2-d torch.float32"),
+    ((torch.full((4, 8), float("nan")),), "contains NaN or Inf"),
+    (("text",), "is a str"),
+])
+def test_calibration_of_the_wrong_shape_dtype_or_values(batch, match):
+    with pytest.raises(gp.InputError, match=match):
+        gp.prune(_mlp(), (torch.randn(2, 8),), passes=[Quantize()], calibration=[batch])
+
+
+def test_empty_calibration_and_a_generator_used_by_two_passes():
+    with pytest.raises(gp.InputError, match="calibration data is empty"):
+        gp.prune(_mlp(), (torch.randn(2, 8),), passes=[Quantize()], calibration=[])
+    generator = ((torch.randn(4, 8),) for _ in range(2))  # consumed once, seen by both passes
+    result = gp.prune(_mlp(), (torch.randn(2, 8),), calibration=generator,
+                      passes=[NMSparsity(2, 4, method="wanda", dense_heads=False), Quantize()])
+    assert result.stage is gp.Stage.QUANTIZED
+
+
+def test_nan_or_inf_in_weights_or_activations():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(gp.InputError, match="parameter 0.weight contains NaN or Inf"):
+        gp.prune(model, (torch.randn(2, 8),), passes=[ChannelPrune(0.5)])
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1e38)  # finite weights whose activations overflow to Inf in float32
+        model[0].weight.fill_(1e38)
+    with pytest.raises(gp.InputError, match="the input of 2 contains NaN or Inf"):
+        gp.prune(model, (torch.randn(2, 8),), passes=[Quantize()], calibration=[(torch.ones(4, 8),)])
+
+
+def test_unwritable_outputs_and_interrupted_writes(tmp_path):
+    model, x = _mlp(), (torch.randn(2, 8),)
+    with pytest.raises(gp.InputError, match="does not exist"):
+        gp.export_onnx(model, x, tmp_path / "nowhere" / "m.onnx")
+    with pytest.raises(gp.ApplyError):  # verification fails after the file was staged: nothing is left
+        gp.export_onnx(model, x, tmp_path / "m.onnx", fp32_tolerance=-1.0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_pruning_the_same_model_twice():
+    x = (torch.randn(2, 8),)
+    once = gp.prune(_mlp(), x, passes=[ChannelPrune(0.5)])
+    twice = gp.prune(once.module, x, passes=[ChannelPrune(0.5)])  # structured again: it shrinks again
+    assert twice.module[0].out_features == 4 and once.module[0].out_features == 8
+    masked = gp.prune(_mlp(), x, passes=[NMSparsity(2, 4, dense_heads=False)])
+    with pytest.raises(gp.ContractError, match="stage 'masked'"):
+        gp.prune(masked.module, x, passes=[NMSparsity(2, 4, dense_heads=False)])
+
+
+class _Explodes(Pass):
+    """A pass that damages the working model and then fails."""
+
+    accepts = frozenset(Stage)
+
+    def call(self, state: CompressionState) -> PassResult:
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.zero_()
+        raise RuntimeError("injected failure")
+
+
+@pytest.mark.parametrize("passes", [[_Explodes()], [ChannelPrune(0.5), _Explodes()],
+                                    [NMSparsity(2, 4, dense_heads=False), Quantize(), _Explodes()]])
+def test_a_failing_pass_leaves_the_callers_model_untouched(passes):
+    model = _mlp()
+    snapshot = _snapshot(model)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gp.prune(model, (torch.randn(2, 8),), passes=passes, calibration=[(torch.randn(4, 8),)])
+    assert _same(model, snapshot) and type(model[0]) is nn.Linear
