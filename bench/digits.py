@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,8 +21,10 @@ def split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return images[train], labels[train], images[test], labels[test]
 
 
-def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float) -> nn.Module:
-    """Adam on cross-entropy, batches of 64 in a seeded order; returns the model in eval mode."""
+def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+        after_step: Callable[[], None] | None = None) -> nn.Module:
+    """Adam on cross-entropy, batches of 64 in a seeded order (``after_step`` runs after each
+    optimizer step); returns the model in eval mode."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     g = torch.Generator().manual_seed(1)
@@ -29,4 +33,6 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: in
             optimizer.zero_grad()
             F.cross_entropy(model(images[idx]), labels[idx]).backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
     return model.eval()
