@@ -107,10 +107,12 @@ def stored(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, name)
 
 
-def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern) -> None:
-    """Mask ``module.<name>`` (the masked entries are also zeroed in the stored original)."""
-    with torch.no_grad():
-        stored(module, name).mul_(mask)
+def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern, *, zero_pruned: bool = True) -> None:
+    """Mask ``module.<name>``; the masked entries are also zeroed in the stored original unless
+    ``zero_pruned=False`` (learned masks need the dense weights underneath)."""
+    if zero_pruned:
+        with torch.no_grad():
+            stored(module, name).mul_(mask)
     parametrize.register_parametrization(module, name, NMMask(mask.to(getattr(module, name).dtype), pattern))
 
 

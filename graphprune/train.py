@@ -1,4 +1,4 @@
-"""N:M sparse training in the user's own loop.
+"""N:M sparse training and learned N:M masks in the user's own loop.
 
 Start from a model with N:M masks (``gp.prune(..., passes=[NMSparsity(...)])``), wrap it, train as
 usual, call :meth:`SparseTraining.step` after each optimizer step, and :meth:`SparseTraining.finalize`
@@ -25,14 +25,15 @@ keep ``n`` of every ``m`` (m as in the model's masks), e.g. ``[(0, 3), (200, 2),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from graphprune.errors import InputError
-from graphprune.sparsity import NMMask, NMPattern, check_patterns, nm_mask
+from graphprune.sparsity import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
 
 RECIPES = ("sr-ste", "mask-decay", "fixed")
 
@@ -126,4 +127,110 @@ class SparseTraining:
             plist[index] = NMMask(mask.mask, mask.pattern)
         check_patterns(self.model, "SparseTraining.finalize")
         self.masks = []
+        return self.model
+
+
+def candidate_masks(n: int, m: int) -> torch.Tensor:
+    """Every way to keep ``n`` of ``m``: ``[C(m, n), m]`` of 0/1 (shared by all groups of a pattern)."""
+    return torch.tensor([[1.0 if i in kept else 0.0 for i in range(m)]
+                         for kept in itertools.combinations(range(m), n)])
+
+
+class LearnableNMMask(nn.Module):
+    """Parametrization: a categorical choice among the candidate masks of every group of ``m``
+    weights, relaxed by Gumbel-softmax while training and the most likely candidate in eval mode.
+    Only the logits learn; the weights underneath stay as they are."""
+
+    def __init__(self, prior: torch.Tensor, pattern: NMPattern, shape: torch.Size, prior_strength: float) -> None:
+        super().__init__()
+        self.pattern, self.shape = pattern, shape
+        self.register_buffer("candidates", candidate_masks(pattern.n, pattern.m))  # [K, m]
+        matrix = to_matrix(prior.float(), pattern.layout)
+        self.matrix_shape = matrix.shape  # [rows, reduction] in the hardware order
+        groups = matrix.reshape(-1, pattern.m)  # [G, m]
+        # the prior's candidate gets the highest logit: similarity = kept positions shared with it
+        self.logits = nn.Parameter(prior_strength * (groups @ self.candidates.T) / pattern.n)  # [G, K]
+        self.temperature, self.scale = 1.0, 1.0
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.softmax(self.logits * self.scale, dim=-1)
+
+    def hard(self) -> torch.Tensor:
+        """The most likely candidate of every group, in the weight's layout."""
+        groups = self.candidates[self.logits.argmax(-1)]
+        return from_matrix(groups.reshape(self.matrix_shape), self.pattern.layout, self.shape)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return original * self.hard().to(original.dtype)
+        gumbel = -torch.log(-torch.log(torch.rand_like(self.logits).clamp_(1e-9, 1 - 1e-9)))
+        soft = torch.softmax((self.logits * self.scale + gumbel) / self.temperature, dim=-1)  # [G, K]
+        groups = soft @ self.candidates  # [G, m]: a soft mask with n expected kept per group
+        soft_mask = from_matrix(groups.reshape(self.matrix_shape), self.pattern.layout, self.shape)
+        return original * soft_mask.to(original.dtype)
+
+
+class LearnedMasks:
+    """Learn the N:M masks of a model whose weights stay frozen (MaskLLM, Fang et al. 2024).
+
+    Start from ``NMSparsity(n, m, method="learned", prior=...)`` (masks from the prior, dense weights
+    kept underneath).  Optimise :meth:`parameters` (the mask logits) with any optimizer and loss, e.g.
+    distillation from the dense model; call :meth:`step` after each optimizer step (temperature falls
+    from ``temperature[0]`` to ``[1]`` and the logit scale rises from ``scale[0]`` to ``[1]``,
+    geometrically over ``steps``); :meth:`finalize` keeps the most likely candidates as plain masks.
+    """
+
+    def __init__(self, model: nn.Module, *, steps: int = 1000, temperature: tuple[float, float] = (4.0, 0.05),
+                 scale: tuple[float, float] = (1.0, 10.0), prior_strength: float = 3.0) -> None:
+        if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
+            raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
+        self.masks: list[tuple[nn.Module, str, LearnableNMMask]] = []
+        self.frozen: list[tuple[torch.Tensor, bool]] = []
+        for module in model.modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            for name, plist in module.parametrizations.items():
+                for i, p in enumerate(plist):
+                    if isinstance(p, NMMask):
+                        learnable = LearnableNMMask(p.mask, p.pattern, plist.original.shape, prior_strength)
+                        plist[i] = learnable.to(plist.original.device)
+                        self.masks.append((module, name, plist[i]))
+        if not self.masks:
+            raise InputError("the model has no N:M masks: run NMSparsity(method='learned') on it first")
+        for p in model.parameters():  # the weights stay as they are; only the logits learn
+            if not any(p is m.logits for _, _, m in self.masks):
+                self.frozen.append((p, p.requires_grad))
+                p.requires_grad_(False)
+        self.model, self.total, self.temperature, self.scale = model, steps, temperature, scale
+        self.steps = 0
+        self._schedule()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, _, mask in self.masks:
+            yield mask.logits
+
+    def _schedule(self) -> None:
+        t = min(self.steps / self.total, 1.0)
+        for _, _, mask in self.masks:
+            mask.temperature = self.temperature[0] * (self.temperature[1] / self.temperature[0]) ** t
+            mask.scale = self.scale[0] * (self.scale[1] / self.scale[0]) ** t
+
+    def step(self) -> None:
+        self.steps += 1
+        self._schedule()
+
+    def finalize(self) -> nn.Module:
+        """Plain :class:`NMMask` parametrizations with the learned masks, pruned weights zeroed,
+        patterns checked, and the weights' ``requires_grad`` as they were."""
+        for module, name, mask in self.masks:
+            plist = module.parametrizations[name]
+            index = next(i for i, p in enumerate(plist) if p is mask)
+            hard = mask.hard().to(plist.original.dtype)
+            with torch.no_grad():
+                plist.original.mul_(hard)
+            plist[index] = NMMask(hard, mask.pattern)
+        for p, flag in self.frozen:
+            p.requires_grad_(flag)
+        check_patterns(self.model, "LearnedMasks.finalize")
+        self.masks, self.frozen = [], []
         return self.model

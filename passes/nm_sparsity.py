@@ -32,7 +32,7 @@ from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_o
 from graphprune.sparsegpt import conv_columns, prune_matrix
 from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
 
 class NMSparsity(Pass):
@@ -40,7 +40,11 @@ class NMSparsity(Pass):
 
     Args:
         n, m: the pattern (2:4 by default; any 0 < n < m, e.g. 1:4, 4:8, 2:8).
-        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need ``calibration=``).
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two need ``calibration=``), or
+            ``"learned"``: the ``prior`` criterion's masks, with the dense weights kept underneath
+            (not zeroed, no SparseGPT update) so that :class:`graphprune.train.LearnedMasks` can learn
+            the masks from there.
+        prior: the criterion that initialises learned masks.
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
         permute: before masking, permute each channel group (through every tensor that indexes it,
             so the model's function is unchanged) to retain more magnitude under the pattern;
@@ -57,7 +61,8 @@ class NMSparsity(Pass):
                     "before Quantize"}
     produces = Stage.MASKED
 
-    def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", ignore: Iterable[str] = (),
+    def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", prior: str = "magnitude",
+                 ignore: Iterable[str] = (),
                  dense_first_conv: bool = True, dense_heads: bool = True, block: int = 128,
                  damp: float = 0.01, permute: bool = False, permute_sweeps: int = 4) -> None:
         NMPattern(n, m, "linear")  # validates n and m
@@ -65,13 +70,18 @@ class NMSparsity(Pass):
             raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r}")
         if not 0 <= damp < 1 or block < m:
             raise InputError(f"NMSparsity needs 0 <= damp < 1 and block >= m, got damp={damp}, block={block}")
+        if prior not in METHODS[:3]:
+            raise InputError(f"NMSparsity prior must be one of {list(METHODS[:3])}, got {prior!r}")
         self.n, self.m, self.method, self.block, self.damp = n, m, method, block, damp
+        self.criterion = prior if method == "learned" else method  # what chooses the (initial) masks
+        self.prior = prior
         self.permute, self.permute_sweeps = permute, permute_sweeps
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
     def __repr__(self) -> str:
-        return f"NMSparsity({self.n}:{self.m}, method={self.method!r})"
+        prior = f", prior={self.prior!r}" if self.method == "learned" else ""
+        return f"NMSparsity({self.n}:{self.m}, method={self.method!r}{prior})"
 
     def selected(self, analysis: Analysis, model: nn.Module) -> tuple[list[Consumer], dict[str, str]]:
         """The layers to mask, and the skipped ones with the reason."""
@@ -96,7 +106,7 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
             elif (why := fits(weight, pattern)) is not None:
                 skipped[layer.weight] = why
-            elif self.method == "sparsegpt" and weight.dim() > 4:
+            elif self.criterion == "sparsegpt" and weight.dim() > 4:
                 skipped[layer.weight] = "SparseGPT handles 1-D and 2-D convolutions; this 3-D one stays dense"
             else:
                 chosen.append(layer)
@@ -109,20 +119,22 @@ class NMSparsity(Pass):
             if tensor_at(model, layer.weight).device.type == "meta":
                 raise InputError(f"{layer.weight} is on the meta device: N:M masks need real weights")
         calibration = batches(state.calibration, f"NMSparsity(method={self.method!r})") \
-            if self.method != "magnitude" else None
-        rms = input_rms(model, layers, calibration) if self.method == "wanda" else {}
+            if self.criterion != "magnitude" else None
+        rms = input_rms(model, layers, calibration) if self.criterion == "wanda" else {}
         gains = self._permute_groups(state, analysis, layers, rms) if self.permute else {}
         if gains and rms:  # the input channels moved: their statistics must be read in the new order
             rms = input_rms(model, layers, calibration)
-        if self.method == "sparsegpt":
+        if self.criterion == "sparsegpt":
             self._sparsegpt(model, analysis, layers, calibration)
         else:
             for layer in layers:
                 owner, attr = _owner(model, layer)
                 pattern = NMPattern(self.n, self.m, layer.layout)
-                attach(owner, attr, nm_mask(_scores(model, layer, rms), pattern), pattern)
+                attach(owner, attr, nm_mask(_scores(model, layer, rms), pattern), pattern,
+                       zero_pruned=self.method != "learned")
         state.stage = self.next_stage(state.stage)
-        details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
+        how = f"learned, {self.prior} prior" if self.method == "learned" else self.method
+        details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
         if self.permute:
             details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
         if skipped:
@@ -174,9 +186,10 @@ class NMSparsity(Pass):
                     target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
                     new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
                     keep[target] = from_matrix(k, layer.layout, part.shape)
-                with torch.no_grad():
-                    stored(owner, attr).copy_(new)
-                attach(owner, attr, keep, pattern)
+                if self.method != "learned":  # learned masks start from the dense weights
+                    with torch.no_grad():
+                        stored(owner, attr).copy_(new)
+                attach(owner, attr, keep, pattern, zero_pruned=self.method != "learned")
 
 
 def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf: int,

@@ -81,3 +81,43 @@ def test_fixed_recipe_keeps_masks_and_bad_options_are_refused():
         SparseTraining(nn.Linear(4, 4))
     with pytest.raises(gp.InputError, match="ascending steps and 0 < n < 4"):
         SparseTraining(_masked(), schedule=[(10, 2), (5, 1)])
+
+
+def test_learned_masks_start_at_the_prior_learn_only_logits_and_finalize_to_valid_masks():
+    from graphprune.train import LearnedMasks, candidate_masks
+
+    assert candidate_masks(2, 4).shape == (6, 4) and bool((candidate_masks(2, 4).sum(1) == 2).all())
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 8)
+    sparse = gp.prune(dense, (x,), passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module
+    layer = sparse[0]
+    prior = layer.parametrizations.weight[0].mask.clone()
+    assert torch.equal(layer.parametrizations.weight.original, dense[0].weight)  # dense weights kept under the mask
+    trainer = LearnedMasks(sparse, steps=50)
+    learnable = layer.parametrizations.weight[0]
+    assert torch.equal(learnable.hard(), prior)  # the prior's candidate is the most likely one
+    sparse.eval()
+    one_shot = gp.finalize(gp.prune(dense, (x,), passes=[NMSparsity(2, 4, dense_heads=False)]).module)
+    assert torch.allclose(sparse(x), one_shot(x), atol=1e-6)  # eval mode uses the hard (prior) masks
+    target = dense(x).detach()
+    with torch.no_grad():
+        prior_loss = float((sparse(x) - target).pow(2).mean())
+    sparse.train()
+    optimizer = torch.optim.Adam(trainer.parameters(), lr=0.1)
+    for _ in range(50):  # learn masks that reproduce the dense outputs better than the prior
+        loss = (sparse(x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.step()
+    assert layer.parametrizations.weight.original.grad is None  # weights never learn
+    assert learnable.temperature == pytest.approx(0.05)
+    final = trainer.finalize().eval()
+    with torch.no_grad():
+        assert float((final(x) - target).pow(2).mean()) < prior_loss  # the learned masks fit better
+    masks = masked_weights(final)
+    assert set(masks) == {"0.weight", "2.weight"} and all(satisfies(t, p) for t, p in masks.values())
+    assert final[0].parametrizations.weight.original.requires_grad
+    with pytest.raises(gp.InputError, match="prior must be one of"):
+        NMSparsity(2, 4, method="learned", prior="random")
