@@ -185,8 +185,9 @@ class LearnedMasks:
         if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
             raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
         self.masks: list[tuple[nn.Module, str, LearnableNMMask]] = []
+        self.names: list[str] = []  # the masked weights' names, aligned with ``masks``
         self.frozen: list[tuple[torch.Tensor, bool]] = []
-        for module in model.modules():
+        for path, module in model.named_modules():
             if not parametrize.is_parametrized(module):
                 continue
             for name, plist in module.parametrizations.items():
@@ -195,6 +196,7 @@ class LearnedMasks:
                         learnable = LearnableNMMask(p.mask, p.pattern, plist.original.shape, prior_strength)
                         plist[i] = learnable.to(plist.original.device)
                         self.masks.append((module, name, plist[i]))
+                        self.names.append(f"{path}.{name}" if path else name)
         if not self.masks:
             raise InputError("the model has no N:M masks: run NMSparsity(method='learned') on it first")
         for p in model.parameters():  # the weights stay as they are; only the logits learn
@@ -208,6 +210,23 @@ class LearnedMasks:
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, _, mask in self.masks:
             yield mask.logits
+
+    def logits(self) -> dict[str, torch.Tensor]:
+        """The mask logits by weight name: save them to start another copy of the model (a new
+        domain, say) from these masks instead of a one-shot prior (:meth:`load_logits`)."""
+        return {name: mask.logits.detach().clone() for name, (_, _, mask) in zip(self.names, self.masks, strict=True)}
+
+    def load_logits(self, logits: dict[str, torch.Tensor]) -> None:
+        """Start from saved logits; every masked weight needs its entry, with the same shape."""
+        missing = [n for n in self.names if n not in logits]
+        if missing:
+            raise InputError(f"no saved logits for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        with torch.no_grad():
+            for name, (_, _, mask) in zip(self.names, self.masks, strict=True):
+                if logits[name].shape != mask.logits.shape:
+                    raise InputError(f"saved logits for {name} have shape {tuple(logits[name].shape)}, this model's "
+                                     f"{tuple(mask.logits.shape)}: not the same architecture or pattern")
+                mask.logits.copy_(logits[name])
 
     def _schedule(self) -> None:
         t = min(self.steps / self.total, 1.0)
@@ -232,5 +251,5 @@ class LearnedMasks:
         for p, flag in self.frozen:
             p.requires_grad_(flag)
         check_patterns(self.model, "LearnedMasks.finalize")
-        self.masks, self.frozen = [], []
+        self.masks, self.names, self.frozen = [], [], []
         return self.model

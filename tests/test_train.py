@@ -121,3 +121,27 @@ def test_learned_masks_start_at_the_prior_learn_only_logits_and_finalize_to_vali
     assert final[0].parametrizations.weight.original.requires_grad
     with pytest.raises(gp.InputError, match="prior must be one of"):
         NMSparsity(2, 4, method="learned", prior="random")
+
+
+def test_learned_mask_logits_transfer_to_another_copy():
+    from graphprune.train import LearnedMasks
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = (torch.randn(4, 8),)
+    first = LearnedMasks(gp.prune(dense, x, passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module)
+    with torch.no_grad():  # pretend training moved the logits
+        for logits in first.parameters():
+            logits.copy_(torch.randn_like(logits))
+    saved = first.logits()
+    second_model = gp.prune(dense, x, passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module
+    second = LearnedMasks(second_model)
+    second.load_logits(saved)
+    for (_, _, a), (_, _, b) in zip(first.masks, second.masks, strict=True):
+        assert torch.equal(a.hard(), b.hard())
+    with pytest.raises(gp.InputError, match="no saved logits for"):
+        second.load_logits({})
+    other = LearnedMasks(gp.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), x,
+                                  passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module)
+    with pytest.raises(gp.InputError, match="not the same architecture or pattern"):
+        other.load_logits(saved)
