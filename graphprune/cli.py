@@ -129,9 +129,11 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
 
 
 def _needs_calibration(passes: Sequence) -> bool:
-    from graphprune.passes import NMSparsity, Quantize
+    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
-    return any(isinstance(p, Quantize) or (isinstance(p, NMSparsity) and p.method != "magnitude") for p in passes)
+    return any(isinstance(p, Quantize) or (isinstance(p, NMSparsity) and p.criterion != "magnitude")
+               or (isinstance(p, ChannelPrune) and (p.importance.needs_calibration or p.compensate
+                                                    or p.allocation == "sensitivity")) for p in passes)
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
