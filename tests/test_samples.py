@@ -15,3 +15,9 @@ def test_sample_runs(name, capsys):
     out = capsys.readouterr().out
     assert "graphprune report" in out
     assert "prunable groups" in out or "nearest-neighbour" in out
+
+
+def test_resnet_sample_runs_the_whole_pipeline(capsys):
+    importlib.import_module("samples.resnet").main()
+    out = capsys.readouterr().out
+    assert "Quantize" in out and "fused by onnxruntime into" in out and "QLinearConv" in out
