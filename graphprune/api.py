@@ -22,6 +22,7 @@ from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import load_recipe
 from graphprune.report import Report
+from graphprune.report_page import layer_rows, weight_shapes, write_report
 from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
 
 
@@ -34,6 +35,12 @@ class PruneResult:
     stage: Stage
     plans: list[Plan | QuantPlan] = field(default_factory=list)
     example_inputs: ExampleInputs = ()
+    shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight shape per layer, before
+
+    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None) -> list[str]:
+        """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
+        (see :func:`graphprune.report_page.write_report`); returns the file names."""
+        return write_report(directory, self.report, layer_rows(self.shapes_before, self.module), latency_ms)
 
     def export_onnx(self, path: str | os.PathLike, **options: Any) -> ExportReport:
         """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
@@ -67,6 +74,7 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     stage = detect_stage(model)
     manager.check_order(stage)
     _check_finite(model)
+    shapes_before = weight_shapes(model)
     captured = capture(model, example_inputs)
     if calibration is not None:  # materialised once: every pass sees the same batches, even from a generator
         calibration = list(calibration)
@@ -78,7 +86,7 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
                     pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, reference)
-    return PruneResult(state.model, report, state.stage, state.plans, example_inputs)
+    return PruneResult(state.model, report, state.stage, state.plans, example_inputs, shapes_before)
 
 
 def _check_finite(model: nn.Module) -> None:

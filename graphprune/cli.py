@@ -26,7 +26,6 @@ import torch.nn as nn
 from graphprune.coupling_graph import write_graph
 from graphprune.errors import ContractError, GraphpruneError, InputError
 from graphprune.latency import onnx_latency_ms
-from graphprune.report_page import layer_rows, write_report
 
 EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
 
@@ -198,7 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
                        "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
     pages = args.output + ".report"
-    write_report(pages, result.report, layer_rows(model, result.module), latency)
+    result.write_report(pages, latency)
     summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
                "latency_ms": latency,
                "onnx": {"max_error": exported.max_error, "l2_error": exported.l2_error,

@@ -38,18 +38,24 @@ class LayerRow:
     input_qparams: list[float] | None = None  # int8: activation scale, zero-point
 
 
-def layer_rows(original: nn.Module, compressed: nn.Module) -> list[LayerRow]:
+def _layers(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, LAYER_TYPES) or type(module).__name__ == "Conv1D":
+            yield name, module
+
+
+def weight_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Each weight layer's weight shape, by module name (taken before compressing, for the report)."""
+    return {name: list(module.weight.shape) for name, module in _layers(model)}
+
+
+def layer_rows(shapes_before: dict[str, list[int]], compressed: nn.Module) -> list[LayerRow]:
     """One row per weight layer of ``compressed`` (layers the compression removed are not listed)."""
-    before = dict(original.named_modules())
     rows = []
-    for name, module in compressed.named_modules():
-        if not (isinstance(module, LAYER_TYPES) or type(module).__name__ == "Conv1D"):
-            continue
+    for name, module in _layers(compressed):
         weight = module.weight.detach()
-        old = before.get(name)
-        row = LayerRow(name, type(module).__name__.removeprefix("Parametrized"),
-                       list(old.weight.shape) if old is not None else [], list(weight.shape),
-                       float((weight == 0).float().mean()))
+        row = LayerRow(name, type(module).__name__.removeprefix("Parametrized"), shapes_before.get(name, []),
+                       list(weight.shape), float((weight == 0).float().mean()))
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations["weight"]:
                 if isinstance(p, NMMask):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -326,3 +327,17 @@ def test_unknown_output_name_lists_the_real_ones():
     model, inputs = zoo.cases()["stack_repeat_bmm"]
     with pytest.raises(gp.InputError, match=r"model's outputs are \['extra.0', 'extra.1', 'out'\]"):
         gp.analyze(model, inputs, prunable_outputs=["logits"])
+
+
+def test_report_pages_from_the_python_api(tmp_path):
+    import json
+
+    model, x = resnet.build()
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5, round_to=8)])
+    files = result.write_report(tmp_path / "report")
+    assert files == ["params_macs.png", "report.html", "report.json", "report.md", "sparsity.png"]
+    layers = {r["name"]: r for r in json.loads((tmp_path / "report" / "report.json").read_text())["layers"]}
+    assert layers["layers.0.conv1"]["shape_before"] == [32, 32, 3, 3]
+    assert layers["layers.0.conv1"]["shape_after"] == [16, 16, 3, 3]
+    result.write_report(tmp_path / "report")  # written again: replaced, not merged
+    assert sorted(os.listdir(tmp_path)) == ["report"]
