@@ -27,7 +27,7 @@ from graphprune.coupling_graph import write_graph
 from graphprune.errors import ContractError, GraphpruneError, InputError
 from graphprune.latency import onnx_latency_ms
 
-EXIT_INPUT, EXIT_MODEL, EXIT_UNEXPECTED = 2, 3, 1
+EXIT_INPUT, EXIT_MODEL = 2, 3  # anything unexpected propagates: Python exits 1 with the traceback
 
 
 @dataclass

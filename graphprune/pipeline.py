@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Iterable, Sequence
+from types import MappingProxyType
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +95,7 @@ class Pass(abc.ABC):
     """
 
     accepts: frozenset[Stage] = frozenset(Stage)
-    experimental: dict[Stage, str] = {}
+    experimental: Mapping[Stage, str] = MappingProxyType({})  # read-only: no state shared between passes
     produces: Stage | None = None  # None: the stage is unchanged
 
     @property

@@ -152,9 +152,6 @@ class LearnableNMMask(nn.Module):
         self.logits = nn.Parameter(prior_strength * (groups @ self.candidates.T) / pattern.n)  # [G, K]
         self.temperature, self.scale = 1.0, 1.0
 
-    def probabilities(self) -> torch.Tensor:
-        return torch.softmax(self.logits * self.scale, dim=-1)
-
     def hard(self) -> torch.Tensor:
         """The most likely candidate of every group, in the weight's layout."""
         groups = self.candidates[self.logits.argmax(-1)]
