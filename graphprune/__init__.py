@@ -5,11 +5,15 @@
 
     analysis = gp.analyze(model, example_inputs)
     result = gp.prune(model, example_inputs, passes=[ChannelPrune(ratio=0.5, round_to=8)])
+
+    out = gp.prune_onnx("model.onnx", passes=[ChannelPrune(ratio=0.4)], calibration=feeds)
+    out.save("model.pruned.onnx")
 """
 
 from graphprune.analysis import Analysis, FrozenSpace, Group, Member
 from graphprune.api import PruneResult, analyze, prune
 from graphprune.onnx_export import ExportReport, export_onnx
+from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, prune_onnx
 from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
@@ -19,5 +23,6 @@ from graphprune.sparsity import finalize
 __version__ = "0.1.0"
 
 __all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
-           "GraphpruneError", "Group", "InputError", "Member", "Pass", "PassManager", "PassResult", "Plan",
-           "PruneResult", "Stage", "analyze", "export_onnx", "finalize", "load_recipe", "prune", "__version__"]
+           "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan",
+           "PruneResult", "Stage", "analyze", "analyze_onnx", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
+           "__version__"]

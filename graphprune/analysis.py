@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
 from graphprune.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.errors import InputError
+from graphprune.macs import planned_macs, planned_params
 from graphprune.provenance import uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 from graphprune.rules.registry import flat_atoms
@@ -118,6 +119,14 @@ class Analysis:
     def node_count(self) -> int:
         return sum(len(gm.graph.nodes) for gm in _graph_modules(self.captured.graph_module))
 
+    def planned_macs(self, masks: dict[int, torch.Tensor]) -> int:
+        """MACs once the keep-masks (per solver leaf) are applied, from the analysis alone."""
+        return planned_macs(self, masks)
+
+    def planned_params(self, masks: dict[int, torch.Tensor], model: nn.Module) -> int:
+        """Parameters once the keep-masks are applied."""
+        return planned_params(self, masks, model)
+
     def describe(self, max_groups: int = 50) -> str:
         lines = [f"{self.model_name}: {self.node_count()} graph nodes, {len(self.groups)} prunable groups, "
                  f"{len(self.frozen)} frozen spaces (analysed in {self.seconds:.2f} s)"]
@@ -198,19 +207,28 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
                                              node.name))
     spaces = solver.finalize()
 
-    members: dict[int, list[Member]] = defaultdict(list)
     tensors: dict[str, tuple[str, list[int]]] = {}
     for node in captured.graph.nodes:
-        if node.op != "placeholder" or node.name not in captured.tensor_names:
-            continue
-        kind, name = captured.tensor_names[node.name]
-        dims = ctx.dims(node) or []
-        tensors[name] = (kind, dims)
+        if node.op == "placeholder" and node.name in captured.tensor_names:
+            kind, name = captured.tensor_names[node.name]
+            tensors[name] = (kind, ctx.dims(node) or [])
+    carried = _leaves_of_activations(ctx, captured, spaces)
+    groups, frozen = collect_groups(spaces, tensors, carried)
+    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+
+
+def collect_groups(spaces: Spaces, tensors: dict[str, tuple[str, list[int]]],
+                   carried: set[int]) -> tuple[list[Group], list[FrozenSpace]]:
+    """Prunable groups and frozen spaces from the solved spaces: every leaf that indexes a
+    parameter, with every tensor slice it indexes (``tensors``: name -> (kind, dim atoms)).
+    A leaf no activation carries (``carried``) is a parameter dim no rule coupled: frozen."""
+    solver = spaces.solver
+    members: dict[int, list[Member]] = defaultdict(list)
+    for name, (kind, dims) in tensors.items():
         shape = tuple(solver.size(a) for a in dims)
         for d, atom in enumerate(dims):
             for leaf in dict.fromkeys(spaces.leaves(atom)):
                 members[leaf].append(Member(name, kind, d, atom, shape))
-    carried = _leaves_of_activations(ctx, captured, spaces)
     groups: list[Group] = []
     frozen: list[FrozenSpace] = []
     for leaf, ms in members.items():
@@ -224,7 +242,7 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         else:
             groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
                                 frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
-    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+    return groups, frozen
 
 
 def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:

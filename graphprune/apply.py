@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.fx.operator_schemas import normalize_function
 
+from graphprune.algebra import Spaces
 from graphprune.analysis import BODY_HOPS, Analysis
 from graphprune.capture import CapturedGraph, capture_call, run_outputs, tensor_at
 from graphprune.copying import clone
@@ -49,7 +50,7 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
     try:
         masks = plan.masks(analysis)
         _shrink_tensors(target, analysis, masks, undo)
-        constants = _constant_values(analysis, masks)
+        constants = constant_values(analysis, masks)
         changed: Changed = {n: {p: v for p, v in paths.items() if arg_at(n, p) != v}
                             for n, paths in constants.items()}
         _update_attributes(target, analysis, constants, undo)
@@ -96,13 +97,7 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
         if id(old) in done:  # tied: the same tensor under another name, already replaced everywhere
             continue
         done.add(id(old))
-        index = []
-        for d, atom in enumerate(dims):
-            if not any(leaf in masks for leaf in spaces.leaves(atom)):
-                continue
-            keep = spaces.keep_mask(atom, masks)
-            if not bool(keep.all()):
-                index.append((d, keep.nonzero().squeeze(1)))
+        index = kept_positions(spaces, dims, masks)
         if not index:
             continue
         new = old.detach()
@@ -113,6 +108,18 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for mapping, key in holders.get(id(old), []):
             undo.set_item(mapping, key, new)
+
+
+def kept_positions(spaces: Spaces, dims: list[int], masks: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """For each dim of a tensor (its atoms ``dims``) that the masks shrink: (dim, kept positions)."""
+    index = []
+    for d, atom in enumerate(dims):
+        if not any(leaf in masks for leaf in spaces.leaves(atom)):
+            continue
+        keep = spaces.keep_mask(atom, masks)
+        if not bool(keep.all()):
+            index.append((d, keep.nonzero().squeeze(1)))
+    return index
 
 
 def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
@@ -133,8 +140,8 @@ def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
 Changed = dict[fx.Node, dict[tuple, int]]
 
 
-def _constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> Changed:
-    """New value of every registered shape constant (changed or not)."""
+def constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> dict[Any, dict[tuple, int]]:
+    """New value of every registered shape constant (changed or not), by node and argument path."""
     spaces = analysis.spaces
     values: Changed = defaultdict(dict)
     for c in analysis.constants:

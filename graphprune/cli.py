@@ -1,10 +1,10 @@
 """The ``graphprune`` command line: inspect, prune, export, bench.
 
 MODEL is ``package.module:factory`` (a function returning ``(module, example_inputs)`` or
-``(module, example_inputs, calibration_batches)``), or a ``.pt2`` file saved with
-``torch.export.save`` (its example inputs are the ones it was exported with).  ``.onnx`` files are
-accepted by ``bench``; pruning ONNX graphs directly is not implemented yet, and saying so is the
-answer.  Exit codes: 0 done, 2 bad input (paths, options, recipes, a pass order that is refused),
+``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
+``torch.export.save`` (its example inputs are the ones it was exported with), or, for ``inspect``
+and ``prune``, an ``.onnx`` file (pruned as an ONNX graph by :func:`graphprune.prune_onnx`; its
+calibration ``.npz`` holds arrays keyed by input name).  Exit codes: 0 done, 2 bad input (paths, options, recipes, a pass order that is refused),
 3 a model graphprune cannot handle (capture, apply, ONNX verification), 1 anything unexpected.
 """
 
@@ -41,8 +41,8 @@ class LoadedModel:
 def load_model(spec: str) -> LoadedModel:
     """The module, example inputs and calibration batches (if the factory gives them) of a MODEL argument."""
     if spec.endswith(".onnx"):
-        raise InputError(f"{spec}: pruning ONNX files directly is not implemented yet (issue 6); give the PyTorch "
-                         "model as package.module:factory or a .pt2 exported program")
+        raise InputError(f"{spec}: this command takes a PyTorch model (package.module:factory or a .pt2 exported "
+                         "program); inspect and prune also take .onnx files")
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
             raise InputError(f"{spec}: no such file")
@@ -141,11 +141,17 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     from graphprune.importance import resolve
     from graphprune.macs import count_params, graph_macs
 
-    loaded = load_model(args.model)
-    model, inputs = loaded.module, loaded.inputs
-    analysis = gp.analyze(model, inputs)
-    scores = resolve("l2").scores(analysis, model, analysis.groups, None) if model_device(model) != torch.device("meta") \
-        else {}
+    if args.model.endswith(".onnx"):
+        analysis = gp.analyze_onnx(args.model)
+        model: Any = analysis.captured.weights()
+        params, macs = analysis.planned_params({}), analysis.planned_macs({})
+    else:
+        loaded = load_model(args.model)
+        model, inputs = loaded.module, loaded.inputs
+        analysis = gp.analyze(model, inputs)
+        params, macs = count_params(model), graph_macs(analysis.captured.graph_module)
+    weights_known = not isinstance(model, nn.Module) or model_device(model) != torch.device("meta")
+    scores = resolve("l2").scores(analysis, model, analysis.groups, None) if weights_known else {}
     groups = []
     for g in analysis.groups:
         row = {"id": g.id, "channels": g.size, "members": [m.name for m in g.members]}
@@ -153,7 +159,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
             s = scores[g.id].double().sort().values
             row["l2_importance"] = {"min": s[0].item(), "median": s[len(s) // 2].item(), "max": s[-1].item()}
         groups.append(row)
-    summary = {"model": args.model, "params": count_params(model), "macs": graph_macs(analysis.captured.graph_module),
+    summary = {"model": args.model, "params": params, "macs": macs,
                "groups": groups, "frozen": [f.describe() for f in analysis.frozen]}
     if args.graph and not args.graph.endswith((".dot", ".svg", ".png")):
         raise InputError(f"--graph writes .dot, .svg or .png, got {args.graph!r}")
@@ -180,6 +186,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     passes, experimental = _passes(args)
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
+    if args.model.endswith(".onnx"):
+        return _prune_onnx_file(args, passes, experimental)
     loaded = load_model(args.model)
     model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
     if args.calibration:
@@ -205,6 +213,36 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     if not args.json:
         print(result.report)
         print(exported)
+        print(f"report: {pages}/report.html (and report.md, report.json, plots)")
+    return summary
+
+
+def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool) -> dict:
+    import graphprune as gp
+
+    if not os.path.isfile(args.model):
+        raise InputError(f"{args.model}: no such ONNX file")
+    feeds = load_calibration(args.calibration, args.batch_size) if args.calibration else None
+    if feeds is not None and not all(isinstance(f, dict) for f in feeds):
+        raise InputError(f"calibration file {args.calibration}: an ONNX model needs arrays keyed by input name")
+    if feeds is None and _needs_calibration(passes):
+        _say(args, "no --calibration given: calibrating on generated feeds only (give real data for real use)")
+    result = gp.prune_onnx(args.model, passes, calibration=feeds, experimental_order=experimental)
+    written = result.save(args.output)
+    latency = None
+    if args.latency:
+        latency = {"dense": onnx_latency_ms(args.model, runs=args.runs, threads=args.threads),
+                   "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
+    pages = args.output + ".report"
+    result.write_report(pages, latency)
+    summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
+               "latency_ms": latency,
+               "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
+                        "int8_ops": written.int8_ops, "sparse_weights": len(written.sparse_weights)}}
+    if not args.json:
+        print(result.report)
+        print(written)
+        print(f"inputs and outputs as in {args.model}")
         print(f"report: {pages}/report.html (and report.md, report.json, plots)")
     return summary
 

@@ -15,7 +15,7 @@ Torch-Pruning): a channel is as important as all the weights that would be remov
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,8 +42,10 @@ class Importance(abc.ABC):
         """Return a float64 score vector of length ``group.size`` per group id."""
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    tensor = tensor_at(model, name)
+def _tensor(model: nn.Module | Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A weight by name: a module path in an nn.Module, an initializer name for ONNX models
+    (whose weights reach criteria as a mapping)."""
+    tensor = model[name] if isinstance(model, Mapping) else tensor_at(model, name)
     if tensor.device.type == "meta":
         raise InputError(f"{name} is on the meta device: weight-based importance needs real weights "
                          "(pass importance=<callable> to score channels another way)")

@@ -52,7 +52,7 @@ from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.pipeline import Stage, detect_stage
 from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose
 from graphprune.quantization import read_quant_plan, strip_quantization
-from graphprune.sparsity import CONV1D, NMPattern, finalize, masked_weights
+from graphprune.sparsity import CONV1D, NMPattern, finalize, masked_weights, nm_holds
 
 INT8_MARGIN = 1.1  # int8 file vs float model may be at most this times the fake-quant model's error
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph itself
@@ -76,15 +76,17 @@ class ExportReport:
     int8_ops: dict[str, int] = field(default_factory=dict)  # in onnxruntime's optimized graph
     sparse_weights: dict[str, str] = field(default_factory=dict)  # ONNX initializer -> N:M pattern
     external_data: bool = False
+    reference: str = "torch"  # what onnxruntime's outputs were compared with (PyTorch, or the graph as written)
 
     def __str__(self) -> str:
         checked = "relative L2" if self.quantized_layers else "max relative"
         lines = [f"wrote {self.path} (stage {self.stage}{', external data' if self.external_data else ''})",
-                 f"  onnxruntime vs torch: max relative error {self.max_error:.2e}, relative L2 {self.l2_error:.2e} "
-                 f"({checked} tolerance {self.tolerance:g})"]
+                 f"  onnxruntime vs {self.reference}: max relative error {self.max_error:.2e}, relative L2 "
+                 f"{self.l2_error:.2e} ({checked} tolerance {self.tolerance:g})"]
         if self.quantized_layers:
+            fake = "PyTorch" if self.reference == "torch" else "graph"
             lines.append(f"  int8 error against the float model: onnxruntime {self.onnx_quantization_error:.2e}, "
-                         f"fake-quant PyTorch {self.quantization_error:.2e}")
+                         f"fake-quant {fake} {self.quantization_error:.2e}")
             ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.int8_ops.items()))
             lines.append(f"  int8 layers: {self.quantized_layers}, fused by onnxruntime into {ops}")
         if self.sparse_weights:
@@ -124,7 +126,7 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         weights = {name: tensor_at(float_model, name).detach().numpy() for name in (plan.layers if plan else {})}
         quantized = insert_qdq(model, plan, weights) if plan else 0
         sparse = _sparse_records(model, patterns)
-        model.metadata_props.update(_metadata(stage, pipeline, sparse))
+        model.metadata_props.update(graphprune_metadata(stage, pipeline, sparse))
         try:
             staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
         except OSError as exc:
@@ -210,15 +212,13 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
                              "rewrote it), so its pattern cannot be recorded")
         onnx_name, transposed = found[0]
         axis = 1 - axis if transposed else axis
-        values = initializers[onnx_name].const_value.numpy()
-        groups = np.moveaxis(values, axis, -1).reshape(-1, pattern.m)
-        if ((groups != 0).sum(-1) > pattern.n).any():
+        if not nm_holds(initializers[onnx_name].const_value.numpy(), axis, pattern):
             raise ApplyError(f"{name} lost its {pattern} pattern in the exported graph ({onnx_name})")
         records[onnx_name] = {"pattern": str(pattern), "axis": axis, "torch_name": name}
     return records
 
 
-def _metadata(stage: Stage, pipeline: Sequence[str], sparse: dict[str, dict]) -> dict[str, str]:
+def graphprune_metadata(stage: Stage, pipeline: Sequence[str], sparse: dict[str, dict]) -> dict[str, str]:
     from graphprune import __version__
 
     return {"graphprune.version": __version__, "graphprune.stage": str(stage),
@@ -227,17 +227,7 @@ def _metadata(stage: Stage, pipeline: Sequence[str], sparse: dict[str, dict]) ->
 
 def _verify(staged: str, module: nn.Module, float_model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
             report: ExportReport) -> None:
-    try:
-        onnx.checker.check_model(staged)
-    except onnx.checker.ValidationError as exc:
-        raise ApplyError(f"the exported model fails the ONNX checker: {exc}") from exc
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    optimized = os.path.join(os.path.dirname(staged), "optimized.onnx")
-    options.optimized_model_filepath = optimized
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
-    session = ort.InferenceSession(staged, options, providers=["CPUExecutionProvider"])
+    session, optimized = checked_session(staged)
     checks = [(args, kwargs)]
     if dynamic_batch:
         checks.append(pytree.tree_map(_one_more, (args, kwargs)))
@@ -247,26 +237,62 @@ def _verify(staged: str, module: nn.Module, float_model: nn.Module, args: tuple,
         got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), feeds, strict=False)})
         if len(got) != len(want):
             raise ApplyError(f"the ONNX model returns {len(got)} outputs, the module {len(want)}")
-        for g, w in zip(got, want, strict=True):
-            if tuple(g.shape) != tuple(w.shape):
-                raise ApplyError(f"ONNX output shape {tuple(g.shape)} differs from the module's {tuple(w.shape)}")
-            report.max_error = max(report.max_error, float(np.abs(g - w).max() / (np.abs(w).max() or 1.0)))
-            report.l2_error = max(report.l2_error, _l2(g, w))
-        if report.quantized_layers:
-            for g, w, f in zip(got, want, _outputs(float_model, call_args, call_kwargs), strict=True):
+        record_outputs(report, got, want,
+                       _outputs(float_model, call_args, call_kwargs) if report.quantized_layers else None)
+    check_outputs(report, optimized)
+
+
+def checked_session(staged: str) -> tuple[ort.InferenceSession, str]:
+    """The ONNX checker on a staged file, then an onnxruntime session with its default (extended)
+    optimizations, which also writes the optimized graph (returned path) for :func:`check_fusion`."""
+    try:
+        onnx.checker.check_model(staged)
+    except onnx.checker.ValidationError as exc:
+        raise ApplyError(f"the written model fails the ONNX checker: {exc}; nothing was written") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    optimized = os.path.join(os.path.dirname(staged), "optimized.onnx")
+    options.optimized_model_filepath = optimized
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
+    return ort.InferenceSession(staged, options, providers=["CPUExecutionProvider"]), optimized
+
+
+def record_outputs(report: ExportReport, got: list[np.ndarray], want: list[np.ndarray],
+                   float_outputs: list[np.ndarray] | None = None) -> None:
+    """Fold one batch's comparison into ``report``: onnxruntime (``got``) against the reference
+    (``want``: the module, or the fake-quant graph), and for int8 both against ``float_outputs``."""
+    for g, w in zip(got, want, strict=True):
+        if tuple(g.shape) != tuple(w.shape):
+            raise ApplyError(f"ONNX output shape {tuple(g.shape)} differs from the reference's {tuple(w.shape)}")
+        if not np.issubdtype(w.dtype, np.floating):
+            if not np.array_equal(g, w):
+                raise ApplyError("an integer output of the ONNX model differs from the reference's")
+            continue
+        report.max_error = max(report.max_error, float(np.abs(g - w).max() / (np.abs(w).max() or 1.0)))
+        report.l2_error = max(report.l2_error, _l2(g, w))
+    if float_outputs is not None:
+        for g, w, f in zip(got, want, float_outputs, strict=True):
+            if np.issubdtype(f.dtype, np.floating):
                 report.quantization_error = max(report.quantization_error, _l2(w, f))
                 report.onnx_quantization_error = max(report.onnx_quantization_error, _l2(g, f))
+
+
+def check_outputs(report: ExportReport, optimized: str) -> None:
+    """Raise unless the recorded errors are within the report's tolerance (see the module doc);
+    for int8, also check what onnxruntime fused."""
     if not report.quantized_layers and report.max_error > report.tolerance:
-        raise ApplyError(f"onnxruntime's outputs differ from the module's by {report.max_error:.3g} of the largest "
+        raise ApplyError(f"onnxruntime's outputs differ from the reference's by {report.max_error:.3g} of the largest "
                          f"output, over the tolerance {report.tolerance:g}; nothing was written")
     if report.quantized_layers and report.l2_error > report.tolerance \
             and report.onnx_quantization_error > INT8_MARGIN * report.quantization_error:
-        raise ApplyError(f"onnxruntime's int8 outputs differ from the fake-quant module's by {report.l2_error:.3g} "
+        raise ApplyError(f"onnxruntime's int8 outputs differ from the fake-quant reference's by {report.l2_error:.3g} "
                          f"(relative L2, tolerance {report.tolerance:g}) and are further from the float model "
-                         f"({report.onnx_quantization_error:.3g}) than the fake-quant module is "
+                         f"({report.onnx_quantization_error:.3g}) than the fake-quant reference is "
                          f"({report.quantization_error:.3g}); nothing was written")
     if report.quantized_layers:
-        report.int8_ops = _check_fusion(onnx.load(optimized))
+        report.int8_ops = check_fusion(onnx.load(optimized))
 
 
 def _outputs(module: nn.Module, args: tuple, kwargs: dict) -> list[np.ndarray]:
@@ -286,7 +312,7 @@ def _one_more(x: Any) -> Any:
     return x
 
 
-def _check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
+def check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
     """Raise if a float Conv/Gemm/MatMul still reads a DequantizeLinear after onnxruntime's
     optimizations; returns the count of each int8 op."""
     producers = {out: node for node in optimized.graph.node for out in node.output}

@@ -78,6 +78,38 @@ class CompressionState:
     def replace_model(self, model: nn.Module, captured: CapturedGraph) -> None:
         self.model, self.captured, self._analysis = model, captured, None
 
+    # What the pass manager asks of a state; the ONNX state answers the same questions.
+    def dispatch(self, p: "Pass") -> "PassResult":
+        return p.call(self)
+
+    def param_count(self) -> int:
+        return count_params(self.model)
+
+    def macs(self) -> int:
+        return graph_macs(self.captured.graph_module)
+
+    def check_patterns(self, where: str) -> None:
+        check_patterns(self.model, where)
+
+    def output_error(self, reference: list[torch.Tensor] | None) -> float | None:
+        """Worst max-relative output error against the dense reference (None without one)."""
+        if reference is None:
+            return None
+        got = run_outputs(self.model, self.captured)
+        worst = 0.0
+        for a, b in zip(got, reference, strict=True):
+            if a.shape != b.shape:
+                continue  # an output the caller let shrink (prunable_outputs) has no element-wise error
+            if a.is_floating_point():
+                scale = b.abs().max().item() or 1.0
+                worst = max(worst, (a.double() - b.double()).abs().max().item() / scale)
+            elif not torch.equal(a, b):
+                worst = max(worst, 1.0)
+        return worst
+
+    def mark_stage(self) -> None:
+        setattr(self.model, STAGE_ATTRIBUTE, self.stage)
+
 
 @dataclass
 class PassResult:
@@ -132,9 +164,18 @@ class Pass(abc.ABC):
             raise ContractError(f"{self.name} should leave the model at stage '{self.produces}', "
                                 f"it is at '{state.stage}'")
 
+    def call_onnx(self, state: Any) -> PassResult:
+        """Transform an ONNX model (:class:`graphprune.onnx_prune.OnnxState`); passes that support
+        ONNX models override this."""
+        raise ContractError(f"{self.name} does not run on ONNX models")
+
+    @property
+    def supports_onnx(self) -> bool:
+        return type(self).call_onnx is not Pass.call_onnx
+
     def __call__(self, state: CompressionState) -> PassResult:
         self.requires(state)
-        result = self.call(state)
+        result = state.dispatch(self)
         self.ensures(result.state)
         return result
 
@@ -164,7 +205,7 @@ class PassManager:
     def run(self, state: CompressionState, report: Report, reference: Any) -> CompressionState:
         report.notes.extend(self.check_order(state.stage))
         state.experimental_order = self.experimental_order
-        params, macs = count_params(state.model), graph_macs(state.captured.graph_module)
+        params, macs = state.param_count(), state.macs()
         for p in tqdm(self.passes, desc="passes", unit="pass", disable=None):
             start = time.perf_counter()
             before = state.stage
@@ -172,26 +213,10 @@ class PassManager:
             if before not in p.accepts:
                 result.details["experimental order"] = f"ran on a {before} model; normally refused: {p.experimental[before]}"
             state = result.state
-            check_patterns(state.model, p.name)  # every N:M mask must survive every pass
-            new_params, new_macs = count_params(state.model), graph_macs(state.captured.graph_module)
+            state.check_patterns(p.name)  # every N:M mask must survive every pass
+            new_params, new_macs = state.param_count(), state.macs()
             report.rows.append(ReportRow(p.name, time.perf_counter() - start, params, new_params, macs, new_macs,
-                                         output_error(state, reference), str(state.stage), result.details))
+                                         state.output_error(reference), str(state.stage), result.details))
             params, macs = new_params, new_macs
-        setattr(state.model, STAGE_ATTRIBUTE, state.stage)
+        state.mark_stage()
         return state
-
-
-def output_error(state: CompressionState, reference: list[torch.Tensor] | None) -> float | None:
-    if reference is None:
-        return None
-    got = run_outputs(state.model, state.captured)
-    worst = 0.0
-    for a, b in zip(got, reference, strict=True):
-        if a.shape != b.shape:
-            continue  # an output the caller let shrink (prunable_outputs) has no element-wise error
-        if a.is_floating_point():
-            scale = b.abs().max().item() or 1.0
-            worst = max(worst, (a.double() - b.double()).abs().max().item() / scale)
-        elif not torch.equal(a, b):
-            worst = max(worst, 1.0)
-    return worst

@@ -93,8 +93,9 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray])
 
 
 def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -> None:
-    """Conv / Gemm read the bias as int32 through DequantizeLinear (scale ``s_in * s_w``); a bias
-    added after a MatMul gets the same dequantized values as a float constant."""
+    """Conv / Gemm read the bias as int32 through DequantizeLinear (scale ``s_in * s_w``), and so
+    does the Add that adds it after a MatMul; a bias read any other way gets the same dequantized
+    values as a float constant."""
     value = graph.initializers.get(layer.bias)
     if value is None and all(len(node.inputs) < 3 or node.inputs[2] is None for node in readers):
         return  # the optimizer dropped an all-zero bias (e.g. from folding a fresh BatchNorm)
@@ -105,7 +106,7 @@ def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -
     fq = torch.fake_quantize_per_channel_affine(original, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
                                                 BIAS_QMIN, BIAS_QMAX)
     uses = list(value.uses())
-    if all(use.node in readers and use.idx == 2 for use in uses):
+    if all(use.node in readers and use.idx == 2 for use in uses) or all(_adds_to(use.node, readers) for use in uses):
         q = torch.round(fq / scale).to(torch.int32).numpy()
         node = ir.node("DequantizeLinear", [_initializer(graph, f"{value.name}_quantized", q),
                                             _initializer(graph, f"{value.name}_scale", scale.numpy()),
@@ -118,6 +119,13 @@ def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -
         del graph.initializers[value.name]
     else:
         value.const_value = ir.tensor(fq.numpy(), name=value.name)
+
+
+def _adds_to(node: ir.Node, readers: list[ir.Node]) -> bool:
+    """``node`` adds the bias straight to a reader's result (MatMul + Add, as linear layers export):
+    written as int32 too, so a MatMul + Add that onnxruntime turns into a Gemm can fuse into QGemm."""
+    return node.op_type == "Add" and node.domain == "" and any(
+        x is not None and x.producer() in readers for x in node.inputs)
 
 
 def _replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

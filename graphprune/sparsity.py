@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -85,6 +86,15 @@ def satisfies(weight: torch.Tensor, pattern: NMPattern) -> bool:
         return False
     nonzero = (matrix != 0).reshape(rows, width // pattern.m, pattern.m).sum(-1)
     return bool((nonzero <= pattern.n).all())
+
+
+def nm_holds(values: np.ndarray, axis: int, pattern: NMPattern) -> bool:
+    """:func:`satisfies` for stored (ONNX) weights: groups of ``m`` run along ``axis`` once it is
+    moved last (the input channels of a conv, the reduction of a matrix)."""
+    groups = np.moveaxis(values, axis, -1)
+    if groups.shape[-1] % pattern.m:
+        return False
+    return bool(((groups.reshape(-1, pattern.m) != 0).sum(-1) <= pattern.n).all())
 
 
 class NMMask(nn.Module):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,13 @@ from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
 from graphprune.copying import clone
-from graphprune.macs import planned_macs, planned_params
 from graphprune.sensitivity import output_errors
+from graphprune.onnx_apply import apply_onnx_plan
+from graphprune.onnx_capture import owner_names
 from graphprune.plan import Plan
+
+if TYPE_CHECKING:
+    from graphprune.onnx_prune import OnnxState
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
@@ -138,9 +143,9 @@ class ChannelPrune(Pass):
         def cost(plan: Plan) -> int:
             masks = plan.masks(analysis)
             if kind == "macs":
-                return planned_macs(analysis, masks)
+                return analysis.planned_macs(masks)
             if kind == "params":
-                return planned_params(analysis, masks, model)
+                return analysis.planned_params(masks, model)
             return -plan.removed(analysis)  # ratio budget: channels removed over the candidates
         return cost
 
@@ -224,8 +229,8 @@ class ChannelPrune(Pass):
             plan.set(analysis, g.id, order[:keep])
         return plan
 
-    def _resolve_names(self, model: nn.Module) -> list[str]:
-        names = dict(model.named_modules())
+    def _resolve_names(self, model: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
+        names = dict(model.named_modules()) if isinstance(model, nn.Module) else owner_names(model)
         by_id = {id(m): n for n, m in names.items()}
         resolved = []
         for item in self.ignore:
@@ -237,7 +242,8 @@ class ChannelPrune(Pass):
             if name not in names:
                 close = difflib.get_close_matches(name, list(names), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise InputError(f"no module named {name!r} in {type(model).__name__}{hint}")
+                what = type(model).__name__ if isinstance(model, nn.Module) else "the ONNX model's initializer names"
+                raise InputError(f"no module named {name!r} in {what}{hint}")
         return resolved
 
     def _selected(self, group: Group, ignore: list[str]) -> bool:
@@ -320,6 +326,23 @@ class ChannelPrune(Pass):
             details["bias compensation"] = f"{len(corrections)} layers" + (
                 f" ({without_bias} without a bias left as they are)" if without_bias else "")
         return PassResult(state, bool(plan.keep), details)
+
+    def call_onnx(self, state: OnnxState) -> PassResult:
+        """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
+        graph (:func:`graphprune.onnx_apply.apply_onnx_plan`)."""
+        if self.importance.needs_calibration or self.importance_name == "bn_scale":
+            raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2' "
+                             "or a callable (analysis, group, weights by initializer name) -> scores")
+        if self.compensate or self.allocation == "sensitivity":
+            raise InputError("compensate=... and allocation='sensitivity' do not run on ONNX models yet")
+        analysis = state.analysis()
+        plan = self.plan(analysis, state.weights())
+        state.replace(apply_onnx_plan(state.capture, analysis, plan))
+        state.stage = self.next_stage(state.stage)
+        state.plans.append(plan)
+        return PassResult(state, bool(plan.keep), {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
+                                                   "channels removed": plan.removed(analysis)})
+
 
 
 def _within(module: str, name: str) -> bool:

@@ -17,12 +17,15 @@ attached as parametrizations, so fine-tuning cannot revive pruned weights;
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from graphprune import onnx_sparsity
+from graphprune.onnx_capture import owner_names, tensor_of
 from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, batches, check_input, consumers, input_rms, run_batches
 from graphprune.capture import tensor_at
@@ -30,7 +33,11 @@ from graphprune.errors import InputError
 from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
 from graphprune.sparsegpt import conv_columns, prune_matrix
+from graphprune.onnx_prune import MaskedWeight
 from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, stored, to_matrix
+
+if TYPE_CHECKING:
+    from graphprune.onnx_prune import OnnxState
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -137,6 +144,50 @@ class NMSparsity(Pass):
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
         if self.permute:
             details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
+        if skipped:
+            details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        return PassResult(state, bool(layers), details)
+
+    def call_onnx(self, state: OnnxState) -> PassResult:
+        """Magnitude or Wanda masks on the weight initializers (:mod:`graphprune.onnx_sparsity`),
+        Wanda's statistics read from onnxruntime on the calibration feeds."""
+        if self.criterion not in ("magnitude", "wanda") or self.method == "learned" or self.permute:
+            raise InputError(f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
+                             "run on ONNX models yet: use method='magnitude' or 'wanda'")
+        if state.stage is Stage.QUANTIZED:
+            raise InputError("on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
+                             "are int8 initializers behind DequantizeLinear by then")
+        model = state.capture.model
+        owners = owner_names(model.graph.initializers)
+        for name in self.ignore:
+            if name not in owners:
+                raise InputError(f"NMSparsity ignore: no module named {name!r} in the ONNX model's initializer names")
+        candidates, skipped = onnx_sparsity.weight_layers(model)
+        heads = onnx_sparsity.head_layers(model, candidates) if self.dense_heads else set()
+        layers = []
+        for layer in candidates:
+            owner = layer.weight.rpartition(".")[0]
+            if layer.depthwise and tensor_of(model.graph.initializers[layer.weight]).shape[1] == 1:
+                skipped[layer.weight] = "depthwise convolution (one input channel per filter)"
+            elif any(owner == i or owner.startswith(i + ".") for i in self.ignore):
+                skipped[layer.weight] = "ignored"
+            elif self.dense_first_conv and layer.layout == CONV and onnx_sparsity.reads_model_input(model, layer):
+                skipped[layer.weight] = "first convolution (reads the model input); dense_first_conv=False to mask it"
+            elif layer.node in heads:
+                skipped[layer.weight] = "output head; dense_heads=False to mask it"
+            elif (why := onnx_sparsity.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout))):
+                skipped[layer.weight] = why
+            else:
+                layers.append(layer)
+        if self.criterion == "wanda" and not state.calibration:
+            raise InputError("NMSparsity(method='wanda') needs calibration feeds: "
+                             "prune_onnx(..., calibration=[{input name: array}, ...])")
+        rms = onnx_sparsity.input_rms(state.capture, layers, state.calibration) if self.criterion == "wanda" else {}
+        state.replace(onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms))
+        for layer in layers:
+            state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis)
+        state.stage = self.next_stage(state.stage)
+        details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if skipped:
             details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)

@@ -26,18 +26,25 @@ clipping them loses more than it gains) and the percentile for linear and matmul
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from graphprune import onnx_quantize
 from graphprune.calibration import Consumer, batches, check_input, consumers, run_batches
 from graphprune.capture import tensor_at
 from graphprune.errors import InputError
+from graphprune.onnx_capture import owner_names
+from graphprune.onnx_sparsity import weight_layers
 from graphprune.folding import fold_batchnorm, foldable_batchnorm
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.quantization import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
                                      quantize_weight, read_quant_plan, weight_axis)
 from graphprune.sparsity import CONV
+
+if TYPE_CHECKING:
+    from graphprune.onnx_prune import OnnxState
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
 aten = torch.ops.aten
@@ -135,6 +142,43 @@ class Quantize(Pass):
         details = {"quantized layers": len(layers), "activations": self.activations}
         if folded:
             details["folded BatchNorm"] = len(folded)
+        if skipped:
+            details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        return PassResult(state, bool(layers), details)
+
+    def call_onnx(self, state: OnnxState) -> PassResult:
+        """The same plan, calibrated in onnxruntime and written as QDQ nodes
+        (:mod:`graphprune.onnx_quantize`)."""
+        model = state.capture.model
+        if any(not isinstance(s, str) for s in self.skip):
+            raise InputError("Quantize skip on ONNX models takes names (module paths, which torch exports use as "
+                             "initializer prefixes), not module types")
+        owners = owner_names(model.graph.initializers)
+        for name in self.skip:
+            if name not in owners:
+                raise InputError(f"Quantize skip: no module named {name!r} in the ONNX model's initializer names")
+        if not state.calibration:
+            raise InputError("Quantize (static activation ranges) needs calibration feeds: "
+                             "prune_onnx(..., calibration=[{input name: array}, ...])")
+        state.replace(onnx_quantize.gemm_from_matmul_add(state.capture))
+        model = state.capture.model
+        candidates, skipped = weight_layers(model)
+        layers = []
+        for layer in candidates:
+            owner = layer.weight.rpartition(".")[0]
+            if any(owner == s or owner.startswith(s + ".") for s in self.skip):
+                skipped[layer.weight] = "skipped by name"
+            else:
+                layers.append(layer)
+        inputs, outputs = onnx_quantize.calibrate(state.capture, layers, state.calibration, self.activations,
+                                                  self.percentile)
+        plan = onnx_quantize.quant_plan(state.capture, layers, inputs, outputs)
+        state.float_outputs = state.capture.outputs
+        state.replace(onnx_quantize.quantized_copy(state.capture, plan))
+        state.masked = {f"{name}_quantized" if name in plan.layers else name: m for name, m in state.masked.items()}
+        state.plans.append(plan)
+        state.stage = self.next_stage(state.stage)
+        details = {"quantized layers": len(layers), "activations": self.activations}
         if skipped:
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)

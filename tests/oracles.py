@@ -68,3 +68,30 @@ def max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> flo
         else:
             assert torch.equal(a, b)
     return worst
+
+
+def zero_removed_onnx(capture, analysis: Analysis, plan: Plan):
+    """:func:`zero_removed` for an ONNX capture: a re-measured copy whose parameter initializers
+    are zero at every position the plan removes."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from graphprune.onnx_apply import copy_model
+    from graphprune.onnx_capture import OnnxCapture, measure
+
+    masks = plan.masks(analysis)
+    model = copy_model(capture.model)
+    for name, (kind, dims) in analysis.tensors.items():
+        if kind != "parameter":
+            continue
+        value = model.graph.initializers[name]
+        array = np.array(value.const_value.numpy(), copy=True)
+        for d, atom in enumerate(dims):
+            keep = analysis.spaces.keep_mask(atom, masks).numpy()
+            if not keep.all():
+                shape = [1] * array.ndim
+                shape[d] = -1
+                array = array * keep.reshape(shape).astype(array.dtype)
+        value.const_value = ir.tensor(array, name=name)
+    shapes, outs = measure(model, capture.feeds)
+    return OnnxCapture(model, capture.feeds, shapes, outs)

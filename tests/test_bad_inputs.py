@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -173,3 +174,58 @@ def test_a_failing_pass_leaves_the_callers_model_untouched(passes):
     with pytest.raises(RuntimeError, match="injected failure"):
         gp.prune(model, (torch.randn(2, 8),), passes=passes, calibration=[(torch.randn(4, 8),)])
     assert _same(model, snapshot) and type(model[0]) is nn.Linear
+
+
+# ------------------------------------------------------------------ ONNX files
+def _small_onnx():
+    from tests.test_onnx_prune import nhwc_model
+
+    return nhwc_model()
+
+
+def test_onnx_files_that_cannot_be_read(tmp_path):
+    import onnx
+
+    with pytest.raises(gp.InputError, match="no such ONNX file"):
+        gp.prune_onnx(str(tmp_path / "missing.onnx"), passes=[ChannelPrune(0.5)])
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 not a protobuf")
+    with pytest.raises(gp.InputError, match="is not a readable ONNX model"):
+        gp.prune_onnx(str(tmp_path / "junk.onnx"), passes=[ChannelPrune(0.5)])
+    model = _small_onnx()
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    os.remove(tmp_path / "ext.onnx.data")
+    with pytest.raises(gp.InputError, match="ext.onnx.data.*missing"):
+        gp.prune_onnx(str(tmp_path / "ext.onnx"), passes=[ChannelPrune(0.5)])
+    model = _small_onnx()  # onnx.save converted the last one's tensors to external references
+    model.opset_import[0].version = 99
+    with pytest.raises(gp.InputError, match="uses opset 99"):
+        gp.prune_onnx(model, passes=[ChannelPrune(0.5)])
+
+
+def test_quantized_onnx_models_are_refused(tmp_path):
+    x = (torch.randn(2, 8),)
+    quantized = gp.prune(_mlp(), x, passes=[Quantize()], calibration=[x])
+    quantized.export_onnx(tmp_path / "int8.onnx")
+    with pytest.raises(gp.InputError, match="already quantized.*Prune the float model, then quantize"):
+        gp.prune_onnx(str(tmp_path / "int8.onnx"), passes=[ChannelPrune(0.5)])
+
+
+@pytest.mark.parametrize("feed,match", [
+    ({"input": np.zeros((2, 8, 8, 3), np.float32)}, r"missing inputs \['input_1:0'\], unknown inputs \['input'\]"),
+    ({"input_1:0": np.zeros((2, 8, 8, 3), np.float64)}, "is float64, the model takes float32"),
+    ({"input_1:0": np.zeros((2, 8, 3), np.float32)}, "has rank 3, the model takes rank 4"),
+    ({"input_1:0": np.zeros((2, 8, 9, 3), np.float32)}, "size 9 in dim 2, the model fixes it to 8"),
+    ({"input_1:0": np.full((2, 8, 8, 3), np.nan, np.float32)}, "contains NaN or Inf"),
+    ((np.zeros((2, 8, 8, 3), np.float32),), "ONNX feeds are dicts"),
+])
+def test_onnx_calibration_feeds_are_checked(feed, match):
+    with pytest.raises(gp.InputError, match=match):
+        gp.prune_onnx(_small_onnx(), passes=[ChannelPrune(0.5)], calibration=[feed])
+
+
+def test_onnx_model_given_is_not_modified():
+    model = _small_onnx()
+    before = model.SerializeToString()
+    gp.prune_onnx(model, passes=[ChannelPrune(0.5)])
+    assert model.SerializeToString() == before

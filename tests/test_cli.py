@@ -80,7 +80,9 @@ def test_inspect_and_bench(pruned):
     (["prune", "samples.resnet:build", "-o", "{out}/m.txt", "--channels", "0.5"], "must name an .onnx file"),
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--nm", "two:four"], "--nm takes N:M"),
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx"], "nothing to do"),
-    (["prune", "{out}/model.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "not implemented yet"),
+    (["prune", "{out}/model.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "no such ONNX file"),
+    (["prune", "{out}/bad.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "is not a readable ONNX model"),
+    (["export", "{out}/model.onnx", "-o", "{out}/m.onnx"], "inspect and prune also take .onnx files"),
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"], "no such file"),
     (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
     (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
@@ -88,6 +90,7 @@ def test_inspect_and_bench(pruned):
 ])
 def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
+    (tmp_path / "bad.onnx").write_text("not a protobuf")
     (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
     before = set(os.listdir(tmp_path))
     result = run(*[a.format(out=tmp_path) for a in args])
@@ -123,3 +126,23 @@ def test_exported_program_file(tmp_path):
     refused = run("prune", str(tmp_path / "resnet.pt2"), "-o", str(tmp_path / "q.onnx"), "--int8")
     assert refused.returncode == 2 and "never called by the model's forward" in refused.stderr
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_prune_and_inspect_an_onnx_file(tmp_path):
+    from tests.test_onnx_prune import nhwc_model
+
+    onnx.save(nhwc_model(), str(tmp_path / "keras.onnx"))
+    (tmp_path / "recipe.toml").write_text('[[pass]]\nname = "ChannelPrune"\nratio = 0.5\n')
+    import numpy as np
+
+    np.savez(tmp_path / "calib.npz", **{"input_1:0": np.zeros((4, 8, 8, 3), dtype=np.float32)})
+    result = run("prune", str(tmp_path / "keras.onnx"), "-o", str(tmp_path / "small.onnx"), "--recipe",
+                 str(tmp_path / "recipe.toml"), "--calibration", str(tmp_path / "calib.npz"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["macs_after"] < summary["macs"]
+    assert (tmp_path / "small.onnx.report" / "report.html").exists()
+    pruned = onnx.load(str(tmp_path / "small.onnx"))
+    assert [i.name for i in pruned.graph.input] == ["input_1:0"]
+    text = run("inspect", str(tmp_path / "keras.onnx"))
+    assert text.returncode == 0 and "2 prunable groups" in text.stdout

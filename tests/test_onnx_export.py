@@ -112,7 +112,7 @@ def test_fusion_check_names_unfused_layers():
         "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
     with pytest.raises(gp.ApplyError, match="did not fuse 1 quantized layer.*lonely_matmul"):
-        onnx_export._check_fusion(onnx.helper.make_model(graph))
+        onnx_export.check_fusion(onnx.helper.make_model(graph))
 
 
 def test_export_leaves_the_module_and_its_masks_alone(tmp_path):

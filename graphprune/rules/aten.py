@@ -425,8 +425,11 @@ def linear(ctx: RuleContext, node: fx.Node) -> None:
         ctx.unify_all(x[:-1], out, node)
 
 
-def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out: list[int]) -> None:
-    """torch.matmul semantics, including 1-D operands and broadcast batch dims."""
+def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out: list[int],
+                attention: bool) -> None:
+    """torch.matmul (= numpy, ONNX MatMul) semantics, including 1-D operands and broadcast batch
+    dims; ``attention``: both operands are activations, so the product is attention-like (its
+    reduced dim is a head dim and its other dims index heads)."""
     s = ctx.solver
     a_vec, b_vec = len(a) == 1, len(b) == 1
     k_a = a[-1]
@@ -440,8 +443,10 @@ def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out
     batch_a = a[:-2] if not a_vec else []
     batch_b = b[:-2] if not b_vec else []
     broadcast(ctx, node, [batch_a, batch_b], o)
-    if _is_activation(ctx, node.args[0]) and _is_activation(ctx, node.args[1]):
+    if attention:  # q @ k^T reduces over the head dim; probs @ v keeps v's head dim last
         s.tag(k_a, "head_dim")
+        if not b_vec:
+            s.tag(b[-1], "head_dim")
         for d in o:
             s.tag(d, "heads")
 
@@ -460,7 +465,8 @@ def _is_activation(ctx: RuleContext, x) -> bool:
 
 @R.register(aten.matmul, aten.mm, aten.bmm)
 def matmul(ctx: RuleContext, node: fx.Node) -> None:
-    matmul_dims(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node))
+    matmul_dims(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node),
+                _is_activation(ctx, node.args[0]) and _is_activation(ctx, node.args[1]))
 
 
 @R.register(aten.addmm, aten.baddbmm, aten.addbmm)
@@ -469,20 +475,25 @@ def addmm(ctx: RuleContext, node: fx.Node) -> None:
     if node.target.overloadpacket is aten.addbmm:
         ctx.freeze_node(node, "addbmm sums over the batch of products")
         return
-    matmul_dims(ctx, node, ctx.dims(node.args[1]), ctx.dims(node.args[2]), out)
+    matmul_dims(ctx, node, ctx.dims(node.args[1]), ctx.dims(node.args[2]), out,
+                _is_activation(ctx, node.args[1]) and _is_activation(ctx, node.args[2]))
     broadcast(ctx, node, [ctx.dims(node.args[0])], out)
 
 
 @R.register(aten.einsum)
 def einsum(ctx: RuleContext, node: fx.Node) -> None:
-    equation = node.args[0].replace(" ", "")
-    operands = [ctx.dims(x) for x in node.args[1]]
+    couple_einsum(ctx, node, node.args[0], [ctx.dims(x) for x in node.args[1]], ctx.out(node))
+
+
+def couple_einsum(ctx: RuleContext, node, equation: str, operands: list[list[int]], out: list[int]) -> None:
+    """Dims named by the same letter are the same channels (size-1 dims broadcast)."""
+    equation = equation.replace(" ", "")
     if "..." in equation or "->" not in equation:
         ctx.freeze_node(node, "einsum with ellipsis or implicit output")
         return
     lhs, rhs = equation.split("->")
     letters: dict[str, int] = {}
-    for spec, dims in list(zip(lhs.split(","), operands)) + [(rhs, ctx.out(node))]:
+    for spec, dims in list(zip(lhs.split(","), operands)) + [(rhs, out)]:
         for ch, atom in zip(spec, dims):
             if ctx.solver.size(atom) == 1:
                 continue
@@ -494,9 +505,16 @@ def einsum(ctx: RuleContext, node: fx.Node) -> None:
 
 # ------------------------------------------------------------------ conv
 def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups_path) -> None:
-    s = ctx.solver
-    x, w, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node)
     bias = ctx.dims(node.args[2]) if len(node.args) > 2 else None
+    couple_conv(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), bias, ctx.out(node), transposed,
+                groups, groups_path)
+
+
+def couple_conv(ctx: RuleContext, node, x: list[int], w: list[int], bias: list[int] | None, out: list[int],
+                transposed: bool, groups: int, groups_path) -> None:
+    """Convolution (``transposed``: weight is [in, out/groups, k...]): channels couple through the
+    weight and, for grouped convs, per group; spatial dims and the kernel window are frozen."""
+    s = ctx.solver
     spatial = len(w) - 2
     batched = len(x) == spatial + 2
     cx, co = (x[1], out[1]) if batched else (x[0], out[0])

@@ -122,7 +122,11 @@ class RuleContext:
             self.unify(a, b, node)
 
     def freeze(self, atom: int, why: str, node: fx.Node) -> None:
-        self.solver.freeze(atom, FreezeReason(why, f"{node.name}: {node.target}"))
+        self.solver.freeze(atom, FreezeReason(why, f"{node.name}: {self.op_name(node)}"))
+
+    def op_name(self, node: fx.Node) -> str:
+        """The op a node runs, as error messages and reports name it."""
+        return str(node.target)
 
     def freeze_node(self, node: fx.Node, why: str) -> None:
         """Freeze every dim of every tensor the node reads or writes."""
@@ -149,7 +153,7 @@ class RuleContext:
         self.constants.append(ShapeConstant(node, path, tuple(atoms), base))
 
     def report_unsupported(self, node: fx.Node) -> None:
-        self.unsupported.setdefault(str(node.target), []).append(node.name)
+        self.unsupported.setdefault(self.op_name(node), []).append(node.name)
 
 
 def flat_atoms(d: Any) -> list[int]:

@@ -1,0 +1,117 @@
+"""Apply a Plan to an ONNX graph: shrink initializers, rewrite shape constants, then prove it.
+
+The same plan data as for torch (kept indices per group) and the same index algebra
+(:func:`graphprune.apply.kept_positions`, :func:`graphprune.apply.constant_values`) decide
+what changes.  The result is a new model; the caller's is never touched.  Values keep their
+names; graph inputs and outputs keep their names, types and shapes.  Verification runs the
+pruned graph in onnxruntime with every value exposed: each value must have exactly the shape the
+plan predicts, the outputs their original shapes, and the ONNX checker must accept the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphprune.apply import constant_values, kept_positions
+from graphprune.errors import ApplyError
+from graphprune.onnx_analysis import OnnxAnalysis
+from graphprune.onnx_capture import OnnxCapture, measure
+from graphprune.plan import Plan
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy (the ONNX counterpart of :func:`graphprune.copying.clone`)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def apply_onnx_plan(capture: OnnxCapture, analysis: OnnxAnalysis, plan: Plan) -> OnnxCapture:
+    """A copy of the captured model pruned by ``plan``, verified against it."""
+    masks = plan.masks(analysis)
+    model = copy_model(capture.model)
+    graph = model.graph
+    spaces = analysis.spaces
+    for name, (_, dims) in analysis.tensors.items():
+        index = kept_positions(spaces, dims, masks)
+        if index:
+            value = graph.initializers[name]
+            array = value.const_value.numpy()
+            for d, idx in index:
+                array = np.take(array, idx.numpy(), axis=d)
+            _set_initializer(value, array)
+    nodes = {node.name: node for node in graph}
+    for old, paths in constant_values(analysis, masks).items():
+        node = nodes[old.name]
+        for path, new in paths.items():
+            _write_constant(node, path, new)
+    predicted = {}
+    analysed = {v.name: v for v in _values(analysis.captured.graph)}  # the values the analysis knows
+    for value in _values(graph):
+        dims = analysis.context.dims(analysed.get(value.name))
+        if dims is not None:
+            predicted[value.name] = tuple(spaces.kept_size(a, masks) for a in dims)
+            _update_declared_shape(value, capture.shapes[value.name], predicted[value.name])
+    return _verify(model, capture, predicted)
+
+
+def _values(graph: ir.Graph) -> list[ir.Value]:
+    return [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]
+
+
+def _set_initializer(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)
+
+
+def _write_constant(node: ir.Node, path: tuple, new: int) -> None:
+    where, key, *rest = path
+    if where == "input":
+        value = node.inputs[key]
+        array = np.array(value.const_value.numpy(), copy=True)
+        flat = array.reshape(-1)
+        flat[rest[0] if rest else 0] = new
+        _set_initializer(value, flat.reshape(array.shape))
+        return
+    old = node.attributes[key]
+    if rest:
+        values = list(old.value)
+        values[rest[0]] = new
+        node.attributes[key] = ir.Attr(key, old.type, values)
+    else:
+        node.attributes[key] = ir.Attr(key, old.type, new)
+
+
+def _update_declared_shape(value: ir.Value, measured: tuple[int, ...], kept: tuple[int, ...]) -> None:
+    """Rewrite the declared shape where a dim was pruned; symbolic dims (a batch) stay symbolic."""
+    if value.shape is None or value.is_initializer() or measured == kept:
+        return
+    value.shape = ir.Shape([k if m != k else old for old, m, k in zip(value.shape, measured, kept)])
+
+
+def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[int, ...]]) -> OnnxCapture:
+    try:
+        onnx.checker.check_model(ir.to_proto(model))
+    except onnx.checker.ValidationError as exc:
+        raise ApplyError(f"the pruned model fails the ONNX checker: {exc}") from exc
+    try:
+        shapes, outputs = measure(model, original.feeds)
+    except Exception as exc:
+        raise ApplyError(f"the pruned model does not run in onnxruntime: {exc}") from exc
+    for name, want in predicted.items():
+        got = shapes.get(name)
+        if got is not None and got != want:
+            raise ApplyError(f"value {name!r}{_producer_name(model, name)} has shape {list(got)} in the pruned model, the plan "
+                             f"predicts {list(want)}")
+    for value, before, after in zip(model.graph.outputs, original.outputs, outputs):
+        if np.shape(before) != np.shape(after):
+            raise ApplyError(f"output {value.name!r} changed shape from {list(np.shape(before))} to "
+                             f"{list(np.shape(after))}")
+    return OnnxCapture(model, original.feeds, shapes, outputs)
+
+
+def _producer_name(model: ir.Model, name: str) -> str:
+    for node in model.graph:
+        if any(v.name == name for v in node.outputs):
+            return f" (output of {node.name}: {node.op_type})"
+    return ""
