@@ -14,9 +14,13 @@ gets one copy per reader.  Equal initializers are merged again when the model is
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +29,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
-from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+from onnxscript.optimizer import fold_constants
 
 from graphprune.errors import CaptureError, InputError
 
@@ -120,8 +125,30 @@ def _check_opset(model: ir.Model) -> None:
                          "(convert it with onnx.version_converter first)")
 
 
+@contextlib.contextmanager
+def quiet_onnx_tools() -> Iterator[None]:
+    """The exporter prints progress and logs warnings about optional packages (torchvision ops), the
+    optimizer about constants it chose not to fold; neither is about the user's model, so both are
+    silenced while they run (errors still raise)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def normalize(model: ir.Model) -> None:
-    """Constants become initializers and every initializer gets one reader (see the module doc)."""
+    """Constant subgraphs are folded, constants become initializers and every initializer gets one
+    reader (see the module doc)."""
+    with quiet_onnx_tools():  # e.g. Pad amounts the TorchScript exporter computes from constants
+        fold_constants(model, should_fold=lambda node: True if node.op_type == "ConstantOfShape" else None)
+    RemoveUnusedNodesPass()(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     graph = model.graph
     taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}

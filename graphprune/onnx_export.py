@@ -23,16 +23,12 @@ into place, so a failure leaves no partial file and an existing file untouched. 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +45,7 @@ from tqdm.auto import tqdm
 from graphprune.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_inputs, set_eval, tensor_at
 from graphprune.copying import clone
 from graphprune.errors import ApplyError, CaptureError, InputError
+from graphprune.onnx_capture import quiet_onnx_tools
 from graphprune.pipeline import Stage, detect_stage
 from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose
 from graphprune.quantization import read_quant_plan, strip_quantization
@@ -119,7 +116,7 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         progress.update()
         progress.set_postfix_str("optimize")
         pretranspose(model, set(plan.layers) if plan else set())
-        with _quiet_exporter():
+        with quiet_onnx_tools():
             onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
         progress.update()
         progress.set_postfix_str("QDQ" if plan else "metadata")
@@ -153,7 +150,7 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, opset: int | None) -> ir.Model:
     shapes = _batch_shapes(model, args, kwargs) if dynamic_batch else None
     try:
-        with no_kv_cache(model), _quiet_exporter():
+        with no_kv_cache(model), quiet_onnx_tools():
             program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, optimize=False,
                                         dynamic_shapes=shapes, opset_version=opset, verbose=False)
     except Exception as exc:
@@ -168,24 +165,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, op
         raise CaptureError(f"torch's ONNX exporter failed on {type(model).__name__}: "
                            f"{type(root).__name__}: {(str(root).strip() or '?').splitlines()[0]}{hint}") from exc
     return program.model
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter prints progress and logs warnings about optional packages (torchvision ops), the
-    optimizer about constants it chose not to fold; neither is about the user's model, so both are
-    silenced while they run (errors still raise)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -330,3 +330,24 @@ def test_tf2onnx_layout_full_pipeline(tmp_path):
         groups = np.moveaxis(weights[name], record["axis"], -1).reshape(-1, 4)
         assert ((groups != 0).sum(-1) <= 2).all()
     assert [o.name for o in model.graph.output] == ["dense"]
+
+
+def test_torchscript_exporter_files(tmp_path):
+    """Files from the older TorchScript exporter (``dynamo=False``, still what many model zoos hold):
+    it computes every Pad amount from constants through ConstantOfShape/Concat/Reshape/Slice, which
+    the capture folds, so MobileNetV2's groups are all found."""
+    model, inputs = build("mobilenet_v2")
+    path = str(tmp_path / "legacy.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (), path, kwargs=inputs, dynamo=False, input_names=["pixel_values"],
+                          dynamic_axes={"pixel_values": {0: "batch"}})
+    assert any(n.op_type == "ConstantOfShape" for n in onnx.load(path).graph.node)
+    analysis = gp.analyze_onnx(path)
+    assert len(analysis.groups) == len(gp.analyze(model, inputs).groups)
+    result = gp.prune_onnx(path, passes=[ChannelPrune(0.5)])
+    written = result.save(tmp_path / "pruned.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    y = ort.InferenceSession(written.path, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    assert y.shape == (3, 10) and result.report.macs_after < 0.5 * result.report.macs
