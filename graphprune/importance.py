@@ -150,6 +150,8 @@ class InputWeighted(Importance):
         self.statistic = statistic
 
     def scores(self, analysis, model, groups, calibration):
+        if isinstance(model, Mapping):  # an ONNX model's weights: statistics from onnxruntime
+            return self._onnx_scores(analysis, groups, calibration)
         layers = consumers(analysis)
         moments = input_moments(model, layers, calibration)
         totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
@@ -158,14 +160,35 @@ class InputWeighted(Importance):
                 continue
             mean, mean_sq = moments[layer]
             x_atom, weight_norm = _consumer_input(analysis, model, layer)
-            if self.statistic == "activation":
-                per_channel = mean_sq.sqrt() * weight_norm
-            else:
-                per_channel = (mean_sq - mean.pow(2)).clamp(min=0) * weight_norm.pow(2)
+            per_channel = self._combine(mean, mean_sq, weight_norm)
             for g in groups:
                 if g.leaf in analysis.spaces.leaves(x_atom):
                     totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
         return totals
+
+
+    def _onnx_scores(self, analysis: Analysis, groups: list[Group], feeds: list) -> dict[int, torch.Tensor]:
+        from graphprune import onnx_layers
+
+        capture = analysis.captured
+        values = {v.name: v for node in capture.graph for v in node.inputs if v is not None}
+        layers, _ = onnx_layers.weight_layers(capture.model)
+        moments = onnx_layers.input_moments(capture, layers, feeds)
+        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+        for layer in layers:
+            mean, mean_sq = moments[layer.weight]
+            dims = analysis.context.dims(values[layer.activation])
+            x_atom = dims[layer.channel_axis]
+            weight_norm = onnx_layers.input_channel_norms(_tensor(capture.weights(), layer.weight), layer)
+            for g in groups:
+                if g.leaf in analysis.spaces.leaves(x_atom):
+                    totals[g.id] += _scatter(analysis, g, x_atom, self._combine(mean, mean_sq, weight_norm))
+        return totals
+
+    def _combine(self, mean: torch.Tensor, mean_sq: torch.Tensor, weight_norm: torch.Tensor) -> torch.Tensor:
+        if self.statistic == "activation":
+            return mean_sq.sqrt() * weight_norm
+        return (mean_sq - mean.pow(2)).clamp(min=0) * weight_norm.pow(2)
 
 
 def _consumer_input(analysis: Analysis, model: nn.Module, layer: Consumer) -> tuple[int, torch.Tensor]:

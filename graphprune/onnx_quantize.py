@@ -17,7 +17,7 @@ import torch
 
 from graphprune.onnx_apply import copy_model
 from graphprune.onnx_capture import Feeds, OnnxCapture, measure, session, tensor_of
-from graphprune.onnx_sparsity import WeightLayer
+from graphprune.onnx_layers import WeightLayer
 from graphprune.qdq import insert_qdq
 from graphprune.quantization import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
 from graphprune.sparsity import CONV

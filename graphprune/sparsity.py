@@ -168,3 +168,15 @@ def finalize(model: nn.Module) -> nn.Module:
             for p in others:
                 parametrize.register_parametrization(module, name, p)
     return model
+
+
+def per_input_channel(values: torch.Tensor, layout: str, groups: int, shape: torch.Size) -> torch.Tensor:
+    """A statistic per input channel (``values``, one per channel of the layer's input) broadcast to a
+    weight of ``shape`` in ``layout`` (a grouped conv's filters see their group's channels)."""
+    if layout == CONV1D:  # [in, out]
+        return values[:, None]
+    if layout == CONV:
+        k, per_group = shape[:2]
+        per_filter = values.reshape(groups, per_group).repeat_interleave(k // groups, dim=0)  # [K, C/g]
+        return per_filter.reshape(k, per_group, *([1] * (len(shape) - 2)))
+    return values[None, :]

@@ -330,13 +330,17 @@ class ChannelPrune(Pass):
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
         graph (:func:`graphprune.onnx_apply.apply_onnx_plan`)."""
-        if self.importance.needs_calibration or self.importance_name == "bn_scale":
-            raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2' "
-                             "or a callable (analysis, group, weights by initializer name) -> scores")
+        if self.importance_name in ("taylor", "bn_scale"):
+            raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
+                             "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
+                             "name) -> scores")
         if self.compensate or self.allocation == "sensitivity":
             raise InputError("compensate=... and allocation='sensitivity' do not run on ONNX models yet")
+        if self.importance.needs_calibration and not state.calibration:
+            raise InputError(f"importance={self.importance_name!r} needs calibration feeds: "
+                             "prune_onnx(..., calibration=[{input name: array}, ...])")
         analysis = state.analysis()
-        plan = self.plan(analysis, state.weights())
+        plan = self.plan(analysis, state.weights(), state.calibration)
         state.replace(apply_onnx_plan(state.capture, analysis, plan))
         state.stage = self.next_stage(state.stage)
         state.plans.append(plan)

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from graphprune import onnx_sparsity
+from graphprune import onnx_layers, onnx_sparsity
 from graphprune.onnx_capture import owner_names, tensor_of
 from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, batches, check_input, consumers, input_rms, run_batches
@@ -34,7 +34,7 @@ from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
 from graphprune.sparsegpt import conv_columns, prune_matrix
 from graphprune.onnx_prune import MaskedWeight
-from graphprune.sparsity import CONV, CONV1D, NMPattern, attach, fits, from_matrix, nm_mask, stored, to_matrix
+from graphprune.sparsity import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
 if TYPE_CHECKING:
     from graphprune.onnx_prune import OnnxState
@@ -162,8 +162,8 @@ class NMSparsity(Pass):
         for name in self.ignore:
             if name not in owners:
                 raise InputError(f"NMSparsity ignore: no module named {name!r} in the ONNX model's initializer names")
-        candidates, skipped = onnx_sparsity.weight_layers(model)
-        heads = onnx_sparsity.head_layers(model, candidates) if self.dense_heads else set()
+        candidates, skipped = onnx_layers.weight_layers(model)
+        heads = onnx_layers.head_layers(model, candidates) if self.dense_heads else set()
         layers = []
         for layer in candidates:
             owner = layer.weight.rpartition(".")[0]
@@ -171,18 +171,20 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "depthwise convolution (one input channel per filter)"
             elif any(owner == i or owner.startswith(i + ".") for i in self.ignore):
                 skipped[layer.weight] = "ignored"
-            elif self.dense_first_conv and layer.layout == CONV and onnx_sparsity.reads_model_input(model, layer):
+            elif self.dense_first_conv and layer.layout == CONV and onnx_layers.reads_model_input(model, layer):
                 skipped[layer.weight] = "first convolution (reads the model input); dense_first_conv=False to mask it"
             elif layer.node in heads:
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
-            elif (why := onnx_sparsity.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout))):
+            elif (why := onnx_layers.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout))):
                 skipped[layer.weight] = why
             else:
                 layers.append(layer)
         if self.criterion == "wanda" and not state.calibration:
             raise InputError("NMSparsity(method='wanda') needs calibration feeds: "
                              "prune_onnx(..., calibration=[{input name: array}, ...])")
-        rms = onnx_sparsity.input_rms(state.capture, layers, state.calibration) if self.criterion == "wanda" else {}
+        rms = {name: mean_sq.sqrt() for name, (_, mean_sq) in
+               onnx_layers.input_moments(state.capture, layers, state.calibration).items()} \
+            if self.criterion == "wanda" else {}
         state.replace(onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms))
         for layer in layers:
             state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis)
@@ -263,7 +265,7 @@ def _scores(model: nn.Module, layer: Consumer, rms: dict[Consumer, torch.Tensor]
     weight = tensor_at(model, layer.weight).detach()
     scores = weight.abs().float()
     if layer in rms:
-        scores = scores * _per_input_channel(rms[layer], layer, weight.shape).to(scores)
+        scores = scores * per_input_channel(rms[layer], layer.layout, layer.groups, weight.shape).to(scores)
     return scores
 
 
@@ -333,14 +335,3 @@ def _heads(analysis: Analysis, layers: list[Consumer]) -> set[fx.Node]:
                 break
             node = activations[0]
     return heads
-
-
-def _per_input_channel(rms: torch.Tensor, layer: Consumer, shape: torch.Size) -> torch.Tensor:
-    """The input-channel RMS broadcast to the weight's shape."""
-    if layer.layout == CONV1D:  # [in, out]
-        return rms[:, None]
-    if layer.layout == CONV:
-        k, c_group = shape[:2]
-        per_filter = rms.reshape(layer.groups, c_group).repeat_interleave(k // layer.groups, dim=0)  # [K, C/g]
-        return per_filter.reshape(k, c_group, *([1] * (len(shape) - 2)))
-    return rms[None, :]

@@ -36,7 +36,7 @@ from graphprune.calibration import Consumer, batches, check_input, consumers, ru
 from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.onnx_capture import owner_names
-from graphprune.onnx_sparsity import weight_layers
+from graphprune.onnx_layers import weight_layers
 from graphprune.folding import fold_batchnorm, foldable_batchnorm
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.quantization import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
