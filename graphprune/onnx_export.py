@@ -115,7 +115,7 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         model = _export(float_model, args, kwargs, dynamic_batch, opset)
         progress.update()
         progress.set_postfix_str("optimize")
-        pretranspose(model, set(plan.layers) if plan else set())
+        pretranspose(model, (set(plan.layers) if plan else set()) | set(patterns))  # names kept for QDQ and N:M records
         with quiet_onnx_tools():
             onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
         progress.update()

@@ -105,6 +105,17 @@ def test_int8_transformer_fuses_matmuls(tmp_path):
     assert _relative_error(_run_onnx(str(tmp_path / "bert.onnx"), bigger), _torch_outputs(result.module, bigger)) < 0.01
 
 
+def test_nm_without_int8_keeps_linear_weight_names_for_the_records(tmp_path):
+    """2:4 alone on a transformer: the exporter reads each linear weight through Transpose, which the
+    optimizer folds into an anonymous initializer; the emitter pre-transposes masked weights (as it
+    does int8 ones) so that every pattern is still recorded under a name and checked."""
+    model, inputs = build("bert")
+    result = gp.prune(model, inputs, passes=[NMSparsity(2, 4)])
+    report = result.export_onnx(tmp_path / "bert.onnx")
+    assert len(report.sparse_weights) == len(masked_weights(result.module)) > 0
+    assert all(name.endswith(".T") for name in report.sparse_weights)
+
+
 def test_fusion_check_names_unfused_layers():
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"], name="dq"),
