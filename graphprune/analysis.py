@@ -388,13 +388,4 @@ def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
         ctx.bind(node, run_graph(ctx, body, operands))
         return
     ctx.allocate(node)
-    rule = aten_rules.lookup(target)
-    if rule is None:
-        ctx.report_unsupported(node)
-        ctx.freeze_node(node, f"no rule for {target}")
-        return
-    try:
-        rule(ctx, node)
-    except Exception as exc:  # a rule bug must not corrupt the analysis: freeze and report it
-        ctx.rule_errors.append(f"{node.name} ({target}): {type(exc).__name__}: {exc}")
-        ctx.freeze_node(node, f"the rule for {target} failed")
+    ctx.run_rule(aten_rules.lookup(target), node)

@@ -17,10 +17,10 @@ from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.macs import count_params, graph_macs
 from graphprune.onnx_export import ExportReport, export_onnx
-from graphprune.pipeline import CompressionState, Pass, PassManager, Stage, detect_stage, run_outputs
+from graphprune.pipeline import CompressionState, Pass, Stage, detect_stage, run_outputs
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
-from graphprune.recipe import load_recipe
+from graphprune.recipe import pass_manager
 from graphprune.report import Report
 from graphprune.report_page import layer_rows, weight_shapes, write_report
 from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
@@ -65,12 +65,7 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     for experiments, e.g. sparsity after quantization, and the report records it.  Outputs keep
     their shapes unless named in ``prunable_outputs`` (see :func:`graphprune.analyze`).
     """
-    if (passes is None) == (recipe is None):
-        raise InputError("give exactly one of passes=[...] or recipe=...")
-    if recipe is not None:
-        loaded = load_recipe(recipe)
-        passes, experimental_order = loaded.passes, experimental_order or loaded.experimental_order
-    manager = PassManager(list(passes), experimental_order=experimental_order)
+    manager = pass_manager(passes, recipe, experimental_order)
     stage = detect_stage(model)
     manager.check_order(stage)
     _check_finite(model)

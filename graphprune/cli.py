@@ -204,15 +204,20 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
             latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
                        "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
+    return _finish(args, result, exported, latency)
+
+
+def _finish(args: argparse.Namespace, result: Any, written: Any, latency: dict[str, float] | None) -> dict:
+    """Report pages beside the output, the summary, and what is printed (both model kinds)."""
     pages = args.output + ".report"
     result.write_report(pages, latency)
     summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
                "latency_ms": latency,
-               "onnx": {"max_error": exported.max_error, "l2_error": exported.l2_error,
-                        "int8_ops": exported.int8_ops, "sparse_weights": len(exported.sparse_weights)}}
+               "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
+                        "int8_ops": written.int8_ops, "sparse_weights": len(written.sparse_weights)}}
     if not args.json:
         print(result.report)
-        print(exported)
+        print(written)
         print(f"report: {pages}/report.html (and report.md, report.json, plots)")
     return summary
 
@@ -233,18 +238,7 @@ def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool)
     if args.latency:
         latency = {"dense": onnx_latency_ms(args.model, runs=args.runs, threads=args.threads),
                    "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
-    pages = args.output + ".report"
-    result.write_report(pages, latency)
-    summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
-               "latency_ms": latency,
-               "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
-                        "int8_ops": written.int8_ops, "sparse_weights": len(written.sparse_weights)}}
-    if not args.json:
-        print(result.report)
-        print(written)
-        print(f"inputs and outputs as in {args.model}")
-        print(f"report: {pages}/report.html (and report.md, report.json, plots)")
-    return summary
+    return _finish(args, result, written, latency)
 
 
 def cmd_export(args: argparse.Namespace) -> dict:

@@ -58,16 +58,7 @@ def analyze_onnx_capture(capture: OnnxCapture, model_name: str = "ONNX model") -
             ctx.allocate_value(value)
         onnx_sizes.propagate(ctx, node)
         domain = "" if node.domain == "ai.onnx" else node.domain
-        rule = onnx_rules.lookup((domain, node.op_type))
-        if rule is None:
-            ctx.report_unsupported(node)
-            ctx.freeze_node(node, f"no rule for {ctx.op_name(node)}")
-            continue
-        try:
-            rule(ctx, node)
-        except Exception as exc:  # a rule bug must not corrupt the analysis: freeze and report it
-            ctx.rule_errors.append(f"{node.name} ({ctx.op_name(node)}): {type(exc).__name__}: {exc}")
-            ctx.freeze_node(node, f"the rule for {ctx.op_name(node)} failed")
+        ctx.run_rule(onnx_rules.lookup((domain, node.op_type)), node)
     onnx_sizes.freeze_escapes(ctx, graph)
     for value in graph_inputs(capture.model):
         for atom in flat_atoms(ctx.dims(value)):

@@ -23,12 +23,13 @@ into place, so a failure leaves no partial file and an existing file untouched. 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,12 +102,7 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
     """
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a directory")
+    path = writable_target(path)
     args, kwargs = normalize_inputs(example_inputs)
     stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
     with tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
@@ -124,27 +120,48 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         quantized = insert_qdq(model, plan, weights) if plan else 0
         sparse = _sparse_records(model, patterns)
         model.metadata_props.update(graphprune_metadata(stage, pipeline, sparse))
-        try:
-            staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-        try:
-            staged = os.path.join(staging, os.path.basename(path))
-            external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
-            ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
+        with staged_write(model, path) as (staged, external):
             progress.update()
             progress.set_postfix_str("verify in onnxruntime")
             report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
                                   quantized_layers=quantized, external_data=external,
                                   sparse_weights={k: v["pattern"] for k, v in sparse.items()})
             _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
-            if external:
-                os.replace(staged + ".data", path + ".data")
-            os.replace(staged, path)
-            progress.update()
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        progress.update()
     return report
+
+
+def writable_target(path: str | os.PathLike) -> str:
+    """The absolute path of a file to write, refused before any work if it cannot be written there."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise InputError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a directory")
+    return path
+
+
+@contextlib.contextmanager
+def staged_write(model: ir.Model, path: str) -> Iterator[tuple[str, bool]]:
+    """Save ``model`` in a staging directory beside ``path`` (weights as external data ``<name>.data``
+    over ``EXTERNAL_DATA_BYTES``) and yield ``(staged file, external)`` for checking; if the check
+    passes (no exception), move the file and its data into place.  The staging directory is always
+    removed, so a failure leaves no partial file and an existing one untouched."""
+    try:
+        staging = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(path))
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        staged = os.path.join(staging, os.path.basename(path))
+        external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
+        ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
+        yield staged, external
+        if external:
+            os.replace(staged + ".data", path + ".data")
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, opset: int | None) -> ir.Model:

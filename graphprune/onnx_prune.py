@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +26,11 @@ from graphprune.onnx_analysis import OnnxAnalysis, analyze_onnx_capture
 from graphprune.onnx_apply import copy_model
 from graphprune.onnx_capture import (Feeds, OnnxCapture, OnnxSource, capture_onnx, check_feeds, graph_inputs,
                                      read_model, run_model)
-from graphprune.onnx_export import (EXTERNAL_DATA_BYTES, ExportReport, check_outputs, checked_session,
-                                     graphprune_metadata, record_outputs)
+from graphprune.onnx_export import (ExportReport, check_outputs, checked_session, graphprune_metadata,
+                                     record_outputs, staged_write, writable_target)
 from graphprune.quantization import QuantPlan
-from graphprune.pipeline import Pass, PassManager, PassResult, Stage
-from graphprune.recipe import load_recipe
+from graphprune.pipeline import Pass, PassResult, Stage
+from graphprune.recipe import pass_manager
 from graphprune.report import Report
 from graphprune.report_page import LayerRow, write_report
 from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, nm_holds
@@ -147,32 +145,15 @@ class OnnxPruneResult:
         outputs of the compressed graph run as written (fp32: within ``fp32_tolerance`` of the largest
         output; int8: the emitter's test against the fake-quant graph and the float model, see
         :func:`graphprune.export_onnx`, and every quantized layer fused into an integer kernel)."""
-        path = os.path.abspath(os.fspath(path))
-        directory = os.path.dirname(path)
-        if not os.path.isdir(directory):
-            raise InputError(f"cannot write {path}: directory {directory} does not exist")
-        if os.path.isdir(path):
-            raise InputError(f"cannot write {path}: it is a directory")
+        path = writable_target(path)
         model = self._final()
-        try:
-            staging = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-        try:
-            staged = os.path.join(staging, os.path.basename(path))
-            external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
-            ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
+        with staged_write(model, path) as (staged, external):
             quantized = sum(isinstance(p, QuantPlan) and len(p.layers) for p in self.plans)
             report = ExportReport(path, self.stage, max_error=0.0, quantized_layers=quantized,
                                   tolerance=int8_tolerance if quantized else fp32_tolerance, external_data=external,
                                   sparse_weights={name: str(m.pattern) for name, m in self.masked.items()},
                                   reference="the graph run as written (no optimizations)")
             self._verify(staged, report)
-            if external:
-                os.replace(staged + ".data", path + ".data")
-            os.replace(staged, path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return report
 
     def _final(self) -> ir.Model:
@@ -236,12 +217,7 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
     also fixes the sizes of symbolic input dims for the analysis (else generated feeds are used,
     see :func:`graphprune.onnx_capture.example_feeds`).  Every pass must support ONNX models; the
     order is checked as for :func:`graphprune.prune`."""
-    if (passes is None) == (recipe is None):
-        raise InputError("give exactly one of passes=[...] or recipe=...")
-    if recipe is not None:
-        loaded = load_recipe(recipe)
-        passes, experimental_order = loaded.passes, experimental_order or loaded.experimental_order
-    manager = PassManager(list(passes), experimental_order=experimental_order)
+    manager = pass_manager(passes, recipe, experimental_order)
     unsupported = [p.name for p in manager.passes if not p.supports_onnx]
     if unsupported:
         raise ContractError(f"{', '.join(unsupported)} does not run on ONNX models yet; ONNX models support "

@@ -16,10 +16,11 @@ from __future__ import annotations
 import inspect
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from graphprune.errors import InputError
-from graphprune.pipeline import Pass
+from graphprune.pipeline import Pass, PassManager
 
 
 def available_passes() -> dict[str, type[Pass]]:
@@ -71,3 +72,15 @@ def load_recipe(source: str | os.PathLike) -> Recipe:
                              f"options are {[p for p in params if p != 'self']}")
         passes.append(known[name](**options))
     return Recipe(passes, experimental_order)
+
+
+def pass_manager(passes: Sequence[Pass] | None, recipe: str | os.PathLike | None,
+                 experimental_order: bool) -> PassManager:
+    """The pass manager for exactly one of ``passes`` or a TOML ``recipe`` (whose own
+    ``experimental_order = true`` also allows experimental orders)."""
+    if (passes is None) == (recipe is None):
+        raise InputError("give exactly one of passes=[...] or recipe=...")
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        passes, experimental_order = loaded.passes, experimental_order or loaded.experimental_order
+    return PassManager(list(passes), experimental_order=experimental_order)

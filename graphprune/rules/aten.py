@@ -373,10 +373,14 @@ def index(ctx: RuleContext, node: fx.Node) -> None:
 @R.register(aten.gather)
 def gather(ctx: RuleContext, node: fx.Node) -> None:
     """out[..i..] = x[..index[..i..]..] along ``dim``; every other position is read where it is written."""
-    x, index, out = ctx.dims(node.args[0]), ctx.dims(node.args[2]), ctx.out(node)
-    dim = _nd(node.args[1], len(x))
-    ctx.freeze(x[dim], "gather reads positions chosen by data", node)
-    ctx.freeze(out[dim], "gather reads positions chosen by data", node)
+    x = ctx.dims(node.args[0])
+    couple_gather_elements(ctx, node, x, ctx.dims(node.args[2]), ctx.out(node), _nd(node.args[1], len(x)))
+
+
+def couple_gather_elements(ctx: RuleContext, node, x: list[int], index: list[int], out: list[int], dim: int) -> None:
+    """torch.gather / ONNX GatherElements: ``dim`` is data-ordered; the output has the index's shape."""
+    ctx.freeze(x[dim], f"{ctx.op_name(node)} reads positions chosen by data", node)
+    ctx.freeze(out[dim], f"{ctx.op_name(node)} reads positions chosen by data", node)
     ctx.unify_all(index, out, node)
     for i in range(len(x)):
         if i != dim and ctx.solver.size(x[i]) == ctx.solver.size(out[i]):
@@ -655,15 +659,18 @@ def _reduce(ctx: RuleContext, node: fx.Node, dims, keepdim: bool, exact_sum: boo
         reduced = {_nd(dims, rank)}
     else:
         reduced = {_nd(d, rank) for d in dims}
+    couple_reduction(ctx, node, x, outputs if outputs is not None else [ctx.out(node)], reduced, keepdim)
+
+
+def couple_reduction(ctx: RuleContext, node, x: list[int], outputs: list[list[int]], reduced: set[int],
+                     keepdim: bool) -> None:
+    """The dims of ``x`` not in ``reduced`` map through to every output (kept as size 1 or dropped);
+    the reduced ones are inexact: removing a channel, even a zero one, changes a mean or a max."""
     for d in reduced:
-        ctx.solver.mark_inexact(x[d], f"reduced by {node.target} ({node.name})")
+        ctx.solver.mark_inexact(x[d], f"reduced by {ctx.op_name(node)} ({node.name})")
     kept = [a for i, a in enumerate(x) if i not in reduced]
-    for out in outputs if outputs is not None else [ctx.out(node)]:
-        if keepdim:
-            ctx.unify_all([a for i, a in enumerate(x) if i not in reduced],
-                          [a for i, a in enumerate(out) if i not in reduced], node)
-        else:
-            ctx.unify_all(kept, out, node)
+    for out in outputs:
+        ctx.unify_all(kept, [a for i, a in enumerate(out) if i not in reduced] if keepdim else out, node)
 
 
 @R.register(aten.mean.dim, aten.sum.dim_IntList, aten.amax, aten.amin, aten.logsumexp, aten.nansum,
@@ -830,14 +837,17 @@ for _n, _ops in {
 def pad(ctx: RuleContext, node: fx.Node) -> None:
     x, out = ctx.dims(node.args[0]), ctx.out(node)
     pads = list(node.args[1])
-    padded = set()
-    for i in range(len(pads) // 2):
-        if pads[2 * i] or pads[2 * i + 1]:
-            padded.add(len(x) - 1 - i)
+    padded = {len(x) - 1 - i for i in range(len(pads) // 2) if pads[2 * i] or pads[2 * i + 1]}
+    couple_except(ctx, node, x, out, padded, "padded dim")
+
+
+def couple_except(ctx: RuleContext, node, x: list[int], out: list[int], moved: set[int], why: str) -> None:
+    """Dims of ``x`` map to the same dims of ``out``, except those in ``moved`` (padded, rolled,
+    reordered by value), which are frozen on both sides."""
     for i, (a, b) in enumerate(zip(x, out)):
-        if i in padded:
-            ctx.freeze(a, "padded dim", node)
-            ctx.freeze(b, "padded dim", node)
+        if i in moved:
+            ctx.freeze(a, why, node)
+            ctx.freeze(b, why, node)
         else:
             ctx.unify(a, b, node)
 
@@ -850,13 +860,7 @@ def roll(ctx: RuleContext, node: fx.Node) -> None:
     if not dims:
         ctx.freeze_node(node, "roll over the flattened tensor")
         return
-    moved = {_nd(d, len(x)) for d in dims}
-    for i, (a, b) in enumerate(zip(x, out)):
-        if i in moved:
-            ctx.freeze(a, f"{node.target} moves positions along this dim", node)
-            ctx.freeze(b, f"{node.target} moves positions along this dim", node)
-        else:
-            ctx.unify(a, b, node)
+    couple_except(ctx, node, x, out, {_nd(d, len(x)) for d in dims}, f"{node.target} moves positions along this dim")
 
 
 @R.register(aten.pixel_shuffle, aten.pixel_unshuffle)

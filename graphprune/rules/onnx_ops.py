@@ -19,7 +19,8 @@ import onnx_ir as ir
 
 from graphprune.algebra import SpaceSolver
 from graphprune.rules import onnx_sizes
-from graphprune.rules.aten import broadcast, couple_conv, couple_einsum, couple_reshape, matmul_dims
+from graphprune.rules.aten import (broadcast, couple_conv, couple_einsum, couple_except, couple_gather_elements,
+                                   couple_reduction, couple_reshape, matmul_dims)
 from graphprune.rules.registry import RuleContext, RuleRegistry, flat_atoms
 
 onnx_rules = RuleRegistry()
@@ -298,14 +299,9 @@ def gather(ctx: OnnxRuleContext, node: ir.Node) -> None:
 
 @R.register(*ops("GatherElements"))
 def gather_elements(ctx: OnnxRuleContext, node: ir.Node) -> None:
-    data, indices, out = ctx.dims(node.inputs[0]), ctx.dims(node.inputs[1]), ctx.out(node)
-    axis = _nd(attr(node, "axis", 0), len(data))
-    ctx.freeze(data[axis], "GatherElements reads positions chosen by data", node)
-    ctx.freeze(out[axis], "GatherElements reads positions chosen by data", node)
-    ctx.unify_all(indices, out, node)
-    for i in range(len(data)):
-        if i != axis and ctx.solver.size(data[i]) == ctx.solver.size(out[i]):
-            ctx.unify(data[i], out[i], node)
+    data = ctx.dims(node.inputs[0])
+    couple_gather_elements(ctx, node, data, ctx.dims(node.inputs[1]), ctx.out(node),
+                           _nd(attr(node, "axis", 0), len(data)))
 
 
 @R.register(*ops("GatherND", "ScatterND", "ScatterElements", "Scatter", "NonZero", "Unique", "Compress", "OneHot",
@@ -346,13 +342,7 @@ def pad(ctx: OnnxRuleContext, node: ir.Node) -> None:
         return
     axes = [_nd(a, len(x)) for a in axes] if axes else list(range(len(x)))
     half = len(pads) // 2
-    padded = {a for k, a in enumerate(axes) if pads[k] or pads[k + half]}
-    for i, (a, b) in enumerate(zip(x, out)):
-        if i in padded:
-            ctx.freeze(a, "padded dim", node)
-            ctx.freeze(b, "padded dim", node)
-        else:
-            ctx.unify(a, b, node)
+    couple_except(ctx, node, x, out, {a for k, a in enumerate(axes) if pads[k] or pads[k + half]}, "padded dim")
 
 
 @R.register(*ops("Shape"))
@@ -487,26 +477,15 @@ def reduce(ctx: OnnxRuleContext, node: ir.Node) -> None:
             ctx.unify_all(x, out, node)
             return
     reduced = {_nd(a, len(x)) for a in axes} if axes else set(range(len(x)))
-    for d in reduced:
-        ctx.solver.mark_inexact(x[d], f"reduced by {node.op_type} ({node.name})")
-    kept = [a for i, a in enumerate(x) if i not in reduced]
-    if attr(node, "keepdims", 1):
-        ctx.unify_all(kept, [a for i, a in enumerate(out) if i not in reduced], node)
-    else:
-        ctx.unify_all(kept, out, node)
+    couple_reduction(ctx, node, x, [out], reduced, bool(attr(node, "keepdims", 1)))
 
 
 @R.register(*ops("TopK"))
 def topk(ctx: OnnxRuleContext, node: ir.Node) -> None:
     x = ctx.dims(node.inputs[0])
-    axis = _nd(attr(node, "axis", -1), len(x))
     for out in node.outputs:
-        for i, (a, b) in enumerate(zip(x, ctx.dims(out))):
-            if i == axis:
-                ctx.freeze(a, "TopK orders positions along this dim by value", node)
-                ctx.freeze(b, "TopK orders positions along this dim by value", node)
-            else:
-                ctx.unify(a, b, node)
+        couple_except(ctx, node, x, ctx.dims(out), {_nd(attr(node, "axis", -1), len(x))},
+                      "TopK orders positions along this dim by value")
 
 
 # ---------------------------------------------------- spatial operators

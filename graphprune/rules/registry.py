@@ -152,6 +152,20 @@ class RuleContext:
             return
         self.constants.append(ShapeConstant(node, path, tuple(atoms), base))
 
+    def run_rule(self, rule: Rule | None, node: fx.Node) -> None:
+        """Apply ``rule`` to ``node``.  No rule: the node is reported and everything it touches is
+        frozen.  A rule that raises is a bug: it must not corrupt the analysis, so its node is
+        frozen and the error reported."""
+        if rule is None:
+            self.report_unsupported(node)
+            self.freeze_node(node, f"no rule for {self.op_name(node)}")
+            return
+        try:
+            rule(self, node)
+        except Exception as exc:
+            self.rule_errors.append(f"{node.name} ({self.op_name(node)}): {type(exc).__name__}: {exc}")
+            self.freeze_node(node, f"the rule for {self.op_name(node)} failed")
+
     def report_unsupported(self, node: fx.Node) -> None:
         self.unsupported.setdefault(self.op_name(node), []).append(node.name)
 
