@@ -33,7 +33,7 @@ from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, consumers, input_moments, run_batches
 from graphprune.capture import eval_mode, normalize_inputs, tensor_at
 from graphprune.plan import Plan
-from graphprune.sparsegpt import conv_columns
+from graphprune.sparsegpt import ConvGeometry, conv_columns
 from graphprune.sparsity import CONV, CONV1D, LINEAR, from_matrix, to_matrix
 
 
@@ -148,7 +148,7 @@ def _refit(layer: Consumer, dense: nn.Module, pruned: nn.Module, keep_out: torch
 
     def columns(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().double()
-        cols = conv_columns(x, module, 0) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
+        cols = conv_columns(x, ConvGeometry.of(module), 0) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
         return torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1) if bias is not None else cols
 
     def targets(y: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ yet processed through the inverse Hessian's Cholesky factor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -51,16 +53,34 @@ def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern
     return w * keep, keep
 
 
-def conv_columns(x: torch.Tensor, conv: torch.nn.Conv2d | torch.nn.Conv1d, group: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D convolution's window (1-D convolutions are 2-D ones of height 1)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    groups: int
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv1d | torch.nn.Conv2d) -> "ConvGeometry":
+        def two(v: tuple[int, ...], fill: int) -> tuple[int, int]:
+            return (fill, *v) if len(v) == 1 else tuple(v)
+        (top, left) = two(conv.padding, 0)
+        return cls(two(conv.kernel_size, 1), two(conv.stride, 1), two(conv.dilation, 1), (top, left, top, left),
+                   conv.groups)
+
+
+def conv_columns(x: torch.Tensor, geometry: ConvGeometry, group: int) -> torch.Tensor:
     """Input patches of one group of a conv, ``[patches, R*S*C_group]`` in channel-last order."""
     if x.dim() == 3:  # conv1d as a conv2d of height 1
         x = x.unsqueeze(2)
-        kernel, stride, padding, dilation = (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
-    else:
-        kernel, stride, padding, dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    c = x.shape[1] // conv.groups
+    c = x.shape[1] // geometry.groups
     x = x[:, group * c:(group + 1) * c]
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*R*S, L], C outermost
-    window = kernel[0] * kernel[1]
+    top, left, bottom, right = geometry.pads
+    x = F.pad(x, (left, right, top, bottom))
+    cols = F.unfold(x, geometry.kernel, dilation=geometry.dilation, stride=geometry.stride)  # [B, C*R*S, L]
+    window = geometry.kernel[0] * geometry.kernel[1]
     cols = cols.reshape(x.shape[0], c, window, -1).permute(0, 3, 2, 1)  # [B, L, R*S, C]
     return cols.reshape(-1, window * c)

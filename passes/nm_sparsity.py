@@ -32,7 +32,7 @@ from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
-from graphprune.sparsegpt import conv_columns, prune_matrix
+from graphprune.sparsegpt import ConvGeometry, conv_columns, prune_matrix
 from graphprune.onnx_prune import MaskedWeight
 from graphprune.sparsity import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
@@ -151,9 +151,9 @@ class NMSparsity(Pass):
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Magnitude or Wanda masks on the weight initializers (:mod:`graphprune.onnx_sparsity`),
         Wanda's statistics read from onnxruntime on the calibration feeds."""
-        if self.criterion not in ("magnitude", "wanda") or self.method == "learned" or self.permute:
+        if self.method == "learned" or self.permute:
             raise InputError(f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
-                             "run on ONNX models yet: use method='magnitude' or 'wanda'")
+                             "run on ONNX models yet: use method='magnitude', 'wanda' or 'sparsegpt'")
         if state.stage is Stage.QUANTIZED:
             raise InputError("on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
                              "are int8 initializers behind DequantizeLinear by then")
@@ -163,6 +163,7 @@ class NMSparsity(Pass):
             if name not in owners:
                 raise InputError(f"NMSparsity ignore: no module named {name!r} in the ONNX model's initializer names")
         candidates, skipped = onnx_layers.weight_layers(model)
+        nodes = {node.name: node for node in model.graph}
         heads = onnx_layers.head_layers(model, candidates) if self.dense_heads else set()
         layers = []
         for layer in candidates:
@@ -177,15 +178,22 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
             elif (why := onnx_layers.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout))):
                 skipped[layer.weight] = why
+            elif self.criterion == "sparsegpt" and layer.layout == CONV and onnx_sparsity.geometry(
+                    nodes[layer.node], tensor_of(model.graph.initializers[layer.weight]).shape) is None:
+                skipped[layer.weight] = "SparseGPT handles 1-D and 2-D convolutions with explicit pads"
             else:
                 layers.append(layer)
-        if self.criterion == "wanda" and not state.calibration:
-            raise InputError("NMSparsity(method='wanda') needs calibration feeds: "
+        if self.criterion != "magnitude" and not state.calibration:
+            raise InputError(f"NMSparsity(method={self.criterion!r}) needs calibration feeds: "
                              "prune_onnx(..., calibration=[{input name: array}, ...])")
-        rms = {name: mean_sq.sqrt() for name, (_, mean_sq) in
-               onnx_layers.input_moments(state.capture, layers, state.calibration).items()} \
-            if self.criterion == "wanda" else {}
-        state.replace(onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms))
+        if self.criterion == "sparsegpt":
+            state.replace(onnx_sparsity.sparsegpt_copy(state.capture, layers, (self.n, self.m), state.calibration,
+                                                       self.block, self.damp))
+        else:
+            rms = {name: mean_sq.sqrt() for name, (_, mean_sq) in
+                   onnx_layers.input_moments(state.capture, layers, state.calibration).items()} \
+                if self.criterion == "wanda" else {}
+            state.replace(onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms))
         for layer in layers:
             state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis)
         state.stage = self.next_stage(state.stage)
@@ -305,7 +313,7 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torc
         check_input(layer, x)
         x = x.detach().double()
         if layer.layout == CONV:
-            cols = [conv_columns(x, module, g) for g in range(module.groups)]
+            cols = [conv_columns(x, ConvGeometry.of(module), g) for g in range(module.groups)]
         else:
             cols = [x.reshape(-1, x.shape[-1])]
         for g, c in enumerate(cols):

@@ -233,8 +233,10 @@ def test_onnx_passes_keep_the_pass_contracts(tmp_path):
         gp.prune_onnx(nhwc_model(), passes=[Quantize("int8"), NMSparsity(2, 4)])
     with pytest.raises(gp.InputError, match="needs calibration feeds"):
         gp.prune_onnx(nhwc_model(), passes=[Quantize("int8")])
-    with pytest.raises(gp.InputError, match="method='sparsegpt'.*does not run on ONNX models yet"):
-        gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="sparsegpt")], calibration=[_feed()])
+    with pytest.raises(gp.InputError, match="method='learned'.*does not run on ONNX models yet"):
+        gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="learned")], calibration=[_feed()])
+    with pytest.raises(gp.InputError, match="method='sparsegpt'.*needs calibration feeds"):
+        gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="sparsegpt")])
     with pytest.raises(gp.InputError, match="importance='activation' needs calibration feeds"):
         gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5, importance="activation")])
     with pytest.raises(gp.InputError, match="importance='taylor' does not run on ONNX"):
@@ -261,11 +263,12 @@ def test_ignore_and_ratios_use_the_module_names_torch_exports_keep(tmp_path):
     assert shapes["0.weight"][0] == 16 and shapes["2.weight"][0] == 12 and shapes["4.weight"][1] == 12
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_masks_match_the_torch_path(exported, method, tmp_path):
-    """The same N:M masks as the torch path: onnxruntime on the masked file computes what the
-    masked PyTorch module computes (BatchNorm folding scales whole rows, which leaves each row's
-    choice within its groups of four unchanged)."""
+    """The same N:M masks as the torch path (and for SparseGPT the same weight updates, from Hessians
+    of inputs read in onnxruntime): onnxruntime on the masked file computes what the masked PyTorch
+    module computes (BatchNorm folding scales whole rows, which leaves each row's choice within its
+    groups of four unchanged)."""
     name, model, inputs, path, _, _ = exported
     feeds = [{k: v.numpy() for k, v in inputs.items()}]
     result = gp.prune_onnx(path, passes=[NMSparsity(2, 4, method=method)], calibration=feeds)
@@ -375,3 +378,26 @@ def test_torchscript_exporter_files(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     y = ort.InferenceSession(written.path, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
     assert y.shape == (3, 10) and result.report.macs_after < 0.5 * result.report.macs
+
+
+def test_sparsegpt_on_conv1d_with_dilation_matches_the_torch_path(tmp_path):
+    """The conv window (kernel, stride, dilation, pads) is read off the ONNX node: a 1-D conv stack
+    gets the torch path's SparseGPT weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv1d(16, 16, 3, padding=2, dilation=2, stride=2), torch.nn.ReLU(),
+                                torch.nn.Conv1d(16, 8, 1)).eval()
+    x = torch.randn(4, 4, 20)
+    path = str(tmp_path / "conv1d.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=True)
+    passes = [NMSparsity(2, 4, method="sparsegpt", dense_heads=False)]
+    result = gp.prune_onnx(path, passes=passes, calibration=[{"input": x.numpy()}])
+    torch_result = gp.prune(model, (x,), passes=[NMSparsity(2, 4, method="sparsegpt", dense_heads=False)],
+                            calibration=[(x,)])
+    assert len(result.masked) == 2  # the first conv reads the model input: dense by default
+    got = ort.InferenceSession(result.save(tmp_path / "sparse.onnx").path,
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    want = outputs(torch_result.module, (x,))[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
