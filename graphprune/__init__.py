@@ -17,12 +17,13 @@ from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, prune_onnx
 from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
+from graphprune.plan_file import PlanFile, apply_plan_file
 from graphprune.recipe import load_recipe
 from graphprune.sparsity import finalize
 
 __version__ = "0.1.0"
 
 __all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
-           "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan",
-           "PruneResult", "Stage", "analyze", "analyze_onnx", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
+           "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan", "PlanFile",
+           "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
            "__version__"]

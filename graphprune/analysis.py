@@ -8,11 +8,14 @@ reason is kept so :meth:`Analysis.describe` can say why a layer was left alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 import time
 from collections.abc import Sequence
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -118,6 +121,20 @@ class Analysis:
 
     def node_count(self) -> int:
         return sum(len(gm.graph.nodes) for gm in _graph_modules(self.captured.graph_module))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of what plans made on this analysis refer to: every tensor's name, kind and shape,
+        and every group's size and members (see :meth:`graphprune.plan.Plan.check`)."""
+        data = {"tensors": {name: [kind, [self.spaces.solver.size(a) for a in dims]]
+                            for name, (kind, dims) in sorted(self.tensors.items())},
+                "groups": [[g.size, [[m.name, m.dim] for m in g.members]] for g in self.groups]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    @cached_property
+    def parameter_shapes(self) -> dict[str, list[int]]:
+        return {name: [self.spaces.solver.size(a) for a in dims]
+                for name, (kind, dims) in self.tensors.items() if kind == "parameter"}
 
     def planned_macs(self, masks: dict[int, torch.Tensor]) -> int:
         """MACs once the keep-masks (per solver leaf) are applied, from the analysis alone."""

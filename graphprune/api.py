@@ -19,6 +19,7 @@ from graphprune.macs import count_params, graph_macs
 from graphprune.onnx_export import ExportReport, export_onnx
 from graphprune.pipeline import CompressionState, Pass, Stage, detect_stage, run_outputs
 from graphprune.plan import Plan
+from graphprune.plan_file import PlanFile
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import pass_manager
 from graphprune.report import Report
@@ -46,6 +47,14 @@ class PruneResult:
         """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
         the metadata records this run's pipeline."""
         return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline, **options)
+
+    def plan_file(self) -> PlanFile:
+        """Everything this run decided, as data (see :mod:`graphprune.plan_file`)."""
+        return PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.module)
+
+    def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
+        """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
+        return self.plan_file().save(path)
 
     def to_sparse_kernels(self, **options: Any) -> tuple[nn.Module, SparseKernelReport]:
         """The module with its 2:4 layers on sparse tensor-core kernels where they are faster

@@ -47,6 +47,7 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
     """Return ``model`` pruned by ``plan`` (a copy unless ``inplace``), verified against the plan."""
     target = model if inplace else clone(model)
     undo = _UndoLog()
+    plan.check(analysis)
     try:
         masks = plan.masks(analysis)
         _shrink_tensors(target, analysis, masks, undo)

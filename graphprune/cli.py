@@ -1,4 +1,4 @@
-"""The ``graphprune`` command line: inspect, prune, export, bench.
+"""The ``graphprune`` command line: inspect, prune, export, plan, bench.
 
 MODEL is ``package.module:factory`` (a function returning ``(module, example_inputs)`` or
 ``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
@@ -197,6 +197,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         calibration = [inputs]
     result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
     exported = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded))
+    plan_paths = result.save_plan(args.output + ".plan")
+    _say(args, f"the decisions: {plan_paths[0]} (+ .safetensors); `graphprune plan` reads them, "
+               "gp.apply_plan_file re-applies them")
     latency = None
     if args.latency:
         with tempfile.TemporaryDirectory() as tmp:
@@ -250,6 +253,20 @@ def cmd_export(args: argparse.Namespace) -> dict:
     if not args.json:
         print(exported)
     return {"output": args.output, "stage": str(exported.stage), "max_error": exported.max_error}
+
+
+def cmd_plan(args: argparse.Namespace) -> dict:
+    from graphprune.plan_file import PlanFile
+
+    plan = PlanFile.load(args.plan)
+    if args.other is None:
+        if not args.json:
+            print(plan.describe())
+        return {"plan": args.plan, "description": plan.describe().splitlines()}
+    differences = plan.diff(PlanFile.load(args.other))
+    if not args.json:
+        print("\n".join(differences) if differences else "the two plans make the same decisions")
+    return {"plans": [args.plan, args.other], "differences": differences}
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
@@ -309,6 +326,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--static-batch", action="store_true")
     common(p)
+    p = sub.add_parser("plan", help="what a saved plan decides (result.save_plan), or how two plans differ")
+    p.add_argument("plan")
+    p.add_argument("other", nargs="?")
+    common(p)
     p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")
     p.add_argument("models", nargs="+")
     p.add_argument("--batch", type=int, default=1)
@@ -318,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "bench": cmd_bench}
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "plan": cmd_plan, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

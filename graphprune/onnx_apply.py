@@ -28,6 +28,7 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 def apply_onnx_plan(capture: OnnxCapture, analysis: OnnxAnalysis, plan: Plan) -> OnnxCapture:
     """A copy of the captured model pruned by ``plan``, verified against it."""
+    plan.check(analysis)
     masks = plan.masks(analysis)
     model = copy_model(capture.model)
     graph = model.graph

@@ -1,9 +1,10 @@
 """The Plan: plain data saying which channels of each group survive.
 
-A plan is computed by passes and applied by :mod:`graphprune.apply`.  It holds kept indices
-per group, by group id of the analysis it was made for (group ids are deterministic for a given
-graph; a fingerprint to refuse a plan made for another graph is issue 10's), so it can be
-saved, inspected and re-applied.
+A plan is computed by passes and applied by :mod:`graphprune.apply` (or
+:mod:`graphprune.onnx_apply`).  It holds kept indices per group, by group id of the analysis it was
+made for, and that analysis's *fingerprint*: a hash of its parameter shapes and group structure.
+Group ids are deterministic for a given graph, so a plan re-applies to the same architecture, and
+is refused, naming what differs, for any other.
 """
 
 from __future__ import annotations
@@ -19,9 +20,32 @@ from graphprune.errors import InputError
 
 @dataclass
 class Plan:
-    """Kept channel indices per group id; groups not listed keep everything."""
+    """Kept channel indices per group id; groups not listed keep everything.  ``fingerprint`` and
+    ``shapes`` (parameter shapes) describe the analysis it was made for (None: unchecked)."""
 
     keep: dict[int, list[int]] = field(default_factory=dict)
+    fingerprint: str | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def for_analysis(cls, analysis: Analysis) -> "Plan":
+        """An empty plan bound to ``analysis`` (what passes create)."""
+        return cls(fingerprint=analysis.fingerprint, shapes=analysis.parameter_shapes)
+
+    def check(self, analysis: Analysis) -> None:
+        """Refuse ``analysis`` unless it is the one this plan was made for, saying what differs."""
+        if self.fingerprint is None or self.fingerprint == analysis.fingerprint:
+            return
+        here = analysis.parameter_shapes
+        missing = sorted(set(self.shapes) - set(here))
+        extra = sorted(set(here) - set(self.shapes))
+        changed = sorted(n for n in set(here) & set(self.shapes) if here[n] != self.shapes[n])
+        what = "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                         for label, names in (("missing here", missing), ("not in the plan", extra),
+                                              ("other shapes", changed)) if names) or \
+            "the same parameters, coupled differently"
+        raise InputError(f"this plan was made for another architecture (fingerprint {self.fingerprint}, this model "
+                         f"{analysis.fingerprint}): {what}")
 
     def set(self, analysis: Analysis, group_id: int, kept: list[int] | torch.Tensor) -> None:
         group = analysis.group(group_id)
@@ -48,12 +72,20 @@ class Plan:
     def removed(self, analysis: Analysis) -> int:
         return sum(analysis.group(g).size - len(k) for g, k in self.keep.items())
 
+    def to_dict(self) -> dict:
+        return {"version": 2, "fingerprint": self.fingerprint, "shapes": self.shapes,
+                "keep": {str(k): v for k, v in sorted(self.keep.items())}}
+
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "keep": {str(k): v for k, v in sorted(self.keep.items())}})
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if data.get("version") not in (1, 2):
+            raise InputError(f"unsupported plan version {data.get('version')!r}")
+        return cls({int(k): list(v) for k, v in data["keep"].items()}, data.get("fingerprint"),
+                   {k: list(v) for k, v in data.get("shapes", {}).items()})
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
-        if data.get("version") != 1:
-            raise InputError(f"unsupported plan version {data.get('version')!r}")
-        return cls({int(k): list(v) for k, v in data["keep"].items()})
+        return cls.from_dict(json.loads(text))

@@ -12,6 +12,7 @@ masked entry non-zero.  :func:`finalize` bakes them in.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,17 +127,24 @@ def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern,
     parametrize.register_parametrization(module, name, NMMask(mask.to(getattr(module, name).dtype), pattern))
 
 
-def masked_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
-    """Every N:M-masked tensor of ``model``: name -> (effective tensor, pattern)."""
-    out = {}
+def _nm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, NMMask]]:
     for path, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
         for name, plist in module.parametrizations.items():
             for p in plist:
                 if isinstance(p, NMMask):
-                    out[f"{path}.{name}" if path else name] = (getattr(module, name), p.pattern)
-    return out
+                    yield (f"{path}.{name}" if path else name), module, name, p
+
+
+def masked_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
+    """Every N:M-masked tensor of ``model``: name -> (effective tensor, pattern)."""
+    return {name: (getattr(module, attr), p.pattern) for name, module, attr, p in _nm_parametrizations(model)}
+
+
+def nm_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
+    """Every N:M mask of ``model``: name -> (bool mask, pattern)."""
+    return {name: (p.mask.bool(), p.pattern) for name, _module, _attr, p in _nm_parametrizations(model)}
 
 
 def check_patterns(model: nn.Module, where: str) -> None:

@@ -159,7 +159,7 @@ class ChannelPrune(Pass):
         orders = {g.id: torch.argsort(scores[g.id], descending=True, stable=True) for g in candidates}
 
         def plan_for(level: dict[int, int]) -> Plan:
-            plan = Plan()
+            plan = Plan.for_analysis(analysis)
             for g in candidates:
                 if level[g.id]:
                     plan.set(analysis, g.id, orders[g.id][:g.size - removed[g.id][level[g.id] - 1]])
@@ -220,7 +220,7 @@ class ChannelPrune(Pass):
                  ratio: float) -> Plan:
         targets = self._global_targets(candidates, scores, ratio) if self.allocation == "global" else {
             g.id: self._group_ratio(g, ratio) for g in candidates}
-        plan = Plan()
+        plan = Plan.for_analysis(analysis)
         for g in candidates:
             keep = self._kept_count(analysis, g, targets[g.id])
             if keep >= g.size:

@@ -134,7 +134,7 @@ def _init(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def nhwc_model(seed: int = 0) -> onnx.ModelProto:
+def nhwc_model(seed: int = 0, width: int = 16) -> onnx.ModelProto:
     """What tf2onnx writes for a small Keras CNN: NHWC input with a symbolic batch, transposes
     around each conv, a BatchNorm folded into channel-last Mul/Add, a channel-last flatten
     (channels are the inner factor of the flattened dim) and MatMul + Add for the dense layer."""
@@ -152,7 +152,7 @@ def nhwc_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Mul", ["r1_nhwc", "batch_normalization/mul:0"], ["bn_mul"], name="batch_normalization/mul"),
         helper.make_node("Add", ["bn_mul", "batch_normalization/add:0"], ["bn_add"], name="batch_normalization/add"),
         helper.make_node("Transpose", ["bn_add"], ["t1"], perm=[0, 3, 1, 2], name="conv2d_1/Conv2D__12"),
-        helper.make_node("Conv", ["t1", "depthwise/kernel:0"], ["dw"], pads=[1, 1, 1, 1], group=16,
+        helper.make_node("Conv", ["t1", "depthwise/kernel:0"], ["dw"], pads=[1, 1, 1, 1], group=width,
                          name="depthwise/depthwise"),
         helper.make_node("Conv", ["dw", "conv2d_1/kernel:0", "conv2d_1/bias:0"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1],
                          name="conv2d_1/Conv2D"),
@@ -163,10 +163,10 @@ def nhwc_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "dense/bias:0"], ["dense"], name="dense/BiasAdd"),
     ]
     initializers = [
-        _init("conv2d/kernel:0", f32(16, 3, 3, 3)), _init("conv2d/bias:0", f32(16)),
-        _init("batch_normalization/mul:0", 1 + f32(16) * 0.2), _init("batch_normalization/add:0", f32(16)),
-        _init("depthwise/kernel:0", f32(16, 1, 3, 3)),
-        _init("conv2d_1/kernel:0", f32(32, 16, 3, 3) * 0.3), _init("conv2d_1/bias:0", f32(32)),
+        _init("conv2d/kernel:0", f32(width, 3, 3, 3)), _init("conv2d/bias:0", f32(width)),
+        _init("batch_normalization/mul:0", 1 + f32(width) * 0.2), _init("batch_normalization/add:0", f32(width)),
+        _init("depthwise/kernel:0", f32(width, 1, 3, 3)),
+        _init("conv2d_1/kernel:0", f32(32, width, 3, 3) * 0.3), _init("conv2d_1/bias:0", f32(32)),
         _init("flatten/Const:0", np.array([-1, 4 * 4 * 32], dtype=np.int64)),
         _init("dense/kernel:0", f32(512, 10) * 0.1), _init("dense/bias:0", f32(10)),
     ]
@@ -401,3 +401,13 @@ def test_sparsegpt_on_conv1d_with_dilation_matches_the_torch_path(tmp_path):
                                providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     want = outputs(torch_result.module, (x,))[0].numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_onnx_plans_carry_the_fingerprint_of_their_graph():
+    capture = capture_onnx(read_model(nhwc_model()))
+    analysis = analyze_onnx_capture(capture)
+    plan = ChannelPrune(0.5).plan(analysis, capture.weights())
+    wider = capture_onnx(read_model(nhwc_model(width=24)))
+    with pytest.raises(gp.InputError, match="another architecture.*other shapes: batch_normalization/add:0"):
+        apply_onnx_plan(wider, analyze_onnx_capture(wider), plan)
+    assert apply_onnx_plan(capture, analysis, plan).outputs[0].shape == capture.outputs[0].shape

@@ -1,0 +1,184 @@
+"""A run's plan on disk: what was decided, readable as JSON, with the tensors in safetensors.
+
+``<name>.json`` (versioned, human-readable) holds the pipeline, each structured plan's fingerprint,
+parameter shapes and kept-channel counts per group, each N:M mask's pattern and layout, and the
+int8 plan; ``<name>.safetensors`` beside it holds the kept indices (``keep/<plan>/<group>``, int64)
+and the masks (``mask/<weight>``, uint8).  :func:`apply_plan_file` re-applies the structured plans
+(each refused, naming what differs, on another architecture) and the masks to a fresh model.
+Re-applying an int8 plan is not implemented yet: it is recorded for inspection, and applying a
+file that has one says so instead of dropping it silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from graphprune.analysis import analyze
+from graphprune.apply import apply_plan
+from graphprune.capture import ExampleInputs, tensor_at
+from graphprune.copying import clone
+from graphprune.errors import InputError
+from graphprune.plan import Plan
+from graphprune.quantization import QuantPlan
+from graphprune.sparsity import NMPattern, attach, nm_masks, satisfies
+
+FORMAT, VERSION = "graphprune-plan", 1
+
+
+@dataclass
+class NMRecord:
+    """One weight's N:M mask (the weight's name in the model the masks apply to)."""
+
+    pattern: NMPattern
+    mask: torch.Tensor  # bool, the weight's shape
+
+
+@dataclass
+class PlanFile:
+    """Everything a compression run decided, as data."""
+
+    model: str
+    pipeline: list[str] = field(default_factory=list)
+    structured: list[Plan] = field(default_factory=list)  # in pass order
+    masks: dict[str, NMRecord] = field(default_factory=dict)
+    quantization: QuantPlan | None = None
+
+    @classmethod
+    def of(cls, model: str, pipeline: list[str], plans: list, module: nn.Module) -> "PlanFile":
+        """The plan file of a run: its plans and the masks ``module`` carries."""
+        masks = {name: NMRecord(pattern, mask.cpu()) for name, (mask, pattern) in nm_masks(module).items()}
+        quantization = [p for p in plans if isinstance(p, QuantPlan)]
+        return cls(model, list(pipeline), [p for p in plans if isinstance(p, Plan)], masks,
+                   quantization[-1] if quantization else None)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> tuple[str, str]:
+        """Write ``path`` (``.json``) and the tensors beside it (``.safetensors``); returns both paths."""
+        json_path, tensor_path = _paths(path)
+        tensors: dict[str, torch.Tensor] = {}
+        structured = []
+        for k, plan in enumerate(self.structured):
+            for gid, kept in plan.keep.items():
+                tensors[f"keep/{k}/{gid}"] = torch.tensor(kept, dtype=torch.int64)
+            structured.append({"fingerprint": plan.fingerprint,
+                               "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
+                               "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())}})
+        for name, record in self.masks.items():
+            tensors[f"mask/{name}"] = record.mask.to(torch.uint8).contiguous()
+        data = {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
+                "structured": structured,
+                "masks": {name: {"pattern": str(r.pattern), "layout": r.pattern.layout, "shape": list(r.mask.shape),
+                                 "kept": int(r.mask.sum())} for name, r in self.masks.items()},
+                "quantization": json.loads(self.quantization.to_json()) if self.quantization else None}
+        save_file(tensors, tensor_path)
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+        return json_path, tensor_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PlanFile":
+        json_path, tensor_path = _paths(path)
+        for p in (json_path, tensor_path):
+            if not os.path.isfile(p):
+                raise InputError(f"plan file {p}: no such file (a plan is a .json with a .safetensors beside it)")
+        try:
+            with open(json_path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"plan file {json_path} is not JSON: {exc}") from exc
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise InputError(f"{json_path} is not a graphprune plan of version {VERSION} "
+                             f"(format {data.get('format')!r}, version {data.get('version')!r})")
+        tensors = load_file(tensor_path)
+        structured = []
+        for k, entry in enumerate(data["structured"]):
+            keep = {int(g): tensors[f"keep/{k}/{g}"].tolist() for g in entry["kept"]}
+            shapes = {n: [int(d) for d in shape.split("x")] if shape else [] for n, shape in entry["shapes"].items()}
+            structured.append(Plan(keep, entry["fingerprint"], shapes))
+        masks = {}
+        for name, entry in data["masks"].items():
+            n, m = (int(x) for x in entry["pattern"].split(":"))
+            masks[name] = NMRecord(NMPattern(n, m, entry["layout"]), tensors[f"mask/{name}"].bool())
+        quantization = QuantPlan.from_json(json.dumps(data["quantization"])) if data["quantization"] else None
+        return cls(data["model"], data["pipeline"], structured, masks, quantization)
+
+    # ------------------------------------------------------------- reading
+    def describe(self) -> str:
+        lines = [f"plan for {self.model}: {' -> '.join(self.pipeline) or '(no pipeline recorded)'}"]
+        for k, plan in enumerate(self.structured):
+            lines.append(f"  structured plan {k} (fingerprint {plan.fingerprint}): {len(plan.keep)} groups pruned")
+            for gid, kept in sorted(plan.keep.items()):
+                lines.append(f"    group {gid}: keeps {len(kept)} channels")
+        if self.masks:
+            total = sum(r.mask.numel() for r in self.masks.values())
+            kept = sum(int(r.mask.sum()) for r in self.masks.values())
+            lines.append(f"  N:M masks on {len(self.masks)} weights ({kept / total:.1%} of their entries kept)")
+        if self.quantization:
+            lines.append(f"  int8 plan for {len(self.quantization.layers)} layers")
+        return "\n".join(lines)
+
+    def diff(self, other: "PlanFile") -> list[str]:
+        """What differs between two plans, one line each (empty: the same decisions)."""
+        out = []
+        if len(self.structured) != len(other.structured):
+            out.append(f"structured plans: {len(self.structured)} vs {len(other.structured)}")
+        for k, (a, b) in enumerate(zip(self.structured, other.structured)):
+            if a.fingerprint != b.fingerprint:
+                out.append(f"structured plan {k}: made for different architectures ({a.fingerprint} vs {b.fingerprint})")
+            for gid in sorted(set(a.keep) | set(b.keep)):
+                ka, kb = set(a.keep.get(gid, [])), set(b.keep.get(gid, []))
+                if ka != kb:
+                    out.append(f"structured plan {k}, group {gid}: keeps {len(ka) or 'all'} vs {len(kb) or 'all'} "
+                               f"channels, {len(ka ^ kb)} differ")
+        for name in sorted(set(self.masks) | set(other.masks)):
+            a, b = self.masks.get(name), other.masks.get(name)
+            if a is None or b is None:
+                out.append(f"mask {name}: only in the {'second' if a is None else 'first'} plan")
+            elif a.pattern != b.pattern or a.mask.shape != b.mask.shape:
+                out.append(f"mask {name}: {a.pattern} {list(a.mask.shape)} vs {b.pattern} {list(b.mask.shape)}")
+            elif not torch.equal(a.mask, b.mask):
+                out.append(f"mask {name}: {int((a.mask != b.mask).sum())} of {a.mask.numel()} entries differ")
+        qa = self.quantization.to_json() if self.quantization else None
+        qb = other.quantization.to_json() if other.quantization else None
+        if qa != qb:
+            out.append("int8 plans differ")
+        return out
+
+
+def _paths(path: str | os.PathLike) -> tuple[str, str]:
+    path = os.fspath(path)
+    stem = path[:-len(".json")] if path.endswith(".json") else path
+    return stem + ".json", stem + ".safetensors"
+
+
+def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike,
+                    *, inplace: bool = False) -> nn.Module:
+    """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its structured plans in order,
+    each checked against the model's analysis at that point, then its N:M masks."""
+    plan = plan if isinstance(plan, PlanFile) else PlanFile.load(plan)
+    if plan.quantization is not None:
+        raise InputError("this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
+                         "Quantize on the re-applied model (its plan is recorded here for inspection)")
+    working = model if inplace else clone(model)
+    for structured in plan.structured:
+        working = apply_plan(working, analyze(working, example_inputs), structured, inplace=True).module
+    for name, record in plan.masks.items():
+        try:
+            weight = tensor_at(working, name)
+        except AttributeError:
+            raise InputError(f"the plan masks {name}, which this model does not have") from None
+        if weight.shape != record.mask.shape:
+            raise InputError(f"the plan's mask for {name} is {list(record.mask.shape)}, the weight is "
+                             f"{list(weight.shape)}")
+        owner, _, attr = name.rpartition(".")
+        attach(working.get_submodule(owner) if owner else working, attr, record.mask.to(weight.device),
+               record.pattern)
+        if not satisfies(tensor_at(working, name), record.pattern):
+            raise InputError(f"the plan's mask for {name} does not hold its {record.pattern} pattern")
+    return working

@@ -1,0 +1,100 @@
+"""Plans as data: fingerprints refuse a plan made for another architecture; a run's plan file
+(JSON + safetensors) round-trips, reads, diffs, and re-applies to reproduce the run exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.apply import apply_plan
+from graphprune.passes import ChannelPrune, NMSparsity, Quantize
+from samples.resnet import ResNet
+from tests.architectures import build
+from tests.oracles import outputs
+
+
+def _resnet(width: int = 32) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return ResNet(widths=(width, 2 * width), blocks=1).eval(), (torch.randn(2, 3, 32, 32),)
+
+
+@pytest.mark.parametrize("name", ["resnet_sample", "llama_gqa"])
+def test_a_saved_plan_reapplies_to_the_same_outputs(name, tmp_path):
+    model, inputs = _resnet() if name == "resnet_sample" else build(name)
+    passes = [ChannelPrune(0.5, round_to=4), NMSparsity(2, 4)]
+    result = gp.prune(model, inputs, passes=passes)
+    json_path, tensor_path = result.save_plan(tmp_path / "run")
+    assert json_path.endswith("run.json") and tensor_path.endswith("run.safetensors")
+    data = json.loads(open(json_path).read())
+    assert data["format"] == "graphprune-plan" and data["pipeline"] == [repr(p) for p in passes]
+    loaded = gp.PlanFile.load(json_path)
+    assert loaded.diff(result.plan_file()) == []
+    again = gp.apply_plan_file(model, inputs, json_path)
+    for a, b in zip(outputs(again, inputs), outputs(result.module, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_plan_for_another_architecture_is_refused_with_what_differs():
+    model, x = _resnet(32)
+    plan = ChannelPrune(0.5).plan(gp.analyze(model, x), model)
+    other, _ = _resnet(16)
+    with pytest.raises(gp.InputError, match=r"another architecture \(fingerprint \w+, this model \w+\): other "
+                                            r"shapes: fc.weight, layers.0.bn1.bias"):
+        apply_plan(other, gp.analyze(other, x), plan)
+    deeper = nn.Sequential(model, nn.Linear(10, 3)).eval()
+    with pytest.raises(gp.InputError, match="missing here: fc.bias, .*; not in the plan: 0.fc.bias"):
+        apply_plan(deeper, gp.analyze(deeper, x), plan)
+    again = gp.Plan.from_json(plan.to_json())  # the fingerprint travels with the plan
+    assert again.fingerprint == plan.fingerprint and again.keep == plan.keep
+    apply_plan(model, gp.analyze(model, x), again)
+
+
+def test_diff_names_the_decisions_that_differ(tmp_path):
+    model, x = _resnet()
+    a = gp.prune(model, x, passes=[ChannelPrune(0.5), NMSparsity(2, 4)]).plan_file()
+    b = gp.prune(model, x, passes=[ChannelPrune(0.25), NMSparsity(1, 4)]).plan_file()
+    differences = a.diff(b)
+    assert any("keeps" in d and "differ" in d for d in differences)
+    assert any(d.startswith("mask ") for d in differences)
+    assert a.diff(a) == []
+
+
+def test_int8_plans_are_recorded_but_not_silently_reapplied(tmp_path):
+    model, x = _resnet()
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5), Quantize()], calibration=[x])
+    result.save_plan(tmp_path / "q")
+    loaded = gp.PlanFile.load(tmp_path / "q.json")
+    assert loaded.quantization is not None and "int8 plan for" in loaded.describe()
+    with pytest.raises(gp.InputError, match="re-applying int8 plans is not implemented yet"):
+        gp.apply_plan_file(model, x, loaded)
+
+
+def test_unreadable_plan_files(tmp_path):
+    with pytest.raises(gp.InputError, match="no such file"):
+        gp.PlanFile.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bad.safetensors").write_bytes(b"")
+    with pytest.raises(gp.InputError, match="is not JSON"):
+        gp.PlanFile.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text('{"format": "something-else"}')
+    with pytest.raises(gp.InputError, match="is not a graphprune plan"):
+        gp.PlanFile.load(tmp_path / "bad.json")
+
+
+def test_cli_plan_reads_and_diffs(tmp_path):
+    model, x = _resnet()
+    gp.prune(model, x, passes=[ChannelPrune(0.5)]).save_plan(tmp_path / "a")
+    gp.prune(model, x, passes=[ChannelPrune(0.25)]).save_plan(tmp_path / "b")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], capture_output=True, text=True)
+    shown = run("plan", str(tmp_path / "a.json"))
+    assert shown.returncode == 0 and "groups pruned" in shown.stdout
+    diffed = run("plan", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json")
+    assert diffed.returncode == 0 and json.loads(diffed.stdout)["differences"]
