@@ -13,7 +13,7 @@
 from graphprune.analysis import Analysis, FrozenSpace, Group, Member
 from graphprune.api import PruneResult, analyze, prune
 from graphprune.onnx_export import ExportReport, export_onnx
-from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, prune_onnx
+from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
 from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
            "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan", "PlanFile",
-           "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
+           "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "apply_plan_file_onnx", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
            "__version__"]

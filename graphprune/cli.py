@@ -197,9 +197,6 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         calibration = [inputs]
     result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
     exported = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded))
-    plan_paths = result.save_plan(args.output + ".plan")
-    _say(args, f"the decisions: {plan_paths[0]} (+ .safetensors); `graphprune plan` reads them, "
-               "gp.apply_plan_file re-applies them")
     latency = None
     if args.latency:
         with tempfile.TemporaryDirectory() as tmp:
@@ -211,17 +208,21 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
 
 def _finish(args: argparse.Namespace, result: Any, written: Any, latency: dict[str, float] | None) -> dict:
-    """Report pages beside the output, the summary, and what is printed (both model kinds)."""
+    """Report pages and the plan file beside the output, the summary, and what is printed (both model
+    kinds)."""
     pages = args.output + ".report"
     result.write_report(pages, latency)
+    plan_json, _ = result.save_plan(args.output + ".plan")
     summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
-               "latency_ms": latency,
+               "plan": plan_json, "latency_ms": latency,
                "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
                         "int8_ops": written.int8_ops, "sparse_weights": len(written.sparse_weights)}}
     if not args.json:
         print(result.report)
         print(written)
         print(f"report: {pages}/report.html (and report.md, report.json, plots)")
+        print(f"plan: {plan_json} (+ .safetensors): `graphprune plan` reads it, gp.apply_plan_file(_onnx) "
+              "re-applies it")
     return summary
 
 

@@ -23,7 +23,9 @@ from onnx_ir.passes.common import DeduplicateInitializersPass
 
 from graphprune.errors import ApplyError, ContractError, InputError
 from graphprune.onnx_analysis import OnnxAnalysis, analyze_onnx_capture
-from graphprune.onnx_apply import copy_model
+from graphprune.onnx_apply import apply_onnx_plan, copy_model
+from graphprune.plan import Plan
+from graphprune.plan_file import NMRecord, PlanFile
 from graphprune.onnx_capture import (Feeds, OnnxCapture, OnnxSource, capture_onnx, check_feeds, graph_inputs,
                                      read_model, run_model)
 from graphprune.onnx_export import (ExportReport, check_outputs, checked_session, graphprune_metadata,
@@ -44,6 +46,7 @@ class MaskedWeight:
 
     pattern: NMPattern
     axis: int
+    mask: torch.Tensor | None = None  # bool, the initializer's shape (None: read from metadata, entries unknown)
 
     def holds(self, values: np.ndarray) -> bool:
         return nm_holds(values, self.axis, self.pattern)
@@ -133,6 +136,21 @@ class OnnxPruneResult:
                 row.weight_scale = [float(ordered[0]), float(ordered[len(ordered) // 2]), float(ordered[-1])]
             rows.append(row)
         return write_report(directory, self.report, rows, latency_ms)
+
+    def plan_file(self) -> PlanFile:
+        """Everything this run decided, as data (see :mod:`graphprune.plan_file`); masks by the float
+        initializer's name."""
+        quantization = next((p for p in reversed(self.plans) if isinstance(p, QuantPlan)), None)
+        masks = {}
+        for name, m in self.masked.items():
+            base = name.removesuffix("_quantized")
+            masks[base if quantization and base in quantization.layers else name] = NMRecord(m.pattern, m.mask)
+        return PlanFile(self.report.model_name, self.report.pipeline, [p for p in self.plans if isinstance(p, Plan)],
+                        masks, quantization)
+
+    def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
+        """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
+        return self.plan_file().save(path)
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.to_proto(self._final())
@@ -240,6 +258,27 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
                            interface, shapes_before, state.float_outputs)
 
 
+def apply_plan_file_onnx(model: OnnxSource, plan: PlanFile | str | os.PathLike,
+                         feeds: Mapping[str, Any] | None = None) -> ir.Model:
+    """Re-apply a saved plan of an ONNX run to an ONNX model (never modified): its structured plans in
+    order, each checked against the graph's analysis at that point, then its N:M masks.  Returns the
+    verified onnx_ir model (``ir.save`` writes it)."""
+    plan = PlanFile.reapplicable(plan)
+    working = read_model(model)
+    capture = capture_onnx(working, check_feeds(working, [feeds])[0] if feeds is not None else None)
+    for structured in plan.structured:
+        capture = apply_onnx_plan(capture, analyze_onnx_capture(capture), structured)
+    masked = copy_model(capture.model)
+    for name, record in plan.masks.items():
+        value = masked.graph.initializers.get(name)
+        if value is None:
+            raise InputError(f"the plan masks {name}, which this model does not have")
+        record.check_shape(name, tuple(value.const_value.shape.numpy()))
+        value.const_value = ir.tensor(value.const_value.numpy() * record.mask.numpy(), name=name)
+    run_model(masked, capture.feeds)  # still runs
+    return masked
+
+
 def _stage_of(model: ir.Model) -> tuple[Stage, dict[str, MaskedWeight]]:
     """The stage and N:M weights a model records in its graphprune metadata (a model this
     function wrote before); a model without it is dense."""
@@ -264,4 +303,4 @@ def _onnx_passes() -> list[str]:
                   and getattr(passes_module, name).call_onnx is not Pass.call_onnx)
 
 
-__all__ = ["MaskedWeight", "OnnxPruneResult", "OnnxState", "analyze_onnx", "prune_onnx"]
+__all__ = ["MaskedWeight", "OnnxPruneResult", "OnnxState", "analyze_onnx", "apply_plan_file_onnx", "prune_onnx"]

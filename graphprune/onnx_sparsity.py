@@ -18,21 +18,25 @@ from graphprune.sparsegpt import ConvGeometry, conv_columns, prune_matrix
 from graphprune.sparsity import CONV, NMPattern, from_matrix, nm_mask, per_input_channel, to_matrix
 
 
+Masked = tuple[OnnxCapture, dict[str, torch.Tensor]]  # the re-measured copy, and each weight's bool mask
+
+
 def masked_copy(capture: OnnxCapture, layers: list[WeightLayer], pattern: tuple[int, int],
-                rms: dict[str, torch.Tensor]) -> OnnxCapture:
+                rms: dict[str, torch.Tensor]) -> Masked:
     """A re-measured copy with every layer's weight masked to ``pattern`` by |W| (times the input RMS
     of its reduced channel where ``rms`` has it: Wanda)."""
     model = copy_model(capture.model)
+    masks = {}
     for layer in layers:
         value = model.graph.initializers[layer.weight]
         weight = tensor_of(value).clone()
         scores = weight.abs().double()
         if layer.weight in rms:
             scores = scores * per_input_channel(rms[layer.weight], layer.layout, layer.groups, weight.shape)
-        mask = nm_mask(scores, NMPattern(*pattern, layer.layout))
+        masks[layer.weight] = mask = nm_mask(scores, NMPattern(*pattern, layer.layout))
         value.const_value = ir.tensor((weight * mask).numpy(), name=layer.weight)
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs)
+    return OnnxCapture(model, capture.feeds, shapes, outputs), masks
 
 
 def geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry | None:
@@ -57,12 +61,13 @@ def geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry | Non
 
 
 def sparsegpt_copy(capture: OnnxCapture, layers: list[WeightLayer], pattern: tuple[int, int], feeds: list[Feeds],
-                   block: int, damp: float) -> OnnxCapture:
+                   block: int, damp: float) -> Masked:
     """A re-measured copy with SparseGPT masks and weight updates (:func:`graphprune.sparsegpt.prune_matrix`),
     layer by layer in graph order, each layer's Hessian from its inputs in the model as already
     sparsified upstream (read from onnxruntime); linear layers that read one activation share it."""
     model = copy_model(capture.model)
     nodes = {node.name: node for node in model.graph}
+    masks = {}
     by_input: dict[tuple[str, str | None], list[WeightLayer]] = {}
     for layer in layers:
         by_input.setdefault((layer.activation, layer.node if layer.layout == CONV else None), []).append(layer)
@@ -75,15 +80,17 @@ def sparsegpt_copy(capture: OnnxCapture, layers: list[WeightLayer], pattern: tup
             weight = tensor_of(value).clone()
             nm = NMPattern(*pattern, layer.layout)
             rows = weight.shape[0] // len(hessians) if layer.layout == CONV else None
-            new = torch.empty_like(weight)
+            new, keep = torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool)
             for g, hessian in enumerate(hessians):
                 part = weight[g * rows:(g + 1) * rows] if rows else weight
-                w, _ = prune_matrix(to_matrix(part, layer.layout), hessian, nm, block=block, damp=damp)
-                new[slice(g * rows, (g + 1) * rows) if rows else slice(None)] = \
-                    from_matrix(w, layer.layout, part.shape).to(weight.dtype)
+                w, k = prune_matrix(to_matrix(part, layer.layout), hessian, nm, block=block, damp=damp)
+                target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
+                new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
+                keep[target] = from_matrix(k, layer.layout, part.shape)
             value.const_value = ir.tensor(new.numpy(), name=layer.weight)
+            masks[layer.weight] = keep
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs)
+    return OnnxCapture(model, capture.feeds, shapes, outputs), masks
 
 
 def _hessians(inputs: list[np.ndarray], layer: WeightLayer, nodes: dict[str, ir.Node],

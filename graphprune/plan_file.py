@@ -38,6 +38,10 @@ class NMRecord:
     pattern: NMPattern
     mask: torch.Tensor  # bool, the weight's shape
 
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if tuple(self.mask.shape) != shape:
+            raise InputError(f"the plan's mask for {name} is {list(self.mask.shape)}, the weight is {list(shape)}")
+
 
 @dataclass
 class PlanFile:
@@ -56,6 +60,15 @@ class PlanFile:
         quantization = [p for p in plans if isinstance(p, QuantPlan)]
         return cls(model, list(pipeline), [p for p in plans if isinstance(p, Plan)], masks,
                    quantization[-1] if quantization else None)
+
+    @classmethod
+    def reapplicable(cls, plan: "PlanFile | str | os.PathLike") -> "PlanFile":
+        """The plan (loaded if a path), refused if it holds what cannot be re-applied yet."""
+        plan = plan if isinstance(plan, PlanFile) else cls.load(plan)
+        if plan.quantization is not None:
+            raise InputError("this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
+                             "Quantize on the re-applied model (its plan is recorded here for inspection)")
+        return plan
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> tuple[str, str]:
@@ -161,10 +174,7 @@ def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanF
                     *, inplace: bool = False) -> nn.Module:
     """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its structured plans in order,
     each checked against the model's analysis at that point, then its N:M masks."""
-    plan = plan if isinstance(plan, PlanFile) else PlanFile.load(plan)
-    if plan.quantization is not None:
-        raise InputError("this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
-                         "Quantize on the re-applied model (its plan is recorded here for inspection)")
+    plan = PlanFile.reapplicable(plan)
     working = model if inplace else clone(model)
     for structured in plan.structured:
         working = apply_plan(working, analyze(working, example_inputs), structured, inplace=True).module
@@ -173,9 +183,7 @@ def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanF
             weight = tensor_at(working, name)
         except AttributeError:
             raise InputError(f"the plan masks {name}, which this model does not have") from None
-        if weight.shape != record.mask.shape:
-            raise InputError(f"the plan's mask for {name} is {list(record.mask.shape)}, the weight is "
-                             f"{list(weight.shape)}")
+        record.check_shape(name, tuple(weight.shape))
         owner, _, attr = name.rpartition(".")
         attach(working.get_submodule(owner) if owner else working, attr, record.mask.to(weight.device),
                record.pattern)

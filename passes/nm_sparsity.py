@@ -187,15 +187,17 @@ class NMSparsity(Pass):
             raise InputError(f"NMSparsity(method={self.criterion!r}) needs calibration feeds: "
                              "prune_onnx(..., calibration=[{input name: array}, ...])")
         if self.criterion == "sparsegpt":
-            state.replace(onnx_sparsity.sparsegpt_copy(state.capture, layers, (self.n, self.m), state.calibration,
-                                                       self.block, self.damp))
+            masked, masks = onnx_sparsity.sparsegpt_copy(state.capture, layers, (self.n, self.m), state.calibration,
+                                                         self.block, self.damp)
         else:
             rms = {name: mean_sq.sqrt() for name, (_, mean_sq) in
                    onnx_layers.input_moments(state.capture, layers, state.calibration).items()} \
                 if self.criterion == "wanda" else {}
-            state.replace(onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms))
+            masked, masks = onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms)
+        state.replace(masked)
         for layer in layers:
-            state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis)
+            state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis,
+                                                      masks[layer.weight])
         state.stage = self.next_stage(state.stage)
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if skipped:

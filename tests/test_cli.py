@@ -142,6 +142,9 @@ def test_prune_and_inspect_an_onnx_file(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["macs_after"] < summary["macs"]
     assert (tmp_path / "small.onnx.report" / "report.html").exists()
+    assert summary["plan"].endswith("small.onnx.plan.json") and (tmp_path / "small.onnx.plan.safetensors").exists()
+    shown = run("plan", summary["plan"])
+    assert shown.returncode == 0 and "structured plan 0" in shown.stdout
     pruned = onnx.load(str(tmp_path / "small.onnx"))
     assert [i.name for i in pruned.graph.input] == ["input_1:0"]
     text = run("inspect", str(tmp_path / "keras.onnx"))

@@ -411,3 +411,28 @@ def test_onnx_plans_carry_the_fingerprint_of_their_graph():
     with pytest.raises(gp.InputError, match="another architecture.*other shapes: batch_normalization/add:0"):
         apply_onnx_plan(wider, analyze_onnx_capture(wider), plan)
     assert apply_onnx_plan(capture, analysis, plan).outputs[0].shape == capture.outputs[0].shape
+
+
+def test_onnx_plan_files_replay_the_run(tmp_path):
+    feeds = [{"input_1:0": np.random.default_rng(i).standard_normal((4, 8, 8, 3)).astype(np.float32)}
+             for i in range(2)]
+    result = gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5), NMSparsity(2, 4, method="sparsegpt",
+                                                                               dense_heads=False)],
+                           calibration=feeds)
+    json_path, _ = result.save_plan(tmp_path / "run")
+    plan = gp.PlanFile.load(json_path)
+    assert len(plan.structured) == 1 and set(plan.masks) == set(result.masked)
+    replayed = gp.apply_plan_file_onnx(nhwc_model(), json_path, feeds=feeds[0])
+    from graphprune.onnx_capture import run_model
+
+    # the masks are replayed, not SparseGPT's weight updates: compare the sparsity pattern and shapes
+    for name, value in replayed.graph.initializers.items():
+        ours = result.model.graph.initializers[name].const_value.numpy()
+        assert value.const_value.numpy().shape == ours.shape
+        if name in plan.masks:
+            assert np.array_equal(value.const_value.numpy() != 0, plan.masks[name].mask.numpy() & (ours != 0))
+    assert run_model(replayed, feeds[0])[0].shape == (4, 10)
+    quantized = gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5), Quantize()], calibration=feeds)
+    quantized.save_plan(tmp_path / "q")
+    with pytest.raises(gp.InputError, match="re-applying int8 plans is not implemented yet"):
+        gp.apply_plan_file_onnx(nhwc_model(), tmp_path / "q.json")
