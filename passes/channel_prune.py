@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from graphprune.onnx_prune import OnnxState
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+NORMALIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor | float]] = {
+    "mean": torch.mean, "max": torch.max, "l2": torch.linalg.vector_norm, "sum": torch.sum, "none": lambda s: 1.0}
 COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
 
 
@@ -64,6 +66,13 @@ class ChannelPrune(Pass):
             ratios 1/8, 2/8, ..., then greedily take the cheapest error per unit of cost saved until
             the target, or ``ratio`` of all channels, is met; :mod:`graphprune.sensitivity`).
             ``max_ratio`` caps any one group.
+        normalize: how ``"global"`` makes scores of different groups comparable: each group's scores
+            divided by their ``"mean"`` (default: a channel is ranked by how far it falls below its
+            group's typical channel, which spreads the removal), ``"max"``, ``"l2"`` (norm of the
+            group's score vector), ``"sum"`` (groups with many channels get small per-channel shares,
+            so they lose more), or ``"none"`` (raw scores: for criteria already on one scale across
+            layers, e.g. ``"activation"``, whose score is a channel's contribution to its consumers'
+            outputs).
         ratios: per-module overrides ``{"layer4": 0.3}``; a group follows the most specific
             module name that owns one of its parameters.
         ignore: module names (or modules) whose groups are left alone.
@@ -78,7 +87,8 @@ class ChannelPrune(Pass):
     def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
                  target_params: float | None = None, round_to: int = 1,
                  importance: str | Importance | GroupScore = "l2", loss_fn: LossFn | None = None,
-                 compensate: str | None = None, allocation: str = "uniform", max_ratio: float = 0.9,
+                 compensate: str | None = None, allocation: str = "uniform", normalize: str = "mean",
+                 max_ratio: float = 0.9,
                  ratios: dict[str, float] | None = None, ignore: Iterable[str | nn.Module] = (), heads: bool = True,
                  head_dim: bool = False, damp: float = 0.01) -> None:
         if sum(x is not None for x in (ratio, target_macs, target_params)) > 1:
@@ -112,6 +122,12 @@ class ChannelPrune(Pass):
         if allocation == "sensitivity" and ratios:
             raise InputError("per-module ratios do not combine with allocation='sensitivity', which sets every ratio")
         self.allocation = allocation
+        if normalize not in NORMALIZATIONS:
+            raise InputError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        if normalize != "mean" and allocation != "global":
+            raise InputError(f"normalize={normalize!r} ranks groups against each other: it applies to "
+                             "allocation='global' only")
+        self.normalize = normalize
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
         self.ignore = list(ignore)
@@ -120,8 +136,9 @@ class ChannelPrune(Pass):
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("importance", self.importance_name),
-                                                     ("compensate", self.compensate), ("allocation", self.allocation))
-                        if v not in ("l2", None, "uniform"))
+                                                     ("compensate", self.compensate), ("allocation", self.allocation),
+                                                     ("normalize", self.normalize))
+                        if v not in ("l2", None, "uniform", "mean"))
         amount = f"target_{self.target[0]}={self.target[1]}" if self.target else f"ratio={self.ratio}"
         return f"ChannelPrune({amount}, round_to={self.round_to}{extra})"
 
@@ -264,7 +281,7 @@ class ChannelPrune(Pass):
         pooled = []
         for g in groups:
             s = scores[g.id]
-            normalised = s / (s.mean() + 1e-12)
+            normalised = s / (NORMALIZATIONS[self.normalize](s) + 1e-12)
             pooled.extend((float(v), g.id) for v in normalised)
         pooled.sort()
         budget = int(len(pooled) * ratio)

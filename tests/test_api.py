@@ -68,6 +68,29 @@ def test_global_ranking_respects_the_cap(sample):
                if isinstance(m, nn.Conv2d))
 
 
+def test_global_normalization_decides_how_groups_compete():
+    """Two hidden layers whose weights differ in scale by 100x: raw scores ("none") take the cheap
+    layer down to the cap; per-group normalisation spreads the cut over both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(100)
+        model[2].weight.mul_(0.01)  # the first hidden group (rows of 0, columns of 2) outscores the second
+    x = (torch.randn(4, 8),)
+
+    def widths(normalize: str) -> tuple[int, int]:
+        pruned = gp.prune(model, x, passes=[ChannelPrune(0.5, allocation="global", normalize=normalize)]).module
+        return pruned[0].out_features, pruned[2].out_features
+    assert widths("none") == (14, 2)  # the second group down to max_ratio=0.9 of 16 removed (floor: 14)
+    for normalize in ("mean", "max", "l2", "sum"):
+        first, second = widths(normalize)
+        assert first + second == 16 and min(first, second) >= 4, (normalize, first, second)
+    with pytest.raises(gp.InputError, match="applies to allocation='global' only"):
+        ChannelPrune(0.5, normalize="max")
+    with pytest.raises(gp.InputError, match="normalize must be one of"):
+        ChannelPrune(0.5, allocation="global", normalize="median")
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale"])
 def test_importance_keeps_the_strongest_channels(criterion):
     torch.manual_seed(0)
