@@ -117,6 +117,38 @@ CASES = {
 }
 
 
+def attention_graph(scale: bool, four_d: bool = False) -> onnx.ModelProto:
+    """x [2, 5, 16] -> q (4 heads), k and v (2 kv heads) of head dim 4 -> ONNX Attention -> output
+    projection -> y; GQA with 2 query heads per kv head."""
+    attrs = {"scale": 0.5} if scale else {}
+    nodes = [node("MatMul", ["x", "wq"], ["q"]), node("MatMul", ["x", "wk"], ["k"]), node("MatMul", ["x", "wv"], ["v"])]
+    if four_d:
+        for name, heads in (("q", 4), ("k", 2), ("v", 2)):
+            nodes += [node("Reshape", [name, f"s_{name}"], [f"{name}r"]),
+                      node("Transpose", [f"{name}r"], [f"{name}4"], perm=[0, 2, 1, 3])]
+        nodes += [node("Attention", ["q4", "k4", "v4"], ["a4"], **attrs),
+                  node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]), node("Reshape", ["at", "s_o"], ["a"])]
+    else:
+        nodes.append(node("Attention", ["q", "k", "v"], ["a"], q_num_heads=4, kv_num_heads=2, **attrs))
+    nodes.append(node("MatMul", ["a", "wo"], ["y"]))
+    inits = {"wq": _w(16, 16), "wk": _w(16, 8), "wv": _w(16, 8), "wo": _w(16, 16), "s_q": _ints(2, 5, 4, 4),
+             "s_k": _ints(2, 5, 2, 4), "s_v": _ints(2, 5, 2, 4), "s_o": _ints(2, 5, 16)}
+    g = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 16])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items() if four_d or not k.startswith("s_")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+CASES.update({
+    # kv heads x query heads per kv head, v's head dim; with a scale, q/k's head dim too
+    "attention_3d": (attention_graph(scale=False), [2, 2, 4]),
+    "attention_3d_scaled": (attention_graph(scale=True), [2, 2, 4, 4]),
+    "attention_4d_scaled": (attention_graph(scale=True, four_d=True), [2, 2, 4, 4]),
+})
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
     model, sizes = CASES[request.param]

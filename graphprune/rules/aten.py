@@ -766,11 +766,17 @@ def along_dim(ctx: RuleContext, node: fx.Node) -> None:
 # ------------------------------------------------------------- attention
 @R.register(aten.scaled_dot_product_attention)
 def sdpa(ctx: RuleContext, node: fx.Node) -> None:
+    couple_attention(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.dims(node.args[2]),
+                     ctx.out(node), ctx.dims(arg(node, 3, "attn_mask")[0]), bool(arg(node, 7, "enable_gqa", False)[0]),
+                     arg(node, 6, "scale")[0] is not None)
+
+
+def couple_attention(ctx: RuleContext, node, q: list[int], k: list[int], v: list[int], out: list[int],
+                     mask: list[int] | None, gqa: bool, scale_given: bool) -> None:
+    """softmax(q k^T * scale + mask) v on ``[..., heads, seq, head_dim]`` dims; with ``gqa`` each kv
+    head serves a block of query heads.  Without an explicit scale the default 1/sqrt(head_dim) ties
+    the head dim to its size: frozen."""
     s = ctx.solver
-    q, k, v, out = ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.dims(node.args[2]), ctx.out(node)
-    mask = ctx.dims(arg(node, 3, "attn_mask")[0])
-    scale = arg(node, 6, "scale")[0]
-    gqa = bool(arg(node, 7, "enable_gqa", False)[0])
     ctx.unify(q[-1], k[-1], node)
     ctx.unify(v[-1], out[-1], node)
     ctx.unify(q[-2], out[-2], node)
@@ -792,8 +798,8 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> None:
     if len(q) >= 3:
         s.tag(q[-3], "heads")
     s.mark_inexact(k[-2], f"softmax over keys ({node.name})")
-    if scale is None:
-        ctx.freeze(q[-1], "scaled_dot_product_attention without an explicit scale uses 1/sqrt(head_dim)", node)
+    if not scale_given:
+        ctx.freeze(q[-1], f"{ctx.op_name(node)} without an explicit scale uses 1/sqrt(head_dim)", node)
 
 
 # ---------------------------------------------------- spatial operators

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from graphprune.algebra import SpaceSolver
 from graphprune.rules import onnx_sizes
-from graphprune.rules.aten import (broadcast, couple_conv, couple_einsum, couple_except, couple_gather_elements,
+from graphprune.rules.aten import (broadcast, couple_attention, couple_conv, couple_einsum, couple_except, couple_gather_elements,
                                    couple_reduction, couple_reshape, matmul_dims)
 from graphprune.rules.registry import RuleContext, RuleRegistry, flat_atoms
 
@@ -394,6 +394,40 @@ def conv(ctx: OnnxRuleContext, node: ir.Node) -> None:
     groups = attr(node, "group", 1)
     couple_conv(ctx, node, ctx.dims(node.inputs[0]), ctx.dims(node.inputs[1]), bias, ctx.out(node),
                 node.op_type == "ConvTranspose", groups, ("attribute", "group") if "group" in node.attributes else None)
+
+
+@R.register(*ops("Attention"))
+def attention(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """ONNX Attention (opset 23): 4-D inputs ``[B, heads, S, head_dim]`` as sdpa; 3-D inputs
+    ``[B, S, heads * head_dim]`` are split by ``q_num_heads`` / ``kv_num_heads``, which become
+    shape constants (pruning whole heads rewrites them).  Extra outputs (present key/value, the
+    QK product) follow the key/value and score dims."""
+    s = ctx.solver
+    q, k, v = (ctx.dims(node.inputs[i]) for i in range(3))
+    out = ctx.out(node)
+    mask = ctx.dims(node.inputs[3]) if len(node.inputs) > 3 else None
+    if len(q) == 3:
+        hq, hkv = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+        d, dv = s.size(q[2]) // hq, s.size(v[2]) // hkv
+
+        def heads(x: list[int], count: int, width: int) -> list[int]:
+            h, w = s.factors(x[2], [count, width], node.name)
+            return [x[0], h, x[1], w]
+        q, k, v, out = heads(q, hq, d), heads(k, hkv, d), heads(v, hkv, dv), heads(out, hq, dv)
+        ctx.constant(node, ("attribute", "q_num_heads"), [q[1]])
+        ctx.constant(node, ("attribute", "kv_num_heads"), [k[1]])
+    couple_attention(ctx, node, q, k, v, out, mask, gqa=True, scale_given="scale" in node.attributes)
+    caches = [*zip(node.inputs[4:6], (k, v)), *zip(node.outputs[1:3], (k, v))]  # past / present key, value
+    for cache, like in caches:  # [B, kv heads, S, head dim]
+        d = ctx.dims(cache)
+        if d is not None:
+            ctx.unify_all([like[0], like[1], like[3]], [d[0], d[1], d[3]], node)
+    scores = ctx.dims(node.outputs[3]) if len(node.outputs) > 3 else None  # [B, q heads, Sq, Skv]
+    if scores is not None:
+        ctx.unify_all(q[:2], scores[:2], node)
+    for value in list(node.inputs[4:6]) + list(node.outputs[1:]):
+        for a in (ctx.dims(value) or [])[2:3]:  # sequence dims of caches and the QK product
+            ctx.freeze(a, "attention caches and scores are indexed by position", node)
 
 
 # ----------------------------------------------------------------- norms
