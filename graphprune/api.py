@@ -23,6 +23,7 @@ from graphprune.plan_file import PlanFile
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import pass_manager
 from graphprune.report import Report
+from graphprune.sparsity import NMPattern, nm_masks
 from graphprune.report_page import layer_rows, weight_shapes, write_report
 from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
 
@@ -37,6 +38,7 @@ class PruneResult:
     plans: list[Plan | QuantPlan] = field(default_factory=list)
     example_inputs: ExampleInputs = ()
     shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight shape per layer, before
+    masks: dict[str, tuple[torch.Tensor, NMPattern]] = field(default_factory=dict)  # N:M masks the run set
 
     def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
@@ -50,7 +52,7 @@ class PruneResult:
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.plan_file`)."""
-        return PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.module)
+        return PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
 
     def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
         """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
@@ -90,7 +92,8 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
                     pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, reference)
-    return PruneResult(state.model, report, state.stage, state.plans, example_inputs, shapes_before)
+    return PruneResult(state.model, report, state.stage, state.plans, example_inputs, shapes_before,
+                       nm_masks(state.model))
 
 
 def _check_finite(model: nn.Module) -> None:

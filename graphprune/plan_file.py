@@ -26,7 +26,7 @@ from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
-from graphprune.sparsity import NMPattern, attach, nm_masks, satisfies
+from graphprune.sparsity import NMPattern, attach, satisfies
 
 FORMAT, VERSION = "graphprune-plan", 1
 
@@ -54,9 +54,10 @@ class PlanFile:
     quantization: QuantPlan | None = None
 
     @classmethod
-    def of(cls, model: str, pipeline: list[str], plans: list, module: nn.Module) -> "PlanFile":
-        """The plan file of a run: its plans and the masks ``module`` carries."""
-        masks = {name: NMRecord(pattern, mask.cpu()) for name, (mask, pattern) in nm_masks(module).items()}
+    def of(cls, model: str, pipeline: list[str], plans: list,
+           masks: dict[str, tuple[torch.Tensor, NMPattern]]) -> "PlanFile":
+        """The plan file of a run: its plans and its N:M masks (name -> (bool mask, pattern))."""
+        masks = {name: NMRecord(pattern, mask.cpu()) for name, (mask, pattern) in masks.items()}
         quantization = [p for p in plans if isinstance(p, QuantPlan)]
         return cls(model, list(pipeline), [p for p in plans if isinstance(p, Plan)], masks,
                    quantization[-1] if quantization else None)
