@@ -79,18 +79,22 @@ def bias_corrections(analysis: Analysis, model: nn.Module, plan: Plan,
         if bias_name not in analysis.tensors or tensor_at(model, bias_name) is None:
             without_bias += 1
             continue
-        mean = moments[layer][0]
-        w = tensor_at(model, layer.weight).detach().double()
-        if layer.layout == LINEAR:
-            delta = w[:, removed] @ mean[removed]
-        elif layer.layout == CONV1D:  # weight [in, out]
-            delta = mean[removed] @ w[removed, :]
-        else:
-            delta = w[:, removed].sum(tuple(range(2, w.dim()))) @ mean[removed]
+        delta = removed_contribution(tensor_at(model, layer.weight), layer.layout, removed, moments[layer][0])
         out_atom = analysis.tensors[bias_name][1][0]
         keep_out = spaces.keep_mask(out_atom, masks)
         corrections[bias_name] = delta[keep_out]
     return corrections, without_bias
+
+
+def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the mean contribution of the ``removed`` input channels (``mean``: the
+    input's mean per channel) through ``weight`` in ``layout``."""
+    w = weight.detach().double()
+    if layout == LINEAR:  # [out, in]
+        return w[:, removed] @ mean[removed]
+    if layout == CONV1D:  # [in, out]
+        return mean[removed] @ w[removed, :]
+    return w[:, removed].sum(tuple(range(2, w.dim()))) @ mean[removed]
 
 
 def apply_bias_corrections(model: nn.Module, corrections: dict[str, torch.Tensor]) -> None:

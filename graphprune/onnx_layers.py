@@ -145,3 +145,19 @@ def input_channel_norms(weight: torch.Tensor, layer: WeightLayer) -> torch.Tenso
         return w.pow(2).sum(0).sqrt()
     cout, per_group = w.shape[:2]
     return w.reshape(layer.groups, cout // layer.groups, per_group, -1).pow(2).sum((1, 3)).sqrt().reshape(-1)
+
+
+def layer_bias(node: ir.Node) -> ir.Value | None:
+    """The layer's own bias: Conv's / Gemm's third input, or the vector an Add adds right after a
+    MatMul; None for anything else (a Gemm's C that is an activation or a matrix stays float)."""
+    if node.op_type == "MatMul":
+        users = list(node.outputs[0].uses())
+        if len(users) != 1 or users[0].node.op_type != "Add":
+            return None
+        add = users[0].node
+        bias = add.inputs[1 - users[0].idx]
+    else:
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None or not bias.is_initializer() or len(bias.const_value.shape) != 1:
+        return None
+    return bias

@@ -17,7 +17,7 @@ import torch
 
 from graphprune.onnx_apply import copy_model
 from graphprune.onnx_capture import Feeds, OnnxCapture, measure, session, tensor_of
-from graphprune.onnx_layers import WeightLayer
+from graphprune.onnx_layers import WeightLayer, layer_bias
 from graphprune.qdq import insert_qdq
 from graphprune.quantization import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
 from graphprune.sparsity import CONV
@@ -96,27 +96,11 @@ def quant_plan(capture: OnnxCapture, layers: list[WeightLayer], inputs: dict[str
             if _feeds_relu(node):
                 low = 0.0  # the ReLU clips below 0; the output quantization does it exactly
             out = activation_qparams(low, high)
-        bias = _bias(node)
+        bias = layer_bias(node)
         plan.layers[layer.weight] = LayerQuant(
             layer.node, layer.output_axis, scale.tolist(), (x_scale, x_zero), out,
             bias.name if bias is not None else None, (x_scale * scale).tolist() if bias is not None else None)
     return plan
-
-
-def _bias(node: ir.Node) -> ir.Value | None:
-    """The layer's own bias: Conv's / Gemm's third input, or the vector an Add adds right after a
-    MatMul; None for anything else (a Gemm's C that is an activation or a matrix stays float)."""
-    if node.op_type == "MatMul":
-        users = list(node.outputs[0].uses())
-        if len(users) != 1 or users[0].node.op_type != "Add":
-            return None
-        add = users[0].node
-        bias = add.inputs[1 - users[0].idx]
-    else:
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is None or not bias.is_initializer() or len(bias.const_value.shape) != 1:
-        return None
-    return bias
 
 
 def _feeds_relu(node: ir.Node) -> bool:

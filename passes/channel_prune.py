@@ -26,6 +26,7 @@ from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
 from graphprune.copying import clone
 from graphprune.sensitivity import output_errors
+from graphprune import onnx_compensation
 from graphprune.onnx_apply import apply_onnx_plan
 from graphprune.onnx_capture import owner_names
 from graphprune.plan import Plan
@@ -351,18 +352,25 @@ class ChannelPrune(Pass):
             raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
                              "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
                              "name) -> scores")
-        if self.compensate or self.allocation == "sensitivity":
-            raise InputError("compensate=... and allocation='sensitivity' do not run on ONNX models yet")
-        if self.importance.needs_calibration and not state.calibration:
-            raise InputError(f"importance={self.importance_name!r} needs calibration feeds: "
-                             "prune_onnx(..., calibration=[{input name: array}, ...])")
+        if self.compensate not in (None, "bias") or self.allocation == "sensitivity":
+            raise InputError(f"{'compensate=' + repr(self.compensate) if self.compensate else 'allocation=sensitivity'}"
+                             " does not run on ONNX models yet (compensate='bias' does)")
+        if (self.importance.needs_calibration or self.compensate) and not state.calibration:
+            raise InputError(f"{'compensate=' + repr(self.compensate) if self.compensate else 'importance=' + repr(self.importance_name)}"
+                             " needs calibration feeds: prune_onnx(..., calibration=[{input name: array}, ...])")
         analysis = state.analysis()
         plan = self.plan(analysis, state.weights(), state.calibration)
-        state.replace(apply_onnx_plan(state.capture, analysis, plan))
+        corrections, without_bias = onnx_compensation.bias_corrections(analysis, plan, state.calibration) \
+            if self.compensate else ({}, 0)
+        state.replace(onnx_compensation.corrected(apply_onnx_plan(state.capture, analysis, plan), corrections))
         state.stage = self.next_stage(state.stage)
         state.plans.append(plan)
-        return PassResult(state, bool(plan.keep), {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
-                                                   "channels removed": plan.removed(analysis)})
+        details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
+                   "channels removed": plan.removed(analysis)}
+        if self.compensate:
+            details["bias compensation"] = f"{len(corrections)} layers" + (
+                f" ({without_bias} without a bias left as they are)" if without_bias else "")
+        return PassResult(state, bool(plan.keep), details)
 
 
 
