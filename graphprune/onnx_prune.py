@@ -144,7 +144,9 @@ class OnnxPruneResult:
         masks = {}
         for name, m in self.masked.items():
             base = name.removesuffix("_quantized")
-            masks[base if quantization and base in quantization.layers else name] = NMRecord(m.pattern, m.mask)
+            mask = m.mask if m.mask is not None else \
+                torch.from_numpy(self.model.graph.initializers[name].const_value.numpy() != 0)  # from a file's metadata
+            masks[base if quantization and base in quantization.layers else name] = NMRecord(m.pattern, mask)
         return PlanFile(self.report.model_name, self.report.pipeline, [p for p in self.plans if isinstance(p, Plan)],
                         masks, quantization)
 

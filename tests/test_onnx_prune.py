@@ -213,6 +213,7 @@ def test_tf2onnx_layout_prunes_exactly_and_keeps_a_symbolic_batch(tmp_path):
     assert np.abs(pruned.outputs[0] - zeroed.outputs[0]).max() <= 1e-5 * np.abs(zeroed.outputs[0]).max()
 
     result = gp.prune_onnx(proto, passes=[ChannelPrune(ratio=0.5)])
+    assert [i.name for i in result.to_proto().graph.input] == ["input_1:0"]  # in memory, without saving
     path = result.save(tmp_path / "small.onnx").path
     written = onnx.load(path)
     assert written.graph.input[0].type == proto.graph.input[0].type  # still ["unk__0", 8, 8, 3]

@@ -25,7 +25,6 @@ from graphprune.rules.registry import RuleContext, RuleRegistry, flat_atoms
 
 onnx_rules = RuleRegistry()
 R = onnx_rules
-INT64_MAX = 2**63 - 1
 
 
 def ops(*names: str, domain: str = "") -> list[tuple[str, str]]:
