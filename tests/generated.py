@@ -56,6 +56,18 @@ class Block(nn.Module):
             self.kv = nn.Linear(c, 2 * self.kv_heads * self.head_dim)
             self.o = nn.Linear(self.heads * self.head_dim, c)
             self.norm = nn.LayerNorm(c)
+        elif kind == "transposed":
+            self.c_out = draw(st.sampled_from(WIDTHS))
+            groups = draw(st.sampled_from([g for g in (1, 2) if c % g == 0 and self.c_out % g == 0]))
+            self.conv = nn.ConvTranspose2d(c, self.c_out, 3, padding=1, groups=groups)
+        elif kind == "dilated":
+            self.conv = nn.Conv2d(c, c, 3, padding=2, dilation=2)
+        elif kind == "gate":  # x * sigmoid(conv(x)): a multiply of two activations of one space
+            self.conv = nn.Conv2d(c, c, 1)
+        elif kind == "channels_last":  # ConvNeXt's permute -> LayerNorm -> Linear -> permute back
+            self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
+        elif kind == "tied":  # one module called twice: its weight couples both uses
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
         else:
             self.kind = "identity"
 
@@ -94,6 +106,14 @@ class Block(nn.Module):
             a = F.scaled_dot_product_attention(q, k_, v, scale=0.5, enable_gqa=True)
             t = t + self.o(a.transpose(1, 2).reshape(n, h * w, self.heads * self.head_dim))
             return t.transpose(1, 2).reshape(n, c, h, w)
+        if k in ("transposed", "dilated"):
+            return F.relu(self.conv(x))
+        if k == "gate":
+            return x * torch.sigmoid(self.conv(x))
+        if k == "channels_last":
+            return x + self.fc(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if k == "tied":
+            return self.conv(F.relu(self.conv(x)))
         return x
 
 
@@ -113,7 +133,8 @@ class Generated(nn.Module):
         return self.head(torch.flatten(x, 1) if self.flatten_head else x.mean((2, 3)))
 
 
-KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention"]
+KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention",
+         "transposed", "dilated", "gate", "channels_last", "tied"]
 
 
 @st.composite
