@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -184,8 +185,6 @@ def _small_onnx():
 
 
 def test_onnx_files_that_cannot_be_read(tmp_path):
-    import onnx
-
     with pytest.raises(gp.InputError, match="no such ONNX file"):
         gp.prune_onnx(str(tmp_path / "missing.onnx"), passes=[ChannelPrune(0.5)])
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 not a protobuf")

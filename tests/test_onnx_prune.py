@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
 from graphprune.onnx_apply import apply_onnx_plan
-from graphprune.onnx_capture import capture_onnx, read_model
+from graphprune.onnx_capture import capture_onnx, read_model, run_model
 from graphprune.onnx_analysis import analyze_onnx_capture
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from graphprune.sparsity import masked_weights
@@ -444,8 +444,6 @@ def test_onnx_plan_files_replay_the_run(tmp_path):
     plan = gp.PlanFile.load(json_path)
     assert len(plan.structured) == 1 and set(plan.masks) == set(result.masked)
     replayed = gp.apply_plan_file_onnx(nhwc_model(), json_path, feeds=feeds[0])
-    from graphprune.onnx_capture import run_model
-
     # the masks are replayed, not SparseGPT's weight updates: compare the sparsity pattern and shapes
     for name, value in replayed.graph.initializers.items():
         ours = result.model.graph.initializers[name].const_value.numpy()
