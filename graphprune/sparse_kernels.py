@@ -9,9 +9,11 @@ kernels use their own interleaved metadata layouts, produced by ``torch.sparse.t
 entries are kept along which dim, and the reference pins that down on CPU.
 
 :func:`to_sparse_kernels` converts every eligible ``nn.Linear`` (a 2:4 mask in the linear layout,
-fp16/bf16, shapes within the kernel's constraints) and keeps a layer dense when the sparse
-kernel is not faster for the token count the example inputs give that layer, timed on the
-device (decisions for equal shapes are timed once per call and returned, so they can be reused).
+fp16/bf16, shapes within the kernel's constraints) into a :class:`SemiStructuredLinear` and keeps
+a layer dense when the sparse kernel is not faster for the token count the example inputs give
+that layer, timed on the device, eagerly or in CUDA graphs (decisions for equal shapes are timed
+once per call and returned, so they can be reused); with cuSPARSELt, the algorithm is the one
+its own search finds fastest for that token count.
 An int8 fake-quantized linear becomes :class:`Int8SparseLinear`: cuSPARSELt's int8 matmul with
 the per-row scales ``s_x * s_w[r]`` fused as its alpha vector and the activation zero-point folded
 into the bias.  Without a capable GPU the dense masked module is returned with the reason.
@@ -19,7 +21,7 @@ into the bias.  Without a capable GPU the dense masked module is returned with t
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +74,9 @@ def decompress_2to4(values: torch.Tensor, metadata: torch.Tensor) -> torch.Tenso
 # ------------------------------------------------------------------ int8 with fused scales
 
 
+INT8_ROW_MULTIPLE = 16  # cuSPARSELt's int8 dense operand: rows (tokens) padded to a multiple of this
+
+
 class Int8SparseLinear(nn.Module):
     """``y = alpha[r] * (W_q @ x_q)[r] + bias'[r]`` with ``alpha = s_x * s_w``, the int8 input
     ``x_q = clamp(round(x / s_x) + z_x)`` and ``bias' = bias - alpha * z_x * rowsum(W_q)`` (the
@@ -93,11 +98,41 @@ class Int8SparseLinear(nn.Module):
         self.matmul, self.out_dtype = matmul, out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        q = torch.clamp(torch.round(x.reshape(-1, x.shape[-1]).float() / self.input_scale) + self.input_zero_point,
+        lead, rows = x.shape[:-1], x.numel() // x.shape[-1]
+        q = torch.clamp(torch.round(x.reshape(rows, -1).float() / self.input_scale) + self.input_zero_point,
                         ACT_QMIN, ACT_QMAX).to(torch.int8)
-        y = self.matmul(self.packed, q.t().contiguous(), self.alpha).t().float() + self.bias
+        # cuSPARSELt's int8 kernels take the dense operand only as a column-major view (q.t(), not
+        # a contiguous copy) with a multiple of 16 rows ("operation not supported" otherwise)
+        q = F.pad(q, (0, 0, 0, -rows % INT8_ROW_MULTIPLE))
+        product = self.matmul(self.packed, q.t(), self.alpha).t()[:rows]
+        # the product comes out transposed: adding the bias into a row-major buffer hands on a
+        # row-major result, which keeps what follows on its fast paths (see SemiStructuredLinear)
+        y = torch.add(product, self.bias, out=product.new_empty(product.shape, dtype=torch.float32))
         return y.to(self.out_dtype).reshape(*lead, -1)
+
+
+class SemiStructuredLinear(nn.Module):
+    """An fp16/bf16 linear whose weight is a 2:4 ``SparseSemiStructuredTensor``, returning a
+    row-major result.
+
+    PyTorch's semi-structured linear returns the transpose of the kernel's output, a
+    column-major view; left so, it pushes what follows off its fast paths (on an H100 the
+    attention of a LLaMA block fell from cuDNN's fp16 flash kernel to the float32 math fallback,
+    2.6x slower end to end), so the result is copied row-major once here.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias).contiguous()
+
+    def extra_repr(self) -> str:
+        algorithm = getattr(self.weight, "alg_id_cusparselt", None)
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, 2:4 {type(self.weight).__name__}" + \
+            ("" if algorithm is None else f", cuSPARSELt algorithm {algorithm}")
 
 
 def reference_int8_matmul(weight_q: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -105,15 +140,17 @@ def reference_int8_matmul(weight_q: torch.Tensor, x_q_t: torch.Tensor, alpha: to
     return alpha.double()[:, None] * (weight_q.double() @ x_q_t.double())
 
 
-def cusparselt_int8_matmul(packed: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def cusparselt_int8_matmul(packed: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor,
+                           algorithm: int = 0) -> torch.Tensor:
     """cuSPARSELt int8 x int8 with the per-row scales fused as the alpha vector (fp16 result)."""
-    return torch._cslt_sparse_mm(packed, x_q_t, alpha=alpha, out_dtype=torch.float16)
+    return torch._cslt_sparse_mm(packed, x_q_t, alpha=alpha, out_dtype=torch.float16, alg_id=algorithm)
 
 
-def int8_sparse_linear(linear: nn.Linear, backend: str = "reference",
-                       out_dtype: torch.dtype = torch.float32) -> Int8SparseLinear:
+def int8_sparse_linear(linear: nn.Linear, backend: str = "reference", out_dtype: torch.dtype = torch.float32,
+                       algorithm: int = 0) -> Int8SparseLinear:
     """The :class:`Int8SparseLinear` equivalent of a fake-quantized (and 2:4-masked) ``nn.Linear``;
-    ``backend`` is ``"reference"`` (any device) or ``"cusparselt"`` (CUDA)."""
+    ``backend`` is ``"reference"`` (any device) or ``"cusparselt"`` (CUDA, with that cuSPARSELt
+    ``algorithm`` id: see :func:`tuned_algorithm`)."""
     weights = linear.parametrizations["weight"]
     fq = next(p for p in weights if isinstance(p, FakeQuantWeight))
     original = weights.original.detach()
@@ -126,7 +163,8 @@ def int8_sparse_linear(linear: nn.Linear, backend: str = "reference",
     bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros_like(alpha)
     bias = bias - alpha * z_x * weight_q.double().sum(1)
     if backend == "cusparselt":
-        packed, matmul = torch._cslt_compress(weight_q.cuda()), cusparselt_int8_matmul
+        packed = torch._cslt_compress(weight_q.cuda())
+        matmul = functools.partial(cusparselt_int8_matmul, algorithm=algorithm)
     elif backend == "reference":
         packed, matmul = weight_q, reference_int8_matmul
     else:
@@ -147,12 +185,21 @@ class KernelDecision:
     sparse_ms: float | None = None
 
 
+@dataclass(frozen=True)
+class ShapeTiming:
+    """What the device measured for one (device, dtype, out, in, tokens) layer shape."""
+
+    dense_ms: float
+    sparse_ms: float
+    algorithm: int  # the cuSPARSELt algorithm id the sparse figure was measured with (0 under CUTLASS)
+
+
 @dataclass
 class SparseKernelReport:
     device: str
     unavailable: str | None = None  # why no layer could use sparse kernels
     decisions: list[KernelDecision] = field(default_factory=list)
-    timings: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # shape key -> (dense, sparse) ms
+    timings: dict[tuple, ShapeTiming] = field(default_factory=dict)  # (device, kind, out, in, tokens, timing) -> ...
 
     def __str__(self) -> str:
         if self.unavailable:
@@ -172,16 +219,53 @@ def kernel_support() -> str | None:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return f"{torch.cuda.get_device_name()} (sm_{major}{minor}) has no sparse tensor cores (sm_80 or newer)"
+    if major > 8 and not uses_cusparselt():
+        # seen on an H100 (torch 2.11): the CUTLASS kernels raise "Supported only on GPUs with compute capability 8.x"
+        return (f"{torch.cuda.get_device_name()} (sm_{major}{minor}) needs cuSPARSELt, which this PyTorch does not "
+                "use: its CUTLASS 2:4 kernels run on sm_8x only")
     return None
+
+
+def uses_cusparselt() -> bool:
+    """Whether ``to_sparse_semi_structured`` builds cuSPARSELt tensors (else CUTLASS ones)."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    return torch.backends.cusparselt.is_available() and not SparseSemiStructuredTensor._FORCE_CUTLASS
+
+
+def tuned_algorithm(compressed: torch.Tensor, in_features: int, tokens: int, dtype: torch.dtype,
+                    **options: object) -> int:
+    """cuSPARSELt's fastest algorithm id for ``tokens`` input rows, by its own search.
+
+    Its default algorithm is far from the best for some shapes (on an H100 the search picked a
+    non-default one for a 4096x4096 product), and which one wins depends on the token count.  The
+    dense operand is laid out as the kernels receive it: a column-major view, rows padded to 16.
+    """
+    rows = -(-tokens // INT8_ROW_MULTIPLE) * INT8_ROW_MULTIPLE
+    if dtype == torch.int8:
+        x = torch.randint(-127, 128, (rows, in_features), dtype=dtype, device=compressed.device)
+    else:
+        x = torch.randn(rows, in_features, dtype=dtype, device=compressed.device)
+    return int(torch._cslt_sparse_mm_search(compressed, x.t(), **options))
+
+
+def semi_structured_weight(weight: torch.Tensor, algorithm: int = 0) -> torch.Tensor:
+    """``weight`` (2:4 along its columns, on the GPU) as the tensor PyTorch's 2:4 kernels take;
+    ``algorithm`` is the cuSPARSELt algorithm id (CUTLASS has none)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
+
+    if not uses_cusparselt():
+        return to_sparse_semi_structured(weight)
+    sparse = SparseSemiStructuredTensorCUSPARSELT.from_dense(weight)
+    sparse.alg_id_cusparselt = algorithm  # set after: from_dense takes no alg_id before torch 2.13
+    return sparse
 
 
 def shape_constraint(dtype: torch.dtype) -> tuple[int, int] | None:
     """(rows, cols) multiples the semi-structured backend PyTorch will use needs for ``dtype``."""
-    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, \
-        SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-    cusparselt = torch.backends.cusparselt.is_available() and not SparseSemiStructuredTensor._FORCE_CUTLASS
-    table = (SparseSemiStructuredTensorCUSPARSELT if cusparselt else SparseSemiStructuredTensorCUTLASS)._DTYPE_SHAPE_CONSTRAINTS
+    table = (SparseSemiStructuredTensorCUSPARSELT if uses_cusparselt() else SparseSemiStructuredTensorCUTLASS)._DTYPE_SHAPE_CONSTRAINTS
     config = table.get(dtype)
     return None if config is None else (config.sparse_min_rows, config.sparse_min_cols)
 
@@ -204,22 +288,36 @@ def eligible(linear: nn.Module, dtype: torch.dtype) -> str | None:
 
 
 def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype: torch.dtype = torch.float16,
-                      timings: dict[tuple, tuple[float, float]] | None = None,
-                      repeats: int = 50) -> tuple[nn.Module, SparseKernelReport]:
+                      timings: dict[tuple, ShapeTiming] | None = None, repeats: int = 50,
+                      choose: str = "timed", timing: str = "eager") -> tuple[nn.Module, SparseKernelReport]:
     """A copy of ``module`` on the GPU in ``dtype`` whose eligible 2:4 linears call sparse kernels
     where that is faster for the token count the example inputs give them (int8 fake-quantized
     ones the int8 kernel with fused scales); the report says which and why.  ``timings`` from an
-    earlier report skip re-timing equal shapes.  Without a capable GPU: the dense masked module
-    (masks baked in, quantization kept) and the reason."""
+    earlier report skip re-timing (and re-searching the cuSPARSELt algorithm of) equal shapes.
+    Without a capable GPU: the dense masked module (masks baked in, quantization kept) and the
+    reason.
+
+    ``timing`` says how the module will run, and so how both candidates are timed: ``"eager"``
+    (each call dispatched from Python) or ``"graph"`` (replayed from a CUDA graph, as under
+    ``torch.cuda.graphs`` or ``torch.compile(mode="reduce-overhead")``).  It matters: PyTorch's
+    cuSPARSELt binding pays a host cost per call (about 0.6 to 1 ms on an H100 with torch 2.11)
+    that a graph removes, so 2:4 loses eagerly below thousands of tokens and wins in graphs at
+    almost every LLaMA-7B shape (docs/RESULTS.md).  ``choose="sparse"`` converts every eligible
+    layer without timing, for testing the kernels themselves.
+    """
     if dtype not in (torch.float16, torch.bfloat16):
         raise InputError(f"to_sparse_kernels runs fp16 or bf16 layers, got {dtype}")
+    if choose not in ("timed", "sparse"):
+        raise InputError(f"choose must be 'timed' or 'sparse', got {choose!r}")
+    if timing not in ("eager", "graph"):
+        raise InputError(f"timing must be 'eager' or 'graph', got {timing!r}")
     model = clone(module)
     reason = kernel_support()
     if reason is not None:
         return finalize(model), SparseKernelReport("cpu", unavailable=reason)
     report = SparseKernelReport(torch.cuda.get_device_name(), timings=dict(timings or {}))
     candidates: dict[str, nn.Linear] = {}
-    int8: dict[str, Int8SparseLinear] = {}
+    fake_quant: dict[str, nn.Linear] = {}  # the int8 candidates as they were, to build Int8SparseLinear from
     for name, layer in model.named_modules():
         if not (isinstance(layer, nn.Linear) and hasattr(layer, "parametrizations") and "weight" in layer.parametrizations):
             continue
@@ -230,34 +328,59 @@ def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype
         if why is None:
             candidates[name] = layer
             if quantized:
-                int8[name] = int8_sparse_linear(layer, "cusparselt", out_dtype=dtype)
+                fake_quant[name] = clone(layer)
         elif why != "no 2:4 mask along the input features":
             report.decisions.append(KernelDecision(name, "dense", why))
     device = torch.device("cuda")
     set_eval(strip_quantization(finalize(model)).to(device=device, dtype=dtype))
     tokens = _tokens_per_layer(model, candidates, example_inputs, device, dtype)
-    from torch.sparse import to_sparse_semi_structured
-
     for name, layer in candidates.items():
         if name not in tokens:
             report.decisions.append(KernelDecision(name, "dense", "not called on the example inputs"))
             continue
-        kind = "int8" if name in int8 else str(dtype).removeprefix("torch.")
-        key = (report.device, kind, layer.out_features, layer.in_features, tokens[name])
-        if key not in report.timings:
-            report.timings[key] = _time_layer(layer, int8.get(name), tokens[name], repeats)
-        dense_ms, sparse_ms = report.timings[key]
-        verdict = f"{kind} 2:4 {'faster' if sparse_ms < dense_ms else 'not faster'} at {tokens[name]} tokens"
-        if sparse_ms >= dense_ms:
-            report.decisions.append(KernelDecision(name, "dense", verdict, dense_ms, sparse_ms))
-            continue
-        if name in int8:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, int8[name])
+        kind = "int8" if name in fake_quant else str(dtype).removeprefix("torch.")
+        key = (report.device, kind, layer.out_features, layer.in_features, tokens[name], timing)
+        known = report.timings.get(key)
+        replacement, algorithm = sparse_replacement(layer, fake_quant.get(name), tokens[name], dtype,
+                                                     None if known is None else known.algorithm)
+        algorithm_note = f" (cuSPARSELt algorithm {algorithm})" if uses_cusparselt() else ""
+        if choose == "sparse":
+            verdict, dense_ms, sparse_ms = f"{kind} 2:4, asked for (choose='sparse'){algorithm_note}", None, None
         else:
-            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+            if known is None:
+                known = report.timings[key] = ShapeTiming(
+                    *_time_layer(layer, replacement, tokens[name], repeats, timing == "graph"), algorithm)
+            dense_ms, sparse_ms = known.dense_ms, known.sparse_ms
+            faster = sparse_ms < dense_ms
+            verdict = (f"{kind} 2:4 {'faster' if faster else 'not faster'} at {tokens[name]} tokens, timed {timing}"
+                       f"{algorithm_note}")
+            if not faster:
+                report.decisions.append(KernelDecision(name, "dense", verdict, dense_ms, sparse_ms))
+                continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
         report.decisions.append(KernelDecision(name, "sparse", verdict, dense_ms, sparse_ms))
     return model, report
+
+
+def sparse_replacement(layer: nn.Linear, fake_quant: nn.Linear | None, tokens: int, dtype: torch.dtype,
+                        algorithm: int | None) -> tuple[Int8SparseLinear | SemiStructuredLinear, int]:
+    """The 2:4 stand-in for ``layer`` (fp16/bf16 on the GPU, 2:4 masks baked in) and its cuSPARSELt
+    algorithm (searched for ``tokens`` input rows when None): an :class:`Int8SparseLinear` built
+    from ``fake_quant``, the layer's int8 fake-quantized original, when given; else a
+    :class:`SemiStructuredLinear`."""
+    if fake_quant is not None:
+        if algorithm is None:
+            probe = int8_sparse_linear(fake_quant, "cusparselt", out_dtype=dtype)
+            algorithm = tuned_algorithm(probe.packed, layer.in_features, tokens, torch.int8, alpha=probe.alpha,
+                                        out_dtype=torch.float16)
+        return int8_sparse_linear(fake_quant, "cusparselt", out_dtype=dtype, algorithm=algorithm), algorithm
+    weight = layer.weight.detach()
+    if algorithm is None:
+        algorithm = tuned_algorithm(torch._cslt_compress(weight), layer.in_features, tokens, dtype) \
+            if uses_cusparselt() else 0
+    bias = None if layer.bias is None else layer.bias.detach()
+    return SemiStructuredLinear(semi_structured_weight(weight, algorithm), bias), algorithm
 
 
 def _tokens_per_layer(model: nn.Module, layers: dict[str, nn.Linear], example_inputs: ExampleInputs,
@@ -277,28 +400,51 @@ def _tokens_per_layer(model: nn.Module, layers: dict[str, nn.Linear], example_in
     return seen
 
 
-def _time_layer(layer: nn.Linear, int8: Int8SparseLinear | None, tokens: int, repeats: int) -> tuple[float, float]:
-    """Median milliseconds of the dense linear and its sparse replacement for ``tokens`` rows."""
-    from torch.sparse import to_sparse_semi_structured
-
+def _time_layer(layer: nn.Linear, replacement: nn.Module, tokens: int, repeats: int,
+                graph: bool) -> tuple[float, float]:
+    """Median milliseconds of the dense linear and its sparse replacement for ``tokens`` rows,
+    called eagerly or (``graph``) replayed from CUDA graphs."""
     x = torch.randn(tokens, layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
-    if int8 is not None:
-        sparse: Callable[[], torch.Tensor] = lambda: int8(x)  # noqa: E731
-    else:
-        weight = to_sparse_semi_structured(layer.weight.detach())
-        sparse = lambda: F.linear(x, weight, layer.bias)  # noqa: E731
-    return median_ms(lambda: F.linear(x, layer.weight, layer.bias), repeats), median_ms(sparse, repeats)
+    sparse: Callable[[], torch.Tensor] = lambda: replacement(x)  # noqa: E731
+    dense: Callable[[], torch.Tensor] = lambda: F.linear(x, layer.weight, layer.bias)  # noqa: E731
+    if graph:
+        return median_ms(captured(dense), repeats), median_ms(captured(sparse), repeats)
+    return median_ms(dense, repeats), median_ms(sparse, repeats)
 
 
-def median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def captured(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` recorded once into a CUDA graph (after warm-up calls on a side stream, as capture
+    requires); the returned callable replays it on the current stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return graph.replay
+
+
+def median_ms(fn: Callable[[], object], repeats: int, calls: int = 10) -> float:
+    """Median milliseconds per call of ``fn`` on the current CUDA stream.
+
+    Each sample times ``calls`` back-to-back calls between two CUDA events, so the figure is the
+    steady-state cost of the layer in eager mode: kernel time, or the host's dispatch time where
+    that is longer (as it is for small shapes), which is what the model will pay.
+    """
     with torch.no_grad():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = []
+        samples = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / calls)
+    return sorted(samples)[len(samples) // 2]
