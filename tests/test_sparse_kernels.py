@@ -139,6 +139,11 @@ def test_gpu_conversion():
         want = gp.finalize(clone(result.module)).half().cuda()(x.half().cuda())
         got = converted(x.half().cuda())
     assert _relative_error(got, want) < 2e-3
+    # bf16 runs the same kernels (forced here, so that the kernel itself is exercised)
+    bf16, _ = result.to_sparse_kernels(dtype=torch.bfloat16, choose="sparse")
+    with torch.no_grad():
+        want16 = gp.finalize(clone(result.module)).bfloat16().cuda()(x.bfloat16().cuda())
+        assert isinstance(bf16[0], SemiStructuredLinear) and _relative_error(bf16(x.bfloat16().cuda()), want16) < 1e-2
     # the timings of the first call are reused: nothing is timed again
     _, again = result.to_sparse_kernels(timings=report.timings)
     assert again.timings == report.timings and [d.choice for d in again.decisions] == [d.choice for d in report.decisions]
