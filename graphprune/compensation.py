@@ -10,9 +10,20 @@ value ``W[:, c] * E[x_c]`` (measured on calibration data at the layer's input, i
 is folded into the layer's bias (FLAP's compensation).  Exact when the removed channels are
 constant on the data; layers without a bias are left as they are and counted.
 
+With ``bias``, a LayerNorm or RMSNorm whose normalised channels lose some also computes its
+statistics over fewer channels, which changes every kept channel's output (an RMSNorm over
+channels that were zero on the data scales them all by ``sqrt(d/k)``).  :func:`record_norms` keeps
+each such norm's input and kept dense outputs on the calibration data (in the dense model; memory
+is the calibration activations at those norms); :func:`refit_norms` then re-fits the pruned norm's
+affine per channel, ``gamma' = a * gamma`` and ``beta' = a * beta + b``, by least squares of the
+dense outputs on the pruned norm's outputs.  ``a = 1, b = 0`` is a candidate, so the calibration
+error never grows; exact in the RMSNorm case above.  Norms are ``nn.LayerNorm``, ``nn.RMSNorm``
+and modules with a 1-D ``weight`` and a ``variance_epsilon`` (Hugging Face's RMSNorm classes).
+
 ``reconstruct``: each layer that lost inputs gets new weights (and bias, if it has one) by least
 squares with a ridge towards its pruned weights, so that on the calibration data its outputs, fed by
-the *pruned* model, match the dense layer's outputs fed by the dense model.  A layer with fewer
+the *pruned* model, match the dense layer's outputs fed by the dense model (a grouped or depthwise
+convolution one problem per group).  A layer with fewer
 calibration rows (tokens, or conv output positions) than unknowns per output is left alone, and with
 two or more batches the last is held out: a fit on the others that does not lower the error on it is
 not kept (such a fit matches the calibration set and nothing else).  Both are reported.  Layers go in graph order, each one seeing inputs
@@ -86,6 +97,82 @@ def bias_corrections(analysis: Analysis, model: nn.Module, plan: Plan,
     return corrections, without_bias
 
 
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The norms :func:`refit_norms` knows how to re-fit (see the module doc), by name."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            found[name] = module
+        elif hasattr(module, "variance_epsilon") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            found[name] = module
+    return found
+
+
+@dataclass
+class NormRecord:
+    """A norm that loses channels: which it keeps, and per calibration batch its dense input and
+    the dense output at the kept channels."""
+
+    keep: torch.Tensor
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+
+def record_norms(analysis: Analysis, model: nn.Module, plan: Plan, calibration: list[Any]) -> dict[str, NormRecord]:
+    """Run the dense ``model`` on ``calibration`` and keep what :func:`refit_norms` needs."""
+    masks = plan.masks(analysis)
+    records: dict[str, NormRecord] = {}
+    for name, module in norm_modules(model).items():
+        weight = f"{name}.weight" if name else "weight"
+        if weight not in analysis.tensors:
+            continue
+        keep = analysis.spaces.keep_mask(analysis.tensors[weight][1][0], masks)
+        if not bool(keep.all()):
+            records[name] = NormRecord(keep, [], [])
+    if records:
+        run_batches(model, calibration,
+                    {name: lambda x, r=r: r.inputs.append(x.detach().clone()) for name, r in records.items()},
+                    {name: lambda y, r=r: r.targets.append(y.detach()[..., r.keep].clone()) for name, r in records.items()})
+    return records
+
+
+def refit_norms(model: nn.Module, records: dict[str, NormRecord]) -> dict[str, tuple[float, float]]:
+    """Re-fit the affine of each pruned norm of ``records`` (see the module doc); returns per norm the
+    relative squared calibration error of its kept outputs before and after."""
+    errors = {}
+    with eval_mode(model), torch.no_grad():
+        for name, record in records.items():
+            module = model.get_submodule(name)
+            k = int(record.keep.sum())
+            s = {key: torch.zeros(k, dtype=torch.float64) for key in ("z", "y", "zz", "zy", "yy")}
+            rows = 0
+            for x, y in zip(record.inputs, record.targets, strict=True):
+                z = module(x[..., record.keep]).double().reshape(-1, k).cpu()
+                y = y.double().reshape(-1, k).cpu()
+                rows += z.shape[0]
+                for key, value in (("z", z), ("y", y), ("zz", z * z), ("zy", z * y), ("yy", y * y)):
+                    s[key] += value.sum(0)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                var = s["zz"] / rows - (s["z"] / rows) ** 2
+                cov = s["zy"] / rows - (s["z"] / rows) * (s["y"] / rows)
+                a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
+                b = s["y"] / rows - a * s["z"] / rows
+            else:
+                a = torch.where(s["zz"] > 1e-12, s["zy"] / s["zz"].clamp_min(1e-12), torch.ones_like(s["zz"]))
+                b = torch.zeros_like(a)
+            before = (s["yy"] - 2 * s["zy"] + s["zz"]).sum()
+            after = (s["yy"] - 2 * a * s["zy"] - 2 * b * s["y"] + a * a * s["zz"] + 2 * a * b * s["z"]
+                     + rows * b * b).sum()
+            total = s["yy"].sum().clamp_min(1e-30)
+            errors[name] = (float(before / total), float(after.clamp_min(0) / total))
+            module.weight.mul_(a.to(module.weight))
+            if isinstance(bias, torch.Tensor):
+                bias.mul_(a.to(bias)).add_(b.to(bias))
+    return errors
+
+
 def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Per output channel, the mean contribution of the ``removed`` input channels (``mean``: the
     input's mean per channel) through ``weight`` in ``layout``."""
@@ -129,9 +216,9 @@ def reconstruct(analysis: Analysis, dense: nn.Module, pruned: nn.Module, plan: P
         module = pruned.get_submodule(layer.module)
         if layer.matmul:
             skipped[layer.weight] = "a matmul inside a larger module"
-        elif layer.layout == CONV and (layer.groups > 1 or isinstance(module.padding, str)
-                                       or module.padding_mode != "zeros" or module.weight.dim() > 4):
-            skipped[layer.weight] = "grouped, 3-D or non-zero-padded convolution"
+        elif layer.layout == CONV and (isinstance(module.padding, str) or module.padding_mode != "zeros"
+                                       or module.weight.dim() > 4):
+            skipped[layer.weight] = "3-D, 'same'-padded or non-zero-padded convolution"
         else:
             out_atom = analysis.tensors[layer.weight][1][1 if layer.layout == CONV1D else 0]
             record = _refit(layer, dense, pruned, spaces.keep_mask(out_atom, masks), calibration, damp)
@@ -144,55 +231,65 @@ def reconstruct(analysis: Analysis, dense: nn.Module, pruned: nn.Module, plan: P
 
 def _refit(layer: Consumer, dense: nn.Module, pruned: nn.Module, keep_out: torch.Tensor, calibration: list[Any],
            damp: float) -> Reconstruction:
+    """Re-fit one layer; a grouped convolution is one least-squares problem per group (its outputs
+    read only their group's inputs), with one held-out check over all groups."""
     module = pruned.get_submodule(layer.module)
     attr = layer.weight.rpartition(".")[2]
     weight = getattr(module, attr)
     bias = module.bias if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+    groups = module.groups if layer.layout == CONV else 1
+    per_group = int(keep_out.sum()) // groups  # outputs of each group, in the pruned layer
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def columns(x: torch.Tensor) -> torch.Tensor:
+    def columns(x: torch.Tensor, group: int) -> torch.Tensor:
         x = x.detach().double()
-        cols = conv_columns(x, ConvGeometry.of(module), 0) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
+        cols = conv_columns(x, ConvGeometry.of(module), group) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
         return torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1) if bias is not None else cols
 
-    def targets(y: torch.Tensor) -> torch.Tensor:
+    def targets(y: torch.Tensor, group: int) -> torch.Tensor:
         y = y.detach().double()
         y = y.movedim(1, -1).reshape(-1, y.shape[1]) if layer.layout == CONV else y.reshape(-1, y.shape[-1])
-        return y[:, keep_out]
+        return y[:, keep_out][:, group * per_group:(group + 1) * per_group]
 
-    # normal equations (gram, cross, ||y||^2, rows) of all batches but the last, and of the last;
-    # with two or more batches the last is held out: the fit on the others must lower its error
-    fit = check = None
+    # per group, normal equations (gram, cross, ||y||^2, rows) of all batches but the last, and of
+    # the last; with two or more batches the last is held out: the fit on the others must lower its error
+    fit: list[tuple | None] = [None] * groups
+    check: list[tuple | None] = [None] * groups
     for i, batch in enumerate(calibration):
         seen.clear()  # a module called several times per forward contributes every call
         run_batches(dense, [batch], {}, {layer.module: lambda y: seen.setdefault("y", []).append(y)})
         run_batches(pruned, [batch], {layer.module: lambda x: seen.setdefault("x", []).append(x)})
-        a = torch.cat([columns(x) for x in seen["x"]])
-        y = torch.cat([targets(y) for y in seen["y"]])
-        eqs = (a.T @ a, a.T @ y, float(y.pow(2).sum()), a.shape[0])
-        if i == len(calibration) - 1 and i > 0:
-            check = eqs
-        else:
-            fit = eqs if fit is None else _add(fit, eqs)
-    check = check or fit
-    everything = _add(fit, check) if check is not fit else fit
+        held_out = i == len(calibration) - 1 and i > 0
+        for g in range(groups):
+            a = torch.cat([columns(x, g) for x in seen["x"]])
+            y = torch.cat([targets(y, g) for y in seen["y"]])
+            eqs = (a.T @ a, a.T @ y, float(y.pow(2).sum()), a.shape[0])
+            if held_out:
+                check[g] = eqs
+            else:
+                fit[g] = eqs if fit[g] is None else _add(fit[g], eqs)
+    check = [c or f for c, f in zip(check, fit)]
+    everything = [_add(f, c) if c is not f else f for f, c in zip(fit, check)]
     current = to_matrix(weight.detach(), layer.layout).double()  # [out, k]
     if bias is not None:
         current = torch.cat([current, bias.detach().double()[:, None]], 1)
+    rows = [current[g * per_group:(g + 1) * per_group] for g in range(groups)]
     unknowns = current.shape[1]
-    if fit[3] < unknowns:
-        return Reconstruction(layer.weight, 0.0, 0.0, f"{fit[3]} calibration rows to fit {unknowns} unknowns per "
+    if fit[0][3] < unknowns:
+        return Reconstruction(layer.weight, 0.0, 0.0, f"{fit[0][3]} calibration rows to fit {unknowns} unknowns per "
                                                       "output: give more calibration data to reconstruct it")
-    if _error(_solve(fit, current, damp), check) >= _error(current, check):
-        before = _error(current, everything)
+    held_before = _error(rows, check)
+    if _error([_solve(f, r, damp) for f, r in zip(fit, rows)], check) >= held_before:
+        before = _error(rows, everything)
         return Reconstruction(layer.weight, before, before, "the fit did not lower the error on the held-out batch")
-    solution = _solve(everything, current, damp)
-    before, after = _error(current, everything), _error(solution, everything)
+    solution = [_solve(e, r, damp) for e, r in zip(everything, rows)]
+    before, after = _error(rows, everything), _error(solution, everything)
+    solved = torch.cat(solution)
     k = unknowns - (bias is not None)
     with torch.no_grad():
-        weight.copy_(from_matrix(solution[:, :k], layer.layout, weight.shape).to(weight.dtype))
+        weight.copy_(from_matrix(solved[:, :k], layer.layout, weight.shape).to(weight.dtype))
         if bias is not None:
-            bias.copy_(solution[:, k].to(bias.dtype))
+            bias.copy_(solved[:, k].to(bias.dtype))
     return Reconstruction(layer.weight, before, after)
 
 
@@ -209,7 +306,7 @@ def _solve(eqs: tuple, current: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.solve(gram + strength * eye, cross + strength * current.T).T
 
 
-def _error(w: torch.Tensor, eqs: tuple) -> float:
-    """``||A w^T - Y||^2 / ||Y||^2`` from the normal equations."""
-    gram, cross, total = eqs[0], eqs[1], eqs[2]
-    return float((w @ gram * w).sum() - 2 * (w * cross.T).sum() + total) / max(total, 1e-30)
+def _error(weights: list[torch.Tensor], eqs: list[tuple]) -> float:
+    """``sum ||A_g w_g^T - Y_g||^2 / sum ||Y_g||^2`` over the groups, from their normal equations."""
+    squared = sum(float((w @ e[0] * w).sum() - 2 * (w * e[1].T).sum() + e[2]) for w, e in zip(weights, eqs))
+    return squared / max(sum(e[2] for e in eqs), 1e-30)

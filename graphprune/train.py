@@ -152,6 +152,13 @@ class LearnableNMMask(nn.Module):
         self.logits = nn.Parameter(prior_strength * (groups @ self.candidates.T) / pattern.n)  # [G, K]
         self.temperature, self.scale = 1.0, 1.0
 
+    def expected(self) -> torch.Tensor:
+        """The mask's expectation under the current logits, scale and temperature (no Gumbel noise),
+        in the weight's layout: differentiable in the logits."""
+        probabilities = torch.softmax(self.logits * self.scale / self.temperature, dim=-1)
+        groups = probabilities @ self.candidates
+        return from_matrix(groups.reshape(self.matrix_shape), self.pattern.layout, self.shape)
+
     def hard(self) -> torch.Tensor:
         """The most likely candidate of every group, in the weight's layout."""
         groups = self.candidates[self.logits.argmax(-1)]
@@ -175,12 +182,23 @@ class LearnedMasks:
     distillation from the dense model; call :meth:`step` after each optimizer step (temperature falls
     from ``temperature[0]`` to ``[1]`` and the logit scale rises from ``scale[0]`` to ``[1]``,
     geometrically over ``steps``); :meth:`finalize` keeps the most likely candidates as plain masks.
+
+    ``weight_regularization=λ`` makes :meth:`regularization` return ``-λ`` times the share of the
+    weights' squared magnitude the expected masks keep, averaged over the masked weights so that
+    λ does not grow with depth (MaskLLM's sparse weight regularisation):
+    added to the loss, it pulls masks that flip towards keeping large weights instead of drifting
+    to whatever fits the few calibration batches.  With little data, report a held-out score to
+    :meth:`observe` every so often; :meth:`finalize` then keeps the masks of the best score seen,
+    not the last ones (on MiniLM, 200 steps on 64 sentences ended worse than 40 did).
     """
 
     def __init__(self, model: nn.Module, *, steps: int = 1000, temperature: tuple[float, float] = (4.0, 0.05),
-                 scale: tuple[float, float] = (1.0, 10.0), prior_strength: float = 3.0) -> None:
+                 scale: tuple[float, float] = (1.0, 10.0), prior_strength: float = 3.0,
+                 weight_regularization: float = 0.0) -> None:
         if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
             raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
+        if weight_regularization < 0:
+            raise InputError(f"weight_regularization must be >= 0, got {weight_regularization}")
         self.masks: list[tuple[nn.Module, str, LearnableNMMask]] = []
         self.names: list[str] = []  # the masked weights' names, aligned with ``masks``
         self.frozen: list[tuple[torch.Tensor, bool]] = []
@@ -201,7 +219,9 @@ class LearnedMasks:
                 self.frozen.append((p, p.requires_grad))
                 p.requires_grad_(False)
         self.model, self.total, self.temperature, self.scale = model, steps, temperature, scale
+        self.weight_regularization = weight_regularization
         self.steps = 0
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (score, step, logits)
         self._schedule()
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -235,9 +255,35 @@ class LearnedMasks:
         self.steps += 1
         self._schedule()
 
+    def regularization(self) -> torch.Tensor:
+        """``-weight_regularization`` times the share of squared weight magnitude the expected masks
+        keep, averaged over the masked weights (0 when the option is off); add it to the loss."""
+        device = self.masks[0][2].logits.device
+        total = torch.zeros((), device=device)
+        if not self.weight_regularization:
+            return total
+        for module, name, mask in self.masks:
+            energy = module.parametrizations[name].original.detach().float().pow(2)
+            kept = (energy * mask.expected().to(energy.device)).sum() / energy.sum().clamp_min(1e-30)
+            total = total + kept.to(device)
+        return -self.weight_regularization * total / len(self.masks)
+
+    def observe(self, score: float) -> bool:
+        """Record a held-out ``score`` (higher is better) for the current masks; returns whether it
+        is the best so far, whose masks :meth:`finalize` will keep."""
+        if score != score:  # NaN
+            raise InputError("observe() got a NaN score")
+        if self.best is not None and score <= self.best[0]:
+            return False
+        self.best = (score, self.steps, self.logits())
+        return True
+
     def finalize(self) -> nn.Module:
-        """Plain :class:`NMMask` parametrizations with the learned masks, pruned weights zeroed,
-        patterns checked, and the weights' ``requires_grad`` as they were."""
+        """Plain :class:`NMMask` parametrizations with the learned masks (those of the best
+        :meth:`observe` score, if any was reported), pruned weights zeroed, patterns checked, and
+        the weights' ``requires_grad`` as they were."""
+        if self.best is not None:
+            self.load_logits(self.best[2])
         for module, name, mask in self.masks:
             plist = module.parametrizations[name]
             index = next(i for i, p in enumerate(plist) if p is mask)

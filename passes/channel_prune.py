@@ -23,7 +23,8 @@ from graphprune.errors import InputError
 from graphprune.calibration import batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.compensation import apply_bias_corrections, bias_corrections, reconstruct, reestimate_batchnorm
+from graphprune.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
+                                     reestimate_batchnorm, refit_norms)
 from graphprune.copying import clone
 from graphprune.sensitivity import output_errors
 from graphprune import onnx_compensation
@@ -56,7 +57,8 @@ class ChannelPrune(Pass):
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
             the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
-            channels into each consumer's bias; ``"bias+batchnorm"`` for both, bias first;
+            channels into each consumer's bias (and re-fit the affine of each LayerNorm/RMSNorm that
+            normalises over fewer channels); ``"bias+batchnorm"`` for both, bias first;
             ``"reconstruct"`` to re-fit each layer that lost inputs by ridge least squares to the dense
             model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
             layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
@@ -317,13 +319,16 @@ class ChannelPrune(Pass):
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
                                                      "sensitivity allocation)")
         plan = self.plan(analysis, state.model, calibration)
-        corrections, without_bias = ({}, 0)
+        corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
             corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)
+            norms = record_norms(analysis, state.model, plan, calibration)
         dense = clone(state.model) if self.compensate and "reconstruct" in self.compensate and plan.keep else None
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
         apply_bias_corrections(state.model, corrections)
+        norm_errors = refit_norms(state.model, norms)
+        del norms
         refits, not_refit = reconstruct(analysis, dense, state.model, plan, calibration, self.damp) \
             if dense is not None else ([], {})
         del dense
@@ -343,6 +348,10 @@ class ChannelPrune(Pass):
         if self.compensate and "bias" in self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
                 f" ({without_bias} without a bias left as they are)" if without_bias else "")
+        if norm_errors:
+            before = sum(b for b, _ in norm_errors.values()) / len(norm_errors)
+            after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
+            details["norm re-fit"] = f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
         return PassResult(state, bool(plan.keep), details)
 
     def call_onnx(self, state: OnnxState) -> PassResult:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,56 +15,85 @@ from hypothesis import strategies as st
 WIDTHS = [4, 6, 8, 12, 16]
 
 
-class Block(nn.Module):
-    """One randomly chosen block; ``kind`` picks the forward."""
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "identity": nn.Identity}
 
-    def __init__(self, kind: str, c: int, draw) -> None:
+
+def draw_block(draw, kind: str, c: int) -> dict:
+    """The spec of one block of ``kind`` reading ``c`` channels: its kind and the sizes it needs."""
+    divisors = lambda options, *sizes: [g for g in options if all(n % g == 0 for n in sizes)]  # noqa: E731
+    if kind == "conv":
+        c_out = draw(st.sampled_from(WIDTHS))
+        return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2, 4), c, c_out))),
+                "kernel": draw(st.sampled_from([1, 3])), "norm": draw(st.booleans()),
+                "act": draw(st.sampled_from(sorted(ACTIVATIONS)))}
+    if kind == "residual":
+        return {"kind": kind, "hidden": draw(st.sampled_from(WIDTHS))}
+    if kind == "dense":
+        return {"kind": kind, "grow": draw(st.sampled_from([2, 4]))}
+    if kind == "split":
+        return {"kind": kind, "first": draw(st.integers(1, c - 1))}
+    if kind == "glu":
+        return {"kind": kind if c % 2 == 0 else "identity"}
+    if kind == "depthwise":
+        return {"kind": kind, "mult": draw(st.sampled_from([1, 2]))}
+    if kind == "shuffle":
+        return {"kind": kind, "groups": draw(st.sampled_from(divisors((2, 3, 4), c) or [1]))}
+    if kind == "groupnorm":
+        return {"kind": kind, "groups": draw(st.sampled_from(divisors((1, 2, 4), c)))}
+    if kind == "attention":
+        heads = draw(st.sampled_from([2, 4]))
+        return {"kind": kind, "heads": heads, "kv_heads": draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0])),
+                "head_dim": draw(st.sampled_from([2, 4]))}
+    if kind == "transposed":
+        c_out = draw(st.sampled_from(WIDTHS))
+        return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2), c, c_out)))}
+    return {"kind": kind}  # pixel, se, dilated, gate, channels_last, tied: no sizes to draw
+
+
+def out_channels(spec: dict, c: int) -> int:
+    """The channels a block of ``spec`` hands on, reading ``c``."""
+    kind = spec["kind"]
+    return {"conv": spec.get("c_out"), "transposed": spec.get("c_out"), "dense": c + spec.get("grow", 0),
+            "glu": c // 2, "depthwise": c * spec.get("mult", 1)}.get(kind) or c
+
+
+class Block(nn.Module):
+    """One block built from its spec (:func:`draw_block`); ``kind`` picks the forward."""
+
+    def __init__(self, spec: dict, c: int) -> None:
         super().__init__()
-        self.kind = kind
-        self.c_out = c
+        kind = self.kind = spec["kind"]
+        self.c_out = out_channels(spec, c)
         if kind == "conv":
-            self.c_out = draw(st.sampled_from(WIDTHS))
-            groups = draw(st.sampled_from([g for g in (1, 2, 4) if c % g == 0 and self.c_out % g == 0]))
-            self.conv = nn.Conv2d(c, self.c_out, draw(st.sampled_from([1, 3])), padding="same", groups=groups)
-            self.norm = nn.BatchNorm2d(self.c_out) if draw(st.booleans()) else nn.Identity()
-            self.act = draw(st.sampled_from([nn.ReLU(), nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Identity()]))
+            self.conv = nn.Conv2d(c, self.c_out, spec["kernel"], padding="same", groups=spec["groups"])
+            self.norm = nn.BatchNorm2d(self.c_out) if spec["norm"] else nn.Identity()
+            self.act = ACTIVATIONS[spec["act"]]()
         elif kind == "residual":
-            hidden = draw(st.sampled_from(WIDTHS))
-            self.a, self.b = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, c, 3, padding=1)
+            self.a, self.b = nn.Conv2d(c, spec["hidden"], 1), nn.Conv2d(spec["hidden"], c, 3, padding=1)
             self.bn = nn.BatchNorm2d(c)
         elif kind == "dense":
-            grow = draw(st.sampled_from([2, 4]))
-            self.conv = nn.Conv2d(c, grow, 3, padding=1)
-            self.c_out = c + grow
+            self.conv = nn.Conv2d(c, spec["grow"], 3, padding=1)
         elif kind == "split":
-            self.first = draw(st.integers(1, c - 1))
+            self.first = spec["first"]
             self.conv = nn.Conv2d(self.first, self.first, 1)
-        elif kind == "glu" and c % 2 == 0:
-            self.c_out = c // 2
         elif kind == "depthwise":
-            mult = draw(st.sampled_from([1, 2]))
-            self.conv = nn.Conv2d(c, c * mult, 3, padding=1, groups=c)
-            self.c_out = c * mult
+            self.conv = nn.Conv2d(c, c * spec["mult"], 3, padding=1, groups=c)
         elif kind == "shuffle":
-            self.groups = draw(st.sampled_from([g for g in (2, 3, 4) if c % g == 0] or [1]))
+            self.groups = spec["groups"]
         elif kind == "pixel":
             self.conv = nn.Conv2d(c, c * 4, 1)
         elif kind == "se":
             self.fc1, self.fc2 = nn.Linear(c, max(2, c // 2)), nn.Linear(max(2, c // 2), c)
         elif kind == "groupnorm":
-            self.norm = nn.GroupNorm(draw(st.sampled_from([g for g in (1, 2, 4) if c % g == 0])), c)
+            self.norm = nn.GroupNorm(spec["groups"], c)
         elif kind == "attention":
-            self.heads = draw(st.sampled_from([2, 4]))
-            self.kv_heads = draw(st.sampled_from([h for h in (1, 2, self.heads) if self.heads % h == 0]))
-            self.head_dim = draw(st.sampled_from([2, 4]))
+            self.heads, self.kv_heads, self.head_dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
             self.q = nn.Linear(c, self.heads * self.head_dim)
             self.kv = nn.Linear(c, 2 * self.kv_heads * self.head_dim)
             self.o = nn.Linear(self.heads * self.head_dim, c)
             self.norm = nn.LayerNorm(c)
         elif kind == "transposed":
-            self.c_out = draw(st.sampled_from(WIDTHS))
-            groups = draw(st.sampled_from([g for g in (1, 2) if c % g == 0 and self.c_out % g == 0]))
-            self.conv = nn.ConvTranspose2d(c, self.c_out, 3, padding=1, groups=groups)
+            self.conv = nn.ConvTranspose2d(c, self.c_out, 3, padding=1, groups=spec["groups"])
         elif kind == "dilated":
             self.conv = nn.Conv2d(c, c, 3, padding=2, dilation=2)
         elif kind == "gate":  # x * sigmoid(conv(x)): a multiply of two activations of one space
@@ -68,8 +102,8 @@ class Block(nn.Module):
             self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
         elif kind == "tied":  # one module called twice: its weight couples both uses
             self.conv = nn.Conv2d(c, c, 3, padding=1)
-        else:
-            self.kind = "identity"
+        elif kind not in ("glu", "identity"):
+            raise ValueError(f"unknown block kind {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kind
@@ -138,16 +172,24 @@ KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "p
 
 
 @st.composite
-def networks(draw) -> Generated:
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    c = draw(st.sampled_from(WIDTHS))
+def network_specs(draw) -> dict:
+    """A network as plain data (JSON-able): the seed of its weights, the stem width, the blocks."""
+    seed, c, blocks = draw(st.integers(0, 2**16)), draw(st.sampled_from(WIDTHS)), []
     stem = c
-    blocks = []
     for _ in range(draw(st.integers(1, 5))):
-        block = Block(draw(st.sampled_from(KINDS)), c, draw)
-        blocks.append(block)
-        c = block.c_out
-    model = Generated(stem, blocks, draw(st.booleans())).eval()
+        blocks.append(draw_block(draw, draw(st.sampled_from(KINDS)), c))
+        c = out_channels(blocks[-1], c)
+    return {"seed": seed, "stem": stem, "flatten_head": draw(st.booleans()), "blocks": blocks}
+
+
+def build(spec: dict) -> Generated:
+    """The network of ``spec``, with the same weights every time."""
+    torch.manual_seed(spec["seed"])
+    blocks, c = [], spec["stem"]
+    for block_spec in spec["blocks"]:
+        blocks.append(Block(block_spec, c))
+        c = blocks[-1].c_out
+    model = Generated(spec["stem"], blocks, spec["flatten_head"]).eval()
     with torch.no_grad():  # non-trivial norm statistics and affine parameters
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -156,3 +198,21 @@ def networks(draw) -> Generated:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model
+
+
+REGRESSIONS = Path(__file__).parent / "regressions"
+
+
+@contextmanager
+def kept_if_failing(spec: dict, test: str) -> Iterator[None]:
+    """Run an oracle on ``spec``; if it fails, write the spec to ``tests/regressions/<test>.json``,
+    where ``test_saved_regressions`` replays it from then on.  Hypothesis shrinks a failure and
+    replays the minimal example last, so the file ends up holding the minimal network."""
+    try:
+        yield
+    except Exception as failure:
+        REGRESSIONS.mkdir(exist_ok=True)
+        path = REGRESSIONS / f"{test}.json"
+        path.write_text(json.dumps(spec, indent=1) + "\n")
+        failure.add_note(f"the failing network's spec is saved as {path}: commit it (renamed) as a regression test")
+        raise

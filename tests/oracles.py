@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 
 from graphprune.analysis import Analysis
 from graphprune.capture import normalize_inputs
+from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.plan import Plan
 
 
@@ -95,3 +96,26 @@ def zero_removed_onnx(capture, analysis: Analysis, plan: Plan):
         value.const_value = ir.tensor(array, name=name)
     shapes, outs = measure(model, capture.feeds)
     return OnnxCapture(model, capture.feeds, shapes, outs)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to check later that nothing touched the model."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Same names and bit-identical values as at ``snapshot`` time (and no parametrizations added)."""
+    state = model.state_dict()
+    return state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
+
+
+class Explodes(Pass):
+    """A pass that damages the working model and then fails (the non-destructive oracle's probe)."""
+
+    accepts = frozenset(Stage)
+
+    def call(self, state: CompressionState) -> PassResult:
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.zero_()
+        raise RuntimeError("injected failure")

@@ -13,21 +13,12 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from tests.oracles import Explodes, snapshot, unchanged
 
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-
-
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
-    state = model.state_dict()
-    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
 def test_wrong_example_inputs():
@@ -155,26 +146,14 @@ def test_pruning_the_same_model_twice():
         gp.prune(masked.module, x, passes=[NMSparsity(2, 4, dense_heads=False)])
 
 
-class _Explodes(Pass):
-    """A pass that damages the working model and then fails."""
-
-    accepts = frozenset(Stage)
-
-    def call(self, state: CompressionState) -> PassResult:
-        with torch.no_grad():
-            for p in state.model.parameters():
-                p.zero_()
-        raise RuntimeError("injected failure")
-
-
-@pytest.mark.parametrize("passes", [[_Explodes()], [ChannelPrune(0.5), _Explodes()],
-                                    [NMSparsity(2, 4, dense_heads=False), Quantize(), _Explodes()]])
+@pytest.mark.parametrize("passes", [[Explodes()], [ChannelPrune(0.5), Explodes()],
+                                    [NMSparsity(2, 4, dense_heads=False), Quantize(), Explodes()]])
 def test_a_failing_pass_leaves_the_callers_model_untouched(passes):
     model = _mlp()
-    snapshot = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(RuntimeError, match="injected failure"):
         gp.prune(model, (torch.randn(2, 8),), passes=passes, calibration=[(torch.randn(4, 8),)])
-    assert _same(model, snapshot) and type(model[0]) is nn.Linear
+    assert unchanged(model, before) and type(model[0]) is nn.Linear
 
 
 # ------------------------------------------------------------------ ONNX files

@@ -94,6 +94,71 @@ def test_bias_compensation_is_exact_when_removed_channels_are_constant(act):
     assert torch.allclose(fixed.module(*x), dense, atol=1e-5)
 
 
+class _HuggingFaceStyleRMSNorm(nn.Module):
+    """The Hugging Face RMSNorm convention (LlamaRMSNorm & co.): ``weight`` and ``variance_epsilon``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(size) + 0.5)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.RMSNorm(16, eps=1e-6), lambda: _HuggingFaceStyleRMSNorm(16)], ids=["torch", "hf"])
+def test_norm_refit_is_exact_for_an_rmsnorm_that_loses_channels_which_were_zero(norm):
+    """Over k of d channels the RMS of a token whose other channels are zero is sqrt(d/k) times
+    larger, for every token: one scale per channel undoes it exactly; without it outputs shrink."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), norm(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[8:] = 0.0  # channels 8..15 are zero on any data, and they are the ones removed
+        model[0].bias[8:] = 0.0
+    batches = [(torch.randn(32, 8),) for _ in range(2)]
+    x = (torch.randn(5, 8),)
+    plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half)], calibration=batches)
+    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="bias")],
+                     calibration=batches)
+    assert fixed.module[1].weight.shape == (8,)
+    details = fixed.report.rows[0].details
+    assert details["norm re-fit"].startswith("1 norms") and float(details["norm re-fit"].split("-> ")[1]) < 1e-9
+    dense = model(*x)
+    assert not torch.allclose(plain.module(*x), dense, atol=1e-3)
+    assert torch.allclose(fixed.module(*x), dense, atol=1e-5)
+
+
+def test_norm_refit_never_increases_the_calibration_error_of_a_layernorm():
+    from graphprune.apply import apply_plan
+    from graphprune.compensation import record_norms, refit_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 4)).eval()
+    batches = [(torch.randn(64, 8) * 3 + 1,) for _ in range(2)]
+    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="bias")], calibration=batches)
+    assert "norm re-fit" in result.report.rows[0].details
+    # the same steps by hand, checking the error the re-fit reports against a direct measurement
+    analysis = gp.analyze(model, batches[0])
+    plan = ChannelPrune(0.5).plan(analysis, model, None)
+    records = record_norms(analysis, model, plan, batches)
+    pruned = apply_plan(model, analysis, plan).module
+    keep = records["1"].keep
+
+    def error(norm: nn.Module) -> float:
+        with torch.no_grad():
+            dense_out = [model[1](model[0](x))[..., keep] for (x,) in batches]
+            pruned_out = [norm(model[0](x)[..., keep]) for (x,) in batches]
+        return sum(float((p - d).pow(2).sum()) for p, d in zip(pruned_out, dense_out)) / \
+            sum(float(d.pow(2).sum()) for d in dense_out)
+
+    before = error(pruned[1])
+    errors = refit_norms(pruned, records)
+    after = error(pruned[1])
+    assert errors["1"][0] == pytest.approx(before, rel=1e-6) and errors["1"][1] == pytest.approx(after, rel=1e-5)
+    assert after < before
+
+
 def test_bias_compensation_on_convs_and_layers_without_bias():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
@@ -152,6 +217,47 @@ def test_reconstruction_never_increases_calibration_error():
     records, skipped = reconstruct(analysis, model, pruned, plan, batches)
     assert records and all(r.error_after <= r.error_before for r in records)
     assert set(skipped) == {"5.weight"}  # the linear has 289 unknowns per output and 48 rows to fit them
+
+
+def test_reconstruction_of_a_grouped_conv_is_exact_per_group():
+    """A grouped conv's outputs read only their group's inputs: each group is its own fit, and
+    removed inputs that are multiples of kept ones of the same group lose nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Identity(), nn.Conv2d(16, 8, 3, padding=1, groups=2)).eval()
+    with torch.no_grad():  # in each conv group of 8 inputs, inputs 4..7 are 2 x inputs 0..3
+        for g in (0, 8):
+            model[0].weight[g + 4:g + 8] = 2 * model[0].weight[g:g + 4]
+            model[0].bias[g + 4:g + 8] = 2 * model[0].bias[g:g + 4]
+    batches = [(torch.randn(8, 3, 6, 6),) for _ in range(3)]
+    x = (torch.randn(2, 3, 6, 6),)
+    plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half)], calibration=batches)
+    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="reconstruct",
+                                                    damp=1e-9)], calibration=batches)
+    assert fixed.module[2].weight.shape == (8, 4, 3, 3) and fixed.module[2].groups == 2
+    dense = model(*x)
+    assert not torch.allclose(plain.module(*x), dense, atol=1e-2)
+    assert torch.allclose(fixed.module(*x), dense, atol=1e-4)
+    assert fixed.report.rows[0].details["reconstruction"].startswith("1 layers")
+
+
+def test_reconstruction_refits_grouped_convs_after_a_depthwise_one_without_increasing_error():
+    from graphprune.apply import apply_plan
+    from graphprune.compensation import reconstruct
+    from graphprune.copying import clone
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    batches = [(torch.randn(8, 3, 6, 6),) for _ in range(3)]
+    analysis = gp.analyze(model, batches[0])
+    plan = ChannelPrune(0.5).plan(analysis, model, None)
+    pruned = apply_plan(clone(model), analysis, plan).module
+    records, skipped = reconstruct(analysis, model, pruned, plan, batches)
+    assert not skipped
+    # the depthwise conv loses whole groups (inputs with their outputs): its remaining outputs lost
+    # nothing and it needs no re-fit; the grouped conv loses inputs inside each group
+    assert {r.layer for r in records} == {"4.weight", "6.weight"}
+    assert all(r.error_after <= r.error_before for r in records)
 
 
 def test_reconstruction_refuses_to_fit_more_unknowns_than_rows():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune.passes import NMSparsity
-from graphprune.sparsity import NMMask, masked_weights, satisfies
+from graphprune.sparsity import NMMask, masked_weights, nm_mask, satisfies
 from graphprune.train import SparseTraining, TrainingMask
 
 
@@ -145,3 +145,64 @@ def test_learned_mask_logits_transfer_to_another_copy():
                                   passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module)
     with pytest.raises(gp.InputError, match="not the same architecture or pattern"):
         other.load_logits(saved)
+
+
+def _learnable(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 16)
+    return gp.prune(dense, (x,), passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module, x
+
+
+def test_weight_regularization_alone_drives_masks_to_keep_the_largest_weights():
+    from graphprune.train import LearnedMasks
+
+    sparse, _ = _learnable()
+    trainer = LearnedMasks(sparse, steps=200, weight_regularization=1.0)
+    with torch.no_grad():  # start far from magnitude: random logits
+        for p in trainer.parameters():
+            p.copy_(torch.randn_like(p))
+    off = LearnedMasks(_learnable()[0]).regularization()  # the option off gives a constant 0
+    assert float(off) == 0.0 and not off.requires_grad
+    optimizer = torch.optim.Adam(trainer.parameters(), lr=0.2)
+    for _ in range(200):
+        loss = trainer.regularization()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.step()
+    for module, name, mask in trainer.masks:
+        weight = module.parametrizations[name].original
+        assert weight.grad is None
+        assert torch.equal(mask.hard(), nm_mask(weight.detach().abs(), mask.pattern))
+    # at the end the expected masks are hard, and the value is -(share of squared magnitude kept)
+    shares = [(module.parametrizations[name].original.detach().pow(2) * mask.hard()).sum()
+              / module.parametrizations[name].original.detach().pow(2).sum() for module, name, mask in trainer.masks]
+    assert float(trainer.regularization()) == pytest.approx(-float(sum(shares)) / len(shares), rel=1e-3)
+    with pytest.raises(gp.InputError, match="weight_regularization"):
+        LearnedMasks(_learnable()[0], weight_regularization=-1.0)
+
+
+def test_finalize_keeps_the_masks_of_the_best_observed_score():
+    from graphprune.train import LearnedMasks
+
+    sparse, x = _learnable(1)
+    trainer = LearnedMasks(sparse, steps=30)
+    optimizer = torch.optim.Adam(trainer.parameters(), lr=0.5)
+    sparse.train()
+    snapshots = []
+    for step, score in enumerate([0.2, 0.9, 0.4, 0.3]):
+        for _ in range(5):  # the masks move between observations
+            sparse(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            trainer.step()
+        snapshots.append({n: m.hard().clone() for n, (_, _, m) in zip(trainer.names, trainer.masks)})
+        assert trainer.observe(score) == (score == 0.9 or step == 0)
+    assert any(not torch.equal(snapshots[1][n], snapshots[3][n]) for n in trainer.names)  # they did move
+    final = trainer.finalize()
+    assert all(satisfies(t, p) for t, p in masked_weights(final).values())
+    assert all(torch.equal(final.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0].mask, snapshots[1][n])
+               for n in trainer.names)
+    with pytest.raises(gp.InputError, match="NaN"):
+        LearnedMasks(_learnable()[0]).observe(float("nan"))
