@@ -12,6 +12,7 @@
 
 from graphprune.analysis import Analysis, FrozenSpace, Group, Member
 from graphprune.api import PruneResult, analyze, prune
+from graphprune.checkpoint import CheckpointReport, apply_to_checkpoint
 from graphprune.onnx_export import ExportReport, export_onnx
 from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
 from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
@@ -23,7 +24,7 @@ from graphprune.sparsity import finalize
 
 __version__ = "0.1.0"
 
-__all__ = ["Analysis", "ApplyError", "CaptureError", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
+__all__ = ["Analysis", "ApplyError", "CaptureError", "CheckpointReport", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
            "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan", "PlanFile",
-           "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "apply_plan_file_onnx", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
+           "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "apply_to_checkpoint", "apply_plan_file_onnx", "export_onnx", "finalize", "load_recipe", "prune", "prune_onnx",
            "__version__"]

@@ -26,6 +26,9 @@ class Plan:
     keep: dict[int, list[int]] = field(default_factory=dict)
     fingerprint: str | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    # per tensor (parameter or buffer) the kept indices of each dim (None: kept whole), for the
+    # tensors the plan shrinks: what applying it to a checkpoint needs without the analysis
+    slices: dict[str, list[list[int] | None]] = field(default_factory=dict, compare=False)
 
     @classmethod
     def for_analysis(cls, analysis: Analysis) -> "Plan":
@@ -68,6 +71,18 @@ class Plan:
             mask[torch.tensor(kept, dtype=torch.long)] = True
             out[group.leaf] = mask
         return out
+
+    def record_slices(self, analysis: Analysis) -> None:
+        """Fill :attr:`slices` from ``analysis`` (the one this plan was made for)."""
+        masks = self.masks(analysis)
+        self.slices = {}
+        for name, (_kind, atoms) in sorted(analysis.tensors.items()):
+            dims = []
+            for atom in atoms:
+                keep = analysis.spaces.keep_mask(atom, masks)
+                dims.append(None if bool(keep.all()) else keep.nonzero().flatten().tolist())
+            if any(d is not None for d in dims):
+                self.slices[name] = dims
 
     def removed(self, analysis: Analysis) -> int:
         return sum(analysis.group(g).size - len(k) for g, k in self.keep.items())

@@ -80,9 +80,15 @@ class PlanFile:
         for k, plan in enumerate(self.structured):
             for gid, kept in plan.keep.items():
                 tensors[f"keep/{k}/{gid}"] = torch.tensor(kept, dtype=torch.int64)
+            for name, dims in plan.slices.items():
+                for d, kept in enumerate(dims):
+                    if kept is not None:
+                        tensors[f"slice/{k}/{name}/{d}"] = torch.tensor(kept, dtype=torch.int64)
             structured.append({"fingerprint": plan.fingerprint,
                                "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
-                               "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())}})
+                               "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())},
+                               "sliced": {n: [d for d, kept in enumerate(dims) if kept is not None]
+                                          for n, dims in plan.slices.items()}})
         for name, record in self.masks.items():
             tensors[f"mask/{name}"] = record.mask.to(torch.uint8).contiguous()
         data = {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
@@ -114,7 +120,11 @@ class PlanFile:
         for k, entry in enumerate(data["structured"]):
             keep = {int(g): tensors[f"keep/{k}/{g}"].tolist() for g in entry["kept"]}
             shapes = {n: [int(d) for d in shape.split("x")] if shape else [] for n, shape in entry["shapes"].items()}
-            structured.append(Plan(keep, entry["fingerprint"], shapes))
+            slices = {}
+            for name, dims in entry.get("sliced", {}).items():
+                last = max(dims)
+                slices[name] = [tensors[f"slice/{k}/{name}/{d}"].tolist() if d in dims else None for d in range(last + 1)]
+            structured.append(Plan(keep, entry["fingerprint"], shapes, slices))
         masks = {}
         for name, entry in data["masks"].items():
             n, m = (int(x) for x in entry["pattern"].split(":"))

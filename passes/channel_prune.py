@@ -319,6 +319,7 @@ class ChannelPrune(Pass):
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
                                                      "sensitivity allocation)")
         plan = self.plan(analysis, state.model, calibration)
+        plan.record_slices(analysis)
         corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
             corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)

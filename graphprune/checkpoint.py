@@ -1,0 +1,274 @@
+"""Apply a plan file to a safetensors checkpoint, shard by shard, without building the model.
+
+A plan file records, for every tensor a structured plan shrinks, the kept indices of each dim
+(:attr:`graphprune.plan.Plan.slices`), and every N:M mask; that is all a checkpoint needs.
+:func:`apply_to_checkpoint` reads one shard at a time (peak memory: about one shard), slices and
+masks its tensors, and writes the pruned shard; the index is rewritten with the new total size and
+the other files are copied.  ``config.json`` holds sizes only the caller can name for sure (a
+dim of 4096 may be the hidden size in one tensor and heads x head_dim in another), so when the
+plan changes shapes the caller passes the new values (``config={"intermediate_size": 5504}``);
+without them the call is refused before any work, with the values the plan suggests.
+
+Writes go to ``<destination>.partial`` (each shard written whole, then renamed), so an
+interrupted run resumes where it stopped when called again with the same plan and source; the
+directory becomes ``<destination>`` only after verification: every tensor the plan names was
+found, shapes are the planned ones, N:M patterns hold on the written values, and, where
+``transformers`` knows the architecture in ``config.json``, the model built from the new config on
+the ``meta`` device has exactly the written shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from graphprune.errors import InputError
+from graphprune.plan_file import PlanFile
+from graphprune.sparsity import satisfies
+
+
+@dataclass
+class CheckpointReport:
+    """What :func:`apply_to_checkpoint` wrote."""
+
+    destination: str
+    shards: int
+    tensors_changed: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    resumed_shards: int = 0
+    config: dict[str, object] = field(default_factory=dict)  # the config.json keys changed
+
+    def __str__(self) -> str:
+        return (f"{self.destination}: {self.shards} shards, {len(self.tensors_changed)} tensors changed, "
+                f"{self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB"
+                + (f", resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")
+                + (f", config.json: {self.config}" if self.config else ""))
+
+
+def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.PathLike,
+                        destination: str | os.PathLike, *, prefix: str = "",
+                        config: dict[str, object] | None = None) -> CheckpointReport:
+    """Write the checkpoint in ``source`` (a folder of ``.safetensors`` shards, with their index and
+    any other files) pruned by ``plan`` to the new folder ``destination``.
+
+    ``prefix`` is prepended to the plan's tensor names to find them in the checkpoint (a plan made
+    on ``LlamaModel`` applies to a ``LlamaForCausalLM`` checkpoint with ``prefix="model."``).
+    ``config`` updates ``config.json`` (see the module doc; ``{}`` copies it unchanged on purpose).
+    """
+    plan_file = PlanFile.reapplicable(plan)
+    source, destination = Path(source), Path(destination)
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"{source}: no .safetensors files (apply_to_checkpoint reads safetensors checkpoints only)")
+    if destination.exists():
+        raise InputError(f"{destination} exists: name a new folder (nothing is overwritten)")
+    unsliced = [k for k, p in enumerate(plan_file.structured) if p.keep and not p.slices]
+    if unsliced:
+        raise InputError("this plan file records no per-tensor slices (it was written by an older graphprune): "
+                         "re-run the pruning and save the plan again")
+    changes = _planned_changes(plan_file)
+    config_path = source / "config.json"
+    if config_path.exists() and changes and config is None:
+        raise InputError("the plan changes tensor shapes, so config.json needs new sizes; pass config={...} with "
+                         "the keys that change (or config={} to copy it as it is). The plan changes "
+                         + "; ".join(f"dims of {old} to {', '.join(map(str, sorted(new)))}"
+                                     for old, new in sorted(changes.items())))
+
+    _check_source(shards, plan_file, prefix)
+
+    partial = destination.with_name(destination.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp = partial / "graphprune-apply.json"
+    identity = {"plan": _digest(plan_file), "source": str(source.resolve()), "prefix": prefix, "config": config}
+    if stamp.exists() and json.loads(stamp.read_text()) != identity:
+        raise InputError(f"{partial} holds an unfinished run with another plan, source or options: remove it first")
+    stamp.write_text(json.dumps(identity, default=str))
+
+    report = CheckpointReport(str(destination), len(shards))
+    for shard in tqdm(shards, desc="shards", unit="shard", disable=None, leave=False):
+        report.bytes_before += shard.stat().st_size
+        out = partial / shard.name
+        if out.exists():  # finished by an interrupted run (shards are renamed into place whole)
+            report.resumed_shards += 1
+            report.bytes_after += out.stat().st_size
+            continue
+        tensors = {}
+        with safe_open(str(shard), "pt") as f:
+            metadata = f.metadata()
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                pruned = _prune_tensor(plan_file, _plan_name(name, prefix), tensor)
+                if pruned is not tensor:
+                    report.tensors_changed.append(name)
+                tensors[name] = pruned.contiguous()
+        temporary = out.with_name(out.name + ".tmp")
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, out)
+        report.bytes_after += out.stat().st_size
+        del tensors
+    _copy_other_files(source, partial, config or {}, report)
+    try:
+        _verify(partial, plan_file, prefix)
+    except InputError:
+        shutil.rmtree(partial)
+        raise
+    stamp.unlink()
+    os.replace(partial, destination)
+    return report
+
+
+def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> None:
+    """Refuse, before writing anything, a checkpoint that lacks a tensor the plan changes or holds
+    one of another shape (read from the shards' headers only)."""
+    shapes = plan.structured[0].shapes if plan.structured else {}
+    found = set()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                planned = _plan_name(name, prefix)
+                found.add(planned)
+                shape = list(f.get_slice(name).get_shape())
+                if planned in shapes and shape != shapes[planned]:
+                    raise InputError(f"{name} is {shape} in the checkpoint, the plan was made for {shapes[planned]}: "
+                                     "not the same architecture")
+    missing = sorted(_names(plan) - found)
+    if missing:
+        raise InputError(f"{len(missing)} tensors the plan changes are not in the checkpoint (first: "
+                         f"{prefix + missing[0]!r}); is it of another model, or does it need prefix=?")
+
+
+def _plan_name(name: str, prefix: str) -> str | None:
+    """The plan's name of checkpoint tensor ``name`` (None: outside ``prefix``, not the plan's)."""
+    return name[len(prefix):] if name.startswith(prefix) else None
+
+
+def _names(plan: PlanFile) -> set[str]:
+    """Tensors the plan changes: sliced by a structured plan, or masked."""
+    return {n for p in plan.structured for n in p.slices} | set(plan.masks)
+
+
+def _prune_tensor(plan: PlanFile, name: str | None, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` sliced by each structured plan in turn, then masked; the same object if untouched."""
+    out = tensor
+    for structured in plan.structured:
+        for dim, kept in enumerate(structured.slices.get(name, []) if name is not None else []):
+            if kept is not None:
+                out = out.index_select(dim, torch.tensor(kept, dtype=torch.long))
+    record = plan.masks.get(name) if name is not None else None
+    if record is not None:
+        record.check_shape(name, tuple(out.shape))
+        out = out.masked_fill(~record.mask, 0)
+    return out
+
+
+def _planned_changes(plan: PlanFile) -> dict[int, set[int]]:
+    """Dense size -> the sizes that dims of that size become (over all sliced tensors and dims)."""
+    changes: dict[int, set[int]] = {}
+    if not plan.structured:
+        return changes
+    shapes = {n: list(s) for n, s in plan.structured[0].shapes.items()}
+    for structured in plan.structured:
+        for name, dims in structured.slices.items():
+            shape = shapes.get(name)
+            if shape is None:  # a buffer: its sizes follow the parameters'
+                continue
+            for d, kept in enumerate(dims):
+                if kept is not None:
+                    changes.setdefault(shape[d], set()).add(len(kept))
+                    shape[d] = len(kept)
+    return changes
+
+
+def _digest(plan: PlanFile) -> str:
+    """A stable identity of the plan's decisions (to refuse resuming with another plan)."""
+    h = hashlib.sha256()
+    for k, structured in enumerate(plan.structured):
+        h.update(json.dumps([k, structured.fingerprint, sorted(structured.keep.items())]).encode())
+    for name in sorted(plan.masks):
+        h.update(name.encode())
+        h.update(plan.masks[name].mask.to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _copy_other_files(source: Path, partial: Path, config: dict[str, object], report: CheckpointReport) -> None:
+    for path in sorted(source.iterdir()):
+        if path.suffix == ".safetensors" or not path.is_file():
+            continue
+        target = partial / path.name
+        if path.name == "config.json":
+            data = json.loads(path.read_text())
+            report.config = {k: v for k, v in config.items() if data.get(k) != v}
+            data.update(config)
+            target.write_text(json.dumps(data, indent=2) + "\n")
+        elif path.name.endswith(".safetensors.index.json"):
+            index = json.loads(path.read_text())
+            index.setdefault("metadata", {})["total_size"] = _tensor_bytes(partial)
+            target.write_text(json.dumps(index, indent=2) + "\n")
+        else:
+            shutil.copy2(path, target)
+
+
+def _tensor_bytes(folder: Path) -> int:
+    total = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                total += int(torch.Size(piece.get_shape()).numel()) * _itemsize(piece.get_dtype())
+    return total
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U16": 2}.get(dtype, 1)
+
+
+def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
+    """Planned shapes, N:M patterns on the written values, and the config's own shapes."""
+    written: dict[str, list[int]] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                written[name] = list(f.get_slice(name).get_shape())
+                record = plan.masks.get(_plan_name(name, prefix) or "")
+                if record is not None and not satisfies(f.get_tensor(name), record.pattern):
+                    raise InputError(f"{name}: the written tensor breaks its {record.pattern} pattern")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        return
+    expected = _shapes_from_config(config_path)
+    if expected is None:
+        return
+    wrong = [f"{n}: written {written[n]}, config gives {expected[n]}" for n in sorted(written)
+             if n in expected and expected[n] != written[n]]
+    if wrong:
+        raise InputError(f"config.json does not match the pruned tensors ({len(wrong)} differ; first: {wrong[0]}); "
+                         "pass the right sizes in config={...}")
+
+
+def _shapes_from_config(config_path: Path) -> dict[str, list[int]] | None:
+    """Parameter shapes of the architecture ``config.json`` names, built on ``meta`` (no memory);
+    None when transformers is missing or does not know the architecture."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    data = json.loads(config_path.read_text())
+    architectures = data.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        return None
+    config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
+    with torch.device("meta"):
+        model = cls(config)
+    return {n: list(t.shape) for n, t in model.state_dict().items()}

@@ -1,0 +1,120 @@
+"""Plans applied to safetensors checkpoints shard by shard (issue 10, shard-by-shard apply)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+
+import graphprune as gp
+import graphprune.checkpoint as checkpoint
+from graphprune.copying import clone
+from graphprune.passes import ChannelPrune, NMSparsity
+from graphprune.sparsity import LINEAR, NMPattern, satisfies
+
+# hidden 64 -> 32, query heads 4 -> 1 and kv heads 2 -> 1 (GQA groups), MLP 128 -> 64 (see the plan)
+CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}
+IDS = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))}
+
+
+def _llama(hidden: int = 64) -> T.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=2, vocab_size=100, head_dim=16)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A multi-shard checkpoint of a small LLaMA, and the plan of channels + 2:4 made on it."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model = _llama()
+    model.save_pretrained(folder / "source", max_shard_size="100KB")
+    result = gp.prune(model, IDS, passes=[ChannelPrune(0.5, round_to=8), NMSparsity(2, 4)])
+    result.save_plan(folder / "plan")
+    return folder, result
+
+
+def test_the_pruned_checkpoint_loads_and_computes_what_the_pruned_module_computes(pruned, tmp_path):
+    folder, result = pruned
+    assert len(list((folder / "source").glob("*.safetensors"))) > 1
+    report = gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG)
+    assert report.shards > 1 and report.tensors_changed and report.bytes_after < report.bytes_before
+    assert report.config == CONFIG and not (tmp_path / "out.partial").exists()
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        want = gp.finalize(clone(result.module))(**IDS).logits
+        assert torch.allclose(loaded(**IDS).logits, want, atol=1e-6)
+    for name, (mask, pattern) in result.masks.items():
+        weight = loaded.get_parameter(name)
+        assert satisfies(weight, pattern) and torch.equal(weight != 0, mask & (weight != 0))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(p.numel() * p.element_size() for p in loaded.state_dict().values()
+                                                  if p.data_ptr() != loaded.lm_head.weight.data_ptr()
+                                                  or not loaded.config.tie_word_embeddings)
+    assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_config_sizes_are_asked_for_and_checked_before_anything_lands(pruned, tmp_path):
+    folder, _ = pruned
+    with pytest.raises(gp.InputError, match=r"config.json needs new sizes(?s:.*)dims of 128 to 64"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out")
+    wrong = dict(CONFIG, num_attention_heads=2)  # shapes alone would look right for q; k, v and o do not
+    with pytest.raises(gp.InputError, match="config.json does not match the pruned tensors"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=wrong)
+    assert os.listdir(tmp_path) == []  # nothing written, nothing half-written
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(gp.InputError, match="exists: name a new folder"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "taken", config=CONFIG)
+    with pytest.raises(gp.InputError, match="no .safetensors files"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "taken", tmp_path / "out", config=CONFIG)
+
+
+def test_a_checkpoint_of_another_model_is_refused(pruned, tmp_path):
+    folder, _ = pruned
+    _llama(hidden=48).save_pretrained(tmp_path / "other")
+    with pytest.raises(gp.InputError, match="not the same architecture"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "other", tmp_path / "out", config=CONFIG)
+    with pytest.raises(gp.InputError, match="does it need prefix="):  # names that do not match at all
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG,
+                               prefix="transformer.")
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_an_interrupted_run_resumes_with_the_same_plan_only(pruned, tmp_path, monkeypatch):
+    folder, _ = pruned
+    fresh = gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "fresh", config=CONFIG)
+    real_save, calls = checkpoint.save_file, []
+
+    def dies_on_the_third_shard(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", dies_on_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG)
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    assert not (tmp_path / "out").exists() and len(list((tmp_path / "out.partial").glob("*.safetensors"))) == 2
+    with pytest.raises(gp.InputError, match="unfinished run with another plan"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config={})
+    resumed = gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG)
+    assert resumed.resumed_shards == 2 and resumed.bytes_after == fresh.bytes_after
+    for shard in sorted((tmp_path / "fresh").glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as a, safe_open(str(tmp_path / "out" / shard.name), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_plan_files_carry_the_slices_a_checkpoint_needs(pruned):
+    folder, result = pruned
+    loaded = gp.PlanFile.load(folder / "plan.json")
+    assert loaded.structured[0].slices == result.plans[0].slices and loaded.structured[0].slices
+    gate = loaded.structured[0].slices["model.layers.0.mlp.gate_proj.weight"]
+    assert len(gate[0]) == 64 and len(gate[1]) == 32  # MLP channels kept, hidden channels kept
+    assert loaded.masks["model.layers.0.mlp.gate_proj.weight"].pattern == NMPattern(2, 4, LINEAR)
