@@ -124,12 +124,17 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+def _masked_mlp(features: int, hidden: int, lead: tuple[int, ...]) -> tuple[gp.PruneResult, torch.Tensor]:
+    """A two-layer MLP with both linears 2:4-masked, and an input of ``lead`` tokens."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, features)).eval()
+    x = torch.randn(*lead, features)
+    return gp.prune(model, (x,), passes=[NMSparsity(2, 4, dense_heads=False)]), x
+
+
 @needs_sparse_gpu
 def test_gpu_conversion():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()
-    x = torch.randn(8, 256, 1024)
-    result = gp.prune(model, (x,), passes=[NMSparsity(2, 4, dense_heads=False)])
+    result, x = _masked_mlp(1024, 1024, (8, 256))
     converted, report = result.to_sparse_kernels()
     assert [d.layer for d in report.decisions] == ["0", "2"] and all(d.dense_ms and d.sparse_ms for d in report.decisions)
     for decision in report.decisions:
@@ -198,10 +203,7 @@ def test_gpu_int8_conversion_of_a_whole_model():
 def test_gpu_graph_timing_decides_for_graph_replay_and_the_result_replays_in_a_graph():
     from graphprune.sparse_kernels import captured
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048)).eval()
-    x = torch.randn(4, 64, 2048)
-    result = gp.prune(model, (x,), passes=[NMSparsity(2, 4, dense_heads=False)])
+    result, x = _masked_mlp(2048, 4096, (4, 64))
     converted, report = result.to_sparse_kernels(timing="graph")
     assert all("timed graph" in d.reason for d in report.decisions)
     forced, _ = result.to_sparse_kernels(choose="sparse")
