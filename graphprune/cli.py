@@ -270,6 +270,28 @@ def cmd_plan(args: argparse.Namespace) -> dict:
     return {"plans": [args.plan, args.other], "differences": differences}
 
 
+def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
+    from graphprune.checkpoint import apply_to_checkpoint
+
+    config = None
+    if args.config is not None:
+        config = {}
+        for item in args.config:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InputError(f"--config takes KEY=VALUE (an integer, or JSON), got {item!r}")
+            try:
+                config[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"--config {key}: {value!r} is not an integer or JSON value") from exc
+    report = apply_to_checkpoint(args.plan, args.source, args.destination, prefix=args.prefix, config=config)
+    if not args.json:
+        print(report)
+    return {"destination": report.destination, "shards": report.shards, "tensors_changed": len(report.tensors_changed),
+            "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+            "resumed_shards": report.resumed_shards, "config": report.config}
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     rows = [{"model": path, "ms": onnx_latency_ms(path, batch=args.batch, runs=args.runs, threads=args.threads)} for path in args.models]
     base = rows[0]["ms"]
@@ -331,6 +353,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("plan")
     p.add_argument("other", nargs="?")
     common(p)
+    p = sub.add_parser("apply-checkpoint", help="apply a saved plan to a safetensors checkpoint folder, shard by shard")
+    p.add_argument("plan")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.add_argument("--config", nargs="*", metavar="KEY=VALUE",
+                   help="new config.json values (needed when the plan changes shapes; give none to copy it unchanged)")
+    p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
+    common(p)
     p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")
     p.add_argument("models", nargs="+")
     p.add_argument("--batch", type=int, default=1)
@@ -340,7 +370,8 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "plan": cmd_plan, "bench": cmd_bench}
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "plan": cmd_plan,
+            "apply-checkpoint": cmd_apply_checkpoint, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

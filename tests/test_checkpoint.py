@@ -118,3 +118,21 @@ def test_plan_files_carry_the_slices_a_checkpoint_needs(pruned):
     gate = loaded.structured[0].slices["model.layers.0.mlp.gate_proj.weight"]
     assert len(gate[0]) == 64 and len(gate[1]) == 32  # MLP channels kept, hidden channels kept
     assert loaded.masks["model.layers.0.mlp.gate_proj.weight"].pattern == NMPattern(2, 4, LINEAR)
+
+
+def test_the_command_line_applies_a_plan_to_a_checkpoint(pruned, tmp_path, capsys):
+    from graphprune.cli import EXIT_INPUT, main
+
+    folder, _ = pruned
+    settings = [f"{k}={v}" for k, v in CONFIG.items()]
+    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "out"),
+                 "--config", *settings, "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config"] == CONFIG and summary["bytes_after"] < summary["bytes_before"]
+    assert (tmp_path / "out" / "config.json").exists()
+    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again"),
+                 "--config", "hidden_size"]) == EXIT_INPUT
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again")]) \
+        == EXIT_INPUT  # the plan changes shapes and no --config was given
+    assert "config.json needs new sizes" in capsys.readouterr().err and not (tmp_path / "again").exists()
