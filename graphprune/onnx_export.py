@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,21 +96,30 @@ class ExportReport:
 
 def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
                 pipeline: Sequence[str] = (), dynamic_batch: bool = True, fp32_tolerance: float = 1e-4,
-                int8_tolerance: float = 0.01, opset: int | None = None) -> ExportReport:
+                int8_tolerance: float = 0.01, opset: int | None = None, exporter: str = "dynamo") -> ExportReport:
     """Write ``module`` as an optimized ONNX file at ``path`` and verify it in onnxruntime.
 
     ``module`` is not modified.  ``pipeline`` (pass descriptions) goes into the metadata.
+    ``exporter="torchscript"`` uses torch's older TorchScript exporter, for float models the
+    dynamo exporter fails on (Hugging Face Swin with torch 2.13); it is not used on its own: its
+    parameter names differ from the module's, so N:M records and int8 QDQ need the default.
     Raises :class:`ApplyError` (nothing written) when the file does not match the module.
     """
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise InputError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     path = writable_target(path)
     args, kwargs = normalize_inputs(example_inputs)
     stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
+    if exporter == "torchscript" and (plan or patterns):
+        raise InputError("exporter='torchscript' writes float models only: its weight names differ from the "
+                         "module's, so N:M patterns and int8 QDQ cannot be attached; use the default exporter")
     with tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
         float_model = set_eval(strip_quantization(finalize(clone(module))))
         progress.set_postfix_str("torch.onnx.export")
-        model = _export(float_model, args, kwargs, dynamic_batch, opset)
+        model = _export(float_model, args, kwargs, dynamic_batch, opset) if exporter == "dynamo" else \
+            _export_torchscript(float_model, args, kwargs, dynamic_batch, opset)
         progress.update()
         progress.set_postfix_str("optimize")
         pretranspose(model, (set(plan.layers) if plan else set()) | set(patterns))  # names kept for QDQ and N:M records
@@ -182,6 +193,26 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, op
         raise CaptureError(f"torch's ONNX exporter failed on {type(model).__name__}: "
                            f"{type(root).__name__}: {(str(root).strip() or '?').splitlines()[0]}{hint}") from exc
     return program.model
+
+
+def _export_torchscript(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
+                        opset: int | None) -> ir.Model:
+    """The TorchScript exporter's graph; inputs named after the forward's parameters."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    names = [n for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)]
+    if len(names) != len(bound.arguments):
+        raise InputError("exporter='torchscript' takes tensor inputs only (no nested or non-tensor arguments)")
+    buffer = io.BytesIO()
+    dims = {n: {0: "batch"} for n in names if bound.arguments[n].dim() > 0} if dynamic_batch else None
+    try:
+        with no_kv_cache(model), quiet_onnx_tools(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, tuple(bound.arguments.values()), buffer, dynamo=False, input_names=names,
+                              dynamic_axes=dims, opset_version=opset or 17)
+    except Exception as exc:
+        raise CaptureError(f"torch's TorchScript ONNX exporter failed on {type(model).__name__}: "
+                           f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}") from exc
+    return ir.from_proto(onnx.load_from_string(buffer.getvalue()))
 
 
 def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
