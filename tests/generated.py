@@ -47,7 +47,7 @@ def draw_block(draw, kind: str, c: int) -> dict:
     if kind == "transposed":
         c_out = draw(st.sampled_from(WIDTHS))
         return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2), c, c_out)))}
-    return {"kind": kind}  # pixel, se, dilated, gate, channels_last, tied: no sizes to draw
+    return {"kind": kind}  # pixel, se, dilated, gate, channels_last, tied, strided, rows: no sizes to draw
 
 
 def out_channels(spec: dict, c: int) -> int:
@@ -102,6 +102,10 @@ class Block(nn.Module):
             self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
         elif kind == "tied":  # one module called twice: its weight couples both uses
             self.conv = nn.Conv2d(c, c, 3, padding=1)
+        elif kind == "strided":  # stride 2 down, nearest-neighbour up: same size out
+            self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        elif kind == "rows":  # split the rows, convolve the top half, concatenate the rows back
+            self.conv = nn.Conv2d(c, c, 1)
         elif kind not in ("glu", "identity"):
             raise ValueError(f"unknown block kind {kind!r}")
 
@@ -148,6 +152,11 @@ class Block(nn.Module):
             return x + self.fc(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         if k == "tied":
             return self.conv(F.relu(self.conv(x)))
+        if k == "strided":
+            return F.interpolate(F.relu(self.conv(x)), scale_factor=2.0, mode="nearest")
+        if k == "rows":
+            top, bottom = x.split(x.shape[2] // 2, dim=2)
+            return torch.cat([self.conv(top), bottom], dim=2)
         return x
 
 
@@ -168,7 +177,7 @@ class Generated(nn.Module):
 
 
 KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention",
-         "transposed", "dilated", "gate", "channels_last", "tied"]
+         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows"]
 
 
 @st.composite

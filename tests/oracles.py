@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import onnx_ir as ir
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
@@ -118,4 +119,9 @@ class Explodes(Pass):
         with torch.no_grad():
             for p in state.model.parameters():
                 p.zero_()
+        raise RuntimeError("injected failure")
+
+    def call_onnx(self, state) -> PassResult:
+        for initializer in state.capture.model.graph.initializers.values():
+            initializer.const_value = ir.tensor(0 * initializer.const_value.numpy())
         raise RuntimeError("injected failure")

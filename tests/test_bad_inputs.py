@@ -163,6 +163,17 @@ def _small_onnx():
     return nhwc_model()
 
 
+@pytest.mark.parametrize("before", [0, 1, 2])
+def test_a_failing_pass_leaves_the_callers_onnx_file_untouched(before, tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_small_onnx(), str(path))
+    original = path.read_bytes()
+    passes = [ChannelPrune(0.5), NMSparsity(2, 4, dense_heads=False), Quantize()]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gp.prune_onnx(str(path), passes=passes[:before] + [Explodes()] + passes[before:])
+    assert path.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
 def test_onnx_files_that_cannot_be_read(tmp_path):
     with pytest.raises(gp.InputError, match="no such ONNX file"):
         gp.prune_onnx(str(tmp_path / "missing.onnx"), passes=[ChannelPrune(0.5)])
