@@ -57,8 +57,9 @@ class ChannelPrune(Pass):
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
             the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
-            channels into each consumer's bias (and re-fit the affine of each LayerNorm/RMSNorm that
-            normalises over fewer channels); ``"bias+batchnorm"`` for both, bias first;
+            channels into each consumer's bias (and, unless ``refit_norms=False``, re-fit the affine of
+            each LayerNorm/RMSNorm that normalises over fewer channels; torch models only);
+            ``"bias+batchnorm"`` for both, bias first;
             ``"reconstruct"`` to re-fit each layer that lost inputs by ridge least squares to the dense
             model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
             layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
@@ -93,7 +94,7 @@ class ChannelPrune(Pass):
                  compensate: str | None = None, allocation: str = "uniform", normalize: str = "mean",
                  max_ratio: float = 0.9,
                  ratios: dict[str, float] | None = None, ignore: Iterable[str | nn.Module] = (), heads: bool = True,
-                 head_dim: bool = False, damp: float = 0.01) -> None:
+                 head_dim: bool = False, damp: float = 0.01, refit_norms: bool = True) -> None:
         if sum(x is not None for x in (ratio, target_macs, target_params)) > 1:
             raise InputError("give one of ratio, target_macs or target_params")
         for name, target in (("target_macs", target_macs), ("target_params", target_params)):
@@ -120,6 +121,7 @@ class ChannelPrune(Pass):
         if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < 1:
             raise InputError(f"damp must be a number in [0, 1), got {damp!r}")
         self.damp = float(damp)
+        self.refit_norms = bool(refit_norms)
         if allocation not in ALLOCATIONS:
             raise InputError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
         if allocation == "sensitivity" and ratios:
@@ -323,7 +325,7 @@ class ChannelPrune(Pass):
         corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
             corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)
-            norms = record_norms(analysis, state.model, plan, calibration)
+            norms = record_norms(analysis, state.model, plan, calibration) if self.refit_norms else {}
         dense = clone(state.model) if self.compensate and "reconstruct" in self.compensate and plan.keep else None
         applied = apply_plan(state.model, analysis, plan, inplace=True)
         state.replace_model(applied.module, applied.captured)
@@ -380,6 +382,8 @@ class ChannelPrune(Pass):
         if self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
                 f" ({without_bias} without a bias left as they are)" if without_bias else "")
+            if self.refit_norms:
+                details["norm re-fit"] = "not on ONNX models (torch only): norms over fewer channels are left as they are"
         return PassResult(state, bool(plan.keep), details)
 
 
