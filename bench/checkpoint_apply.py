@@ -5,7 +5,8 @@ decoder layers, random fp16 weights) as 2 GB safetensors shards, one shard in me
 graphprune then plans on the ``meta`` device (no weights: MLP channels chosen by a weight-free
 criterion, since streaming calibration is not built yet) and applies the plan with
 ``gp.apply_to_checkpoint``. Each step runs in its own process and reports its own peak resident
-memory; the baseline, in the same run, is loading the whole checkpoint with safetensors.
+memory; the baseline, in the same run, is holding the whole checkpoint in memory (safetensors'
+tensors copied out of their memory map, as pruning a loaded model needs them).
 
     python -m bench.checkpoint_apply [--layers 32] [--folder /tmp/gp-ckpt]
 """
@@ -86,7 +87,8 @@ def load_whole(folder: Path, layers: int) -> dict:
 
     tensors = {}
     for shard in sorted((folder / "source").glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
+        # copied out of the memory map, as an in-memory pruning flow holds them
+        tensors.update({name: t.clone() for name, t in load_file(str(shard)).items()})
     return {"tensors": len(tensors)}
 
 
