@@ -38,6 +38,7 @@ OnnxSource = str | os.PathLike | onnx.ModelProto | ir.Model
 Feeds = dict[str, np.ndarray]
 
 MIN_OPSET = 7  # the oldest default-domain opset onnxruntime still runs
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf cannot parse a message larger than this; bigger models keep external data
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul",
                            "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
@@ -80,6 +81,10 @@ def read_model(source: OnnxSource) -> ir.Model:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such ONNX file")
+        if os.path.getsize(path) > MAX_PROTO_BYTES:  # checked before parsing: protobuf would fail or stall on it
+            raise InputError(f"{path} is {os.path.getsize(path) / 2**30:.1f} GiB: an .onnx file over 2 GiB cannot be "
+                             "parsed (a protobuf limit); save the model with external data (onnx.save(..., "
+                             "save_as_external_data=True))")
         try:
             model = ir.load(path)
         except Exception as exc:

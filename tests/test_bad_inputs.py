@@ -174,6 +174,17 @@ def test_a_failing_pass_leaves_the_callers_onnx_file_untouched(before, tmp_path)
     assert path.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["model.onnx"]
 
 
+def test_onnx_files_over_the_protobuf_limit_are_refused_before_parsing(tmp_path, monkeypatch):
+    import graphprune.onnx_capture as onnx_capture
+
+    path = tmp_path / "big.onnx"
+    onnx.save(_small_onnx(), str(path))
+    monkeypatch.setattr(onnx_capture, "MAX_PROTO_BYTES", path.stat().st_size - 1)  # as if over 2 GiB
+    monkeypatch.setattr(onnx_capture.ir, "load", lambda *a, **k: pytest.fail("parsed before the size check"))
+    with pytest.raises(gp.InputError, match="over 2 GiB cannot be parsed"):
+        gp.prune_onnx(str(path), passes=[ChannelPrune(0.5)])
+
+
 def test_onnx_files_that_cannot_be_read(tmp_path):
     with pytest.raises(gp.InputError, match="no such ONNX file"):
         gp.prune_onnx(str(tmp_path / "missing.onnx"), passes=[ChannelPrune(0.5)])

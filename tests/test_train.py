@@ -178,7 +178,7 @@ def test_weight_regularization_alone_drives_masks_to_keep_the_largest_weights():
     # at the end the expected masks are hard, and the value is -(share of squared magnitude kept)
     shares = [(module.parametrizations[name].original.detach().pow(2) * mask.hard()).sum()
               / module.parametrizations[name].original.detach().pow(2).sum() for module, name, mask in trainer.masks]
-    assert float(trainer.regularization()) == pytest.approx(-float(sum(shares)) / len(shares), rel=1e-3)
+    assert trainer.regularization().item() == pytest.approx(-float(sum(shares)) / len(shares), rel=1e-3)
     with pytest.raises(gp.InputError, match="weight_regularization"):
         LearnedMasks(_learnable()[0], weight_regularization=-1.0)
 
