@@ -79,10 +79,11 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
     changes = _planned_changes(plan_file)
     config_path = source / "config.json"
     if config_path.exists() and changes and config is None:
+        keys = _keys_by_value(json.loads(config_path.read_text()))
         raise InputError("the plan changes tensor shapes, so config.json needs new sizes; pass config={...} with "
                          "the keys that change (or config={} to copy it as it is). The plan changes "
-                         + "; ".join(f"dims of {old} to {', '.join(map(str, sorted(new)))}"
-                                     for old, new in sorted(changes.items())))
+                         + "; ".join(f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
+                                     f"to {', '.join(map(str, sorted(new)))}" for old, new in sorted(changes.items())))
 
     _check_source(shards, plan_file, prefix)
 
@@ -187,6 +188,15 @@ def _planned_changes(plan: PlanFile) -> dict[int, set[int]]:
                     changes.setdefault(shape[d], set()).add(len(kept))
                     shape[d] = len(kept)
     return changes
+
+
+def _keys_by_value(config: dict) -> dict[int, list[str]]:
+    """Integer config keys by value: hints for which keys a changed dim may be (never applied)."""
+    keys: dict[int, list[str]] = {}
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            keys.setdefault(value, []).append(key)
+    return keys
 
 
 def _digest(plan: PlanFile) -> str:

@@ -61,7 +61,8 @@ def test_the_pruned_checkpoint_loads_and_computes_what_the_pruned_module_compute
 
 def test_config_sizes_are_asked_for_and_checked_before_anything_lands(pruned, tmp_path):
     folder, _ = pruned
-    with pytest.raises(gp.InputError, match=r"config.json needs new sizes(?s:.*)dims of 128 to 64"):
+    with pytest.raises(gp.InputError, match=r"config.json needs new sizes(?s:.*)dims of 128 \(intermediate_size\?\) "
+                                            r"to 64"):
         gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out")
     wrong = dict(CONFIG, num_attention_heads=2)  # shapes alone would look right for q; k, v and o do not
     with pytest.raises(gp.InputError, match="config.json does not match the pruned tensors"):
