@@ -102,9 +102,8 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            found[name] = module
-        elif hasattr(module, "variance_epsilon") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or hasattr(module, "variance_epsilon")
+        if norm and isinstance(weight, torch.Tensor) and weight.dim() == 1:
             found[name] = module
     return found
 
