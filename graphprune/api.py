@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +26,11 @@ from graphprune.plan_file import PlanFile
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import pass_manager
 from graphprune.report import Report
-from graphprune.sparsity import NMPattern, nm_masks
+from graphprune.sparsity import NMPattern, nm_masks, stored
 from graphprune.report_page import layer_rows, weight_shapes, write_report
 from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
+from graphprune.streaming import Stream
+from graphprune.tensor_store import TensorFiles
 
 
 @dataclass
@@ -39,6 +44,7 @@ class PruneResult:
     example_inputs: ExampleInputs = ()
     shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight shape per layer, before
     masks: dict[str, tuple[torch.Tensor, NMPattern]] = field(default_factory=dict)  # N:M masks the run set
+    updated: set[str] = field(default_factory=set)  # tensors given new values (see CompressionState.updated)
 
     def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
@@ -51,8 +57,11 @@ class PruneResult:
         return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline, **options)
 
     def plan_file(self) -> PlanFile:
-        """Everything this run decided, as data (see :mod:`graphprune.plan_file`)."""
-        return PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
+        """Everything this run decided, as data (see :mod:`graphprune.plan_file`), with the new
+        values of the tensors a pass changed (unmasked; the masks apply on top)."""
+        plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
+        plan.values = {name: _stored(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
+        return plan
 
     def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
         """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
@@ -93,7 +102,67 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
                     pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, reference)
     return PruneResult(state.model, report, state.stage, state.plans, example_inputs, shapes_before,
-                       nm_masks(state.model))
+                       nm_masks(state.model), state.updated)
+
+
+def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
+         recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
+         weights: str | os.PathLike | None = None, blocks: str | None = None, prefix: str = "",
+         scratch: str | os.PathLike | None = None, prunable_outputs: Sequence[str] = (),
+         experimental_order: bool = False) -> PlanFile:
+    """What ``passes`` decide for ``model``, as a :class:`PlanFile` (``.save`` it, apply it with
+    :func:`graphprune.apply_to_checkpoint` or :func:`graphprune.apply_plan_file`); ``.report`` says
+    what each pass did.
+
+    Without ``weights`` this is :func:`prune` keeping only the decisions.  With ``weights`` (a
+    folder of safetensors shards, or one file) the model is never built: its parameters must be
+    on ``meta`` (build it under :func:`graphprune.parameters_on_meta`), weight criteria read one
+    tensor at a time from the checkpoint, and calibration runs block by block (``blocks`` names
+    the layer list when it is not the largest list of like modules; see
+    :mod:`graphprune.streaming`).  ``prefix`` is prepended to the model's names to find them in the
+    checkpoint.  Masks and SparseGPT's new weights go to part files in ``scratch`` (default: the
+    system's temporary folder) until the plan is saved; they are removed with the plan object.
+    """
+    if weights is None:
+        result = prune(model, example_inputs, passes, recipe=recipe, calibration=calibration,
+                       prunable_outputs=prunable_outputs, experimental_order=experimental_order)
+        decided = result.plan_file()
+        decided.report = result.report
+        return decided
+    manager = pass_manager(passes, recipe, experimental_order)
+    real = [name for name, p in model.named_parameters() if p.device.type != "meta"]
+    if real:
+        raise InputError(f"gp.plan(weights=...) reads the weights from the checkpoint, so the model's parameters must "
+                         f"be on meta ({len(real)} are not, first {real[0]}): build it under "
+                         "graphprune.parameters_on_meta(), or call gp.plan without weights=")
+    stage = detect_stage(model)
+    manager.check_order(stage)
+    checkpoint = TensorFiles.folder(weights)
+    captured = capture(model, example_inputs)
+    data = None
+    if calibration is not None:
+        data = list(calibration)
+        check_calibration(data, captured.args, captured.kwargs)
+    folder = tempfile.mkdtemp(prefix="graphprune-plan-", dir=scratch)
+    try:
+        state = CompressionState(clone(model), captured, stage, prunable_outputs=tuple(prunable_outputs))
+        stream = Stream(checkpoint, data or [], state.plans, folder, blocks=blocks, prefix=prefix)
+        state.stream, state.calibration = stream, stream if data is not None else None
+        report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
+                        pipeline=[repr(p) for p in manager.passes])
+        state = manager.run(state, report, None)
+        masks, values = stream.decided()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
+    return PlanFile(type(model).__name__, report.pipeline, [p for p in state.plans if isinstance(p, Plan)], masks,
+                    values=values, report=report)
+
+
+def _stored(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return stored(model.get_submodule(owner) if owner else model, attr)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -102,4 +171,4 @@ def _check_finite(model: nn.Module) -> None:
             raise InputError(f"parameter {name} contains NaN or Inf: no pruning criterion can rank it")
 
 
-__all__ = ["Analysis", "PruneResult", "analyze", "export_onnx", "prune"]
+__all__ = ["Analysis", "PruneResult", "analyze", "export_onnx", "plan", "prune"]

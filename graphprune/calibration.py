@@ -7,8 +7,9 @@ input channel, the mean square of the activation, in memory proportional to the 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -88,10 +89,44 @@ def consumers(analysis: Analysis) -> list[Consumer]:
     return out
 
 
-def batches(calibration: Iterable[Any] | None, purpose: str) -> list[Any]:
+@dataclass
+class Watch:
+    """The modules :func:`run_batches` hooks, which of them have been called, and which are muted
+    (a :class:`Runner` that runs part of the model twice mutes what already saw its data)."""
+
+    names: set[str]
+    called: set[str] = field(default_factory=set)
+    muted: set[str] = field(default_factory=set)
+
+    def records(self, name: str) -> bool:
+        self.called.add(name)
+        return name not in self.muted
+
+
+class Runner(abc.ABC):
+    """Calibration data that runs the model itself, e.g. block by block with weights streamed
+    from a checkpoint (:mod:`graphprune.streaming`), instead of one forward call per batch."""
+
+    @abc.abstractmethod
+    def drive(self, model: nn.Module, watch: Watch) -> None:
+        """Run every batch through ``model`` (in eval mode, without gradients); hooks are set."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """The number of batches."""
+
+
+Calibration = list[Any] | Runner
+
+
+def batches(calibration: Iterable[Any] | Runner | None, purpose: str) -> Calibration:
     """Materialise and check calibration data once (an iterator could be consumed only once)."""
     if calibration is None:
         raise InputError(f"{purpose} needs calibration data: gp.prune(..., calibration=batches)")
+    if isinstance(calibration, Runner):
+        if not len(calibration):
+            raise InputError(f"{purpose} needs calibration data: gp.plan(..., calibration=batches)")
+        return calibration
     data = list(calibration)
     if not data:
         raise InputError("calibration data is empty")
@@ -136,15 +171,17 @@ def check_input(layer: Consumer, x: torch.Tensor) -> None:
                          "of the pass, or use a criterion that needs no calibration)")
 
 
-def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, Callable[[torch.Tensor], None]],
+def run_batches(model: nn.Module, calibration: Calibration, inputs_of: dict[str, Callable[[torch.Tensor], None]],
                 outputs_of: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
-    """Run the batches (eval mode, no gradients), handing each named module's first input (and, for
-    ``outputs_of``, its output) to its callback.  Raises :class:`InputError` if a named module is
-    never called (its statistics would silently be missing)."""
-    handles, called = [], set()
+    """Run the batches (eval mode, no gradients; a :class:`Runner` runs itself), handing each named
+    module's first input (and, for ``outputs_of``, its output) to its callback.  Raises
+    :class:`InputError` if a named module is never called (its statistics would silently be missing)."""
+    handles = []
+    watch = Watch(set(inputs_of) | set(outputs_of or {}))
     for name, callback in inputs_of.items():
         def hook(_mod, args, kwargs, callback=callback, name=name):
-            called.add(name)
+            if not watch.records(name):
+                return
             x = args[0] if args else next(iter(kwargs.values()))
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise InputError(f"the input of {name} contains NaN or Inf on the calibration data: statistics "
@@ -152,18 +189,22 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
             callback(x)
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     for name, callback in (outputs_of or {}).items():
-        def out_hook(_mod, _args, output, callback=callback):
-            callback(output)
+        def out_hook(_mod, _args, output, callback=callback, name=name):
+            if watch.records(name):
+                callback(output)
         handles.append(model.get_submodule(name).register_forward_hook(out_hook))
     try:
-        with eval_mode(model), torch.no_grad():
-            for batch in tqdm(calibration, desc="calibration", unit="batch", disable=None, leave=False):
-                args, kwargs = normalize_inputs(batch)
-                model(*args, **kwargs)
+        if isinstance(calibration, Runner):
+            calibration.drive(model, watch)
+        else:
+            with eval_mode(model), torch.no_grad():
+                for batch in tqdm(calibration, desc="calibration", unit="batch", disable=None, leave=False):
+                    args, kwargs = normalize_inputs(batch)
+                    model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    missing = sorted(set(inputs_of) - called)
+    missing = sorted(set(inputs_of) - watch.called)
     if missing:
         raise InputError(f"module(s) {', '.join(repr(m) for m in missing[:5])} hold weights but are never called by "
                          "the model's forward (their parameters are read directly, as in a module unlifted from "
@@ -171,7 +212,7 @@ def run_batches(model: nn.Module, calibration: list[Any], inputs_of: dict[str, C
 
 
 def input_moments(model: nn.Module, layers: list[Consumer],
-                  calibration: list[Any]) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
+                  calibration: Calibration) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and mean square of each input channel of each layer over the calibration batches."""
     sums: dict[str, list] = {}
     hooks = {}
@@ -187,6 +228,6 @@ def input_moments(model: nn.Module, layers: list[Consumer],
             for c in layers if c.module in sums}
 
 
-def input_rms(model: nn.Module, layers: list[Consumer], calibration: list[Any]) -> dict[Consumer, torch.Tensor]:
+def input_rms(model: nn.Module, layers: list[Consumer], calibration: Calibration) -> dict[Consumer, torch.Tensor]:
     """Root mean square of each input channel of each layer over the calibration batches."""
     return {c: mean_sq.sqrt() for c, (_mean, mean_sq) in input_moments(model, layers, calibration).items()}

@@ -170,6 +170,11 @@ def _output_paths(program: torch.export.ExportedProgram) -> list[tuple[str, int]
     return out
 
 
+def qualified(path: str, attr: str) -> str:
+    """The full name of ``attr`` of the module at ``path`` (the root module's path is empty)."""
+    return f"{path}.{attr}" if path else attr
+
+
 def tensor_at(model: nn.Module, fqn: str) -> torch.Tensor:
     """The tensor (parameter, buffer or plain attribute) a module path names."""
     owner, _, attr = fqn.rpartition(".")

@@ -1,7 +1,8 @@
 """Apply a plan file to a safetensors checkpoint, shard by shard, without building the model.
 
 A plan file records, for every tensor a structured plan shrinks, the kept indices of each dim
-(:attr:`graphprune.plan.Plan.slices`), and every N:M mask; that is all a checkpoint needs.
+(:attr:`graphprune.plan.Plan.slices`), every N:M mask and every new weight value (SparseGPT's
+update in a streamed plan); that is all a checkpoint needs (:meth:`PlanFile.planned`).
 :func:`apply_to_checkpoint` reads one shard at a time (peak memory: about one shard), slices and
 masks its tensors, and writes the pruned shard; the index is rewritten with the new total size and
 the other files are copied.  ``config.json`` holds sizes only the caller can name for sure (a
@@ -108,7 +109,7 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
             metadata = f.metadata()
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                pruned = _prune_tensor(plan_file, _plan_name(name, prefix), tensor)
+                pruned = plan_file.planned(_plan_name(name, prefix), tensor)
                 if pruned is not tensor:
                     report.tensors_changed.append(name)
                 tensors[name] = pruned.contiguous()
@@ -154,22 +155,8 @@ def _plan_name(name: str, prefix: str) -> str | None:
 
 
 def _names(plan: PlanFile) -> set[str]:
-    """Tensors the plan changes: sliced by a structured plan, or masked."""
-    return {n for p in plan.structured for n in p.slices} | set(plan.masks)
-
-
-def _prune_tensor(plan: PlanFile, name: str | None, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` sliced by each structured plan in turn, then masked; the same object if untouched."""
-    out = tensor
-    for structured in plan.structured:
-        for dim, kept in enumerate(structured.slices.get(name, []) if name is not None else []):
-            if kept is not None:
-                out = out.index_select(dim, torch.tensor(kept, dtype=torch.long))
-    record = plan.masks.get(name) if name is not None else None
-    if record is not None:
-        record.check_shape(name, tuple(out.shape))
-        out = out.masked_fill(~record.mask, 0)
-    return out
+    """Tensors the plan changes: sliced by a structured plan, given new values, or masked."""
+    return {n for p in plan.structured for n in p.slices} | set(plan.values) | set(plan.masks)
 
 
 def _planned_changes(plan: PlanFile) -> dict[int, set[int]]:
@@ -207,6 +194,8 @@ def _digest(plan: PlanFile) -> str:
     for name in sorted(plan.masks):
         h.update(name.encode())
         h.update(plan.masks[name].mask.to(torch.uint8).numpy().tobytes())
+    for name in sorted(plan.values):  # values of one run come with its masks: names suffice
+        h.update(f"value/{name}".encode())
     return h.hexdigest()
 
 

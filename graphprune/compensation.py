@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from graphprune.analysis import Analysis
 from graphprune.calibration import Consumer, consumers, input_moments, run_batches
-from graphprune.capture import eval_mode, normalize_inputs, tensor_at
+from graphprune.capture import eval_mode, normalize_inputs, qualified, tensor_at
 from graphprune.plan import Plan
 from graphprune.sparsegpt import ConvGeometry, conv_columns
 from graphprune.sparsity import CONV, CONV1D, LINEAR, from_matrix, to_matrix
@@ -123,7 +123,7 @@ def record_norms(analysis: Analysis, model: nn.Module, plan: Plan, calibration: 
     masks = plan.masks(analysis)
     records: dict[str, NormRecord] = {}
     for name, module in norm_modules(model).items():
-        weight = f"{name}.weight" if name else "weight"
+        weight = qualified(name, "weight")
         if weight not in analysis.tensors:
             continue
         keep = analysis.spaces.keep_mask(analysis.tensors[weight][1][0], masks)

@@ -23,9 +23,10 @@ import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
 from graphprune.calibration import Consumer, consumers, input_moments
-from graphprune.capture import normalize_inputs, tensor_at
+from graphprune.capture import CapturedGraph, normalize_inputs, tensor_at
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV1D, LINEAR
+from graphprune.streaming import StreamedWeights
 
 GroupScore = Callable[[Analysis, Group, nn.Module], torch.Tensor]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -150,10 +151,10 @@ class InputWeighted(Importance):
         self.statistic = statistic
 
     def scores(self, analysis, model, groups, calibration):
-        if isinstance(model, Mapping):  # an ONNX model's weights: statistics from onnxruntime
+        if not isinstance(analysis.captured, CapturedGraph):  # an ONNX model: statistics from onnxruntime
             return self._onnx_scores(analysis, groups, calibration)
         layers = consumers(analysis)
-        moments = input_moments(model, layers, calibration)
+        moments = input_moments(model.module if isinstance(model, StreamedWeights) else model, layers, calibration)
         totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
         for layer in layers:
             if layer not in moments:

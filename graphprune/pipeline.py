@@ -15,7 +15,7 @@ import time
 from types import MappingProxyType
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,9 @@ from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan, is_quantized
 from graphprune.report import Report, ReportRow
 from graphprune.sparsity import check_patterns, masked_weights
+
+if TYPE_CHECKING:
+    from graphprune.streaming import Stream
 
 
 class Stage(enum.IntEnum):
@@ -66,6 +69,10 @@ class CompressionState:
     plans: list[Plan | QuantPlan] = field(default_factory=list)
     prunable_outputs: tuple[str, ...] = ()
     experimental_order: bool = False  # passes may run on stages they accept only experimentally
+    stream: Stream | None = None  # a streamed plan: weights in a checkpoint, model on meta (graphprune.plan)
+    # tensors whose values a pass changed beyond slicing and masking (SparseGPT, compensation,
+    # permutations): a plan file carries their new values, or re-applying it would lose them
+    updated: set[str] = field(default_factory=set)
     _analysis: Analysis | None = None
 
     def analysis(self) -> Analysis:

@@ -1,10 +1,14 @@
 """A run's plan on disk: what was decided, readable as JSON, with the tensors in safetensors.
 
 ``<name>.json`` (versioned, human-readable) holds the pipeline, each structured plan's fingerprint,
-parameter shapes and kept-channel counts per group, each N:M mask's pattern and layout, and the
-int8 plan; ``<name>.safetensors`` beside it holds the kept indices (``keep/<plan>/<group>``, int64)
-and the masks (``mask/<weight>``, uint8).  :func:`apply_plan_file` re-applies the structured plans
-(each refused, naming what differs, on another architecture) and the masks to a fresh model.
+parameter shapes and kept-channel counts per group, each N:M mask's pattern and layout, the
+weights a pass gave new values (SparseGPT's reconstruction in a streamed plan), and the int8 plan;
+``<name>.safetensors`` beside it holds the kept indices (``keep/<plan>/<group>``, int64), the masks
+(``mask/<weight>``, uint8) and the new values (``value/<weight>``).  When masks and values pass
+:data:`~graphprune.tensor_store.PART_BYTES` they go to ``<name>-00001.safetensors``, ... instead
+(listed in the JSON), written and read one part or tensor at a time, so a 7B model's plan never
+sits in memory whole.  :func:`apply_plan_file` re-applies the structured plans (each refused,
+naming what differs, on another architecture), the values and the masks to a fresh model.
 Re-applying an int8 plan is not implemented yet: it is recorded for inspection, and applying a
 file that has one says so instead of dropping it silently.
 """
@@ -13,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from graphprune.analysis import analyze
 from graphprune.apply import apply_plan
@@ -26,9 +30,10 @@ from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
-from graphprune.sparsity import NMPattern, attach, satisfies
+from graphprune.sparsity import NMPattern, attach, satisfies, stored
+from graphprune.tensor_store import PartWriter, TensorFiles
 
-FORMAT, VERSION = "graphprune-plan", 1
+FORMAT, VERSION = "graphprune-plan", 2  # 2 added values and part files; version 1 files still load
 
 
 @dataclass
@@ -50,8 +55,11 @@ class PlanFile:
     model: str
     pipeline: list[str] = field(default_factory=list)
     structured: list[Plan] = field(default_factory=list)  # in pass order
-    masks: dict[str, NMRecord] = field(default_factory=dict)
+    masks: Mapping[str, NMRecord] = field(default_factory=dict)
     quantization: QuantPlan | None = None
+    # weights a pass gave new values (after the structured plans' slicing, before masking)
+    values: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    report: object = field(default=None, compare=False, repr=False)  # the run's Report, not saved
 
     @classmethod
     def of(cls, model: str, pipeline: list[str], plans: list,
@@ -61,6 +69,27 @@ class PlanFile:
         quantization = [p for p in plans if isinstance(p, QuantPlan)]
         return cls(model, list(pipeline), [p for p in plans if isinstance(p, Plan)], masks,
                    quantization[-1] if quantization else None)
+
+    def planned(self, name: str | None, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the dense model's ``name``) as this plan makes it: sliced by each structured
+        plan in turn, given its new value if it has one, then masked; the same object if untouched."""
+        out = tensor
+        for structured in self.structured:
+            for dim, kept in enumerate(structured.slices.get(name, []) if name is not None else []):
+                if kept is not None:
+                    out = out.index_select(dim, torch.tensor(kept, dtype=torch.long))
+        if name is None:
+            return out
+        if name in self.values:
+            value = self.values[name]
+            if value.shape != out.shape:
+                raise InputError(f"the plan's value for {name} is {list(value.shape)}, the weight is {list(out.shape)}")
+            out = value.to(out.dtype)
+        record = self.masks.get(name)
+        if record is not None:
+            record.check_shape(name, tuple(out.shape))
+            out = out.masked_fill(~record.mask, 0)
+        return out
 
     @classmethod
     def reapplicable(cls, plan: "PlanFile | str | os.PathLike") -> "PlanFile":
@@ -73,30 +102,37 @@ class PlanFile:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> tuple[str, str]:
-        """Write ``path`` (``.json``) and the tensors beside it (``.safetensors``); returns both paths."""
+        """Write ``path`` (``.json``) and the tensors beside it (``.safetensors``, then numbered parts
+        if they pass :data:`~graphprune.tensor_store.PART_BYTES`); returns the JSON and first file."""
         json_path, tensor_path = _paths(path)
-        tensors: dict[str, torch.Tensor] = {}
+        parts = PartWriter(tensor_path[:-len(".safetensors")])  # the first part is <name>.safetensors
         structured = []
         for k, plan in enumerate(self.structured):
             for gid, kept in plan.keep.items():
-                tensors[f"keep/{k}/{gid}"] = torch.tensor(kept, dtype=torch.int64)
+                parts.put(f"keep/{k}/{gid}", torch.tensor(kept, dtype=torch.int64))
             for name, dims in plan.slices.items():
                 for d, kept in enumerate(dims):
                     if kept is not None:
-                        tensors[f"slice/{k}/{name}/{d}"] = torch.tensor(kept, dtype=torch.int64)
+                        parts.put(f"slice/{k}/{name}/{d}", torch.tensor(kept, dtype=torch.int64))
             structured.append({"fingerprint": plan.fingerprint,
                                "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
                                "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())},
                                "sliced": {n: [d for d, kept in enumerate(dims) if kept is not None]
                                           for n, dims in plan.slices.items()}})
-        for name, record in self.masks.items():
-            tensors[f"mask/{name}"] = record.mask.to(torch.uint8).contiguous()
+        masks, values = {}, {}
+        for name, record in self.masks.items():  # one at a time: a lazily read plan is never whole in memory
+            parts.put(f"mask/{name}", record.mask.to(torch.uint8))
+            masks[name] = {"pattern": str(record.pattern), "layout": record.pattern.layout,
+                           "shape": list(record.mask.shape), "kept": int(record.mask.sum())}
+        for name in self.values:
+            value = self.values[name]
+            parts.put(f"value/{name}", value)
+            values[name] = list(value.shape)
+        parts.flush(last=True)
         data = {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
-                "structured": structured,
-                "masks": {name: {"pattern": str(r.pattern), "layout": r.pattern.layout, "shape": list(r.mask.shape),
-                                 "kept": int(r.mask.sum())} for name, r in self.masks.items()},
+                "structured": structured, "masks": masks, "values": values,
+                "tensor_files": [os.path.basename(p) for p in parts.files[1:]],
                 "quantization": json.loads(self.quantization.to_json()) if self.quantization else None}
-        save_file(tensors, tensor_path)
         with open(json_path, "w") as f:
             json.dump(data, f, indent=1)
         return json_path, tensor_path
@@ -112,10 +148,11 @@ class PlanFile:
                 data = json.load(f)
         except json.JSONDecodeError as exc:
             raise InputError(f"plan file {json_path} is not JSON: {exc}") from exc
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise InputError(f"{json_path} is not a graphprune plan of version {VERSION} "
+        if data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
+            raise InputError(f"{json_path} is not a graphprune plan of version 1 or {VERSION} "
                              f"(format {data.get('format')!r}, version {data.get('version')!r})")
-        tensors = load_file(tensor_path)
+        folder = os.path.dirname(json_path)
+        tensors = TensorFiles([tensor_path] + [os.path.join(folder, p) for p in data.get("tensor_files", [])])
         structured = []
         for k, entry in enumerate(data["structured"]):
             keep = {int(g): tensors[f"keep/{k}/{g}"].tolist() for g in entry["kept"]}
@@ -125,12 +162,13 @@ class PlanFile:
                 last = max(dims)
                 slices[name] = [tensors[f"slice/{k}/{name}/{d}"].tolist() if d in dims else None for d in range(last + 1)]
             structured.append(Plan(keep, entry["fingerprint"], shapes, slices))
-        masks = {}
+        patterns = {}
         for name, entry in data["masks"].items():
             n, m = (int(x) for x in entry["pattern"].split(":"))
-            masks[name] = NMRecord(NMPattern(n, m, entry["layout"]), tensors[f"mask/{name}"].bool())
+            patterns[name] = NMPattern(n, m, entry["layout"])
         quantization = QuantPlan.from_json(json.dumps(data["quantization"])) if data["quantization"] else None
-        return cls(data["model"], data["pipeline"], structured, masks, quantization)
+        return cls(data["model"], data["pipeline"], structured, StoredMasks(tensors, patterns), quantization,
+                   StoredValues(tensors, list(data.get("values", {}))))
 
     # ------------------------------------------------------------- reading
     def describe(self) -> str:
@@ -143,6 +181,8 @@ class PlanFile:
             total = sum(r.mask.numel() for r in self.masks.values())
             kept = sum(int(r.mask.sum()) for r in self.masks.values())
             lines.append(f"  N:M masks on {len(self.masks)} weights ({kept / total:.1%} of their entries kept)")
+        if self.values:
+            lines.append(f"  new values for {len(self.values)} weights (SparseGPT's reconstruction)")
         if self.quantization:
             lines.append(f"  int8 plan for {len(self.quantization.layers)} layers")
         return "\n".join(lines)
@@ -168,11 +208,50 @@ class PlanFile:
                 out.append(f"mask {name}: {a.pattern} {list(a.mask.shape)} vs {b.pattern} {list(b.mask.shape)}")
             elif not torch.equal(a.mask, b.mask):
                 out.append(f"mask {name}: {int((a.mask != b.mask).sum())} of {a.mask.numel()} entries differ")
+        for name in sorted(set(self.values) | set(other.values)):
+            if name not in self.values or name not in other.values:
+                out.append(f"value {name}: only in the {'second' if name not in self.values else 'first'} plan")
+            elif not torch.equal(self.values[name], other.values[name]):
+                out.append(f"value {name}: differs")
         qa = self.quantization.to_json() if self.quantization else None
         qb = other.quantization.to_json() if other.quantization else None
         if qa != qb:
             out.append("int8 plans differ")
         return out
+
+
+class StoredMasks(Mapping[str, NMRecord]):
+    """A loaded plan's masks, each read from its file when asked for."""
+
+    def __init__(self, tensors: TensorFiles, patterns: dict[str, NMPattern]) -> None:
+        self.tensors, self.patterns = tensors, patterns
+
+    def __getitem__(self, name: str) -> NMRecord:
+        return NMRecord(self.patterns[name], self.tensors[f"mask/{name}"].bool())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.patterns)
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+
+class StoredValues(Mapping[str, torch.Tensor]):
+    """A loaded plan's new weight values, each read from its file when asked for."""
+
+    def __init__(self, tensors: TensorFiles, names: list[str]) -> None:
+        self.tensors, self.names = tensors, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.tensors[f"value/{name}"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _paths(path: str | os.PathLike) -> tuple[str, str]:
@@ -189,6 +268,16 @@ def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanF
     working = model if inplace else clone(model)
     for structured in plan.structured:
         working = apply_plan(working, analyze(working, example_inputs), structured, inplace=True).module
+    for name, value in plan.values.items():
+        try:
+            weight = tensor_at(working, name)
+        except AttributeError:
+            raise InputError(f"the plan has a new value for {name}, which this model does not have") from None
+        if value.shape != weight.shape:
+            raise InputError(f"the plan's value for {name} is {list(value.shape)}, the weight is {list(weight.shape)}")
+        owner, _, attr = name.rpartition(".")
+        with torch.no_grad():
+            stored(working.get_submodule(owner) if owner else working, attr).copy_(value)
     for name, record in plan.masks.items():
         try:
             weight = tensor_at(working, name)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from graphprune.capture import qualified
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV1D
 
@@ -139,9 +140,9 @@ def read_quant_plan(model: nn.Module) -> QuantPlan | None:
         output = _qparams(module, "qoutput") if hasattr(module, "qoutput_scale") else None
         bias = next((p for p in module.parametrizations["bias"] if isinstance(p, FakeQuantBias)), None) \
             if parametrize.is_parametrized(module, "bias") and name == "weight" else None
-        layers[f"{path}.{name}" if path else name] = LayerQuant(
+        layers[qualified(path, name)] = LayerQuant(
             path, fq.axis, fq.scale.tolist(), _qparams(module, "qinput"), output,
-            (f"{path}.bias" if path else "bias") if bias is not None else None,
+            qualified(path, "bias") if bias is not None else None,
             bias.scale.tolist() if bias is not None else None)
     return QuantPlan(layers) if layers else None
 

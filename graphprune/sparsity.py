@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from graphprune.capture import qualified
 from graphprune.errors import ContractError, InputError
 
 LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
@@ -134,7 +135,7 @@ def _nm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, str
         for name, plist in module.parametrizations.items():
             for p in plist:
                 if isinstance(p, NMMask):
-                    yield (f"{path}.{name}" if path else name), module, name, p
+                    yield qualified(path, name), module, name, p
 
 
 def masked_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:

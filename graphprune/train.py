@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from graphprune.capture import qualified
 from graphprune.errors import InputError
 from graphprune.sparsity import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
 
@@ -211,7 +212,7 @@ class LearnedMasks:
                         learnable = LearnableNMMask(p.mask, p.pattern, plist.original.shape, prior_strength)
                         plist[i] = learnable.to(plist.original.device)
                         self.masks.append((module, name, plist[i]))
-                        self.names.append(f"{path}.{name}" if path else name)
+                        self.names.append(qualified(path, name))
         if not self.masks:
             raise InputError("the model has no N:M masks: run NMSparsity(method='learned') on it first")
         for p in model.parameters():  # the weights stay as they are; only the logits learn

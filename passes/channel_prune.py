@@ -20,11 +20,12 @@ import torch.nn as nn
 from graphprune.analysis import Analysis, Group
 from graphprune.apply import apply_plan
 from graphprune.errors import InputError
-from graphprune.calibration import batches
+from graphprune.calibration import Calibration, batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
                                      reestimate_batchnorm, refit_norms)
+from graphprune.capture import qualified
 from graphprune.copying import clone
 from graphprune.sensitivity import output_errors
 from graphprune import onnx_compensation
@@ -148,11 +149,13 @@ class ChannelPrune(Pass):
         return f"ChannelPrune({amount}, round_to={self.round_to}{extra})"
 
     # ------------------------------------------------------------ planning
-    def plan(self, analysis: Analysis, model: nn.Module, calibration: list | None = None) -> Plan:
-        """Decide the kept channels of every group (does not modify ``model``'s weights)."""
+    def plan(self, analysis: Analysis, model: nn.Module, calibration: Calibration | None = None,
+             weights: Mapping[str, torch.Tensor] | None = None) -> Plan:
+        """Decide the kept channels of every group (does not modify ``model``'s weights); criteria
+        read ``weights`` by name when given (a streamed plan's ``meta`` model has none)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
-        scores = self.importance.scores(analysis, model, candidates, calibration)
+        scores = self.importance.scores(analysis, model if weights is None else weights, candidates, calibration)
         if self.allocation == "sensitivity":
             return self._plan_by_sensitivity(analysis, model, candidates, scores, calibration)
         if self.target is None:
@@ -316,11 +319,14 @@ class ChannelPrune(Pass):
     # --------------------------------------------------------------- pass
     def call(self, state: CompressionState) -> PassResult:
         analysis = state.analysis()
+        if state.stream is not None:
+            self._check_streamable()
         calibration = None
         if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
                                                      "sensitivity allocation)")
-        plan = self.plan(analysis, state.model, calibration)
+        plan = self.plan(analysis, state.model, calibration,
+                         state.stream.weights(state.model) if state.stream is not None else None)
         plan.record_slices(analysis)
         corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
@@ -337,6 +343,8 @@ class ChannelPrune(Pass):
         del dense
         if self.compensate and "batchnorm" in self.compensate:
             reestimate_batchnorm(state.model, calibration)
+        state.updated |= _changed(state.model, corrections, norm_errors, refits,
+                                  self.compensate is not None and "batchnorm" in self.compensate)
         state.stage = Stage.STRUCTURED
         state.plans.append(plan)
         details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
@@ -356,6 +364,15 @@ class ChannelPrune(Pass):
             after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
             details["norm re-fit"] = f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
         return PassResult(state, bool(plan.keep), details)
+
+    def _check_streamable(self) -> None:
+        """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.plan`) cannot do."""
+        what = "compensate=" + repr(self.compensate) if self.compensate else "allocation='sensitivity'" if self.allocation == "sensitivity" \
+            else f"importance={self.importance_name!r}" if self.importance_name in ("taylor", "bn_scale") else None
+        if what:
+            raise InputError(f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
+                             "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
+                             "callable, without compensation")
 
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
@@ -386,6 +403,18 @@ class ChannelPrune(Pass):
                 details["norm re-fit"] = "not on ONNX models (torch only): norms over fewer channels are left as they are"
         return PassResult(state, bool(plan.keep), details)
 
+
+
+def _changed(model: nn.Module, corrections: dict, norms: dict, refits: list, batchnorm: bool) -> set[str]:
+    """Tensors whose values compensation changed (for the plan file)."""
+    names = set(corrections) | {r.layer for r in refits}
+    for module_name in [*norms, *(r.layer.rpartition(".")[0] for r in refits)]:
+        module = model.get_submodule(module_name)
+        names |= {qualified(module_name, a) for a in ("weight", "bias") if isinstance(getattr(module, a, None), torch.Tensor)}
+    if batchnorm:
+        names |= {qualified(n, b) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.track_running_stats for b in ("running_mean", "running_var")}
+    return names
 
 
 def _within(module: str, name: str) -> bool:

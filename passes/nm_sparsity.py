@@ -16,7 +16,7 @@ attached as parametrizations, so fine-tuning cannot revive pruned weights;
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from graphprune import onnx_layers, onnx_sparsity
 from graphprune.onnx_capture import owner_names, tensor_of
 from graphprune.analysis import Analysis
-from graphprune.calibration import Consumer, batches, check_input, consumers, input_rms, run_batches
+from graphprune.calibration import Calibration, Consumer, Runner, batches, check_input, consumers, input_rms, run_batches
 from graphprune.capture import tensor_at
 from graphprune.errors import InputError
 from graphprune.permutation import retained, search
@@ -36,8 +36,11 @@ from graphprune.sparsegpt import ConvGeometry, conv_columns, prune_matrix
 from graphprune.onnx_prune import MaskedWeight
 from graphprune.sparsity import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
+from graphprune.streaming import AFTER, BEFORE
+
 if TYPE_CHECKING:
     from graphprune.onnx_prune import OnnxState
+    from graphprune.streaming import Stream
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -122,23 +125,30 @@ class NMSparsity(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis, model = state.analysis(), state.model
         layers, skipped = self.selected(analysis, model)
-        for layer in layers:
-            if tensor_at(model, layer.weight).device.type == "meta":
-                raise InputError(f"{layer.weight} is on the meta device: N:M masks need real weights")
         calibration = batches(state.calibration, f"NMSparsity(method={self.method!r})") \
             if self.criterion != "magnitude" else None
-        rms = input_rms(model, layers, calibration) if self.criterion == "wanda" else {}
-        gains = self._permute_groups(state, analysis, layers, rms) if self.permute else {}
-        if gains and rms:  # the input channels moved: their statistics must be read in the new order
-            rms = input_rms(model, layers, calibration)
-        if self.criterion == "sparsegpt":
-            self._sparsegpt(model, analysis, layers, calibration)
+        if state.stream is not None:
+            layers = self._streamed(state.stream, model, layers, skipped, calibration)
+            gains: dict[str, str] = {}
         else:
             for layer in layers:
-                owner, attr = _owner(model, layer)
-                pattern = NMPattern(self.n, self.m, layer.layout)
-                attach(owner, attr, nm_mask(_scores(model, layer, rms), pattern), pattern,
-                       zero_pruned=self.method != "learned")
+                if tensor_at(model, layer.weight).device.type == "meta":
+                    raise InputError(f"{layer.weight} is on the meta device: N:M masks need real weights (or plan "
+                                     "with gp.plan(..., weights=checkpoint), which reads them from the checkpoint)")
+            rms = input_rms(model, layers, calibration) if self.criterion == "wanda" else {}
+            gains = self._permute_groups(state, analysis, layers, rms) if self.permute else {}
+            if gains and rms:  # the input channels moved: their statistics must be read in the new order
+                rms = input_rms(model, layers, calibration)
+            if self.criterion == "sparsegpt":
+                self._sparsegpt(model, layers, calibration)
+                if self.method != "learned":
+                    state.updated |= {layer.weight for layer in layers}
+            else:
+                for layer in layers:
+                    owner, attr = _owner(model, layer)
+                    pattern = NMPattern(self.n, self.m, layer.layout)
+                    attach(owner, attr, nm_mask(_scores(tensor_at(model, layer.weight), layer, rms), pattern), pattern,
+                           zero_pruned=self.method != "learned")
         state.stage = self.next_stage(state.stage)
         how = f"learned, {self.prior} prior" if self.method == "learned" else self.method
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
@@ -221,21 +231,48 @@ class NMSparsity(Pass):
             before, after = (retained(scores, o, self.n, self.m) for o in (torch.arange(group.size), order))
             if after <= before:
                 continue
-            _permute(model, analysis, group.leaf, order)
+            reordered = _permute(model, analysis, group.leaf, order)
             if reference is not None and not _same(run_outputs(model, state.captured), reference):
                 _permute(model, analysis, group.leaf, torch.argsort(order))  # an order-dependent op reads it
                 gains[f"group {group.id}"] = "skipped: permuting changed the outputs"
                 continue
+            state.updated |= reordered
             gains[f"group {group.id} ({group.size} ch)"] = f"+{after / before - 1:.2%} retained"
         return gains
 
-    def _sparsegpt(self, model: nn.Module, analysis: Analysis, layers: list[Consumer], calibration: list) -> None:
-        """Layer by layer in graph order; linear layers reading one activation share its Hessian."""
+    def _streamed(self, stream: Stream, model: nn.Module, layers: list[Consumer], skipped: dict[str, str],
+                  calibration: Calibration | None) -> list[Consumer]:
+        """Masks (and SparseGPT's new values) from weights read out of the checkpoint, recorded in
+        ``stream`` for the plan; returns the layers masked."""
+        if self.method == "learned" or self.permute:
+            raise InputError(f"NMSparsity({'permute=True' if self.permute else 'method=learned'}) changes weights of "
+                             "the whole model in memory, which a streamed plan never builds: use method='magnitude', "
+                             "'wanda' or 'sparsegpt'")
+        if self.criterion == "sparsegpt":
+            segments = _segments(stream, model, layers, skipped)
+
+            def visit(segment: str, runner: Runner) -> None:
+                self._sparsegpt(model, segments.get(segment, []), runner, stream.record)
+
+            stream.sequential(model, None, visit)
+            return [layer for part in segments.values() for layer in part]
+        rms = input_rms(model, layers, calibration) if self.criterion == "wanda" else {}
+        weights = stream.weights(model)
+        for layer in layers:
+            pattern = NMPattern(self.n, self.m, layer.layout)
+            stream.record(layer.weight, nm_mask(_scores(weights[layer.weight], layer, rms), pattern), pattern)
+        return layers
+
+    def _sparsegpt(self, model: nn.Module, layers: list[Consumer], calibration: Calibration,
+                   record: Callable[..., None] | None = None) -> None:
+        """Layer by layer in graph order; linear layers reading one activation share its Hessian.
+        With ``record`` (a streamed plan) the mask and new weight go there instead of onto the model;
+        the loaded weight takes the new value, so later layers and blocks see it."""
         by_input: dict[tuple, list[Consumer]] = {}
         for layer in layers:  # convs see their input through their own patch geometry
             key = (layer.activation, layer.module if layer.layout == CONV else None)
             by_input.setdefault(key, []).append(layer)
-        for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None):
+        for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None, leave=False):
             hessians = _hessians(model, group[0], calibration)
             for layer in group:
                 owner, attr = _owner(model, layer)
@@ -252,7 +289,31 @@ class NMSparsity(Pass):
                 if self.method != "learned":  # learned masks start from the dense weights
                     with torch.no_grad():
                         stored(owner, attr).copy_(new)
-                attach(owner, attr, keep, pattern, zero_pruned=self.method != "learned")
+                if record is not None:
+                    record(layer.weight, keep, pattern, new)
+                else:
+                    attach(owner, attr, keep, pattern, zero_pruned=self.method != "learned")
+
+
+def _segments(stream: Stream, model: nn.Module, layers: list[Consumer],
+              skipped: dict[str, str]) -> dict[str, list[Consumer]]:
+    """The layers by what :meth:`Stream.sequential` visits: before the blocks, each block, after
+    them (by graph order); a layer between blocks is skipped, with the reason."""
+    path, blocks = stream.block_list(model)
+    names = [f"{path}.{i}" for i in range(len(blocks))]
+    block_of = {layer: next((b for b in names if layer.module.startswith(b + ".")), None) for layer in layers}
+    positions = [i for i, layer in enumerate(layers) if block_of[layer] is not None]
+    segments: dict[str, list[Consumer]] = {}
+    for i, layer in enumerate(layers):
+        if block_of[layer] is not None:
+            segments.setdefault(block_of[layer], []).append(layer)
+        elif not positions or i < positions[0]:
+            segments.setdefault(BEFORE, []).append(layer)
+        elif i > positions[-1]:
+            segments.setdefault(AFTER, []).append(layer)
+        else:
+            skipped[layer.weight] = f"between the streamed blocks of {path}: SparseGPT runs block by block"
+    return segments
 
 
 def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf: int,
@@ -267,21 +328,24 @@ def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf
     leaves = spaces.leaves(atom)
     if not leaves or leaves[-1] != leaf or leaves.count(leaf) != 1 or spaces.cofactor(atom, leaf) is None:
         return None
-    return to_matrix(_scores(model, layer, rms), layer.layout).reshape(-1, spaces.solver.size(leaf))
+    return to_matrix(_scores(tensor_at(model, layer.weight), layer, rms), layer.layout).reshape(
+        -1, spaces.solver.size(leaf))
 
 
-def _scores(model: nn.Module, layer: Consumer, rms: dict[Consumer, torch.Tensor]) -> torch.Tensor:
+def _scores(weight: torch.Tensor, layer: Consumer, rms: dict[Consumer, torch.Tensor]) -> torch.Tensor:
     """|W| (magnitude), times the RMS of the matching input channel when statistics exist (Wanda)."""
-    weight = tensor_at(model, layer.weight).detach()
+    weight = weight.detach()
     scores = weight.abs().float()
     if layer in rms:
         scores = scores * per_input_channel(rms[layer], layer.layout, layer.groups, weight.shape).to(scores)
     return scores
 
 
-def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tensor) -> None:
-    """Reorder channel space ``leaf`` in every tensor that indexes it (tied tensors once)."""
+def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tensor) -> set[str]:
+    """Reorder channel space ``leaf`` in every tensor that indexes it (tied tensors once); returns
+    the names of the tensors reordered."""
     done: set[int] = set()
+    changed: set[int] = set()
     for name, (kind, dims) in analysis.tensors.items():
         if kind == "code_constant":
             continue
@@ -293,7 +357,10 @@ def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tenso
         for d, atom in enumerate(dims):
             if leaf in analysis.spaces.leaves(atom):
                 data = data.index_select(d, analysis.spaces.gather_index(atom, {leaf: order}).to(data.device))
+                changed.add(id(tensor))
         tensor.data = data
+    return {name for name, (kind, _) in analysis.tensors.items()
+            if kind != "code_constant" and id(tensor_at(model, name)) in changed}
 
 
 def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
@@ -305,7 +372,7 @@ def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
     return model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
 
 
-def _hessians(model: nn.Module, layer: Consumer, calibration: list) -> list[torch.Tensor]:
+def _hessians(model: nn.Module, layer: Consumer, calibration: Calibration) -> list[torch.Tensor]:
     """``2/N sum x x^T`` of the layer's inputs (one per conv group), from the model as it is now."""
     module = model.get_submodule(layer.module)
     sums: list[torch.Tensor] = []

@@ -106,6 +106,9 @@ class Quantize(Pass):
         return chosen, skipped
 
     def call(self, state: CompressionState) -> PassResult:
+        if state.stream is not None:
+            raise InputError("Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
+                             "there, apply it to the checkpoint, then quantize the pruned model")
         model = state.model
         layers, skipped = self.selected(state)
         for layer in layers:

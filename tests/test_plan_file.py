@@ -98,3 +98,39 @@ def test_cli_plan_reads_and_diffs(tmp_path):
     assert shown.returncode == 0 and "groups pruned" in shown.stdout
     diffed = run("plan", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json")
     assert diffed.returncode == 0 and json.loads(diffed.stdout)["differences"]
+
+
+PASSES_THAT_CHANGE_VALUES = {
+    "sparsegpt": lambda: [NMSparsity(2, 4, method="sparsegpt")],
+    "bias compensation and norm re-fit": lambda: [ChannelPrune(0.5, round_to=4, compensate="bias", refit_norms=True)],
+    "reconstruction, then a permuted mask": lambda: [ChannelPrune(0.5, round_to=4, compensate="reconstruct"),
+                                                     NMSparsity(2, 4, permute=True)],
+    "batchnorm re-estimation": lambda: [ChannelPrune(0.5, round_to=4, compensate="batchnorm")],
+}
+
+
+@pytest.mark.parametrize("pipeline", list(PASSES_THAT_CHANGE_VALUES))
+def test_a_plan_carries_the_values_passes_changed(pipeline, tmp_path):
+    """Re-applied to the dense model, the plan reproduces the run even where a pass changed the
+    surviving weights (SparseGPT's update, compensation, permutations): the plan holds those values."""
+    model, inputs = (_resnet() if "batchnorm" in pipeline else build("llama_gqa"))
+    batches = [inputs] * 2
+    result = gp.prune(model, inputs, PASSES_THAT_CHANGE_VALUES[pipeline](), calibration=batches)
+    assert result.updated  # what the oracle is about
+    result.save_plan(tmp_path / "run")
+    again = gp.apply_plan_file(model, inputs, tmp_path / "run.json")
+    for a, b in zip(outputs(again, inputs), outputs(result.module, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_large_plan_is_written_and_read_in_parts(tmp_path, monkeypatch):
+    from graphprune import tensor_store
+
+    model, inputs = build("llama_gqa")
+    plan = gp.plan(model, inputs, [NMSparsity(2, 4, method="sparsegpt")], calibration=[inputs])
+    monkeypatch.setattr(tensor_store, "PART_BYTES", 64 << 10)  # parts of 64 KiB
+    monkeypatch.setattr(tensor_store.PartWriter.__init__, "__defaults__", (64 << 10,))
+    json_path, _ = plan.save(tmp_path / "run")
+    parts = json.loads(open(json_path).read())["tensor_files"]
+    assert len(parts) > 3 and all((tmp_path / p).exists() for p in parts)
+    assert gp.PlanFile.load(json_path).diff(plan) == []
