@@ -19,17 +19,22 @@ from graphprune.sparsity import NMPattern
 
 
 def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, block: int = 128,
-                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (updated weight, keep mask), both ``[rows, cols]``, in float64."""
+                 damp: float = 0.01, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (updated weight, keep mask), both ``[rows, cols]``, in float64.  ``consume=True``
+    works in a float64 ``hessian``'s own memory (destroying it) instead of a copy."""
     n, m = pattern.n, pattern.m
     block = max(m, block - block % m)
     w = weight.detach().double().clone()
-    h = hessian.detach().double().clone()
+    h = hessian.detach() if consume and hessian.dtype == torch.float64 else hessian.detach().double().clone()
     dead = torch.diagonal(h) == 0  # inputs that never fire carry no information
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # one [cols, cols] matrix alive at a time besides the caller's (11008^2 doubles are ~1 GB)
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    inverse = torch.linalg.cholesky(h, upper=True)
+    del h
     rows, cols = w.shape
     keep = torch.zeros(rows, cols, dtype=torch.bool)
     for start in range(0, cols, block):

@@ -43,6 +43,7 @@ from graphprune.sparsity import NMPattern, satisfies
 from graphprune.tensor_store import PartWriter, TensorFiles
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+SPILL_BYTES = 256 << 20  # recorded masks and values held in memory before they go to disk
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ class Stream(Runner):
                  blocks: str | None = None, prefix: str = "") -> None:
         self.checkpoint, self.batches, self.plans = checkpoint, batches, plans
         self.blocks, self.prefix = blocks, prefix
-        self._parts = PartWriter(os.path.join(scratch, "decided"))
+        self._parts = PartWriter(os.path.join(scratch, "decided"), SPILL_BYTES)
         self._patterns: dict[str, NMPattern] = {}
         self._values: list[str] = []
 
@@ -242,6 +243,7 @@ class Stream(Runner):
                 with self.loaded(model, list(block.named_modules(prefix=name))):
                     if visit is not None:
                         visit(name, BlockInputs(block, inputs))
+                        self._parts.flush()  # what the block decided goes to disk with it
                     outputs = [block(*args, **kwargs) for args, kwargs in inputs]
                     if i == 0 and len(blocks) > 1:
                         self._check_chain(model, blocks, path, inputs[0], _first(outputs[0], name), watch)

@@ -66,8 +66,8 @@ class PartWriter:
     """Writes tensors into ``<stem>.safetensors``, then ``<stem>-00002.safetensors``, ..., each
     about :data:`PART_BYTES`, holding at most one part in memory."""
 
-    def __init__(self, stem: str | os.PathLike, part_bytes: int = PART_BYTES) -> None:
-        self.stem, self.part_bytes = str(stem), part_bytes
+    def __init__(self, stem: str | os.PathLike, part_bytes: int | None = None) -> None:
+        self.stem, self.part_bytes = str(stem), part_bytes or PART_BYTES
         self.files: list[str] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._bytes = 0

@@ -274,7 +274,7 @@ class NMSparsity(Pass):
             by_input.setdefault(key, []).append(layer)
         for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None, leave=False):
             hessians = _hessians(model, group[0], calibration)
-            for layer in group:
+            for j, layer in enumerate(group):
                 owner, attr = _owner(model, layer)
                 weight = getattr(owner, attr).detach()
                 pattern = NMPattern(self.n, self.m, layer.layout)
@@ -282,7 +282,8 @@ class NMSparsity(Pass):
                 rows = weight.shape[0] // len(hessians) if layer.layout == CONV else None
                 for g, hessian in enumerate(hessians):
                     part = weight[g * rows:(g + 1) * rows] if rows else weight
-                    w, k = prune_matrix(to_matrix(part, layer.layout), hessian, pattern, block=self.block, damp=self.damp)
+                    w, k = prune_matrix(to_matrix(part, layer.layout), hessian, pattern, block=self.block, damp=self.damp,
+                                        consume=j == len(group) - 1)  # the last layer of the group may use it up
                     target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
                     new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
                     keep[target] = from_matrix(k, layer.layout, part.shape)
@@ -388,11 +389,11 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: Calibration) -> li
         for g, c in enumerate(cols):
             if len(sums) <= g:
                 sums.append(torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64))
-            sums[g] += c.T @ c
+            sums[g].addmm_(c.T, c)  # in place: no second [cols, cols] matrix
         count[0] += cols[0].shape[0]
 
     run_batches(model, calibration, {layer.module: accumulate})
-    return [2 * s / max(count[0], 1) for s in sums]
+    return [s.mul_(2 / max(count[0], 1)) for s in sums]
 
 
 def _heads(analysis: Analysis, layers: list[Consumer]) -> set[fx.Node]:
