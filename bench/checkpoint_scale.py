@@ -10,7 +10,8 @@ Then, each step in its own process reporting its own peak resident memory:
   tokens, computed in float32): MLP channels by activation statistics, then Wanda 2:4, over every
   block; and SparseGPT 2:4 on the first ``--sparsegpt-blocks`` blocks (the stream still walks all
   of them; SparseGPT's own cost here is about 85 s per 7B block on 2 cores);
-* ``gp.apply_to_checkpoint`` of the weight-free plan and of the streamed one.
+* ``gp.apply_to_checkpoint`` of the weight-free plan (``config=`` given) and of the streamed one
+  (``config.json``'s new sizes inferred from the architecture's shapes).
 
 The baseline, in the same run, is holding the whole checkpoint in memory (safetensors' tensors
 copied out of their memory map, as pruning a loaded model needs them).
@@ -132,11 +133,9 @@ def apply(folder: Path, args) -> dict:
 def apply_streamed(folder: Path, args) -> dict:
     import graphprune as gp
 
-    decided = gp.PlanFile.load(folder / "streamed.json")
-    kept = {len(k) for k in decided.structured[0].keep.values()}
-    report = gp.apply_to_checkpoint(decided, folder / "source", folder / "pruned-streamed",
-                                    config={"intermediate_size": kept.pop()})
-    return {"GB before": round(report.bytes_before / 1e9, 2), "GB after": round(report.bytes_after / 1e9, 2)}
+    report = gp.apply_to_checkpoint(folder / "streamed.json", folder / "source", folder / "pruned-streamed")
+    return {"GB before": round(report.bytes_before / 1e9, 2), "GB after": round(report.bytes_after / 1e9, 2),
+            "config inferred": report.config}
 
 
 def load_whole(folder: Path, args) -> dict:

@@ -26,7 +26,7 @@ from graphprune.plan_file import PlanFile
 from graphprune.quantization import QuantPlan
 from graphprune.recipe import pass_manager
 from graphprune.report import Report
-from graphprune.sparsity import NMPattern, nm_masks, stored
+from graphprune.sparsity import NMPattern, nm_masks, stored_at
 from graphprune.report_page import layer_rows, weight_shapes, write_report
 from graphprune.sparse_kernels import SparseKernelReport, to_sparse_kernels
 from graphprune.streaming import Stream
@@ -60,7 +60,7 @@ class PruneResult:
         """Everything this run decided, as data (see :mod:`graphprune.plan_file`), with the new
         values of the tensors a pass changed (unmasked; the masks apply on top)."""
         plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
-        plan.values = {name: _stored(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
+        plan.values = {name: stored_at(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
         return plan
 
     def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
@@ -158,11 +158,6 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
     weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
     return PlanFile(type(model).__name__, report.pipeline, [p for p in state.plans if isinstance(p, Plan)], masks,
                     values=values, report=report)
-
-
-def _stored(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return stored(model.get_submodule(owner) if owner else model, attr)
 
 
 def _check_finite(model: nn.Module) -> None:

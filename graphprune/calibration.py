@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis
 from graphprune.capture import eval_mode, input_leaves, normalize_inputs
+from graphprune.distributed import reduce_sum
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV, CONV1D, LINEAR
 
@@ -224,6 +225,9 @@ def input_moments(model: nn.Module, layers: list[Consumer],
             acc[0], acc[1], acc[2] = acc[0] + flat.sum(1).cpu(), acc[1] + flat.pow(2).sum(1).cpu(), acc[2] + flat.shape[1]
         hooks[layer.module] = hook
     run_batches(model, calibration, hooks)
+    for module, acc in sums.items():  # summed over ranks first (every rank hooks the same modules, in order)
+        acc[2] = torch.tensor(float(acc[2]), dtype=torch.float64)
+        reduce_sum(acc[0], acc[1], acc[2])
     return {c: (sums[c.module][0] / sums[c.module][2], sums[c.module][1] / sums[c.module][2])
             for c in layers if c.module in sums}
 

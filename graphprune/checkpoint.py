@@ -5,10 +5,12 @@ A plan file records, for every tensor a structured plan shrinks, the kept indice
 update in a streamed plan); that is all a checkpoint needs (:meth:`PlanFile.planned`).
 :func:`apply_to_checkpoint` reads one shard at a time (peak memory: about one shard), slices and
 masks its tensors, and writes the pruned shard; the index is rewritten with the new total size and
-the other files are copied.  ``config.json`` holds sizes only the caller can name for sure (a
-dim of 4096 may be the hidden size in one tensor and heads x head_dim in another), so when the
-plan changes shapes the caller passes the new values (``config={"intermediate_size": 5504}``);
-without them the call is refused before any work, with the values the plan suggests.
+the other files are copied.  ``config.json`` needs the new sizes, and the plan knows dims, not what
+they mean (4096 may be the hidden size in one tensor and heads x head_dim in another).  The
+caller may name them (``config={"intermediate_size": 5504}``).  Otherwise, where transformers
+knows the architecture, :func:`infer_config` searches for the change of fewest sizes under which
+the architecture built on ``meta`` has exactly the planned shapes.  With no such change, or two,
+the call is refused before any work, listing how the plan changes dims.
 
 Writes go to ``<destination>.partial`` (each shard written whole, then renamed), so an
 interrupted run resumes where it stopped when called again with the same plan and source; the
@@ -21,6 +23,7 @@ the ``meta`` device has exactly the written shapes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -79,14 +82,20 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
                          "re-run the pruning and save the plan again")
     changes = _planned_changes(plan_file)
     config_path = source / "config.json"
-    if config_path.exists() and changes and config is None:
-        keys = _keys_by_value(json.loads(config_path.read_text()))
-        raise InputError("the plan changes tensor shapes, so config.json needs new sizes; pass config={...} with "
-                         "the keys that change (or config={} to copy it as it is). The plan changes "
-                         + "; ".join(f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
-                                     f"to {', '.join(map(str, sorted(new)))}" for old, new in sorted(changes.items())))
-
     _check_source(shards, plan_file, prefix)
+    if config_path.exists() and changes and config is None:
+        fits = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes)
+        if len(fits) != 1:
+            keys = _keys_by_value(json.loads(config_path.read_text()))
+            why = ("several changes of its sizes give the architecture those shapes (" + " or ".join(map(str, fits))
+                   + "): which one is meant, only you know") if fits else \
+                "no change of its sizes that could be inferred gives the architecture those shapes"
+            raise InputError(f"the plan changes tensor shapes, so config.json needs new sizes, and {why}; pass "
+                             "config={...} with the keys that change (or config={} to copy it as it is). The plan "
+                             "changes " + "; ".join(f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
+                                                    f"to {', '.join(map(str, sorted(new)))}"
+                                                    for old, new in sorted(changes.items())))
+        config = fits[0]
 
     partial = destination.with_name(destination.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
@@ -157,6 +166,69 @@ def _plan_name(name: str, prefix: str) -> str | None:
 def _names(plan: PlanFile) -> set[str]:
     """Tensors the plan changes: sliced by a structured plan, given new values, or masked."""
     return {n for p in plan.structured for n in p.slices} | set(plan.values) | set(plan.masks)
+
+
+def _planned_shapes(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Every checkpoint tensor's shape, before and once the plan is applied (headers and slices only)."""
+    dense, shapes = {}, {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                shape = list(f.get_slice(name).get_shape())
+                dense[name] = list(shape)
+                planned = _plan_name(name, prefix)
+                for structured in plan.structured:
+                    for d, kept in enumerate(structured.slices.get(planned, []) if planned is not None else []):
+                        if kept is not None:
+                            shape[d] = len(kept)
+                shapes[name] = shape
+    return dense, shapes
+
+
+MAX_CONFIG_TRIALS = 256  # architectures built on meta while searching for the config change
+
+
+def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[str, list[int]],
+                 changes: dict[int, set[int]]) -> list[dict]:
+    """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, has
+    every checkpoint tensor at its planned shape (none if transformers does not know the
+    architecture; several when shapes cannot tell, e.g. one head of 16 dims from two of 8).
+
+    Candidates: a key holding a size the plan changes may take each new size; a key dividing such a
+    size (a head count) may scale with it.  Only keys that change shapes on their own, and keep
+    the same tensors, are searched (not token ids, not the layer count)."""
+    data = json.loads(config_path.read_text())
+    base = _architecture_shapes(config_path.parent)
+    if not base:
+        return []
+    options: dict[str, list[int]] = {}
+    for key, value in data.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            continue
+        new = set(changes.get(value, ()))
+        for old, news in changes.items():
+            if value < old and old % value == 0:
+                new |= {value * n // old for n in news if value * n % old == 0 and value * n >= old}
+        new.discard(value)
+        relevant = [v for v in sorted(new) if (alone := _architecture_shapes(config_path.parent, {key: v}))
+                    and alone.keys() == base.keys() and alone != base]
+        if relevant:
+            options[key] = relevant
+    trials = 0
+    for count in range(1, len(options) + 1):
+        fits = []
+        for keys in itertools.combinations(sorted(options), count):
+            for values in itertools.product(*(options[k] for k in keys)):
+                trials += 1
+                if trials > MAX_CONFIG_TRIALS:
+                    return []
+                candidate = dict(zip(keys, values))
+                shapes = _architecture_shapes(config_path.parent, candidate) or {}
+                if all(shapes.get(n) == shape for n, shape in planned.items()):
+                    fits.append(candidate)
+        if fits:
+            return fits
+    return []
 
 
 def _planned_changes(plan: PlanFile) -> dict[int, set[int]]:
@@ -245,7 +317,7 @@ def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
     config_path = folder / "config.json"
     if not config_path.exists():
         return
-    expected = _shapes_from_config(config_path)
+    expected = _architecture_shapes(folder)
     if expected is None:
         return
     wrong = [f"{n}: written {written[n]}, config gives {expected[n]}" for n in sorted(written)
@@ -255,19 +327,27 @@ def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
                          "pass the right sizes in config={...}")
 
 
-def _shapes_from_config(config_path: Path) -> dict[str, list[int]] | None:
-    """Parameter shapes of the architecture ``config.json`` names, built on ``meta`` (no memory);
-    None when transformers is missing or does not know the architecture."""
+def _architecture_shapes(folder: Path, overrides: dict[str, object] | None = None) -> dict[str, list[int]] | None:
+    """Parameter shapes of the architecture ``folder/config.json`` names (with ``overrides``), built
+    on ``meta`` (no memory); None when transformers is missing or does not know the architecture,
+    ``{}`` when the architecture rejects the overrides."""
     try:
         import transformers
     except ImportError:
         return None
-    data = json.loads(config_path.read_text())
+    data = json.loads((folder / "config.json").read_text())
     architectures = data.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         return None
-    config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
-    with torch.device("meta"):
-        model = cls(config)
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (ValueError, AssertionError, RuntimeError) as exc:  # sizes the architecture's own checks reject
+        if overrides:
+            return {}
+        raise InputError(f"config.json: transformers cannot build {architectures[0]} from it: {exc}") from exc
     return {n: list(t.shape) for n, t in model.state_dict().items()}

@@ -358,7 +358,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE",
-                   help="new config.json values (needed when the plan changes shapes; give none to copy it unchanged)")
+                   help="new config.json values (without it they are inferred from the architecture's shapes "
+                        "where transformers knows it; give none to copy it unchanged)")
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
     common(p)
     p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")

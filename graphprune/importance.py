@@ -24,6 +24,7 @@ import torch.nn as nn
 from graphprune.analysis import Analysis, Group
 from graphprune.calibration import Consumer, consumers, input_moments
 from graphprune.capture import CapturedGraph, normalize_inputs, tensor_at
+from graphprune.distributed import reduce_sum
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV1D, LINEAR
 from graphprune.streaming import StreamedWeights
@@ -134,7 +135,9 @@ class Taylor(Importance):
             model.zero_grad(set_to_none=True)
             for name, p in params.items():
                 p.requires_grad_(flags[name])
-        return {gid: t / max(len(calibration), 1) for gid, t in totals.items()}
+        count = torch.tensor(float(len(calibration)), dtype=torch.float64)
+        reduce_sum(*totals.values(), count)  # over the ranks of a distributed run
+        return {gid: t / max(float(count), 1.0) for gid, t in totals.items()}
 
 
 class InputWeighted(Importance):

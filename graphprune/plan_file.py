@@ -30,7 +30,7 @@ from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
-from graphprune.sparsity import NMPattern, attach, satisfies, stored
+from graphprune.sparsity import NMPattern, attach, satisfies, stored_at
 from graphprune.tensor_store import PartWriter, TensorFiles
 
 FORMAT, VERSION = "graphprune-plan", 2  # 2 added values and part files; version 1 files still load
@@ -275,9 +275,8 @@ def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanF
             raise InputError(f"the plan has a new value for {name}, which this model does not have") from None
         if value.shape != weight.shape:
             raise InputError(f"the plan's value for {name} is {list(value.shape)}, the weight is {list(weight.shape)}")
-        owner, _, attr = name.rpartition(".")
         with torch.no_grad():
-            stored(working.get_submodule(owner) if owner else working, attr).copy_(value)
+            stored_at(working, name).copy_(value)
     for name, record in plan.masks.items():
         try:
             weight = tensor_at(working, name)

@@ -30,11 +30,10 @@ def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * torch.diagonal(h).mean())
-    # one [cols, cols] matrix alive at a time besides the caller's (11008^2 doubles are ~1 GB)
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    inverse = torch.linalg.cholesky(h, upper=True)
-    del h
+    # in place: one [cols, cols] matrix for the whole factorisation (11008^2 doubles are ~1 GB)
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    inverse = torch.linalg.cholesky(h, upper=True, out=h)
     rows, cols = w.shape
     keep = torch.zeros(rows, cols, dtype=torch.bool)
     for start in range(0, cols, block):

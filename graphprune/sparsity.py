@@ -119,6 +119,12 @@ def stored(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+def stored_at(model: nn.Module, name: str) -> torch.Tensor:
+    """:func:`stored` by full name (``layers.0.fc.weight``)."""
+    owner, _, attr = name.rpartition(".")
+    return stored(model.get_submodule(owner) if owner else model, attr)
+
+
 def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern, *, zero_pruned: bool = True) -> None:
     """Mask ``module.<name>``; the masked entries are also zeroed in the stored original unless
     ``zero_pruned=False`` (learned masks need the dense weights underneath)."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
 from graphprune.apply import apply_plan
+from graphprune.distributed import single_process_only
 from graphprune.errors import InputError
 from graphprune.calibration import Calibration, batches
 from graphprune.importance import GroupScore, Importance, LossFn, resolve
@@ -321,6 +322,9 @@ class ChannelPrune(Pass):
         analysis = state.analysis()
         if state.stream is not None:
             self._check_streamable()
+        if self.allocation == "sensitivity" or (self.compensate or "").replace("bias", "") or \
+                (self.refit_norms and self.compensate and "bias" in self.compensate):
+            single_process_only(f"ChannelPrune's {self._unreduced()}")
         calibration = None
         if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
@@ -364,6 +368,12 @@ class ChannelPrune(Pass):
             after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
             details["norm re-fit"] = f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
         return PassResult(state, bool(plan.keep), details)
+
+    def _unreduced(self) -> str:
+        """The part of this pass that reads statistics which are not sums (for the error message)."""
+        return "sensitivity allocation" if self.allocation == "sensitivity" else \
+            "norm re-fit" if not (self.compensate or "").replace("bias", "") else \
+            f"compensate={self.compensate!r}"
 
     def _check_streamable(self) -> None:
         """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.plan`) cannot do."""

@@ -29,6 +29,7 @@ from graphprune.onnx_capture import owner_names, tensor_of
 from graphprune.analysis import Analysis
 from graphprune.calibration import Calibration, Consumer, Runner, batches, check_input, consumers, input_rms, run_batches
 from graphprune.capture import tensor_at
+from graphprune.distributed import reduce_sum
 from graphprune.errors import InputError
 from graphprune.permutation import retained, search
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
@@ -393,7 +394,9 @@ def _hessians(model: nn.Module, layer: Consumer, calibration: Calibration) -> li
         count[0] += cols[0].shape[0]
 
     run_batches(model, calibration, {layer.module: accumulate})
-    return [s.mul_(2 / max(count[0], 1)) for s in sums]
+    rows = torch.tensor(float(count[0]), dtype=torch.float64)
+    reduce_sum(*sums, rows)  # over the ranks of a distributed run, each with its share of the batches
+    return [s.mul_(2 / max(float(rows), 1.0)) for s in sums]
 
 
 def _heads(analysis: Analysis, layers: list[Consumer]) -> set[fx.Node]:

@@ -34,6 +34,7 @@ import torch.nn as nn
 from graphprune import onnx_quantize
 from graphprune.calibration import Consumer, batches, check_input, consumers, run_batches
 from graphprune.capture import tensor_at
+from graphprune.distributed import single_process_only
 from graphprune.errors import InputError
 from graphprune.onnx_capture import owner_names
 from graphprune.onnx_layers import weight_layers
@@ -109,6 +110,7 @@ class Quantize(Pass):
         if state.stream is not None:
             raise InputError("Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
                              "there, apply it to the checkpoint, then quantize the pruned model")
+        single_process_only("Quantize's calibration of activation ranges")
         model = state.model
         layers, skipped = self.selected(state)
         for layer in layers:

@@ -58,10 +58,18 @@ def test_the_pruned_checkpoint_loads_and_computes_what_the_pruned_module_compute
     assert (tmp_path / "out" / "generation_config.json").exists()
 
 
-def test_config_sizes_are_asked_for_and_checked_before_anything_lands(pruned, tmp_path):
+def test_config_sizes_are_inferred_where_shapes_tell(pruned, tmp_path):
     folder, _ = pruned
-    with pytest.raises(gp.InputError, match=r"config.json needs new sizes(?s:.*)dims of 128 \(intermediate_size\?\) "
-                                            r"to 64"):
+    gp.prune(_llama(), IDS, passes=[ChannelPrune(0.5, round_to=8, heads=False)]).save_plan(tmp_path / "plan")
+    report = gp.apply_to_checkpoint(tmp_path / "plan.json", folder / "source", tmp_path / "out")
+    assert report.config == {"hidden_size": 32, "intermediate_size": 64}  # found by the architecture's own shapes
+    assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.intermediate_size == 64
+
+
+def test_config_sizes_are_asked_for_where_shapes_cannot_tell_and_checked_before_anything_lands(pruned, tmp_path):
+    folder, _ = pruned  # its plan keeps one query head of 16 dims: shapes alone cannot tell it from two of 8
+    with pytest.raises(gp.InputError, match=r"several changes(?s:.*)'num_attention_heads': 1, 'num_key_value_heads': 1"
+                                            r"(?s:.*)dims of 128 \(intermediate_size\?\) to 64"):
         gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out")
     wrong = dict(CONFIG, num_attention_heads=2)  # shapes alone would look right for q; k, v and o do not
     with pytest.raises(gp.InputError, match="config.json does not match the pruned tensors"):
@@ -134,5 +142,5 @@ def test_the_command_line_applies_a_plan_to_a_checkpoint(pruned, tmp_path, capsy
                  "--config", "hidden_size"]) == EXIT_INPUT
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again")]) \
-        == EXIT_INPUT  # the plan changes shapes and no --config was given
+        == EXIT_INPUT  # the plan changes shapes in a way only --config can settle (see above)
     assert "config.json needs new sizes" in capsys.readouterr().err and not (tmp_path / "again").exists()

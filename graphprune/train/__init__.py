@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from graphprune.capture import qualified
+from graphprune.distributed import broadcast_seed, reduce_mean, world_size
 from graphprune.errors import InputError
 from graphprune.sparsity import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
 
@@ -152,6 +153,7 @@ class LearnableNMMask(nn.Module):
         # the prior's candidate gets the highest logit: similarity = kept positions shared with it
         self.logits = nn.Parameter(prior_strength * (groups @ self.candidates.T) / pattern.n)  # [G, K]
         self.temperature, self.scale = 1.0, 1.0
+        self.generator: torch.Generator | None = None  # the Gumbel noise's source (None: the global RNG)
 
     def expected(self) -> torch.Tensor:
         """The mask's expectation under the current logits, scale and temperature (no Gumbel noise),
@@ -168,7 +170,9 @@ class LearnableNMMask(nn.Module):
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return original * self.hard().to(original.dtype)
-        gumbel = -torch.log(-torch.log(torch.rand_like(self.logits).clamp_(1e-9, 1 - 1e-9)))
+        uniform = torch.rand(self.logits.shape, generator=self.generator, device=self.generator.device).to(
+            self.logits.device) if self.generator is not None else torch.rand_like(self.logits)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-9, 1 - 1e-9)))
         soft = torch.softmax((self.logits * self.scale + gumbel) / self.temperature, dim=-1)  # [G, K]
         groups = soft @ self.candidates  # [G, m]: a soft mask with n expected kept per group
         soft_mask = from_matrix(groups.reshape(self.matrix_shape), self.pattern.layout, self.shape)
@@ -191,11 +195,18 @@ class LearnedMasks:
     to whatever fits the few calibration batches.  With little data, report a held-out score to
     :meth:`observe` every so often; :meth:`finalize` then keeps the masks of the best score seen,
     not the last ones (on MiniLM, 200 steps on 64 sentences ended worse than 40 did).
+
+    Across processes (wrap the model in ``DistributedDataParallel`` after this, each rank on its
+    slice of every global batch): the Gumbel noise comes from one generator seeded with ``seed``
+    (or a seed rank 0 draws and shares), so every rank samples the same masks; DDP averages the
+    logits' gradients; :meth:`observe` averages the score over ranks.  The ranks keep identical
+    logits and end with the masks one process gets on the whole batches (``python -m
+    graphprune.train learn-masks`` runs this under ``torchrun``).
     """
 
     def __init__(self, model: nn.Module, *, steps: int = 1000, temperature: tuple[float, float] = (4.0, 0.05),
                  scale: tuple[float, float] = (1.0, 10.0), prior_strength: float = 3.0,
-                 weight_regularization: float = 0.0) -> None:
+                 weight_regularization: float = 0.0, seed: int | None = None) -> None:
         if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
             raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
         if weight_regularization < 0:
@@ -215,6 +226,11 @@ class LearnedMasks:
                         self.names.append(qualified(path, name))
         if not self.masks:
             raise InputError("the model has no N:M masks: run NMSparsity(method='learned') on it first")
+        if seed is not None or world_size() > 1:
+            device = self.masks[0][2].logits.device
+            generator = torch.Generator(device=device).manual_seed(broadcast_seed(seed))
+            for _, _, mask in self.masks:
+                mask.generator = generator
         for p in model.parameters():  # the weights stay as they are; only the logits learn
             if not any(p is m.logits for _, _, m in self.masks):
                 self.frozen.append((p, p.requires_grad))
@@ -274,6 +290,7 @@ class LearnedMasks:
         is the best so far, whose masks :meth:`finalize` will keep."""
         if score != score:  # NaN
             raise InputError("observe() got a NaN score")
+        score = reduce_mean(score)  # every rank must keep the same masks
         if self.best is not None and score <= self.best[0]:
             return False
         self.best = (score, self.steps, self.logits())
