@@ -48,6 +48,7 @@ def generate(folder: Path, args) -> None:
     from safetensors.torch import save_file
 
     cfg = config(args.layers)
+    cfg.architectures = ["LlamaForCausalLM"]  # as a real checkpoint's config says: what transformers builds
     with torch.device("meta"):
         shapes = {n: t.shape for n, t in T.LlamaForCausalLM(cfg).state_dict().items()}
     folder.mkdir(parents=True)
@@ -150,7 +151,11 @@ def load_whole(folder: Path, args) -> dict:
 
 def _child(step, folder: Path, args, queue) -> None:
     start = time.perf_counter()
-    extra = step(folder, args)
+    try:
+        extra = step(folder, args)
+    except BaseException as exc:  # the parent must not wait forever for a step that failed
+        queue.put(exc)
+        raise
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     queue.put((seconds, peak, extra))
@@ -163,6 +168,8 @@ def measured(step, folder: Path, args) -> tuple[float, float, dict]:
     process.start()
     result = queue.get()
     process.join()
+    if isinstance(result, BaseException):
+        raise RuntimeError(f"step {step.__name__} failed") from result
     return result
 
 

@@ -124,6 +124,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
     system's temporary folder) until the plan is saved; they are removed with the plan object.
     """
     if weights is None:
+        streaming_only = [name for name, value in (("blocks", blocks), ("prefix", prefix), ("scratch", scratch)) if value]
+        if streaming_only:
+            raise InputError(f"{', '.join(streaming_only)} apply to streamed plans only: pass weights= a checkpoint")
         result = prune(model, example_inputs, passes, recipe=recipe, calibration=calibration,
                        prunable_outputs=prunable_outputs, experimental_order=experimental_order)
         decided = result.plan_file()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -93,7 +93,7 @@ class _Before(Runner):
 
     def drive(self, model: nn.Module, watch: Watch) -> None:
         for batch in self.stream.batches:
-            self.stream._catch(model, self.first, self.name, batch)
+            self.stream.catch(model, self.first, self.name, batch)
 
     def __len__(self) -> int:
         return len(self.stream.batches)
@@ -132,7 +132,7 @@ class Stream(Runner):
         return len(self.batches)
 
     # ------------------------------------------------------------------ weights
-    def weight(self, name: str, like: torch.Tensor | None = None, aliases: list[str] = ()) -> torch.Tensor:
+    def weight(self, name: str, like: torch.Tensor | None = None, aliases: Sequence[str] = ()) -> torch.Tensor:
         """Tensor ``name`` (or the first of its tied ``aliases`` the checkpoint holds) as the plans so
         far make it, in ``like``'s dtype (checked against its shape)."""
         if name in self._patterns:
@@ -235,7 +235,7 @@ class Stream(Runner):
         with no_kv_cache(model), eval_mode(model), torch.no_grad(), self.loaded(model, resident):
             if visit is not None:
                 visit(BEFORE, _Before(self, blocks[0], f"{path}.0"))
-            inputs = [self._catch(model, blocks[0], f"{path}.0", batch) for batch in self.batches]
+            inputs = [self.catch(model, blocks[0], f"{path}.0", batch) for batch in self.batches]
             seen_before_blocks = set(watch.called)
             outputs: list[Any] = []
             for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=None, leave=False)):
@@ -253,7 +253,8 @@ class Stream(Runner):
             if watch.names - watch.called:  # modules after the blocks: run them on the last block's outputs
                 self.replay(model, blocks, outputs, watch, seen_before_blocks)
 
-    def _catch(self, model: nn.Module, block: nn.Module, name: str, batch: Any) -> Inputs:
+    def catch(self, model: nn.Module, block: nn.Module, name: str, batch: Any) -> Inputs:
+        """Run ``batch`` through ``model`` up to ``block`` (named ``name``); its arguments."""
         caught: list[Inputs] = []
 
         def hook(_module, args, kwargs):
@@ -282,7 +283,7 @@ class Stream(Runner):
         muted = watch.muted
         watch.muted = set(watch.names)
         try:
-            args, kwargs = self._catch(model, blocks[1], f"{path}.1", self.batches[0])
+            args, kwargs = self.catch(model, blocks[1], f"{path}.1", self.batches[0])
         finally:
             watch.muted = muted
         same = len(args) == len(first[0]) and torch.allclose(args[0], out, rtol=1e-5, atol=1e-6) and \

@@ -166,6 +166,8 @@ def test_what_a_streamed_plan_cannot_do_is_refused_up_front(llama, tmp_path):
     model, folder, meta = llama
     with pytest.raises(gp.InputError, match="parameters must be on meta"):
         gp.plan(model, IDS, [NMSparsity(2, 4)], weights=folder)
+    with pytest.raises(gp.InputError, match="blocks apply to streamed plans only"):
+        gp.plan(model, IDS, [NMSparsity(2, 4)], blocks="model.layers")
     with pytest.raises(gp.InputError, match=r"compensate='bias'\) needs the whole model in memory"):
         gp.plan(meta, IDS, [ChannelPrune(0.5, compensate="bias")], calibration=BATCHES, weights=folder)
     with pytest.raises(gp.InputError, match="Quantize does not run in a streamed plan"):
