@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from graphprune.analysis import Analysis, analyze
 from graphprune.calibration import check_calibration
-from graphprune.capture import ExampleInputs, capture
+from graphprune.capture import ExampleInputs, capture, input_spec
 from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.macs import count_params, graph_macs
@@ -61,6 +61,7 @@ class PruneResult:
         values of the tensors a pass changed (unmasked; the masks apply on top)."""
         plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
         plan.values = {name: stored_at(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
+        plan.inputs = input_spec(self.example_inputs)
         return plan
 
     def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
@@ -160,7 +161,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
         raise
     weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
     return PlanFile(type(model).__name__, report.pipeline, [p for p in state.plans if isinstance(p, Plan)], masks,
-                    values=values, report=report)
+                    values=values, report=report, inputs=input_spec(example_inputs))
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -170,6 +170,30 @@ def _output_paths(program: torch.export.ExportedProgram) -> list[tuple[str, int]
     return out
 
 
+def input_spec(example_inputs: ExampleInputs) -> dict | None:
+    """Dtypes and shapes of the example inputs (and fixed options such as ``use_cache=False``) as
+    JSON-able data, enough to capture the same architecture again on ``meta`` (:func:`spec_inputs`);
+    None for nested inputs."""
+    args, kwargs = normalize_inputs(example_inputs)
+
+    def entry(x: Any) -> list | dict | None:
+        if isinstance(x, torch.Tensor):
+            return [str(x.dtype).removeprefix("torch."), list(x.shape)]
+        return {"value": x} if x is None or isinstance(x, (bool, int, float)) else None
+
+    entries = {"args": [entry(x) for x in args], "kwargs": {k: entry(x) for k, x in kwargs.items()}}
+    return None if None in [*entries["args"], *entries["kwargs"].values()] else entries
+
+
+def spec_inputs(spec: dict) -> ExampleInputs:
+    """Example inputs of the dtypes and shapes :func:`input_spec` recorded (tensors zero-filled)."""
+    def make(e: list | dict) -> Any:
+        return e["value"] if isinstance(e, dict) else torch.zeros(e[1], dtype=getattr(torch, e[0]))
+    if spec["kwargs"]:
+        return {k: make(e) for k, e in spec["kwargs"].items()}
+    return tuple(make(e) for e in spec["args"])
+
+
 def qualified(path: str, attr: str) -> str:
     """The full name of ``attr`` of the module at ``path`` (the root module's path is empty)."""
     return f"{path}.{attr}" if path else attr

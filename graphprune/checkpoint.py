@@ -9,8 +9,9 @@ the other files are copied.  ``config.json`` needs the new sizes, and the plan k
 they mean (4096 may be the hidden size in one tensor and heads x head_dim in another).  The
 caller may name them (``config={"intermediate_size": 5504}``).  Otherwise, where transformers
 knows the architecture, :func:`infer_config` searches for the change of fewest sizes under which
-the architecture built on ``meta`` has exactly the planned shapes.  With no such change, or two,
-the call is refused before any work, listing how the plan changes dims.
+the architecture built on ``meta`` has exactly the planned shapes (and, among changes with the same
+shapes, analyses like the model the plan made).  With no such change, or two, the call is refused
+before any work, listing how the plan changes dims.
 
 Writes go to ``<destination>.partial`` (each shard written whole, then renamed), so an
 interrupted run resumes where it stopped when called again with the same plan and source; the
@@ -35,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from graphprune.errors import InputError
+from graphprune.analysis import analyze
+from graphprune.capture import spec_inputs
+from graphprune.errors import GraphpruneError, InputError
 from graphprune.plan_file import PlanFile
 from graphprune.sparsity import satisfies
 
@@ -84,7 +87,7 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
     config_path = source / "config.json"
     _check_source(shards, plan_file, prefix)
     if config_path.exists() and changes and config is None:
-        fits = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes)
+        fits = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes, plan_file)
         if len(fits) != 1:
             keys = _keys_by_value(json.loads(config_path.read_text()))
             why = ("several changes of its sizes give the architecture those shapes (" + " or ".join(map(str, fits))
@@ -189,10 +192,12 @@ MAX_CONFIG_TRIALS = 256  # architectures built on meta while searching for the c
 
 
 def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[str, list[int]],
-                 changes: dict[int, set[int]]) -> list[dict]:
+                 changes: dict[int, set[int]], plan: PlanFile | None = None) -> list[dict]:
     """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, has
     every checkpoint tensor at its planned shape (none if transformers does not know the
-    architecture; several when shapes cannot tell, e.g. one head of 16 dims from two of 8).
+    architecture).  Where shapes cannot tell (one head of 16 dims from two of 8), the changes whose
+    architecture analyses like the model the plan made (:attr:`Plan.result`, captured on the plan's
+    example input shapes) are kept; several remain when the plan cannot tell either.
 
     Candidates: a key holding a size the plan changes may take each new size; a key dividing such a
     size (a head count) may scale with it.  Only keys that change shapes on their own, and keep
@@ -226,9 +231,28 @@ def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[s
                 shapes = _architecture_shapes(config_path.parent, candidate) or {}
                 if all(shapes.get(n) == shape for n, shape in planned.items()):
                     fits.append(candidate)
+        if len(fits) > 1 and plan is not None and plan.structured and plan.structured[-1].result and plan.inputs:
+            fits = [f for f in fits if _fingerprint(config_path.parent, f, plan.inputs) == plan.structured[-1].result]\
+                or fits
         if fits:
             return fits
     return []
+
+
+def _fingerprint(folder: Path, overrides: dict[str, object], inputs: dict) -> str | None:
+    """The analysis fingerprint of the architecture with ``overrides``, built and captured on ``meta``."""
+    import transformers
+
+    data = json.loads((folder / "config.json").read_text())
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = getattr(transformers, data["architectures"][0])(config)
+    try:
+        return analyze(model, spec_inputs(inputs)).fingerprint
+    except GraphpruneError:  # a candidate the capture refuses is not the plan's model
+        return None
 
 
 def _planned_changes(plan: PlanFile) -> dict[int, set[int]]:

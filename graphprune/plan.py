@@ -29,6 +29,9 @@ class Plan:
     # per tensor (parameter or buffer) the kept indices of each dim (None: kept whole), for the
     # tensors the plan shrinks: what applying it to a checkpoint needs without the analysis
     slices: dict[str, list[list[int] | None]] = field(default_factory=dict, compare=False)
+    # the fingerprint of the model the plan makes (its analysis after applying): tells apart
+    # configurations that give the same shapes (one head of 16 dims, two of 8) in config inference
+    result: str | None = field(default=None, compare=False)
 
     @classmethod
     def for_analysis(cls, analysis: Analysis) -> "Plan":

@@ -60,6 +60,7 @@ class PlanFile:
     # weights a pass gave new values (after the structured plans' slicing, before masking)
     values: Mapping[str, torch.Tensor] = field(default_factory=dict)
     report: object = field(default=None, compare=False, repr=False)  # the run's Report, not saved
+    inputs: dict | None = None  # dtypes and shapes of the example inputs (capture.input_spec)
 
     @classmethod
     def of(cls, model: str, pipeline: list[str], plans: list,
@@ -114,7 +115,7 @@ class PlanFile:
                 for d, kept in enumerate(dims):
                     if kept is not None:
                         parts.put(f"slice/{k}/{name}/{d}", torch.tensor(kept, dtype=torch.int64))
-            structured.append({"fingerprint": plan.fingerprint,
+            structured.append({"fingerprint": plan.fingerprint, "result": plan.result,
                                "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
                                "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())},
                                "sliced": {n: [d for d, kept in enumerate(dims) if kept is not None]
@@ -131,7 +132,7 @@ class PlanFile:
         parts.flush(last=True)
         data = {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
                 "structured": structured, "masks": masks, "values": values,
-                "tensor_files": [os.path.basename(p) for p in parts.files[1:]],
+                "tensor_files": [os.path.basename(p) for p in parts.files[1:]], "example_inputs": self.inputs,
                 "quantization": json.loads(self.quantization.to_json()) if self.quantization else None}
         with open(json_path, "w") as f:
             json.dump(data, f, indent=1)
@@ -161,14 +162,14 @@ class PlanFile:
             for name, dims in entry.get("sliced", {}).items():
                 last = max(dims)
                 slices[name] = [tensors[f"slice/{k}/{name}/{d}"].tolist() if d in dims else None for d in range(last + 1)]
-            structured.append(Plan(keep, entry["fingerprint"], shapes, slices))
+            structured.append(Plan(keep, entry["fingerprint"], shapes, slices, entry.get("result")))
         patterns = {}
         for name, entry in data["masks"].items():
             n, m = (int(x) for x in entry["pattern"].split(":"))
             patterns[name] = NMPattern(n, m, entry["layout"])
         quantization = QuantPlan.from_json(json.dumps(data["quantization"])) if data["quantization"] else None
         return cls(data["model"], data["pipeline"], structured, StoredMasks(tensors, patterns), quantization,
-                   StoredValues(tensors, list(data.get("values", {}))))
+                   StoredValues(tensors, list(data.get("values", {}))), inputs=data.get("example_inputs"))
 
     # ------------------------------------------------------------- reading
     def describe(self) -> str:

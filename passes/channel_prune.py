@@ -350,6 +350,7 @@ class ChannelPrune(Pass):
         state.updated |= _changed(state.model, corrections, norm_errors, refits,
                                   self.compensate is not None and "batchnorm" in self.compensate)
         state.stage = Stage.STRUCTURED
+        plan.result = state.analysis().fingerprint  # cached: the next pass reads the same analysis
         state.plans.append(plan)
         details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
                    "channels removed": plan.removed(analysis)}

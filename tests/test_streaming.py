@@ -97,8 +97,9 @@ def test_a_streamed_sparsegpt_plan_applied_to_the_checkpoint_computes_what_the_p
     passes = lambda: [ChannelPrune(0.5, round_to=8, importance="activation"),  # noqa: E731
                       NMSparsity(2, 4, method="sparsegpt")]
     gp.plan(meta, IDS, passes(), calibration=BATCHES, weights=folder).save(tmp_path / "plan")
-    config = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}
-    gp.apply_to_checkpoint(tmp_path / "plan.json", folder, tmp_path / "pruned", config=config)
+    report = gp.apply_to_checkpoint(tmp_path / "plan.json", folder, tmp_path / "pruned")  # config.json inferred
+    assert report.config == {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,
+                             "num_key_value_heads": 1}
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     pruned = gp.finalize(clone(gp.prune(model, IDS, passes(), calibration=BATCHES).module))
     with torch.no_grad():
