@@ -322,9 +322,8 @@ class ChannelPrune(Pass):
         analysis = state.analysis()
         if state.stream is not None:
             self._check_streamable()
-        if self.allocation == "sensitivity" or (self.compensate or "").replace("bias", "") or \
-                (self.refit_norms and self.compensate and "bias" in self.compensate):
-            single_process_only(f"ChannelPrune's {self._unreduced()}")
+        if (unreduced := self._unreduced()) is not None:
+            single_process_only(f"ChannelPrune's {unreduced}")
         calibration = None
         if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
             calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
@@ -370,16 +369,20 @@ class ChannelPrune(Pass):
             details["norm re-fit"] = f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
         return PassResult(state, bool(plan.keep), details)
 
-    def _unreduced(self) -> str:
-        """The part of this pass that reads statistics which are not sums (for the error message)."""
-        return "sensitivity allocation" if self.allocation == "sensitivity" else \
-            "norm re-fit" if not (self.compensate or "").replace("bias", "") else \
-            f"compensate={self.compensate!r}"
+    def _unreduced(self) -> str | None:
+        """What this pass computes from statistics that are not sums over batches (None: nothing),
+        which ranks of a distributed run could not agree on."""
+        if self.allocation == "sensitivity":
+            return "sensitivity allocation"
+        if (self.compensate or "bias").replace("bias", "").strip("+"):
+            return f"compensate={self.compensate!r}"
+        return "norm re-fit" if self.compensate and self.refit_norms else None
 
     def _check_streamable(self) -> None:
         """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.plan`) cannot do."""
-        what = "compensate=" + repr(self.compensate) if self.compensate else "allocation='sensitivity'" if self.allocation == "sensitivity" \
-            else f"importance={self.importance_name!r}" if self.importance_name in ("taylor", "bn_scale") else None
+        what = f"compensate={self.compensate!r}" if self.compensate else \
+            "allocation='sensitivity'" if self.allocation == "sensitivity" else \
+            f"importance={self.importance_name!r}" if self.importance_name in ("taylor", "bn_scale") else None
         if what:
             raise InputError(f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
                              "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
