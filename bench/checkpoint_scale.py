@@ -16,7 +16,8 @@ Then, each step in its own process reporting its own peak resident memory:
 The baseline, in the same run, is holding the whole checkpoint in memory (safetensors' tensors
 copied out of their memory map, as pruning a loaded model needs them).
 
-    python -m bench.checkpoint_scale [--layers 32] [--batches 4] [--sparsegpt-blocks 2] [--folder /tmp/gp-ckpt]
+    python -m bench.checkpoint_scale [--layers 32] [--batches 4] [--sparsegpt-blocks 2] [--only STEP ...]
+                                     [--folder /tmp/gp-ckpt]
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--sparsegpt-blocks", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="run only these steps (function names, e.g. plan_streamed "
+                                                  "apply_streamed load_whole); the checkpoint is always written")
     parser.add_argument("--folder", default="/tmp/gp-ckpt")
     args = parser.parse_args()
     folder = Path(args.folder)
@@ -198,6 +201,8 @@ def main() -> None:
                 ("apply_to_checkpoint: streamed plan", apply_streamed),
                 ("baseline: load the whole checkpoint", load_whole)]
         for label, step in rows:
+            if args.only and step.__name__ not in args.only:
+                continue
             seconds, peak, extra = measured(step, folder, args)
             print(f"{label:<58}{seconds:>9.1f}{peak:>14.2f}  {extra}", flush=True)
     finally:

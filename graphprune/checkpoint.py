@@ -87,12 +87,14 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
     config_path = source / "config.json"
     _check_source(shards, plan_file, prefix)
     if config_path.exists() and changes and config is None:
-        fits = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes, plan_file)
-        if len(fits) != 1:
+        fits, certain = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes, plan_file)
+        if len(fits) != 1 or not certain:
             keys = _keys_by_value(json.loads(config_path.read_text()))
-            why = ("several changes of its sizes give the architecture those shapes (" + " or ".join(map(str, fits))
-                   + "): which one is meant, only you know") if fits else \
-                "no change of its sizes that could be inferred gives the architecture those shapes"
+            why = "no change of its sizes that could be inferred gives the architecture those shapes" if not fits \
+                else ("changes of head counts or sizes give the same shapes in several ways (" + " or ".join(map(
+                    str, fits)) + ", ...) and this plan does not record the model it made, which would tell them "
+                    "apart") if not certain else ("several changes make the model the plan made ("
+                                                  + " or ".join(map(str, fits)) + ")")
             raise InputError(f"the plan changes tensor shapes, so config.json needs new sizes, and {why}; pass "
                              "config={...} with the keys that change (or config={} to copy it as it is). The plan "
                              "changes " + "; ".join(f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
@@ -192,33 +194,39 @@ MAX_CONFIG_TRIALS = 256  # architectures built on meta while searching for the c
 
 
 def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[str, list[int]],
-                 changes: dict[int, set[int]], plan: PlanFile | None = None) -> list[dict]:
-    """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, has
-    every checkpoint tensor at its planned shape (none if transformers does not know the
-    architecture).  Where shapes cannot tell (one head of 16 dims from two of 8), the changes whose
-    architecture analyses like the model the plan made (:attr:`Plan.result`, captured on the plan's
-    example input shapes) are kept; several remain when the plan cannot tell either.
+                 changes: dict[int, set[int]], plan: PlanFile | None = None) -> tuple[list[dict], bool]:
+    """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, is
+    the model the plan made, and whether that is certain.
 
     Candidates: a key holding a size the plan changes may take each new size; a key dividing such a
-    size (a head count) may scale with it.  Only keys that change shapes on their own, and keep
-    the same tensors, are searched (not token ids, not the layer count)."""
+    size (a head count, a head size) may scale with it.  Only keys that change shapes on their own,
+    and keep the same tensors, are searched (not token ids, not the layer count).  A candidate must
+    give every checkpoint tensor its planned shape.  Shapes cannot tell eight heads of 12 dims from
+    six of 16, so where the plan records the fingerprint of the model it made (:attr:`Plan.result`,
+    with its example input shapes, and the dense architecture here analyses to the plan's own
+    fingerprint) the candidate must analyse to it too.  Without that record a fit is certain only
+    if no key in it was scaled.  Nothing is found if transformers does not know the architecture."""
     data = json.loads(config_path.read_text())
     base = _architecture_shapes(config_path.parent)
     if not base:
-        return []
+        return [], False
     options: dict[str, list[int]] = {}
+    scaled: dict[str, set[int]] = {}
     for key, value in data.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             continue
         new = set(changes.get(value, ()))
         for old, news in changes.items():
             if value < old and old % value == 0:
-                new |= {value * n // old for n in news if value * n % old == 0 and value * n >= old}
+                multiples = {value * n // old for n in news if value * n % old == 0 and value * n >= old}
+                scaled[key] = scaled.get(key, set()) | (multiples - new)
+                new |= multiples
         new.discard(value)
         relevant = [v for v in sorted(new) if (alone := _architecture_shapes(config_path.parent, {key: v}))
                     and alone.keys() == base.keys() and alone != base]
         if relevant:
             options[key] = relevant
+    record = _recorded_result(config_path.parent, plan)
     trials = 0
     for count in range(1, len(options) + 1):
         fits = []
@@ -226,17 +234,28 @@ def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[s
             for values in itertools.product(*(options[k] for k in keys)):
                 trials += 1
                 if trials > MAX_CONFIG_TRIALS:
-                    return []
+                    return [], False
                 candidate = dict(zip(keys, values))
                 shapes = _architecture_shapes(config_path.parent, candidate) or {}
                 if all(shapes.get(n) == shape for n, shape in planned.items()):
                     fits.append(candidate)
-        if len(fits) > 1 and plan is not None and plan.structured and plan.structured[-1].result and plan.inputs:
-            fits = [f for f in fits if _fingerprint(config_path.parent, f, plan.inputs) == plan.structured[-1].result]\
-                or fits
-        if fits:
-            return fits
-    return []
+        if record is not None:
+            fits = [f for f in fits if _fingerprint(config_path.parent, f, plan.inputs) == record]
+            if fits:
+                return fits, True
+        elif fits:
+            return fits, not any(v in scaled.get(k, ()) for f in fits for k, v in f.items())
+    return [], False
+
+
+def _recorded_result(folder: Path, plan: PlanFile | None) -> str | None:
+    """The fingerprint of the model the plan made, if the architecture here analyses the way the
+    plan's did (its dense form has the plan's own fingerprint); else None."""
+    if plan is None or not plan.structured or not plan.inputs or not plan.structured[-1].result:
+        return None
+    if _fingerprint(folder, {}, plan.inputs) != plan.structured[0].fingerprint:
+        return None  # another class (a prefix), other analysis options: its fingerprints say nothing
+    return plan.structured[-1].result
 
 
 def _fingerprint(folder: Path, overrides: dict[str, object], inputs: dict) -> str | None:

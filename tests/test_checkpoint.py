@@ -75,10 +75,28 @@ def test_config_sizes_shapes_cannot_tell_apart_are_told_by_the_plan_or_asked_for
     assert report.config == CONFIG
     plan = gp.PlanFile.load(folder / "plan.json")
     plan.structured[-1].result = None
-    with pytest.raises(gp.InputError, match=r"several changes(?s:.*)'num_attention_heads': 1, 'num_key_value_heads': 1"
-                                            r"(?s:.*)dims of 128 \(intermediate_size\?\) to 64"):
+    with pytest.raises(gp.InputError, match=r"head counts or sizes give the same shapes in several ways(?s:.*)"
+                                            r"does not record the model it made(?s:.*)dims of 128 \(intermediate_size\?\)"):
         gp.apply_to_checkpoint(plan, folder / "source", tmp_path / "again")
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_inferred_head_counts_are_those_of_the_model_the_plan_made(tmp_path):
+    """Eight heads of 12 dims have the shapes of six heads of 16 and change fewer keys: only the
+    plan's record of the model it made says six heads; the loaded checkpoint computes its logits."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4,
+                        num_hidden_layers=2, vocab_size=100, head_dim=16)
+    model = T.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "source")
+    result = gp.prune(model, IDS, passes=[ChannelPrune(0.25)])
+    result.save_plan(tmp_path / "plan")
+    report = gp.apply_to_checkpoint(tmp_path / "plan.json", tmp_path / "source", tmp_path / "out")
+    assert report.config == {"hidden_size": 96, "intermediate_size": 192, "num_attention_heads": 6,
+                             "num_key_value_heads": 3}
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**IDS).logits, result.module(**IDS).logits, atol=1e-5)
 
 
 def test_a_checkpoint_of_another_model_is_refused(pruned, tmp_path):
