@@ -9,9 +9,9 @@ the other files are copied.  ``config.json`` needs the new sizes, and the plan k
 they mean (4096 may be the hidden size in one tensor and heads x head_dim in another).  The
 caller may name them (``config={"intermediate_size": 5504}``).  Otherwise, where transformers
 knows the architecture, :func:`infer_config` searches for the change of fewest sizes under which
-the architecture built on ``meta`` has exactly the planned shapes (and, among changes with the same
-shapes, analyses like the model the plan made).  With no such change, or two, the call is refused
-before any work, listing how the plan changes dims.
+the architecture built on ``meta`` has exactly the planned shapes and analyses like the model the
+plan made.  Without a certain answer the call is refused before any work, listing how the plan
+changes dims.
 
 Writes go to ``<destination>.partial`` (each shard written whole, then renamed), so an
 interrupted run resumes where it stopped when called again with the same plan and source; the
