@@ -32,7 +32,7 @@ from graphprune.distributed import init_from_env, rank, shard, split_batch, worl
 from graphprune.errors import ContractError, InputError
 from graphprune.passes import NMSparsity
 from graphprune.plan_file import PlanFile
-from graphprune.sparsity import nm_masks, stored_at
+from graphprune.sparsity import finalize, nm_masks
 from graphprune.train import LearnedMasks, SparseTraining
 
 EXIT_INPUT = 2
@@ -75,8 +75,8 @@ def fine_tune(setup: Setup, *, n: int = 2, m: int = 4, method: str = "magnitude"
     trainer.finalize()
     pipeline = [*result.report.pipeline, f"SparseTraining({recipe!r}, steps={steps}, lr={lr}, ranks={world_size()})"]
     plan = PlanFile.of(result.report.model_name, pipeline, result.plans, nm_masks(model))
-    names = [name for name, _ in model.named_parameters()]
-    plan.values = {_original_name(name): stored_at(model, _original_name(name)).detach().clone() for name in names}
+    finalize(model)  # plain parameters under their own names (the masks are in the plan)
+    plan.values = {name: p.detach().clone() for name, p in model.named_parameters()}
     return plan
 
 
@@ -107,11 +107,6 @@ def _train(model: nn.Module, setup: Setup, steps: int, optimizer: torch.optim.Op
         optimizer.step()
         after_step()
     model.eval()
-
-
-def _original_name(name: str) -> str:
-    """``a.parametrizations.weight.original`` -> ``a.weight``: the name the plan and checkpoints use."""
-    return name.replace(".parametrizations.", ".").removesuffix(".original")
 
 
 def load_setup(spec: str) -> Setup:
