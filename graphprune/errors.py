@@ -19,3 +19,7 @@ class ContractError(GraphpruneError):
 
 class ApplyError(GraphpruneError):
     """A plan could not be applied; the caller's model was left unchanged."""
+
+
+class InternalError(GraphpruneError):
+    """graphprune broke one of its own invariants: a bug to report, not something the caller can fix."""
