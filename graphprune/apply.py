@@ -35,6 +35,7 @@ from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
 from graphprune.provenance import owner_chain, uses_for
 from graphprune.rules.registry import arg_at
+from graphprune.value_oracle import check_values, node_values, zeroed_dense
 
 
 @dataclass
@@ -50,12 +51,12 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
     plan.check(analysis)
     try:
         masks = plan.masks(analysis)
-        _shrink_tensors(target, analysis, masks, undo)
+        dense = _shrink_tensors(target, analysis, masks, undo)
         constants = constant_values(analysis, masks)
         changed: Changed = {n: {p: v for p, v in paths.items() if arg_at(n, p) != v}
                             for n, paths in constants.items()}
         _update_attributes(target, analysis, constants, undo)
-        recaptured = _verify(target, analysis, masks, changed)
+        recaptured = _verify(target, analysis, masks, changed, dense)
     except BaseException:
         undo.rollback()
         raise
@@ -87,20 +88,26 @@ class _UndoLog:
 
 
 # ------------------------------------------------------------------ tensors
-def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], undo: _UndoLog) -> None:
+Removed = dict[str, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]
+
+
+def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], undo: _UndoLog) -> Removed:
+    """Replace every tensor the masks shrink; returns, by name, each dense tensor and the (dim,
+    removed positions) of each dim it lost, for the value oracle."""
     holders = _tensor_holders(model)
     spaces = analysis.spaces
     originals = {name: tensor_at(model, name) for name, (kind, _) in analysis.tensors.items()
                  if kind != "code_constant"}  # those are frozen: nothing to shrink
     done: set[int] = set()
+    dense: Removed = {}
     for name, old in originals.items():
         dims = analysis.tensors[name][1]
-        if id(old) in done:  # tied: the same tensor under another name, already replaced everywhere
+        index = kept_positions(spaces, dims, masks)
+        if index:
+            dense[name] = (old, [(d, (~spaces.keep_mask(dims[d], masks)).nonzero().squeeze(1)) for d, _ in index])
+        if id(old) in done or not index:  # tied: the same tensor under another name, already replaced everywhere
             continue
         done.add(id(old))
-        index = kept_positions(spaces, dims, masks)
-        if not index:
-            continue
         new = old.detach()
         for d, idx in index:
             new = new.index_select(d, idx.to(new.device))
@@ -109,6 +116,7 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         for mapping, key in holders.get(id(old), []):
             undo.set_item(mapping, key, new)
+    return dense
 
 
 def kept_positions(spaces: Spaces, dims: list[int], masks: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
@@ -213,24 +221,40 @@ class _StructureDiffers(ApplyError):
     """The pruned model traces to a graph of another shape (e.g. code skips a no-op at size 1)."""
 
 
-def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed) -> CapturedGraph:
-    """Check the pruned module against the plan: node by node, or by outputs where the graphs differ."""
+def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed,
+            dense: Removed) -> CapturedGraph:
+    """Check the pruned module against the plan: node by node (structure, then values), or by
+    outputs where the graphs differ."""
     original = analysis.captured
     try:
         recaptured = capture_call(model, original.args, original.kwargs)
     except Exception as exc:
         raise ApplyError(f"the pruned model no longer traces: {exc}") from exc
+    on_meta = any(t.device.type == "meta" for t in model.parameters())
     try:
-        _compare_graphs(original.graph_module, recaptured.graph_module, analysis, masks, changed)
+        twin = _compare_graphs(original.graph_module, recaptured.graph_module, analysis, masks, changed)
     except _StructureDiffers as exc:
-        if any(t.device.type == "meta" for t in model.parameters()):
+        if on_meta:
             raise ApplyError(f"{exc}; a meta-device model cannot be checked by its outputs instead") from exc
         want = _run_rewritten(analysis, changed, model)
         got = run_outputs(model, original)
         if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                         for a, b in zip(got, want)):
             raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
+        twin = _output_twins(original.graph_module, recaptured.graph_module)
+    if not on_meta:
+        check_values(analysis, masks, node_values(original, model, zeroed_dense(dense)),
+                     node_values(recaptured, model), twin)
     return recaptured
+
+
+def _output_twins(old_gm: fx.GraphModule, new_gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """The outputs of two graphs of different structure, paired in order (what the value oracle
+    can still compare)."""
+    def outs(gm: fx.GraphModule) -> list[fx.Node]:
+        return [a for a in pytree.tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args)
+                if isinstance(a, fx.Node)]
+    return dict(zip(outs(old_gm), outs(new_gm)))
 
 
 _RELAYOUT = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.unsqueeze,
@@ -239,8 +263,9 @@ _RELAYOUT = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe
 
 
 def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: Analysis,
-                    masks: dict[int, torch.Tensor], changed: Changed) -> None:
-    """Align the two graphs node by node and check ops, wiring, arguments and predicted shapes.
+                    masks: dict[int, torch.Tensor], changed: Changed) -> dict[fx.Node, fx.Node]:
+    """Align the two graphs node by node and check ops, wiring, arguments and predicted shapes;
+    returns the alignment (original node -> pruned node).
 
     The pruned graph may leave out view-like nodes that only re-layout data at the new sizes
     (code that skips ``repeat_kv`` when one query head per kv head remains, say).
@@ -296,6 +321,7 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
     if j != len(new_nodes):
         raise _StructureDiffers(f"the pruned model's graph has {len(new_nodes) - j} extra nodes "
                                 "(its control flow depends on the pruned sizes)")
+    return twin
 
 
 def _run_rewritten(analysis: Analysis, changed: Changed, model: nn.Module) -> list[torch.Tensor]:

@@ -44,10 +44,12 @@ def draw_block(draw, kind: str, c: int) -> dict:
         heads = draw(st.sampled_from([2, 4]))
         return {"kind": kind, "heads": heads, "kv_heads": draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0])),
                 "head_dim": draw(st.sampled_from([2, 4]))}
+    if kind == "head_scale":
+        return {"kind": kind, "heads": draw(st.sampled_from(divisors((1, 2, 4), c)))}
     if kind == "transposed":
         c_out = draw(st.sampled_from(WIDTHS))
         return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2), c, c_out)))}
-    return {"kind": kind}  # pixel, se, dilated, gate, channels_last, tied, strided, rows: no sizes to draw
+    return {"kind": kind}  # pixel, se, dilated, gate, channels_last, tied, strided, rows, ramp, index_mask: no sizes
 
 
 def out_channels(spec: dict, c: int) -> int:
@@ -106,7 +108,9 @@ class Block(nn.Module):
             self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
         elif kind == "rows":  # split the rows, convolve the top half, concatenate the rows back
             self.conv = nn.Conv2d(c, c, 1)
-        elif kind not in ("glu", "identity"):
+        elif kind in ("index_mask", "head_scale"):  # sizes held in attributes, read by arange
+            self.c, self.heads = c, spec.get("heads", 1)
+        elif kind not in ("glu", "identity", "ramp"):
             raise ValueError(f"unknown block kind {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +161,14 @@ class Block(nn.Module):
         if k == "rows":
             top, bottom = x.split(x.shape[2] // 2, dim=2)
             return torch.cat([self.conv(top), bottom], dim=2)
+        if k == "ramp":  # a per-channel ramp sized by a shape read: values depend on the position
+            return x * torch.arange(x.shape[1], dtype=x.dtype).view(1, -1, 1, 1)
+        if k == "index_mask":  # an index mask over an attribute-held channel count
+            return torch.where((torch.arange(self.c) % 3 == 0).view(1, -1, 1, 1), x, -2 * x)
+        if k == "head_scale":  # per-head constants (ALiBi-like slopes) over channels split into heads
+            n, c, h, w = x.shape
+            slopes = (0.5 ** torch.arange(self.heads, dtype=x.dtype)).view(1, self.heads, 1, 1, 1)
+            return (x.view(n, self.heads, c // self.heads, h, w) * slopes).reshape(n, c, h, w)
         return x
 
 
@@ -177,7 +189,7 @@ class Generated(nn.Module):
 
 
 KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention",
-         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows"]
+         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows", "ramp", "index_mask", "head_scale"]
 
 
 @st.composite

@@ -35,7 +35,8 @@ FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.
 
 def structural_oracles(model: torch.nn.Module) -> None:
     """Captured without unknown ops; keep-all is exact; pruning channels zeroed beforehand changes
-    nothing; ChannelPrune's result runs with the same output shape."""
+    nothing; ChannelPrune's result runs with the same output shape.  Every apply also runs the
+    value oracle of verification (:mod:`graphprune.value_oracle`) on all of its groups."""
     analysis = gp.analyze(model, INPUTS)
     assert not analysis.rule_errors and not analysis.unsupported, analysis.describe()
     kept = apply_plan(model, analysis, Plan()).module

@@ -897,8 +897,9 @@ def channel_shuffle(ctx: RuleContext, node: fx.Node) -> None:
 
 
 # ------------------------------------------------------------ factories
-@R.register(aten.zeros, aten.ones, aten.empty.memory_format, aten.rand, aten.randn, aten.full)
+@R.register(aten.zeros, aten.ones, aten.empty.memory_format, aten.full)
 def factory(ctx: RuleContext, node: fx.Node) -> None:
+    """Every position holds the same value: the created dims are tied to the sizes that make them."""
     _size_constants(ctx, node, 0, list(node.args[0]), ctx.out(node))
 
 
@@ -907,13 +908,14 @@ def new_factory(ctx: RuleContext, node: fx.Node) -> None:
     _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
 
 
-@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step)
-def arange(ctx: RuleContext, node: fx.Node) -> None:
-    out = ctx.out(node)
-    if node.target is aten.arange.default:
-        ctx.constant(node, ("args", 0), [out[0]])
-    else:
-        ctx.freeze(out[0], "arange with a start or step", node)
+@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.rand, aten.randn)
+def positional_factory(ctx: RuleContext, node: fx.Node) -> None:
+    """Values that depend on the position (a range, random draws): at a smaller size the forward
+    would regenerate them for positions 0..n-1 instead of keeping the kept positions, so the
+    created dims are frozen."""
+    for a in ctx.out(node):
+        ctx.freeze(a, f"{ctx.op_name(node)} makes values that depend on the position; at a smaller size they would "
+                      "be regenerated, not sliced", node)
 
 
 @R.register(aten.scalar_tensor)
