@@ -15,7 +15,8 @@ from graphprune.api import PruneResult, analyze, plan, prune
 from graphprune.checkpoint import CheckpointReport, apply_to_checkpoint
 from graphprune.onnx_export import ExportReport, export_onnx
 from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
-from graphprune.errors import ApplyError, CaptureError, ContractError, GraphpruneError, InputError
+from graphprune.errors import (ApplyError, CaptureError, ContractError, GraphpruneError, InputError, InternalError,
+                               PostconditionError)
 from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
 from graphprune.plan import Plan
 from graphprune.plan_file import PlanFile, apply_plan_file
@@ -25,7 +26,7 @@ from graphprune.streaming import parameters_on_meta
 
 __version__ = "0.1.0"
 
-__all__ = ["Analysis", "ApplyError", "CaptureError", "CheckpointReport", "CompressionState", "ContractError", "ExportReport", "FrozenSpace",
+__all__ = ["Analysis", "ApplyError", "CaptureError", "CheckpointReport", "CompressionState", "ContractError", "ExportReport", "InternalError", "PostconditionError", "FrozenSpace",
            "GraphpruneError", "Group", "InputError", "Member", "OnnxPruneResult", "Pass", "PassManager", "PassResult", "Plan", "PlanFile",
            "PruneResult", "Stage", "analyze", "analyze_onnx", "apply_plan_file", "apply_to_checkpoint", "apply_plan_file_onnx", "export_onnx", "finalize", "load_recipe", "parameters_on_meta", "plan", "prune", "prune_onnx",
            "__version__"]

@@ -35,7 +35,8 @@ from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
 from graphprune.provenance import owner_chain, uses_for
 from graphprune.rules.registry import arg_at
-from graphprune.value_oracle import check_values, node_values, zeroed_dense
+from graphprune.value_oracle import compare as compare_values
+from graphprune.value_oracle import graph_sites, node_values, zeroed_dense
 
 
 @dataclass
@@ -243,8 +244,8 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
             raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
         twin = _output_twins(original.graph_module, recaptured.graph_module)
     if not on_meta:
-        check_values(analysis, masks, node_values(original, model, zeroed_dense(dense)),
-                     node_values(recaptured, model), twin)
+        compare_values(graph_sites(analysis, node_values(original, model, zeroed_dense(dense)),
+                                   node_values(recaptured, model), twin), analysis, masks)
     return recaptured
 
 

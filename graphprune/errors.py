@@ -23,3 +23,8 @@ class ApplyError(GraphpruneError):
 
 class InternalError(GraphpruneError):
     """graphprune broke one of its own invariants: a bug to report, not something the caller can fix."""
+
+
+class PostconditionError(ContractError, InternalError):
+    """A pass did not deliver what it promises (its stage, the N:M patterns it must keep): a bug in
+    that pass, graphprune's own or the caller's custom one."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis, analyze_captured
 from graphprune.capture import CapturedGraph, run_outputs
-from graphprune.errors import ContractError
+from graphprune.errors import ContractError, PostconditionError
 from graphprune.macs import count_params, graph_macs
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan, is_quantized
@@ -166,9 +166,9 @@ class Pass(abc.ABC):
         """Transform ``state`` and say whether anything changed."""
 
     def ensures(self, state: CompressionState) -> None:
-        """Raise :class:`ContractError` if the pass did not deliver what it promises."""
+        """Raise :class:`PostconditionError` if the pass did not deliver what it promises."""
         if self.produces is not None and state.stage < self.produces:
-            raise ContractError(f"{self.name} should leave the model at stage '{self.produces}', "
+            raise PostconditionError(f"{self.name} should leave the model at stage '{self.produces}', "
                                 f"it is at '{state.stage}'")
 
     def call_onnx(self, state: Any) -> PassResult:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from graphprune.capture import qualified
-from graphprune.errors import ContractError, InputError
+from graphprune.errors import InputError, PostconditionError
 
 LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
 
@@ -155,10 +155,10 @@ def nm_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
 
 
 def check_patterns(model: nn.Module, where: str) -> None:
-    """Raise :class:`ContractError` if a masked tensor no longer follows its N:M pattern."""
+    """Raise :class:`PostconditionError` if a masked tensor no longer follows its N:M pattern."""
     for name, (tensor, pattern) in masked_weights(model).items():
         if not satisfies(tensor, pattern):
-            raise ContractError(f"after {where}, {name} no longer follows its {pattern} pattern")
+            raise PostconditionError(f"after {where}, {name} no longer follows its {pattern} pattern")
 
 
 def finalize(model: nn.Module) -> nn.Module:

@@ -19,7 +19,8 @@ Models on ``meta`` have no values and are not checked by value.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,61 +80,76 @@ def node_values(captured: CapturedGraph, model: nn.Module, replaced: Mapping[str
     return values
 
 
-def check_values(analysis: Analysis, masks: dict[int, torch.Tensor], dense: dict[fx.Node, Any],
-                 pruned: dict[fx.Node, Any], twin: dict[fx.Node, fx.Node]) -> int:
-    """Compare each aligned pair of nodes (``twin``: original node -> pruned node) by value; raise
-    :class:`ValuesDiffer` at the first that parts.  Returns the number of nodes compared."""
+@dataclass(frozen=True)
+class Site:
+    """One value as both runs computed it: what the comparison needs, whatever the frontend."""
+
+    where: str  # named in the error ("node arange (aten.arange.default) in blocks.0")
+    inputs: tuple[Hashable, ...]  # the sites it is computed from
+    dims: list[int] | None  # its atoms, one per dim; None where the analysis has none
+    dense: torch.Tensor | None  # the dense model's value (removed channels zeroed); None: not a tensor
+    pruned: torch.Tensor | None
+    compared: bool = True  # an op's result (inputs and weights are not compared)
+    skipped: bool = False  # a re-layout the pruned model left out: compared at its source
+
+
+def compare(sites: Mapping[Hashable, Site], analysis: Analysis, masks: dict[int, torch.Tensor]) -> int:
+    """Compare every site (in topological order) by value; raise :class:`ValuesDiffer` at the
+    first that parts.  Returns the number of sites compared."""
     spaces = analysis.spaces
     pruned_inexact = {leaf for leaf in spaces.inexact if leaf in masks and not bool(masks[leaf].all())}
     group_of = {g.leaf: g for g in analysis.groups}
-    tainted: set[fx.Node] = set()
+    tainted: set[Hashable] = set()
     compared = 0
-    for old, new in twin.items():
-        if any(a in tainted for a in old.all_input_nodes):
-            tainted.add(old)
+    for key, site in sites.items():
+        if any(a in tainted for a in site.inputs):
+            tainted.add(key)
             continue
-        if old.op != "call_function" or any(twin.get(a) is new for a in old.all_input_nodes):
-            continue  # not an op, or a re-layout the pruned model skips (compared at its source)
-        want, got, dims = dense.get(old), pruned.get(new), analysis.context.raw(old)
-        if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)) or not _flat(dims, want):
+        dims, want, got = site.dims, site.dense, site.pruned
+        if not site.compared or site.skipped or want is None or got is None or dims is None or len(dims) != want.dim():
             continue
-        leaves = {leaf for node in (old, *old.all_input_nodes) for a in _atoms(analysis, node)
-                  for leaf in spaces.leaves(a)}
         expected = _kept(want, spaces, dims, masks)
         if expected.is_floating_point() and not bool(torch.isfinite(expected).all()):
-            tainted.add(old)  # an Inf/NaN that zeroing made (x / a zeroed scale): no model computes it
+            tainted.add(key)  # an Inf/NaN that zeroing made (x / a zeroed scale): no model computes it
             continue
         compared += 1
         if expected.shape == got.shape and _close(got, expected):
             continue
-        if leaves & pruned_inexact:
-            tainted.add(old)
+        read = {leaf for s in (site, *(sites[a] for a in site.inputs if a in sites)) for a in s.dims or ()
+                for leaf in spaces.leaves(a)}
+        if read & pruned_inexact:
+            tainted.add(key)
             continue
         parted = sorted({group_of[leaf].id for a in dims for leaf in spaces.leaves(a) if leaf in masks
                          and leaf in group_of and not bool(masks[leaf].all())})
-        where = f"node {old.name} ({old.target}) in {(owner_chain(old) or [''])[-1] or 'the model'}"
         difference = ("shape " + str(list(got.shape)) + " instead of " + str(list(expected.shape))
                       if expected.shape != got.shape else
                       f"max difference {(got.double() - expected.double()).abs().max().item():.3g} "
                       f"(values up to {expected.double().abs().max().item():.3g})")
         groups = f"its dims belong to pruned group(s) {parted}" if parted else "its dims belong to no pruned group"
-        raise ValuesDiffer(f"{where}: the pruned model computes other values than the dense model with the removed "
-                           f"channels zeroed ({difference}); {groups}. Its code computes something from a size "
-                           "that pruning changed in a way graphprune did not follow (e.g. values that depend on the "
-                           "position, regenerated at the smaller size instead of sliced): keep those channels with "
-                           "ignore=, and please report the model")
+        raise ValuesDiffer(f"{site.where}: the pruned model computes other values than the dense model with the "
+                           f"removed channels zeroed ({difference}); {groups}. Its code computes something from a "
+                           "size that pruning changed in a way graphprune did not follow (e.g. values that depend on "
+                           "the position, regenerated at the smaller size instead of sliced): keep those channels "
+                           "with ignore=, and please report the model")
     return compared
 
 
-def _atoms(analysis: Analysis, node: fx.Node) -> Iterator[int]:
-    dims = analysis.context.raw(node)
-    for a in pytree.tree_leaves(dims) if dims is not None else ():
-        if isinstance(a, int):
-            yield a
-
-
-def _flat(dims: Any, value: torch.Tensor) -> bool:
-    return isinstance(dims, list) and len(dims) == value.dim() and all(isinstance(a, int) for a in dims)
+def graph_sites(analysis: Analysis, dense: dict[fx.Node, Any], pruned: dict[fx.Node, Any],
+                twin: dict[fx.Node, fx.Node]) -> dict[fx.Node, Site]:
+    """The sites of a torch capture: each original node with its aligned pruned node (``twin``)."""
+    sites = {}
+    for old, new in twin.items():
+        dims = analysis.context.raw(old)
+        flat = isinstance(dims, list) and all(isinstance(a, int) for a in dims)
+        want, got = dense.get(old), pruned.get(new)
+        sites[old] = Site(where=f"node {old.name} ({old.target}) in {(owner_chain(old) or [''])[-1] or 'the model'}",
+                          inputs=tuple(old.all_input_nodes), dims=dims if flat else None,
+                          dense=want if isinstance(want, torch.Tensor) else None,
+                          pruned=got if isinstance(got, torch.Tensor) else None,
+                          compared=old.op == "call_function",
+                          skipped=any(twin.get(a) is new for a in old.all_input_nodes))
+    return sites
 
 
 def _kept(value: torch.Tensor, spaces: Spaces, dims: list[int], masks: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -155,4 +171,4 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(((a - b).abs() <= tolerance * (b.abs().max().item() + 1e-6)).all())
 
 
-__all__ = ["ValuesDiffer", "check_values", "node_values", "zeroed_dense"]
+__all__ = ["Site", "ValuesDiffer", "compare", "graph_sites", "node_values", "zeroed_dense"]

@@ -139,7 +139,7 @@ def test_a_pass_that_breaks_a_mask_is_caught():
             return PassResult(state, True)
 
     model, x = resnet.build()
-    with pytest.raises(gp.ContractError, match="after Breaker, .* no longer follows its 2:4 pattern"):
+    with pytest.raises(gp.PostconditionError, match="after Breaker, .* no longer follows its 2:4 pattern"):
         gp.prune(model, x, passes=[NMSparsity(2, 4), Breaker()])
 
 
