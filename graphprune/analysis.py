@@ -27,7 +27,7 @@ from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
 from graphprune.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.errors import InputError
 from graphprune.macs import planned_macs, planned_params
-from graphprune.provenance import uses_for
+from graphprune.provenance import Source, uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 from graphprune.rules.registry import flat_atoms
 
@@ -274,7 +274,7 @@ def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
       every space it sizes.
     """
     solver = ctx.solver
-    direct: dict[tuple[str, str], list[int]] = defaultdict(list)
+    direct: dict[Source, list[int]] = defaultdict(list)
     computed = []
     for c in ctx.constants:
         for use in uses_for(captured.attribute_uses, c.node, c.path):
@@ -282,24 +282,24 @@ def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
                 direct[use.attribute].append(c.atoms[0])
             elif not use.direct:
                 computed.append((c, use))
-    for (owner, attr), atoms in direct.items():
+    for source, atoms in direct.items():
         for other in atoms[1:]:
-            solver.unify(atoms[0], other, where=f"{owner}.{attr} sizes both")
-    fixed: set[tuple[str, str]] = set()
+            solver.unify(atoms[0], other, where=f"{source} sizes both")
+    fixed: set[Source] = set()
     for c, use in computed:
         parts = _product_spaces(use, direct, solver, c.node.name) if len(c.atoms) == 1 and not c.base else None
         if parts is not None:
             solver.unify(c.atoms[0], solver.product(parts), where=f"{c.node.name}: size computed in forward")
             continue
-        names = ", ".join(f"{o}.{a}" for o, a in sorted(use.sources))
+        names = ", ".join(map(str, sorted(use.sources)))
         for atom in c.atoms:
             solver.freeze(atom, FreezeReason(f"size computed from {names} in forward", c.node.name))
         fixed |= use.sources  # the expression would change with them
     semantic = {s for u in captured.attribute_uses if u.path is None for s in u.sources}
-    for (owner, attr), atoms in direct.items():
-        if (owner, attr) in semantic | fixed:
+    for source, atoms in direct.items():
+        if source in semantic | fixed:
             for atom in atoms:
-                solver.freeze(atom, FreezeReason(f"{owner}.{attr} also enters a computed value "
+                solver.freeze(atom, FreezeReason(f"{source} also enters a computed value "
                                                  "(a scale, or a size graphprune cannot rewrite)"))
 
 
@@ -323,7 +323,7 @@ def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[
             parts.append(direct[f][0])
         else:
             fixed = solver.new(int(use.value) // known)
-            solver.freeze(fixed, FreezeReason(f"{f[0]}.{f[1]} is a fixed factor of a size computed in forward", where))
+            solver.freeze(fixed, FreezeReason(f"{f} is a fixed factor of a size computed in forward", where))
             parts.append(fixed)
     return parts
 

@@ -30,10 +30,10 @@ from graphprune.algebra import Spaces
 from graphprune.analysis import BODY_HOPS, Analysis
 from graphprune.capture import CapturedGraph, capture_call, run_outputs, tensor_at
 from graphprune.copying import clone
-from graphprune.errors import ApplyError
+from graphprune.errors import ApplyError, CaptureError
 from graphprune.module_rules import rule_for
 from graphprune.plan import Plan
-from graphprune.provenance import owner_chain, uses_for
+from graphprune.provenance import Source, owner_chain, uses_for
 from graphprune.rules.registry import arg_at
 from graphprune.value_oracle import compare as compare_values
 from graphprune.value_oracle import graph_sites, node_values, zeroed_dense
@@ -173,13 +173,15 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
     """Make the modules' forward code produce the new constants.
 
     torch.nn modules follow their tensors (:mod:`graphprune.module_rules`).  For any other
-    module, the capture recorded which int attribute became which op argument; each such
-    attribute takes the new value of the constants it produced.  A constant no attribute
-    produced is presumed to come from a tensor's shape; verification checks that it does.
+    module, the capture recorded which int attribute, or int entry of a tuple, list or
+    ``torch.Size`` attribute, became which op argument; each takes the new value of the constants
+    it produced (a sequence is replaced by one of its type with those entries changed).  A
+    constant nothing recorded produced is presumed to come from a tensor's shape; verification
+    checks that it does.
     """
     modules = dict(model.named_modules())
     builtin_consts: dict[str, dict[str, Any]] = defaultdict(dict)
-    wanted: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    wanted: dict[Source, dict[int, str]] = defaultdict(dict)
     uses = analysis.captured.attribute_uses
     for node, paths in constants.items():
         chain = owner_chain(node)
@@ -207,14 +209,23 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
             for k, v in before.items():
                 if vars(module)[k] != v:
                     undo.record(module.__dict__, k, v)
-    for (owner, attr), news in wanted.items():
+    entries: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for source, news in wanted.items():
         if len(news) > 1:
             places = "; ".join(f"{where} needs {value}" for value, where in news.items())
-            raise ApplyError(f"{owner}.{attr} sizes several tensors that the plan prunes differently ({places}); "
+            raise ApplyError(f"{source} sizes several tensors that the plan prunes differently ({places}); "
                              "prune the groups it sizes by the same count, or exclude them")
         (new,) = news
-        if vars(modules[owner])[attr] != new:
-            undo.set_attr(modules[owner], attr, new)
+        if source.entry is None:
+            if vars(modules[source.module])[source.attribute] != new:
+                undo.set_attr(modules[source.module], source.attribute, new)
+        else:
+            entries[source.module, source.attribute][source.entry] = new
+    for (owner, attr), changed_entries in entries.items():
+        old = vars(modules[owner])[attr]
+        new_value = type(old)(changed_entries.get(k, v) for k, v in enumerate(old))
+        if new_value != old:
+            undo.set_attr(modules[owner], attr, new_value)
 
 
 # ------------------------------------------------------------ verification
@@ -229,8 +240,8 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
     original = analysis.captured
     try:
         recaptured = capture_call(model, original.args, original.kwargs)
-    except Exception as exc:
-        raise ApplyError(f"the pruned model no longer traces: {exc}") from exc
+    except CaptureError as exc:
+        raise ApplyError(_no_longer_traces(exc, analysis, masks)) from exc
     on_meta = any(t.device.type == "meta" for t in model.parameters())
     try:
         twin = _compare_graphs(original.graph_module, recaptured.graph_module, analysis, masks, changed)
@@ -247,6 +258,27 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
         compare_values(graph_sites(analysis, node_values(original, model, zeroed_dense(dense)),
                                    node_values(recaptured, model), twin), analysis, masks)
     return recaptured
+
+
+def _no_longer_traces(exc: CaptureError, analysis: Analysis, masks: dict[int, torch.Tensor]) -> str:
+    """Why the pruned model fails in its own code: the failing line, the pruned groups the dense
+    graph computes with on that line, and what to do."""
+    if exc.site is None:
+        return f"the pruned model no longer traces: {exc}"
+    file, line, code = exc.site
+    mark = f'File "{file}", line {line},'
+    on_line = [n for n in analysis.captured.graph.nodes if mark in (n.meta.get("stack_trace") or "")]
+    spaces = analysis.spaces
+    pruned = {g.leaf: g for g in analysis.groups if g.leaf in masks and not bool(masks[g.leaf].all())}
+    groups = sorted({pruned[leaf].id: pruned[leaf] for n in on_line for a in analysis.context.node_atoms(n)
+                     for leaf in spaces.leaves(a) if leaf in pruned}.items())
+    modules = sorted({module for _, g in groups for module in g.modules})
+    named = (f"; on that line the dense model computes with pruned group(s) {[gid for gid, _ in groups]} "
+             f"(channels of {', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''})") if groups else ""
+    return (f"after pruning, the model's own code fails at {file}:{line}: `{code}` ({exc.reason}){named}. "
+            "A size on that line reaches it in a way graphprune does not follow (read from a tensor's shape, "
+            "written as a literal, or an expression it cannot rewrite), so it no longer fits the pruned tensors: "
+            "keep those channels (ChannelPrune(ignore=[...]) with the modules named) and please report the model")
 
 
 def _output_twins(old_gm: fx.GraphModule, new_gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:

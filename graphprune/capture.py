@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # re-raised with the user's failing line
-            raise CaptureError(_describe_failure(model, exc)) from exc
+            raise _capture_error(model, exc) from exc
     sig = program.graph_signature
     tensor_names: dict[str, tuple[str, str]] = {}
     for kind, mapping in (("parameter", sig.inputs_to_parameters), ("buffer", sig.inputs_to_buffers),
@@ -251,19 +252,24 @@ def no_kv_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
-def _describe_failure(model: nn.Module, exc: Exception) -> str:
+def _capture_error(model: nn.Module, exc: Exception) -> CaptureError:
+    """A :class:`CaptureError` naming the user's failing line (its ``site``) and torch's message."""
     frames = traceback.extract_tb(exc.__traceback__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep  # graphprune's own frames are not the user's
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
     user = [f for f in frames if not f.filename.startswith((torch_dir, here, "<"))]
-    where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}" if user else ""
+    site = (user[-1].filename, user[-1].lineno, (user[-1].line or "").strip()) if user else None
+    where = f" at {site[0]}:{site[1]} in {user[-1].name}: {site[2]}" if site else ""
     text = str(exc)
     marker = "The following call raised this error:"
     if marker in text:  # torch.export names the user's line in the message, not the traceback
         lines = [ln.strip() for ln in text.split(marker, 1)[1].strip().splitlines()[:2]]
-        where = f" at {lines[0]}: {lines[1]}" if len(lines) == 2 else where
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return (f"could not capture {type(model).__name__} with torch.export{where}\n"
-            f"  {type(exc).__name__}: {first}\n"
-            "  graphprune needs a model whose forward can be traced for the given example inputs "
-            "(no control flow that depends on tensor values).")
+        if len(lines) == 2:
+            where = f" at {lines[0]}: {lines[1]}"
+            found = re.match(r'File "(.+)", line (\d+)', lines[0])
+            site = (found.group(1), int(found.group(2)), lines[1]) if found else site
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    reason = f"{type(exc).__name__}: {first}"
+    return CaptureError(f"could not capture {type(model).__name__} with torch.export{where}\n  {reason}\n"
+                        "  graphprune needs a model whose forward can be traced for the given example inputs "
+                        "(no control flow that depends on tensor values).", site, reason)

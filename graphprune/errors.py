@@ -10,7 +10,14 @@ class InputError(GraphpruneError, ValueError):
 
 
 class CaptureError(GraphpruneError):
-    """The model could not be turned into a graph."""
+    """The model could not be turned into a graph.
+
+    ``site`` is the user's failing line, ``(file, line number, source text)``, where known, and
+    ``reason`` torch's own one-line message, so that callers can say more about the cause."""
+
+    def __init__(self, message: str, site: tuple[str, int, str] | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.site, self.reason = site, reason
 
 
 class ContractError(GraphpruneError):

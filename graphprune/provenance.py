@@ -1,7 +1,8 @@
 """Provenance of sizes: which module attribute produced which op argument.
 
-While a model is captured, the int attributes of its user-defined modules are handed out as
-:class:`_Tagged` ints.  Arithmetic on them yields :class:`_Derived` values that remember every
+While a model is captured, the int attributes of its user-defined modules, and the int entries of
+their tuple, list and ``torch.Size`` attributes (``self.splits = [16, 16, 32]``, ``self.shape =
+(dim, 1, 1)``), are handed out as :class:`_Tagged` ints, each remembering its :class:`Source`.  Arithmetic on them yields :class:`_Derived` values that remember every
 attribute involved.  A torch-function mode sees each torch call before it is traced and records:
 
 * a tagged int in a size argument (``x.view(b, t, self.num_heads, self.head_dim)``): a *direct*
@@ -24,7 +25,7 @@ import functools
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -34,7 +35,18 @@ from torch.overrides import TorchFunctionMode
 from graphprune.rules.registry import arg_at
 
 aten = torch.ops.aten
-Source = tuple[str, str]  # (module path, attribute name)
+
+
+class Source(NamedTuple):
+    """Where a size lives in the model: an int attribute, or one entry of a sequence attribute."""
+
+    module: str
+    attribute: str
+    entry: int | None = None
+
+    def __str__(self) -> str:
+        owner = f"{self.module}." if self.module else ""
+        return f"{owner}{self.attribute}" + (f"[{self.entry}]" if self.entry is not None else "")
 
 
 @dataclass(frozen=True)
@@ -175,8 +187,13 @@ def _recording_class(cls: type) -> type:
     def __getattribute__(self, name):  # noqa: N807 - the hook's name is fixed by Python
         value = cls.__getattribute__(self, name)
         state = _STATE.get()
-        if type(value) is int and state is not None and id(self) in state.paths:
-            return _derive_tagged(value, (state.paths[id(self)], name))
+        if state is None or id(self) not in state.paths:
+            return value
+        path = state.paths[id(self)]
+        if type(value) is int:
+            return _derive_tagged(value, Source(path, name))
+        if type(value) in (tuple, list, torch.Size) and value and all(type(v) is int for v in value):
+            return type(value)(_derive_tagged(v, Source(path, name, k)) for k, v in enumerate(value))
         return value
     return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
@@ -307,5 +324,5 @@ def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[Attri
     owners = set(owner_chain(node))
     return [u for u in uses
             if u.path == path and int(u.value) == old and packet in u.packets
-            and any(owner in owners for owner, _ in u.sources)
+            and any(source.module in owners for source in u.sources)
             and (u.dim is None or dim is None or u.dim % rank == dim % rank)]
