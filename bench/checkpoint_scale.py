@@ -17,7 +17,10 @@ The baseline, in the same run, is holding the whole checkpoint in memory (safete
 copied out of their memory map, as pruning a loaded model needs them).
 
     python -m bench.checkpoint_scale [--layers 32] [--batches 4] [--sparsegpt-blocks 2] [--only STEP ...]
-                                     [--folder /tmp/gp-ckpt]
+                                     [--folder /tmp]
+
+It works in a new folder it makes inside ``--folder`` (which must have room for the checkpoint)
+and removes only that folder at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,11 +185,10 @@ def main() -> None:
     parser.add_argument("--sparsegpt-blocks", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="run only these steps (function names, e.g. plan_streamed "
                                                   "apply_streamed load_whole); the checkpoint is always written")
-    parser.add_argument("--folder", default="/tmp/gp-ckpt")
+    parser.add_argument("--folder", default=tempfile.gettempdir(),
+                        help="where to make the working folder (a new one, removed at the end)")
     args = parser.parse_args()
-    folder = Path(args.folder)
-    if folder.exists():
-        shutil.rmtree(folder)
+    folder = Path(tempfile.mkdtemp(prefix="gp-ckpt-", dir=args.folder))  # never a folder the user already has
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         seconds, _, _ = measured(generate, folder / "source", args)

@@ -20,6 +20,7 @@ from graphprune.copying import clone
 from graphprune.errors import InputError
 from graphprune.macs import count_params, graph_macs
 from graphprune.onnx_export import ExportReport, export_onnx
+from graphprune.outputs import Outputs
 from graphprune.pipeline import CompressionState, Pass, Stage, detect_stage, run_outputs
 from graphprune.plan import Plan
 from graphprune.plan_file import PlanFile
@@ -46,15 +47,19 @@ class PruneResult:
     masks: dict[str, tuple[torch.Tensor, NMPattern]] = field(default_factory=dict)  # N:M masks the run set
     updated: set[str] = field(default_factory=set)  # tensors given new values (see CompressionState.updated)
 
-    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None) -> list[str]:
+    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None, *,
+                     overwrite: bool = False, outputs: Outputs | None = None) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
         (see :func:`graphprune.report_page.write_report`); returns the file names."""
-        return write_report(directory, self.report, layer_rows(self.shapes_before, self.module), latency_ms)
+        return write_report(directory, self.report, layer_rows(self.shapes_before, self.module), latency_ms,
+                            overwrite=overwrite, outputs=outputs)
 
-    def export_onnx(self, path: str | os.PathLike, **options: Any) -> ExportReport:
+    def export_onnx(self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None,
+                    **options: Any) -> ExportReport:
         """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
         the metadata records this run's pipeline."""
-        return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline, **options)
+        return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline,
+                           overwrite=overwrite, outputs=outputs, **options)
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.plan_file`), with the new
@@ -64,9 +69,11 @@ class PruneResult:
         plan.inputs = input_spec(self.example_inputs)
         return plan
 
-    def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
-        """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
-        return self.plan_file().save(path)
+    def save_plan(self, path: str | os.PathLike, *, overwrite: bool = False,
+                  outputs: Outputs | None = None) -> tuple[str, str]:
+        """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths
+        (see :meth:`graphprune.plan_file.PlanFile.save`)."""
+        return self.plan_file().save(path, overwrite=overwrite, outputs=outputs)
 
     def to_sparse_kernels(self, **options: Any) -> tuple[nn.Module, SparseKernelReport]:
         """The module with its 2:4 layers on sparse tensor-core kernels where they are faster
@@ -80,12 +87,16 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
           experimental_order: bool = False) -> PruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on ``model`` and return the compressed module and a report.
 
-    The caller's model is not modified unless ``inplace=True``.  The pass order is checked
+    The caller's model is not modified unless ``inplace=True`` (not even by a forward that counts
+    its calls: the reference outputs come from the working copy).  The pass order is checked
     against the model's own stage (a result of an earlier run keeps its masks and quantization)
     before anything runs; ``experimental_order=True`` lets a pass run on a stage it accepts only
     for experiments, e.g. sparsity after quantization, and the report records it.  Outputs keep
     their shapes unless named in ``prunable_outputs`` (see :func:`graphprune.analyze`).
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"gp.prune needs a torch.nn.Module, got {type(model).__name__} {_shown(model)}: wrap a "
+                         "function in an nn.Module whose forward calls it")
     manager = pass_manager(passes, recipe, experimental_order)
     stage = detect_stage(model)
     manager.check_order(stage)
@@ -95,8 +106,8 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     if calibration is not None:  # materialised once: every pass sees the same batches, even from a generator
         calibration = list(calibration)
         check_calibration(calibration, captured.args, captured.kwargs)
-    reference = run_outputs(model, captured)
     working = model if inplace else clone(model)
+    reference = run_outputs(working, captured)  # a forward may change its module's state: never the caller's
     state = CompressionState(working, captured, stage, calibration=calibration,
                              prunable_outputs=tuple(prunable_outputs))
     report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
@@ -162,6 +173,11 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
     weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
     return PlanFile(type(model).__name__, report.pipeline, [p for p in state.plans if isinstance(p, Plan)], masks,
                     values=values, report=report, inputs=input_spec(example_inputs))
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -4,8 +4,15 @@ MODEL is ``package.module:factory`` (a function returning ``(module, example_inp
 ``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
 ``torch.export.save`` (its example inputs are the ones it was exported with), or, for ``inspect``
 and ``prune``, an ``.onnx`` file (pruned as an ONNX graph by :func:`graphprune.prune_onnx`; its
-calibration ``.npz`` holds arrays keyed by input name).  Exit codes: 0 done, 2 bad input (paths, options, recipes, a pass order that is refused),
-3 a model graphprune cannot handle (capture, apply, ONNX verification), 1 anything unexpected.
+calibration ``.npz`` holds arrays keyed by input name).  Exit codes: 0 done, 2 bad input (paths, options,
+recipes, outputs that would replace an input or a file graphprune did not write, a pass order that is
+refused), 3 a model graphprune cannot handle (capture, apply, ONNX verification), 4 a bug in graphprune
+(:class:`~graphprune.errors.InternalError`), 1 anything unexpected.
+
+Commands that write do it in one :class:`~graphprune.outputs.Outputs` transaction: ``prune`` writes the
+ONNX file, ``<out>.plan.json``/``.safetensors`` and ``<out>.report/`` all or none, never over the model,
+calibration or recipe file it read, and over an existing file only if graphprune wrote it or with
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import torch
 import torch.nn as nn
 
 from graphprune.coupling_graph import write_graph
-from graphprune.errors import ContractError, GraphpruneError, InputError
+from graphprune.errors import ContractError, GraphpruneError, InputError, InternalError
 from graphprune.latency import onnx_latency_ms
+from graphprune.outputs import Outputs
 
-EXIT_INPUT, EXIT_MODEL = 2, 3  # anything unexpected propagates: Python exits 1 with the traceback
+EXIT_INPUT, EXIT_MODEL, EXIT_BUG = 2, 3, 4  # anything unexpected propagates: Python exits 1 with the traceback
 
 
 @dataclass
@@ -77,7 +85,9 @@ def load_model(spec: str) -> LoadedModel:
 
 def load_calibration(path: str, batch_size: int) -> list:
     """Calibration batches from ``.npz`` (arrays keyed by input name, first dim = samples) or ``.pt``
-    (a list of batches, or a dict / tensor split into batches the same way)."""
+    (a list of batches, or a dict / tensor split into batches of ``batch_size`` samples)."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if not os.path.isfile(path):
         raise InputError(f"calibration file {path}: no such file")
     if path.endswith(".npz"):
@@ -181,38 +191,21 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
-    import graphprune as gp
+    from graphprune.onnx_export import made_by_graphprune
+    from graphprune.report_page import check_report_folder
 
     passes, experimental = _passes(args)
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
-    if args.model.endswith(".onnx"):
-        return _prune_onnx_file(args, passes, experimental)
-    loaded = load_model(args.model)
-    model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
-    if args.calibration:
-        calibration = load_calibration(args.calibration, args.batch_size)
-    if calibration is None and _needs_calibration(passes):
-        _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
-        calibration = [inputs]
-    result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
-    exported = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded))
-    latency = None
-    if args.latency:
-        with tempfile.TemporaryDirectory() as tmp:
-            dense = os.path.join(tmp, "dense.onnx")
-            gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
-            latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
-                       "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
-    return _finish(args, result, exported, latency)
-
-
-def _finish(args: argparse.Namespace, result: Any, written: Any, latency: dict[str, float] | None) -> dict:
-    """Report pages and the plan file beside the output, the summary, and what is printed (both model
-    kinds)."""
-    pages = args.output + ".report"
-    result.write_report(pages, latency)
-    plan_json, _ = result.save_plan(args.output + ".plan")
+    read = [*_model_files(args.model), *(p for p in (args.calibration, args.recipe) if p)]
+    with Outputs(inputs=read, overwrite=args.overwrite) as out:
+        out.check(args.output, ours=made_by_graphprune)  # refused before any pruning
+        check_report_folder(args.output + ".report", out)
+        prune = _prune_onnx_file if args.model.endswith(".onnx") else _prune_module
+        result, written, latency = prune(args, passes, experimental, out)
+        plan_json, _ = result.save_plan(args.output + ".plan", outputs=out)
+        pages = args.output + ".report"
+        result.write_report(pages, latency, outputs=out)
     summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
                "plan": plan_json, "latency_ms": latency,
                "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
@@ -226,7 +219,34 @@ def _finish(args: argparse.Namespace, result: Any, written: Any, latency: dict[s
     return summary
 
 
-def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool) -> dict:
+def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, out: Outputs) -> tuple[Any, Any, Any]:
+    """Prune a PyTorch model and stage its ONNX file in ``out``; with ``--latency``, time the dense
+    model (exported to a temporary folder) and the staged file."""
+    import graphprune as gp
+
+    loaded = load_model(args.model)
+    model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
+    if args.calibration:
+        calibration = load_calibration(args.calibration, args.batch_size)
+    if calibration is None and _needs_calibration(passes):
+        _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
+        calibration = [inputs]
+    result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
+    written = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded), outputs=out)
+    latency = None
+    if args.latency:
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = os.path.join(tmp, "dense.onnx")
+            gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
+            latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
+                       "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads)}
+    return result, written, latency
+
+
+def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool,
+                     out: Outputs) -> tuple[Any, Any, Any]:
+    """Prune an ONNX file and stage the result in ``out``; with ``--latency``, time the input file
+    (never written over: it is an input of ``out``) and the staged file."""
     import graphprune as gp
 
     if not os.path.isfile(args.model):
@@ -237,20 +257,32 @@ def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool)
     if feeds is None and _needs_calibration(passes):
         _say(args, "no --calibration given: calibrating on generated feeds only (give real data for real use)")
     result = gp.prune_onnx(args.model, passes, calibration=feeds, experimental_order=experimental)
-    written = result.save(args.output)
+    dense = onnx_latency_ms(args.model, runs=args.runs, threads=args.threads) if args.latency else None
+    written = result.save(args.output, outputs=out)
     latency = None
     if args.latency:
-        latency = {"dense": onnx_latency_ms(args.model, runs=args.runs, threads=args.threads),
-                   "compressed": onnx_latency_ms(args.output, runs=args.runs, threads=args.threads)}
-    return _finish(args, result, written, latency)
+        latency = {"dense": dense,
+                   "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads)}
+    return result, written, latency
+
+
+def _model_files(spec: str) -> list[str]:
+    """The files a MODEL argument reads (an .onnx file with its external data, or a .pt2), which no
+    output may replace; none for ``package.module:factory``."""
+    if spec.endswith(".onnx"):
+        from graphprune.onnx_export import onnx_files
+
+        return onnx_files(spec)
+    return [spec] if spec.endswith(".pt2") else []
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
     import graphprune as gp
 
     loaded = load_model(args.model)
-    exported = gp.export_onnx(loaded.module, loaded.inputs, args.output,
-                              dynamic_batch=not args.static_batch and _dynamic_batch(args, loaded))
+    with Outputs(inputs=_model_files(args.model), overwrite=args.overwrite) as out:
+        exported = gp.export_onnx(loaded.module, loaded.inputs, args.output, outputs=out,
+                                  dynamic_batch=not args.static_batch and _dynamic_batch(args, loaded))
     if not args.json:
         print(exported)
     return {"output": args.output, "stage": str(exported.stage), "max_error": exported.max_error}
@@ -284,7 +316,8 @@ def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
                 config[key] = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise InputError(f"--config {key}: {value!r} is not an integer or JSON value") from exc
-    report = apply_to_checkpoint(args.plan, args.source, args.destination, prefix=args.prefix, config=config)
+    report = apply_to_checkpoint(args.plan, args.source, args.destination, prefix=args.prefix, config=config,
+                                 overwrite=args.overwrite)
     if not args.json:
         print(report)
     return {"destination": report.destination, "shards": report.shards, "tensors_changed": len(report.tensors_changed),
@@ -324,6 +357,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (for scripts)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
+    def overwrite(p: argparse.ArgumentParser, what: str = "output files") -> None:
+        p.add_argument("--overwrite", action="store_true",
+                       help=f"replace existing {what} graphprune did not write (never an input)")
+
     p = sub.add_parser("inspect", help="coupled channel groups, frozen spaces and why, params and MACs")
     p.add_argument("model")
     p.add_argument("--max-groups", type=int, default=50)
@@ -343,11 +380,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    overwrite(p)
     common(p)
     p = sub.add_parser("export", help="write a model as a verified ONNX file")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--static-batch", action="store_true")
+    overwrite(p)
     common(p)
     p = sub.add_parser("plan", help="what a saved plan decides (result.save_plan), or how two plans differ")
     p.add_argument("plan")
@@ -361,6 +400,7 @@ def parser() -> argparse.ArgumentParser:
                    help="new config.json values (without it they are inferred from the architecture's shapes "
                         "where transformers knows it; give none to copy it unchanged)")
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
+    overwrite(p, "destination folders")
     common(p)
     p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")
     p.add_argument("models", nargs="+")
@@ -384,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, ContractError) as exc:
         print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except InternalError as exc:
+        print(f"graphprune {args.command}: internal error: {exc}\nthis is a bug in graphprune, please report it "
+              "(with the command and the model)", file=sys.stderr)
+        return EXIT_BUG
     except GraphpruneError as exc:
         print(f"graphprune {args.command}: cannot handle this model: {exc}", file=sys.stderr)
         return EXIT_MODEL

@@ -5,7 +5,8 @@ parameters are read off the model first), export with torch's dynamo exporter (d
 dimension by default), turn ``Transpose(W)`` weight reads into transposed initializers, optimize
 with onnxscript's optimizer (constant folding with no size limits, BatchNorm fused, dead nodes
 removed), write the model's int8 parameters as QDQ nodes (:mod:`graphprune.qdq`), and record
-metadata.  The file is written to a temporary directory beside ``path`` and verified there: the
+metadata.  The file is staged beside ``path`` (an :class:`~graphprune.outputs.Outputs` claim) and
+verified there: the
 ONNX checker; onnxruntime's outputs against the PyTorch module's on the example inputs and on a
 batch one larger (fp32: largest error within ``fp32_tolerance`` of the largest output; int8:
 relative L2 error against the fake-quant model within ``int8_tolerance``, or else no further from the
@@ -17,18 +18,18 @@ the second test tells such drift from a wrongly written layer, which lands far f
 model); every N:M pattern on the
 written weights; and, for int8, that onnxruntime fused every quantized layer (no float
 Conv/Gemm/MatMul left reading a DequantizeLinear in its optimized graph).  Only then is it moved
-into place, so a failure leaves no partial file and an existing file untouched.  Models over
-2 GB store their weights as external data beside the file (``<name>.data``).
+into place, so a failure leaves no partial file and an existing file untouched.  An existing file
+is replaced only if graphprune wrote it (its ``producer_name``, see :func:`made_by_graphprune`) or
+with ``overwrite=True``.  Models over 2 GB store their weights as external data beside the file
+(``<name>.data``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,11 +50,13 @@ from graphprune.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_
 from graphprune.copying import clone
 from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.onnx_capture import quiet_onnx_tools
+from graphprune.outputs import Outputs, writing
 from graphprune.pipeline import Stage, detect_stage
 from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose
 from graphprune.quantization import read_quant_plan, strip_quantization
 from graphprune.sparsity import CONV1D, NMPattern, finalize, masked_weights, nm_holds
 
+PRODUCER = "graphprune"  # the producer_name of every ONNX file graphprune writes
 INT8_MARGIN = 1.1  # int8 file vs float model may be at most this times the fake-quant model's error
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph itself
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"}
@@ -96,10 +99,13 @@ class ExportReport:
 
 def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
                 pipeline: Sequence[str] = (), dynamic_batch: bool = True, fp32_tolerance: float = 1e-4,
-                int8_tolerance: float = 0.01, opset: int | None = None, exporter: str = "dynamo") -> ExportReport:
+                int8_tolerance: float = 0.01, opset: int | None = None, exporter: str = "dynamo",
+                overwrite: bool = False, outputs: Outputs | None = None) -> ExportReport:
     """Write ``module`` as an optimized ONNX file at ``path`` and verify it in onnxruntime.
 
-    ``module`` is not modified.  ``pipeline`` (pass descriptions) goes into the metadata.
+    ``module`` is not modified.  ``pipeline`` (pass descriptions) goes into the metadata.  An
+    existing ``path`` is replaced only if graphprune wrote it, or with ``overwrite=True``; with
+    ``outputs`` the file joins the caller's transaction and appears when it commits.
     ``exporter="torchscript"`` uses torch's older TorchScript exporter, for float models the
     dynamo exporter fails on (Hugging Face Swin with torch 2.13); it is not used on its own: its
     parameter names differ from the module's, so N:M records and int8 QDQ need the default.
@@ -109,13 +115,14 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if exporter not in ("dynamo", "torchscript"):
         raise InputError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    path = writable_target(path)
     args, kwargs = normalize_inputs(example_inputs)
     stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
     if exporter == "torchscript" and (plan or patterns):
         raise InputError("exporter='torchscript' writes float models only: its weight names differ from the "
                          "module's, so N:M patterns and int8 QDQ cannot be attached; use the default exporter")
-    with tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
+    with writing(outputs, overwrite=overwrite) as out, \
+            tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
+        path = out.check(path, ours=made_by_graphprune)  # refused before the export's work
         float_model = set_eval(strip_quantization(finalize(clone(module))))
         progress.set_postfix_str("torch.onnx.export")
         model = _export(float_model, args, kwargs, dynamic_batch, opset) if exporter == "dynamo" else \
@@ -131,48 +138,67 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         quantized = insert_qdq(model, plan, weights) if plan else 0
         sparse = _sparse_records(model, patterns)
         model.metadata_props.update(graphprune_metadata(stage, pipeline, sparse))
-        with staged_write(model, path) as (staged, external):
-            progress.update()
-            progress.set_postfix_str("verify in onnxruntime")
-            report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
-                                  quantized_layers=quantized, external_data=external,
-                                  sparse_weights={k: v["pattern"] for k, v in sparse.items()})
-            _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
+        staged, external = save_model(model, path, out)
+        progress.update()
+        progress.set_postfix_str("verify in onnxruntime")
+        report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
+                              quantized_layers=quantized, external_data=external,
+                              sparse_weights={k: v["pattern"] for k, v in sparse.items()})
+        _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
         progress.update()
     return report
 
 
-def writable_target(path: str | os.PathLike) -> str:
-    """The absolute path of a file to write, refused before any work if it cannot be written there."""
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a directory")
-    return path
+def save_model(model: ir.Model, path: str | os.PathLike, outputs: Outputs) -> tuple[str, bool]:
+    """Claim ``path`` in ``outputs`` and save ``model`` there, staged, with graphprune as its
+    producer (weights as external data ``<name>.data`` over ``EXTERNAL_DATA_BYTES``); returns the
+    staged file, to be verified before the transaction commits, and whether its data is external."""
+    staged = outputs.claim(path, ours=made_by_graphprune)
+    external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
+    if external:
+        outputs.claim(os.fspath(path) + ".data", ours=lambda data: made_by_graphprune(data.removesuffix(".data")))
+    from graphprune import __version__
+
+    model.producer_name, model.producer_version = PRODUCER, __version__
+    ir.save(model, staged, external_data=os.path.basename(staged) + ".data" if external else None)
+    return staged, external
 
 
-@contextlib.contextmanager
-def staged_write(model: ir.Model, path: str) -> Iterator[tuple[str, bool]]:
-    """Save ``model`` in a staging directory beside ``path`` (weights as external data ``<name>.data``
-    over ``EXTERNAL_DATA_BYTES``) and yield ``(staged file, external)`` for checking; if the check
-    passes (no exception), move the file and its data into place.  The staging directory is always
-    removed, so a failure leaves no partial file and an existing one untouched."""
+def made_by_graphprune(path: str) -> bool:
+    """Whether the ONNX file at ``path`` was written by graphprune (its producer_name), so that
+    writing it again may replace it; a file that does not parse is not."""
     try:
-        staging = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(path))
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
+        return onnx.load(path, load_external_data=False).producer_name == PRODUCER
+    except Exception:  # noqa: BLE001 - anything unreadable is someone else's file
+        return False
+
+
+def onnx_files(path: str | os.PathLike) -> list[str]:
+    """The ONNX file at ``path`` and the external data files it names: what a run reading it
+    must never write over."""
+    files = [os.fspath(path)]
     try:
-        staged = os.path.join(staging, os.path.basename(path))
-        external = sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES
-        ir.save(model, staged, external_data=os.path.basename(path) + ".data" if external else None)
-        yield staged, external
-        if external:
-            os.replace(staged + ".data", path + ".data")
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        model = onnx.load(files[0], load_external_data=False)
+    except Exception:  # noqa: BLE001 - reading it is refused later, with the reason
+        return files
+    folder = os.path.dirname(os.path.abspath(files[0]))
+    for tensor in _tensors(model.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+            files.append(os.path.join(folder, location))
+    return list(dict.fromkeys(files))
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor in ``graph``: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, opset: int | None) -> ir.Model:
@@ -279,7 +305,8 @@ def checked_session(staged: str) -> tuple[ort.InferenceSession, str]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    optimized = os.path.join(os.path.dirname(staged), "optimized.onnx")
+    # in a folder of its own inside the staging folder: never the name of a file being written
+    optimized = os.path.join(tempfile.mkdtemp(dir=os.path.dirname(staged)), "optimized.onnx")
     options.optimized_model_filepath = optimized
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")

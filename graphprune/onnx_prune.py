@@ -28,8 +28,9 @@ from graphprune.plan import Plan
 from graphprune.plan_file import NMRecord, PlanFile
 from graphprune.onnx_capture import (Feeds, OnnxCapture, OnnxSource, capture_onnx, check_feeds, graph_inputs,
                                      read_model, run_model)
-from graphprune.onnx_export import (ExportReport, check_outputs, checked_session, graphprune_metadata,
-                                     record_outputs, staged_write, writable_target)
+from graphprune.onnx_export import (ExportReport, check_outputs, checked_session, graphprune_metadata, onnx_files,
+                                     record_outputs, save_model)
+from graphprune.outputs import Outputs, writing
 from graphprune.quantization import QuantPlan
 from graphprune.pipeline import Pass, PassResult, Stage
 from graphprune.recipe import pass_manager
@@ -119,10 +120,13 @@ class OnnxPruneResult:
     interface: list[str]  # the original model's inputs and outputs, as :func:`_interface` writes them
     shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight layer -> weight shape, before
     float_outputs: list[np.ndarray] | None = None  # outputs before Quantize, on ``feeds``
+    sources: list[str] = field(default_factory=list)  # the file it was read from and its external data
 
-    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None) -> list[str]:
+    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None, *,
+                     overwrite: bool = False, outputs: Outputs | None = None) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``, one
-        layer row per Conv/Gemm/MatMul weight initializer; returns the file names."""
+        layer row per Conv/Gemm/MatMul weight initializer (see
+        :func:`graphprune.report_page.write_report`); returns the file names."""
         rows = []
         for name, op_type, scale in weight_layers(self.model):
             values = self.model.graph.initializers[name].const_value.numpy()
@@ -135,7 +139,8 @@ class OnnxPruneResult:
                 ordered = np.sort(scale.reshape(-1))
                 row.weight_scale = [float(ordered[0]), float(ordered[len(ordered) // 2]), float(ordered[-1])]
             rows.append(row)
-        return write_report(directory, self.report, rows, latency_ms)
+        with writing(outputs, inputs=self.sources, overwrite=overwrite) as out:
+            return write_report(directory, self.report, rows, latency_ms, outputs=out)
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.plan_file`); masks by the float
@@ -150,27 +155,33 @@ class OnnxPruneResult:
         return PlanFile(self.report.model_name, self.report.pipeline, [p for p in self.plans if isinstance(p, Plan)],
                         masks, quantization)
 
-    def save_plan(self, path: str | os.PathLike) -> tuple[str, str]:
+    def save_plan(self, path: str | os.PathLike, *, overwrite: bool = False,
+                  outputs: Outputs | None = None) -> tuple[str, str]:
         """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
-        return self.plan_file().save(path)
+        with writing(outputs, inputs=self.sources, overwrite=overwrite) as out:
+            return self.plan_file().save(path, outputs=out)
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.to_proto(self._final())
 
-    def save(self, path: str | os.PathLike, *, fp32_tolerance: float = 1e-4,
-             int8_tolerance: float = 0.01) -> ExportReport:
+    def save(self, path: str | os.PathLike, *, fp32_tolerance: float = 1e-4, int8_tolerance: float = 0.01,
+             overwrite: bool = False, outputs: Outputs | None = None) -> ExportReport:
         """Write the model to ``path`` atomically (staged beside it, verified, then moved into place)
         and say how it was checked: the ONNX checker; the inputs and outputs are the original model's
         (names, element types, declared shapes); onnxruntime with its default optimizations gives the
         outputs of the compressed graph run as written (fp32: within ``fp32_tolerance`` of the largest
         output; int8: the emitter's test against the fake-quant graph and the float model, see
-        :func:`graphprune.export_onnx`, and every quantized layer fused into an integer kernel)."""
-        path = writable_target(path)
-        model = self._final()
-        with staged_write(model, path) as (staged, external):
+        :func:`graphprune.export_onnx`, and every quantized layer fused into an integer kernel).
+
+        The file the model was read from (and its external data) is never written over; another
+        existing file is replaced only if graphprune wrote it, or with ``overwrite=True``.  With
+        ``outputs`` the file joins the caller's transaction and appears when it commits."""
+        with writing(outputs, inputs=self.sources, overwrite=overwrite) as out:
+            staged, external = save_model(self._final(), path, out)
             quantized = sum(isinstance(p, QuantPlan) and len(p.layers) for p in self.plans)
-            report = ExportReport(path, self.stage, max_error=0.0, quantized_layers=quantized,
-                                  tolerance=int8_tolerance if quantized else fp32_tolerance, external_data=external,
+            report = ExportReport(os.path.abspath(os.fspath(path)), self.stage, max_error=0.0,
+                                  quantized_layers=quantized, tolerance=int8_tolerance if quantized else fp32_tolerance,
+                                  external_data=external,
                                   sparse_weights={name: str(m.pattern) for name, m in self.masked.items()},
                                   reference="the graph run as written (no optimizations)")
             self._verify(staged, report)
@@ -256,8 +267,9 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
         capture.graph.name or "ONNX model")
     report = Report(name, state.param_count(), state.macs(), pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, capture.outputs)
+    sources = onnx_files(model) if isinstance(model, (str, os.PathLike)) else []
     return OnnxPruneResult(state.capture.model, report, state.stage, state.plans, state.masked, capture.feeds,
-                           interface, shapes_before, state.float_outputs)
+                           interface, shapes_before, state.float_outputs, sources)
 
 
 def apply_plan_file_onnx(model: OnnxSource, plan: PlanFile | str | os.PathLike,

@@ -3,18 +3,22 @@
 Every writer (ONNX files, plan files, report folders, checkpoints, the CLI) goes through one
 :class:`Outputs` transaction:
 
-- each target is *claimed* before any work: a claim is refused (:class:`InputError`) when the
-  target is one of the transaction's inputs, lies inside one or holds one, when its folder does
-  not exist or cannot be written, and when it already exists, unless ``overwrite=True`` or the
-  writer recognises it as a file graphprune made (``ours``, e.g. an ONNX file whose producer is
-  graphprune, so that running the same command again replaces its own output);
+- each target is *claimed* (and may be checked with :meth:`Outputs.check` before long work): a
+  claim is refused (:class:`InputError`) when the target is one of the transaction's inputs, lies
+  inside one or holds one, when its folder does not exist or cannot be written, and when it
+  already exists, unless ``overwrite=True`` or the writer recognises it as something graphprune
+  made (``ours``, e.g. an ONNX file whose producer is graphprune, so that running the same command
+  again replaces its own output).  A writer whose folders must never replace someone else's
+  (report pages) refuses them itself, whatever ``overwrite`` says;
 - a claim returns a path in a hidden staging folder beside the target; the writer writes there;
-- :meth:`Outputs.commit` moves every staged file into place only after all of them were written,
-  and :meth:`Outputs.discard` (any exception inside ``with Outputs(...)``) removes the staging
+- :meth:`Outputs.commit` moves every staged file into place only after all of them were written
+  (if a move fails, the targets already moved are put back as they were), and
+  :meth:`Outputs.discard` (any exception inside ``with Outputs(...)``) removes the staging
   folders and leaves every target as it was.
 
-A process that is killed cannot clean up after itself; its staging folders carry its process id
-and are removed by the next transaction that stages in the same folder once that process is gone.
+A process that is killed cannot clean up after itself; its staging folders carry its host name and
+process id and are removed by the next transaction that stages in the same folder once that
+process is gone (folders of other hosts, which may share the file system, are left alone).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, InternalError
 
 STAGING_PREFIX = ".graphprune-staging-"
+_HOST = socket.gethostname().replace("-", "_") or "host"  # staging folders are named <prefix><pid>-<host>-...
 
 
 def resolved(path: str | os.PathLike) -> str:
@@ -61,7 +67,8 @@ class Outputs:
 
     def check(self, path: str | os.PathLike, *, folder: bool = False,
               ours: Callable[[str], bool] | None = None) -> str:
-        """The absolute target ``path``, refused if it may not be written (see the module doc)."""
+        """The absolute target ``path``, refused if it may not be written (see the module doc): what
+        a writer calls before long work, so that a bad target is refused before it, not after."""
         target = os.path.abspath(os.fspath(path))
         parent = os.path.dirname(target)
         if not os.path.isdir(parent):
@@ -82,6 +89,8 @@ class Outputs:
             if not (self.overwrite or empty_folder or (ours is not None and ours(target))):
                 raise InputError(f"{target} exists and graphprune did not write it: name another output, or pass "
                                  "overwrite=True (--overwrite on the command line) to replace it")
+        if parent not in self._staging:  # probe now, so that an unwritable folder is refused before long work
+            os.rmdir(self._make_staging(parent))
         return target
 
     def claim(self, path: str | os.PathLike, *, folder: bool = False,
@@ -89,7 +98,7 @@ class Outputs:
         """Check ``path`` and return where to write it: a path in a staging folder beside it (a new
         empty folder when ``folder``)."""
         if self._done:
-            raise RuntimeError("Outputs used after commit or discard")
+            raise InputError("this Outputs transaction was already committed or discarded: start a new one")
         target = self.check(path, folder=folder, ours=ours)
         staged = os.path.join(self._stage_in(os.path.dirname(target)), os.path.basename(target))
         if folder:
@@ -97,30 +106,59 @@ class Outputs:
         self._claims.append((staged, target, folder))
         return staged
 
+    def staged(self, path: str | os.PathLike) -> str:
+        """Where the claimed ``path`` is being written (to read a result before :meth:`commit`, e.g.
+        to time a model file)."""
+        target = os.path.abspath(os.fspath(path))
+        for staged, claimed, _ in self._claims:
+            if claimed == target:
+                return staged
+        raise InternalError(f"{target} was not claimed in this transaction")
+
     def _stage_in(self, parent: str) -> str:
         if parent not in self._staging:
             _remove_abandoned_staging(parent)
-            try:
-                self._staging[parent] = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
-            except OSError as exc:
-                raise InputError(f"cannot write in {parent}: {exc.strerror}") from exc
+            self._staging[parent] = self._make_staging(parent)
         return self._staging[parent]
+
+    @staticmethod
+    def _make_staging(parent: str) -> str:
+        try:
+            return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{_HOST}-", dir=parent)
+        except OSError as exc:
+            raise InputError(f"cannot write in {parent}: {exc.strerror}") from exc
+
+    def _drop_claims(self, first: int) -> None:
+        """Forget the claims from index ``first`` on and remove what was staged for them."""
+        for staged, _, _ in self._claims[first:]:
+            _remove(staged)
+        del self._claims[first:]
 
     def commit(self) -> list[str]:
         """Move every staged file that exists into place (a claim left unwritten is dropped); returns
-        the targets written."""
-        written = []
+        the targets written.  If a move fails, the targets moved so far are restored."""
+        written: list[tuple[str, str | None]] = []  # (target, where its former content waits)
         try:
             for staged, target, folder in self._claims:
                 if not os.path.lexists(staged) or (folder and not os.listdir(staged)):
                     continue
-                if folder and os.path.lexists(target):
-                    os.replace(target, staged + ".replaced")  # removed with the staging folder
-                os.replace(staged, target)
-                written.append(target)
+                former = _set_aside(staged, target, folder)
+                try:
+                    os.replace(staged, target)
+                except BaseException:
+                    if folder and former is not None:
+                        os.replace(former, target)
+                    raise
+                written.append((target, former))
+        except BaseException:
+            for target, former in reversed(written):
+                _remove(target)
+                if former is not None:
+                    os.replace(former, target)
+            raise
         finally:
             self.discard()
-        return written
+        return [target for target, _ in written]
 
     def discard(self) -> None:
         """Remove the staging folders; targets not yet moved stay as they were."""
@@ -143,17 +181,49 @@ class Outputs:
 def writing(outputs: Outputs | None, *, inputs: Iterable[str | os.PathLike] = (),
             overwrite: bool = False) -> Iterator[Outputs]:
     """The caller's transaction (committed by the caller), or a new one committed when the block
-    ends without an error: how one writer's files join a command that writes several."""
+    ends without an error: how one writer's files join a command that writes several.  If the
+    block fails, what it claimed in the caller's transaction is dropped, so that a caller who
+    catches the error and commits does not commit a half-written or unverified file."""
     if outputs is not None:
         outputs.add_inputs(inputs)
-        yield outputs
+        mark = len(outputs._claims)
+        try:
+            yield outputs
+        except BaseException:
+            outputs._drop_claims(mark)  # a writer that failed leaves nothing for the caller to commit
+            raise
         return
     with Outputs(inputs=inputs, overwrite=overwrite) as fresh:
         yield fresh
 
 
+def _set_aside(staged: str, target: str, folder: bool) -> str | None:
+    """Keep what ``target`` holds now in the staging folder (removed with it, or put back if the
+    commit fails): a folder is moved there, a file hard-linked (so that the file is replaced in one
+    step, never missing); ``None`` when there is nothing to keep or it cannot be kept."""
+    if not os.path.lexists(target):
+        return None
+    former = staged + ".replaced"
+    if folder:
+        os.replace(target, former)
+        return former
+    try:
+        os.link(target, former, follow_symlinks=False)
+    except OSError:  # a file system without hard links: replaced without a way back
+        return None
+    return former
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def _remove_abandoned_staging(parent: str) -> None:
-    """Remove staging folders in ``parent`` left by processes that no longer run."""
+    """Remove staging folders in ``parent`` left by processes of this host that no longer run."""
     try:
         names = os.listdir(parent)
     except OSError:
@@ -161,8 +231,8 @@ def _remove_abandoned_staging(parent: str) -> None:
     for name in names:
         if not name.startswith(STAGING_PREFIX):
             continue
-        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        pid, _, rest = name[len(STAGING_PREFIX):].partition("-")
+        if pid.isdigit() and rest.startswith(f"{_HOST}-") and int(pid) != os.getpid() and not _running(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 

@@ -3,7 +3,9 @@
 :func:`layer_rows` compares the compressed model with the original layer by layer (shape before
 and after, fraction of zero weights, N:M pattern, int8 scales); :func:`write_report` writes
 ``report.md``, ``report.html`` (plots embedded), ``report.json`` and the plots as PNG into a
-directory, staged beside it and moved into place only when complete.
+directory, staged beside it and moved into place only when complete (an :class:`Outputs`
+transaction).  It replaces only a folder it wrote itself: ``report.json`` names graphprune as its
+generator and the folder holds nothing but report files.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ import base64
 import html
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from graphprune.errors import InputError
+from graphprune.outputs import Outputs, writing
 from graphprune.quantization import FakeQuantWeight
 from graphprune.report import Report
 from graphprune.sparsity import NMMask
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+GENERATOR = "graphprune"  # report.json's "generator": how a report folder is recognised as graphprune's
+PAGES = ("report.json", "report.md", "report.html")
+PLOTS = ("sparsity.png", "params_macs.png", "latency.png")  # the files _plots writes
 
 
 @dataclass
@@ -70,27 +75,52 @@ def layer_rows(shapes_before: dict[str, list[int]], compressed: nn.Module) -> li
 
 
 def write_report(directory: str | os.PathLike, report: Report, layers: list[LayerRow],
-                 latency_ms: dict[str, float] | None = None) -> list[str]:
-    """Write the report pages into ``directory`` (replaced if it exists); returns the file names."""
-    directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    staging = tempfile.mkdtemp(prefix=".graphprune-report-", dir=parent)
-    try:
-        plots = _plots(staging, report, layers, latency_ms or {})
-        data = {**report.to_dict(), "layers": [asdict(r) for r in layers], "latency_ms": latency_ms or {}}
+                 latency_ms: dict[str, float] | None = None, *, overwrite: bool = False,
+                 outputs: Outputs | None = None) -> list[str]:
+    """Write the report pages into the folder ``directory``; returns the file names.
+
+    ``directory`` may be new, empty, or a report folder graphprune wrote (see
+    :func:`is_report_folder`), which is replaced whole; any other folder is refused, even with
+    ``overwrite`` (see :func:`check_report_folder`).  With ``outputs`` the pages join the caller's
+    transaction and appear when it commits."""
+    latency = latency_ms or {}
+    with writing(outputs, overwrite=overwrite) as out:
+        check_report_folder(directory, out)
+        staging = out.claim(directory, folder=True, ours=is_report_folder)
+        plots = _plots(staging, report, layers, latency)
+        data = {"generator": GENERATOR, **report.to_dict(), "layers": [asdict(r) for r in layers],
+                "latency_ms": latency}
         with open(os.path.join(staging, "report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
         with open(os.path.join(staging, "report.md"), "w") as f:
-            f.write(_markdown(report, layers, latency_ms or {}, plots))
+            f.write(_markdown(report, layers, latency, plots))
         with open(os.path.join(staging, "report.html"), "w") as f:
-            f.write(_html(report, layers, latency_ms or {}, plots, staging))
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return sorted(os.listdir(directory))
+            f.write(_html(report, layers, latency, plots, staging))
+        return sorted(os.listdir(staging))
+
+
+def check_report_folder(directory: str | os.PathLike, outputs: Outputs) -> str:
+    """The absolute ``directory``, refused unless ``outputs`` may write report pages there (callers
+    check before long work).  A folder that holds anything but a graphprune report is refused
+    whatever ``overwrite`` says: replacing it would delete files graphprune did not make
+    (``write_report(".")`` would delete the working directory)."""
+    if os.path.isdir(directory) and os.listdir(directory) and not is_report_folder(os.fspath(directory)):
+        raise InputError(f"{os.path.abspath(directory)} holds files that are not a graphprune report, and report "
+                         "pages replace their folder whole: name a new or empty folder for the report")
+    return outputs.check(directory, folder=True, ours=is_report_folder)
+
+
+def is_report_folder(path: str) -> bool:
+    """Whether ``path`` is a folder of report pages graphprune wrote: its report.json names
+    graphprune as the generator, and it holds nothing else but report pages and plots."""
+    try:
+        names = os.listdir(path)
+        with open(os.path.join(path, "report.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("generator") == GENERATOR and set(names) <= {*PAGES, *PLOTS} \
+        and all(os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n)) for n in names)
 
 
 def _plots(directory: str, report: Report, layers: list[LayerRow], latency: dict[str, float]) -> dict[str, str]:

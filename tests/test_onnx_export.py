@@ -148,8 +148,11 @@ def test_atomic_write_and_path_errors(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     x = (torch.randn(2, 8),)
     target = tmp_path / "model.onnx"
-    target.write_bytes(b"not an onnx file")  # a corrupted earlier file is replaced, not appended to
-    gp.export_onnx(model, x, target)
+    target.write_bytes(b"not an onnx file")  # a file graphprune did not write is replaced only when asked to
+    with pytest.raises(gp.InputError, match="graphprune did not write it"):
+        gp.export_onnx(model, x, target)
+    assert target.read_bytes() == b"not an onnx file"
+    gp.export_onnx(model, x, target, overwrite=True)
     onnx.checker.check_model(str(target))
     good = target.read_bytes()
     with pytest.raises(gp.ApplyError, match="over the tolerance"):  # a failed verification writes nothing
@@ -161,9 +164,9 @@ def test_atomic_write_and_path_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "new.onnx").exists()
     with pytest.raises(gp.InputError, match="does not exist"):
         gp.export_onnx(model, x, tmp_path / "missing" / "m.onnx")
-    with pytest.raises(gp.InputError, match="does not exist"):
+    with pytest.raises(gp.InputError, match="model.onnx is a file"):
         gp.export_onnx(model, x, target / "m.onnx")  # a file used as a directory
-    with pytest.raises(gp.InputError, match="is a directory"):
+    with pytest.raises(gp.InputError, match="it is a folder"):
         gp.export_onnx(model, x, tmp_path)
     with pytest.raises(gp.InputError, match="torch.nn.Module"):
         gp.export_onnx("model.pt", x, tmp_path / "m.onnx")
