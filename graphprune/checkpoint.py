@@ -13,12 +13,20 @@ the architecture built on ``meta`` has exactly the planned shapes and analyses l
 plan made.  Without a certain answer the call is refused before any work, listing how the plan
 changes dims.
 
+Nothing is written until the plan, the source and the destination were checked: a destination
+(or its staging folder ``<destination>.partial``) that is, holds or lies inside the source or the
+plan's files is refused, an existing destination is replaced only with ``overwrite``, and every
+index of the plan is checked against the shards' own shapes (as are its values and masks).
 Writes go to ``<destination>.partial`` (each shard written whole, then renamed), so an
-interrupted run resumes where it stopped when called again with the same plan and source; the
-directory becomes ``<destination>`` only after verification: every tensor the plan names was
-found, shapes are the planned ones, N:M patterns hold on the written values, and, where
-``transformers`` knows the architecture in ``config.json``, the model built from the new config on
-the ``meta`` device has exactly the written shapes.
+interrupted run (killed, out of disk) leaves that folder and resumes where it stopped when called
+again with the same plan, options and source.  The source is identified by content, not path:
+each shard's name, size, mtime and header digest are recorded in the folder, and a run that finds
+them changed (or another plan, prefix or config) is refused, naming what changed, rather than
+resuming into stale shards or deleting the folder unasked: remove it to start again.  The
+directory becomes ``<destination>`` only after verification (a failed one removes the folder):
+every tensor the plan names was found, shapes are the planned ones, N:M patterns hold on the
+written values, and, where ``transformers`` knows the architecture in ``config.json``, the model
+built from the new config on the ``meta`` device has exactly the written shapes.
 """
 
 from __future__ import annotations
@@ -32,15 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from graphprune.analysis import analyze
 from graphprune.capture import spec_inputs
 from graphprune.errors import GraphpruneError, InputError
-from graphprune.plan_file import PlanFile
+from graphprune.outputs import Outputs, overlap
+from graphprune.plan_file import PlanFile, check_kept
 from graphprune.sparsity import satisfies
+from graphprune.tensor_store import opened
 
 
 @dataclass
@@ -64,32 +73,56 @@ class CheckpointReport:
 
 def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.PathLike,
                         destination: str | os.PathLike, *, prefix: str = "",
-                        config: dict[str, object] | None = None) -> CheckpointReport:
+                        config: dict[str, object] | None = None, overwrite: bool = False) -> CheckpointReport:
     """Write the checkpoint in ``source`` (a folder of ``.safetensors`` shards, with their index and
-    any other files) pruned by ``plan`` to the new folder ``destination``.
+    any other files) pruned by ``plan`` to the folder ``destination``.
 
     ``prefix`` is prepended to the plan's tensor names to find them in the checkpoint (a plan made
     on ``LlamaModel`` applies to a ``LlamaForCausalLM`` checkpoint with ``prefix="model."``).
     ``config`` updates ``config.json`` (see the module doc; ``{}`` copies it unchanged on purpose).
+    An existing ``destination`` (not empty) is replaced only with ``overwrite``; one that is, holds or
+    lies inside the source or the plan's files is refused, and so is such a staging folder.
     """
     plan_file = PlanFile.reapplicable(plan)
     source, destination = Path(source), Path(destination)
+    partial = Path(os.path.abspath(destination) + ".partial")
+    inputs = [source, *plan_file.files]
+    with Outputs(inputs=inputs, overwrite=overwrite) as outputs:
+        outputs.check(destination, folder=True)
+        given = overlap(partial, inputs)
+        if given is not None:
+            raise InputError(f"cannot stage the checkpoint in {partial} (beside {destination}): it overlaps an input "
+                             f"({given}); name another destination")
+        shards, config = _prepared(plan_file, source, prefix, config)
+        identity = json.loads(json.dumps({"plan": _digest(plan_file), "source": _source_identity(shards),
+                                          "prefix": prefix, "config": config}, default=str))
+        _check_resumable(partial, identity)
+        report = _write(partial, CheckpointReport(str(destination), len(shards)), shards, plan_file, prefix,
+                        config or {}, identity)
+        staged = outputs.claim(destination, folder=True)
+        os.rmdir(staged)
+        os.replace(partial, staged)
+    return report
+
+
+def _prepared(plan: PlanFile, source: Path, prefix: str,
+              config: dict[str, object] | None) -> tuple[list[Path], dict[str, object] | None]:
+    """The source's shards and the config change, everything checked before anything is written."""
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise InputError(f"{source}: no .safetensors files (apply_to_checkpoint reads safetensors checkpoints only)")
-    if destination.exists():
-        raise InputError(f"{destination} exists: name a new folder (nothing is overwritten)")
-    unsliced = [k for k, p in enumerate(plan_file.structured) if p.keep and not p.slices]
+    unsliced = [k for k, p in enumerate(plan.structured) if p.keep and not p.slices]
     if unsliced:
         raise InputError("this plan file records no per-tensor slices (it was written by an older graphprune): "
                          "re-run the pruning and save the plan again")
-    changes = _planned_changes(plan_file)
+    _check_other_files(source)
+    dense, planned = _check_source(shards, plan, prefix)
+    changes = _planned_changes(plan)  # after the check: the plan's dims fit the checkpoint's
     config_path = source / "config.json"
-    _check_source(shards, plan_file, prefix)
     if config_path.exists() and changes and config is None:
-        fits, certain = infer_config(config_path, *_planned_shapes(shards, plan_file, prefix), changes, plan_file)
+        fits, certain = infer_config(config_path, dense, planned, changes, plan)
         if len(fits) != 1 or not certain:
-            keys = _keys_by_value(json.loads(config_path.read_text()))
+            keys = _keys_by_value(_read_json(config_path))
             why = "no change of its sizes that could be inferred gives the architecture those shapes" if not fits \
                 else ("changes of head counts or sizes give the same shapes in several ways (" + " or ".join(map(
                     str, fits)) + ", ...) and this plan does not record the model it made, which would tell them "
@@ -101,16 +134,16 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
                                                     f"to {', '.join(map(str, sorted(new)))}"
                                                     for old, new in sorted(changes.items())))
         config = fits[0]
+    return shards, config
 
-    partial = destination.with_name(destination.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    stamp = partial / "graphprune-apply.json"
-    identity = {"plan": _digest(plan_file), "source": str(source.resolve()), "prefix": prefix, "config": config}
-    if stamp.exists() and json.loads(stamp.read_text()) != identity:
-        raise InputError(f"{partial} holds an unfinished run with another plan, source or options: remove it first")
-    stamp.write_text(json.dumps(identity, default=str))
 
-    report = CheckpointReport(str(destination), len(shards))
+def _write(partial: Path, report: CheckpointReport, shards: list[Path], plan: PlanFile, prefix: str,
+           config: dict[str, object], identity: dict) -> CheckpointReport:
+    """Write the pruned checkpoint into ``partial``, skipping shards an interrupted run finished, and
+    verify it (a failed verification removes ``partial``; any other failure leaves it to resume)."""
+    partial.mkdir(exist_ok=True)
+    stamp = partial / STAMP
+    stamp.write_text(json.dumps(identity))
     for shard in tqdm(shards, desc="shards", unit="shard", disable=None, leave=False):
         report.bytes_before += shard.stat().st_size
         out = partial / shard.name
@@ -119,11 +152,11 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
             report.bytes_after += out.stat().st_size
             continue
         tensors = {}
-        with safe_open(str(shard), "pt") as f:
+        with opened(shard) as f:
             metadata = f.metadata()
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                pruned = plan_file.planned(_plan_name(name, prefix), tensor)
+                pruned = plan.planned(_plan_name(name, prefix), tensor)
                 if pruned is not tensor:
                     report.tensors_changed.append(name)
                 tensors[name] = pruned.contiguous()
@@ -132,35 +165,120 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
         os.replace(temporary, out)
         report.bytes_after += out.stat().st_size
         del tensors
-    _copy_other_files(source, partial, config or {}, report)
+    _copy_other_files(shards[0].parent, partial, config, report)
     try:
-        _verify(partial, plan_file, prefix)
+        _verify(partial, plan, prefix)
     except InputError:
         shutil.rmtree(partial)
         raise
     stamp.unlink()
-    os.replace(partial, destination)
     return report
 
 
-def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> None:
-    """Refuse, before writing anything, a checkpoint that lacks a tensor the plan changes or holds
-    one of another shape (read from the shards' headers only)."""
-    shapes = plan.structured[0].shapes if plan.structured else {}
-    found = set()
+STAMP = "graphprune-apply.json"  # in the .partial folder: what the run that writes it is applying
+
+
+def _source_identity(shards: list[Path]) -> dict[str, list]:
+    """Each shard's size, mtime (ns) and header digest: a source changed since an interrupted run
+    (a re-downloaded or re-saved shard) is told apart from the same path holding the same bytes."""
+    identity = {}
     for shard in shards:
-        with safe_open(str(shard), "pt") as f:
+        stat = shard.stat()
+        with open(shard, "rb") as f:
+            head = f.read(8)
+            header = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+        identity[shard.name] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(head + header).hexdigest()]
+    return identity
+
+
+def _check_resumable(partial: Path, identity: dict) -> None:
+    """Refuse to resume into ``partial`` unless the run that left it applied the same plan, with the
+    same options, to the same source bytes: its finished shards would otherwise be stale.  It is
+    refused rather than restarted, so that nothing a user may still want is deleted unasked."""
+    if not partial.exists():
+        return
+    if not partial.is_dir():
+        raise InputError(f"{partial} is a file: graphprune stages the checkpoint there; remove it or name another "
+                         "destination")
+    stamp = partial / STAMP
+    if not stamp.exists():
+        if any(partial.iterdir()):
+            raise InputError(f"{partial} holds files but no record of the run that wrote them: remove it first")
+        return
+    try:
+        previous = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    previous = previous if isinstance(previous, dict) else {}
+    changed = [key for key in identity if key != "source" and previous.get(key) != identity[key]]
+    before = previous.get("source") if isinstance(previous.get("source"), dict) else {}
+    shards = sorted(n for n in set(before) | set(identity["source"]) if before.get(n) != identity["source"].get(n))
+    if shards:
+        changed.append("source shards " + ", ".join(shards[:3]) + (" ..." if len(shards) > 3 else ""))
+    if changed:
+        raise InputError(f"{partial} holds an unfinished run with another plan, source or options (changed since: "
+                         f"{'; '.join(changed)}), so its finished shards would be stale: remove {partial} to "
+                         "start again, or re-run with what that run had")
+
+
+def _check_other_files(source: Path) -> None:
+    """Refuse, before writing, JSON files that :func:`_copy_other_files` would have to rewrite but
+    cannot read (``config.json``, the shard index)."""
+    for path in sorted(source.iterdir()):
+        if path.name == "config.json":
+            _read_json(path)
+        elif path.name.endswith(".safetensors.index.json"):
+            index = _read_json(path)
+            if not isinstance(index.get("metadata", {}), dict):
+                raise InputError(f"{path}: 'metadata' is not an object; is it a safetensors index?")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, refused naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}); fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Refuse, before writing anything, a checkpoint that lacks a tensor the plan changes, holds one
+    of another shape, or one whose dims the plan's indices, values or masks do not fit (headers only);
+    every tensor's shape before and once the plan is applied."""
+    shapes = plan.structured[0].shapes if plan.structured else {}
+    values, masks = plan.stored_shapes()
+    dense, planned = {}, {}
+    for shard in shards:
+        with opened(shard) as f:
             for name in f.keys():
-                planned = _plan_name(name, prefix)
-                found.add(planned)
                 shape = list(f.get_slice(name).get_shape())
-                if planned in shapes and shape != shapes[planned]:
-                    raise InputError(f"{name} is {shape} in the checkpoint, the plan was made for {shapes[planned]}: "
+                dense[name] = list(shape)
+                key = _plan_name(name, prefix)
+                if key in shapes and shape != shapes[key]:
+                    raise InputError(f"{name} is {shape} in the checkpoint, the plan was made for {shapes[key]}: "
                                      "not the same architecture")
-    missing = sorted(_names(plan) - found)
+                for k, structured in enumerate(plan.structured):
+                    for d, kept in enumerate(structured.slices.get(key, []) if key is not None else []):
+                        if kept is None:
+                            continue
+                        where = f"structured plan {k}'s indices for dim {d} of {name} ({dense[name]} in {shard.name})"
+                        if d >= len(shape):
+                            raise InputError(f"{where}: the tensor has no dim {d}; not the same architecture")
+                        check_kept(kept, shape[d], where)
+                        shape[d] = len(kept)
+                for kind, recorded in (("new value", values), ("mask", masks)):
+                    if key in recorded and recorded[key] != shape:
+                        raise InputError(f"the plan's {kind} for {name} is {recorded[key]}, the pruned tensor is "
+                                         f"{shape}: the plan is damaged or of another model")
+                planned[name] = shape
+    missing = sorted(_names(plan) - {_plan_name(n, prefix) for n in dense})
     if missing:
         raise InputError(f"{len(missing)} tensors the plan changes are not in the checkpoint (first: "
                          f"{prefix + missing[0]!r}); is it of another model, or does it need prefix=?")
+    return dense, planned
 
 
 def _plan_name(name: str, prefix: str) -> str | None:
@@ -171,23 +289,6 @@ def _plan_name(name: str, prefix: str) -> str | None:
 def _names(plan: PlanFile) -> set[str]:
     """Tensors the plan changes: sliced by a structured plan, given new values, or masked."""
     return {n for p in plan.structured for n in p.slices} | set(plan.values) | set(plan.masks)
-
-
-def _planned_shapes(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """Every checkpoint tensor's shape, before and once the plan is applied (headers and slices only)."""
-    dense, shapes = {}, {}
-    for shard in shards:
-        with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                shape = list(f.get_slice(name).get_shape())
-                dense[name] = list(shape)
-                planned = _plan_name(name, prefix)
-                for structured in plan.structured:
-                    for d, kept in enumerate(structured.slices.get(planned, []) if planned is not None else []):
-                        if kept is not None:
-                            shape[d] = len(kept)
-                shapes[name] = shape
-    return dense, shapes
 
 
 MAX_CONFIG_TRIALS = 256  # architectures built on meta while searching for the config change
@@ -206,7 +307,7 @@ def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[s
     with its example input shapes, and the dense architecture here analyses to the plan's own
     fingerprint) the candidate must analyse to it too.  Without that record a fit is certain only
     if no key in it was scaled.  Nothing is found if transformers does not know the architecture."""
-    data = json.loads(config_path.read_text())
+    data = _read_json(config_path)
     base = _architecture_shapes(config_path.parent)
     if not base:
         return [], False
@@ -262,7 +363,7 @@ def _fingerprint(folder: Path, overrides: dict[str, object], inputs: dict) -> st
     """The analysis fingerprint of the architecture with ``overrides``, built and captured on ``meta``."""
     import transformers
 
-    data = json.loads((folder / "config.json").read_text())
+    data = _read_json(folder / "config.json")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -305,7 +406,8 @@ def _digest(plan: PlanFile) -> str:
     """A stable identity of the plan's decisions (to refuse resuming with another plan)."""
     h = hashlib.sha256()
     for k, structured in enumerate(plan.structured):
-        h.update(json.dumps([k, structured.fingerprint, sorted(structured.keep.items())]).encode())
+        h.update(json.dumps([k, structured.fingerprint, sorted(structured.keep.items()),
+                             sorted(structured.slices.items())]).encode())
     for name in sorted(plan.masks):
         h.update(name.encode())
         h.update(plan.masks[name].mask.to(torch.uint8).numpy().tobytes())
@@ -320,12 +422,12 @@ def _copy_other_files(source: Path, partial: Path, config: dict[str, object], re
             continue
         target = partial / path.name
         if path.name == "config.json":
-            data = json.loads(path.read_text())
+            data = _read_json(path)
             report.config = {k: v for k, v in config.items() if data.get(k) != v}
             data.update(config)
             target.write_text(json.dumps(data, indent=2) + "\n")
         elif path.name.endswith(".safetensors.index.json"):
-            index = json.loads(path.read_text())
+            index = _read_json(path)
             index.setdefault("metadata", {})["total_size"] = _tensor_bytes(partial)
             target.write_text(json.dumps(index, indent=2) + "\n")
         else:
@@ -335,7 +437,7 @@ def _copy_other_files(source: Path, partial: Path, config: dict[str, object], re
 def _tensor_bytes(folder: Path) -> int:
     total = 0
     for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
+        with opened(shard) as f:
             for name in f.keys():
                 piece = f.get_slice(name)
                 total += int(torch.Size(piece.get_shape()).numel()) * _itemsize(piece.get_dtype())
@@ -351,7 +453,7 @@ def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
     """Planned shapes, N:M patterns on the written values, and the config's own shapes."""
     written: dict[str, list[int]] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
+        with opened(shard) as f:
             for name in f.keys():
                 written[name] = list(f.get_slice(name).get_shape())
                 record = plan.masks.get(_plan_name(name, prefix) or "")
@@ -378,12 +480,16 @@ def _architecture_shapes(folder: Path, overrides: dict[str, object] | None = Non
         import transformers
     except ImportError:
         return None
-    data = json.loads((folder / "config.json").read_text())
-    architectures = data.get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    data = _read_json(folder / "config.json")
+    architectures = data.get("architectures")
+    named = isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
+    cls = getattr(transformers, architectures[0], None) if named else None
     if cls is None:
         return None
-    config = transformers.AutoConfig.from_pretrained(str(folder))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{folder / 'config.json'}: transformers cannot read it: {exc}") from exc
     for key, value in (overrides or {}).items():
         setattr(config, key, value)
     try:

@@ -16,9 +16,12 @@ file that has one says so instead of dropping it silently.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,12 +31,14 @@ from graphprune.apply import apply_plan
 from graphprune.capture import ExampleInputs, tensor_at
 from graphprune.copying import clone
 from graphprune.errors import InputError
+from graphprune.outputs import Outputs, resolved, writing
 from graphprune.plan import Plan
 from graphprune.quantization import QuantPlan
-from graphprune.sparsity import NMPattern, attach, satisfies, stored_at
-from graphprune.tensor_store import PartWriter, TensorFiles
+from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, attach, satisfies, stored_at
+from graphprune.tensor_store import PartWriter, TensorFiles, opened
 
 FORMAT, VERSION = "graphprune-plan", 2  # 2 added values and part files; version 1 files still load
+PART_METADATA = {"format": FORMAT}  # in each tensor file's header: marks it as a plan's, safe to replace
 
 
 @dataclass
@@ -61,6 +66,7 @@ class PlanFile:
     values: Mapping[str, torch.Tensor] = field(default_factory=dict)
     report: object = field(default=None, compare=False, repr=False)  # the run's Report, not saved
     inputs: dict | None = None  # dtypes and shapes of the example inputs (capture.input_spec)
+    files: list[str] = field(default_factory=list, compare=False, repr=False)  # read from (a loaded plan)
 
     @classmethod
     def of(cls, model: str, pipeline: list[str], plans: list,
@@ -102,11 +108,27 @@ class PlanFile:
         return plan
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> tuple[str, str]:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False,
+             outputs: Outputs | None = None) -> tuple[str, str]:
         """Write ``path`` (``.json``) and the tensors beside it (``.safetensors``, then numbered parts
-        if they pass :data:`~graphprune.tensor_store.PART_BYTES`); returns the JSON and first file."""
+        if they pass :data:`~graphprune.tensor_store.PART_BYTES`); returns the JSON and first file.
+
+        Every file is claimed in ``outputs`` (or a transaction of its own) and lands only when all
+        were written: an existing file is replaced only when graphprune wrote it as a plan file, or
+        with ``overwrite``, so ``model.json`` never silently replaces a user's ``model.safetensors``."""
         json_path, tensor_path = _paths(path)
-        parts = PartWriter(tensor_path[:-len(".safetensors")])  # the first part is <name>.safetensors
+        with writing(outputs, overwrite=overwrite) as out:
+            staged_json = out.claim(json_path, ours=_is_plan_json)
+            # the first part is <name>.safetensors; each part is claimed as it is started
+            parts = PartWriter(tensor_path[:-len(".safetensors")], metadata=PART_METADATA,
+                               claim=lambda part: out.claim(part, ours=_is_plan_part))
+            data = self._write_tensors(parts)
+            with open(staged_json, "w") as f:
+                json.dump(data, f, indent=1)
+        return json_path, tensor_path
+
+    def _write_tensors(self, parts: PartWriter) -> dict:
+        """Put every tensor into ``parts``; the JSON that describes them."""
         structured = []
         for k, plan in enumerate(self.structured):
             for gid, kept in plan.keep.items():
@@ -130,16 +152,15 @@ class PlanFile:
             parts.put(f"value/{name}", value)
             values[name] = list(value.shape)
         parts.flush(last=True)
-        data = {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
                 "structured": structured, "masks": masks, "values": values,
                 "tensor_files": [os.path.basename(p) for p in parts.files[1:]], "example_inputs": self.inputs,
                 "quantization": json.loads(self.quantization.to_json()) if self.quantization else None}
-        with open(json_path, "w") as f:
-            json.dump(data, f, indent=1)
-        return json_path, tensor_path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PlanFile":
+        """Read a plan file, checked against its schema (see :func:`_parse`): a damaged or edited
+        file is refused naming the entry, before anything is applied or written."""
         json_path, tensor_path = _paths(path)
         for p in (json_path, tensor_path):
             if not os.path.isfile(p):
@@ -147,31 +168,20 @@ class PlanFile:
         try:
             with open(json_path) as f:
                 data = json.load(f)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not text
             raise InputError(f"plan file {json_path} is not JSON: {exc}") from exc
-        if data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
-            raise InputError(f"{json_path} is not a graphprune plan of version 1 or {VERSION} "
-                             f"(format {data.get('format')!r}, version {data.get('version')!r})")
-        folder = os.path.dirname(json_path)
-        tensors = TensorFiles([tensor_path] + [os.path.join(folder, p) for p in data.get("tensor_files", [])])
-        structured = []
-        for k, entry in enumerate(data["structured"]):
-            keep = {int(g): tensors[f"keep/{k}/{g}"].tolist() for g in entry["kept"]}
-            shapes = {n: [int(d) for d in shape.split("x")] if shape else [] for n, shape in entry["shapes"].items()}
-            slices = {}
-            for name, dims in entry.get("sliced", {}).items():
-                last = max(dims)
-                slices[name] = [tensors[f"slice/{k}/{name}/{d}"].tolist() if d in dims else None for d in range(last + 1)]
-            structured.append(Plan(keep, entry["fingerprint"], shapes, slices, entry.get("result")))
-        patterns = {}
-        for name, entry in data["masks"].items():
-            n, m = (int(x) for x in entry["pattern"].split(":"))
-            patterns[name] = NMPattern(n, m, entry["layout"])
-        quantization = QuantPlan.from_json(json.dumps(data["quantization"])) if data["quantization"] else None
-        return cls(data["model"], data["pipeline"], structured, StoredMasks(tensors, patterns), quantization,
-                   StoredValues(tensors, list(data.get("values", {}))), inputs=data.get("example_inputs"))
+        return _parse(json_path, tensor_path, data)
 
     # ------------------------------------------------------------- reading
+    def stored_shapes(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """The shapes of the new values and of the masks, from the files' headers for a loaded plan
+        (nothing is read): what a writer checks before it starts."""
+        values = {n: self.values.shape(n) if isinstance(self.values, StoredValues) else list(self.values[n].shape)
+                  for n in self.values}
+        masks = {n: self.masks.shape(n) if isinstance(self.masks, StoredMasks) else list(self.masks[n].mask.shape)
+                 for n in self.masks}
+        return values, masks
+
     def describe(self) -> str:
         lines = [f"plan for {self.model}: {' -> '.join(self.pipeline) or '(no pipeline recorded)'}"]
         for k, plan in enumerate(self.structured):
@@ -222,13 +232,24 @@ class PlanFile:
 
 
 class StoredMasks(Mapping[str, NMRecord]):
-    """A loaded plan's masks, each read from its file when asked for."""
+    """A loaded plan's masks, each read from its file when asked for.  With ``kept`` (a plan file's
+    counts: its headers were checked at load, its values are read only now) each is checked then."""
 
-    def __init__(self, tensors: TensorFiles, patterns: dict[str, NMPattern]) -> None:
-        self.tensors, self.patterns = tensors, patterns
+    def __init__(self, tensors: TensorFiles, patterns: dict[str, NMPattern],
+                 kept: dict[str, int] | None = None) -> None:
+        self.tensors, self.patterns, self.kept = tensors, patterns, kept
 
     def __getitem__(self, name: str) -> NMRecord:
-        return NMRecord(self.patterns[name], self.tensors[f"mask/{name}"].bool())
+        stored = self.tensors[f"mask/{name}"]
+        if self.kept is not None and (bool((stored > 1).any()) or int(stored.sum()) != self.kept[name]):
+            raise InputError(f"the plan's mask for {name} (in {self.tensors.where(f'mask/{name}')}) does not match "
+                             f"its JSON entry (which keeps {self.kept[name]} entries): the file is damaged; save "
+                             "the plan again")
+        return NMRecord(self.patterns[name], stored.bool())
+
+    def shape(self, name: str) -> list[int]:
+        """The mask's shape from its file's header (its values are not read)."""
+        return self.tensors.shape(f"mask/{name}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.patterns)
@@ -248,6 +269,10 @@ class StoredValues(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self.tensors[f"value/{name}"]
 
+    def shape(self, name: str) -> list[int]:
+        """The value's shape from its file's header (its values are not read)."""
+        return self.tensors.shape(f"value/{name}")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
@@ -259,6 +284,219 @@ def _paths(path: str | os.PathLike) -> tuple[str, str]:
     path = os.fspath(path)
     stem = path[:-len(".json")] if path.endswith(".json") else path
     return stem + ".json", stem + ".safetensors"
+
+
+def _is_plan_json(path: str) -> bool:
+    """Whether ``path`` is a plan's JSON (graphprune may replace it without ``overwrite``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _is_plan_part(path: str) -> bool:
+    """Whether ``path`` is a plan's tensor file: its header carries :data:`PART_METADATA`."""
+    try:
+        with opened(path) as f:
+            metadata = f.metadata() or {}
+    except InputError:
+        return False
+    return metadata.get("format") == FORMAT
+
+
+# ------------------------------------------------------------------ the file's schema
+# Everything :meth:`PlanFile.load` reads is checked here, in one place, so that a damaged, truncated
+# or edited plan file is refused with the file, the entry and what is wrong, rather than failing
+# with a raw exception halfway through applying it (or, worse, being applied).  Indices are checked
+# against the shapes the file records; :func:`graphprune.checkpoint.apply_to_checkpoint` checks
+# them again against the checkpoint's own shapes before it writes.
+
+INDEX_DTYPE, MASK_DTYPE, VALUE_DTYPES = "I64", "U8", ("F64", "F32", "F16", "BF16")
+LAYOUTS = (LINEAR, CONV1D, CONV)
+_PATTERN = re.compile(r"([0-9]+):([0-9]+)")
+_SHAPE = re.compile(r"(?:[0-9]+(?:x[0-9]+)*)?")
+
+
+def check_kept(kept: list[int], size: int | None, where: str) -> None:
+    """Refuse kept indices that are not strictly increasing (so unique) within ``[0, size)``: a
+    damaged list (all zeros, out of range) would otherwise gather the wrong channels silently."""
+    if not kept:
+        raise InputError(f"{where}: keeps no index (a pruned dim keeps at least one)")
+    if any(b <= a for a, b in zip(kept, kept[1:])):
+        raise InputError(f"{where}: indices are not strictly increasing (repeated or unsorted): the plan is damaged")
+    if kept[0] < 0:
+        raise InputError(f"{where}: index {kept[0]} is negative: the plan is damaged")
+    if size is not None and kept[-1] >= size:
+        raise InputError(f"{where}: index {kept[-1]} is outside the dim's {size} entries: the plan is damaged or "
+                         "was made for another model")
+
+
+class _Reader:
+    """The checks of one plan file; each failure names the file and the entry."""
+
+    def __init__(self, json_path: str, tensors: TensorFiles | None = None) -> None:
+        self.json_path, self.tensors = json_path, tensors
+
+    def fail(self, entry: str, what: str) -> InputError:
+        return InputError(f"plan file {self.json_path}: {entry} {what}; the file is damaged or was not written by "
+                          "graphprune (save the plan again)")
+
+    def typed(self, value: object, kind: type | tuple[type, ...], entry: str) -> Any:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            names = " or ".join(k.__name__ if k is not type(None) else "null"
+                                for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise self.fail(entry, f"is {type(value).__name__} {_short(value)}, not {names}")
+        return value
+
+    def key(self, data: dict, key: str, kind: type | tuple[type, ...], entry: str, default: object = ...) -> Any:
+        if key not in data:
+            if default is ...:
+                raise self.fail(entry, f"has no {key!r}")
+            return default
+        return self.typed(data[key], kind, f"{entry}[{key!r}]")
+
+    def count(self, value: object, entry: str) -> int:
+        if self.typed(value, int, entry) < 0:
+            raise self.fail(entry, f"is {value}, a negative count")
+        return value
+
+    def tensor(self, name: str, dtypes: tuple[str, ...], shape: list[int] | None = None) -> list[int]:
+        """The stored shape of ``name``, refused when missing, of another dtype or shape."""
+        if name not in self.tensors:
+            raise self.fail(f"tensor {name!r}", "is not in its tensor files")
+        if self.tensors.dtype(name) not in dtypes:
+            raise self.fail(f"tensor {name!r}", f"is {self.tensors.dtype(name)}, not {' or '.join(dtypes)}")
+        stored = self.tensors.shape(name)
+        if shape is not None and stored != shape:
+            raise self.fail(f"tensor {name!r}", f"has shape {stored}, its JSON entry says {shape}")
+        return stored
+
+    def indices(self, name: str, length: int | None, size: int | None) -> list[int]:
+        """The 1-D index tensor ``name`` (of ``length`` entries if given), checked by :func:`check_kept`."""
+        stored = self.tensor(name, (INDEX_DTYPE,))
+        if len(stored) != 1 or (length is not None and stored[0] != length):
+            raise self.fail(f"tensor {name!r}", f"has shape {stored}, not [{length if length is not None else 'n'}]")
+        kept = self.tensors[name].tolist()
+        check_kept(kept, size, f"plan file {self.json_path}: tensor {name!r}")
+        return kept
+
+    def confined(self, entry: object) -> str:
+        """The path of a ``tensor_files`` entry: a plain ``.safetensors`` name in the plan's folder."""
+        where = f"'tensor_files' entry {_short(entry)}"
+        name = self.typed(entry, str, where)
+        folder = os.path.dirname(self.json_path)
+        if (os.path.basename(name) != name or "/" in name or "\\" in name or os.path.isabs(name)
+                or name in (".", "..") or not name.endswith(".safetensors")):
+            raise self.fail(where, "is not a plain .safetensors file name (a plan's parts lie beside its JSON)")
+        path = os.path.join(folder, name)
+        if os.path.dirname(resolved(path)) != resolved(folder):
+            raise self.fail(where, f"resolves to {resolved(path)}, outside the plan's folder")
+        return path
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, list, dict, type(None))) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
+    """The plan in ``data`` (the JSON) and its tensor files, every entry checked: types, index lists
+    (strictly increasing, within the recorded dims, as many as the JSON's ``kept``), N:M patterns,
+    and each stored tensor's dtype and shape against its JSON entry."""
+    read = _Reader(json_path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
+        found = (f"format {data.get('format')!r}, version {data.get('version')!r}" if isinstance(data, dict)
+                 else f"a JSON {type(data).__name__}")
+        raise InputError(f"{json_path} is not a graphprune plan of version 1 or {VERSION} ({found})")
+    model = read.key(data, "model", str, "the plan")
+    pipeline = [read.typed(p, str, f"'pipeline' entry {i}")
+                for i, p in enumerate(read.key(data, "pipeline", list, "the plan"))]
+    parts = read.key(data, "tensor_files", list, "the plan", [])
+    read.tensors = TensorFiles([tensor_path] + [read.confined(p) for p in parts])
+    structured = [_structured(read, k, read.typed(entry, dict, f"'structured' entry {k}"))
+                  for k, entry in enumerate(read.key(data, "structured", list, "the plan"))]
+    patterns, kept = {}, {}
+    for name, entry in read.key(data, "masks", dict, "the plan").items():
+        patterns[name], kept[name] = _mask(read, name, read.typed(entry, dict, f"'masks' entry {name!r}"))
+    values = read.key(data, "values", dict, "the plan", {})
+    for name, shape in values.items():
+        where = f"'values' entry {name!r}"
+        read.tensor(f"value/{name}", VALUE_DTYPES, [read.count(d, where) for d in read.typed(shape, list, where)])
+    quantization = read.key(data, "quantization", (dict, type(None)), "the plan", None)
+    if quantization is not None:
+        try:
+            quantization = QuantPlan.from_json(json.dumps(quantization))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise read.fail("'quantization'", f"is not an int8 plan ({type(exc).__name__}: {exc})") from exc
+    inputs = _example_inputs(read, read.key(data, "example_inputs", (dict, type(None)), "the plan", None))
+    return PlanFile(model, pipeline, structured, StoredMasks(read.tensors, patterns, kept), quantization,
+                    StoredValues(read.tensors, list(values)), inputs=inputs, files=[json_path, *read.tensors.files])
+
+
+def _structured(read: _Reader, k: int, entry: dict) -> Plan:
+    """Structured plan ``k``: its kept channels per group and kept indices per tensor dim."""
+    where = f"'structured' entry {k}"
+    fingerprint = read.key(entry, "fingerprint", (str, type(None)), where)
+    result = read.key(entry, "result", (str, type(None)), where, None)
+    shapes = {}
+    for name, shape in read.key(entry, "shapes", dict, where).items():
+        if not _SHAPE.fullmatch(read.typed(shape, str, f"{where} shape of {name!r}")):
+            raise read.fail(f"{where} shape of {name!r}", f"is {shape!r}, not sizes joined by 'x' (e.g. '64x32')")
+        shapes[name] = [int(d) for d in shape.split("x")] if shape else []
+    keep = {}
+    for group, count in read.key(entry, "kept", dict, where).items():
+        if not group.isdigit():
+            raise read.fail(f"{where} 'kept'", f"names group {group!r}, not a group number")
+        keep[int(group)] = read.indices(f"keep/{k}/{group}", read.count(count, f"{where} kept of group {group}"), None)
+    slices = {}
+    for name, dims in read.key(entry, "sliced", dict, where, {}).items():
+        dims = [read.count(d, f"{where} sliced dims of {name!r}") for d in read.typed(dims, list, f"{where} {name!r}")]
+        shape = shapes.get(name)  # None: a buffer, whose shape the file does not record
+        if not dims or any(b <= a for a, b in zip(dims, dims[1:])) or (shape is not None and dims[-1] >= len(shape)):
+            raise read.fail(f"{where} sliced dims of {name!r}", f"are {dims}: not increasing dims of its shape {shape}")
+        slices[name] = [read.indices(f"slice/{k}/{name}/{d}", None, shape[d] if shape is not None else None)
+                        if d in dims else None for d in range(dims[-1] + 1)]
+    return Plan(keep, fingerprint, shapes, slices, result)
+
+
+def _example_inputs(read: _Reader, spec: dict | None) -> dict | None:
+    """The recorded example inputs (:func:`graphprune.capture.input_spec`): each a ``[dtype, shape]``
+    or a ``{"value": ...}``, as :func:`graphprune.capture.spec_inputs` rebuilds them."""
+    if spec is None:
+        return None
+    entries = [(f"'example_inputs' args entry {i}", e) for i, e in
+               enumerate(read.key(spec, "args", list, "'example_inputs'"))]
+    entries += [(f"'example_inputs' kwargs entry {k!r}", e) for k, e in
+                read.key(spec, "kwargs", dict, "'example_inputs'").items()]
+    for where, entry in entries:
+        if isinstance(entry, dict) and set(entry) == {"value"}:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(getattr(torch, entry[0], None), torch.dtype) and isinstance(entry[1], list)):
+            raise read.fail(where, f"is {_short(entry)}, not [dtype, shape] or {{\"value\": ...}}")
+        for d in entry[1]:
+            read.count(d, f"{where} shape")
+    return spec
+
+
+def _mask(read: _Reader, name: str, entry: dict) -> tuple[NMPattern, int]:
+    """Mask ``name``'s pattern and kept count, its stored tensor checked against its recorded shape."""
+    where = f"'masks' entry {name!r}"
+    pattern = read.key(entry, "pattern", str, where)
+    layout = read.key(entry, "layout", str, where)
+    match = _PATTERN.fullmatch(pattern)
+    if match is None or not 0 < int(match[1]) < int(match[2]):
+        raise read.fail(f"{where} pattern", f"is {pattern!r}, not N:M with 0 < N < M")
+    if layout not in LAYOUTS:
+        raise read.fail(f"{where} layout", f"is {layout!r}, not one of {', '.join(LAYOUTS)}")
+    shape = [read.count(d, f"{where} shape") for d in read.key(entry, "shape", list, where)]
+    kept = read.count(read.key(entry, "kept", int, where), f"{where} kept")
+    if kept > math.prod(shape):
+        raise read.fail(f"{where} kept", f"is {kept}, more than the {math.prod(shape)} entries of shape {shape}")
+    read.tensor(f"mask/{name}", (MASK_DTYPE,), shape)
+    return NMPattern(int(match[1]), int(match[2]), layout), kept
 
 
 def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -161,3 +162,120 @@ def test_the_command_line_applies_a_plan_to_a_checkpoint(pruned, tmp_path, capsy
     assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again"),
                  "--json", "--quiet"]) == 0  # no --config: the sizes are inferred
     assert json.loads(capsys.readouterr().out)["config"] == CONFIG
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_destination_that_overlaps_the_source_is_refused_before_anything_is_written(pruned, tmp_path):
+    """``X.partial`` -> ``X`` would stage in the source itself and rewrite its config.json (issue 18
+    item 5): refused, as is a destination inside the source or the source itself; nothing changes."""
+    folder, _ = pruned
+    shutil.copytree(folder / "source", tmp_path / "out.partial")
+    before = _files(tmp_path / "out.partial")
+    cases = {tmp_path / "out": r"cannot stage the checkpoint in .*out.partial .*overlaps an input",
+             tmp_path / "out.partial" / "pruned": r"is inside an input",
+             tmp_path / "out.partial": r"it is an input"}
+    for destination, match in cases.items():
+        with pytest.raises(gp.InputError, match=match):
+            gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "out.partial", destination, config=CONFIG,
+                                   overwrite=True)
+    with pytest.raises(gp.InputError, match=r"holds an input"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", folder, config=CONFIG, overwrite=True)
+    assert _files(tmp_path / "out.partial") == before and os.listdir(tmp_path) == ["out.partial"]
+
+
+def test_an_existing_destination_is_replaced_only_with_overwrite(pruned, tmp_path):
+    folder, _ = pruned
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    with pytest.raises(gp.InputError, match=r"out exists and graphprune did not write it"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG)
+    assert _files(tmp_path / "out") == {"mine.txt": b"keep me"} and os.listdir(tmp_path) == ["out"]
+    gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG, overwrite=True)
+    assert "mine.txt" not in os.listdir(tmp_path / "out") and (tmp_path / "out" / "config.json").exists()
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def _interrupted(plan, source, destination, monkeypatch, shards: int = 1) -> None:
+    """Run apply_to_checkpoint until ``shards`` shards are written, then interrupt it."""
+    real_save, calls = checkpoint.save_file, []
+
+    def dies(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > shards:
+            raise KeyboardInterrupt
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        gp.apply_to_checkpoint(plan, source, destination, config=CONFIG)
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+
+
+def test_a_resumed_run_refuses_a_source_changed_since_it_was_interrupted(pruned, tmp_path, monkeypatch):
+    """The same path with other bytes (a re-saved shard) would resume into stale shards: the source
+    is identified by each shard's size, mtime and header digest, and the change is named."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = pruned
+    shutil.copytree(folder / "source", tmp_path / "source")
+    _interrupted(folder / "plan.json", tmp_path / "source", tmp_path / "out", monkeypatch)
+    shard = sorted((tmp_path / "source").glob("*.safetensors"))[0]
+    save_file({k: v * 2 for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    with pytest.raises(gp.InputError, match=rf"changed since: source shards {shard.name}\).*remove .*out.partial"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG)
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(tmp_path / "out.partial")
+    assert gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out",
+                                  config=CONFIG).resumed_shards == 0
+
+
+GATE = "model.layers.0.mlp.gate_proj.weight"  # [128, 64] in the checkpoint; the plan keeps 64 rows
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda plan: plan.structured[0].slices[GATE].__setitem__(0, [0] * 64), r"not strictly increasing"),
+    (lambda plan: plan.structured[0].slices[GATE].__setitem__(0, list(range(100, 164))),
+     r"indices for dim 0 of model.layers.0.mlp.gate_proj.weight .*index 163 is outside the dim's 128 entries"),
+    (lambda plan: plan.structured[0].slices[GATE].append([0]), r"the tensor has no dim 2"),
+    (lambda plan: setattr(plan, "values", {GATE: torch.zeros(3, 3)}),
+     r"new value for model.layers.0.mlp.gate_proj.weight is \[3, 3\], the pruned tensor is \[64, 32\]"),
+])
+def test_damaged_indices_values_and_masks_are_refused_before_writing(pruned, tmp_path, damage, match):
+    """All-zero indices were written and called verified; indices out of range raised a raw
+    IndexError and left a .partial folder (issue 18 item 7): checked against the shards' shapes."""
+    folder, _ = pruned
+    plan = gp.PlanFile.load(folder / "plan.json")
+    damage(plan)
+    with pytest.raises(gp.InputError, match=match):
+        gp.apply_to_checkpoint(plan, folder / "source", tmp_path / "out", config=CONFIG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreadable_source_files_are_refused_before_writing(pruned, tmp_path):
+    folder, _ = pruned
+    shutil.copytree(folder / "source", tmp_path / "source")
+    config = (tmp_path / "source" / "config.json").read_text()
+    (tmp_path / "source" / "config.json").write_text("{not json")
+    with pytest.raises(gp.InputError, match=r"config.json is not readable JSON"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG)
+    (tmp_path / "source" / "config.json").write_text(config)
+    (tmp_path / "source" / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(gp.InputError, match=r"index.json holds a JSON list, not an object"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG)
+    shutil.copy(folder / "source" / "model.safetensors.index.json", tmp_path / "source")
+    shard = sorted((tmp_path / "source").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    with pytest.raises(gp.InputError, match=rf"{shard.name} is not a readable safetensors file"):
+        gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG)
+    assert sorted(os.listdir(tmp_path)) == ["source"]
+
+
+def test_a_staging_folder_the_run_did_not_make_is_not_resumed(pruned, tmp_path):
+    folder, _ = pruned
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "model-00001-of-00003.safetensors").write_bytes(b"stale")
+    with pytest.raises(gp.InputError, match=r"out.partial holds files but no record of the run that wrote them"):
+        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -133,3 +134,61 @@ def test_a_large_plan_is_written_and_read_in_parts(tmp_path, monkeypatch):
     parts = json.loads(open(json_path).read())["tensor_files"]
     assert len(parts) > 3 and all((tmp_path / p).exists() for p in parts)
     assert gp.PlanFile.load(json_path).diff(plan) == []
+
+
+@pytest.fixture(scope="module")
+def small_plan() -> gp.PlanFile:
+    """A plan of a two-layer MLP: one structured plan and one 2:4 mask (quick to make)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    return gp.prune(model, (torch.randn(2, 8),), passes=[ChannelPrune(0.5), NMSparsity(2, 4)]).plan_file()
+
+
+def test_saving_a_plan_never_replaces_a_users_weights(small_plan, tmp_path):
+    """``model.json`` writes ``model.safetensors`` beside it: a user's weights of that name are kept
+    unless overwrite=True, and nothing of the plan lands when it is refused (issue 18 item 3)."""
+    (tmp_path / "model.safetensors").write_bytes(b"the user's weights")
+    with pytest.raises(gp.InputError, match=r"model.safetensors exists and graphprune did not write it"):
+        small_plan.save(tmp_path / "model.json")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == b"the user's weights"
+    (tmp_path / "notes.json").write_text('{"mine": true}')
+    with pytest.raises(gp.InputError, match=r"notes.json exists and graphprune did not write it"):
+        small_plan.save(tmp_path / "notes")
+    small_plan.save(tmp_path / "model.json", overwrite=True)
+    assert gp.PlanFile.load(tmp_path / "model.json").diff(small_plan) == []
+
+
+def test_a_plan_saved_again_replaces_its_own_files(small_plan, tmp_path):
+    small_plan.save(tmp_path / "run")
+    other = gp.PlanFile.load(tmp_path / "run.json")
+    other.pipeline = ["edited"]
+    other.save(tmp_path / "run")  # its own files: recognised as a plan's, replaced without overwrite
+    assert gp.PlanFile.load(tmp_path / "run.json").pipeline == ["edited"]
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "run.safetensors"]
+
+
+def test_every_part_of_a_large_plan_is_claimed(small_plan, tmp_path, monkeypatch):
+    """Parts are claimed as they are started (their number is known only at the end): a user's
+    file where a later part would go refuses the whole save, and no file of the plan lands."""
+    from graphprune import tensor_store
+
+    monkeypatch.setattr(tensor_store, "PART_BYTES", 64)
+    (tmp_path / "run-00002.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(gp.InputError, match=r"run-00002.safetensors exists and graphprune did not write it"):
+        small_plan.save(tmp_path / "run")
+    assert os.listdir(tmp_path) == ["run-00002.safetensors"]
+    os.remove(tmp_path / "run-00002.safetensors")
+    json_path, _ = small_plan.save(tmp_path / "run")
+    small_plan.save(tmp_path / "run")  # every part carries the plan's mark, so it replaces them
+    parts = json.loads(open(json_path).read())["tensor_files"]
+    assert len(parts) > 1 and gp.PlanFile.load(json_path).diff(small_plan) == []
+
+
+def test_a_plan_joins_the_callers_transaction(small_plan, tmp_path):
+    from graphprune.outputs import Outputs
+
+    with Outputs() as out:
+        json_path, tensor_path = small_plan.save(tmp_path / "run", outputs=out)
+        assert not os.path.exists(json_path) and not os.path.exists(tensor_path)  # staged until commit
+    assert gp.PlanFile.load(json_path).diff(small_plan) == []
