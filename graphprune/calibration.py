@@ -140,26 +140,63 @@ def batches(calibration: Iterable[Any] | Runner | None, purpose: str) -> Calibra
 
 
 def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict) -> None:
-    """Refuse calibration batches whose inputs cannot stand for the example inputs: an input the
-    example also has must keep its rank and kind of dtype (float / integer / bool; sizes may differ,
-    e.g. batch and sequence length), and float inputs must be finite."""
-    def kind(t: torch.Tensor) -> str:
-        return "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "integer"
-    example = {p: v for p, v in input_leaves(example_args, example_kwargs) if isinstance(v, torch.Tensor)}
+    """Refuse calibration batches that cannot stand for the example inputs, before any pass runs
+    them.  A batch in the example's form (positional, keyword) must have its inputs, no more, no
+    fewer; a batch in the other form (arrays keyed by input name for a positional example, as the
+    CLI's ``.npz`` files give) is matched to ``forward``'s parameters by the model itself, where
+    :func:`forward_batch` names it if it does not fit.  Every tensor paired with an example tensor
+    must have its rank, dtype and device (but for a model on ``meta``, whose example inputs are
+    moved there while batches run where a streamed plan loads the weights); every tensor must have
+    at least one element, and floats must be finite.  Sizes may differ, since batches run the model
+    itself: the batch dim, and dims the model does not fix, such as a language model's sequence
+    length (a size the model fixes, a channel count, fails in its forward, named by
+    :func:`forward_batch`)."""
+    example = dict(input_leaves(example_args, example_kwargs))
     for i, batch in enumerate(data):
         try:
             args, kwargs = normalize_inputs(batch)
         except InputError as exc:
             raise InputError(f"calibration batch {i}: {exc}") from exc
-        for path, value in input_leaves(args, kwargs):
+        leaves = dict(input_leaves(args, kwargs))
+        if bool(args) == bool(example_args) and bool(kwargs) == bool(example_kwargs) and set(leaves) != set(example):
+            missing, extra = [p for p in example if p not in leaves], [p for p in leaves if p not in example]
+            raise InputError(f"calibration batch {i} has other inputs than the example inputs: missing {missing}, "
+                             f"extra {extra}; give every batch the example's structure")
+        for path, value in leaves.items():
+            want, at = example.get(path), f"calibration batch {i}, input {path}"
             if not isinstance(value, torch.Tensor):
+                if isinstance(want, torch.Tensor):
+                    raise InputError(f"{at}: a {type(value).__name__}, but the example input is a tensor")
                 continue
-            want = example.get(path)
-            if want is not None and (value.dim() != want.dim() or kind(value) != kind(want)):
-                raise InputError(f"calibration batch {i}, input {path}: {value.dim()}-d {value.dtype}, but the example "
-                                 f"input is {want.dim()}-d {want.dtype}")
+            if isinstance(want, torch.Tensor):
+                if value.dim() != want.dim() or value.dtype != want.dtype:
+                    raise InputError(f"{at}: {value.dim()}-d {value.dtype}, but the example input is {want.dim()}-d "
+                                     f"{want.dtype}")
+                if want.device.type != "meta" and value.device != want.device:
+                    raise InputError(f"{at}: on {value.device}, but the example input is on {want.device}; move "
+                                     "the batch there")
+            if value.numel() == 0:
+                raise InputError(f"{at}: empty (shape {tuple(value.shape)}): a batch needs at least one row")
             if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-                raise InputError(f"calibration batch {i}, input {path}: contains NaN or Inf")
+                raise InputError(f"{at}: contains NaN or Inf")
+
+
+def forward_batch(model: nn.Module, batch: Any, index: int) -> Any:
+    """``model`` on one calibration batch, errors prefixed with the batch and its shapes.  The model
+    ran on the example inputs, so a forward that fails here fails on this batch: an input
+    ``forward`` does not take, or a size the model fixes (a channel count, an image size) that
+    differs from the example's."""
+    args, kwargs = normalize_inputs(batch)
+    shapes = [f"{path} {tuple(v.shape)}" for path, v in input_leaves(args, kwargs) if isinstance(v, torch.Tensor)]
+    where = f"calibration batch {index} ({', '.join(shapes)})"
+    try:
+        return model(*args, **kwargs)
+    except InputError as exc:  # from a statistics hook
+        raise InputError(f"{where}: {exc}") from exc
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise InputError(f"{where} does not fit the model, which runs on the example inputs: an input forward "
+                         "does not take, or a size the model fixes that differs "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def check_input(layer: Consumer, x: torch.Tensor) -> None:
@@ -167,9 +204,11 @@ def check_input(layer: Consumer, x: torch.Tensor) -> None:
     activation (a matmul or functional linear inside a larger module's forward)."""
     want = layer.activation.meta["val"].shape
     if x.dim() <= max(layer.axis, 0) or x.shape[layer.axis] != want[layer.axis]:
+        got = f"shape {tuple(x.shape)}, captured with {want[layer.axis]} channels in dim {layer.axis}"
         raise InputError(f"{layer.weight} is used inside {layer.module}.forward, whose first input is not that "
-                         "layer's activation: calibration statistics cannot be read there (leave this module out "
-                         "of the pass, or use a criterion that needs no calibration)")
+                         f"layer's activation ({got}): calibration statistics cannot be read there (leave this "
+                         "module out of the pass, or use a criterion that needs no calibration); or the batch "
+                         "has another channel count than the example inputs")
 
 
 def run_batches(model: nn.Module, calibration: Calibration, inputs_of: dict[str, Callable[[torch.Tensor], None]],
@@ -199,9 +238,9 @@ def run_batches(model: nn.Module, calibration: Calibration, inputs_of: dict[str,
             calibration.drive(model, watch)
         else:
             with eval_mode(model), torch.no_grad():
-                for batch in tqdm(calibration, desc="calibration", unit="batch", disable=None, leave=False):
-                    args, kwargs = normalize_inputs(batch)
-                    model(*args, **kwargs)
+                for i, batch in enumerate(tqdm(calibration, desc="calibration", unit="batch", disable=None,
+                                               leave=False)):
+                    forward_batch(model, batch, i)
     finally:
         for handle in handles:
             handle.remove()

@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from graphprune.analysis import Analysis
-from graphprune.calibration import Consumer, consumers, input_moments, run_batches
-from graphprune.capture import eval_mode, normalize_inputs, qualified, tensor_at
+from graphprune.calibration import Consumer, consumers, forward_batch, input_moments, run_batches
+from graphprune.capture import eval_mode, qualified, tensor_at
 from graphprune.plan import Plan
 from graphprune.sparsegpt import ConvGeometry, conv_columns
 from graphprune.sparsity import CONV, CONV1D, LINEAR, from_matrix, to_matrix
@@ -58,9 +58,8 @@ def reestimate_batchnorm(model: nn.Module, calibration: list[Any]) -> int:
             m.momentum = None  # cumulative moving average: every batch weighs the same
             m.train()
         try:
-            for batch in calibration:
-                args, kwargs = normalize_inputs(batch)
-                model(*args, **kwargs)
+            for index, batch in enumerate(calibration):
+                forward_batch(model, batch, index)
         finally:
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from graphprune.analysis import Analysis, Group
-from graphprune.calibration import Consumer, consumers, input_moments
-from graphprune.capture import CapturedGraph, normalize_inputs, tensor_at
+from graphprune.calibration import Consumer, consumers, forward_batch, input_moments
+from graphprune.capture import CapturedGraph, tensor_at
 from graphprune.distributed import reduce_sum
 from graphprune.errors import InputError
 from graphprune.sparsity import CONV1D, LINEAR
@@ -41,7 +41,36 @@ class Importance(abc.ABC):
     @abc.abstractmethod
     def scores(self, analysis: Analysis, model: nn.Module, groups: list[Group],
                calibration: list[Any] | None) -> dict[int, torch.Tensor]:
-        """Return a float64 score vector of length ``group.size`` per group id."""
+        """Return a real score vector of length ``group.size`` per group id (the pass checks it:
+        :func:`checked_scores`)."""
+
+
+def checked_scores(scores: Mapping[int, Any], groups: list[Group], criterion: str) -> dict[int, torch.Tensor]:
+    """Each group's scores as a float64 CPU vector.  Scores rank a group's channels and the kept
+    count is cut from that ranking, so what cannot rank them is refused, naming the criterion and
+    the group: not a tensor, another shape (3 scores for 32 channels would keep at most 3),
+    complex or meta tensors (no order, no values), NaN or Inf."""
+    if not isinstance(scores, Mapping):
+        raise InputError(f"importance {criterion!r} returned a {type(scores).__name__}; Importance.scores returns "
+                         "{group id: scores}")
+    out = {}
+    for g in groups:
+        got = scores.get(g.id)
+        where = (f"importance {criterion!r} on group {g.id} ({g.size} channels of "
+                 f"{', '.join(m.name for m in g.members[:2])}{', ...' if len(g.members) > 2 else ''})")
+        want = f"a real tensor of shape ({g.size},), one score per channel"
+        if not isinstance(got, torch.Tensor):
+            raise InputError(f"{where}: expected {want}, got {type(got).__name__}")
+        if tuple(got.shape) != (g.size,):
+            raise InputError(f"{where}: expected {want}, got shape {tuple(got.shape)}")
+        if got.is_complex() or got.device.type == "meta":
+            raise InputError(f"{where}: expected {want}, got a {got.dtype} tensor on {got.device}")
+        got = got.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(got).all()):
+            raise InputError(f"{where}: {int((~torch.isfinite(got)).sum())} scores are NaN or Inf; scores must be "
+                             "finite to rank channels")
+        out[g.id] = got
+    return out
 
 
 def _tensor(model: nn.Module | Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -67,13 +96,14 @@ def _per_position(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.
 
 
 class _PerGroup(Importance):
-    """A criterion defined group by group (also wraps user callables)."""
+    """A criterion defined group by group (also wraps user callables, whose results are returned as
+    they are: :func:`checked_scores` names the callable when they cannot rank channels)."""
 
     def __init__(self, fn: GroupScore) -> None:
         self.fn = fn
 
     def scores(self, analysis, model, groups, calibration):
-        return {g.id: torch.as_tensor(self.fn(analysis, g, model), dtype=torch.float64) for g in groups}
+        return {g.id: self.fn(analysis, g, model) for g in groups}
 
 
 def _magnitude(p: int) -> GroupScore:
@@ -117,10 +147,9 @@ class Taylor(Importance):
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            for batch in calibration:
+            for i, batch in enumerate(calibration):
                 model.zero_grad(set_to_none=True)
-                args, kwargs = normalize_inputs(batch)
-                loss = self.loss_fn(model(*args, **kwargs), batch)
+                loss = self.loss_fn(forward_batch(model, batch, i), batch)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise InputError("loss_fn must return a scalar tensor")
                 loss.backward()

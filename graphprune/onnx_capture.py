@@ -70,15 +70,26 @@ def tensor_of(value: ir.Value) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True) if not array.flags.writeable else array)
 
 
-def read_model(source: OnnxSource) -> ir.Model:
+def read_model(source: OnnxSource, base_dir: str | os.PathLike | None = None) -> ir.Model:
     """A fresh onnx_ir copy of ``source`` (a path, a ModelProto or an ir.Model), checked for what
-    graphprune needs: readable, its external data present, a supported opset, not quantized."""
+    graphprune needs: readable, its external data present and inside its folder, a supported opset,
+    not quantized.
+
+    External data is read from one folder and nowhere else (a location like ``../secret.bin`` or
+    ``/etc/passwd`` would otherwise end up in the pruned file): a path's own folder; for a model in
+    memory ``base_dir``, or the folder ``onnx_ir.load`` recorded in its tensors.  A model in memory
+    whose external data has no folder is refused."""
     if isinstance(source, ir.Model):
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(source))
+        folder = base_dir if base_dir is not None else _recorded_folder(source)
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(source))  # the copy forgets the folder
     elif isinstance(source, onnx.ModelProto):
+        folder = base_dir
         model = ir.serde.deserialize_model(source)
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if base_dir is not None:
+            raise InputError(f"base_dir= is for models given in memory; the external data of {path} is read from "
+                             "the folder it is in")
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such ONNX file")
         if os.path.getsize(path) > MAX_PROTO_BYTES:  # checked before parsing: protobuf would fail or stall on it
@@ -89,11 +100,15 @@ def read_model(source: OnnxSource) -> ir.Model:
             model = ir.load(path)
         except Exception as exc:
             raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        folder = os.path.dirname(os.path.abspath(path))
     else:
         raise InputError(f"expected a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
                          f"got {type(source).__name__}")
-    _check_external_data(model)
-    ir.external_data.load_to_model(model)  # the working copy owns its weights: the user's files stay as they are
+    _check_external_data(model, folder)
+    try:
+        ir.external_data.load_to_model(model)  # the working copy owns its weights: the user's files stay as they are
+    except ValueError as exc:  # onnx_ir's own checks, e.g. a data file with several hard links
+        raise InputError(f"the model's external data cannot be read: {exc}") from exc
     _check_opset(model)
     quantized = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
     if quantized:
@@ -103,21 +118,58 @@ def read_model(source: OnnxSource) -> ir.Model:
     return model
 
 
-def _check_external_data(model: ir.Model) -> None:
+def _external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """(name, tensor) for every tensor kept in an external file: initializers of every graph and
+    tensor attributes (a ``Constant``'s value becomes an initializer later, and is read then)."""
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield f"initializer {name!r}", value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if not attr.is_ref() and attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                    tensors = attr.value if attr.type == ir.AttributeType.TENSORS else [attr.value]
+                    for tensor in tensors:
+                        if isinstance(tensor, ir.ExternalTensor):
+                            yield f"attribute {attr.name!r} of node {node.name or node.op_type!r}", tensor
+
+
+def _recorded_folder(model: ir.Model) -> str | None:
+    """The folder ``onnx_ir.load`` recorded in an ir.Model's external tensors (None: none recorded)."""
+    folders = {os.fspath(tensor.base_dir) for _, tensor in _external_tensors(model)} - {""}
+    if len(folders) > 1:
+        raise InputError(f"the model's external data was loaded from several folders ({sorted(folders)}): pass "
+                         "base_dir= the one folder that holds it")
+    return folders.pop() if folders else None
+
+
+def _check_external_data(model: ir.Model, folder: str | os.PathLike | None) -> None:
+    """Point every external tensor at ``folder`` and refuse a location outside it (absolute, ``..``,
+    or a symlink that resolves elsewhere), a missing or short file, and external data without a folder."""
     for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        if tensor is None:
+        if value.const_value is None:
             raise InputError(f"initializer {name!r} has no data")
-        if isinstance(tensor, ir.ExternalTensor):
-            path = os.path.join(tensor.base_dir, tensor.location)
-            if not os.path.isfile(path):
-                raise InputError(f"initializer {name!r} keeps its data in {tensor.location!r}, which is missing "
-                                 f"(looked in {tensor.base_dir or '.'}); keep the external data file beside the model")
-            need = (tensor.offset or 0) + (tensor.length or 0)
-            if os.path.getsize(path) < need:
-                raise InputError(f"external data file {tensor.location!r} is shorter than initializer {name!r} "
-                                 f"needs ({os.path.getsize(path)} < {need} bytes): it is truncated or not this "
-                                 "model's")
+    root = os.path.realpath(folder) if folder is not None else None
+    for what, tensor in _external_tensors(model):
+        location = os.fspath(tensor.location)
+        if root is None:
+            raise InputError(f"{what} keeps its data in the external file {location!r}, but the model was given in "
+                             "memory, so there is no folder to read it from: pass the path of the .onnx file, or "
+                             "base_dir= the folder that holds the data, or load it into the model first "
+                             "(onnx.load_external_data_for_model(model, folder))")
+        path = os.path.realpath(os.path.join(root, location))
+        if os.path.isabs(location) or os.path.commonpath([root, path]) != root:
+            raise InputError(f"{what} keeps its data in {location!r}, which is outside the model's folder {root}: "
+                             "external data is read from inside that folder only (an absolute path, '..' or a "
+                             "symlink leading out is refused); move the data file beside the model")
+        tensor.base_dir = root
+        if not os.path.isfile(path):
+            raise InputError(f"{what} keeps its data in {location!r}, which is missing (looked in {root}); keep the "
+                             "external data file beside the model")
+        need = (tensor.offset or 0) + (tensor.length or 0)
+        if os.path.getsize(path) < need:
+            raise InputError(f"external data file {location!r} is shorter than {what} needs "
+                             f"({os.path.getsize(path)} < {need} bytes): it is truncated or not this model's")
 
 
 def _check_opset(model: ir.Model) -> None:
@@ -276,18 +328,27 @@ def capture_onnx(model: ir.Model, feeds: Feeds | None = None) -> OnnxCapture:
 
 def measure(model: ir.Model, feeds: Feeds) -> tuple[dict[str, tuple[int, ...]], list[np.ndarray]]:
     """Every value's shape on ``feeds`` (inputs, initializers, node outputs) and the graph outputs."""
-    names = value_names(model)
-    runner = session(model, names)
+    return measured(model, feeds, run_values(model, feeds))
+
+
+def run_values(model: ir.Model, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Every node output's value on ``feeds``, by name (graph optimizations off)."""
+    runner = session(model, value_names(model))
     try:
         results = runner.run(None, feeds)
     except Exception as exc:
         raise CaptureError(f"onnxruntime cannot run the model on the feeds: {exc}") from exc
-    by_name = dict(zip([o.name for o in runner.get_outputs()], results))
-    shapes = {name: tuple(np.shape(by_name[name])) for name in names if name in by_name}
+    return dict(zip([o.name for o in runner.get_outputs()], results))
+
+
+def measured(model: ir.Model, feeds: Feeds, values: dict[str, np.ndarray]
+             ) -> tuple[dict[str, tuple[int, ...]], list[np.ndarray]]:
+    """Shapes and graph outputs (see :func:`measure`) from values :func:`run_values` computed."""
+    shapes = {name: tuple(np.shape(a)) for name, a in values.items()}
     shapes.update({name: tuple(np.shape(a)) for name, a in feeds.items()})
     for name, value in model.graph.initializers.items():
         shapes[name] = tuple(value.const_value.shape.numpy())
-    return shapes, results[:len(model.graph.outputs)]
+    return shapes, [values[v.name] for v in model.graph.outputs]
 
 
 def run_model(model: ir.Model, feeds: Feeds) -> list[np.ndarray]:

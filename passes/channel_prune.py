@@ -22,7 +22,7 @@ from graphprune.apply import apply_plan
 from graphprune.distributed import single_process_only
 from graphprune.errors import InputError
 from graphprune.calibration import Calibration, batches
-from graphprune.importance import GroupScore, Importance, LossFn, resolve
+from graphprune.importance import GroupScore, Importance, LossFn, checked_scores, resolve
 from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
 from graphprune.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
                                      reestimate_batchnorm, refit_norms)
@@ -156,7 +156,8 @@ class ChannelPrune(Pass):
         read ``weights`` by name when given (a streamed plan's ``meta`` model has none)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
-        scores = self.importance.scores(analysis, model if weights is None else weights, candidates, calibration)
+        scores = checked_scores(self.importance.scores(analysis, model if weights is None else weights, candidates,
+                                                       calibration), candidates, self.importance_name)
         if self.allocation == "sensitivity":
             return self._plan_by_sensitivity(analysis, model, candidates, scores, calibration)
         if self.target is None:
