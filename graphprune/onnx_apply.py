@@ -5,7 +5,9 @@ The same plan data as for torch (kept indices per group) and the same index alge
 what changes.  The result is a new model; the caller's is never touched.  Values keep their
 names; graph inputs and outputs keep their names, types and shapes.  Verification runs the
 pruned graph in onnxruntime with every value exposed: each value must have exactly the shape the
-plan predicts, the outputs their original shapes, and the ONNX checker must accept the model.
+plan predicts, the outputs their original shapes, and the ONNX checker must accept the model; then
+the value oracle (:mod:`graphprune.value_oracle`) compares every value with the dense model's
+whose removed channels are zero.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
 from graphprune.apply import constant_values, kept_positions
 from graphprune.errors import ApplyError
 from graphprune.onnx_analysis import OnnxAnalysis
-from graphprune.onnx_capture import OnnxCapture, measure
+from graphprune.onnx_capture import OnnxCapture, measured, run_values
 from graphprune.plan import Plan
+from graphprune.value_oracle import Site
+from graphprune.value_oracle import compare as compare_values
 
 
 def copy_model(model: ir.Model) -> ir.Model:
@@ -33,14 +38,20 @@ def apply_onnx_plan(capture: OnnxCapture, analysis: OnnxAnalysis, plan: Plan) ->
     model = copy_model(capture.model)
     graph = model.graph
     spaces = analysis.spaces
+    zeroed = copy_model(capture.model)  # the dense model with the removed channels zero, for the value oracle
     for name, (_, dims) in analysis.tensors.items():
         index = kept_positions(spaces, dims, masks)
         if index:
             value = graph.initializers[name]
             array = value.const_value.numpy()
+            dense = np.array(array, copy=True)
             for d, idx in index:
                 array = np.take(array, idx.numpy(), axis=d)
+                removed = np.setdiff1d(np.arange(dense.shape[d]), idx.numpy())
+                if np.issubdtype(dense.dtype, np.floating):
+                    dense[(slice(None),) * d + (removed,)] = 0
             _set_initializer(value, array)
+            _set_initializer(zeroed.graph.initializers[name], dense)
     nodes = {node.name: node for node in graph}
     for old, paths in constant_values(analysis, masks).items():
         node = nodes[old.name]
@@ -53,7 +64,29 @@ def apply_onnx_plan(capture: OnnxCapture, analysis: OnnxAnalysis, plan: Plan) ->
         if dims is not None:
             predicted[value.name] = tuple(spaces.kept_size(a, masks) for a in dims)
             _update_declared_shape(value, capture.shapes[value.name], predicted[value.name])
-    return _verify(model, capture, predicted)
+    pruned, values = _verify(model, capture, predicted)
+    compare_values(_sites(analysis, run_values(zeroed, capture.feeds), values), analysis, masks)
+    return pruned
+
+
+def _sites(analysis: OnnxAnalysis, dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, Site]:
+    """The sites of an ONNX graph: every node output, by name (the pruned graph keeps the names)."""
+    def dims(value: ir.Value | None) -> list[int] | None:
+        return analysis.context.dims(value) if value is not None else None
+
+    sites = {}
+    for node in analysis.captured.graph:
+        for value in node.outputs:
+            if not value.name:
+                continue
+            want, got = dense.get(value.name), pruned.get(value.name)
+            sites[value.name] = Site(
+                where=f"value {value.name!r} (output of {node.name}: {node.op_type})",
+                inputs=tuple(v.name for v in node.inputs if v is not None),
+                dims=dims(value),
+                dense=torch.from_numpy(np.asarray(want)) if isinstance(want, np.ndarray) else None,
+                pruned=torch.from_numpy(np.asarray(got)) if isinstance(got, np.ndarray) else None)
+    return sites
 
 
 def _values(graph: ir.Graph) -> list[ir.Value]:
@@ -90,13 +123,16 @@ def _update_declared_shape(value: ir.Value, measured: tuple[int, ...], kept: tup
     value.shape = ir.Shape([k if m != k else old for old, m, k in zip(value.shape, measured, kept)])
 
 
-def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[int, ...]]) -> OnnxCapture:
+def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[int, ...]]
+            ) -> tuple[OnnxCapture, dict[str, np.ndarray]]:
+    """The pruned model checked by shapes, and every value it computes on the example feeds."""
     try:
         onnx.checker.check_model(ir.to_proto(model))
     except onnx.checker.ValidationError as exc:
         raise ApplyError(f"the pruned model fails the ONNX checker: {exc}") from exc
     try:
-        shapes, outputs = measure(model, original.feeds)
+        values = run_values(model, original.feeds)
+        shapes, outputs = measured(model, original.feeds, values)
     except Exception as exc:
         raise ApplyError(f"the pruned model does not run in onnxruntime: {exc}") from exc
     for name, want in predicted.items():
@@ -108,7 +144,7 @@ def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[i
         if np.shape(before) != np.shape(after):
             raise ApplyError(f"output {value.name!r} changed shape from {list(np.shape(before))} to "
                              f"{list(np.shape(after))}")
-    return OnnxCapture(model, original.feeds, shapes, outputs)
+    return OnnxCapture(model, original.feeds, shapes, outputs), values
 
 
 def _producer_name(model: ir.Model, name: str) -> str:

@@ -119,3 +119,29 @@ def test_inexact_groups_and_random_ops_are_not_false_alarms():
     assert any(g.inexact for g in analysis.groups)
     pruned = apply_plan(model, analysis, random_plan(analysis, 0.5)).module
     assert pruned.a.out_features < 16
+
+
+def test_the_onnx_apply_runs_the_value_oracle_too(monkeypatch):
+    """The ONNX frontend's apply compares every value with the zeroed dense graph's: a pruned value
+    that parts (here: one corrupted on purpose) is named, with its producing node."""
+    import graphprune.onnx_apply as onnx_apply
+    from graphprune.onnx_analysis import analyze_onnx_capture
+    from graphprune.onnx_capture import capture_onnx, read_model
+    from tests.test_onnx_rules import CASES
+
+    capture = capture_onnx(read_model(CASES["split_sizes_input"][0]))
+    analysis = analyze_onnx_capture(capture)
+    plan = random_plan(analysis, 0.5)
+    onnx_apply.apply_onnx_plan(capture, analysis, plan)  # exact: passes
+    real, calls = onnx_apply.run_values, []
+
+    def corrupting(model, feeds):
+        values = real(model, feeds)
+        calls.append(model)
+        if len(calls) == 1:  # the pruned model's run (the zeroed dense one comes second)
+            values["q"] = values["q"] + 1.0
+        return values
+
+    monkeypatch.setattr(onnx_apply, "run_values", corrupting)
+    with pytest.raises(ValuesDiffer, match=r"value 'q' \(output of Split_p: Split\)"):
+        onnx_apply.apply_onnx_plan(capture, analysis, plan)
