@@ -70,22 +70,29 @@ def apply_onnx_plan(capture: OnnxCapture, analysis: OnnxAnalysis, plan: Plan) ->
 
 
 def _sites(analysis: OnnxAnalysis, dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, Site]:
-    """The sites of an ONNX graph: every node output, by name (the pruned graph keeps the names)."""
+    """The sites of an ONNX graph: every node output, by name (the pruned graph keeps the names).
+    Sizes read at run time (``Shape`` and the integer vectors computed from it) are the pruned
+    sizes by design: they are not compared, and what they shape is."""
     def dims(value: ir.Value | None) -> list[int] | None:
         return analysis.context.dims(value) if value is not None else None
 
-    sites = {}
+    sites, sizes = {}, set()
     for node in analysis.captured.graph:
+        reads_size = any(v is not None and v.name in sizes for v in node.inputs)
         for value in node.outputs:
             if not value.name:
                 continue
             want, got = dense.get(value.name), pruned.get(value.name)
+            integer = isinstance(want, np.ndarray) and want.dtype.kind in "iu"
+            if value in analysis.context.sizes or (integer and reads_size):
+                sizes.add(value.name)
             sites[value.name] = Site(
                 where=f"value {value.name!r} (output of {node.name}: {node.op_type})",
                 inputs=tuple(v.name for v in node.inputs if v is not None),
                 dims=dims(value),
                 dense=torch.from_numpy(np.asarray(want)) if isinstance(want, np.ndarray) else None,
-                pruned=torch.from_numpy(np.asarray(got)) if isinstance(got, np.ndarray) else None)
+                pruned=torch.from_numpy(np.asarray(got)) if isinstance(got, np.ndarray) else None,
+                compared=value.name not in sizes)
     return sites
 
 

@@ -52,7 +52,7 @@ from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.onnx_capture import quiet_onnx_tools
 from graphprune.outputs import Outputs, writing
 from graphprune.pipeline import Stage, detect_stage
-from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose
+from graphprune.qdq import TRANSPOSED, insert_qdq, pretranspose, stored_integers
 from graphprune.quantization import read_quant_plan, strip_quantization
 from graphprune.sparsity import CONV1D, NMPattern, finalize, masked_weights, nm_holds
 
@@ -265,9 +265,10 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
                              "rewrote it), so its pattern cannot be recorded")
         onnx_name, transposed = found[0]
         axis = 1 - axis if transposed else axis
-        if not nm_holds(initializers[onnx_name].const_value.numpy(), axis, pattern):
+        values, zero = stored_integers(initializers, onnx_name)
+        if not nm_holds(values, axis, pattern):
             raise ApplyError(f"{name} lost its {pattern} pattern in the exported graph ({onnx_name})")
-        records[onnx_name] = {"pattern": str(pattern), "axis": axis, "torch_name": name}
+        records[onnx_name] = {"pattern": str(pattern), "axis": axis, "torch_name": name, "zero_point": zero}
     return records
 
 

@@ -34,6 +34,7 @@ from graphprune.outputs import Outputs, writing
 from graphprune.quantization import QuantPlan
 from graphprune.pipeline import Pass, PassResult, Stage
 from graphprune.recipe import pass_manager
+from graphprune.qdq import stored_integers
 from graphprune.report import Report
 from graphprune.report_page import LayerRow, write_report
 from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, nm_holds
@@ -90,7 +91,7 @@ class OnnxState:
     def check_patterns(self, where: str) -> None:
         initializers = self.capture.graph.initializers
         for name, masked in self.masked.items():
-            if name not in initializers or not masked.holds(initializers[name].const_value.numpy()):
+            if name not in initializers or not masked.holds(stored_integers(initializers, name)[0]):
                 raise ContractError(f"{where} broke the {masked.pattern} pattern of {name}")
 
     def output_error(self, reference: list[np.ndarray]) -> float:
@@ -190,7 +191,10 @@ class OnnxPruneResult:
     def _final(self) -> ir.Model:
         model = copy_model(self.model)
         DeduplicateInitializersPass(size_limit=1 << 62)(model)  # undo the per-reader copies of the capture
-        records = {name: {"pattern": str(m.pattern), "axis": m.axis} for name, m in self.masked.items()}
+        initializers = model.graph.initializers
+        records = {name: {"pattern": str(m.pattern), "axis": m.axis,
+                          "zero_point": stored_integers(initializers, name)[1] if name in initializers else 0}
+                   for name, m in self.masked.items()}
         model.metadata_props.update(graphprune_metadata(self.stage, self.report.pipeline, records))
         return model
 

@@ -204,8 +204,9 @@ def test_onnx_files_that_cannot_be_read(tmp_path):
 
 
 def test_quantized_onnx_models_are_refused(tmp_path):
+    model = _mlp()  # seeded first: the same draws in every run
     x = (torch.randn(2, 8),)
-    quantized = gp.prune(_mlp(), x, passes=[Quantize()], calibration=[x])
+    quantized = gp.prune(model, x, passes=[Quantize()], calibration=[x])
     quantized.export_onnx(tmp_path / "int8.onnx")
     with pytest.raises(gp.InputError, match="already quantized.*Prune the float model, then quantize"):
         gp.prune_onnx(str(tmp_path / "int8.onnx"), passes=[ChannelPrune(0.5)])

@@ -373,9 +373,9 @@ def test_tf2onnx_layout_full_pipeline(tmp_path):
     assert meta["graphprune.stage"] == "quantized"
     records = json.loads(meta["graphprune.nm_sparsity"])
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert records and all(weights[n].dtype == np.int8 for n in records)
+    assert records and all(weights[n].dtype == np.uint8 and records[n]["zero_point"] == 128 for n in records)
     for name, record in records.items():
-        groups = np.moveaxis(weights[name], record["axis"], -1).reshape(-1, 4)
+        groups = np.moveaxis(weights[name].astype(np.int32) - record["zero_point"], record["axis"], -1).reshape(-1, 4)
         assert ((groups != 0).sum(-1) <= 2).all()
     assert [o.name for o in model.graph.output] == ["dense"]
 
