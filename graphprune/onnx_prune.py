@@ -234,10 +234,12 @@ def _interface(model: ir.Model) -> list[str]:
     return [*(f"in {describe(v)}" for v in graph_inputs(model)), *(f"out {describe(v)}" for v in model.graph.outputs)]
 
 
-def analyze_onnx(model: OnnxSource, feeds: Mapping[str, Any] | None = None) -> OnnxAnalysis:
+def analyze_onnx(model: OnnxSource, feeds: Mapping[str, Any] | None = None, *,
+                 base_dir: str | os.PathLike | None = None) -> OnnxAnalysis:
     """The coupled channel groups of an ONNX model (a path, ModelProto or onnx_ir.Model; never
-    modified); ``feeds`` fix the sizes of symbolic input dims (see :func:`prune_onnx`)."""
-    working = read_model(model)
+    modified); ``feeds`` fix the sizes of symbolic input dims (see :func:`prune_onnx`);
+    ``base_dir``: the folder of a model in memory's external data."""
+    working = read_model(model, base_dir)
     checked = check_feeds(working, [feeds])[0] if feeds is not None else None
     capture = capture_onnx(working, checked)
     name = os.path.basename(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
@@ -246,7 +248,7 @@ def analyze_onnx(model: OnnxSource, feeds: Mapping[str, Any] | None = None) -> O
 
 def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recipe: str | os.PathLike | None = None,
                calibration: Iterable[Mapping[str, Any]] | None = None,
-               experimental_order: bool = False) -> OnnxPruneResult:
+               experimental_order: bool = False, base_dir: str | os.PathLike | None = None) -> OnnxPruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on an ONNX model: a path, an ``onnx.ModelProto`` or an
     ``onnx_ir.Model`` (never modified).  ``calibration``: dicts ``{input name: array}``; the first
     also fixes the sizes of symbolic input dims for the analysis (else generated feeds are used,
@@ -257,7 +259,7 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
     if unsupported:
         raise ContractError(f"{', '.join(unsupported)} does not run on ONNX models yet; ONNX models support "
                             f"{', '.join(_onnx_passes())}")
-    working = read_model(model)
+    working = read_model(model, base_dir)
     stage, masked = _stage_of(working)
     manager.check_order(stage)
     feeds = check_feeds(working, calibration) if calibration is not None else None
@@ -277,12 +279,13 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
 
 
 def apply_plan_file_onnx(model: OnnxSource, plan: PlanFile | str | os.PathLike,
-                         feeds: Mapping[str, Any] | None = None) -> ir.Model:
+                         feeds: Mapping[str, Any] | None = None, *,
+                         base_dir: str | os.PathLike | None = None) -> ir.Model:
     """Re-apply a saved plan of an ONNX run to an ONNX model (never modified): its structured plans in
     order, each checked against the graph's analysis at that point, then its N:M masks.  Returns the
     verified onnx_ir model (``ir.save`` writes it)."""
     plan = PlanFile.reapplicable(plan)
-    working = read_model(model)
+    working = read_model(model, base_dir)
     capture = capture_onnx(working, check_feeds(working, [feeds])[0] if feeds is not None else None)
     for structured in plan.structured:
         capture = apply_onnx_plan(capture, analyze_onnx_capture(capture), structured)

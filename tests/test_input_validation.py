@@ -63,6 +63,9 @@ def test_external_data_of_a_model_in_memory_needs_a_folder(folders):
         read_model(_external_model("weights.bin"))
     loaded = read_model(_external_model("weights.bin"), base_dir=model)
     assert (loaded.graph.initializers["W"].const_value.numpy() == 1).all()
+    assert gp.analyze_onnx(_external_model("weights.bin"), base_dir=model).node_count() > 0  # the public entry too
+    with pytest.raises(gp.InputError, match="outside the model's folder"):
+        gp.prune_onnx(_external_model("../secret.bin"), passes=[ChannelPrune(0.5)], base_dir=model)
 
 
 @pytest.mark.parametrize("location", ["../secret.bin", "{root}/secret.bin", "sub/../../secret.bin", "link.bin"])
