@@ -90,17 +90,21 @@ def load_calibration(path: str, batch_size: int) -> list:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if not os.path.isfile(path):
         raise InputError(f"calibration file {path}: no such file")
-    if path.endswith(".npz"):
-        import numpy as np
-
-        with np.load(path) as data:
-            tensors: Any = {k: torch.from_numpy(data[k]) for k in data.files}
-    elif path.endswith(".pt"):
-        tensors = torch.load(path, weights_only=True)
-        if isinstance(tensors, list):
-            return tensors
-    else:
+    if not path.endswith((".npz", ".pt")):
         raise InputError(f"calibration file {path}: use .npz or .pt")
+    try:
+        if path.endswith(".npz"):
+            import numpy as np
+
+            with np.load(path) as data:  # allow_pickle stays off: object arrays are refused
+                tensors: Any = {k: torch.from_numpy(data[k]) for k in data.files}
+        else:
+            tensors = torch.load(path, weights_only=True)  # tensors and plain containers only, no code
+    except Exception as exc:  # refused pickles and object arrays, truncated or foreign files
+        raise InputError(f"calibration file {path} cannot be read as tensors ({type(exc).__name__}: "
+                         f"{(str(exc).strip() or '?').splitlines()[0]})") from exc
+    if isinstance(tensors, list):
+        return tensors
     if isinstance(tensors, torch.Tensor):
         return [(chunk,) for chunk in tensors.split(batch_size)]
     if isinstance(tensors, dict) and tensors and all(isinstance(v, torch.Tensor) for v in tensors.values()):

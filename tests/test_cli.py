@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +73,10 @@ def test_inspect_and_bench(pruned):
     assert text.returncode == 0 and "prunable groups" in text.stdout
 
 
+class _Unpicklable:
+    """Stands for any object whose unpickling would run code: ``weights_only`` loading refuses it."""
+
+
 @pytest.mark.parametrize("args,message", [
     (["prune", "no_such_module:build", "-o", "{out}/m.onnx", "--channels", "0.5"], "cannot load no_such_module:build"),
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/missing.toml"], "cannot read recipe"),
@@ -84,6 +89,12 @@ def test_inspect_and_bench(pruned):
     (["prune", "{out}/bad.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "is not a readable ONNX model"),
     (["export", "{out}/model.onnx", "-o", "{out}/m.onnx"], "inspect and prune also take .onnx files"),
     (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"], "no such file"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/code.pt"],
+     "cannot be read as tensors (UnpicklingError"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/objects.npz"],
+     "cannot be read as tensors (ValueError: Object arrays cannot be loaded"),
+    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/cut.npz"],
+     "cannot be read as tensors"),
     (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
     (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
     (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
@@ -92,6 +103,11 @@ def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, m
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
     (tmp_path / "bad.onnx").write_text("not a protobuf")
     (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
+    torch.save({"x": torch.zeros(2, 3, 32, 32), "hook": _Unpicklable()}, tmp_path / "code.pt")  # a pickle that runs code
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "full.npz", x=np.zeros((4, 3, 32, 32), np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:200])
+    (tmp_path / "full.npz").unlink()
     before = set(os.listdir(tmp_path))
     result = run(*[a.format(out=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
