@@ -254,7 +254,7 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
                                         for a, b in zip(got, want)):
             raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
         twin = _output_twins(original.graph_module, recaptured.graph_module)
-    if not on_meta:
+    if not on_meta and dense:  # nothing removed: no value can part
         compare_values(graph_sites(analysis, node_values(original, model, zeroed_dense(dense)),
                                    node_values(recaptured, model), twin), analysis, masks)
     return recaptured
@@ -275,7 +275,7 @@ def _no_longer_traces(exc: CaptureError, analysis: Analysis, masks: dict[int, to
     modules = sorted({module for _, g in groups for module in g.modules})
     named = (f"; on that line the dense model computes with pruned group(s) {[gid for gid, _ in groups]} "
              f"(channels of {', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''})") if groups else ""
-    return (f"after pruning, the model's own code fails at {file}:{line}: `{code}` ({exc.reason}){named}. "
+    return (f"the pruned model no longer traces: its own code fails at {file}:{line}: `{code}` ({exc.reason}){named}. "
             "A size on that line reaches it in a way graphprune does not follow (read from a tensor's shape, "
             "written as a literal, or an expression it cannot rewrite), so it no longer fits the pruned tensors: "
             "keep those channels (ChannelPrune(ignore=[...]) with the modules named) and please report the model")
