@@ -1,7 +1,7 @@
 """What the value oracle of verification costs: ``apply_plan`` timed with it and, in the same run,
 with it replaced by a no-op, on the ResNet sample, the real all-MiniLM-L6-v2 and a LLaMA-shaped
 transformer (random weights), each pruned by ChannelPrune's plan at 50%.  Prints seconds per apply
-(best of ``REPEATS``), the ratio, and how many nodes the oracle compared.
+(best of ``REPEATS``, the two settings interleaved so that warm-up and load fall on both), the ratio, and how many nodes the oracle compared.
 
     python -m bench.verification_cost
 """
@@ -19,7 +19,7 @@ from graphprune.analysis import analyze
 from graphprune.apply import apply_plan
 from graphprune.passes import ChannelPrune
 
-REPEATS = 3
+REPEATS = 5
 
 
 def models() -> list[tuple[str, Callable[[], tuple[torch.nn.Module, tuple]]]]:
@@ -42,13 +42,10 @@ def models() -> list[tuple[str, Callable[[], tuple[torch.nn.Module, tuple]]]]:
             ("LLaMA-shaped, 4 blocks (2x32 tokens)", llama)]
 
 
-def best_time(run: Callable[[], object]) -> float:
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -59,12 +56,14 @@ def main() -> None:
         model, inputs = make()
         analysis = analyze(model, inputs)
         plan = prune(model, inputs, passes=[ChannelPrune(0.5)]).plans[0]
-        compared = []
-        apply_module.compare_values = lambda *a: compared.append(real_check(*a))
-        on = best_time(lambda: apply_plan(model, analysis, plan))
-        apply_module.compare_values = lambda *a: 0
-        off = best_time(lambda: apply_plan(model, analysis, plan))
+        compared, on, off = [], [], []
+        for _ in range(REPEATS):
+            apply_module.compare_values = lambda *a: 0
+            off.append(timed(lambda: apply_plan(model, analysis, plan)))
+            apply_module.compare_values = lambda *a: compared.append(real_check(*a))
+            on.append(timed(lambda: apply_plan(model, analysis, plan)))
         apply_module.compare_values = real_check
+        on, off = min(on), min(off)
         print(f"{name:<40}{off:>18.3f}s{on:>17.3f}s{on / off:>8.2f}{compared[-1]:>7}")
 
 
