@@ -27,9 +27,11 @@ from graphprune.algebra import FreezeReason, SpaceSolver, Spaces
 from graphprune.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.errors import InputError
 from graphprune.macs import planned_macs, planned_params
-from graphprune.provenance import Source, uses_for
+from graphprune.provenance import AnySource, ShapeSource, factor_source, uses_for
 from graphprune.rules import RuleContext, ShapeConstant, aten_rules
 from graphprune.rules.registry import flat_atoms
+
+aten = torch.ops.aten
 
 BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
@@ -263,18 +265,26 @@ def collect_groups(spaces: Spaces, tensors: dict[str, tuple[str, list[int]]],
 
 
 def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
-    """Apply what provenance says about sizes written in the model's code.
+    """Apply what provenance says about sizes written in, or read by, the model's code.
 
     * One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
       one new value, so every space it sizes must keep the same count: couple them.
-    * A size computed as a product of attributes and ints is the product of the spaces those
-      attributes size (attributes that size nothing directly keep their value).
-    * Any other computed size cannot be rewritten: freeze its channels.
-    * An attribute whose value also feeds a computed number (a scale) must not change: freeze
-      every space it sizes.
+    * A size read from a tensor and used unchanged (``B, N, C = x.shape`` ... ``reshape(B, N, C)``)
+      keeps the count of the dim it was read from: couple the two.
+    * A size computed as a product or exact quotient of attributes, shape reads and ints is the
+      product (quotient) of the spaces they size (``C // self.num_heads``: the space ``C`` was read
+      from is the heads space times the space the quotient sizes; attributes that size nothing
+      directly keep their value).
+    * Any other size computed from attributes cannot be rewritten: freeze its channels.  One
+      computed from shape reads alone needs no rewrite; where graphprune cannot state its
+      constraint, and for slice bounds (``x[..., : x.shape[-1] // 2]``, whose parts already relate
+      it to the dim it cuts), it is left to verification.
+    * An attribute or read dim whose value also feeds a computed number (a scale), or a size
+      that cannot be rewritten, must not change: freeze every space it sizes.
     """
     solver = ctx.solver
-    direct: dict[Source, list[int]] = defaultdict(list)
+    reads = _ShapeReads(ctx, captured)
+    direct: dict[AnySource, list[int]] = defaultdict(list)
     computed = []
     for c in ctx.constants:
         for use in uses_for(captured.attribute_uses, c.node, c.path):
@@ -283,49 +293,108 @@ def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
             elif not use.direct:
                 computed.append((c, use))
     for source, atoms in direct.items():
+        read = reads.atom(source)
+        if read is not None:
+            atoms = [read, *atoms]
         for other in atoms[1:]:
             solver.unify(atoms[0], other, where=f"{source} sizes both")
-    fixed: set[Source] = set()
+    fixed: set[AnySource] = set()
     for c, use in computed:
-        parts = _product_spaces(use, direct, solver, c.node.name) if len(c.atoms) == 1 and not c.base else None
-        if parts is not None:
-            solver.unify(c.atoms[0], solver.product(parts), where=f"{c.node.name}: size computed in forward")
+        shape_only = all(isinstance(source, ShapeSource) for source in use.sources)
+        if shape_only and c.node.target.overloadpacket in (aten.slice, aten.narrow):
+            continue  # a slice's parts already relate its bound to the dim it cuts (x[..., : x.shape[-1] // 2])
+        sides = (_monomial_spaces(use.factors, use.divisors, direct, reads, c.node.name)
+                 if len(c.atoms) == 1 and not c.base else None)
+        if sides is not None:
+            top, bottom = sides
+            where = f"{c.node.name}: size computed in forward"
+            solver.unify(_one(solver, top), _one(solver, [*bottom, c.atoms[0]]), where=where)
             continue
-        names = ", ".join(map(str, sorted(use.sources)))
+        if shape_only:
+            continue  # it reads the pruned shape by itself: verification checks it still fits
+        names = ", ".join(map(str, sorted(use.sources, key=str)))
         for atom in c.atoms:
             solver.freeze(atom, FreezeReason(f"size computed from {names} in forward", c.node.name))
         fixed |= use.sources  # the expression would change with them
-    semantic = {s for u in captured.attribute_uses if u.path is None for s in u.sources}
-    for source, atoms in direct.items():
-        if source in semantic | fixed:
-            for atom in atoms:
+    for use in captured.attribute_uses:
+        if use.path is None:
+            fixed |= _keep_values(use, direct, reads)
+    for source in fixed:
+        atoms = [reads.atom(source)] if isinstance(source, ShapeSource) else direct.get(source, [])
+        for atom in atoms:
+            if atom is not None:
                 solver.freeze(atom, FreezeReason(f"{source} also enters a computed value "
                                                  "(a scale, or a size graphprune cannot rewrite)"))
 
 
-def _product_spaces(use, direct: dict, solver: SpaceSolver, where: str) -> list[int] | None:
-    """Spaces whose product a computed size is: the spaces of its directly-sizing attributes, a
-    fixed (frozen) space for at most one attribute that sizes nothing directly (it keeps its value),
-    and an unconstrained space for each plain int (it may come from a tensor's shape, which follows
-    the pruning by itself, or be a literal, which verification would catch)."""
-    if use.factors is None:
+def _keep_values(use, direct: dict, reads: _ShapeReads) -> set[AnySource]:
+    """Keep the value of a number used for something other than a size (``(C // heads) ** -0.5``
+    as a scale): each monomial it depends on becomes a frozen space times its divisors' spaces,
+    so the channels of ``C`` may go by whole heads but the head size stays.  Returns the sources
+    that must keep their values outright (a number that is no function of monomials)."""
+    solver = reads.ctx.solver
+    if not use.invariants:
+        return set(use.sources)
+    whole: set[AnySource] = set()
+    for monomial in use.invariants:
+        sides = _monomial_spaces(monomial.factors, monomial.divisors, direct, reads, "a computed value")
+        if sides is None:
+            whole |= monomial.sources
+            continue
+        top, bottom = sides
+        kept = solver.new(int(monomial))
+        names = ", ".join(map(str, sorted(monomial.sources, key=str)))
+        solver.freeze(kept, FreezeReason(f"a value computed from {names} enters more than a size "
+                                         "(a scale, say), so it must keep its value"))
+        solver.unify(_one(solver, top), _one(solver, [*bottom, kept]), where=f"{names} keeps its value")
+    return whole
+
+
+class _ShapeReads:
+    """The dim atom each recorded shape read came from."""
+
+    def __init__(self, ctx: RuleContext, captured: CapturedGraph) -> None:
+        self.ctx = ctx
+        self.nodes = {n.name: n for n in captured.graph.nodes}
+
+    def atom(self, source: AnySource) -> int | None:
+        if not isinstance(source, ShapeSource) or source.node not in self.nodes:
+            return None
+        dims = self.ctx.dims(self.nodes[source.node])
+        return dims[source.dim] if isinstance(dims, list) and source.dim < len(dims) else None
+
+
+def _one(solver: SpaceSolver, atoms: list[int]) -> int:
+    return atoms[0] if len(atoms) == 1 else solver.product(atoms)
+
+
+def _monomial_spaces(factors: tuple | None, divisors: tuple, direct: dict, reads: _ShapeReads,
+                     where: str) -> tuple[list[int], list[int]] | None:
+    """The spaces above and below the line of a computed size: for each factor, the space its
+    attribute sizes directly or its read dim, and a fixed (frozen) space for an attribute that
+    sizes nothing directly or a plain int (they keep their values).  None when the size is no
+    monomial."""
+    if factors is None:
         return None
-    known, unknown = 1, [f for f in use.factors if not isinstance(f, int) and f not in direct]
-    if len(unknown) > 1:
+    solver = reads.ctx.solver
+
+    def space(factor: Any) -> int | None:
+        source = factor_source(factor)
+        if source is None:
+            literal = solver.new(int(factor))
+            solver.freeze(literal, FreezeReason(f"{int(factor)} is a literal factor of a size computed in forward", where))
+            return literal
+        if source in direct:
+            return direct[source][0]
+        if isinstance(source, ShapeSource):
+            return reads.atom(source)
+        fixed = solver.new(int(factor))
+        solver.freeze(fixed, FreezeReason(f"{source} is a fixed factor of a size computed in forward", where))
+        return fixed
+    top, bottom = [space(f) for f in factors], [space(f) for f in divisors]
+    if None in top or None in bottom:
         return None
-    for f in use.factors:
-        known *= f if isinstance(f, int) else solver.size(direct[f][0]) if f in direct else 1
-    parts = []
-    for f in use.factors:
-        if isinstance(f, int):
-            parts.append(solver.new(f))
-        elif f in direct:
-            parts.append(direct[f][0])
-        else:
-            fixed = solver.new(int(use.value) // known)
-            solver.freeze(fixed, FreezeReason(f"{f} is a fixed factor of a size computed in forward", where))
-            parts.append(fixed)
-    return parts
+    return top, bottom
 
 
 def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:

@@ -176,8 +176,8 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
     module, the capture recorded which int attribute, or int entry of a tuple, list or
     ``torch.Size`` attribute, became which op argument; each takes the new value of the constants
     it produced (a sequence is replaced by one of its type with those entries changed).  A
-    constant nothing recorded produced is presumed to come from a tensor's shape; verification
-    checks that it does.
+    constant read from a tensor's shape follows the pruned shape by itself; one nothing recorded
+    is presumed to as well, and verification checks that it does.
     """
     modules = dict(model.named_modules())
     builtin_consts: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -199,7 +199,7 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
             continue
         for path, new in paths.items():
             for use in uses_for(uses, node, path):
-                if use.direct:
+                if use.direct and isinstance(use.attribute, Source):  # a shape read needs no rewrite
                     wanted[use.attribute][new] = f"{node.name} {path}"
     for name, module in modules.items():
         rule = rule_for(module)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from graphprune.errors import CaptureError, InputError
 from graphprune.provenance import AttributeUse, recording_uses
@@ -270,6 +271,17 @@ def _capture_error(model: nn.Module, exc: Exception) -> CaptureError:
             site = (found.group(1), int(found.group(2)), lines[1]) if found else site
     first = text.strip().splitlines()[0] if text.strip() else ""
     reason = f"{type(exc).__name__}: {first}"
-    return CaptureError(f"could not capture {type(model).__name__} with torch.export{where}\n  {reason}\n"
-                        "  graphprune needs a model whose forward can be traced for the given example inputs "
-                        "(no control flow that depends on tensor values).", site, reason)
+    hint = ("graphprune needs a model whose forward can be traced: this line branches on a tensor's values "
+            "(control flow that depends on data)" if _data_dependent(exc) else
+            "graphprune needs a model whose forward runs on the given example inputs")
+    return CaptureError(f"could not capture {type(model).__name__} with torch.export{where}\n  {reason}\n  {hint}.",
+                        site, reason)
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether tracing failed on a value only known at run time (``if x.sum() > 0``)."""
+    while exc is not None:
+        if isinstance(exc, GuardOnDataDependentSymNode):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

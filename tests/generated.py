@@ -46,6 +46,8 @@ def draw_block(draw, kind: str, c: int) -> dict:
                 "head_dim": draw(st.sampled_from([2, 4]))}
     if kind == "head_scale":
         return {"kind": kind, "heads": draw(st.sampled_from(divisors((1, 2, 4), c)))}
+    if kind == "token_attention":
+        return {"kind": kind, "heads": draw(st.sampled_from(divisors((1, 2, 4), c))), "shape_scale": draw(st.booleans())}
     if kind == "transposed":
         c_out = draw(st.sampled_from(WIDTHS))
         return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2), c, c_out)))}
@@ -110,6 +112,9 @@ class Block(nn.Module):
             self.conv = nn.Conv2d(c, c, 1)
         elif kind in ("index_mask", "head_scale"):  # sizes held in attributes, read by arange
             self.c, self.heads = c, spec.get("heads", 1)
+        elif kind == "token_attention":  # timm's ViT attention: sizes read from the token tensor
+            self.heads, self.shape_scale = spec["heads"], spec["shape_scale"]
+            self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
         elif kind not in ("glu", "identity", "ramp"):
             raise ValueError(f"unknown block kind {kind!r}")
 
@@ -165,6 +170,15 @@ class Block(nn.Module):
             return x * torch.arange(x.shape[1], dtype=x.dtype).view(1, -1, 1, 1)
         if k == "index_mask":  # an index mask over an attribute-held channel count
             return torch.where((torch.arange(self.c) % 3 == 0).view(1, -1, 1, 1), x, -2 * x)
+        if k == "token_attention":  # B, N, C = t.shape; heads of C // self.heads; a scale from the shape or not
+            n, c, h, w = x.shape
+            t = x.flatten(2).transpose(1, 2)
+            B, N, C = t.shape
+            qkv = self.qkv(t).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            q, k_, v = qkv.unbind(0)
+            scale = (C // self.heads) ** -0.5 if self.shape_scale else 0.5
+            y = F.scaled_dot_product_attention(q, k_, v, scale=scale).transpose(1, 2).reshape(B, N, C)
+            return (t + self.proj(y)).transpose(1, 2).reshape(n, c, h, w)
         if k == "head_scale":  # per-head constants (ALiBi-like slopes) over channels split into heads
             n, c, h, w = x.shape
             slopes = (0.5 ** torch.arange(self.heads, dtype=x.dtype)).view(1, self.heads, 1, 1, 1)
@@ -189,7 +203,8 @@ class Generated(nn.Module):
 
 
 KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention",
-         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows", "ramp", "index_mask", "head_scale"]
+         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows", "ramp", "index_mask", "head_scale",
+         "token_attention"]
 
 
 @st.composite

@@ -92,8 +92,8 @@ def test_the_callers_sequence_attributes_keep_their_type_and_values():
 
 
 class ShapeReadAttention(nn.Module):
-    """timm's ViT attention as written there: the head size is ``C // self.num_heads`` with ``C``
-    read from the input's shape, which provenance does not follow yet."""
+    """timm's ViT attention as written there: ``B, N, C = x.shape`` and a head size of
+    ``C // self.num_heads``, with the channels read back by ``reshape(B, N, C)``."""
 
     def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
         super().__init__()
@@ -110,14 +110,191 @@ class ShapeReadAttention(nn.Module):
         return self.head(x + self.proj(y))
 
 
-def test_a_size_read_from_a_shape_that_no_longer_fits_is_named_with_its_line_and_groups():
-    """The refusal names the line of the model's code that fails, the pruned groups that line
-    computes with and their modules, not "control flow that depends on tensor values"."""
+class SizeCallAttention(nn.Module):
+    """Sizes from ``len(x)``, ``x.shape[1]`` and ``x.size(-1) // heads``, a fixed float scale, and
+    separate q/k/v projections."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, 0.25
+        self.fc, self.q, self.k, self.v = (nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, dim),
+                                           nn.Linear(dim, dim))
+        self.proj, self.head = nn.Linear(dim, dim), nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        B, N, head_dim = len(x), x.shape[1], x.size(-1) // self.num_heads
+        q, k, v = (p(x).view(B, N, self.num_heads, head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.head(x + self.proj(y.transpose(1, 2).reshape(B, N, -1)))
+
+
+def shifted_window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                             num_heads: int) -> torch.Tensor:
+    """torchvision's functional style: the head count arrives as a plain argument, and the scale is
+    computed from the shape, ``(C // num_heads) ** -0.5``."""
+    B, N, C = x.shape
+    qkv = F.linear(x, qkv_weight).reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attention = ((q * (C // num_heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    return F.linear((attention @ v).transpose(1, 2).reshape(B, N, C), proj_weight)
+
+
+class FunctionalAttention(nn.Module):
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, 4)
+        self.qkv_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim ** 0.5)
+        self.proj_weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return self.head(x + shifted_window_attention(x, self.qkv_weight, self.proj_weight, self.num_heads))
+
+
+class ShapeSizedTensors(nn.Module):
+    """Tensors made at sizes read from another tensor: a zero pad channel block of
+    ``x.new_zeros(B, C // 2, H, W)``, and a flatten written as ``x.reshape(B, C * H * W)``."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, dim, 3, padding=1), nn.Conv2d(dim + dim // 2, dim, 1)
+        self.fc = nn.Linear(dim * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        B, C, H, W = y.shape
+        y = F.relu(self.mix(torch.cat([y, y.new_zeros(B, C // 2, H, W)], 1)))
+        y = F.adaptive_avg_pool2d(y, 4)
+        B, C, H, W = y.shape
+        return self.fc(y.reshape(B, C * H * W))
+
+
+SHAPE_CASES = [(ShapeReadAttention, (2, 5, 8)), (SizeCallAttention, (2, 5, 8)), (FunctionalAttention, (2, 5, 8)),
+               (ShapeSizedTensors, (2, 3, 8, 8))]
+
+
+@pytest.mark.parametrize("make, shape", SHAPE_CASES, ids=[c.__name__ for c, _ in SHAPE_CASES])
+def test_sizes_read_from_shapes_prune_with_the_oracles(make, shape):
+    """The spaces a shape-read size belongs to are coupled, not frozen: keeping every channel is
+    exact, removing zeroed channels changes nothing, and ChannelPrune shrinks the model, which then
+    runs its own forward code."""
     torch.manual_seed(0)
-    model, x = ShapeReadAttention().eval(), (torch.randn(2, 5, 8),)
+    model, inputs = make().eval(), (torch.randn(*shape),)
+    analysis = analyze(model, inputs)
+    kept = apply_plan(model, analysis, Plan()).module
+    assert all(torch.equal(a, b) for a, b in zip(outputs(kept, inputs), outputs(model, inputs)))
+    plan = random_plan(analysis, 0.5, exact_only=True)
+    assert plan.keep, analysis.describe()
+    zeroed = zero_removed(model, analysis, plan)
+    pruned = apply_plan(zeroed, analysis, plan).module
+    assert max_relative_error(outputs(pruned, inputs), outputs(zeroed, inputs)) < 1e-5
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.report.params_after < result.report.params
+    assert result.module(*inputs).shape == model(*inputs).shape
+
+
+@pytest.mark.parametrize("make", [ShapeReadAttention, FunctionalAttention], ids=lambda c: c.__name__)
+def test_a_head_count_read_with_the_shape_goes_by_whole_heads(make):
+    """``C // num_heads`` couples the channels ``C`` was read from with the heads: pruning them
+    removes whole heads and rewrites ``num_heads`` (through a function argument too), while the
+    head size, which the scale depends on, stays."""
+    torch.manual_seed(0)
+    model, inputs = make().eval(), (torch.randn(2, 5, 8),)
+    analysis = analyze(model, inputs)
+    assert [g.size for g in analysis.groups if "heads" in g.tags] == [4], analysis.describe()
+    assert not [g for g in analysis.groups if "head_dim" in g.tags], analysis.describe()
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.num_heads == 2 and model.num_heads == 4
+
+
+def test_a_fixed_scale_leaves_the_head_size_prunable():
+    """With a scale that does not depend on the shape, the head size read as ``x.size(-1) // heads``
+    is a space of its own, beside the heads."""
+    torch.manual_seed(0)
+    analysis = analyze(SizeCallAttention().eval(), (torch.randn(2, 5, 8),))
+    assert sorted((g.size, sorted(g.tags)) for g in analysis.groups if g.tags) == [(4, ["heads"]), (8, ["head_dim"])]
+
+
+class LostTrack(nn.Module):
+    """A hidden width computed as ``int(C * 1.0)``: a float and back, which provenance cannot follow."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.fc, self.up, self.down, self.head = (nn.Linear(8, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim),
+                                                  nn.Linear(dim, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        B, N, C = x.shape
+        hidden = self.up(x).reshape(B, N, 2, int(C * 1.0)).sum(2)
+        return self.head(x + self.down(hidden))
+
+
+def test_a_size_provenance_loses_is_named_with_its_line_and_groups():
+    """Where a size leaves what provenance follows and no longer fits after pruning, the refusal
+    names the line of the model's code that fails, the pruned groups that line computes with and
+    their modules, not "control flow that depends on tensor values"."""
+    torch.manual_seed(0)
+    model, x = LostTrack().eval(), (torch.randn(2, 5, 8),)
+    analysis = analyze(model, x)
+    (residual,) = [g for g in analysis.groups if any(m.name == "fc.weight" for m in g.members)]
+    plan = Plan()
+    plan.set(analysis, residual.id, list(range(residual.size // 2)))
     with pytest.raises(gp.ApplyError) as refused:
-        gp.prune(model, x, passes=[ChannelPrune(0.5)])
+        apply_plan(model, analysis, plan)
     message = str(refused.value)
-    assert "test_sizes_from_code.py" in message and "C // self.num_heads" in message, message
-    assert "pruned group(s)" in message and "qkv" in message and "ignore=" in message, message
+    assert "test_sizes_from_code.py" in message and "int(C * 1.0)" in message, message
+    assert "pruned group(s)" in message and "fc" in message and "ignore=" in message, message
     assert "control flow" not in message, message
+
+
+class ShapeSizedFull(nn.Module):
+    """A bias block made with ``torch.full((B, C, H, W), 0.5)`` from a shape read, and an identity
+    made with ``torch.eye`` at an attribute's size (its values depend on the position: frozen)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.dim = dim
+        self.conv, self.out = nn.Conv2d(3, dim, 3, padding=1), nn.Conv2d(dim, 4, 1)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        B, C, H, W = y.shape
+        y = y + torch.full((B, C, H, W), 0.5)
+        y = self.out(y)
+        eye = torch.eye(self.dim)
+        return y.mean((2, 3)), self.mix(eye)
+
+
+def test_full_follows_its_sizes_and_eye_is_frozen_with_the_reason():
+    torch.manual_seed(0)
+    model, inputs = ShapeSizedFull().eval(), (torch.randn(2, 3, 8, 8),)
+    analysis = analyze(model, inputs)
+    assert [g.size for g in analysis.groups if any(m.name == "conv.weight" for m in g.members)] == [16]
+    assert any("regenerated, not sliced" in str(f.reason) and any(m.name == "mix.weight" for m in f.members)
+               for f in analysis.frozen), analysis.describe()
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.conv.out_channels == 8 and result.module.mix.in_features == 16
+
+
+class RemembersItsSize(nn.Module):
+    """Stores sizes read in forward on itself, as some window-attention code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.hw, self.channels = y.shape[2:], y.size(1)
+        return self.out(F.relu(y))
+
+
+def test_sizes_stored_on_the_model_during_capture_come_back_as_plain_ints():
+    model = RemembersItsSize().eval()
+    gp.analyze(model, (torch.randn(1, 3, 8, 8),))
+    assert type(model.hw) is torch.Size and [type(v) for v in model.hw] == [int, int]
+    assert type(model.channels) is int

@@ -908,7 +908,9 @@ def new_factory(ctx: RuleContext, node: fx.Node) -> None:
     _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
 
 
-@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.rand, aten.randn)
+@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.rand, aten.randn,
+            aten.randint.default, aten.randint.low, aten.linspace.default, aten.logspace.default, aten.eye.default,
+            aten.eye.m)
 def positional_factory(ctx: RuleContext, node: fx.Node) -> None:
     """Values that depend on the position (a range, random draws): at a smaller size the forward
     would regenerate them for positions 0..n-1 instead of keeping the kept positions, so the
