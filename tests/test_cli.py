@@ -1,5 +1,6 @@
 """The command line end to end, in subprocesses: outputs exist, JSON parses, exit codes are right,
-and failures leave no partial files."""
+and failures leave no partial files.  The many bad-input cases call ``main`` in this process
+instead (the same code without an interpreter start each)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def run(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``graphprune ARGS`` run by ``main`` in this process, with its exit code and printed output."""
+    from graphprune.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["graphprune", *args], code, printed.out, printed.err)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +112,8 @@ class _Unpicklable:
     (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
     (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
 ])
-def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
+def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
     (tmp_path / "bad.onnx").write_text("not a protobuf")
     (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
@@ -109,7 +123,7 @@ def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, m
     (tmp_path / "cut.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:200])
     (tmp_path / "full.npz").unlink()
     before = set(os.listdir(tmp_path))
-    result = run(*[a.format(out=tmp_path) for a in args])
+    result = run_here(capsys, *[a.format(out=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert set(os.listdir(tmp_path)) == before
