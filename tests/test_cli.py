@@ -1,38 +1,18 @@
-"""The command line end to end, in subprocesses: outputs exist, JSON parses, exit codes are right,
-and failures leave no partial files.  The many bad-input cases call ``main`` in this process
-instead (the same code without an interpreter start each)."""
+"""The command line end to end: outputs exist, JSON parses, exit codes are right, and failures leave
+no partial files.  Commands run through ``main`` in this process (what ``python -m graphprune.cli``
+calls, without an interpreter start each); the installed entry point runs in a subprocess."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """``graphprune ARGS`` run by ``main`` in this process, with its exit code and printed output."""
-    from graphprune.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    printed = capsys.readouterr()
-    return subprocess.CompletedProcess(["graphprune", *args], code, printed.out, printed.err)
+from tests.command_line import run, run_process
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +92,7 @@ class _Unpicklable:
     (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
     (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
 ])
-def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
     (tmp_path / "bad.onnx").write_text("not a protobuf")
     (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
@@ -123,7 +102,7 @@ def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, capsys,
     (tmp_path / "cut.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:200])
     (tmp_path / "full.npz").unlink()
     before = set(os.listdir(tmp_path))
-    result = run_here(capsys, *[a.format(out=tmp_path) for a in args])
+    result = run(*[a.format(out=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert set(os.listdir(tmp_path)) == before
@@ -136,7 +115,7 @@ def test_installed_entry_point():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "graphprune"]
     assert script.load() is main  # `pip install -e .` (the README's command) installs `graphprune`
-    result = run("--help")
+    result = run_process("--help")
     assert result.returncode == 0 and "inspect" in result.stdout and "prune" in result.stdout
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from graphprune.apply import apply_plan
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples.resnet import ResNet
 from tests.architectures import build
+from tests.command_line import run
 from tests.oracles import outputs
 
 
@@ -92,9 +91,6 @@ def test_cli_plan_reads_and_diffs(tmp_path):
     model, x = _resnet()
     gp.prune(model, x, passes=[ChannelPrune(0.5)]).save_plan(tmp_path / "a")
     gp.prune(model, x, passes=[ChannelPrune(0.25)]).save_plan(tmp_path / "b")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], capture_output=True, text=True)
     shown = run("plan", str(tmp_path / "a.json"))
     assert shown.returncode == 0 and "groups pruned" in shown.stdout
     diffed = run("plan", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json")
