@@ -298,3 +298,38 @@ def test_sizes_stored_on_the_model_during_capture_come_back_as_plain_ints():
     gp.analyze(model, (torch.randn(1, 3, 8, 8),))
     assert type(model.hw) is torch.Size and [type(v) for v in model.hw] == [int, int]
     assert type(model.channels) is int
+
+
+class FourierPositions(nn.Module):
+    """EdgeNeXt's positional encoding: ``torch.arange(self.hidden_dim)`` frequencies, sin and cos
+    interleaved by ``stack(...).flatten(3)``, read by a conv."""
+
+    def __init__(self, hidden_dim: int = 8, dim: int = 16) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.stem, self.token_projection = nn.Conv2d(3, dim, 3, padding=1), nn.Conv2d(hidden_dim, dim, 1)
+        self.out = nn.Conv2d(dim, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        B, _, H, W = y.shape
+        ramp = torch.ones(B, H, W).cumsum(2)
+        dim_t = 100.0 ** (2 * torch.div(torch.arange(self.hidden_dim), 2, rounding_mode="floor") / self.hidden_dim)
+        pos = ramp[:, :, :, None] / dim_t
+        pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return self.out(F.relu(y + self.token_projection(pos.permute(0, 3, 1, 2))))
+
+
+def test_an_attribute_sized_arange_feeding_a_conv_keeps_the_channels_it_makes():
+    """The channels a position-dependent factory makes (and a stack of its halves) are not a free
+    space: the conv reading them keeps its inputs, while everything else prunes, with the oracles."""
+    torch.manual_seed(0)
+    model, inputs = FourierPositions().eval(), (torch.randn(2, 3, 8, 8),)
+    analysis = analyze(model, inputs)
+    assert not [g for g in analysis.groups if any(m.name == "token_projection.weight" and m.dim == 1
+                                                  for m in g.members)], analysis.describe()
+    plan = random_plan(analysis, 0.5, exact_only=True)
+    zeroed = zero_removed(model, analysis, plan)
+    assert max_relative_error(outputs(apply_plan(zeroed, analysis, plan).module, inputs), outputs(zeroed, inputs)) < 1e-5
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
+    assert result.module.stem.out_channels == 8 and result.module.token_projection.in_channels == 8

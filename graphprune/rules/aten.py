@@ -240,8 +240,11 @@ def cat(ctx: RuleContext, node: fx.Node) -> None:
 
 @R.register(aten.stack)
 def stack(ctx: RuleContext, node: fx.Node) -> None:
+    """The new dim holds one entry per tensor the code lists: removing one would not remove the
+    tensor from the code's list, so it is frozen."""
     out = ctx.out(node)
     dim = _nd(arg(node, 1, "dim", 0)[0], len(out))
+    ctx.freeze(out[dim], "stack: the code lists each stacked tensor by position", node)
     rest = [a for i, a in enumerate(out) if i != dim]
     for x in node.args[0]:
         ctx.unify_all(ctx.dims(x), rest, node)
