@@ -137,7 +137,7 @@ def invariants(x: Any) -> tuple:
 
 def factor_source(factor: Any) -> AnySource | None:
     """Where one factor of a monomial came from; None for a plain int."""
-    return factor.source if isinstance(factor, (_Tagged, _ShapeRead)) else None
+    return factor.source if isinstance(factor, _Read) else None
 
 
 def _cancel(top: tuple, bottom: tuple) -> tuple[tuple, tuple]:
@@ -216,24 +216,23 @@ def _with_arithmetic(cls: type) -> type:
     return cls
 
 
+class _Read(_Tracked):
+    """A number read from one source, unchanged."""
+
+    @property
+    def source(self) -> AnySource:
+        (source,) = self.sources
+        return source
+
+
 @_with_arithmetic
-class _Tagged(_Tracked, int):
+class _Tagged(_Read, int):
     """An int attribute read during capture."""
 
-    @property
-    def source(self) -> Source:
-        (source,) = self.sources
-        return source
-
 
 @_with_arithmetic
-class _ShapeRead(_Tracked, int):
+class _ShapeRead(_Read, int):
     """A size read from a traced tensor during capture."""
-
-    @property
-    def source(self) -> ShapeSource:
-        (source,) = self.sources
-        return source
 
 
 @_with_arithmetic
@@ -303,7 +302,6 @@ def _derive_tagged(value: int, source: AnySource) -> _Tagged | _ShapeRead:
 
 
 _SHAPE_READS = (torch.Tensor.size, torch.Tensor.shape.__get__, torch.Tensor.__len__)
-_DIRECT = (_Tagged, _ShapeRead)
 
 
 def _read_shape(func: Any, args: tuple, kwargs: dict, out: Any, tracer: Any) -> Any:
@@ -357,7 +355,7 @@ class _UseRecorder(TorchFunctionMode):
         sized = _size_uses(func, args, kwargs)
         placed = {id(u.value) for u in sized}
         for leaf in _leaves((args, tuple(kwargs.values()))):
-            if isinstance(leaf, _Tracked) and id(leaf) not in placed and type(leaf) not in _DIRECT:
+            if isinstance(leaf, _Tracked) and id(leaf) not in placed and not isinstance(leaf, _Read):
                 self.state.uses.append(AttributeUse(leaf.sources, False, leaf, invariants=invariants(leaf)))
         graph = mode.tracer.graph if mode is not None else None
         last = next(reversed(graph.nodes), None) if graph is not None else None
@@ -373,7 +371,7 @@ def _size_uses(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
 
     def add(value: Any, packets: tuple, path: tuple, dim: int | None = None) -> None:
         if isinstance(value, _Tracked) and isinstance(value, int):
-            out.append(AttributeUse(value.sources, type(value) in _DIRECT, value, packets, path, dim, value.factors,
+            out.append(AttributeUse(value.sources, isinstance(value, _Read), value, packets, path, dim, value.factors,
                                     value.divisors))
 
     def sizes(rest: tuple) -> list:

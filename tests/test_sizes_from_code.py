@@ -68,16 +68,22 @@ def test_sequence_attributes_are_rewritten_entry_by_entry(make):
     model = make().eval()
     analysis = analyze(model, INPUTS)
     assert not analysis.frozen or all("computed" not in str(f) for f in analysis.frozen), analysis.describe()
+    _prunes_with_the_oracles(model, INPUTS, analysis)
+
+
+def _prunes_with_the_oracles(model: nn.Module, inputs: tuple, analysis) -> None:
+    """Keeping every channel is exact, removing zeroed channels changes nothing, and ChannelPrune
+    shrinks the model, which then runs its own forward code."""
     kept = apply_plan(model, analysis, Plan()).module
-    assert all(torch.equal(a, b) for a, b in zip(outputs(kept, INPUTS), outputs(model, INPUTS)))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(kept, inputs), outputs(model, inputs)))
     plan = random_plan(analysis, 0.5, exact_only=True)
     assert plan.keep, analysis.describe()
     zeroed = zero_removed(model, analysis, plan)
     pruned = apply_plan(zeroed, analysis, plan).module
-    assert max_relative_error(outputs(pruned, INPUTS), outputs(zeroed, INPUTS)) < 1e-5
-    result = gp.prune(model, INPUTS, passes=[ChannelPrune(0.5)])
+    assert max_relative_error(outputs(pruned, inputs), outputs(zeroed, inputs)) < 1e-5
+    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
     assert result.report.params_after < result.report.params
-    assert result.module(*INPUTS).shape == model(*INPUTS).shape
+    assert result.module(*inputs).shape == model(*inputs).shape
 
 
 def test_the_callers_sequence_attributes_keep_their_type_and_values():
@@ -177,22 +183,10 @@ SHAPE_CASES = [(ShapeReadAttention, (2, 5, 8)), (SizeCallAttention, (2, 5, 8)), 
 
 @pytest.mark.parametrize("make, shape", SHAPE_CASES, ids=[c.__name__ for c, _ in SHAPE_CASES])
 def test_sizes_read_from_shapes_prune_with_the_oracles(make, shape):
-    """The spaces a shape-read size belongs to are coupled, not frozen: keeping every channel is
-    exact, removing zeroed channels changes nothing, and ChannelPrune shrinks the model, which then
-    runs its own forward code."""
+    """The spaces a shape-read size belongs to are coupled, not frozen, and prune with the oracles."""
     torch.manual_seed(0)
     model, inputs = make().eval(), (torch.randn(*shape),)
-    analysis = analyze(model, inputs)
-    kept = apply_plan(model, analysis, Plan()).module
-    assert all(torch.equal(a, b) for a, b in zip(outputs(kept, inputs), outputs(model, inputs)))
-    plan = random_plan(analysis, 0.5, exact_only=True)
-    assert plan.keep, analysis.describe()
-    zeroed = zero_removed(model, analysis, plan)
-    pruned = apply_plan(zeroed, analysis, plan).module
-    assert max_relative_error(outputs(pruned, inputs), outputs(zeroed, inputs)) < 1e-5
-    result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
-    assert result.report.params_after < result.report.params
-    assert result.module(*inputs).shape == model(*inputs).shape
+    _prunes_with_the_oracles(model, inputs, analyze(model, inputs))
 
 
 @pytest.mark.parametrize("make", [ShapeReadAttention, FunctionalAttention], ids=lambda c: c.__name__)
