@@ -213,7 +213,7 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         if kind == "code_constant":
             for atom in ctx.dims(node) or []:
                 solver.freeze(atom, FreezeReason("a tensor constant built inside forward cannot be resized", name))
-    _couple_attribute_sizes(ctx, captured)
+    _couple_code_sizes(ctx, captured)
     _constrain_modules(ctx, captured)
     for node in captured.user_inputs:
         for atom in flat_atoms(ctx.raw(node)):
@@ -264,7 +264,7 @@ def collect_groups(spaces: Spaces, tensors: dict[str, tuple[str, list[int]]],
     return groups, frozen
 
 
-def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
+def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
     """Apply what provenance says about sizes written in, or read by, the model's code.
 
     * One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
@@ -301,7 +301,7 @@ def _couple_attribute_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
     fixed: set[AnySource] = set()
     for c, use in computed:
         shape_only = all(isinstance(source, ShapeSource) for source in use.sources)
-        if shape_only and c.node.target.overloadpacket in (aten.slice, aten.narrow):
+        if shape_only and getattr(c.node.target, "overloadpacket", None) in (aten.slice, aten.narrow):
             continue  # a slice's parts already relate its bound to the dim it cuts (x[..., : x.shape[-1] // 2])
         sides = (_monomial_spaces(use.factors, use.divisors, direct, reads, c.node.name)
                  if len(c.atoms) == 1 and not c.base else None)

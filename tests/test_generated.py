@@ -1,6 +1,6 @@
 """Property tests: for random networks, the oracles hold or the pipeline refuses clearly.
 
-CI runs 200 networks through the structural oracles and 15 through the whole compression pipeline
+CI runs 120 networks through the structural oracles and 10 through the whole compression pipeline
 and the ONNX emitter; GRAPHPRUNE_FUZZ_EXAMPLES / GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES raise them.
 Networks are drawn as specs (plain data, :func:`tests.generated.network_specs`); a failing one,
 shrunk by hypothesis, is written to ``tests/regressions/`` and replayed from then on by
@@ -26,8 +26,8 @@ from graphprune.sparsity import masked_weights, satisfies
 from tests.generated import REGRESSIONS, build, kept_if_failing, network_specs
 from tests.oracles import Explodes, max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
-EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "200"))
-EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "120"))
+EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "10"))
 INPUTS = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)),)
 CALIBRATION = [INPUTS, (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)]
 FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
