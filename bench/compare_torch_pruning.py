@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 import graphprune as gp
-from graphprune.capture import capture, normalize_inputs
-from graphprune.macs import graph_macs
+from graphprune.frontends.torch.capture import capture, normalize_inputs
+from graphprune.frontends.torch.macs import graph_macs
 from graphprune.passes import ChannelPrune
 from samples import densenet, mobilenet, resnet, shufflenet, vit
 from tests.architectures import build as build_hf

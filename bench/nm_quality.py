@@ -16,7 +16,7 @@ import time
 import graphprune as gp
 from bench.minilm_quality import HELD_OUT
 from graphprune.passes import NMSparsity
-from graphprune.sparsity import masked_weights
+from graphprune.algorithms.nm import masked_weights
 from samples.minilm import SENTENCES, build, embed, tokenize
 
 MORE_CALIBRATION = [

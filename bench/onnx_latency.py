@@ -20,7 +20,7 @@ import torch
 import transformers as T
 
 import graphprune as gp
-from graphprune.latency import onnx_latency_ms
+from graphprune.emit.latency import onnx_latency_ms
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
 

@@ -29,7 +29,7 @@ import torch
 
 import graphprune as gp
 from bench.minilm_quality import HELD_OUT
-from graphprune.latency import onnx_latency_ms
+from graphprune.emit.latency import onnx_latency_ms
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples.minilm import build, tokenize
 

@@ -1,10 +1,10 @@
 """Dense vs 2:4 semi-structured GEMMs on a GPU, for LLaMA-7B shapes, and one LLaMA-shaped block.
 
 (a) ``y = x @ W.T`` for W of 4096x4096, 11008x4096 and 4096x11008 at 1 to 8192 tokens:
-    fp16 dense (cuBLAS) against fp16 2:4 (:class:`graphprune.sparse_kernels.SemiStructuredLinear`,
+    fp16 dense (cuBLAS) against fp16 2:4 (:class:`graphprune.emit.sparse_kernels.SemiStructuredLinear`,
     the layer ``to_sparse_kernels`` installs: a semi-structured weight, row-major result), and int8
     dense (``torch._int_mm``) against int8 2:4 (cuSPARSELt), both int8 layers being
-    :class:`graphprune.sparse_kernels.Int8SparseLinear` (input quantization, per-row scales, bias
+    :class:`graphprune.emit.sparse_kernels.Int8SparseLinear` (input quantization, per-row scales, bias
     included) so that only the matrix product differs.  Prints milliseconds per call and the
     dense/sparse speedups, each twice: called eagerly from Python (what ``to_sparse_kernels``
     times and decides by), and replayed from a CUDA graph (no host cost: the kernels alone, as a
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 import graphprune as gp
 from graphprune.passes import NMSparsity, Quantize
-from graphprune.copying import clone
-from graphprune.sparse_kernels import (Int8SparseLinear, captured, int8_sparse_linear, kernel_support, median_ms,
+from graphprune.frontends.torch.copying import clone
+from graphprune.emit.sparse_kernels import (Int8SparseLinear, captured, int8_sparse_linear, kernel_support, median_ms,
                                        sparse_replacement, to_sparse_kernels, uses_cusparselt)
-from graphprune.sparsity import LINEAR, NMPattern, nm_mask
+from graphprune.algorithms.nm import LINEAR, NMPattern, nm_mask
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 TOKENS = [1, 16, 64, 256, 1024, 4096, 8192]

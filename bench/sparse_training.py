@@ -16,7 +16,7 @@ import torch
 import graphprune as gp
 from bench.compensation_quality import ResidualNet
 from bench.digits import fit, split
-from graphprune.copying import clone
+from graphprune.frontends.torch.copying import clone
 from graphprune.passes import NMSparsity
 from graphprune.train import SparseTraining
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-import graphprune.apply as apply_module
+import graphprune.frontends.torch.apply as apply_module
 from graphprune import prune
-from graphprune.analysis import analyze
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.analysis import analyze
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
 
 REPEATS = 5

@@ -10,19 +10,19 @@
     out.save("model.pruned.onnx")
 """
 
-from graphprune.analysis import Analysis, FrozenSpace, Group, Member
-from graphprune.api import PruneResult, analyze, plan, prune
-from graphprune.checkpoint import CheckpointReport, apply_to_checkpoint
-from graphprune.onnx_export import ExportReport, export_onnx
-from graphprune.onnx_prune import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
+from graphprune.frontends.torch.analysis import Analysis, FrozenSpace, Group, Member
+from graphprune.api.torch import PruneResult, analyze, plan, prune
+from graphprune.io.checkpoint import CheckpointReport, apply_to_checkpoint
+from graphprune.emit.onnx_export import ExportReport, export_onnx
+from graphprune.api.onnx import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
 from graphprune.errors import (ApplyError, CaptureError, ContractError, GraphpruneError, InputError, InternalError,
                                PostconditionError)
-from graphprune.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
-from graphprune.plan import Plan
-from graphprune.plan_file import PlanFile, apply_plan_file
-from graphprune.recipe import load_recipe
-from graphprune.sparsity import finalize
-from graphprune.streaming import parameters_on_meta
+from graphprune.core.pipeline import CompressionState, Pass, PassManager, PassResult, Stage
+from graphprune.core.plan import Plan
+from graphprune.io.plan_file import PlanFile, apply_plan_file
+from graphprune.io.recipe import load_recipe
+from graphprune.algorithms.nm import finalize
+from graphprune.frontends.torch.streaming import parameters_on_meta
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ recipes, outputs that would replace an input or a file graphprune did not write,
 refused), 3 a model graphprune cannot handle (capture, apply, ONNX verification), 4 a bug in graphprune
 (:class:`~graphprune.errors.InternalError`), 1 anything unexpected.
 
-Commands that write do it in one :class:`~graphprune.outputs.Outputs` transaction: ``prune`` writes the
+Commands that write do it in one :class:`~graphprune.io.outputs.Outputs` transaction: ``prune`` writes the
 ONNX file, ``<out>.plan.json``/``.safetensors`` and ``<out>.report/`` all or none, never over the model,
 calibration or recipe file it read, and over an existing file only if graphprune wrote it or with
 ``--overwrite``.
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphprune.coupling_graph import write_graph
+from graphprune.emit.coupling_graph import write_graph
 from graphprune.errors import ContractError, GraphpruneError, InputError, InternalError
-from graphprune.latency import onnx_latency_ms
-from graphprune.outputs import Outputs
+from graphprune.emit.latency import onnx_latency_ms
+from graphprune.io.outputs import Outputs
 
 EXIT_INPUT, EXIT_MODEL, EXIT_BUG = 2, 3, 4  # anything unexpected propagates: Python exits 1 with the traceback
 
@@ -118,7 +118,7 @@ def load_calibration(path: str, batch_size: int) -> list:
 
 def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-    from graphprune.recipe import load_recipe
+    from graphprune.io.recipe import load_recipe
 
     flags = args.channels is not None or args.nm is not None or args.int8
     if args.recipe and flags:
@@ -151,9 +151,9 @@ def _needs_calibration(passes: Sequence) -> bool:
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
     import graphprune as gp
-    from graphprune.capture import model_device
-    from graphprune.importance import resolve
-    from graphprune.macs import count_params, graph_macs
+    from graphprune.frontends.torch.capture import model_device
+    from graphprune.algorithms.importance import resolve
+    from graphprune.frontends.torch.macs import count_params, graph_macs
 
     if args.model.endswith(".onnx"):
         analysis = gp.analyze_onnx(args.model)
@@ -195,8 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
-    from graphprune.onnx_export import made_by_graphprune
-    from graphprune.report_page import check_report_folder
+    from graphprune.emit.onnx_export import made_by_graphprune
+    from graphprune.emit.report_page import check_report_folder
 
     passes, experimental = _passes(args)
     if not args.output.endswith(".onnx"):
@@ -274,7 +274,7 @@ def _model_files(spec: str) -> list[str]:
     """The files a MODEL argument reads (an .onnx file with its external data, or a .pt2), which no
     output may replace; none for ``package.module:factory``."""
     if spec.endswith(".onnx"):
-        from graphprune.onnx_export import onnx_files
+        from graphprune.emit.onnx_export import onnx_files
 
         return onnx_files(spec)
     return [spec] if spec.endswith(".pt2") else []
@@ -293,7 +293,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict:
-    from graphprune.plan_file import PlanFile
+    from graphprune.io.plan_file import PlanFile
 
     plan = PlanFile.load(args.plan)
     if args.other is None:
@@ -307,7 +307,7 @@ def cmd_plan(args: argparse.Namespace) -> dict:
 
 
 def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
-    from graphprune.checkpoint import apply_to_checkpoint
+    from graphprune.io.checkpoint import apply_to_checkpoint
 
     config = None
     if args.config is not None:

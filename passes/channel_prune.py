@@ -1,6 +1,6 @@
 """ChannelPrune: structured channel pruning over the analysed groups.
 
-For every prunable group the pass scores its channels (:mod:`graphprune.importance`),
+For every prunable group the pass scores its channels (:mod:`graphprune.algorithms.importance`),
 decides how many to keep (uniform ratio, per-module overrides, or a global ranking with a
 per-group cap), rounds the kept count so that every tensor dim stays a multiple of
 ``round_to``, and applies the plan: tensors physically shrink and the module's attributes
@@ -17,25 +17,25 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from graphprune.analysis import Analysis, Group
-from graphprune.apply import apply_plan
-from graphprune.distributed import single_process_only
+from graphprune.frontends.torch.analysis import Analysis, Group
+from graphprune.frontends.torch.apply import apply_plan
+from graphprune.frontends.torch.distributed import single_process_only
 from graphprune.errors import InputError
-from graphprune.calibration import Calibration, batches
-from graphprune.importance import GroupScore, Importance, LossFn, checked_scores, resolve
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
+from graphprune.frontends.torch.calibration import Calibration, batches
+from graphprune.algorithms.importance import GroupScore, Importance, LossFn, checked_scores, resolve
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.algorithms.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
                                      reestimate_batchnorm, refit_norms)
-from graphprune.capture import qualified
-from graphprune.copying import clone
-from graphprune.sensitivity import output_errors
-from graphprune import onnx_compensation
-from graphprune.onnx_apply import apply_onnx_plan
-from graphprune.onnx_capture import owner_names
-from graphprune.plan import Plan
+from graphprune.frontends.torch.capture import qualified
+from graphprune.frontends.torch.copying import clone
+from graphprune.algorithms.sensitivity import output_errors
+from graphprune.frontends.onnx import compensation as onnx_compensation
+from graphprune.frontends.onnx.apply import apply_onnx_plan
+from graphprune.frontends.onnx.capture import owner_names
+from graphprune.core.plan import Plan
 
 if TYPE_CHECKING:
-    from graphprune.onnx_prune import OnnxState
+    from graphprune.api.onnx import OnnxState
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 NORMALIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor | float]] = {
@@ -54,8 +54,8 @@ class ChannelPrune(Pass):
         round_to: kept channel counts make every affected tensor dim a multiple of this.
         importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``,
             ``"fluctuation"`` (the last three need ``calibration=`` in ``gp.prune``; see
-            :mod:`graphprune.importance`),
-            an :class:`~graphprune.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
+            :mod:`graphprune.algorithms.importance`),
+            an :class:`~graphprune.algorithms.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
             the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
@@ -65,12 +65,12 @@ class ChannelPrune(Pass):
             ``"reconstruct"`` to re-fit each layer that lost inputs by ridge least squares to the dense
             model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
             layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
-            (:mod:`graphprune.compensation`).
+            (:mod:`graphprune.algorithms.compensation`).
         allocation: how the amount is spread over groups: ``"uniform"`` (the same ratio everywhere),
             ``"global"`` (rank channels of all groups together, scores normalised per group) or
             ``"sensitivity"`` (measure each group's output error on the first calibration batch at
             ratios 1/8, 2/8, ..., then greedily take the cheapest error per unit of cost saved until
-            the target, or ``ratio`` of all channels, is met; :mod:`graphprune.sensitivity`).
+            the target, or ``ratio`` of all channels, is met; :mod:`graphprune.algorithms.sensitivity`).
             ``max_ratio`` caps any one group.
         normalize: how ``"global"`` makes scores of different groups comparable: each group's scores
             divided by their ``"mean"`` (default: a channel is ranked by how far it falls below its
@@ -224,7 +224,7 @@ class ChannelPrune(Pass):
     def _plan_for_target(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
                          scores: dict[int, torch.Tensor]) -> Plan:
         """The plan at the smallest ratio (uniform, or the global ranking's) whose predicted
-        MACs / params (:mod:`graphprune.macs`, from the analysis alone) fit the target."""
+        MACs / params (:mod:`graphprune.frontends.torch.macs`, from the analysis alone) fit the target."""
         kind, target = self.target
         cost = self._cost(analysis, model)
         dense = cost(Plan())
@@ -380,7 +380,7 @@ class ChannelPrune(Pass):
         return "norm re-fit" if self.compensate and self.refit_norms else None
 
     def _check_streamable(self) -> None:
-        """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.plan`) cannot do."""
+        """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.core.plan`) cannot do."""
         what = f"compensate={self.compensate!r}" if self.compensate else \
             "allocation='sensitivity'" if self.allocation == "sensitivity" else \
             f"importance={self.importance_name!r}" if self.importance_name in ("taylor", "bn_scale") else None
@@ -391,7 +391,7 @@ class ChannelPrune(Pass):
 
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
-        graph (:func:`graphprune.onnx_apply.apply_onnx_plan`)."""
+        graph (:func:`graphprune.frontends.onnx.apply.apply_onnx_plan`)."""
         if self.importance_name in ("taylor", "bn_scale"):
             raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
                              "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "

@@ -8,10 +8,10 @@ skipped; every skip is reported with its reason.
 
 Criteria: ``magnitude`` (|W|); ``wanda`` (|W| times the RMS of the matching input channel over
 calibration batches, Sun et al. 2023); ``sparsegpt`` (second-order mask choice and weight update,
-:mod:`graphprune.sparsegpt`), layer by layer in graph order with each layer's inputs taken from the
+:mod:`graphprune.algorithms.sparsegpt`), layer by layer in graph order with each layer's inputs taken from the
 already-sparsified model (layers that read the same activation share one Hessian).  Masks are
 attached as parametrizations, so fine-tuning cannot revive pruned weights;
-:func:`graphprune.sparsity.finalize` bakes them in.
+:func:`graphprune.algorithms.nm.finalize` bakes them in.
 """
 
 from __future__ import annotations
@@ -24,24 +24,24 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from graphprune import onnx_layers, onnx_sparsity
-from graphprune.onnx_capture import owner_names, tensor_of
-from graphprune.analysis import Analysis
-from graphprune.calibration import Calibration, Consumer, Runner, batches, check_input, consumers, input_rms, run_batches
-from graphprune.capture import tensor_at
-from graphprune.distributed import reduce_sum
+from graphprune.frontends.onnx import layers as onnx_layers, sparsity as onnx_sparsity
+from graphprune.frontends.onnx.capture import owner_names, tensor_of
+from graphprune.frontends.torch.analysis import Analysis
+from graphprune.frontends.torch.calibration import Calibration, Consumer, Runner, batches, check_input, consumers, input_rms, run_batches
+from graphprune.frontends.torch.capture import tensor_at
+from graphprune.frontends.torch.distributed import reduce_sum
 from graphprune.errors import InputError
-from graphprune.permutation import retained, search
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
-from graphprune.sparsegpt import ConvGeometry, conv_columns, prune_matrix
-from graphprune.onnx_prune import MaskedWeight
-from graphprune.sparsity import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
+from graphprune.algorithms.permutation import retained, search
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
+from graphprune.algorithms.sparsegpt import ConvGeometry, conv_columns, prune_matrix
+from graphprune.api.onnx import MaskedWeight
+from graphprune.algorithms.nm import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
 
-from graphprune.streaming import AFTER, BEFORE
+from graphprune.frontends.torch.streaming import AFTER, BEFORE
 
 if TYPE_CHECKING:
-    from graphprune.onnx_prune import OnnxState
-    from graphprune.streaming import Stream
+    from graphprune.api.onnx import OnnxState
+    from graphprune.frontends.torch.streaming import Stream
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
 
@@ -59,7 +59,7 @@ class NMSparsity(Pass):
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
         permute: before masking, permute each channel group (through every tensor that indexes it,
             so the model's function is unchanged) to retain more magnitude under the pattern;
-            ``permute_sweeps`` sets the search effort per group (:mod:`graphprune.permutation`).
+            ``permute_sweeps`` sets the search effort per group (:mod:`graphprune.algorithms.permutation`).
         ignore: module names (or prefixes) left dense.
         dense_first_conv: leave convolutions that read the model input dense.
         dense_heads: leave layers whose outputs reach the model outputs dense.
@@ -160,7 +160,7 @@ class NMSparsity(Pass):
         return PassResult(state, bool(layers), details)
 
     def call_onnx(self, state: OnnxState) -> PassResult:
-        """Magnitude or Wanda masks on the weight initializers (:mod:`graphprune.onnx_sparsity`),
+        """Magnitude or Wanda masks on the weight initializers (:mod:`graphprune.frontends.onnx.sparsity`),
         Wanda's statistics read from onnxruntime on the calibration feeds."""
         if self.method == "learned" or self.permute:
             raise InputError(f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "

@@ -5,7 +5,7 @@ transformers' Conv1D, conv, matmul against a parameter), except those named or t
 ``skip`` and those whose weight object is shared with another module (quantizing one user of
 a tied weight would silently change the other).  Each skip is reported with its reason.
 
-What is quantized (see :mod:`graphprune.quantization` for the arithmetic):
+What is quantized (see :mod:`graphprune.algorithms.quant` for the arithmetic):
 - the weight, per output channel, symmetric, zero-point 0, so N:M zeros stay exact zeros;
 - the layer's input activation, per tensor, calibrated;
 - the layer's own bias, as int32 with scale ``input_scale * weight_scale[c]`` (what integer kernels
@@ -31,21 +31,21 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from graphprune import onnx_quantize
-from graphprune.calibration import Consumer, batches, check_input, consumers, run_batches
-from graphprune.capture import tensor_at
-from graphprune.distributed import single_process_only
+from graphprune.frontends.onnx import quantize as onnx_quantize
+from graphprune.frontends.torch.calibration import Consumer, batches, check_input, consumers, run_batches
+from graphprune.frontends.torch.capture import tensor_at
+from graphprune.frontends.torch.distributed import single_process_only
 from graphprune.errors import InputError
-from graphprune.onnx_capture import owner_names
-from graphprune.onnx_layers import weight_layers
-from graphprune.folding import fold_batchnorm, foldable_batchnorm
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.quantization import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
+from graphprune.frontends.onnx.capture import owner_names
+from graphprune.frontends.onnx.layers import weight_layers
+from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.algorithms.quant import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
                                      quantize_weight, read_quant_plan, weight_axis)
-from graphprune.sparsity import CONV
+from graphprune.algorithms.nm import CONV
 
 if TYPE_CHECKING:
-    from graphprune.onnx_prune import OnnxState
+    from graphprune.api.onnx import OnnxState
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
 aten = torch.ops.aten
@@ -153,7 +153,7 @@ class Quantize(Pass):
 
     def call_onnx(self, state: OnnxState) -> PassResult:
         """The same plan, calibrated in onnxruntime and written as QDQ nodes
-        (:mod:`graphprune.onnx_quantize`)."""
+        (:mod:`graphprune.frontends.onnx.quantize`)."""
         model = state.capture.model
         if any(not isinstance(s, str) for s in self.skip):
             raise InputError("Quantize skip on ONNX models takes names (module paths, which torch exports use as "

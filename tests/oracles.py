@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from graphprune.analysis import Analysis
-from graphprune.capture import normalize_inputs
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.plan import Plan
+from graphprune.frontends.torch.analysis import Analysis
+from graphprune.frontends.torch.capture import normalize_inputs
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.core.plan import Plan
 
 
 def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
@@ -78,8 +78,8 @@ def zero_removed_onnx(capture, analysis: Analysis, plan: Plan):
     import numpy as np
     import onnx_ir as ir
 
-    from graphprune.onnx_apply import copy_model
-    from graphprune.onnx_capture import OnnxCapture, measure
+    from graphprune.frontends.onnx.apply import copy_model
+    from graphprune.frontends.onnx.capture import OnnxCapture, measure
 
     masks = plan.masks(analysis)
     model = copy_model(capture.model)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphprune.algebra import CAT, PROD, FreezeReason, SpaceSolver, _common_radix
+from graphprune.core.algebra import CAT, PROD, FreezeReason, SpaceSolver, _common_radix
 
 
 def test_unify_merges_and_checks_sizes():

@@ -12,7 +12,7 @@ import transformers as T
 
 import graphprune as gp
 from graphprune.passes import ChannelPrune
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
 from samples import resnet
 from tests.oracles import outputs
 

@@ -175,7 +175,7 @@ def test_a_failing_pass_leaves_the_callers_onnx_file_untouched(before, tmp_path)
 
 
 def test_onnx_files_over_the_protobuf_limit_are_refused_before_parsing(tmp_path, monkeypatch):
-    import graphprune.onnx_capture as onnx_capture
+    import graphprune.frontends.onnx.capture as onnx_capture
 
     path = tmp_path / "big.onnx"
     onnx.save(_small_onnx(), str(path))

@@ -12,10 +12,10 @@ import transformers as T
 from safetensors import safe_open
 
 import graphprune as gp
-import graphprune.checkpoint as checkpoint
-from graphprune.copying import clone
+import graphprune.io.checkpoint as checkpoint
+from graphprune.frontends.torch.copying import clone
 from graphprune.passes import ChannelPrune, NMSparsity
-from graphprune.sparsity import LINEAR, NMPattern, satisfies
+from graphprune.algorithms.nm import LINEAR, NMPattern, satisfies
 
 # hidden 64 -> 32, query heads 4 -> 1 and kv heads 2 -> 1 (GQA groups), MLP 128 -> 64 (see the plan)
 CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.compensation import reestimate_batchnorm
+from graphprune.algorithms.compensation import reestimate_batchnorm
 from graphprune.passes import ChannelPrune
 from samples import resnet
 
@@ -130,8 +130,8 @@ def test_norm_refit_is_exact_for_an_rmsnorm_that_loses_channels_which_were_zero(
 
 
 def test_norm_refit_never_increases_the_calibration_error_of_a_layernorm():
-    from graphprune.apply import apply_plan
-    from graphprune.compensation import record_norms, refit_norms
+    from graphprune.frontends.torch.apply import apply_plan
+    from graphprune.algorithms.compensation import record_norms, refit_norms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 4)).eval()
@@ -211,12 +211,12 @@ def test_reconstruction_never_increases_calibration_error():
     plain = gp.prune(model, batches[0], passes=[ChannelPrune(0.5)], calibration=batches)
     fixed = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="reconstruct")], calibration=batches)
     assert calibration_error(fixed.module) < calibration_error(plain.module)
-    from graphprune.compensation import reconstruct  # per layer too: every record is no worse than before
+    from graphprune.algorithms.compensation import reconstruct  # per layer too: every record is no worse than before
 
     analysis = gp.analyze(model, batches[0])
     plan = ChannelPrune(0.5).plan(analysis, model, None)
-    from graphprune.apply import apply_plan
-    from graphprune.copying import clone
+    from graphprune.frontends.torch.apply import apply_plan
+    from graphprune.frontends.torch.copying import clone
 
     pruned = apply_plan(clone(model), analysis, plan).module
     records, skipped = reconstruct(analysis, model, pruned, plan, batches)
@@ -239,9 +239,9 @@ def test_reconstruction_of_a_grouped_conv_is_exact_per_group():
 
 
 def test_reconstruction_refits_grouped_convs_after_a_depthwise_one_without_increasing_error():
-    from graphprune.apply import apply_plan
-    from graphprune.compensation import reconstruct
-    from graphprune.copying import clone
+    from graphprune.frontends.torch.apply import apply_plan
+    from graphprune.algorithms.compensation import reconstruct
+    from graphprune.frontends.torch.copying import clone
 
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
@@ -270,7 +270,7 @@ def test_reconstruction_refuses_to_fit_more_unknowns_than_rows():
 
 @pytest.mark.parametrize("name", ["bert", "llama_gqa", "convnext"])
 def test_planned_cost_equals_the_pruned_models_cost(name):
-    from graphprune.macs import planned_macs, planned_params
+    from graphprune.frontends.torch.macs import planned_macs, planned_params
     from tests.architectures import build
 
     model, inputs = build(name)
@@ -327,7 +327,7 @@ def test_sensitivity_allocation_takes_channels_where_they_matter_least():
 
 
 def test_silencing_equals_removal_and_restores_every_parameter():
-    from graphprune.sensitivity import output_errors
+    from graphprune.algorithms.sensitivity import output_errors
     from tests.architectures import build
 
     torch.manual_seed(0)
@@ -339,7 +339,7 @@ def test_silencing_equals_removal_and_restores_every_parameter():
     errors = output_errors(analysis, model, [group], scores, lambda g: [6], (x,))
     plan = gp.Plan()
     plan.set(analysis, group.id, list(range(6, 16)))
-    from graphprune.apply import apply_plan
+    from graphprune.frontends.torch.apply import apply_plan
 
     pruned = apply_plan(model, analysis, plan).module
     with torch.no_grad():

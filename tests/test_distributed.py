@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import graphprune as gp
-import graphprune.distributed as distributed
+import graphprune.frontends.torch.distributed as distributed
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests.train_setups import tiny
 

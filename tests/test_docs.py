@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from graphprune.recipe_reference import reference_markdown
+from graphprune.io.recipe_reference import reference_markdown
 from graphprune.rules.optable import markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ def test_supported_ops_table_is_current():
 
 def test_recipes_reference_is_current():
     with open(os.path.join(ROOT, "docs", "RECIPES.md")) as f:
-        assert f.read() == reference_markdown(), "regenerate with: python -m graphprune.recipe_reference > docs/RECIPES.md"
+        assert f.read() == reference_markdown(), "regenerate with: python -m graphprune.io.recipe_reference > docs/RECIPES.md"
 
 
 def test_readme_python_example_runs(tmp_path):

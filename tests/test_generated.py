@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.plan import Plan
-from graphprune.sparsity import masked_weights, satisfies
+from graphprune.core.plan import Plan
+from graphprune.algorithms.nm import masked_weights, satisfies
 from tests.generated import REGRESSIONS, build, kept_if_failing, network_specs
 from tests.oracles import Explodes, max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
@@ -36,7 +36,7 @@ FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.
 def structural_oracles(model: torch.nn.Module) -> None:
     """Captured without unknown ops; keep-all is exact; pruning channels zeroed beforehand changes
     nothing; ChannelPrune's result runs with the same output shape.  Every apply also runs the
-    value oracle of verification (:mod:`graphprune.value_oracle`) on all of its groups."""
+    value oracle of verification (:mod:`graphprune.frontends.torch.value_oracle`) on all of its groups."""
     analysis = gp.analyze(model, INPUTS)
     assert not analysis.rule_errors and not analysis.unsupported, analysis.describe()
     kept = apply_plan(model, analysis, Plan()).module

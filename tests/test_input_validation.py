@@ -16,8 +16,8 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.importance import Importance
-from graphprune.onnx_capture import read_model
+from graphprune.algorithms.importance import Importance
+from graphprune.frontends.onnx.capture import read_model
 from graphprune.passes import ChannelPrune, Quantize
 
 SECRET = np.arange(16, dtype=np.float32)  # 64 bytes a model must never be able to pull in
@@ -164,7 +164,7 @@ def test_recipes_are_checked_against_their_passes_options(tmp_path, body, match)
 def test_every_option_but_callables_can_be_written_in_a_recipe():
     """The schema is read off the passes' annotations: an option whose type it cannot express in
     TOML would be refused in every recipe, so the list of such options is pinned here."""
-    from graphprune.recipe import _toml_forms, available_passes, option_types
+    from graphprune.io.recipe import _toml_forms, available_passes, option_types
 
     unwritable = {(name, key) for name, cls in available_passes().items()
                   for key, annotation in option_types(cls).items() if not _toml_forms(annotation)}

@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 import graphprune as gp
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 

@@ -13,9 +13,9 @@ from torch.nn.utils import parametrize
 
 import graphprune as gp
 from graphprune.passes import ChannelPrune, NMSparsity
-from graphprune.permutation import retained, search
-from graphprune.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
+from graphprune.algorithms.permutation import retained, search
+from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
 from samples import resnet
 from tests.architectures import build
 
@@ -162,7 +162,7 @@ def test_wanda_needs_calibration_and_ignore_names_must_exist():
 
 # ------------------------------------------------------------------ SparseGPT
 def test_sparsegpt_reconstructs_a_layer_better_than_magnitude():
-    from graphprune.sparsegpt import prune_matrix
+    from graphprune.algorithms.sparsegpt import prune_matrix
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1024, 64, generator=g) @ torch.randn(64, 64, generator=g) * 0.3  # correlated inputs

@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 import graphprune as gp
-import graphprune.onnx_export as onnx_export
-from graphprune.capture import normalize_inputs
-from graphprune.copying import clone
+import graphprune.emit.onnx_export as onnx_export
+from graphprune.frontends.torch.capture import normalize_inputs
+from graphprune.frontends.torch.copying import clone
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.pipeline import detect_stage
-from graphprune.sparsity import finalize, masked_weights
+from graphprune.core.pipeline import detect_stage
+from graphprune.algorithms.nm import finalize, masked_weights
 from samples.resnet import ResNet
 from tests.architectures import ARCHITECTURES, build
 
@@ -202,7 +202,7 @@ def test_exporter_failure_is_reported_with_its_cause(tmp_path):
 
 
 def test_a_wrongly_written_int8_layer_is_caught(tmp_path, monkeypatch):
-    import graphprune.qdq as qdq
+    import graphprune.emit.qdq as qdq
 
     _model, _x, result = _resnet_s_then_q()
     real, calls = qdq.integer_weight, []

@@ -17,12 +17,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
-from graphprune.onnx_apply import apply_onnx_plan
-from graphprune.onnx_capture import capture_onnx, read_model, run_model
-from graphprune.onnx_analysis import analyze_onnx_capture
+from graphprune.frontends.onnx.apply import apply_onnx_plan
+from graphprune.frontends.onnx.capture import capture_onnx, read_model, run_model
+from graphprune.frontends.onnx.analysis import analyze_onnx_capture
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.sparsity import masked_weights
-from graphprune.plan import Plan
+from graphprune.algorithms.nm import masked_weights
+from graphprune.core.plan import Plan
 from tests.architectures import build
 from tests.oracles import outputs, random_plan, zero_removed_onnx
 

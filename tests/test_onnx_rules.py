@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.onnx_analysis import analyze_onnx_capture
-from graphprune.onnx_apply import apply_onnx_plan
-from graphprune.onnx_capture import capture_onnx, read_model
-from graphprune.plan import Plan
+from graphprune.frontends.onnx.analysis import analyze_onnx_capture
+from graphprune.frontends.onnx.apply import apply_onnx_plan
+from graphprune.frontends.onnx.capture import capture_onnx, read_model
+from graphprune.core.plan import Plan
 from tests.oracles import random_plan, zero_removed_onnx
 
 RNG = np.random.default_rng(0)

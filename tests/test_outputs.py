@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-import graphprune.outputs as outputs_module
+import graphprune.io.outputs as outputs_module
 from graphprune import cli
 from graphprune.errors import InternalError
-from graphprune.outputs import STAGING_PREFIX, Outputs
+from graphprune.io.outputs import STAGING_PREFIX, Outputs
 from graphprune.passes import ChannelPrune
 from tests.oracles import snapshot, unchanged
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples.resnet import ResNet
 from tests.architectures import build
@@ -121,7 +121,7 @@ def test_a_plan_carries_the_values_passes_changed(pipeline, tmp_path):
 
 
 def test_a_large_plan_is_written_and_read_in_parts(tmp_path, monkeypatch):
-    from graphprune import tensor_store
+    from graphprune.io import tensor_store
 
     model, inputs = build("llama_gqa")
     plan = gp.plan(model, inputs, [NMSparsity(2, 4, method="sparsegpt")], calibration=[inputs])
@@ -167,7 +167,7 @@ def test_a_plan_saved_again_replaces_its_own_files(small_plan, tmp_path):
 def test_every_part_of_a_large_plan_is_claimed(small_plan, tmp_path, monkeypatch):
     """Parts are claimed as they are started (their number is known only at the end): a user's
     file where a later part would go refuses the whole save, and no file of the plan lands."""
-    from graphprune import tensor_store
+    from graphprune.io import tensor_store
 
     monkeypatch.setattr(tensor_store, "PART_BYTES", 64)
     (tmp_path / "run-00002.safetensors").write_bytes(b"someone else's")
@@ -182,7 +182,7 @@ def test_every_part_of_a_large_plan_is_claimed(small_plan, tmp_path, monkeypatch
 
 
 def test_a_plan_joins_the_callers_transaction(small_plan, tmp_path):
-    from graphprune.outputs import Outputs
+    from graphprune.io.outputs import Outputs
 
     with Outputs() as out:
         json_path, tensor_path = small_plan.save(tmp_path / "run", outputs=out)

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-from graphprune.folding import fold_batchnorm
+from graphprune.frontends.torch.folding import fold_batchnorm
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.pipeline import detect_stage
-from graphprune.quantization import (ACT_QMAX, ACT_QMIN, FakeQuantWeight, QuantPlan, RangeObserver,
+from graphprune.core.pipeline import detect_stage
+from graphprune.algorithms.quant import (ACT_QMAX, ACT_QMIN, FakeQuantWeight, QuantPlan, RangeObserver,
                                      activation_qparams, is_quantized, weight_scales)
-from graphprune.sparsity import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
 from tests.architectures import build
 
 

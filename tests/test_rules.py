@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.plan import Plan
+from graphprune.core.plan import Plan
 from tests import zoo
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 

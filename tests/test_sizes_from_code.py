@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphprune as gp
-from graphprune.analysis import analyze
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.analysis import analyze
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.plan import Plan
+from graphprune.core.plan import Plan
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 
 

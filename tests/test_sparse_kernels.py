@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import graphprune as gp
 from graphprune.passes import NMSparsity, Quantize
-from graphprune.copying import clone
-from graphprune.sparse_kernels import (Int8SparseLinear, SemiStructuredLinear, compress_2to4, decompress_2to4, eligible, int8_sparse_linear,
+from graphprune.frontends.torch.copying import clone
+from graphprune.emit.sparse_kernels import (Int8SparseLinear, SemiStructuredLinear, compress_2to4, decompress_2to4, eligible, int8_sparse_linear,
                                        kernel_support, shape_constraint, to_sparse_kernels)
-from graphprune.sparsity import LINEAR, NMPattern, masked_weights, nm_mask, satisfies
+from graphprune.algorithms.nm import LINEAR, NMPattern, masked_weights, nm_mask, satisfies
 
 
 def test_reference_format_by_hand():
@@ -201,7 +201,7 @@ def test_gpu_int8_conversion_of_a_whole_model():
 
 @needs_sparse_gpu
 def test_gpu_graph_timing_decides_for_graph_replay_and_the_result_replays_in_a_graph():
-    from graphprune.sparse_kernels import captured
+    from graphprune.emit.sparse_kernels import captured
 
     result, x = _masked_mlp(2048, 4096, (4, 64))
     converted, report = result.to_sparse_kernels(timing="graph")

@@ -15,9 +15,9 @@ import transformers as T
 from safetensors.torch import save_file
 
 import graphprune as gp
-from graphprune.copying import clone
+from graphprune.frontends.torch.copying import clone
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.streaming import Stream
+from graphprune.frontends.torch.streaming import Stream
 from tests import architectures
 
 IDS = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))}

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune.passes import NMSparsity
-from graphprune.sparsity import NMMask, masked_weights, nm_mask, satisfies
+from graphprune.algorithms.nm import NMMask, masked_weights, nm_mask, satisfies
 from graphprune.train import SparseTraining, TrainingMask
 
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.analysis import analyze
-from graphprune.apply import apply_plan
+from graphprune.frontends.torch.analysis import analyze
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
 from graphprune.rules.registry import aten_rules
-from graphprune.value_oracle import ValuesDiffer
+from graphprune.frontends.torch.value_oracle import ValuesDiffer
 from tests.oracles import max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
 
@@ -124,9 +124,9 @@ def test_inexact_groups_are_not_false_alarms():
 def test_the_onnx_apply_runs_the_value_oracle_too(monkeypatch):
     """The ONNX frontend's apply compares every value with the zeroed dense graph's: a pruned value
     that parts (here: one corrupted on purpose) is named, with its producing node."""
-    import graphprune.onnx_apply as onnx_apply
-    from graphprune.onnx_analysis import analyze_onnx_capture
-    from graphprune.onnx_capture import capture_onnx, read_model
+    import graphprune.frontends.onnx.apply as onnx_apply
+    from graphprune.frontends.onnx.analysis import analyze_onnx_capture
+    from graphprune.frontends.onnx.capture import capture_onnx, read_model
     from tests.test_onnx_rules import CASES
 
     capture = capture_onnx(read_model(CASES["split_sizes_input"][0]))

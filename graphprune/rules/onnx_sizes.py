@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from graphprune.rules.onnx_ops import OnnxRuleContext as RuleContext
+    from graphprune.rules.onnx import OnnxRuleContext as RuleContext
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import graphprune.rules.aten  # noqa: F401  (registers the ATen rules)
-from graphprune.rules.onnx_ops import onnx_rules
+from graphprune.rules.onnx import onnx_rules
 from graphprune.rules.registry import RuleRegistry, aten_rules
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphprune.algebra import FreezeReason, SpaceSolver
+from graphprune.core.algebra import FreezeReason, SpaceSolver
 
 Rule = Callable[["RuleContext", fx.Node], None]
 ArgPath = tuple[Any, ...]  # ("args", i[, j]) or ("kwargs", name[, j]); None: not given, default used

@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from graphprune.capture import qualified
-from graphprune.distributed import broadcast_seed, reduce_mean, world_size
+from graphprune.frontends.torch.capture import qualified
+from graphprune.frontends.torch.distributed import broadcast_seed, reduce_mean, world_size
 from graphprune.errors import InputError
-from graphprune.sparsity import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
+from graphprune.algorithms.nm import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
 
 RECIPES = ("sr-ste", "mask-decay", "fixed")
 
@@ -54,7 +54,7 @@ class _RefinedSTE(torch.autograd.Function):
 
 
 class TrainingMask(nn.Module):
-    """The parametrization an :class:`~graphprune.sparsity.NMMask` becomes while training."""
+    """The parametrization an :class:`~graphprune.algorithms.nm.NMMask` becomes while training."""
 
     def __init__(self, mask: torch.Tensor, pattern: NMPattern, recipe: str, decay: float) -> None:
         super().__init__()

@@ -7,7 +7,7 @@ The user's code supplies the model, data and loss through a *setup*: a function,
 evenly), so with a loss that is a mean over rows the ranks compute, together, the gradient one
 process computes on the whole batch.  DDP averages it, and every rank ends with the masks
 (and weights) of the single-process run.  Calibration batches for data-driven priors are shared
-out whole (statistics are sums, see :mod:`graphprune.distributed`).  Rank 0 writes the result as
+out whole (statistics are sums, see :mod:`graphprune.frontends.torch.distributed`).  Rank 0 writes the result as
 a plan file: the masks, and for ``fine-tune`` the trained values of every parameter.
 :func:`graphprune.apply_to_checkpoint` turns that into a checkpoint, and
 :func:`graphprune.apply_plan_file` into a module.
@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from graphprune.api import prune
-from graphprune.capture import ExampleInputs
-from graphprune.distributed import init_from_env, rank, shard, split_batch, world_size
+from graphprune.api.torch import prune
+from graphprune.frontends.torch.capture import ExampleInputs
+from graphprune.frontends.torch.distributed import init_from_env, rank, shard, split_batch, world_size
 from graphprune.errors import ContractError, InputError
 from graphprune.passes import NMSparsity
-from graphprune.plan_file import PlanFile
-from graphprune.sparsity import finalize, nm_masks
+from graphprune.io.plan_file import PlanFile
+from graphprune.algorithms.nm import finalize, nm_masks
 from graphprune.train import LearnedMasks, SparseTraining
 
 EXIT_INPUT = 2

@@ -1,0 +1,263 @@
+"""Int8 quantization: the arithmetic, the fake-quant model, and the recorded parameters.
+
+Weights: symmetric, per output channel, zero-point 0, range [-127, 127].  Zero-point 0 maps an
+exact zero to the integer 0 and back, so N:M masks survive quantization; the narrow range keeps
+``q(-w) == -q(w)``.  Activations: static, per tensor, asymmetric int8 [-128, 127] (onnxruntime's
+S8S8 QDQ default); the range always contains 0 so zero is exact.  Biases: int32 with scale
+``input_scale * weight_scale[c]``, as integer kernels add them to the int32 accumulator
+(onnxruntime fuses a Gemm with a float output into QGemm only with such a bias).
+
+In PyTorch the quantized model runs with fake quantization (quantize, round half to even, clamp,
+dequantize, exactly as ONNX QuantizeLinear/DequantizeLinear do), so its accuracy can be measured
+and fine-tuned (the fake-quant ops pass gradients straight through).  Weights get a
+:class:`FakeQuantWeight` parametrization; activations are quantized by hooks that read the
+``qinput_*`` / ``qoutput_*`` buffers of the layer module, so the parameters are saved with the
+model's ``state_dict``.  :class:`QuantPlan` records the same numbers as plain data for emitters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from graphprune.frontends.torch.capture import qualified
+from graphprune.errors import InputError
+from graphprune.algorithms.nm import CONV1D
+
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
+ACT_QMIN, ACT_QMAX = -128, 127
+BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
+
+
+def weight_axis(layout: str) -> int:
+    """The output-channel axis of a weight: 0, except transformers' Conv1D ``[in, out]``."""
+    return 1 if layout == CONV1D else 0
+
+
+def weight_scales(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel symmetric scales ``max|w_c| / 127`` (1.0 for an all-zero channel)."""
+    amax = weight.detach().abs().float().movedim(axis, 0).reshape(weight.shape[axis], -1).amax(1)
+    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+
+
+def activation_qparams(low: float, high: float) -> tuple[float, int]:
+    """Scale and int8 zero-point for values in ``[low, high]`` (the range is widened to hold 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high == low:
+        return 1.0, 0
+    scale = (high - low) / (ACT_QMAX - ACT_QMIN)
+    zero_point = int(round(ACT_QMIN - low / scale))
+    return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization: per-channel symmetric int8 fake quantization of a weight."""
+
+    def __init__(self, scale: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        self.axis = axis
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(weight, self.scale, self.zero_point, self.axis,
+                                                      WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+def quantize_weight(module: nn.Module, name: str, axis: int) -> torch.Tensor:
+    """Attach :class:`FakeQuantWeight` to ``module.<name>`` (after any N:M mask); returns the scales."""
+    scale = weight_scales(getattr(module, name), axis)
+    parametrize.register_parametrization(module, name, FakeQuantWeight(scale, axis))
+    return scale
+
+
+class FakeQuantBias(nn.Module):
+    """Parametrization: int32 fake quantization of a bias with per-channel scale ``s_in * s_w[c]``."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(bias, self.scale, self.zero_point, 0, BIAS_QMIN, BIAS_QMAX)
+
+
+def quantize_bias(module: nn.Module, name: str, scale: torch.Tensor) -> None:
+    parametrize.register_parametrization(module, name, FakeQuantBias(scale))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+
+
+def _quantize_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if args:
+        return (fake_quant(args[0], module.qinput_scale, module.qinput_zero_point), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: fake_quant(kwargs[key], module.qinput_scale, module.qinput_zero_point)}
+
+
+def _quantize_output(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return fake_quant(output, module.qoutput_scale, module.qoutput_zero_point)
+
+
+def quantize_activation(module: nn.Module, where: str, scale: float, zero_point: int) -> None:
+    """Fake-quantize the first input (``where="input"``) or the output of every call of ``module``."""
+    if where not in ("input", "output"):
+        raise ValueError(where)
+    module.register_buffer(f"q{where}_scale", torch.tensor(scale, dtype=torch.float32))
+    module.register_buffer(f"q{where}_zero_point", torch.tensor(zero_point, dtype=torch.int32))
+    if where == "input":
+        module.register_forward_pre_hook(_quantize_input, with_kwargs=True)
+    else:
+        module.register_forward_hook(_quantize_output)
+
+
+def _fake_quant_tensors(model: nn.Module, kinds: tuple[type, ...] = (FakeQuantWeight,)):
+    """(module path, module, tensor name, parametrization) for every fake-quantized tensor of ``kinds``."""
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, kinds):
+                        yield path, module, name, p
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True if some weight of ``model`` carries a :class:`FakeQuantWeight` parametrization."""
+    return next(_fake_quant_tensors(model), None) is not None
+
+
+def read_quant_plan(model: nn.Module) -> QuantPlan | None:
+    """The int8 parameters a fake-quantized model carries (None for a float model)."""
+    layers = {}
+    for path, module, name, fq in _fake_quant_tensors(model):
+        output = _qparams(module, "qoutput") if hasattr(module, "qoutput_scale") else None
+        bias = next((p for p in module.parametrizations["bias"] if isinstance(p, FakeQuantBias)), None) \
+            if parametrize.is_parametrized(module, "bias") and name == "weight" else None
+        layers[qualified(path, name)] = LayerQuant(
+            path, fq.axis, fq.scale.tolist(), _qparams(module, "qinput"), output,
+            qualified(path, "bias") if bias is not None else None,
+            bias.scale.tolist() if bias is not None else None)
+    return QuantPlan(layers) if layers else None
+
+
+def _qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
+    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
+
+
+def integer_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """The int8 values the fake-quantized ``weight`` stands for (``fake_quant(w) == q * scale``)."""
+    shape = [-1 if d == axis else 1 for d in range(weight.dim())]
+    fq = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale, torch.zeros_like(scale, dtype=torch.int32),
+                                                axis, WEIGHT_QMIN, WEIGHT_QMAX)
+    return torch.round(fq / scale.reshape(shape)).to(torch.int8)
+
+
+def strip_quantization(model: nn.Module) -> nn.Module:
+    """Remove fake quantization (weights back to their float originals, activation hooks gone),
+    leaving the float model a QDQ emitter starts from; returns ``model``.  The ``q*`` buffers stay."""
+    kinds = (FakeQuantWeight, FakeQuantBias)
+    for _path, module, name, _fq in list(_fake_quant_tensors(model, kinds)):
+        if not parametrize.is_parametrized(module, name):
+            continue  # a tensor with two fake quantizations, already stripped
+        others = [p for p in module.parametrizations[name] if not isinstance(p, kinds)]
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for p in others:
+            parametrize.register_parametrization(module, name, p)
+    for module in model.modules():  # hooks added by quantize_activation are identified by function
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _quantize_input]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in [k for k, h in module._forward_hooks.items() if h is _quantize_output]:
+            del module._forward_hooks[key]
+    return model
+
+
+class RangeObserver:
+    """Running range of a tensor over calibration batches.
+
+    ``minmax`` keeps the extremes.  ``percentile`` keeps a histogram (``BINS`` bins over the range
+    seen so far, always containing 0; re-binned when a batch widens it) and reads the
+    ``percentile``-th percentile of each tail from it, so memory stays constant per layer.
+    """
+
+    BINS = 1 << 14
+
+    def __init__(self, method: str, percentile: float) -> None:
+        self.method, self.percentile = method, percentile
+        self.low, self.high = 0.0, 0.0  # the range seen so far (with 0 in it)
+        self.hist: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).double()
+        if flat.numel() == 0:
+            return
+        low, high = min(self.low, flat.min().item()), max(self.high, flat.max().item())
+        if self.method == "percentile" and high > low:
+            if self.hist is not None and (low, high) != (self.low, self.high):
+                width = (self.high - self.low) / self.BINS
+                centers = self.low + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
+                self.hist = self._binned(centers, low, high, self.hist)
+            self.hist = self._binned(flat, low, high) + (self.hist if self.hist is not None else 0)
+        self.low, self.high = low, high
+
+    def _binned(self, values: torch.Tensor, low: float, high: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+        index = ((values - low) * (self.BINS / (high - low))).long().clamp_(0, self.BINS - 1)
+        return torch.bincount(index, weights, minlength=self.BINS).double()
+
+    def range(self) -> tuple[float, float]:
+        """The calibrated ``(low, high)``."""
+        if self.method == "minmax" or self.hist is None:
+            return self.low, self.high
+        cumulative = self.hist.cumsum(0)
+        total = cumulative[-1].item()
+        tail = total * (1 - self.percentile / 100)
+        width = (self.high - self.low) / self.BINS
+        first = int(torch.searchsorted(cumulative, torch.tensor([tail], dtype=torch.float64), right=True).item())
+        last = int(torch.searchsorted(cumulative, torch.tensor([total - tail], dtype=torch.float64)).item())
+        return self.low + first * width, self.low + (min(last, self.BINS - 1) + 1) * width
+
+    def qparams(self) -> tuple[float, int]:
+        return activation_qparams(*self.range())
+
+
+@dataclass
+class LayerQuant:
+    """One quantized layer: its weight's per-channel scales and its activations' parameters."""
+
+    module: str  # the module whose input (and output) the activation parameters belong to
+    axis: int
+    weight_scale: list[float]
+    input: tuple[float, int]  # (scale, zero_point)
+    output: tuple[float, int] | None = None
+    bias: str | None = None  # the int32-quantized bias tensor
+    bias_scale: list[float] | None = None
+
+
+@dataclass
+class QuantPlan:
+    """The int8 parameters of a model, by weight name (plain data, JSON round-trip)."""
+
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": 1, "kind": "int8", "layers": {k: asdict(v) for k, v in self.layers.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantPlan":
+        data = json.loads(text)
+        if data.get("version") != 1 or data.get("kind") != "int8":
+            raise InputError(f"not an int8 quantization plan (version {data.get('version')!r}, kind {data.get('kind')!r})")
+        layers = {}
+        for name, layer in data["layers"].items():
+            out = layer.get("output")
+            layers[name] = LayerQuant(layer["module"], layer["axis"], list(layer["weight_scale"]),
+                                      tuple(layer["input"]), tuple(out) if out is not None else None,
+                                      layer.get("bias"), layer.get("bias_scale"))
+        return cls(layers)

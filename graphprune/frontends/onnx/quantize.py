@@ -1,0 +1,119 @@
+"""Static int8 for ONNX graphs: the torch path's arithmetic, calibrated in onnxruntime.
+
+The plan is the same :class:`~graphprune.algorithms.quant.QuantPlan` that ``Quantize`` records for a
+PyTorch model (per-channel symmetric weights with zero-point 0, so N:M zeros stay zeros;
+per-tensor activations from :class:`~graphprune.algorithms.quant.RangeObserver`; a convolution's output
+too, starting at 0 when a ReLU follows; Conv and Gemm biases as int32 with scale
+``input_scale * weight_scale``), and it is written by the same emitter (:func:`graphprune.emit.qdq.insert_qdq`).
+Activation statistics come from onnxruntime running the float graph on the calibration feeds with
+the layers' inputs (and convolutions' outputs) exposed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from graphprune.frontends.onnx.apply import copy_model
+from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, session, tensor_of
+from graphprune.frontends.onnx.layers import WeightLayer, layer_bias
+from graphprune.emit.qdq import insert_qdq
+from graphprune.algorithms.quant import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
+from graphprune.algorithms.nm import CONV
+
+
+def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
+    """2-D ``MatMul(x, W) + b`` written as ``Gemm(x, W, b)`` (exactly the same values), so that the
+    bias is the layer's own and can be written as int32: onnxruntime fuses a MatMul + Add into a
+    Gemm anyway, and fuses a quantized Gemm into QGemm only with an int32 bias.  The Add's output
+    keeps its name.  Returns the capture unchanged when there is nothing to rewrite."""
+    pairs = []
+    for node in capture.graph:
+        if node.op_type != "MatMul" or node.domain != "" or len(capture.shapes.get(node.inputs[0].name, ())) != 2:
+            continue
+        weight, users = node.inputs[1], list(node.outputs[0].uses())
+        if not weight.is_initializer() or len(users) != 1 or users[0].node.op_type != "Add" \
+                or node.outputs[0].is_graph_output():
+            continue
+        add = users[0].node
+        bias = add.inputs[1 - users[0].idx]
+        if bias is not None and bias.is_initializer() and list(bias.const_value.shape) == [weight.shape[1]]:
+            pairs.append((node.name, add.name))
+    if not pairs:
+        return capture
+    model = copy_model(capture.model)
+    nodes = {node.name: node for node in model.graph}
+    for matmul_name, add_name in pairs:
+        matmul, add = nodes[matmul_name], nodes[add_name]
+        bias = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
+        gemm = ir.node("Gemm", [matmul.inputs[0], matmul.inputs[1], bias], name=matmul.name)
+        model.graph.insert_before(matmul, gemm)
+        out, name = add.outputs[0], add.outputs[0].name
+        out.replace_all_uses_with(gemm.outputs[0], replace_graph_outputs=True)
+        gemm.outputs[0].name, gemm.outputs[0].type, gemm.outputs[0].shape = name, out.type, out.shape
+        model.graph.remove([add, matmul], safe=True)
+    shapes, outputs = measure(model, capture.feeds)
+    return OnnxCapture(model, capture.feeds, shapes, outputs)
+
+
+def calibrate(capture: OnnxCapture, layers: list[WeightLayer], feeds: list[Feeds], method: str,
+              percentile: float) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
+    """Range observers for each layer's input and each convolution's output, by value name."""
+    graph = capture.graph
+    nodes = {node.name: node for node in graph}
+    inputs: dict[str, RangeObserver] = {}
+    outputs: dict[str, RangeObserver] = {}
+    for layer in layers:
+        chosen = method if method != "auto" else "minmax" if layer.layout == CONV else "percentile"
+        inputs.setdefault(layer.activation, RangeObserver(chosen, percentile))
+        if layer.layout == CONV:
+            outputs.setdefault(nodes[layer.node].outputs[0].name, RangeObserver(chosen, percentile))
+    runner = session(capture.model, [*inputs, *outputs])
+    index = {o.name: i for i, o in enumerate(runner.get_outputs())}
+    for feed in feeds:
+        values = runner.run(None, feed)
+        for name, observer in [*inputs.items(), *outputs.items()]:
+            observer(torch.from_numpy(np.asarray(values[index[name]])))
+    return inputs, outputs
+
+
+def quant_plan(capture: OnnxCapture, layers: list[WeightLayer], inputs: dict[str, RangeObserver],
+               outputs: dict[str, RangeObserver]) -> QuantPlan:
+    """The int8 parameters of each layer, keyed by weight initializer (as the torch path keys them
+    by parameter name)."""
+    graph = capture.graph
+    nodes = {node.name: node for node in graph}
+    plan = QuantPlan()
+    for layer in layers:
+        node = nodes[layer.node]
+        weight = tensor_of(graph.initializers[layer.weight])
+        scale = weight_scales(weight, layer.output_axis)
+        x_scale, x_zero = inputs[layer.activation].qparams()
+        out = None
+        if layer.layout == CONV:
+            low, high = outputs[node.outputs[0].name].range()
+            if _feeds_relu(node):
+                low = 0.0  # the ReLU clips below 0; the output quantization does it exactly
+            out = activation_qparams(low, high)
+        bias = layer_bias(node)
+        plan.layers[layer.weight] = LayerQuant(
+            layer.node, layer.output_axis, scale.tolist(), (x_scale, x_zero), out,
+            bias.name if bias is not None else None, (x_scale * scale).tolist() if bias is not None else None)
+    return plan
+
+
+def _feeds_relu(node: ir.Node) -> bool:
+    users = list(node.outputs[0].uses())
+    return len(users) == 1 and users[0].node.op_type == "Relu" and users[0].node.domain == ""
+
+
+def quantized_copy(capture: OnnxCapture, plan: QuantPlan) -> OnnxCapture:
+    """The graph with the plan written as QDQ nodes, measured on the capture's feeds (onnxruntime
+    without graph optimizations runs the QuantizeLinear/DequantizeLinear pairs literally: the
+    fake-quant reference)."""
+    model = copy_model(capture.model)
+    weights = {name: capture.graph.initializers[name].const_value.numpy() for name in plan.layers}
+    insert_qdq(model, plan, weights)
+    shapes, outputs = measure(model, capture.feeds)
+    return OnnxCapture(model, capture.feeds, shapes, outputs)

@@ -1,0 +1,477 @@
+"""Analysis: run the op rules over a captured graph and turn the solved spaces into groups.
+
+A :class:`Group` is one prunable channel space (a leaf of the solver) together with every
+parameter, buffer and constant slice it indexes.  Spaces that touch the model's inputs or
+outputs, ops without rules, or structures the solver cannot reconcile are *frozen*, and the
+reason is kept so :meth:`Analysis.describe` can say why a layer was left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import time
+from collections.abc import Sequence
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from graphprune.core.algebra import FreezeReason, SpaceSolver, Spaces
+from graphprune.frontends.torch.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.errors import InputError
+from graphprune.frontends.torch.macs import planned_macs, planned_params
+from graphprune.frontends.torch.provenance import AnySource, ShapeSource, factor_source, uses_for
+from graphprune.rules import RuleContext, ShapeConstant, aten_rules
+from graphprune.rules.registry import flat_atoms
+
+aten = torch.ops.aten
+
+BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dim of one tensor (parameter, buffer or constant) that a group indexes."""
+
+    name: str
+    kind: str
+    dim: int
+    atom: int
+    shape: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+@dataclass
+class Group:
+    """A prunable channel space and everything that must shrink with it."""
+
+    id: int
+    leaf: int
+    size: int
+    members: list[Member]
+    tags: frozenset[str] = frozenset()
+    inexact: str | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m.module for m in self.members if m.kind == "parameter"})
+
+    def describe(self, max_members: int = 8) -> str:
+        flags = []
+        if self.tags:
+            flags.append("/".join(sorted(self.tags)))
+        if self.inexact:
+            flags.append(f"inexact: {self.inexact}")
+        head = f"group {self.id}: {self.size} channels" + (f" [{'; '.join(flags)}]" if flags else "")
+        lines = [head]
+        for m in self.members[:max_members]:
+            lines.append(f"    {m.name} {list(m.shape)} dim {m.dim}")
+        if len(self.members) > max_members:
+            lines.append(f"    ... and {len(self.members) - max_members} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class FrozenSpace:
+    """A channel space with parameters that may not be pruned, and why."""
+
+    leaf: int
+    size: int
+    members: list[Member]
+    reason: FreezeReason
+
+    def describe(self) -> str:
+        names = ", ".join(f"{m.name}[dim {m.dim}]" for m in self.members[:3])
+        more = f" and {len(self.members) - 3} more" if len(self.members) > 3 else ""
+        return f"{self.size} channels: {self.reason} -- {names}{more}"
+
+
+@dataclass
+class Analysis:
+    """The coupled groups of a model, and what was frozen and why."""
+
+    model_name: str
+    captured: CapturedGraph
+    context: RuleContext
+    spaces: Spaces
+    groups: list[Group]
+    frozen: list[FrozenSpace]
+    tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (kind, dim atoms)
+    seconds: float = 0.0
+
+    @property
+    def constants(self) -> list[ShapeConstant]:
+        return self.context.constants
+
+    @property
+    def unsupported(self) -> dict[str, list[str]]:
+        return self.context.unsupported
+
+    @property
+    def rule_errors(self) -> list[str]:
+        return self.context.rule_errors
+
+    def node_count(self) -> int:
+        return sum(len(gm.graph.nodes) for gm in _graph_modules(self.captured.graph_module))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of what plans made on this analysis refer to: every tensor's name, kind and shape,
+        and every group's size and members (see :meth:`graphprune.core.plan.Plan.check`)."""
+        data = {"tensors": {name: [kind, [self.spaces.solver.size(a) for a in dims]]
+                            for name, (kind, dims) in sorted(self.tensors.items())},
+                "groups": [[g.size, [[m.name, m.dim] for m in g.members]] for g in self.groups]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    @cached_property
+    def parameter_shapes(self) -> dict[str, list[int]]:
+        return {name: [self.spaces.solver.size(a) for a in dims]
+                for name, (kind, dims) in self.tensors.items() if kind == "parameter"}
+
+    def planned_macs(self, masks: dict[int, torch.Tensor]) -> int:
+        """MACs once the keep-masks (per solver leaf) are applied, from the analysis alone."""
+        return planned_macs(self, masks)
+
+    def planned_params(self, masks: dict[int, torch.Tensor], model: nn.Module) -> int:
+        """Parameters once the keep-masks are applied."""
+        return planned_params(self, masks, model)
+
+    def describe(self, max_groups: int = 50) -> str:
+        lines = [f"{self.model_name}: {self.node_count()} graph nodes, {len(self.groups)} prunable groups, "
+                 f"{len(self.frozen)} frozen spaces (analysed in {self.seconds:.2f} s)"]
+        for g in self.groups[:max_groups]:
+            lines.append(g.describe())
+        if len(self.groups) > max_groups:
+            lines.append(f"... and {len(self.groups) - max_groups} more groups")
+        if self.frozen:
+            lines.append("frozen:")
+            lines.extend(f"  {f.describe()}" for f in self.frozen)
+        if self.unsupported:
+            lines.append("ops without a rule (everything they touch is frozen):")
+            lines.extend(f"  {op}: {', '.join(nodes[:5])}" for op, nodes in sorted(self.unsupported.items()))
+        if self.rule_errors:
+            lines.append("rules that failed (their nodes are frozen):")
+            lines.extend(f"  {e}" for e in self.rule_errors)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def group(self, group_id: int) -> Group:
+        return self.groups[group_id]
+
+
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    out = [gm]
+    for child in gm.children():
+        if isinstance(child, fx.GraphModule):
+            out.extend(_graph_modules(child))
+    return out
+
+
+def analyze(model: nn.Module, example_inputs: ExampleInputs, *,
+            prunable_outputs: Sequence[str] = ()) -> Analysis:
+    """Capture ``model`` and find its coupled channel groups.  Works on ``meta``-device models.
+
+    Spaces that reach the model's outputs are frozen, so the pruned model returns the same shapes;
+    name outputs in ``prunable_outputs`` (``"last_hidden_state"``, ``"0"``, ``"extra.1"``) to let
+    their channel dims shrink too.
+    """
+    start = time.perf_counter()
+    captured = capture(model, example_inputs)
+    return analyze_captured(captured, type(model).__name__, start, prunable_outputs)
+
+
+def analyze_captured(captured: CapturedGraph, model_name: str, start: float | None = None,
+                     prunable_outputs: Sequence[str] = ()) -> Analysis:
+    start = time.perf_counter() if start is None else start
+    unknown = set(prunable_outputs) - set(captured.output_names.values())
+    if unknown:
+        raise InputError(f"prunable_outputs names {sorted(unknown)}, but the model's outputs are "
+                         f"{sorted(captured.output_names.values())}")
+    solver = SpaceSolver()
+    ctx = RuleContext(solver)
+    ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
+    run_graph(ctx, captured.graph_module, None)
+    placeholders = {n.name: n for n in captured.graph.nodes if n.op == "placeholder"}
+    for names in captured.tied:  # one tensor object lifted under several names
+        first = ctx.dims(placeholders[names[0]])
+        for other in names[1:]:
+            ctx.unify_all(first, ctx.dims(placeholders[other]), placeholders[other])
+    for node in ctx.parameter_nodes:
+        kind, name = captured.tensor_names[node.name]
+        if kind == "code_constant":
+            for atom in ctx.dims(node) or []:
+                solver.freeze(atom, FreezeReason("a tensor constant built inside forward cannot be resized", name))
+    _couple_code_sizes(ctx, captured)
+    _constrain_modules(ctx, captured)
+    for node in captured.user_inputs:
+        for atom in flat_atoms(ctx.raw(node)):
+            solver.freeze(atom, FreezeReason("reaches a model input", node.name))
+    for node in captured.outputs:
+        if captured.output_names.get(node) in prunable_outputs:
+            continue
+        for atom in flat_atoms(ctx.raw(node)):
+            solver.freeze(atom, FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}",
+                                             node.name))
+    spaces = solver.finalize()
+
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    for node in captured.graph.nodes:
+        if node.op == "placeholder" and node.name in captured.tensor_names:
+            kind, name = captured.tensor_names[node.name]
+            tensors[name] = (kind, ctx.dims(node) or [])
+    carried = _leaves_of_activations(ctx, captured, spaces)
+    groups, frozen = collect_groups(spaces, tensors, carried)
+    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+
+
+def collect_groups(spaces: Spaces, tensors: dict[str, tuple[str, list[int]]],
+                   carried: set[int]) -> tuple[list[Group], list[FrozenSpace]]:
+    """Prunable groups and frozen spaces from the solved spaces: every leaf that indexes a
+    parameter, with every tensor slice it indexes (``tensors``: name -> (kind, dim atoms)).
+    A leaf no activation carries (``carried``) is a parameter dim no rule coupled: frozen."""
+    solver = spaces.solver
+    members: dict[int, list[Member]] = defaultdict(list)
+    for name, (kind, dims) in tensors.items():
+        shape = tuple(solver.size(a) for a in dims)
+        for d, atom in enumerate(dims):
+            for leaf in dict.fromkeys(spaces.leaves(atom)):
+                members[leaf].append(Member(name, kind, d, atom, shape))
+    groups: list[Group] = []
+    frozen: list[FrozenSpace] = []
+    for leaf, ms in members.items():
+        if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
+            continue
+        if leaf in spaces.frozen:
+            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
+        elif leaf not in carried:
+            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, FreezeReason(
+                "no activation carries these channels (a parameter dim that no rule coupled)")))
+        else:
+            groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
+                                frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
+    return groups, frozen
+
+
+def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
+    """Apply what provenance says about sizes written in, or read by, the model's code.
+
+    * One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
+      one new value, so every space it sizes must keep the same count: couple them.
+    * A size read from a tensor and used unchanged (``B, N, C = x.shape`` ... ``reshape(B, N, C)``)
+      keeps the count of the dim it was read from: couple the two.
+    * A size computed as a product or exact quotient of attributes, shape reads and ints is the
+      product (quotient) of the spaces they size (``C // self.num_heads``: the space ``C`` was read
+      from is the heads space times the space the quotient sizes; attributes that size nothing
+      directly keep their value).
+    * Any other size computed from attributes cannot be rewritten: freeze its channels.  One
+      computed from shape reads alone needs no rewrite; where graphprune cannot state its
+      constraint, and for slice bounds (``x[..., : x.shape[-1] // 2]``, whose parts already relate
+      it to the dim it cuts), it is left to verification.
+    * An attribute or read dim whose value also feeds a computed number (a scale), or a size
+      that cannot be rewritten, must not change: freeze every space it sizes.
+    """
+    solver = ctx.solver
+    reads = _ShapeReads(ctx, captured)
+    direct: dict[AnySource, list[int]] = defaultdict(list)
+    computed = []
+    for c in ctx.constants:
+        for use in uses_for(captured.attribute_uses, c.node, c.path):
+            if use.direct and len(c.atoms) == 1 and not c.base:
+                direct[use.attribute].append(c.atoms[0])
+            elif not use.direct:
+                computed.append((c, use))
+    for source, atoms in direct.items():
+        read = reads.atom(source)
+        if read is not None:
+            atoms = [read, *atoms]
+        for other in atoms[1:]:
+            solver.unify(atoms[0], other, where=f"{source} sizes both")
+    fixed: set[AnySource] = set()
+    for c, use in computed:
+        shape_only = all(isinstance(source, ShapeSource) for source in use.sources)
+        if shape_only and getattr(c.node.target, "overloadpacket", None) in (aten.slice, aten.narrow):
+            continue  # a slice's parts already relate its bound to the dim it cuts (x[..., : x.shape[-1] // 2])
+        sides = (_monomial_spaces(use.factors, use.divisors, direct, reads, c.node.name)
+                 if len(c.atoms) == 1 and not c.base else None)
+        if sides is not None:
+            top, bottom = sides
+            where = f"{c.node.name}: size computed in forward"
+            solver.unify(_one(solver, top), _one(solver, [*bottom, c.atoms[0]]), where=where)
+            continue
+        if shape_only:
+            continue  # it reads the pruned shape by itself: verification checks it still fits
+        names = ", ".join(map(str, sorted(use.sources, key=str)))
+        for atom in c.atoms:
+            solver.freeze(atom, FreezeReason(f"size computed from {names} in forward", c.node.name))
+        fixed |= use.sources  # the expression would change with them
+    for use in captured.attribute_uses:
+        if use.path is None:
+            fixed |= _keep_values(use, direct, reads)
+    for source in fixed:
+        atoms = [reads.atom(source)] if isinstance(source, ShapeSource) else direct.get(source, [])
+        for atom in atoms:
+            if atom is not None:
+                solver.freeze(atom, FreezeReason(f"{source} also enters a computed value "
+                                                 "(a scale, or a size graphprune cannot rewrite)"))
+
+
+def _keep_values(use, direct: dict, reads: _ShapeReads) -> set[AnySource]:
+    """Keep the value of a number used for something other than a size (``(C // heads) ** -0.5``
+    as a scale): each monomial it depends on becomes a frozen space times its divisors' spaces,
+    so the channels of ``C`` may go by whole heads but the head size stays.  Returns the sources
+    that must keep their values outright (a number that is no function of monomials)."""
+    solver = reads.ctx.solver
+    if not use.invariants:
+        return set(use.sources)
+    whole: set[AnySource] = set()
+    for monomial in use.invariants:
+        sides = _monomial_spaces(monomial.factors, monomial.divisors, direct, reads, "a computed value")
+        if sides is None:
+            whole |= monomial.sources
+            continue
+        top, bottom = sides
+        kept = solver.new(int(monomial))
+        names = ", ".join(map(str, sorted(monomial.sources, key=str)))
+        solver.freeze(kept, FreezeReason(f"a value computed from {names} enters more than a size "
+                                         "(a scale, say), so it must keep its value"))
+        solver.unify(_one(solver, top), _one(solver, [*bottom, kept]), where=f"{names} keeps its value")
+    return whole
+
+
+class _ShapeReads:
+    """The dim atom each recorded shape read came from."""
+
+    def __init__(self, ctx: RuleContext, captured: CapturedGraph) -> None:
+        self.ctx = ctx
+        self.nodes = {n.name: n for n in captured.graph.nodes}
+
+    def atom(self, source: AnySource) -> int | None:
+        if not isinstance(source, ShapeSource) or source.node not in self.nodes:
+            return None
+        dims = self.ctx.dims(self.nodes[source.node])
+        return dims[source.dim] if isinstance(dims, list) and source.dim < len(dims) else None
+
+
+def _one(solver: SpaceSolver, atoms: list[int]) -> int:
+    return atoms[0] if len(atoms) == 1 else solver.product(atoms)
+
+
+def _monomial_spaces(factors: tuple | None, divisors: tuple, direct: dict, reads: _ShapeReads,
+                     where: str) -> tuple[list[int], list[int]] | None:
+    """The spaces above and below the line of a computed size: for each factor, the space its
+    attribute sizes directly or its read dim, and a fixed (frozen) space for an attribute that
+    sizes nothing directly or a plain int (they keep their values).  None when the size is no
+    monomial."""
+    if factors is None:
+        return None
+    solver = reads.ctx.solver
+
+    def space(factor: Any) -> int | None:
+        source = factor_source(factor)
+        if source is None:
+            literal = solver.new(int(factor))
+            solver.freeze(literal, FreezeReason(f"{int(factor)} is a literal factor of a size computed in forward", where))
+            return literal
+        if source in direct:
+            return direct[source][0]
+        if isinstance(source, ShapeSource):
+            return reads.atom(source)
+        fixed = solver.new(int(factor))
+        solver.freeze(fixed, FreezeReason(f"{source} is a fixed factor of a size computed in forward", where))
+        return fixed
+    top, bottom = [space(f) for f in factors], [space(f) for f in divisors]
+    if None in top or None in bottom:
+        return None
+    return top, bottom
+
+
+def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
+    """Size checks that torch.nn modules make in forward, beyond what their ops say.
+
+    ``nn.MultiheadAttention`` requires query width == embed_dim == num_heads * head_dim: the
+    input space, the q/k/v space and the output space keep one count, so they are coupled.  With
+    separate q/k/v projection weights (kdim/vdim != embed_dim) it is frozen.
+    """
+    placeholders = {name: node for node in ctx.parameter_nodes
+                    for kind, name in [captured.tensor_names[node.name]]}
+    for path, cls in captured.module_types.items():
+        if not issubclass(cls, nn.MultiheadAttention):
+            continue
+        prefix = f"{path}." if path else ""
+        packed, out = placeholders.get(prefix + "in_proj_weight"), placeholders.get(prefix + "out_proj.weight")
+        if packed is None or out is None:
+            for name, node in placeholders.items():
+                if name.startswith(prefix):
+                    for atom in ctx.dims(node) or []:
+                        ctx.solver.freeze(atom, FreezeReason(
+                            "nn.MultiheadAttention with separate q/k/v projections (kdim/vdim) is not rewritten", path))
+            continue
+        rows, cols = ctx.dims(packed)
+        _, embed = ctx.solver.factors(rows, [3, ctx.solver.size(rows) // 3], path)
+        ctx.solver.unify(cols, embed, where=f"{path}: query width == embed_dim")
+        ctx.solver.unify(ctx.dims(out)[0], embed, where=f"{path}: output width == embed_dim")
+
+
+def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:
+    """Leaves that appear in the dims of some op's output (not only in parameters)."""
+    leaves: set[int] = set()
+    seen: set[int] = set()
+    for gm in _graph_modules(captured.graph_module):
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for atom in flat_atoms(ctx.raw(node)):
+                root = spaces.solver.find(atom)
+                if root not in seen:
+                    seen.add(root)
+                    leaves.update(spaces.leaves(root))
+    return leaves
+
+
+def run_graph(ctx: RuleContext, gm: fx.GraphModule, bindings: list[Any] | None) -> list[Any]:
+    """Apply the rules to every node of ``gm``; ``bindings`` give the dims of a body graph's inputs."""
+    inputs = iter(bindings) if bindings is not None else None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if inputs is None:
+                ctx.allocate(node)
+            else:
+                ctx.bind(node, next(inputs))
+        elif node.op == "call_function":
+            _apply(ctx, gm, node)
+        elif node.op == "output":
+            return [ctx.raw(x) if isinstance(x, fx.Node) else None for x in pytree.tree_leaves(node.args[0])]
+        elif node.op == "get_attr":
+            ctx.allocate(node)
+        else:
+            ctx.allocate(node)
+            ctx.freeze_node(node, f"unexpected {node.op} node in an exported graph")
+    return []
+
+
+def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
+    target = node.target
+    if target is operator.getitem:
+        src = ctx.raw(node.args[0])
+        ctx.bind(node, src[node.args[1]] if isinstance(src, list) else None)
+        return
+    if target in BODY_HOPS:
+        k = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        body = getattr(gm, node.args[k].target)
+        operands = [ctx.raw(a) if isinstance(a, fx.Node) else None for a in node.args[k + 1:]]
+        ctx.bind(node, run_graph(ctx, body, operands))
+        return
+    ctx.allocate(node)
+    ctx.run_rule(aten_rules.lookup(target), node)
