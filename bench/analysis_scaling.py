@@ -18,8 +18,14 @@ from samples.densenet import DenseNet
 
 
 def llama(layers: int) -> tuple[torch.nn.Module, dict]:
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000)
+    cfg = T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = T.LlamaForCausalLM(cfg)
     return model, {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
@@ -27,8 +33,13 @@ def llama(layers: int) -> tuple[torch.nn.Module, dict]:
 
 def main() -> None:
     cases = [(f"LLaMA-7B shape, {n} layers (meta)", *llama(n)) for n in (4, 8, 16, 32)]
-    cases.append(("DenseNet-121 (6/12/24/16, growth 32)",
-                  DenseNet(growth=32, blocks=(6, 12, 24, 16), num_classes=1000).eval(), (torch.randn(1, 3, 224, 224),)))
+    cases.append(
+        (
+            "DenseNet-121 (6/12/24/16, growth 32)",
+            DenseNet(growth=32, blocks=(6, 12, 24, 16), num_classes=1000).eval(),
+            (torch.randn(1, 3, 224, 224),),
+        )
+    )
     print(f"{'model':<40}{'nodes':>8}{'groups':>8}{'seconds':>10}{'s / 1k nodes':>14}")
     for name, model, inputs in cases:
         start = time.perf_counter()

@@ -43,8 +43,15 @@ SHARD_BYTES = 2 << 30
 def config(layers: int):
     import transformers as T
 
-    return T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                         num_hidden_layers=layers, vocab_size=32000, torch_dtype="float16")
+    return T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=layers,
+        vocab_size=32000,
+        torch_dtype="float16",
+    )
 
 
 def generate(folder: Path, args) -> None:
@@ -70,7 +77,8 @@ def generate(folder: Path, args) -> None:
             shard, size = {}, 0
     total = sum(shapes[n].numel() * 2 for n in names)
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
 
 
 def _meta_model(layers: int):
@@ -98,8 +106,12 @@ def plan(folder: Path, args) -> dict:
 
     with torch.device("meta"):
         model = T.LlamaForCausalLM(config(args.layers))
-    by_index = ChannelPrune(0.5, heads=False, ignore=["model.embed_tokens"],
-                            importance=lambda analysis, group, model: -torch.arange(group.size).double())
+    by_index = ChannelPrune(
+        0.5,
+        heads=False,
+        ignore=["model.embed_tokens"],
+        importance=lambda analysis, group, model: -torch.arange(group.size).double(),
+    )
     result = gp.prune(model, EXAMPLE, passes=[by_index])
     result.save_plan(folder / "plan")
     return {"groups pruned": result.report.rows[0].details["groups pruned"]}
@@ -109,10 +121,18 @@ def plan_streamed(folder: Path, args) -> dict:
     import graphprune as gp
     from graphprune.passes import ChannelPrune, NMSparsity
 
-    passes = [ChannelPrune(0.25, heads=False, ignore=["model.embed_tokens"], importance="activation"),
-              NMSparsity(2, 4, method="wanda")]
-    decided = gp.plan(_meta_model(args.layers), EXAMPLE, passes, calibration=_batches(args.batches),
-                      weights=folder / "source", scratch=folder)
+    passes = [
+        ChannelPrune(0.25, heads=False, ignore=["model.embed_tokens"], importance="activation"),
+        NMSparsity(2, 4, method="wanda"),
+    ]
+    decided = gp.plan(
+        _meta_model(args.layers),
+        EXAMPLE,
+        passes,
+        calibration=_batches(args.batches),
+        weights=folder / "source",
+        scratch=folder,
+    )
     decided.save(folder / "streamed")
     kept = sorted({len(k) for k in decided.structured[0].keep.values()})
     return {"masks": len(decided.masks), "MLP channels kept": kept}
@@ -123,16 +143,23 @@ def plan_sparsegpt(folder: Path, args) -> dict:
     from graphprune.passes import NMSparsity
 
     later = [f"model.layers.{i}" for i in range(args.sparsegpt_blocks, args.layers)]
-    decided = gp.plan(_meta_model(args.layers), EXAMPLE, [NMSparsity(2, 4, method="sparsegpt", ignore=later)],
-                      calibration=_batches(args.batches), weights=folder / "source", scratch=folder)
+    decided = gp.plan(
+        _meta_model(args.layers),
+        EXAMPLE,
+        [NMSparsity(2, 4, method="sparsegpt", ignore=later)],
+        calibration=_batches(args.batches),
+        weights=folder / "source",
+        scratch=folder,
+    )
     return {"masks": len(decided.masks), "new values": len(decided.values)}
 
 
 def apply(folder: Path, args) -> dict:
     import graphprune as gp
 
-    report = gp.apply_to_checkpoint(folder / "plan.json", folder / "source", folder / "pruned",
-                                    config={"intermediate_size": 5504})
+    report = gp.apply_to_checkpoint(
+        folder / "plan.json", folder / "source", folder / "pruned", config={"intermediate_size": 5504}
+    )
     return {"GB before": round(report.bytes_before / 1e9, 2), "GB after": round(report.bytes_after / 1e9, 2)}
 
 
@@ -140,8 +167,11 @@ def apply_streamed(folder: Path, args) -> dict:
     import graphprune as gp
 
     report = gp.apply_to_checkpoint(folder / "streamed.json", folder / "source", folder / "pruned-streamed")
-    return {"GB before": round(report.bytes_before / 1e9, 2), "GB after": round(report.bytes_after / 1e9, 2),
-            "config inferred": report.config}
+    return {
+        "GB before": round(report.bytes_before / 1e9, 2),
+        "GB after": round(report.bytes_after / 1e9, 2),
+        "config inferred": report.config,
+    }
 
 
 def load_whole(folder: Path, args) -> dict:
@@ -183,26 +213,37 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--sparsegpt-blocks", type=int, default=2)
-    parser.add_argument("--only", nargs="*", help="run only these steps (function names, e.g. plan_streamed "
-                                                  "apply_streamed load_whole); the checkpoint is always written")
-    parser.add_argument("--folder", default=tempfile.gettempdir(),
-                        help="where to make the working folder (a new one, removed at the end)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="run only these steps (function names, e.g. plan_streamed "
+        "apply_streamed load_whole); the checkpoint is always written",
+    )
+    parser.add_argument(
+        "--folder",
+        default=tempfile.gettempdir(),
+        help="where to make the working folder (a new one, removed at the end)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gp-ckpt-", dir=args.folder))  # never a folder the user already has
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         seconds, _, _ = measured(generate, folder / "source", args)
         size = sum(p.stat().st_size for p in (folder / "source").glob("*.safetensors")) / 2**30
-        print(f"LLaMA-7B shape, {args.layers} layers, fp16: {size:.1f} GiB in "
-              f"{len(list((folder / 'source').glob('*.safetensors')))} shards (machine memory {memory:.1f} GiB); "
-              f"written in {seconds:.0f} s")
+        print(
+            f"LLaMA-7B shape, {args.layers} layers, fp16: {size:.1f} GiB in "
+            f"{len(list((folder / 'source').glob('*.safetensors')))} shards (machine memory {memory:.1f} GiB); "
+            f"written in {seconds:.0f} s"
+        )
         print(f"{'step':<58}{'seconds':>9}{'peak RSS GiB':>14}")
-        rows = [("plan on meta (weight-free criterion)", plan),
-                ("streamed plan: activation channels + Wanda 2:4", plan_streamed),
-                (f"streamed plan: SparseGPT 2:4, blocks 0-{args.sparsegpt_blocks - 1}", plan_sparsegpt),
-                ("apply_to_checkpoint: weight-free plan", apply),
-                ("apply_to_checkpoint: streamed plan", apply_streamed),
-                ("baseline: load the whole checkpoint", load_whole)]
+        rows = [
+            ("plan on meta (weight-free criterion)", plan),
+            ("streamed plan: activation channels + Wanda 2:4", plan_streamed),
+            (f"streamed plan: SparseGPT 2:4, blocks 0-{args.sparsegpt_blocks - 1}", plan_sparsegpt),
+            ("apply_to_checkpoint: weight-free plan", apply),
+            ("apply_to_checkpoint: streamed plan", apply_streamed),
+            ("baseline: load the whole checkpoint", load_whole),
+        ]
         for label, step in rows:
             if args.only and step.__name__ not in args.only:
                 continue

@@ -63,21 +63,36 @@ def digits_rows() -> None:
         for compensate in COMPENSATIONS:
             cells = []
             for ratio in (0.3, 0.5, 0.7):
-                result = gp.prune(model, train_x[:64], calibration=calibration,
-                                  passes=[ChannelPrune(ratio, importance=criterion, compensate=compensate)])
+                result = gp.prune(
+                    model,
+                    train_x[:64],
+                    calibration=calibration,
+                    passes=[ChannelPrune(ratio, importance=criterion, compensate=compensate)],
+                )
                 before = accuracy(result.module)
                 tuned = fit(result.module, train_x, train_y, epochs=1, lr=1e-3)
                 cells.append(f"{before:.3f} / {accuracy(tuned):.3f}")
             print(f"{criterion:<12}{str(compensate):<24}" + "".join(f"{c:>20}" for c in cells))
     print("\nallocation under a MACs budget (activation importance; accuracy without fine-tuning)")
-    print(f"{'target MACs':<13}{'allocation':<13}" + "".join(f"{str(c):>24}" for c in COMPENSATIONS[:3]) + f"{'MACs kept':>11}")
+    print(
+        f"{'target MACs':<13}{'allocation':<13}"
+        + "".join(f"{str(c):>24}" for c in COMPENSATIONS[:3])
+        + f"{'MACs kept':>11}"
+    )
     for target in (0.7, 0.5, 0.3):
         for allocation in ("uniform", "global", "sensitivity"):
             cells = []
             for compensate in COMPENSATIONS[:3]:
-                result = gp.prune(model, train_x[:64], calibration=calibration,
-                                  passes=[ChannelPrune(target_macs=target, allocation=allocation,
-                                                       importance="activation", compensate=compensate)])
+                result = gp.prune(
+                    model,
+                    train_x[:64],
+                    calibration=calibration,
+                    passes=[
+                        ChannelPrune(
+                            target_macs=target, allocation=allocation, importance="activation", compensate=compensate
+                        )
+                    ],
+                )
                 cells.append(accuracy(result.module))
             kept = result.report.macs_after / result.report.macs
             print(f"{target:<13}{allocation:<13}" + "".join(f"{c:>24.3f}" for c in cells) + f"{kept:>11.3f}")
@@ -97,15 +112,23 @@ def minilm_rows() -> None:
     for compensate in (None, "bias", "reconstruct"):
         cells, notes, start = [], set(), time.perf_counter()
         for ratio in (0.25, 0.5):
-            result = gp.prune(model, calibration[0], calibration=calibration,
-                              passes=[ChannelPrune(ratio, importance="activation", compensate=compensate, round_to=8)])
+            result = gp.prune(
+                model,
+                calibration[0],
+                calibration=calibration,
+                passes=[ChannelPrune(ratio, importance="activation", compensate=compensate, round_to=8)],
+            )
             cells.append((embed(result.module, held) * dense).sum(-1).mean().item())
             details = result.report.rows[0].details
             if "not reconstructed" in details:
-                notes.add(f"{len(details['not reconstructed'].split('; '))} layers not reconstructed at {ratio:.0%} "
-                          f"(e.g. {details['not reconstructed'].split('; ')[0].split(': ', 1)[1][:60]})")
-        print(f"{str(compensate):<24}{cells[0]:>14.3f}{cells[1]:>14.3f}{time.perf_counter() - start:>9.1f}  "
-              + "; ".join(sorted(notes)))
+                notes.add(
+                    f"{len(details['not reconstructed'].split('; '))} layers not reconstructed at {ratio:.0%} "
+                    f"(e.g. {details['not reconstructed'].split('; ')[0].split(': ', 1)[1][:60]})"
+                )
+        print(
+            f"{str(compensate):<24}{cells[0]:>14.3f}{cells[1]:>14.3f}{time.perf_counter() - start:>9.1f}  "
+            + "; ".join(sorted(notes))
+        )
 
 
 if __name__ == "__main__":

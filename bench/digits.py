@@ -21,8 +21,14 @@ def split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return images[train], labels[train], images[test], labels[test]
 
 
-def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
-        after_step: Callable[[], None] | None = None) -> nn.Module:
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    lr: float,
+    after_step: Callable[[], None] | None = None,
+) -> nn.Module:
     """Adam on cross-entropy, batches of 64 in a seeded order (``after_step`` runs after each
     optimizer step); returns the model in eval mode."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

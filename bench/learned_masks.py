@@ -32,7 +32,7 @@ TRAIN = SENTENCES + MORE_CALIBRATION + [s for pair in PARAPHRASES for s in pair]
 
 def main(steps: int = 200) -> None:
     model, _ = build()
-    batches = [tokenize(TRAIN[i:i + 16]) for i in range(0, len(TRAIN), 16)]
+    batches = [tokenize(TRAIN[i : i + 16]) for i in range(0, len(TRAIN), 16)]
     calibration = batches[:2]
     held = tokenize(HELD_OUT)
     dense_held = embed(model, held)
@@ -50,26 +50,31 @@ def main(steps: int = 200) -> None:
         start = time.perf_counter()
         result = gp.prune(model, calibration[0], passes=[NMSparsity(2, 4, method=method)], calibration=calibration)
         seconds = time.perf_counter() - start
-        print(f"{'one-shot ' + method:<28}{cosine(result.module):>16.3f}{train_cosine(result.module):>14.3f}"
-              f"{seconds:>9.1f}")
+        print(
+            f"{'one-shot ' + method:<28}{cosine(result.module):>16.3f}{train_cosine(result.module):>14.3f}"
+            f"{seconds:>9.1f}"
+        )
     for prior in ("magnitude", "wanda", "sparsegpt"):
         start = time.perf_counter()
-        sparse = gp.prune(model, calibration[0], passes=[NMSparsity(2, 4, method="learned", prior=prior)],
-                          calibration=calibration).module
+        sparse = gp.prune(
+            model, calibration[0], passes=[NMSparsity(2, 4, method="learned", prior=prior)], calibration=calibration
+        ).module
         final = learn(sparse, batches, targets, steps)
         seconds = time.perf_counter() - start
         print(f"{'learned, ' + prior + ' prior':<28}{cosine(final):>16.3f}{train_cosine(final):>14.3f}{seconds:>9.1f}")
     for label, options in (("+ early stop (48/16)", {"validation": 1}), ("+ weight reg. 0.5", {"regularization": 0.5})):
         start = time.perf_counter()
-        sparse = gp.prune(model, calibration[0], passes=[NMSparsity(2, 4, method="learned", prior="wanda")],
-                          calibration=calibration).module
+        sparse = gp.prune(
+            model, calibration[0], passes=[NMSparsity(2, 4, method="learned", prior="wanda")], calibration=calibration
+        ).module
         final = learn(sparse, batches, targets, steps, **options)
         seconds = time.perf_counter() - start
         print(f"{'learned, wanda ' + label:<28}{cosine(final):>16.3f}{train_cosine(final):>14.3f}{seconds:>9.1f}")
 
 
-def learn(sparse: torch.nn.Module, batches: list, targets: list, steps: int, validation: int = 0,
-          regularization: float = 0.0) -> torch.nn.Module:
+def learn(
+    sparse: torch.nn.Module, batches: list, targets: list, steps: int, validation: int = 0, regularization: float = 0.0
+) -> torch.nn.Module:
     """Cosine distillation of the masks of ``sparse`` on ``batches`` (the last ``validation`` of
     them held out and observed every 10 steps instead of trained on)."""
     trainer = LearnedMasks(sparse, steps=steps, weight_regularization=regularization)
@@ -86,8 +91,13 @@ def learn(sparse: torch.nn.Module, batches: list, targets: list, steps: int, val
         optimizer.zero_grad()
         trainer.step()
         if validation and (step + 1) % 10 == 0:
-            score = sum((embed(sparse.eval(), b) * t).sum(-1).mean().item()
-                        for b, t in zip(batches[train:], targets[train:])) / validation
+            score = (
+                sum(
+                    (embed(sparse.eval(), b) * t).sum(-1).mean().item()
+                    for b, t in zip(batches[train:], targets[train:])
+                )
+                / validation
+            )
             trainer.observe(score)
     return trainer.finalize()
 

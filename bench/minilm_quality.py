@@ -14,9 +14,14 @@ from graphprune.passes import ChannelPrune
 from samples.minilm import build, embed, pool, tokenize
 
 HELD_OUT = [
-    "A dog runs across the park.", "The concert was cancelled due to rain.", "A puppy is playing outside.",
-    "Interest rates will rise next year.", "The band played until midnight.", "Central banks raised rates again.",
-    "Children are building a sandcastle.", "Kids play on the beach.",
+    "A dog runs across the park.",
+    "The concert was cancelled due to rain.",
+    "A puppy is playing outside.",
+    "Interest rates will rise next year.",
+    "The band played until midnight.",
+    "Central banks raised rates again.",
+    "Children are building a sandcastle.",
+    "Kids play on the beach.",
 ]
 
 
@@ -32,8 +37,12 @@ def main() -> None:
     print(f"{'criterion':<12}{'ratio':>6}{'params':>9}{'cosine':>9}{'max sim err':>13}")
     for criterion in ("l1", "l2", "taylor", "activation"):
         for ratio in (0.1, 0.2, 0.3, 0.5):
-            result = gp.prune(model, calib, passes=[ChannelPrune(ratio, importance=criterion, loss_fn=distill,
-                                                                 round_to=8)], calibration=[calib])
+            result = gp.prune(
+                model,
+                calib,
+                passes=[ChannelPrune(ratio, importance=criterion, loss_fn=distill, round_to=8)],
+                calibration=[calib],
+            )
             e = embed(result.module, held)
             cos = (e * dense).sum(-1).mean().item()
             err = (e @ e.T - dense @ dense.T).abs().max().item()

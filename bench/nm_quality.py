@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import time
 
-
-
 import graphprune as gp
 from bench.minilm_quality import HELD_OUT
+from graphprune.frontends.torch.masks import masked_weights
 from graphprune.passes import NMSparsity
-from graphprune.algorithms.nm import masked_weights
 from samples.minilm import SENTENCES, build, embed, tokenize
 
 MORE_CALIBRATION = [
-    "The train to the airport leaves every ten minutes.", "She finished reading the novel last night.",
-    "Our team shipped the new release on Friday.", "The soup needs a little more salt.",
-    "Heavy snow closed the mountain pass.", "He is learning to play the violin.",
-    "The museum opens at nine in the morning.", "Prices for fresh fruit went up this week.",
+    "The train to the airport leaves every ten minutes.",
+    "She finished reading the novel last night.",
+    "Our team shipped the new release on Friday.",
+    "The soup needs a little more salt.",
+    "Heavy snow closed the mountain pass.",
+    "He is learning to play the violin.",
+    "The museum opens at nine in the morning.",
+    "Prices for fresh fruit went up this week.",
 ]
 
 
@@ -33,21 +35,29 @@ def main() -> None:
     held = tokenize(HELD_OUT)
     dense = embed(model, held)
     neighbours = (dense @ dense.T).fill_diagonal_(-1).argmax(1)
-    print(f"{'method':<12}{'permute':>8}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}{'max sim err':>13}"
-          f"{'seconds':>9}")
+    print(
+        f"{'method':<12}{'permute':>8}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}{'max sim err':>13}"
+        f"{'seconds':>9}"
+    )
     for (n, m), permute in (((2, 4), False), ((2, 4), True), ((4, 8), False)):
         for method in ("magnitude", "wanda", "sparsegpt"):
             start = time.perf_counter()
-            result = gp.prune(model, calibration[0], passes=[NMSparsity(n, m, method=method, permute=permute)],
-                              calibration=calibration)
+            result = gp.prune(
+                model,
+                calibration[0],
+                passes=[NMSparsity(n, m, method=method, permute=permute)],
+                calibration=calibration,
+            )
             seconds = time.perf_counter() - start
             sparse = embed(result.module, held)
             agree = int(((sparse @ sparse.T).fill_diagonal_(-1).argmax(1) == neighbours).sum())
             err = (sparse @ sparse.T - dense @ dense.T).abs().max().item()
             cos = (sparse * dense).sum(-1).mean().item()
             layers = len(masked_weights(result.module))
-            print(f"{method:<12}{'yes' if permute else 'no':>8}{f'{n}:{m}':>8}{layers:>8}{cos:>9.3f}"
-                  f"{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}")
+            print(
+                f"{method:<12}{'yes' if permute else 'no':>8}{f'{n}:{m}':>8}{layers:>8}{cos:>9.3f}"
+                f"{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}"
+            )
             if permute:
                 print("    " + result.report.rows[0].details["permutations"][:160])
 

@@ -25,8 +25,13 @@ from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
 
 def resnet50() -> tuple[torch.nn.Module, dict, list]:
-    cfg = T.ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
-                         embedding_size=64, num_labels=1000)
+    cfg = T.ResNetConfig(
+        layer_type="bottleneck",
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        embedding_size=64,
+        num_labels=1000,
+    )
     g = torch.Generator().manual_seed(0)
     inputs = {"pixel_values": torch.randn(1, 3, 224, 224, generator=g)}
     calibration = [{"pixel_values": torch.randn(4, 3, 224, 224, generator=g)} for _ in range(2)]
@@ -37,8 +42,11 @@ def bert_base() -> tuple[torch.nn.Module, dict, list]:
     g = torch.Generator().manual_seed(0)
 
     def batch(n: int) -> dict:
-        return {"input_ids": torch.randint(0, 30522, (n, 128), generator=g),
-                "attention_mask": torch.ones(n, 128, dtype=torch.long)}
+        return {
+            "input_ids": torch.randint(0, 30522, (n, 128), generator=g),
+            "attention_mask": torch.ones(n, 128, dtype=torch.long),
+        }
+
     return T.BertModel(T.BertConfig()).eval(), batch(1), [batch(4) for _ in range(2)]
 
 
@@ -68,13 +76,17 @@ def main() -> None:
                     rows.append((variant, path, gp.export_onnx(model, inputs, path), None))
             base_ms = None
             for variant, path, exported, macs in rows:
-                ms = onnx_latency_ms(path, {k: v.numpy() for k, v in inputs.items()}, runs=args.runs,
-                                     threads=args.threads)
+                ms = onnx_latency_ms(
+                    path, {k: v.numpy() for k, v in inputs.items()}, runs=args.runs, threads=args.threads
+                )
                 base_ms = base_ms or ms
                 ops = ", ".join(f"{k} {v}" for k, v in sorted(exported.int8_ops.items())) or "-"
                 size = os.path.getsize(path) / 1e6
-                print(f"{name:<10}{variant:<26}{size:>8.1f}{ms:>9.1f}{base_ms / ms:>8.2f}x"
-                      f"{dense_macs / (macs or dense_macs):>7.2f}x{ops:>36}")
+                print(
+                    f"{name:<10}{variant:<26}{size:>8.1f}{ms:>9.1f}{base_ms / ms:>8.2f}x"
+                    f"{dense_macs / (macs or dense_macs):>7.2f}x{ops:>36}"
+                )
+
 
 if __name__ == "__main__":
     main()

@@ -35,10 +35,15 @@ from samples.minilm import build, tokenize
 
 PIPELINES = {
     "channels 20%": lambda: [ChannelPrune(0.2, importance="activation", round_to=8)],
-    "channels 20% + 2:4": lambda: [ChannelPrune(0.2, importance="activation", round_to=8),
-                                   NMSparsity(2, 4, method="wanda")],
-    "channels 20% + 2:4 + int8": lambda: [ChannelPrune(0.2, importance="activation", round_to=8),
-                                          NMSparsity(2, 4, method="wanda"), Quantize("int8")],
+    "channels 20% + 2:4": lambda: [
+        ChannelPrune(0.2, importance="activation", round_to=8),
+        NMSparsity(2, 4, method="wanda"),
+    ],
+    "channels 20% + 2:4 + int8": lambda: [
+        ChannelPrune(0.2, importance="activation", round_to=8),
+        NMSparsity(2, 4, method="wanda"),
+        Quantize("int8"),
+    ],
 }
 
 
@@ -68,40 +73,54 @@ def main() -> None:
         batch = torch.export.Dim("batch")
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (), dense_path, kwargs=calib, dynamo=True,
-                              dynamic_shapes={k: {0: batch} for k in calib})
+            torch.onnx.export(
+                model, (), dense_path, kwargs=calib, dynamo=True, dynamic_shapes={k: {0: batch} for k in calib}
+            )
         dense = _embed(dense_path, held)
         files = {("dense", ""): (0.0, dense_path, None)}
         for name, passes in PIPELINES.items():
             start = time.perf_counter()
             onnx_result = gp.prune_onnx(dense_path, passes=passes(), calibration=feeds)
             onnx_result.save(os.path.join(tmp, f"{len(files)}.onnx"))
-            files[(name, "onnx")] = (time.perf_counter() - start, os.path.join(tmp, f"{len(files)}.onnx"),
-                                     onnx_result.report)
+            files[(name, "onnx")] = (
+                time.perf_counter() - start,
+                os.path.join(tmp, f"{len(files)}.onnx"),
+                onnx_result.report,
+            )
             start = time.perf_counter()
             torch_result = gp.prune(model, calib, passes=passes(), calibration=[calib])
             torch_result.export_onnx(os.path.join(tmp, f"{len(files)}.onnx"))
-            files[(name, "torch")] = (time.perf_counter() - start, os.path.join(tmp, f"{len(files)}.onnx"),
-                                      torch_result.report)
+            files[(name, "torch")] = (
+                time.perf_counter() - start,
+                os.path.join(tmp, f"{len(files)}.onnx"),
+                torch_result.report,
+            )
         latency = {key: [] for key in files}
         for _ in range(3):  # rounds over all files, so that drifting machine speed hits each alike
             for key, (_, path, _) in files.items():
                 latency[key].append(onnx_latency_ms(path, held, runs=args.runs, threads=2))
         ms = {key: min(values) for key, values in latency.items()}
         embeddings = {key: _embed(path, held) for key, (_, path, _) in files.items()}
-        print(f"all-MiniLM-L6-v2, {len(HELD_OUT)} held-out sentences; dense ONNX {_size(dense_path) / 1e6:.1f} MB, "
-              f"{ms[('dense', '')]:.2f} ms (batch {len(HELD_OUT)}, 2 threads, best of 3 rounds of median-of-{args.runs})")
-        print(f"{'pipeline':<28}{'path':<7}{'time s':>8}{'MB':>7}{'MACs':>8}{'ms':>8}{'speedup':>9}"
-              f"{'cos dense':>11}{'cos paths':>11}")
+        print(
+            f"all-MiniLM-L6-v2, {len(HELD_OUT)} held-out sentences; dense ONNX {_size(dense_path) / 1e6:.1f} MB, "
+            f"{ms[('dense', '')]:.2f} ms (batch {len(HELD_OUT)}, 2 threads, best of 3 rounds of median-of-{args.runs})"
+        )
+        print(
+            f"{'pipeline':<28}{'path':<7}{'time s':>8}{'MB':>7}{'MACs':>8}{'ms':>8}{'speedup':>9}"
+            f"{'cos dense':>11}{'cos paths':>11}"
+        )
         for (name, path_name), (seconds, path, report) in files.items():
             if report is None:
                 continue
             other = embeddings[(name, "torch" if path_name == "onnx" else "onnx")]
             between = float((embeddings[(name, path_name)] * other).sum(-1).mean())
             cos = float((embeddings[(name, path_name)] * dense).sum(-1).mean())
-            print(f"{name:<28}{path_name:<7}{seconds:>8.1f}{_size(path) / 1e6:>7.1f}"
-                  f"{report.macs_after / report.macs:>8.1%}{ms[(name, path_name)]:>8.2f}"
-                  f"{ms[('dense', '')] / ms[(name, path_name)]:>8.2f}x{cos:>11.3f}{between:>11.3f}")
+            print(
+                f"{name:<28}{path_name:<7}{seconds:>8.1f}{_size(path) / 1e6:>7.1f}"
+                f"{report.macs_after / report.macs:>8.1%}{ms[(name, path_name)]:>8.2f}"
+                f"{ms[('dense', '')] / ms[(name, path_name)]:>8.2f}x{cos:>11.3f}{between:>11.3f}"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -28,11 +28,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphprune as gp
-from graphprune.passes import NMSparsity, Quantize
-from graphprune.frontends.torch.copying import clone
-from graphprune.emit.sparse_kernels import (Int8SparseLinear, captured, int8_sparse_linear, kernel_support, median_ms,
-                                       sparse_replacement, to_sparse_kernels, uses_cusparselt)
 from graphprune.algorithms.nm import LINEAR, NMPattern, nm_mask
+from graphprune.emit.sparse_kernels import (
+    Int8SparseLinear,
+    captured,
+    int8_sparse_linear,
+    kernel_support,
+    median_ms,
+    sparse_replacement,
+    to_sparse_kernels,
+    uses_cusparselt,
+)
+from graphprune.frontends.torch.copying import clone
+from graphprune.passes import NMSparsity, Quantize
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 TOKENS = [1, 16, 64, 256, 1024, 4096, 8192]
@@ -58,8 +66,7 @@ def main() -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
             sparse = sparse_replacement(layer, None, tokens, torch.float16, None)[0]
             int8_sparse, int8_dense = _int8_layers(layer, fake_quant, tokens)
-            calls = [lambda: F.linear(x, weight), lambda: sparse(x), lambda: int8_dense(x),
-                     lambda: int8_sparse(x)]
+            calls = [lambda: F.linear(x, weight), lambda: sparse(x), lambda: int8_dense(x), lambda: int8_sparse(x)]
             eager = _row([_ms(call) for call in calls])
             graph = _row([_ms(call, graph=True) for call in calls])
             print(f"{f'{out_f}x{in_f}':<12}{tokens:>7}{eager}  {graph}")
@@ -74,8 +81,10 @@ def _ms(fn: Callable[[], object], graph: bool = False, repeats: int = 30, calls:
 
 
 def _row(cells: list[float | str]) -> str:
-    return (f"{_fmt(cells[0]):>11}{_fmt(cells[1]):>10}{_ratio(cells[0], cells[1]):>9}"
-            f"{_fmt(cells[2]):>11}{_fmt(cells[3]):>10}{_ratio(cells[2], cells[3]):>9}")
+    return (
+        f"{_fmt(cells[0]):>11}{_fmt(cells[1]):>10}{_ratio(cells[0], cells[1]):>9}"
+        f"{_fmt(cells[2]):>11}{_fmt(cells[3]):>10}{_ratio(cells[2], cells[3]):>9}"
+    )
 
 
 def _fmt(cell: float | str, digits: int = 3) -> str:
@@ -95,16 +104,21 @@ def _fake_quant(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data.copy_(weight.float().cpu())
     x = torch.randn(16, weight.shape[1])
-    return gp.prune(nn.Sequential(linear, nn.ReLU()), (x,), passes=[NMSparsity(2, 4, dense_heads=False), Quantize()],
-                    calibration=[(x,)]).module[0]
+    return gp.prune(
+        nn.Sequential(linear, nn.ReLU()),
+        (x,),
+        passes=[NMSparsity(2, 4, dense_heads=False), Quantize()],
+        calibration=[(x,)],
+    ).module[0]
 
 
 def _int8_layers(layer: nn.Linear, fake_quant: nn.Linear, tokens: int) -> tuple[Callable, Callable]:
     """The int8 2:4 layer (cuSPARSELt, algorithm searched for ``tokens``) of ``fake_quant``, and the
     same layer with a dense int8 product (``torch._int_mm``)."""
     plain = int8_sparse_linear(fake_quant, "reference", out_dtype=torch.float16).cuda()
-    dense = Int8SparseLinear(plain.packed, plain.alpha, plain.bias, plain.input_scale, plain.input_zero_point,
-                             _int_mm_scaled, torch.float16)
+    dense = Int8SparseLinear(
+        plain.packed, plain.alpha, plain.bias, plain.input_scale, plain.input_zero_point, _int_mm_scaled, torch.float16
+    )
     if not torch.backends.cusparselt.is_available():
         return _needs_cusparselt, dense
     return sparse_replacement(layer, fake_quant, tokens, torch.float16, None)[0], dense
@@ -121,8 +135,14 @@ def _int_mm_scaled(weight_q: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Ten
 def block_rows() -> None:
     import transformers as T
 
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                        num_hidden_layers=1, vocab_size=32000)
+    cfg = T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=1,
+        vocab_size=32000,
+    )
     torch.manual_seed(0)
     model = T.LlamaModel(cfg).eval()
     result = gp.prune(model, {"input_ids": torch.randint(0, 32000, (1, 128))}, passes=[NMSparsity(2, 4)])
@@ -141,13 +161,17 @@ def block_rows() -> None:
                 want = dense(**cuda_ids).last_hidden_state.float()
                 got = converted(**cuda_ids).last_hidden_state.float()
             error = ((got - want).norm() / want.norm()).item()
-            times = [_ms(lambda m=m: m(**cuda_ids), graph=mode == "graph", repeats=10, calls=3)
-                     for m in (dense, converted, dense)]
+            times = [
+                _ms(lambda m=m: m(**cuda_ids), graph=mode == "graph", repeats=10, calls=3)
+                for m in (dense, converted, dense)
+            ]
             chosen = [d.layer.rsplit(".", 1)[-1] for d in report.decisions if d.choice == "sparse"]
             spread = f"{_fmt(times[0], 2)}/{_fmt(times[2], 2)}"
             mean = (times[0] + times[2]) / 2 if all(isinstance(t, float) for t in times) else "-"
-            print(f"{mode:<6}{tokens:>7}{spread:>14}{_fmt(times[1], 2):>9}{_ratio(mean, times[1]):>9}{error:>9.1e}  "
-                  f"{len(chosen)}/{len(report.decisions)} {','.join(chosen)}")
+            print(
+                f"{mode:<6}{tokens:>7}{spread:>14}{_fmt(times[1], 2):>9}{_ratio(mean, times[1]):>9}{error:>9.1e}  "
+                f"{len(chosen)}/{len(report.decisions)} {','.join(chosen)}"
+            )
 
 
 if __name__ == "__main__":

@@ -41,14 +41,19 @@ def main(epochs: int = 1) -> None:
         cells = [accuracy(one_shot)]
         stages = sorted({round(m - 1 - i * (m - 1 - n) / 3) for i in range(4)}, reverse=True)
         schedule = [(i * ramp // (len(stages) - 1), k) for i, k in enumerate(stages)]
-        for recipe, options in (("fixed", {}), ("sr-ste", {}), ("mask-decay", {"decay_steps": ramp}),
-                                ("sr-ste", {"schedule": schedule})):
+        for recipe, options in (
+            ("fixed", {}),
+            ("sr-ste", {}),
+            ("mask-decay", {"decay_steps": ramp}),
+            ("sr-ste", {"schedule": schedule}),
+        ):
             model = clone(one_shot)
             trainer = SparseTraining(model, recipe=recipe, **options)
             fit(model, train_x, train_y, epochs=epochs, lr=1e-3, after_step=trainer.step)
             cells.append(accuracy(trainer.finalize()))
             assert trainer.steps == steps
         print(f"{f'{n}:{m}':<9}" + "".join(f"{c:>{w}.3f}" for c, w in zip(cells, (10, 13, 9, 12, 19))))
+
 
 if __name__ == "__main__":
     import sys

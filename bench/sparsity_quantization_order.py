@@ -46,25 +46,43 @@ PARAPHRASES = [
     ("Prices of petrol went up again.", "Fuel costs rose once more."),
 ]
 HARD_NEGATIVES = [  # share words with a pair but not its meaning: they make retrieval non-trivial
-    "The cat is scratching the new sofa.", "He sold his old car yesterday.", "The stock market opened calmly.",
-    "She is cleaning the kitchen after dinner.", "The flight was cancelled for three days.",
-    "Our team lost the final badly.", "It is sunny in the city.", "The doctor refused to prescribe antibiotics.",
-    "He found his keys at the office.", "The village is far from the river.", "The children are watching football.",
-    "The new phone has a cracked screen.", "The company fired fifty engineers.", "The museum is busy on Mondays.",
-    "The baby slept through the night.", "Prices of petrol fell again.",
+    "The cat is scratching the new sofa.",
+    "He sold his old car yesterday.",
+    "The stock market opened calmly.",
+    "She is cleaning the kitchen after dinner.",
+    "The flight was cancelled for three days.",
+    "Our team lost the final badly.",
+    "It is sunny in the city.",
+    "The doctor refused to prescribe antibiotics.",
+    "He found his keys at the office.",
+    "The village is far from the river.",
+    "The children are watching football.",
+    "The new phone has a cracked screen.",
+    "The company fired fifty engineers.",
+    "The museum is busy on Mondays.",
+    "The baby slept through the night.",
+    "Prices of petrol fell again.",
 ]
 CALIBRATION = SENTENCES + [
-    "The train to the airport leaves every ten minutes.", "She finished reading the novel last night.",
-    "Our team shipped the new release on Friday.", "The soup needs a little more salt.",
-    "Heavy snow closed the mountain pass.", "He is learning to play the violin.",
-    "The museum opens at nine in the morning.", "Prices for fresh fruit went up this week.",
+    "The train to the airport leaves every ten minutes.",
+    "She finished reading the novel last night.",
+    "Our team shipped the new release on Friday.",
+    "The soup needs a little more salt.",
+    "Heavy snow closed the mountain pass.",
+    "He is learning to play the violin.",
+    "The museum opens at nine in the morning.",
+    "Prices for fresh fruit went up this week.",
 ]
 METHODS = ("magnitude", "sparsegpt")
 
 
 def _orders(sparsity: list, quantize: gp.Pass) -> dict[str, tuple[list, bool]]:
-    return {"S only": (sparsity, False), "Q only": ([quantize], False), "S->Q": (sparsity + [quantize], False),
-            "Q->S": ([quantize] + sparsity, True)}
+    return {
+        "S only": (sparsity, False),
+        "Q only": ([quantize], False),
+        "S->Q": (sparsity + [quantize], False),
+        "Q->S": ([quantize] + sparsity, True),
+    }
 
 
 def minilm_rows() -> None:
@@ -88,8 +106,9 @@ def minilm_rows() -> None:
             if order == "Q only" and method != METHODS[0]:
                 continue
             start = time.perf_counter()
-            result = gp.prune(model, calibration[0], passes=passes, calibration=calibration,
-                              experimental_order=experimental)
+            result = gp.prune(
+                model, calibration[0], passes=passes, calibration=calibration, experimental_order=experimental
+            )
             acc, err = metrics(embed(result.module, held))
             label = "-" if order == "Q only" else method
             print(f"{order:<10}{label:<11}{acc:>10.3f}{err:>9.4f}{time.perf_counter() - start:>9.1f}")
@@ -99,9 +118,18 @@ class DigitsNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,15 +160,18 @@ def digits_rows() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"{'dense':<10}{'-':<11}{acc:>10.3f}{err:>11.4f}{params:>9}")
     for method in METHODS:
-        sparsity = [ChannelPrune(0.5, importance="activation", compensate="bias+batchnorm"),
-                    NMSparsity(2, 4, method=method)]
+        sparsity = [
+            ChannelPrune(0.5, importance="activation", compensate="bias+batchnorm"),
+            NMSparsity(2, 4, method=method),
+        ]
         for order, (passes, experimental) in _orders(sparsity, Quantize()).items():
             if order == "Q only" and method != METHODS[0]:
                 continue
             if order == "Q->S":  # channels first in both orders (see the module docstring)
                 passes = [sparsity[0], passes[0], sparsity[1]]
-            result = gp.prune(model, train[:64], passes=passes, calibration=calibration,
-                              experimental_order=experimental)
+            result = gp.prune(
+                model, train[:64], passes=passes, calibration=calibration, experimental_order=experimental
+            )
             acc, err = metrics(result.module)
             label = "-" if order == "Q only" else method
             print(f"{order:<10}{label:<11}{acc:>10.3f}{err:>11.4f}{result.report.params_after:>9}")

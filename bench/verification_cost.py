@@ -1,7 +1,8 @@
 """What the value oracle of verification costs: ``apply_plan`` timed with it and, in the same run,
 with it replaced by a no-op, on the ResNet sample, the real all-MiniLM-L6-v2 and a LLaMA-shaped
 transformer (random weights), each pruned by ChannelPrune's plan at 50%.  Prints seconds per apply
-(best of ``REPEATS``, the two settings interleaved so that warm-up and load fall on both), the ratio, and how many nodes the oracle compared.
+(best of ``REPEATS``, the two settings interleaved so that warm-up and load fall on both), the ratio,
+and how many nodes the oracle compared.
 
     python -m bench.verification_cost
 """
@@ -25,21 +26,33 @@ REPEATS = 5
 def models() -> list[tuple[str, Callable[[], tuple[torch.nn.Module, tuple]]]]:
     def resnet():
         from samples.resnet import ResNet
+
         return ResNet().eval(), (torch.randn(8, 3, 32, 32),)
 
     def minilm():
         from samples.minilm import build, tokenize
+
         model, _ = build()
         return model, tokenize(["A dog runs across the park.", "Interest rates will rise next year."])
 
     def llama():
         from transformers import LlamaConfig, LlamaModel
-        config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                             num_key_value_heads=4, vocab_size=1000)
+
+        config = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=1000,
+        )
         return LlamaModel(config).eval(), (torch.randint(0, 1000, (2, 32)),)
 
-    return [("ResNet sample (8x3x32x32)", resnet), ("all-MiniLM-L6-v2 (2 sentences)", minilm),
-            ("LLaMA-shaped, 4 blocks (2x32 tokens)", llama)]
+    return [
+        ("ResNet sample (8x3x32x32)", resnet),
+        ("all-MiniLM-L6-v2 (2 sentences)", minilm),
+        ("LLaMA-shaped, 4 blocks (2x32 tokens)", llama),
+    ]
 
 
 def timed(run: Callable[[], object]) -> float:

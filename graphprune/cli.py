@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from graphprune.emit.coupling_graph import write_graph
-from graphprune.errors import ContractError, GraphpruneError, InputError, InternalError
 from graphprune.emit.latency import onnx_latency_ms
+from graphprune.errors import ContractError, GraphpruneError, InputError, InternalError
 from graphprune.io.outputs import Outputs
 
 EXIT_INPUT, EXIT_MODEL, EXIT_BUG = 2, 3, 4  # anything unexpected propagates: Python exits 1 with the traceback
@@ -49,8 +49,10 @@ class LoadedModel:
 def load_model(spec: str) -> LoadedModel:
     """The module, example inputs and calibration batches (if the factory gives them) of a MODEL argument."""
     if spec.endswith(".onnx"):
-        raise InputError(f"{spec}: this command takes a PyTorch model (package.module:factory or a .pt2 exported "
-                         "program); inspect and prune also take .onnx files")
+        raise InputError(
+            f"{spec}: this command takes a PyTorch model (package.module:factory or a .pt2 exported "
+            "program); inspect and prune also take .onnx files"
+        )
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
             raise InputError(f"{spec}: no such file")
@@ -63,10 +65,15 @@ def load_model(spec: str) -> LoadedModel:
         args, kwargs = program.example_inputs
         if args and kwargs:
             raise InputError(f"{spec}: programs exported with both positional and keyword inputs are not supported")
-        placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in
-                        set(program.graph_signature.user_inputs)]
-        dynamic = any(isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
-                      for v in (n.meta.get("val") for n in placeholders))
+        placeholders = [
+            n
+            for n in program.graph.nodes
+            if n.op == "placeholder" and n.name in set(program.graph_signature.user_inputs)
+        ]
+        dynamic = any(
+            isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
+            for v in (n.meta.get("val") for n in placeholders)
+        )
         return LoadedModel(program.module(), kwargs or args, None, dynamic)
     module_name, sep, factory_name = spec.partition(":")
     if not sep or not module_name or not factory_name:
@@ -101,8 +108,10 @@ def load_calibration(path: str, batch_size: int) -> list:
         else:
             tensors = torch.load(path, weights_only=True)  # tensors and plain containers only, no code
     except Exception as exc:  # refused pickles and object arrays, truncated or foreign files
-        raise InputError(f"calibration file {path} cannot be read as tensors ({type(exc).__name__}: "
-                         f"{(str(exc).strip() or '?').splitlines()[0]})") from exc
+        raise InputError(
+            f"calibration file {path} cannot be read as tensors ({type(exc).__name__}: "
+            f"{(str(exc).strip() or '?').splitlines()[0]})"
+        ) from exc
     if isinstance(tensors, list):
         return tensors
     if isinstance(tensors, torch.Tensor):
@@ -112,13 +121,13 @@ def load_calibration(path: str, batch_size: int) -> list:
         if len(count) != 1:
             raise InputError(f"calibration file {path}: arrays have different sample counts {sorted(count)}")
         n = count.pop()
-        return [{k: v[i:i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+        return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
     raise InputError(f"calibration file {path}: expected arrays keyed by input name, a tensor or a list of batches")
 
 
 def _passes(args: argparse.Namespace) -> tuple[list, bool]:
-    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
     from graphprune.io.recipe import load_recipe
+    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
     flags = args.channels is not None or args.nm is not None or args.int8
     if args.recipe and flags:
@@ -144,15 +153,21 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
 def _needs_calibration(passes: Sequence) -> bool:
     from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
-    return any(isinstance(p, Quantize) or (isinstance(p, NMSparsity) and p.criterion != "magnitude")
-               or (isinstance(p, ChannelPrune) and (p.importance.needs_calibration or p.compensate
-                                                    or p.allocation == "sensitivity")) for p in passes)
+    return any(
+        isinstance(p, Quantize)
+        or (isinstance(p, NMSparsity) and p.criterion != "magnitude")
+        or (
+            isinstance(p, ChannelPrune)
+            and (p.importance.needs_calibration or p.compensate or p.allocation == "sensitivity")
+        )
+        for p in passes
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict:
     import graphprune as gp
-    from graphprune.frontends.torch.capture import model_device
     from graphprune.algorithms.importance import resolve
+    from graphprune.frontends.torch.capture import model_device
     from graphprune.frontends.torch.macs import count_params, graph_macs
 
     if args.model.endswith(".onnx"):
@@ -173,8 +188,13 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
             s = scores[g.id].double().sort().values
             row["l2_importance"] = {"min": s[0].item(), "median": s[len(s) // 2].item(), "max": s[-1].item()}
         groups.append(row)
-    summary = {"model": args.model, "params": params, "macs": macs,
-               "groups": groups, "frozen": [f.describe() for f in analysis.frozen]}
+    summary = {
+        "model": args.model,
+        "params": params,
+        "macs": macs,
+        "groups": groups,
+        "frozen": [f.describe() for f in analysis.frozen],
+    }
     if args.graph and not args.graph.endswith((".dot", ".svg", ".png")):
         raise InputError(f"--graph writes .dot, .svg or .png, got {args.graph!r}")
     if args.graph:
@@ -184,10 +204,12 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         print(analysis.describe(max_groups=args.max_groups))
         if scores:
             print("channel L2 importance per group (min / median / max):")
-            for row in groups[:args.max_groups]:
+            for row in groups[: args.max_groups]:
                 imp = row["l2_importance"]
-                print(f"  group {row['id']:<4}{row['channels']:>6} ch  {imp['min']:.3g} / {imp['median']:.3g} / "
-                      f"{imp['max']:.3g}")
+                print(
+                    f"  group {row['id']:<4}{row['channels']:>6} ch  {imp['min']:.3g} / {imp['median']:.3g} / "
+                    f"{imp['max']:.3g}"
+                )
         print(f"params {summary['params']:,}, MACs {summary['macs']:,}")
         if args.graph:
             print(f"coupling graph: {args.graph}")
@@ -210,16 +232,27 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         plan_json, _ = result.save_plan(args.output + ".plan", outputs=out)
         pages = args.output + ".report"
         result.write_report(pages, latency, outputs=out)
-    summary = {**result.report.to_dict(), "output": args.output, "report": pages, "stage": str(result.stage),
-               "plan": plan_json, "latency_ms": latency,
-               "onnx": {"max_error": written.max_error, "l2_error": written.l2_error,
-                        "int8_ops": written.int8_ops, "sparse_weights": len(written.sparse_weights)}}
+    summary = {
+        **result.report.to_dict(),
+        "output": args.output,
+        "report": pages,
+        "stage": str(result.stage),
+        "plan": plan_json,
+        "latency_ms": latency,
+        "onnx": {
+            "max_error": written.max_error,
+            "l2_error": written.l2_error,
+            "int8_ops": written.int8_ops,
+            "sparse_weights": len(written.sparse_weights),
+        },
+    }
     if not args.json:
         print(result.report)
         print(written)
         print(f"report: {pages}/report.html (and report.md, report.json, plots)")
-        print(f"plan: {plan_json} (+ .safetensors): `graphprune plan` reads it, gp.apply_plan_file(_onnx) "
-              "re-applies it")
+        print(
+            f"plan: {plan_json} (+ .safetensors): `graphprune plan` reads it, gp.apply_plan_file(_onnx) re-applies it"
+        )
     return summary
 
 
@@ -242,13 +275,14 @@ def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, ou
         with tempfile.TemporaryDirectory() as tmp:
             dense = os.path.join(tmp, "dense.onnx")
             gp.export_onnx(model, inputs, dense, dynamic_batch=loaded.dynamic_batch)
-            latency = {"dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
-                       "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads)}
+            latency = {
+                "dense": onnx_latency_ms(dense, runs=args.runs, threads=args.threads),
+                "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads),
+            }
     return result, written, latency
 
 
-def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool,
-                     out: Outputs) -> tuple[Any, Any, Any]:
+def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool, out: Outputs) -> tuple[Any, Any, Any]:
     """Prune an ONNX file and stage the result in ``out``; with ``--latency``, time the input file
     (never written over: it is an input of ``out``) and the staged file."""
     import graphprune as gp
@@ -265,8 +299,10 @@ def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool,
     written = result.save(args.output, outputs=out)
     latency = None
     if args.latency:
-        latency = {"dense": dense,
-                   "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads)}
+        latency = {
+            "dense": dense,
+            "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads),
+        }
     return result, written, latency
 
 
@@ -285,8 +321,13 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
     loaded = load_model(args.model)
     with Outputs(inputs=_model_files(args.model), overwrite=args.overwrite) as out:
-        exported = gp.export_onnx(loaded.module, loaded.inputs, args.output, outputs=out,
-                                  dynamic_batch=not args.static_batch and _dynamic_batch(args, loaded))
+        exported = gp.export_onnx(
+            loaded.module,
+            loaded.inputs,
+            args.output,
+            outputs=out,
+            dynamic_batch=not args.static_batch and _dynamic_batch(args, loaded),
+        )
     if not args.json:
         print(exported)
     return {"output": args.output, "stage": str(exported.stage), "max_error": exported.max_error}
@@ -320,17 +361,27 @@ def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
                 config[key] = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise InputError(f"--config {key}: {value!r} is not an integer or JSON value") from exc
-    report = apply_to_checkpoint(args.plan, args.source, args.destination, prefix=args.prefix, config=config,
-                                 overwrite=args.overwrite)
+    report = apply_to_checkpoint(
+        args.plan, args.source, args.destination, prefix=args.prefix, config=config, overwrite=args.overwrite
+    )
     if not args.json:
         print(report)
-    return {"destination": report.destination, "shards": report.shards, "tensors_changed": len(report.tensors_changed),
-            "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
-            "resumed_shards": report.resumed_shards, "config": report.config}
+    return {
+        "destination": report.destination,
+        "shards": report.shards,
+        "tensors_changed": len(report.tensors_changed),
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "resumed_shards": report.resumed_shards,
+        "config": report.config,
+    }
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    rows = [{"model": path, "ms": onnx_latency_ms(path, batch=args.batch, runs=args.runs, threads=args.threads)} for path in args.models]
+    rows = [
+        {"model": path, "ms": onnx_latency_ms(path, batch=args.batch, runs=args.runs, threads=args.threads)}
+        for path in args.models
+    ]
     base = rows[0]["ms"]
     for row in rows:
         row["speedup"] = base / row["ms"]
@@ -353,8 +404,10 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="graphprune", description="Compress PyTorch models: structured pruning, "
-                                  "N:M sparsity, int8; emit verified ONNX.")
+    top = argparse.ArgumentParser(
+        prog="graphprune",
+        description="Compress PyTorch models: structured pruning, N:M sparsity, int8; emit verified ONNX.",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -362,8 +415,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
     def overwrite(p: argparse.ArgumentParser, what: str = "output files") -> None:
-        p.add_argument("--overwrite", action="store_true",
-                       help=f"replace existing {what} graphprune did not write (never an input)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help=f"replace existing {what} graphprune did not write (never an input)",
+        )
 
     p = sub.add_parser("inspect", help="coupled channel groups, frozen spaces and why, params and MACs")
     p.add_argument("model")
@@ -400,9 +456,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("plan")
     p.add_argument("source")
     p.add_argument("destination")
-    p.add_argument("--config", nargs="*", metavar="KEY=VALUE",
-                   help="new config.json values (without it they are inferred from the architecture's shapes "
-                        "where transformers knows it; give none to copy it unchanged)")
+    p.add_argument(
+        "--config",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="new config.json values (without it they are inferred from the architecture's shapes "
+        "where transformers knows it; give none to copy it unchanged)",
+    )
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
     overwrite(p, "destination folders")
     common(p)
@@ -415,8 +475,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "export": cmd_export, "plan": cmd_plan,
-            "apply-checkpoint": cmd_apply_checkpoint, "bench": cmd_bench}
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "prune": cmd_prune,
+    "export": cmd_export,
+    "plan": cmd_plan,
+    "apply-checkpoint": cmd_apply_checkpoint,
+    "bench": cmd_bench,
+}
+
+
+def _said(exc: BaseException) -> str:
+    """The error's message with its notes (the pass manager notes which pass failed)."""
+    return "\n".join([str(exc), *getattr(exc, "__notes__", ())])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -426,14 +497,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = COMMANDS[args.command](args)
     except (InputError, ContractError) as exc:
-        print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"graphprune {args.command}: error: {_said(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except InternalError as exc:
-        print(f"graphprune {args.command}: internal error: {exc}\nthis is a bug in graphprune, please report it "
-              "(with the command and the model)", file=sys.stderr)
+        print(
+            f"graphprune {args.command}: internal error: {_said(exc)}\nthis is a bug in graphprune, please report "
+            "it (with the command and the model)",
+            file=sys.stderr,
+        )
         return EXIT_BUG
     except GraphpruneError as exc:
-        print(f"graphprune {args.command}: cannot handle this model: {exc}", file=sys.stderr)
+        print(f"graphprune {args.command}: cannot handle this model: {_said(exc)}", file=sys.stderr)
         return EXIT_MODEL
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

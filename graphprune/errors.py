@@ -21,7 +21,8 @@ class CaptureError(GraphpruneError):
 
 
 class ContractError(GraphpruneError):
-    """A pass pipeline violates a pass's declared requirements (e.g. the wrong order)."""
+    """The caller's pass pipeline violates a pass's declared requirements: the wrong order, or a pass
+    that does not run on this kind of model.  Something the caller changes."""
 
 
 class ApplyError(GraphpruneError):
@@ -32,6 +33,6 @@ class InternalError(GraphpruneError):
     """graphprune broke one of its own invariants: a bug to report, not something the caller can fix."""
 
 
-class PostconditionError(ContractError, InternalError):
+class PostconditionError(InternalError):
     """A pass did not deliver what it promises (its stage, the N:M patterns it must keep): a bug in
     that pass, graphprune's own or the caller's custom one."""

@@ -17,29 +17,38 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from graphprune.frontends.torch.analysis import Analysis, Group
-from graphprune.frontends.torch.apply import apply_plan
-from graphprune.frontends.torch.distributed import single_process_only
-from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import Calibration, batches
 from graphprune.algorithms.importance import GroupScore, Importance, LossFn, checked_scores, resolve
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.algorithms.compensation import (apply_bias_corrections, bias_corrections, reconstruct, record_norms,
-                                     reestimate_batchnorm, refit_norms)
-from graphprune.frontends.torch.capture import qualified
-from graphprune.frontends.torch.copying import clone
 from graphprune.algorithms.sensitivity import output_errors
-from graphprune.frontends.onnx import compensation as onnx_compensation
-from graphprune.frontends.onnx.apply import apply_onnx_plan
-from graphprune.frontends.onnx.capture import owner_names
+from graphprune.core.groups import Analysis, Group
+from graphprune.core.pipeline import Pass, PassResult, Stage
 from graphprune.core.plan import Plan
+from graphprune.errors import InputError
+from graphprune.frontends.torch.apply import apply_plan
+from graphprune.frontends.torch.calibration import Calibration, batches
+from graphprune.frontends.torch.capture import qualified
+from graphprune.frontends.torch.compensation import (
+    apply_bias_corrections,
+    bias_corrections,
+    reconstruct,
+    record_norms,
+    reestimate_batchnorm,
+    refit_norms,
+)
+from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.distributed import single_process_only
+from graphprune.frontends.torch.state import CompressionState
 
 if TYPE_CHECKING:
-    from graphprune.api.onnx import OnnxState
+    from graphprune.frontends.onnx.state import OnnxState
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 NORMALIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor | float]] = {
-    "mean": torch.mean, "max": torch.max, "l2": torch.linalg.vector_norm, "sum": torch.sum, "none": lambda s: 1.0}
+    "mean": torch.mean,
+    "max": torch.max,
+    "l2": torch.linalg.vector_norm,
+    "sum": torch.sum,
+    "none": lambda s: 1.0,
+}
 COMPENSATIONS = (None, "batchnorm", "bias", "bias+batchnorm", "reconstruct", "reconstruct+batchnorm")
 
 
@@ -55,7 +64,8 @@ class ChannelPrune(Pass):
         importance: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"taylor"``, ``"activation"``,
             ``"fluctuation"`` (the last three need ``calibration=`` in ``gp.prune``; see
             :mod:`graphprune.algorithms.importance`),
-            an :class:`~graphprune.algorithms.importance.Importance`, or a callable ``(analysis, group, model) -> scores``.
+            an :class:`~graphprune.algorithms.importance.Importance`, or a callable
+            ``(analysis, group, model) -> scores``.
         loss_fn: for ``"taylor"``: ``loss_fn(outputs, batch) -> scalar``.
         compensate: ``None``; ``"batchnorm"`` to re-estimate every BatchNorm's running statistics on
             the calibration data after pruning; ``"bias"`` to fold the mean effect of removed input
@@ -65,7 +75,7 @@ class ChannelPrune(Pass):
             ``"reconstruct"`` to re-fit each layer that lost inputs by ridge least squares to the dense
             model's outputs (``damp`` sets the ridge, a fraction of the mean input energy), layer by
             layer in graph order; ``"reconstruct+batchnorm"`` re-estimates BatchNorms after that
-            (:mod:`graphprune.algorithms.compensation`).
+            (:mod:`graphprune.frontends.torch.compensation`).
         allocation: how the amount is spread over groups: ``"uniform"`` (the same ratio everywhere),
             ``"global"`` (rank channels of all groups together, scores normalised per group) or
             ``"sensitivity"`` (measure each group's output error on the first calibration batch at
@@ -90,21 +100,40 @@ class ChannelPrune(Pass):
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
     produces = Stage.STRUCTURED
 
-    def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
-                 target_params: float | None = None, round_to: int = 1,
-                 importance: str | Importance | GroupScore = "l2", loss_fn: LossFn | None = None,
-                 compensate: str | None = None, allocation: str = "uniform", normalize: str = "mean",
-                 max_ratio: float = 0.9,
-                 ratios: dict[str, float] | None = None, ignore: Iterable[str | nn.Module] = (), heads: bool = True,
-                 head_dim: bool = False, damp: float = 0.01, refit_norms: bool = True) -> None:
+    def __init__(
+        self,
+        ratio: float | None = None,
+        *,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        round_to: int = 1,
+        importance: str | Importance | GroupScore = "l2",
+        loss_fn: LossFn | None = None,
+        compensate: str | None = None,
+        allocation: str = "uniform",
+        normalize: str = "mean",
+        max_ratio: float = 0.9,
+        ratios: dict[str, float] | None = None,
+        ignore: Iterable[str | nn.Module] = (),
+        heads: bool = True,
+        head_dim: bool = False,
+        damp: float = 0.01,
+        refit_norms: bool = True,
+    ) -> None:
         if sum(x is not None for x in (ratio, target_macs, target_params)) > 1:
             raise InputError("give one of ratio, target_macs or target_params")
         for name, target in (("target_macs", target_macs), ("target_params", target_params)):
-            if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
-                                       or not 0 < target < 1):
+            if target is not None and (
+                isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1
+            ):
                 raise InputError(f"{name} is the fraction of the dense model to keep, in (0, 1); got {target!r}")
-        self.target = ("macs", float(target_macs)) if target_macs is not None else \
-            ("params", float(target_params)) if target_params is not None else None
+        self.target = (
+            ("macs", float(target_macs))
+            if target_macs is not None
+            else ("params", float(target_params))
+            if target_params is not None
+            else None
+        )
         ratio = 0.5 if ratio is None else ratio
         _check_ratio("ratio", ratio)
         _check_ratio("max_ratio", max_ratio)
@@ -115,8 +144,9 @@ class ChannelPrune(Pass):
         self.ratio = float(ratio)
         self.round_to = round_to
         self.importance = resolve(importance, loss_fn)
-        self.importance_name = importance if isinstance(importance, str) else getattr(importance, "__name__",
-                                                                                      type(importance).__name__)
+        self.importance_name = (
+            importance if isinstance(importance, str) else getattr(importance, "__name__", type(importance).__name__)
+        )
         if compensate not in COMPENSATIONS:
             raise InputError(f"compensate must be one of {list(COMPENSATIONS)}, got {compensate!r}")
         self.compensate = compensate
@@ -132,8 +162,9 @@ class ChannelPrune(Pass):
         if normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
         if normalize != "mean" and allocation != "global":
-            raise InputError(f"normalize={normalize!r} ranks groups against each other: it applies to "
-                             "allocation='global' only")
+            raise InputError(
+                f"normalize={normalize!r} ranks groups against each other: it applies to allocation='global' only"
+            )
         self.normalize = normalize
         self.max_ratio = float(max_ratio)
         self.ratios = dict(ratios or {})
@@ -142,22 +173,36 @@ class ChannelPrune(Pass):
         self.head_dim = head_dim
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in (("importance", self.importance_name),
-                                                     ("compensate", self.compensate), ("allocation", self.allocation),
-                                                     ("normalize", self.normalize))
-                        if v not in ("l2", None, "uniform", "mean"))
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in (
+                ("importance", self.importance_name),
+                ("compensate", self.compensate),
+                ("allocation", self.allocation),
+                ("normalize", self.normalize),
+            )
+            if v not in ("l2", None, "uniform", "mean")
+        )
         amount = f"target_{self.target[0]}={self.target[1]}" if self.target else f"ratio={self.ratio}"
         return f"ChannelPrune({amount}, round_to={self.round_to}{extra})"
 
     # ------------------------------------------------------------ planning
-    def plan(self, analysis: Analysis, model: nn.Module, calibration: Calibration | None = None,
-             weights: Mapping[str, torch.Tensor] | None = None) -> Plan:
+    def plan(
+        self,
+        analysis: Analysis,
+        model: nn.Module,
+        calibration: Calibration | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> Plan:
         """Decide the kept channels of every group (does not modify ``model``'s weights); criteria
         read ``weights`` by name when given (a streamed plan's ``meta`` model has none)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
-        scores = checked_scores(self.importance.scores(analysis, model if weights is None else weights, candidates,
-                                                       calibration), candidates, self.importance_name)
+        scores = checked_scores(
+            self.importance.scores(analysis, model if weights is None else weights, candidates, calibration),
+            candidates,
+            self.importance_name,
+        )
         if self.allocation == "sensitivity":
             return self._plan_by_sensitivity(analysis, model, candidates, scores, calibration)
         if self.target is None:
@@ -174,10 +219,17 @@ class ChannelPrune(Pass):
             if kind == "params":
                 return analysis.planned_params(masks, model)
             return -plan.removed(analysis)  # ratio budget: channels removed over the candidates
+
         return cost
 
-    def _plan_by_sensitivity(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
-                             scores: dict[int, torch.Tensor], calibration: list | None) -> Plan:
+    def _plan_by_sensitivity(
+        self,
+        analysis: Analysis,
+        model: nn.Module,
+        candidates: list[Group],
+        scores: dict[int, torch.Tensor],
+        calibration: list | None,
+    ) -> Plan:
         if not calibration:
             raise InputError("allocation='sensitivity' needs calibration data: gp.prune(..., calibration=batches)")
         steps = [k / 8 for k in range(1, int(self.max_ratio * 8) + 1)]
@@ -189,8 +241,9 @@ class ChannelPrune(Pass):
             plan = Plan.for_analysis(analysis)
             for g in candidates:
                 if level[g.id]:
-                    plan.set(analysis, g.id, orders[g.id][:g.size - removed[g.id][level[g.id] - 1]])
+                    plan.set(analysis, g.id, orders[g.id][: g.size - removed[g.id][level[g.id] - 1]])
             return plan
+
         cost = self._cost(analysis, model)
         nothing = {g.id: 0 for g in candidates}
         dense = cost(plan_for(nothing))
@@ -221,8 +274,9 @@ class ChannelPrune(Pass):
             plan = plan_for(level)
         return plan
 
-    def _plan_for_target(self, analysis: Analysis, model: nn.Module, candidates: list[Group],
-                         scores: dict[int, torch.Tensor]) -> Plan:
+    def _plan_for_target(
+        self, analysis: Analysis, model: nn.Module, candidates: list[Group], scores: dict[int, torch.Tensor]
+    ) -> Plan:
         """The plan at the smallest ratio (uniform, or the global ranking's) whose predicted
         MACs / params (:mod:`graphprune.frontends.torch.macs`, from the analysis alone) fit the target."""
         kind, target = self.target
@@ -231,9 +285,11 @@ class ChannelPrune(Pass):
         low, high = 0.0, self.max_ratio
         best = self._plan_at(analysis, candidates, scores, high)
         if cost(best) > target * dense:
-            raise InputError(f"target_{kind}={target} cannot be met: removing max_ratio={self.max_ratio} of every "
-                             f"prunable group leaves {cost(best) / dense:.1%} of the {kind} (frozen spaces and "
-                             "ignored modules keep the rest)")
+            raise InputError(
+                f"target_{kind}={target} cannot be met: removing max_ratio={self.max_ratio} of every "
+                f"prunable group leaves {cost(best) / dense:.1%} of the {kind} (frozen spaces and "
+                "ignored modules keep the rest)"
+            )
         for _ in range(24):  # bisection on the ratio: the cost only falls as the ratio grows
             middle = (low + high) / 2
             plan = self._plan_at(analysis, candidates, scores, middle)
@@ -243,10 +299,14 @@ class ChannelPrune(Pass):
                 low = middle
         return best
 
-    def _plan_at(self, analysis: Analysis, candidates: list[Group], scores: dict[int, torch.Tensor],
-                 ratio: float) -> Plan:
-        targets = self._global_targets(candidates, scores, ratio) if self.allocation == "global" else {
-            g.id: self._group_ratio(g, ratio) for g in candidates}
+    def _plan_at(
+        self, analysis: Analysis, candidates: list[Group], scores: dict[int, torch.Tensor], ratio: float
+    ) -> Plan:
+        targets = (
+            self._global_targets(candidates, scores, ratio)
+            if self.allocation == "global"
+            else {g.id: self._group_ratio(g, ratio) for g in candidates}
+        )
         plan = Plan.for_analysis(analysis)
         for g in candidates:
             keep = self._kept_count(analysis, g, targets[g.id])
@@ -257,6 +317,8 @@ class ChannelPrune(Pass):
         return plan
 
     def _resolve_names(self, model: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
+        from graphprune.frontends.onnx.capture import owner_names
+
         names = dict(model.named_modules()) if isinstance(model, nn.Module) else owner_names(model)
         by_id = {id(m): n for n, m in names.items()}
         resolved = []
@@ -327,10 +389,12 @@ class ChannelPrune(Pass):
             single_process_only(f"ChannelPrune's {unreduced}")
         calibration = None
         if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
-            calibration = batches(state.calibration, "this ChannelPrune (data-driven importance, compensation or "
-                                                     "sensitivity allocation)")
-        plan = self.plan(analysis, state.model, calibration,
-                         state.stream.weights(state.model) if state.stream is not None else None)
+            calibration = batches(
+                state.calibration, "this ChannelPrune (data-driven importance, compensation or sensitivity allocation)"
+            )
+        plan = self.plan(
+            analysis, state.model, calibration, state.stream.weights(state.model) if state.stream is not None else None
+        )
         plan.record_slices(analysis)
         corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
@@ -342,32 +406,43 @@ class ChannelPrune(Pass):
         apply_bias_corrections(state.model, corrections)
         norm_errors = refit_norms(state.model, norms)
         del norms
-        refits, not_refit = reconstruct(analysis, dense, state.model, plan, calibration, self.damp) \
-            if dense is not None else ([], {})
+        refits, not_refit = (
+            reconstruct(analysis, dense, state.model, plan, calibration, self.damp) if dense is not None else ([], {})
+        )
         del dense
         if self.compensate and "batchnorm" in self.compensate:
             reestimate_batchnorm(state.model, calibration)
-        state.updated |= _changed(state.model, corrections, norm_errors, refits,
-                                  self.compensate is not None and "batchnorm" in self.compensate)
-        state.stage = Stage.STRUCTURED
+        state.updated |= _changed(
+            state.model,
+            corrections,
+            norm_errors,
+            refits,
+            self.compensate is not None and "batchnorm" in self.compensate,
+        )
         plan.result = state.analysis().fingerprint  # cached: the next pass reads the same analysis
         state.plans.append(plan)
-        details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
-                   "channels removed": plan.removed(analysis)}
+        details = {
+            "groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
+            "channels removed": plan.removed(analysis),
+        }
         if refits:
             before = sum(r.error_before for r in refits) / len(refits)
             after = sum(r.error_after for r in refits) / len(refits)
-            details["reconstruction"] = (f"{len(refits)} layers, mean relative calibration error "
-                                         f"{before:.3g} -> {after:.3g}")
+            details["reconstruction"] = (
+                f"{len(refits)} layers, mean relative calibration error {before:.3g} -> {after:.3g}"
+            )
         if not_refit:
             details["not reconstructed"] = "; ".join(f"{k}: {v}" for k, v in not_refit.items())
         if self.compensate and "bias" in self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
-                f" ({without_bias} without a bias left as they are)" if without_bias else "")
+                f" ({without_bias} without a bias left as they are)" if without_bias else ""
+            )
         if norm_errors:
             before = sum(b for b, _ in norm_errors.values()) / len(norm_errors)
             after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
-            details["norm re-fit"] = f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
+            details["norm re-fit"] = (
+                f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
+            )
         return PassResult(state, bool(plan.keep), details)
 
     def _unreduced(self) -> str | None:
@@ -381,43 +456,64 @@ class ChannelPrune(Pass):
 
     def _check_streamable(self) -> None:
         """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.core.plan`) cannot do."""
-        what = f"compensate={self.compensate!r}" if self.compensate else \
-            "allocation='sensitivity'" if self.allocation == "sensitivity" else \
-            f"importance={self.importance_name!r}" if self.importance_name in ("taylor", "bn_scale") else None
+        what = (
+            f"compensate={self.compensate!r}"
+            if self.compensate
+            else "allocation='sensitivity'"
+            if self.allocation == "sensitivity"
+            else f"importance={self.importance_name!r}"
+            if self.importance_name in ("taylor", "bn_scale")
+            else None
+        )
         if what:
-            raise InputError(f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
-                             "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
-                             "callable, without compensation")
+            raise InputError(
+                f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
+                "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
+                "callable, without compensation"
+            )
 
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
         graph (:func:`graphprune.frontends.onnx.apply.apply_onnx_plan`)."""
+        from graphprune.frontends.onnx import compensation as onnx_compensation
+        from graphprune.frontends.onnx.apply import apply_onnx_plan
+
         if self.importance_name in ("taylor", "bn_scale"):
-            raise InputError(f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
-                             "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
-                             "name) -> scores")
+            raise InputError(
+                f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
+                "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
+                "name) -> scores"
+            )
         if self.compensate not in (None, "bias") or self.allocation == "sensitivity":
-            raise InputError(f"{'compensate=' + repr(self.compensate) if self.compensate else 'allocation=sensitivity'}"
-                             " does not run on ONNX models yet (compensate='bias' does)")
+            raise InputError(
+                f"{'compensate=' + repr(self.compensate) if self.compensate else 'allocation=sensitivity'}"
+                " does not run on ONNX models yet (compensate='bias' does)"
+            )
         if (self.importance.needs_calibration or self.compensate) and not state.calibration:
-            raise InputError(f"{'compensate=' + repr(self.compensate) if self.compensate else 'importance=' + repr(self.importance_name)}"
-                             " needs calibration feeds: prune_onnx(..., calibration=[{input name: array}, ...])")
+            raise InputError(
+                f"{f'compensate={self.compensate!r}' if self.compensate else f'importance={self.importance_name!r}'}"
+                " needs calibration feeds: prune_onnx(..., calibration=[{input name: array}, ...])"
+            )
         analysis = state.analysis()
         plan = self.plan(analysis, state.weights(), state.calibration)
-        corrections, without_bias = onnx_compensation.bias_corrections(analysis, plan, state.calibration) \
-            if self.compensate else ({}, 0)
+        corrections, without_bias = (
+            onnx_compensation.bias_corrections(analysis, plan, state.calibration) if self.compensate else ({}, 0)
+        )
         state.replace(onnx_compensation.corrected(apply_onnx_plan(state.capture, analysis, plan), corrections))
-        state.stage = self.next_stage(state.stage)
         state.plans.append(plan)
-        details = {"groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
-                   "channels removed": plan.removed(analysis)}
+        details = {
+            "groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
+            "channels removed": plan.removed(analysis),
+        }
         if self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
-                f" ({without_bias} without a bias left as they are)" if without_bias else "")
+                f" ({without_bias} without a bias left as they are)" if without_bias else ""
+            )
             if self.refit_norms:
-                details["norm re-fit"] = "not on ONNX models (torch only): norms over fewer channels are left as they are"
+                details["norm re-fit"] = (
+                    "not on ONNX models (torch only): norms over fewer channels are left as they are"
+                )
         return PassResult(state, bool(plan.keep), details)
-
 
 
 def _changed(model: nn.Module, corrections: dict, norms: dict, refits: list, batchnorm: bool) -> set[str]:
@@ -425,10 +521,16 @@ def _changed(model: nn.Module, corrections: dict, norms: dict, refits: list, bat
     names = set(corrections) | {r.layer for r in refits}
     for module_name in [*norms, *(r.layer.rpartition(".")[0] for r in refits)]:
         module = model.get_submodule(module_name)
-        names |= {qualified(module_name, a) for a in ("weight", "bias") if isinstance(getattr(module, a, None), torch.Tensor)}
+        names |= {
+            qualified(module_name, a) for a in ("weight", "bias") if isinstance(getattr(module, a, None), torch.Tensor)
+        }
     if batchnorm:
-        names |= {qualified(n, b) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  and m.track_running_stats for b in ("running_mean", "running_var")}
+        names |= {
+            qualified(n, b)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in ("running_mean", "running_var")
+        }
     return names
 
 

@@ -24,23 +24,31 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from graphprune.frontends.onnx import layers as onnx_layers, sparsity as onnx_sparsity
-from graphprune.frontends.onnx.capture import owner_names, tensor_of
-from graphprune.frontends.torch.analysis import Analysis
-from graphprune.frontends.torch.calibration import Calibration, Consumer, Runner, batches, check_input, consumers, input_rms, run_batches
-from graphprune.frontends.torch.capture import tensor_at
-from graphprune.frontends.torch.distributed import reduce_sum
-from graphprune.errors import InputError
+from graphprune.algorithms.nm import CONV, CONV1D, NMPattern, fits, nm_mask, per_input_channel, to_matrix
 from graphprune.algorithms.permutation import retained, search
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage, run_outputs
-from graphprune.algorithms.sparsegpt import ConvGeometry, conv_columns, prune_matrix
-from graphprune.api.onnx import MaskedWeight
-from graphprune.algorithms.nm import CONV, CONV1D, NMPattern, per_input_channel, attach, fits, from_matrix, nm_mask, stored, to_matrix
-
+from graphprune.algorithms.sparsegpt import ConvGeometry, HessianSum, sparsegpt_layers
+from graphprune.core.groups import Analysis
+from graphprune.core.layers import output_heads
+from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.errors import InputError
+from graphprune.frontends.torch.calibration import (
+    Calibration,
+    Consumer,
+    Runner,
+    batches,
+    check_input,
+    consumers,
+    input_rms,
+    run_batches,
+)
+from graphprune.frontends.torch.capture import run_outputs, tensor_at
+from graphprune.frontends.torch.distributed import reduce_sum
+from graphprune.frontends.torch.masks import attach, stored
+from graphprune.frontends.torch.state import CompressionState
 from graphprune.frontends.torch.streaming import AFTER, BEFORE
 
 if TYPE_CHECKING:
-    from graphprune.api.onnx import OnnxState
+    from graphprune.frontends.onnx.state import OnnxState
     from graphprune.frontends.torch.streaming import Stream
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "learned")
@@ -66,16 +74,29 @@ class NMSparsity(Pass):
     """
 
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
-    experimental = {Stage.QUANTIZED: "sparsity after quantization is refused because quantization scales distort "
-                    "the magnitude ranking sparsity criteria use and the two errors compound (Harma et al., "
-                    "'Effective Interplay between Sparsity and Quantization', ICLR 2025); put NMSparsity "
-                    "before Quantize"}
+    experimental = {
+        Stage.QUANTIZED: "sparsity after quantization is refused because quantization scales distort "
+        "the magnitude ranking sparsity criteria use and the two errors compound (Harma et al., "
+        "'Effective Interplay between Sparsity and Quantization', ICLR 2025); put NMSparsity "
+        "before Quantize"
+    }
     produces = Stage.MASKED
 
-    def __init__(self, n: int = 2, m: int = 4, *, method: str = "magnitude", prior: str = "magnitude",
-                 ignore: Iterable[str] = (),
-                 dense_first_conv: bool = True, dense_heads: bool = True, block: int = 128,
-                 damp: float = 0.01, permute: bool = False, permute_sweeps: int = 4) -> None:
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        *,
+        method: str = "magnitude",
+        prior: str = "magnitude",
+        ignore: Iterable[str] = (),
+        dense_first_conv: bool = True,
+        dense_heads: bool = True,
+        block: int = 128,
+        damp: float = 0.01,
+        permute: bool = False,
+        permute_sweeps: int = 4,
+    ) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
             raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r}")
@@ -126,16 +147,19 @@ class NMSparsity(Pass):
     def call(self, state: CompressionState) -> PassResult:
         analysis, model = state.analysis(), state.model
         layers, skipped = self.selected(analysis, model)
-        calibration = batches(state.calibration, f"NMSparsity(method={self.method!r})") \
-            if self.criterion != "magnitude" else None
+        calibration = (
+            batches(state.calibration, f"NMSparsity(method={self.method!r})") if self.criterion != "magnitude" else None
+        )
         if state.stream is not None:
             layers = self._streamed(state.stream, model, layers, skipped, calibration)
             gains: dict[str, str] = {}
         else:
             for layer in layers:
                 if tensor_at(model, layer.weight).device.type == "meta":
-                    raise InputError(f"{layer.weight} is on the meta device: N:M masks need real weights (or plan "
-                                     "with gp.plan(..., weights=checkpoint), which reads them from the checkpoint)")
+                    raise InputError(
+                        f"{layer.weight} is on the meta device: N:M masks need real weights (or plan "
+                        "with gp.plan(..., weights=checkpoint), which reads them from the checkpoint)"
+                    )
             rms = input_rms(model, layers, calibration) if self.criterion == "wanda" else {}
             gains = self._permute_groups(state, analysis, layers, rms) if self.permute else {}
             if gains and rms:  # the input channels moved: their statistics must be read in the new order
@@ -148,9 +172,13 @@ class NMSparsity(Pass):
                 for layer in layers:
                     owner, attr = _owner(model, layer)
                     pattern = NMPattern(self.n, self.m, layer.layout)
-                    attach(owner, attr, nm_mask(_scores(tensor_at(model, layer.weight), layer, rms), pattern), pattern,
-                           zero_pruned=self.method != "learned")
-        state.stage = self.next_stage(state.stage)
+                    attach(
+                        owner,
+                        attr,
+                        nm_mask(_scores(tensor_at(model, layer.weight), layer, rms), pattern),
+                        pattern,
+                        zero_pruned=self.method != "learned",
+                    )
         how = f"learned, {self.prior} prior" if self.method == "learned" else self.method
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
         if self.permute:
@@ -162,12 +190,21 @@ class NMSparsity(Pass):
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Magnitude or Wanda masks on the weight initializers (:mod:`graphprune.frontends.onnx.sparsity`),
         Wanda's statistics read from onnxruntime on the calibration feeds."""
+        from graphprune.frontends.onnx import layers as onnx_layers
+        from graphprune.frontends.onnx import sparsity as onnx_sparsity
+        from graphprune.frontends.onnx.capture import owner_names, tensor_of
+        from graphprune.frontends.onnx.state import MaskedWeight
+
         if self.method == "learned" or self.permute:
-            raise InputError(f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
-                             "run on ONNX models yet: use method='magnitude', 'wanda' or 'sparsegpt'")
+            raise InputError(
+                f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
+                "run on ONNX models yet: use method='magnitude', 'wanda' or 'sparsegpt'"
+            )
         if state.stage is Stage.QUANTIZED:
-            raise InputError("on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
-                             "are int8 initializers behind DequantizeLinear by then")
+            raise InputError(
+                "on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
+                "are int8 initializers behind DequantizeLinear by then"
+            )
         model = state.capture.model
         owners = owner_names(model.graph.initializers)
         for name in self.ignore:
@@ -179,7 +216,7 @@ class NMSparsity(Pass):
         layers = []
         for layer in candidates:
             owner = layer.weight.rpartition(".")[0]
-            if layer.depthwise and tensor_of(model.graph.initializers[layer.weight]).shape[1] == 1:
+            if layer.grouped and tensor_of(model.graph.initializers[layer.weight]).shape[1] == 1:
                 skipped[layer.weight] = "depthwise convolution (one input channel per filter)"
             elif any(owner == i or owner.startswith(i + ".") for i in self.ignore):
                 skipped[layer.weight] = "ignored"
@@ -187,36 +224,51 @@ class NMSparsity(Pass):
                 skipped[layer.weight] = "first convolution (reads the model input); dense_first_conv=False to mask it"
             elif layer.node in heads:
                 skipped[layer.weight] = "output head; dense_heads=False to mask it"
-            elif (why := onnx_layers.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout))):
+            elif why := onnx_layers.fits_pattern(model, layer, NMPattern(self.n, self.m, layer.layout)):
                 skipped[layer.weight] = why
-            elif self.criterion == "sparsegpt" and layer.layout == CONV and onnx_sparsity.geometry(
-                    nodes[layer.node], tensor_of(model.graph.initializers[layer.weight]).shape) is None:
+            elif (
+                self.criterion == "sparsegpt"
+                and layer.layout == CONV
+                and onnx_sparsity.geometry(nodes[layer.node], tensor_of(model.graph.initializers[layer.weight]).shape)
+                is None
+            ):
                 skipped[layer.weight] = "SparseGPT handles 1-D and 2-D convolutions with explicit pads"
             else:
                 layers.append(layer)
         if self.criterion != "magnitude" and not state.calibration:
-            raise InputError(f"NMSparsity(method={self.criterion!r}) needs calibration feeds: "
-                             "prune_onnx(..., calibration=[{input name: array}, ...])")
+            raise InputError(
+                f"NMSparsity(method={self.criterion!r}) needs calibration feeds: "
+                "prune_onnx(..., calibration=[{input name: array}, ...])"
+            )
         if self.criterion == "sparsegpt":
-            masked, masks = onnx_sparsity.sparsegpt_copy(state.capture, layers, (self.n, self.m), state.calibration,
-                                                         self.block, self.damp)
+            masked, masks = onnx_sparsity.sparsegpt_copy(
+                state.capture, layers, (self.n, self.m), state.calibration, self.block, self.damp
+            )
         else:
-            rms = {name: mean_sq.sqrt() for name, (_, mean_sq) in
-                   onnx_layers.input_moments(state.capture, layers, state.calibration).items()} \
-                if self.criterion == "wanda" else {}
+            rms = (
+                {
+                    name: mean_sq.sqrt()
+                    for name, (_, mean_sq) in onnx_layers.input_moments(
+                        state.capture, layers, state.calibration
+                    ).items()
+                }
+                if self.criterion == "wanda"
+                else {}
+            )
             masked, masks = onnx_sparsity.masked_copy(state.capture, layers, (self.n, self.m), rms)
         state.replace(masked)
         for layer in layers:
-            state.masked[layer.weight] = MaskedWeight(NMPattern(self.n, self.m, layer.layout), layer.axis,
-                                                      masks[layer.weight])
-        state.stage = self.next_stage(state.stage)
+            state.masked[layer.weight] = MaskedWeight(
+                NMPattern(self.n, self.m, layer.layout), layer.nm_axis, masks[layer.weight]
+            )
         details = {"pattern": f"{self.n}:{self.m} ({self.method})", "masked layers": len(layers)}
         if skipped:
             details["dense layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
 
-    def _permute_groups(self, state: CompressionState, analysis: Analysis, layers: list[Consumer],
-                        rms: dict[Consumer, torch.Tensor]) -> dict[str, str]:
+    def _permute_groups(
+        self, state: CompressionState, analysis: Analysis, layers: list[Consumer], rms: dict[Consumer, torch.Tensor]
+    ) -> dict[str, str]:
         """Permute every channel group that masked layers reduce over; returns the gain per group."""
         model = state.model
         reference = run_outputs(model, state.captured)
@@ -224,7 +276,9 @@ class NMSparsity(Pass):
         for group in tqdm(analysis.groups, desc="permutations", unit="group", disable=None):
             if group.size % self.m:
                 continue
-            blocks = [b for layer in layers if (b := _reduction_block(analysis, model, layer, group.leaf, rms)) is not None]
+            blocks = [
+                b for layer in layers if (b := _reduction_block(analysis, model, layer, group.leaf, rms)) is not None
+            ]
             if not blocks:
                 continue
             scores = torch.cat(blocks)
@@ -241,14 +295,22 @@ class NMSparsity(Pass):
             gains[f"group {group.id} ({group.size} ch)"] = f"+{after / before - 1:.2%} retained"
         return gains
 
-    def _streamed(self, stream: Stream, model: nn.Module, layers: list[Consumer], skipped: dict[str, str],
-                  calibration: Calibration | None) -> list[Consumer]:
+    def _streamed(
+        self,
+        stream: Stream,
+        model: nn.Module,
+        layers: list[Consumer],
+        skipped: dict[str, str],
+        calibration: Calibration | None,
+    ) -> list[Consumer]:
         """Masks (and SparseGPT's new values) from weights read out of the checkpoint, recorded in
         ``stream`` for the plan; returns the layers masked."""
         if self.method == "learned" or self.permute:
-            raise InputError(f"NMSparsity({'permute=True' if self.permute else 'method=learned'}) changes weights of "
-                             "the whole model in memory, which a streamed plan never builds: use method='magnitude', "
-                             "'wanda' or 'sparsegpt'")
+            raise InputError(
+                f"NMSparsity({'permute=True' if self.permute else 'method=learned'}) changes weights of "
+                "the whole model in memory, which a streamed plan never builds: use method='magnitude', "
+                "'wanda' or 'sparsegpt'"
+            )
         if self.criterion == "sparsegpt":
             segments = _segments(stream, model, layers, skipped)
 
@@ -264,41 +326,47 @@ class NMSparsity(Pass):
             stream.record(layer.weight, nm_mask(_scores(weights[layer.weight], layer, rms), pattern), pattern)
         return layers
 
-    def _sparsegpt(self, model: nn.Module, layers: list[Consumer], calibration: Calibration,
-                   record: Callable[..., None] | None = None) -> None:
-        """Layer by layer in graph order; linear layers reading one activation share its Hessian.
-        With ``record`` (a streamed plan) the mask and new weight go there instead of onto the model;
-        the loaded weight takes the new value, so later layers and blocks see it."""
+    def _sparsegpt(
+        self,
+        model: nn.Module,
+        layers: list[Consumer],
+        calibration: Calibration,
+        record: Callable[..., None] | None = None,
+    ) -> None:
+        """:func:`~graphprune.algorithms.sparsegpt.sparsegpt_layers` on the model in memory; linear
+        layers reading one activation share its Hessian.  With ``record`` (a streamed plan) the mask
+        and new weight go there instead of onto the model; the loaded weight takes the new value, so
+        later layers and blocks see it."""
         by_input: dict[tuple, list[Consumer]] = {}
         for layer in layers:  # convs see their input through their own patch geometry
             key = (layer.activation, layer.module if layer.layout == CONV else None)
             by_input.setdefault(key, []).append(layer)
-        for group in tqdm(list(by_input.values()), desc="SparseGPT", unit="input", disable=None, leave=False):
-            hessians = _hessians(model, group[0], calibration)
-            for j, layer in enumerate(group):
-                owner, attr = _owner(model, layer)
-                weight = getattr(owner, attr).detach()
-                pattern = NMPattern(self.n, self.m, layer.layout)
-                new, keep = torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool)
-                rows = weight.shape[0] // len(hessians) if layer.layout == CONV else None
-                for g, hessian in enumerate(hessians):
-                    part = weight[g * rows:(g + 1) * rows] if rows else weight
-                    w, k = prune_matrix(to_matrix(part, layer.layout), hessian, pattern, block=self.block, damp=self.damp,
-                                        consume=j == len(group) - 1)  # the last layer of the group may use it up
-                    target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
-                    new[target] = from_matrix(w, layer.layout, part.shape).to(weight.dtype)
-                    keep[target] = from_matrix(k, layer.layout, part.shape)
-                if self.method != "learned":  # learned masks start from the dense weights
-                    with torch.no_grad():
-                        stored(owner, attr).copy_(new)
-                if record is not None:
-                    record(layer.weight, keep, pattern, new)
-                else:
-                    attach(owner, attr, keep, pattern, zero_pruned=self.method != "learned")
+
+        def write(layer: Consumer, new: torch.Tensor, keep: torch.Tensor) -> None:
+            owner, attr = _owner(model, layer)
+            pattern = NMPattern(self.n, self.m, layer.layout)
+            if self.method != "learned":  # learned masks start from the dense weights
+                with torch.no_grad():
+                    stored(owner, attr).copy_(new)
+            if record is not None:
+                record(layer.weight, keep, pattern, new)
+            else:
+                attach(owner, attr, keep, pattern, zero_pruned=self.method != "learned")
+
+        sparsegpt_layers(
+            list(by_input.values()),
+            lambda layer: _hessians(model, layer, calibration),
+            lambda layer: getattr(*_owner(model, layer)).detach(),
+            write,
+            lambda layer: NMPattern(self.n, self.m, layer.layout),
+            block=self.block,
+            damp=self.damp,
+        )
 
 
-def _segments(stream: Stream, model: nn.Module, layers: list[Consumer],
-              skipped: dict[str, str]) -> dict[str, list[Consumer]]:
+def _segments(
+    stream: Stream, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
+) -> dict[str, list[Consumer]]:
     """The layers by what :meth:`Stream.sequential` visits: before the blocks, each block, after
     them (by graph order); a layer between blocks is skipped, with the reason."""
     path, blocks = stream.block_list(model)
@@ -318,8 +386,9 @@ def _segments(stream: Stream, model: nn.Module, layers: list[Consumer],
     return segments
 
 
-def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf: int,
-                     rms: dict[Consumer, torch.Tensor]) -> torch.Tensor | None:
+def _reduction_block(
+    analysis: Analysis, model: nn.Module, layer: Consumer, leaf: int, rms: dict[Consumer, torch.Tensor]
+) -> torch.Tensor | None:
     """The layer's scores as ``[rows, |leaf|]`` when ``leaf`` is the innermost factor of its
     reduction (so the N:M groups run inside it), else None."""
     dims = analysis.tensors[layer.weight][1]
@@ -331,7 +400,8 @@ def _reduction_block(analysis: Analysis, model: nn.Module, layer: Consumer, leaf
     if not leaves or leaves[-1] != leaf or leaves.count(leaf) != 1 or spaces.cofactor(atom, leaf) is None:
         return None
     return to_matrix(_scores(tensor_at(model, layer.weight), layer, rms), layer.layout).reshape(
-        -1, spaces.solver.size(leaf))
+        -1, spaces.solver.size(leaf)
+    )
 
 
 def _scores(weight: torch.Tensor, layer: Consumer, rms: dict[Consumer, torch.Tensor]) -> torch.Tensor:
@@ -361,13 +431,18 @@ def _permute(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tenso
                 data = data.index_select(d, analysis.spaces.gather_index(atom, {leaf: order}).to(data.device))
                 changed.add(id(tensor))
         tensor.data = data
-    return {name for name, (kind, _) in analysis.tensors.items()
-            if kind != "code_constant" and id(tensor_at(model, name)) in changed}
+    return {
+        name
+        for name, (kind, _) in analysis.tensors.items()
+        if kind != "code_constant" and id(tensor_at(model, name)) in changed
+    }
 
 
 def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-    return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() or 1.0))
-               for a, b in zip(got, want))
+    return all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() or 1.0))
+        for a, b in zip(got, want)
+    )
 
 
 def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
@@ -375,44 +450,26 @@ def _owner(model: nn.Module, layer: Consumer) -> tuple[nn.Module, str]:
 
 
 def _hessians(model: nn.Module, layer: Consumer, calibration: Calibration) -> list[torch.Tensor]:
-    """``2/N sum x x^T`` of the layer's inputs (one per conv group), from the model as it is now."""
+    """The layer's Hessians (one per conv group) from the model as it is now, summed over the ranks
+    of a distributed run (each with its share of the batches)."""
     module = model.get_submodule(layer.module)
-    sums: list[torch.Tensor] = []
-    count = [0]
+    total = HessianSum(ConvGeometry.of(module) if layer.layout == CONV else None)
 
     def accumulate(x: torch.Tensor) -> None:
         check_input(layer, x)
-        x = x.detach().double()
-        if layer.layout == CONV:
-            cols = [conv_columns(x, ConvGeometry.of(module), g) for g in range(module.groups)]
-        else:
-            cols = [x.reshape(-1, x.shape[-1])]
-        for g, c in enumerate(cols):
-            if len(sums) <= g:
-                sums.append(torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64))
-            sums[g].addmm_(c.T, c)  # in place: no second [cols, cols] matrix
-        count[0] += cols[0].shape[0]
+        total.add(x)
 
     run_batches(model, calibration, {layer.module: accumulate})
-    rows = torch.tensor(float(count[0]), dtype=torch.float64)
-    reduce_sum(*sums, rows)  # over the ranks of a distributed run, each with its share of the batches
-    return [s.mul_(2 / max(float(rows), 1.0)) for s in sums]
+    rows = torch.tensor(float(total.rows), dtype=torch.float64)
+    reduce_sum(*total.sums, rows)
+    return total.hessians(float(rows))
 
 
 def _heads(analysis: Analysis, layers: list[Consumer]) -> set[fx.Node]:
-    """Layers whose result reaches a model output through single-input ops only (views, casts,
-    activations, norms): classifiers and LM heads, not blocks that write a residual stream."""
-    layer_nodes = {layer.node for layer in layers}
+    """The layers whose result is a model output (:func:`graphprune.core.layers.output_heads`)."""
     params = analysis.context.parameter_nodes
-    heads: set[fx.Node] = set()
-    for output in analysis.captured.outputs:
-        node = output
-        while node.op == "call_function":
-            if node in layer_nodes:
-                heads.add(node)
-                break
-            activations = [x for x in node.all_input_nodes if x not in params]
-            if len(activations) != 1:
-                break
-            node = activations[0]
-    return heads
+    return output_heads(
+        analysis.captured.outputs,
+        {layer.node for layer in layers},
+        lambda node: [x for x in node.all_input_nodes if x not in params] if node.op == "call_function" else [],
+    )

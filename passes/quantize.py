@@ -31,21 +31,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from graphprune.frontends.onnx import quantize as onnx_quantize
+from graphprune.algorithms.nm import CONV
+from graphprune.algorithms.quant import RangeObserver, activation_qparams, weight_axis
+from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.errors import InputError
 from graphprune.frontends.torch.calibration import Consumer, batches, check_input, consumers, run_batches
 from graphprune.frontends.torch.capture import tensor_at
 from graphprune.frontends.torch.distributed import single_process_only
-from graphprune.errors import InputError
-from graphprune.frontends.onnx.capture import owner_names
-from graphprune.frontends.onnx.layers import weight_layers
+from graphprune.frontends.torch.fake_quant import quantize_activation, quantize_bias, quantize_weight, read_quant_plan
 from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.algorithms.quant import (RangeObserver, activation_qparams, quantize_activation, quantize_bias,
-                                     quantize_weight, read_quant_plan, weight_axis)
-from graphprune.algorithms.nm import CONV
+from graphprune.frontends.torch.state import CompressionState
 
 if TYPE_CHECKING:
-    from graphprune.api.onnx import OnnxState
+    from graphprune.frontends.onnx.state import OnnxState
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
 aten = torch.ops.aten
@@ -65,8 +63,14 @@ class Quantize(Pass):
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED, Stage.MASKED})
     produces = Stage.QUANTIZED
 
-    def __init__(self, dtype: str = "int8", *, activations: str = "auto", percentile: float = 99.99,
-                 skip: Iterable[str | type] = ()) -> None:
+    def __init__(
+        self,
+        dtype: str = "int8",
+        *,
+        activations: str = "auto",
+        percentile: float = 99.99,
+        skip: Iterable[str | type] = (),
+    ) -> None:
         if dtype != "int8":
             raise InputError(f"Quantize supports dtype='int8' only, got {dtype!r}")
         if activations not in ACTIVATION_METHODS:
@@ -108,8 +112,10 @@ class Quantize(Pass):
 
     def call(self, state: CompressionState) -> PassResult:
         if state.stream is not None:
-            raise InputError("Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
-                             "there, apply it to the checkpoint, then quantize the pruned model")
+            raise InputError(
+                "Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
+                "there, apply it to the checkpoint, then quantize the pruned model"
+            )
         single_process_only("Quantize's calibration of activation ranges")
         model = state.model
         layers, skipped = self.selected(state)
@@ -143,7 +149,6 @@ class Quantize(Pass):
                 quantize_bias(owner, "bias", owner.qinput_scale * weight_scale)
         if (plan := read_quant_plan(model)) is not None:
             state.plans.append(plan)
-        state.stage = self.next_stage(state.stage)
         details = {"quantized layers": len(layers), "activations": self.activations}
         if folded:
             details["folded BatchNorm"] = len(folded)
@@ -154,17 +159,25 @@ class Quantize(Pass):
     def call_onnx(self, state: OnnxState) -> PassResult:
         """The same plan, calibrated in onnxruntime and written as QDQ nodes
         (:mod:`graphprune.frontends.onnx.quantize`)."""
+        from graphprune.frontends.onnx import quantize as onnx_quantize
+        from graphprune.frontends.onnx.capture import owner_names
+        from graphprune.frontends.onnx.layers import weight_layers
+
         model = state.capture.model
         if any(not isinstance(s, str) for s in self.skip):
-            raise InputError("Quantize skip on ONNX models takes names (module paths, which torch exports use as "
-                             "initializer prefixes), not module types")
+            raise InputError(
+                "Quantize skip on ONNX models takes names (module paths, which torch exports use as "
+                "initializer prefixes), not module types"
+            )
         owners = owner_names(model.graph.initializers)
         for name in self.skip:
             if name not in owners:
                 raise InputError(f"Quantize skip: no module named {name!r} in the ONNX model's initializer names")
         if not state.calibration:
-            raise InputError("Quantize (static activation ranges) needs calibration feeds: "
-                             "prune_onnx(..., calibration=[{input name: array}, ...])")
+            raise InputError(
+                "Quantize (static activation ranges) needs calibration feeds: "
+                "prune_onnx(..., calibration=[{input name: array}, ...])"
+            )
         state.replace(onnx_quantize.gemm_from_matmul_add(state.capture))
         model = state.capture.model
         candidates, skipped = weight_layers(model)
@@ -175,21 +188,22 @@ class Quantize(Pass):
                 skipped[layer.weight] = "skipped by name"
             else:
                 layers.append(layer)
-        inputs, outputs = onnx_quantize.calibrate(state.capture, layers, state.calibration, self.activations,
-                                                  self.percentile)
+        inputs, outputs = onnx_quantize.calibrate(
+            state.capture, layers, state.calibration, self.activations, self.percentile
+        )
         plan = onnx_quantize.quant_plan(state.capture, layers, inputs, outputs)
         state.float_outputs = state.capture.outputs
         state.replace(onnx_quantize.quantized_copy(state.capture, plan))
         state.masked = {f"{name}_quantized" if name in plan.layers else name: m for name, m in state.masked.items()}
         state.plans.append(plan)
-        state.stage = self.next_stage(state.stage)
         details = {"quantized layers": len(layers), "activations": self.activations}
         if skipped:
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
 
-    def _calibrate(self, model: nn.Module, layers: list[Consumer],
-                   calibration: list) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
+    def _calibrate(
+        self, model: nn.Module, layers: list[Consumer], calibration: list
+    ) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
         """Range observers for each layer module's input (and a convolution's output)."""
         inputs, outputs, hooks, out_hooks = {}, {}, {}, {}
         for layer in {c.module: c for c in layers}.values():
@@ -201,6 +215,7 @@ class Quantize(Pass):
             def on_input(x: torch.Tensor, layer: Consumer = layer, observer: RangeObserver = observer) -> None:
                 check_input(layer, x)
                 observer(x)
+
             hooks[layer.module] = on_input
             if layer.layout == CONV:
                 outputs[layer.module] = out_hooks[layer.module] = RangeObserver(method, self.percentile)
@@ -212,9 +227,11 @@ def _feeds_relu(layer: Consumer, folded: dict) -> bool:
     """True if the convolution's result (after a folded BatchNorm) goes only to a ReLU."""
     node = folded[layer.module][1] if layer.module in folded else layer.node
     users = list(node.users)
-    return len(users) == 1 and users[0].op == "call_function" and users[0].target in (aten.relu.default,
-                                                                                       aten.relu_.default)
-
+    return (
+        len(users) == 1
+        and users[0].op == "call_function"
+        and users[0].target in (aten.relu.default, aten.relu_.default)
+    )
 
 
 def _reads_module_bias(state: CompressionState, layer: Consumer) -> bool:

@@ -13,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 SENTENCES = [
-    "A man is playing a guitar.", "The weather is lovely today.", "He plays an instrument.",
-    "Stocks fell sharply on Monday.", "A woman is slicing vegetables.", "It is sunny outside.",
-    "Someone is cooking food.", "Markets dropped at the opening bell.",
+    "A man is playing a guitar.",
+    "The weather is lovely today.",
+    "He plays an instrument.",
+    "Stocks fell sharply on Monday.",
+    "A woman is slicing vegetables.",
+    "It is sunny outside.",
+    "Someone is cooking food.",
+    "Markets dropped at the opening bell.",
 ]
 
 
@@ -54,12 +59,13 @@ def main(ratio: float = 0.2) -> None:
     from graphprune.passes import ChannelPrune
 
     model, batch = build()
-    result = gp.prune(model, batch, passes=[ChannelPrune(ratio, importance="activation", round_to=8)],
-                      calibration=[batch])
+    result = gp.prune(
+        model, batch, passes=[ChannelPrune(ratio, importance="activation", round_to=8)], calibration=[batch]
+    )
     print(result.report)
     dense, pruned = embed(model, batch), embed(result.module, batch)
     print(f"mean cosine(dense, pruned) over {len(SENTENCES)} sentences: {(dense * pruned).sum(-1).mean():.3f}")
-    agree = ((dense @ dense.T).fill_diagonal_(-1).argmax(1) == (pruned @ pruned.T).fill_diagonal_(-1).argmax(1))
+    agree = (dense @ dense.T).fill_diagonal_(-1).argmax(1) == (pruned @ pruned.T).fill_diagonal_(-1).argmax(1)
     print(f"nearest-neighbour sentence unchanged for {int(agree.sum())}/{len(SENTENCES)}")
 
 

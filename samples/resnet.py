@@ -58,8 +58,9 @@ def main() -> None:
     model, inputs = build()
     run(model, inputs)
     calibration = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    result = gp.prune(model, inputs, calibration=calibration,
-                      passes=[ChannelPrune(0.5, round_to=8), NMSparsity(2, 4), Quantize()])
+    result = gp.prune(
+        model, inputs, calibration=calibration, passes=[ChannelPrune(0.5, round_to=8), NMSparsity(2, 4), Quantize()]
+    )
     print()
     print(result.report)
     with tempfile.TemporaryDirectory() as directory:

@@ -14,9 +14,14 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def branch(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-        nn.Conv2d(cout, cout, 3, stride, 1, groups=cout, bias=False), nn.BatchNorm2d(cout),
-        nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+        nn.Conv2d(cin, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, stride, 1, groups=cout, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.Conv2d(cout, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
     )
 
 
@@ -28,8 +33,13 @@ class ShuffleUnit(nn.Module):
         if stride == 1:
             self.right = branch(cin // 2, half, 1)
         else:
-            self.left = nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                                      nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+            self.left = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, half, 1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(),
+            )
             self.right = branch(cin, half, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +52,9 @@ class ShuffleUnit(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(self, widths: tuple[int, ...] = (48, 96, 192), repeats: tuple[int, ...] = (2, 3, 2),
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (48, 96, 192), repeats: tuple[int, ...] = (2, 3, 2), num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
         units, cin = [], 24

@@ -11,7 +11,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -37,8 +37,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, image: int = 32, patch: int = 4, dim: int = 96, depth: int = 4, heads: int = 6,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, image: int = 32, patch: int = 4, dim: int = 96, depth: int = 4, heads: int = 6, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         tokens = (image // patch) ** 2

@@ -21,8 +21,14 @@ def _pixels(size: int = 32) -> dict:
 
 
 def bert():
-    cfg = T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                       vocab_size=100, max_position_embeddings=32)
+    cfg = T.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     inputs = _ids()
     inputs["attention_mask"] = torch.ones(2, 8, dtype=torch.long)
     return T.BertModel(cfg), inputs
@@ -34,26 +40,50 @@ def gpt2():
 
 
 def llama_gqa():
-    cfg = T.LlamaConfig(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=24,
-                        num_key_value_heads=8, head_dim=8, vocab_size=100, max_position_embeddings=32)
+    cfg = T.LlamaConfig(
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=8,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     return T.LlamaForCausalLM(cfg), _ids()
 
 
 def qwen3():
-    cfg = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=32)
+    cfg = T.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     return T.Qwen3ForCausalLM(cfg), _ids()
 
 
 def vit():
-    cfg = T.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, num_labels=10)
+    cfg = T.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
     return T.ViTForImageClassification(cfg), _pixels()
 
 
 def swin():
-    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
-                       num_labels=10)
+    cfg = T.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=10
+    )
     return T.SwinForImageClassification(cfg), _pixels()
 
 
@@ -63,8 +93,9 @@ def convnext():
 
 
 def resnet():
-    cfg = T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck",
-                         num_labels=10)
+    cfg = T.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=10
+    )
     return T.ResNetForImageClassification(cfg), _pixels()
 
 
@@ -73,8 +104,9 @@ def mobilenet_v2():
     return T.MobileNetV2ForImageClassification(cfg), _pixels()
 
 
-ARCHITECTURES: dict[str, Factory] = {f.__name__: f for f in
-                                     (bert, gpt2, llama_gqa, qwen3, vit, swin, convnext, resnet, mobilenet_v2)}
+ARCHITECTURES: dict[str, Factory] = {
+    f.__name__: f for f in (bert, gpt2, llama_gqa, qwen3, vit, swin, convnext, resnet, mobilenet_v2)
+}
 
 
 def build(name: str) -> tuple[torch.nn.Module, dict]:

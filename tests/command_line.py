@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_process(*args: str) -> subprocess.CompletedProcess:
     """``python -m graphprune.cli ARGS`` in a fresh interpreter."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -23,9 +23,14 @@ def draw_block(draw, kind: str, c: int) -> dict:
     divisors = lambda options, *sizes: [g for g in options if all(n % g == 0 for n in sizes)]  # noqa: E731
     if kind == "conv":
         c_out = draw(st.sampled_from(WIDTHS))
-        return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2, 4), c, c_out))),
-                "kernel": draw(st.sampled_from([1, 3])), "norm": draw(st.booleans()),
-                "act": draw(st.sampled_from(sorted(ACTIVATIONS)))}
+        return {
+            "kind": kind,
+            "c_out": c_out,
+            "groups": draw(st.sampled_from(divisors((1, 2, 4), c, c_out))),
+            "kernel": draw(st.sampled_from([1, 3])),
+            "norm": draw(st.booleans()),
+            "act": draw(st.sampled_from(sorted(ACTIVATIONS))),
+        }
     if kind == "residual":
         return {"kind": kind, "hidden": draw(st.sampled_from(WIDTHS))}
     if kind == "dense":
@@ -42,12 +47,20 @@ def draw_block(draw, kind: str, c: int) -> dict:
         return {"kind": kind, "groups": draw(st.sampled_from(divisors((1, 2, 4), c)))}
     if kind == "attention":
         heads = draw(st.sampled_from([2, 4]))
-        return {"kind": kind, "heads": heads, "kv_heads": draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0])),
-                "head_dim": draw(st.sampled_from([2, 4]))}
+        return {
+            "kind": kind,
+            "heads": heads,
+            "kv_heads": draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0])),
+            "head_dim": draw(st.sampled_from([2, 4])),
+        }
     if kind == "head_scale":
         return {"kind": kind, "heads": draw(st.sampled_from(divisors((1, 2, 4), c)))}
     if kind == "token_attention":
-        return {"kind": kind, "heads": draw(st.sampled_from(divisors((1, 2, 4), c))), "shape_scale": draw(st.booleans())}
+        return {
+            "kind": kind,
+            "heads": draw(st.sampled_from(divisors((1, 2, 4), c))),
+            "shape_scale": draw(st.booleans()),
+        }
     if kind == "transposed":
         c_out = draw(st.sampled_from(WIDTHS))
         return {"kind": kind, "c_out": c_out, "groups": draw(st.sampled_from(divisors((1, 2), c, c_out)))}
@@ -57,8 +70,13 @@ def draw_block(draw, kind: str, c: int) -> dict:
 def out_channels(spec: dict, c: int) -> int:
     """The channels a block of ``spec`` hands on, reading ``c``."""
     kind = spec["kind"]
-    return {"conv": spec.get("c_out"), "transposed": spec.get("c_out"), "dense": c + spec.get("grow", 0),
-            "glu": c // 2, "depthwise": c * spec.get("mult", 1)}.get(kind) or c
+    return {
+        "conv": spec.get("c_out"),
+        "transposed": spec.get("c_out"),
+        "dense": c + spec.get("grow", 0),
+        "glu": c // 2,
+        "depthwise": c * spec.get("mult", 1),
+    }.get(kind) or c
 
 
 class Block(nn.Module):
@@ -202,9 +220,30 @@ class Generated(nn.Module):
         return self.head(torch.flatten(x, 1) if self.flatten_head else x.mean((2, 3)))
 
 
-KINDS = ["conv", "residual", "dense", "split", "glu", "depthwise", "shuffle", "pixel", "se", "groupnorm", "attention",
-         "transposed", "dilated", "gate", "channels_last", "tied", "strided", "rows", "ramp", "index_mask", "head_scale",
-         "token_attention"]
+KINDS = [
+    "conv",
+    "residual",
+    "dense",
+    "split",
+    "glu",
+    "depthwise",
+    "shuffle",
+    "pixel",
+    "se",
+    "groupnorm",
+    "attention",
+    "transposed",
+    "dilated",
+    "gate",
+    "channels_last",
+    "tied",
+    "strided",
+    "rows",
+    "ramp",
+    "index_mask",
+    "head_scale",
+    "token_attention",
+]
 
 
 @st.composite

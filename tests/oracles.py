@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from graphprune.frontends.torch.analysis import Analysis
-from graphprune.frontends.torch.capture import normalize_inputs
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
+from graphprune.core.groups import Analysis
+from graphprune.core.pipeline import Pass, PassResult, Stage
 from graphprune.core.plan import Plan
+from graphprune.frontends.torch.capture import normalize_inputs
+from graphprune.frontends.torch.state import CompressionState
 
 
 def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
@@ -25,8 +26,9 @@ def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def random_plan(analysis: Analysis, fraction: float, seed: int = 0, exact_only: bool = False,
-                head_dim: bool = False) -> Plan:
+def random_plan(
+    analysis: Analysis, fraction: float, seed: int = 0, exact_only: bool = False, head_dim: bool = False
+) -> Plan:
     """Keep a random ``1 - fraction`` of every group (at least one channel).
 
     Head-dim groups are left alone unless asked for: models typically size q/k and v heads

@@ -75,10 +75,13 @@ def test_freeze_reaches_leaves_refined_later():
     assert s.find(a) in spaces.frozen and s.find(b) in spaces.frozen
 
 
-@given(st.lists(st.sampled_from([2, 3, 4, 6]), min_size=1, max_size=3),
-       st.lists(st.sampled_from([2, 3, 4, 6]), min_size=1, max_size=3))
+@given(
+    st.lists(st.sampled_from([2, 3, 4, 6]), min_size=1, max_size=3),
+    st.lists(st.sampled_from([2, 3, 4, 6]), min_size=1, max_size=3),
+)
 def test_common_radix_refines_both_or_is_none(left, right):
     from math import prod
+
     if prod(left) != prod(right):
         return
     common = _common_radix(left, right)
@@ -95,6 +98,7 @@ def test_common_radix_refines_both_or_is_none(left, right):
                 i += 1
             out &= acc == c
         return out
+
     assert groups(left, common) and groups(right, common)
 
 
@@ -102,6 +106,7 @@ def test_common_radix_refines_both_or_is_none(left, right):
 @given(st.lists(st.integers(1, 4), min_size=2, max_size=4), st.data())
 def test_keep_mask_of_a_product_matches_brute_force(sizes, data):
     from itertools import product as cartesian
+
     s = SpaceSolver()
     x = s.new(int(torch.tensor(sizes).prod()))
     factors = s.factors(x, sizes)
@@ -111,6 +116,8 @@ def test_keep_mask_of_a_product_matches_brute_force(sizes, data):
         if n > 1:
             keep[s.find(f)] = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     mask = spaces.keep_mask(x, keep)
-    expected = [all(keep[s.find(f)][i] if n > 1 else True for f, n, i in zip(factors, sizes, idx))
-                for idx in cartesian(*[range(n) for n in sizes])]
+    expected = [
+        all(keep[s.find(f)][i] if n > 1 else True for f, n, i in zip(factors, sizes, idx))
+        for idx in cartesian(*[range(n) for n in sizes])
+    ]
     assert mask.tolist() == expected

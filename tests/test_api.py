@@ -11,8 +11,11 @@ import torch.nn as nn
 import transformers as T
 
 import graphprune as gp
+from graphprune.core.pipeline import Pass, PassManager, PassResult, Stage
+from graphprune.core.report import Report
+from graphprune.frontends.torch.capture import capture
+from graphprune.frontends.torch.state import CompressionState
 from graphprune.passes import ChannelPrune
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
 from samples import resnet
 from tests.oracles import outputs
 
@@ -64,8 +67,11 @@ def test_global_ranking_respects_the_cap(sample):
     result = gp.prune(model, x, passes=[ChannelPrune(0.5, allocation="global", max_ratio=0.6)])
     before, after = gp.analyze(model, x), gp.analyze(result.module, x)
     assert sum(g.size for g in after.groups) <= 0.51 * sum(g.size for g in before.groups)
-    assert all(m.out_channels >= 0.4 * o.out_channels - 1 for m, o in zip(result.module.modules(), model.modules())
-               if isinstance(m, nn.Conv2d))
+    assert all(
+        m.out_channels >= 0.4 * o.out_channels - 1
+        for m, o in zip(result.module.modules(), model.modules())
+        if isinstance(m, nn.Conv2d)
+    )
 
 
 def test_global_normalization_decides_how_groups_compete():
@@ -81,6 +87,7 @@ def test_global_normalization_decides_how_groups_compete():
     def widths(normalize: str) -> tuple[int, int]:
         pruned = gp.prune(model, x, passes=[ChannelPrune(0.5, allocation="global", normalize=normalize)]).module
         return pruned[0].out_features, pruned[2].out_features
+
     assert widths("none") == (14, 2)  # the second group down to max_ratio=0.9 of 16 removed (floor: 14)
     for normalize in ("mean", "max", "l2", "sum"):
         first, second = widths(normalize)
@@ -118,8 +125,14 @@ def test_keyword_inputs_and_hf_output_objects():
 
 
 def test_meta_device_analysis_allocates_no_weights():
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000)
+    cfg = T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = T.LlamaForCausalLM(cfg)
     start = time.perf_counter()
@@ -131,8 +144,14 @@ def test_meta_device_analysis_allocates_no_weights():
 
 
 def test_meta_device_prune_is_verified_structurally():
-    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=100)
+    cfg = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     with torch.device("meta"):
         model = T.LlamaForCausalLM(cfg)
     inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
@@ -145,8 +164,14 @@ def test_meta_device_prune_is_verified_structurally():
 
 
 def test_head_dim_pruning_on_request_keeps_llama_consistent():
-    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=100)
+    cfg = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = T.LlamaForCausalLM(cfg).eval()
     inputs = {"input_ids": torch.randint(0, 100, (1, 8))}
     result = gp.prune(model, inputs, passes=[ChannelPrune(0.5, heads=False, head_dim=True)])
@@ -174,15 +199,34 @@ def test_wrong_order_is_refused_before_anything_runs(sample):
         gp.prune(model, x, passes=[_FakeMask(), ChannelPrune(0.5)])
 
 
-def test_pass_that_breaks_its_promise_is_caught(sample):
-    class Liar(_FakeMask):
+def test_the_manager_sets_the_stage_a_pass_produces(sample):
+    class Idle(_FakeMask):
+        def call(self, state):
+            return PassResult(state, False)  # writes no stage: the pass manager does
+
+    result = gp.prune(*sample, passes=[Idle()])
+    assert result.stage is Stage.MASKED and result.report.rows[0].stage == "masked"
+
+
+def test_a_failed_check_is_an_internal_error_naming_the_pass(sample):
+    model, x = sample
+
+    class Idle(Pass):
         def call(self, state):
             return PassResult(state, False)
 
-    with pytest.raises(gp.ContractError, match="should leave the model at stage 'masked'") as broken:
-        gp.prune(*sample, passes=[Liar()])
+    def broken(state, p):
+        if isinstance(p, _FakeMask):
+            raise gp.PostconditionError(f"{p.name} broke an invariant")
+
+    state = CompressionState(model=model, captured=capture(model, x))
+    manager = PassManager([Idle(), _FakeMask()], checks=[lambda state, p: None])
+    manager.add_checks(broken)
+    with pytest.raises(gp.PostconditionError, match="_FakeMask broke an invariant") as failed:
+        manager.run(state, Report("sample", 0, 0), None)
     # a broken promise is a bug in the pass, not the caller's order: the CLI reports it as one
-    assert isinstance(broken.value, gp.PostconditionError) and isinstance(broken.value, gp.InternalError)
+    assert isinstance(failed.value, gp.InternalError) and not isinstance(failed.value, gp.ContractError)
+    assert failed.value.__notes__ == ["in pass 2 of 2, _FakeMask() (passes that ran before it: Idle)"]
 
 
 # --------------------------------------------------------------- bad inputs
@@ -296,8 +340,9 @@ def test_taylor_importance_uses_the_loss():
     def loss_fn(outputs, batch):
         return outputs.pow(2).mean()
 
-    result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="taylor", loss_fn=loss_fn)],
-                      calibration=batches)
+    result = gp.prune(
+        model, batches[0], passes=[ChannelPrune(0.5, importance="taylor", loss_fn=loss_fn)], calibration=batches
+    )
     assert torch.count_nonzero(result.module[4].weight) == result.module[4].weight.numel()
     assert all(p.grad is None for p in model.parameters())
 
@@ -311,8 +356,12 @@ def test_criteria_that_need_data_say_so():
     with pytest.raises(gp.InputError, match="calibration data is empty"):
         gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")], calibration=[])
     with pytest.raises(gp.InputError, match="calibration batch 1"):
-        gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="activation")],
-                 calibration=[batches[0], "not a batch"])
+        gp.prune(
+            model,
+            batches[0],
+            passes=[ChannelPrune(0.5, importance="activation")],
+            calibration=[batches[0], "not a batch"],
+        )
     with pytest.raises(gp.InputError, match="unknown importance criterion 'l3'"):
         ChannelPrune(0.5, importance="l3")
 
@@ -322,15 +371,19 @@ def test_data_criteria_on_transformer_and_grouped_conv(criterion):
     from tests import zoo
     from tests.architectures import build
 
-    loss = (lambda out, batch: sum(t.float().pow(2).mean() for t in pytree_leaves(out)))
+    def loss(out, batch):
+        return sum(t.float().pow(2).mean() for t in pytree_leaves(out))
+
     for model, inputs in (build("gpt2"), zoo.cases()["depthwise"]):
-        result = gp.prune(model, inputs, passes=[ChannelPrune(0.5, importance=criterion, loss_fn=loss)],
-                          calibration=[inputs, inputs])
+        result = gp.prune(
+            model, inputs, passes=[ChannelPrune(0.5, importance=criterion, loss_fn=loss)], calibration=[inputs, inputs]
+        )
         assert result.report.params_after < result.report.params
 
 
 def pytree_leaves(out):
     import torch.utils._pytree as pytree
+
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import graphprune as gp
+from graphprune.core.plan import Plan
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.core.plan import Plan
 from tests.architectures import ARCHITECTURES, build
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 

@@ -75,12 +75,15 @@ def test_unsupported_ops_freeze_what_they_touch_and_are_reported():
     assert result.module.a.out_features == 8  # the rest still prunes
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: ChannelPrune(1.0), "ratio must be a number in"),
-    (lambda: ChannelPrune(-0.1), "ratio must be a number in"),
-    (lambda: NMSparsity(4, 4), "0 < n < m"),
-    (lambda: Quantize(percentile=20), "percentile must be a number"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ChannelPrune(1.0), "ratio must be a number in"),
+        (lambda: ChannelPrune(-0.1), "ratio must be a number in"),
+        (lambda: NMSparsity(4, 4), "0 < n < m"),
+        (lambda: Quantize(percentile=20), "percentile must be a number"),
+    ],
+)
 def test_ratios_and_options_out_of_range(make, match):
     with pytest.raises(gp.InputError, match=match):
         make()
@@ -93,12 +96,15 @@ def test_conflicting_options():
         gp.prune(_mlp(), (torch.randn(2, 8),), passes=[ChannelPrune(0.5)], recipe="[[pass]]\nname='ChannelPrune'\n")
 
 
-@pytest.mark.parametrize("batch,match", [
-    ((torch.randn(4, 8, 1),), "3-d torch.float32, but the example input is 2-d"),
-    ((torch.randint(0, 5, (4, 8)),), "2-d torch.int64, but the example input is 2-d torch.float32"),
-    ((torch.full((4, 8), float("nan")),), "contains NaN or Inf"),
-    (("text",), "is a str"),
-])
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ((torch.randn(4, 8, 1),), "3-d torch.float32, but the example input is 2-d"),
+        ((torch.randint(0, 5, (4, 8)),), "2-d torch.int64, but the example input is 2-d torch.float32"),
+        ((torch.full((4, 8), float("nan")),), "contains NaN or Inf"),
+        (("text",), "is a str"),
+    ],
+)
 def test_calibration_of_the_wrong_shape_dtype_or_values(batch, match):
     with pytest.raises(gp.InputError, match=match):
         gp.prune(_mlp(), (torch.randn(2, 8),), passes=[Quantize()], calibration=[batch])
@@ -108,8 +114,12 @@ def test_empty_calibration_and_a_generator_used_by_two_passes():
     with pytest.raises(gp.InputError, match="calibration data is empty"):
         gp.prune(_mlp(), (torch.randn(2, 8),), passes=[Quantize()], calibration=[])
     generator = ((torch.randn(4, 8),) for _ in range(2))  # consumed once, seen by both passes
-    result = gp.prune(_mlp(), (torch.randn(2, 8),), calibration=generator,
-                      passes=[NMSparsity(2, 4, method="wanda", dense_heads=False), Quantize()])
+    result = gp.prune(
+        _mlp(),
+        (torch.randn(2, 8),),
+        calibration=generator,
+        passes=[NMSparsity(2, 4, method="wanda", dense_heads=False), Quantize()],
+    )
     assert result.stage is gp.Stage.QUANTIZED
 
 
@@ -146,8 +156,10 @@ def test_pruning_the_same_model_twice():
         gp.prune(masked.module, x, passes=[NMSparsity(2, 4, dense_heads=False)])
 
 
-@pytest.mark.parametrize("passes", [[Explodes()], [ChannelPrune(0.5), Explodes()],
-                                    [NMSparsity(2, 4, dense_heads=False), Quantize(), Explodes()]])
+@pytest.mark.parametrize(
+    "passes",
+    [[Explodes()], [ChannelPrune(0.5), Explodes()], [NMSparsity(2, 4, dense_heads=False), Quantize(), Explodes()]],
+)
 def test_a_failing_pass_leaves_the_callers_model_untouched(passes):
     model = _mlp()
     before = snapshot(model)
@@ -192,8 +204,14 @@ def test_onnx_files_that_cannot_be_read(tmp_path):
     with pytest.raises(gp.InputError, match="is not a readable ONNX model"):
         gp.prune_onnx(str(tmp_path / "junk.onnx"), passes=[ChannelPrune(0.5)])
     model = _small_onnx()
-    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     os.remove(tmp_path / "ext.onnx.data")
     with pytest.raises(gp.InputError, match="ext.onnx.data.*missing"):
         gp.prune_onnx(str(tmp_path / "ext.onnx"), passes=[ChannelPrune(0.5)])
@@ -212,14 +230,17 @@ def test_quantized_onnx_models_are_refused(tmp_path):
         gp.prune_onnx(str(tmp_path / "int8.onnx"), passes=[ChannelPrune(0.5)])
 
 
-@pytest.mark.parametrize("feed,match", [
-    ({"input": np.zeros((2, 8, 8, 3), np.float32)}, r"missing inputs \['input_1:0'\], unknown inputs \['input'\]"),
-    ({"input_1:0": np.zeros((2, 8, 8, 3), np.float64)}, "is float64, the model takes float32"),
-    ({"input_1:0": np.zeros((2, 8, 3), np.float32)}, "has rank 3, the model takes rank 4"),
-    ({"input_1:0": np.zeros((2, 8, 9, 3), np.float32)}, "size 9 in dim 2, the model fixes it to 8"),
-    ({"input_1:0": np.full((2, 8, 8, 3), np.nan, np.float32)}, "contains NaN or Inf"),
-    ((np.zeros((2, 8, 8, 3), np.float32),), "ONNX feeds are dicts"),
-])
+@pytest.mark.parametrize(
+    "feed,match",
+    [
+        ({"input": np.zeros((2, 8, 8, 3), np.float32)}, r"missing inputs \['input_1:0'\], unknown inputs \['input'\]"),
+        ({"input_1:0": np.zeros((2, 8, 8, 3), np.float64)}, "is float64, the model takes float32"),
+        ({"input_1:0": np.zeros((2, 8, 3), np.float32)}, "has rank 3, the model takes rank 4"),
+        ({"input_1:0": np.zeros((2, 8, 9, 3), np.float32)}, "size 9 in dim 2, the model fixes it to 8"),
+        ({"input_1:0": np.full((2, 8, 8, 3), np.nan, np.float32)}, "contains NaN or Inf"),
+        ((np.zeros((2, 8, 8, 3), np.float32),), "ONNX feeds are dicts"),
+    ],
+)
 def test_onnx_calibration_feeds_are_checked(feed, match):
     with pytest.raises(gp.InputError, match=match):
         gp.prune_onnx(_small_onnx(), passes=[ChannelPrune(0.5)], calibration=[feed])

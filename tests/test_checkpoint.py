@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 import graphprune as gp
 import graphprune.io.checkpoint as checkpoint
+from graphprune.algorithms.nm import LINEAR, NMPattern, satisfies
 from graphprune.frontends.torch.copying import clone
 from graphprune.passes import ChannelPrune, NMSparsity
-from graphprune.algorithms.nm import LINEAR, NMPattern, satisfies
 
 # hidden 64 -> 32, query heads 4 -> 1 and kv heads 2 -> 1 (GQA groups), MLP 128 -> 64 (see the plan)
 CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}
@@ -24,8 +24,15 @@ IDS = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().m
 
 def _llama(hidden: int = 64) -> T.LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                        num_hidden_layers=2, vocab_size=100, head_dim=16)
+    cfg = T.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=100,
+        head_dim=16,
+    )
     return T.LlamaForCausalLM(cfg).eval()
 
 
@@ -76,8 +83,11 @@ def test_config_sizes_shapes_cannot_tell_apart_are_told_by_the_plan_or_asked_for
     assert report.config == CONFIG
     plan = gp.PlanFile.load(folder / "plan.json")
     plan.structured[-1].result = None
-    with pytest.raises(gp.InputError, match=r"head counts or sizes give the same shapes in several ways(?s:.*)"
-                                            r"does not record the model it made(?s:.*)dims of 128 \(intermediate_size\?\)"):
+    with pytest.raises(
+        gp.InputError,
+        match=r"head counts or sizes give the same shapes in several ways(?s:.*)"
+        r"does not record the model it made(?s:.*)dims of 128 \(intermediate_size\?\)",
+    ):
         gp.apply_to_checkpoint(plan, folder / "source", tmp_path / "again")
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
@@ -86,15 +96,26 @@ def test_inferred_head_counts_are_those_of_the_model_the_plan_made(tmp_path):
     """Eight heads of 12 dims have the shapes of six heads of 16 and change fewer keys: only the
     plan's record of the model it made says six heads; the loaded checkpoint computes its logits."""
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4,
-                        num_hidden_layers=2, vocab_size=100, head_dim=16)
+    cfg = T.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        vocab_size=100,
+        head_dim=16,
+    )
     model = T.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / "source")
     result = gp.prune(model, IDS, passes=[ChannelPrune(0.25)])
     result.save_plan(tmp_path / "plan")
     report = gp.apply_to_checkpoint(tmp_path / "plan.json", tmp_path / "source", tmp_path / "out")
-    assert report.config == {"hidden_size": 96, "intermediate_size": 192, "num_attention_heads": 6,
-                             "num_key_value_heads": 3}
+    assert report.config == {
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+    }
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.allclose(loaded(**IDS).logits, result.module(**IDS).logits, atol=1e-5)
@@ -106,8 +127,9 @@ def test_a_checkpoint_of_another_model_is_refused(pruned, tmp_path):
     with pytest.raises(gp.InputError, match="not the same architecture"):
         gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "other", tmp_path / "out", config=CONFIG)
     with pytest.raises(gp.InputError, match="does it need prefix="):  # names that do not match at all
-        gp.apply_to_checkpoint(folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG,
-                               prefix="transformer.")
+        gp.apply_to_checkpoint(
+            folder / "plan.json", folder / "source", tmp_path / "out", config=CONFIG, prefix="transformer."
+        )
     assert sorted(os.listdir(tmp_path)) == ["other"]
 
 
@@ -151,16 +173,51 @@ def test_the_command_line_applies_a_plan_to_a_checkpoint(pruned, tmp_path, capsy
 
     folder, _ = pruned
     settings = [f"{k}={v}" for k, v in CONFIG.items()]
-    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "out"),
-                 "--config", *settings, "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "apply-checkpoint",
+                str(folder / "plan.json"),
+                str(folder / "source"),
+                str(tmp_path / "out"),
+                "--config",
+                *settings,
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["config"] == CONFIG and summary["bytes_after"] < summary["bytes_before"]
     assert (tmp_path / "out" / "config.json").exists()
-    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again"),
-                 "--config", "hidden_size"]) == EXIT_INPUT
+    assert (
+        main(
+            [
+                "apply-checkpoint",
+                str(folder / "plan.json"),
+                str(folder / "source"),
+                str(tmp_path / "again"),
+                "--config",
+                "hidden_size",
+            ]
+        )
+        == EXIT_INPUT
+    )
     assert "KEY=VALUE" in capsys.readouterr().err
-    assert main(["apply-checkpoint", str(folder / "plan.json"), str(folder / "source"), str(tmp_path / "again"),
-                 "--json", "--quiet"]) == 0  # no --config: the sizes are inferred
+    assert (
+        main(
+            [
+                "apply-checkpoint",
+                str(folder / "plan.json"),
+                str(folder / "source"),
+                str(tmp_path / "again"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # no --config: the sizes are inferred
     assert json.loads(capsys.readouterr().out)["config"] == CONFIG
 
 
@@ -174,13 +231,16 @@ def test_a_destination_that_overlaps_the_source_is_refused_before_anything_is_wr
     folder, _ = pruned
     shutil.copytree(folder / "source", tmp_path / "out.partial")
     before = _files(tmp_path / "out.partial")
-    cases = {tmp_path / "out": r"cannot stage the checkpoint in .*out.partial .*overlaps an input",
-             tmp_path / "out.partial" / "pruned": r"is inside an input",
-             tmp_path / "out.partial": r"it is an input"}
+    cases = {
+        tmp_path / "out": r"cannot stage the checkpoint in .*out.partial .*overlaps an input",
+        tmp_path / "out.partial" / "pruned": r"is inside an input",
+        tmp_path / "out.partial": r"it is an input",
+    }
     for destination, match in cases.items():
         with pytest.raises(gp.InputError, match=match):
-            gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "out.partial", destination, config=CONFIG,
-                                   overwrite=True)
+            gp.apply_to_checkpoint(
+                folder / "plan.json", tmp_path / "out.partial", destination, config=CONFIG, overwrite=True
+            )
     with pytest.raises(gp.InputError, match=r"holds an input"):
         gp.apply_to_checkpoint(folder / "plan.json", folder / "source", folder, config=CONFIG, overwrite=True)
     assert _files(tmp_path / "out.partial") == before and os.listdir(tmp_path) == ["out.partial"]
@@ -228,21 +288,32 @@ def test_a_resumed_run_refuses_a_source_changed_since_it_was_interrupted(pruned,
         gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG)
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path / "out.partial")
-    assert gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "source", tmp_path / "out",
-                                  config=CONFIG).resumed_shards == 0
+    assert (
+        gp.apply_to_checkpoint(
+            folder / "plan.json", tmp_path / "source", tmp_path / "out", config=CONFIG
+        ).resumed_shards
+        == 0
+    )
 
 
 GATE = "model.layers.0.mlp.gate_proj.weight"  # [128, 64] in the checkpoint; the plan keeps 64 rows
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda plan: plan.structured[0].slices[GATE].__setitem__(0, [0] * 64), r"not strictly increasing"),
-    (lambda plan: plan.structured[0].slices[GATE].__setitem__(0, list(range(100, 164))),
-     r"indices for dim 0 of model.layers.0.mlp.gate_proj.weight .*index 163 is outside the dim's 128 entries"),
-    (lambda plan: plan.structured[0].slices[GATE].append([0]), r"the tensor has no dim 2"),
-    (lambda plan: setattr(plan, "values", {GATE: torch.zeros(3, 3)}),
-     r"new value for model.layers.0.mlp.gate_proj.weight is \[3, 3\], the pruned tensor is \[64, 32\]"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda plan: plan.structured[0].slices[GATE].__setitem__(0, [0] * 64), r"not strictly increasing"),
+        (
+            lambda plan: plan.structured[0].slices[GATE].__setitem__(0, list(range(100, 164))),
+            r"indices for dim 0 of model.layers.0.mlp.gate_proj.weight .*index 163 is outside the dim's 128 entries",
+        ),
+        (lambda plan: plan.structured[0].slices[GATE].append([0]), r"the tensor has no dim 2"),
+        (
+            lambda plan: setattr(plan, "values", {GATE: torch.zeros(3, 3)}),
+            r"new value for model.layers.0.mlp.gate_proj.weight is \[3, 3\], the pruned tensor is \[64, 32\]",
+        ),
+    ],
+)
 def test_damaged_indices_values_and_masks_are_refused_before_writing(pruned, tmp_path, damage, match):
     """All-zero indices were written and called verified; indices out of range raised a raw
     IndexError and left a .partial folder (issue 18 item 7): checked against the shards' shapes."""

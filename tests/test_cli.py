@@ -21,22 +21,48 @@ def pruned(tmp_path_factory):
     dense = run("export", "samples.resnet:build", "-o", str(out / "dense.onnx"), "--json")
     assert dense.returncode == 0, dense.stderr
     np.savez(out / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
-    result = run("prune", "samples.resnet:build", "-o", str(out / "small.onnx"), "--channels", "0.5", "--nm", "2:4",
-                 "--method", "wanda", "--int8", "--calibration", str(out / "calib.npz"), "--latency", "--runs", "3",
-                 "--json", "--quiet")
+    result = run(
+        "prune",
+        "samples.resnet:build",
+        "-o",
+        str(out / "small.onnx"),
+        "--channels",
+        "0.5",
+        "--nm",
+        "2:4",
+        "--method",
+        "wanda",
+        "--int8",
+        "--calibration",
+        str(out / "calib.npz"),
+        "--latency",
+        "--runs",
+        "3",
+        "--json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     return out, json.loads(result.stdout)
 
 
 def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
     out, summary = pruned
-    assert summary["stage"] == "quantized" and [p["pass_name"] for p in summary["passes"]] == \
-        ["ChannelPrune", "NMSparsity", "Quantize"]
+    assert summary["stage"] == "quantized" and [p["pass_name"] for p in summary["passes"]] == [
+        "ChannelPrune",
+        "NMSparsity",
+        "Quantize",
+    ]
     assert summary["onnx"]["int8_ops"]["QLinearConv"] > 0
     assert summary["latency_ms"]["dense"] > 0 and summary["latency_ms"]["compressed"] > 0
     pages = out / "small.onnx.report"
-    assert sorted(os.listdir(pages)) == ["latency.png", "params_macs.png", "report.html", "report.json", "report.md",
-                                         "sparsity.png"]
+    assert sorted(os.listdir(pages)) == [
+        "latency.png",
+        "params_macs.png",
+        "report.html",
+        "report.json",
+        "report.md",
+        "sparsity.png",
+    ]
     data = json.loads((pages / "report.json").read_text())
     layers = {row["name"]: row for row in data["layers"]}
     assert layers["layers.0.conv1"]["pattern"] == "2:4" and layers["layers.0.conv1"]["weight_scale"]
@@ -70,33 +96,53 @@ class _Unpicklable:
     """Stands for any object whose unpickling would run code: ``weights_only`` loading refuses it."""
 
 
-@pytest.mark.parametrize("args,message", [
-    (["prune", "no_such_module:build", "-o", "{out}/m.onnx", "--channels", "0.5"], "cannot load no_such_module:build"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/missing.toml"], "cannot read recipe"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/bad.toml"], "unknown pass 'Prune'"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/order.toml"], "experimental_order"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.txt", "--channels", "0.5"], "must name an .onnx file"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--nm", "two:four"], "--nm takes N:M"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx"], "nothing to do"),
-    (["prune", "{out}/model.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "no such ONNX file"),
-    (["prune", "{out}/bad.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "is not a readable ONNX model"),
-    (["export", "{out}/model.onnx", "-o", "{out}/m.onnx"], "inspect and prune also take .onnx files"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"], "no such file"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/code.pt"],
-     "cannot be read as tensors (UnpicklingError"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/objects.npz"],
-     "cannot be read as tensors (ValueError: Object arrays cannot be loaded"),
-    (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/cut.npz"],
-     "cannot be read as tensors"),
-    (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
-    (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
-    (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["prune", "no_such_module:build", "-o", "{out}/m.onnx", "--channels", "0.5"],
+            "cannot load no_such_module:build",
+        ),
+        (
+            ["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/missing.toml"],
+            "cannot read recipe",
+        ),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/bad.toml"], "unknown pass 'Prune'"),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--recipe", "{out}/order.toml"], "experimental_order"),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.txt", "--channels", "0.5"], "must name an .onnx file"),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--nm", "two:four"], "--nm takes N:M"),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.onnx"], "nothing to do"),
+        (["prune", "{out}/model.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "no such ONNX file"),
+        (["prune", "{out}/bad.onnx", "-o", "{out}/m.onnx", "--channels", "0.5"], "is not a readable ONNX model"),
+        (["export", "{out}/model.onnx", "-o", "{out}/m.onnx"], "inspect and prune also take .onnx files"),
+        (
+            ["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/nope.npz"],
+            "no such file",
+        ),
+        (
+            ["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/code.pt"],
+            "cannot be read as tensors (UnpicklingError",
+        ),
+        (
+            ["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/objects.npz"],
+            "cannot be read as tensors (ValueError: Object arrays cannot be loaded",
+        ),
+        (
+            ["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--int8", "--calibration", "{out}/cut.npz"],
+            "cannot be read as tensors",
+        ),
+        (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
+        (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
+        (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
+    ],
+)
 def test_bad_input_fails_clearly_with_exit_code_2_and_no_files(tmp_path, args, message):
     (tmp_path / "bad.toml").write_text('[[pass]]\nname = "Prune"\n')
     (tmp_path / "bad.onnx").write_text("not a protobuf")
     (tmp_path / "order.toml").write_text('[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n')
-    torch.save({"x": torch.zeros(2, 3, 32, 32), "hook": _Unpicklable()}, tmp_path / "code.pt")  # a pickle that runs code
+    torch.save(
+        {"x": torch.zeros(2, 3, 32, 32), "hook": _Unpicklable()}, tmp_path / "code.pt"
+    )  # a pickle that runs code
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
     np.savez(tmp_path / "full.npz", x=np.zeros((4, 3, 32, 32), np.float32))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:200])
@@ -126,8 +172,17 @@ def test_exported_program_file(tmp_path):
 
     model, x = build()
     torch.export.save(torch.export.export(model, x), str(tmp_path / "resnet.pt2"))
-    pruned = run("prune", str(tmp_path / "resnet.pt2"), "-o", str(tmp_path / "p.onnx"), "--channels", "0.5",
-                 "--nm", "2:4", "--json")
+    pruned = run(
+        "prune",
+        str(tmp_path / "resnet.pt2"),
+        "-o",
+        str(tmp_path / "p.onnx"),
+        "--channels",
+        "0.5",
+        "--nm",
+        "2:4",
+        "--json",
+    )
     assert pruned.returncode == 0, pruned.stderr
     summary = json.loads(pruned.stdout)
     assert summary["params_after"] < summary["params"] and "static batch size" in pruned.stderr
@@ -145,8 +200,17 @@ def test_prune_and_inspect_an_onnx_file(tmp_path):
     import numpy as np
 
     np.savez(tmp_path / "calib.npz", **{"input_1:0": np.zeros((4, 8, 8, 3), dtype=np.float32)})
-    result = run("prune", str(tmp_path / "keras.onnx"), "-o", str(tmp_path / "small.onnx"), "--recipe",
-                 str(tmp_path / "recipe.toml"), "--calibration", str(tmp_path / "calib.npz"), "--json")
+    result = run(
+        "prune",
+        str(tmp_path / "keras.onnx"),
+        "-o",
+        str(tmp_path / "small.onnx"),
+        "--recipe",
+        str(tmp_path / "recipe.toml"),
+        "--calibration",
+        str(tmp_path / "calib.npz"),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["macs_after"] < summary["macs"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
-from graphprune.algorithms.compensation import reestimate_batchnorm
+from graphprune.frontends.torch.compensation import reestimate_batchnorm
 from graphprune.passes import ChannelPrune
 from samples import resnet
 
@@ -23,14 +23,20 @@ def _by_hand(model: nn.Module, batches: list) -> dict[str, tuple[torch.Tensor, t
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             m.train()
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, name=name: seen.setdefault(name, []).append(
-                    (args[0].mean((0, 2, 3)), args[0].transpose(0, 1).flatten(1).var(1)))))
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda mod, args, name=name: seen.setdefault(name, []).append(
+                        (args[0].mean((0, 2, 3)), args[0].transpose(0, 1).flatten(1).var(1))
+                    )
+                )
+            )
     with torch.no_grad():
         for (x,) in batches:
             model(x)
-    return {name: (torch.stack([m for m, _ in v]).mean(0), torch.stack([v_ for _, v_ in v]).mean(0))
-            for name, v in seen.items()}
+    return {
+        name: (torch.stack([m for m, _ in v]).mean(0), torch.stack([v_ for _, v_ in v]).mean(0))
+        for name, v in seen.items()
+    }
 
 
 def test_batchnorm_reestimation_matches_statistics_computed_by_hand():
@@ -60,7 +66,7 @@ def test_fluctuation_removes_channels_that_do_not_vary():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
-        model[0].weight[:8] = 0.0   # channels 0..7 are their bias: constant on any data
+        model[0].weight[:8] = 0.0  # channels 0..7 are their bias: constant on any data
         model[0].bias[:8] = 1.0
     batches = [(torch.randn(32, 8),) for _ in range(2)]
     result = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, importance="fluctuation")], calibration=batches)
@@ -80,14 +86,15 @@ def test_bias_compensation_is_exact_when_removed_channels_are_constant(act):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), act(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
-        model[0].weight[:8] = 0.0                   # channels 0..7 are constant (their bias) on any data,
-        model[0].bias[:8] = torch.rand(8) + 0.5     # positive so that ReLU passes them unchanged
-        model[0].weight[8:] *= 10                   # and the weakest by fluctuation
+        model[0].weight[:8] = 0.0  # channels 0..7 are constant (their bias) on any data,
+        model[0].bias[:8] = torch.rand(8) + 0.5  # positive so that ReLU passes them unchanged
+        model[0].weight[8:] *= 10  # and the weakest by fluctuation
     batches = [(torch.randn(32, 8),) for _ in range(2)]
     x = (torch.randn(5, 8),)
     plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance="fluctuation")], calibration=batches)
-    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance="fluctuation", compensate="bias")],
-                     calibration=batches)
+    fixed = gp.prune(
+        model, x, passes=[ChannelPrune(0.5, importance="fluctuation", compensate="bias")], calibration=batches
+    )
     assert fixed.report.rows[0].details["bias compensation"] == "1 layers"
     dense = model(*x)
     assert not torch.allclose(plain.module(*x), dense, atol=1e-3)
@@ -107,7 +114,9 @@ class _HuggingFaceStyleRMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
 
 
-@pytest.mark.parametrize("norm", [lambda: nn.RMSNorm(16, eps=1e-6), lambda: _HuggingFaceStyleRMSNorm(16)], ids=["torch", "hf"])
+@pytest.mark.parametrize(
+    "norm", [lambda: nn.RMSNorm(16, eps=1e-6), lambda: _HuggingFaceStyleRMSNorm(16)], ids=["torch", "hf"]
+)
 def test_norm_refit_is_exact_for_an_rmsnorm_that_loses_channels_which_were_zero(norm):
     """Over k of d channels the RMS of a token whose other channels are zero is sqrt(d/k) times
     larger, for every token: one scale per channel undoes it exactly; without it outputs shrink."""
@@ -119,8 +128,9 @@ def test_norm_refit_is_exact_for_an_rmsnorm_that_loses_channels_which_were_zero(
     batches = [(torch.randn(32, 8),) for _ in range(2)]
     x = (torch.randn(5, 8),)
     plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half)], calibration=batches)
-    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="bias")],
-                     calibration=batches)
+    fixed = gp.prune(
+        model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="bias")], calibration=batches
+    )
     assert fixed.module[1].weight.shape == (8,)
     details = fixed.report.rows[0].details
     assert details["norm re-fit"].startswith("1 norms") and float(details["norm re-fit"].split("-> ")[1]) < 1e-9
@@ -131,7 +141,7 @@ def test_norm_refit_is_exact_for_an_rmsnorm_that_loses_channels_which_were_zero(
 
 def test_norm_refit_never_increases_the_calibration_error_of_a_layernorm():
     from graphprune.frontends.torch.apply import apply_plan
-    from graphprune.algorithms.compensation import record_norms, refit_norms
+    from graphprune.frontends.torch.compensation import record_norms, refit_norms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 4)).eval()
@@ -149,8 +159,9 @@ def test_norm_refit_never_increases_the_calibration_error_of_a_layernorm():
         with torch.no_grad():
             dense_out = [model[1](model[0](x))[..., keep] for (x,) in batches]
             pruned_out = [norm(model[0](x)[..., keep]) for (x,) in batches]
-        return sum(float((p - d).pow(2).sum()) for p, d in zip(pruned_out, dense_out)) / \
-            sum(float(d.pow(2).sum()) for d in dense_out)
+        return sum(float((p - d).pow(2).sum()) for p, d in zip(pruned_out, dense_out)) / sum(
+            float(d.pow(2).sum()) for d in dense_out
+        )
 
     before = error(pruned[1])
     errors = refit_norms(pruned, records)
@@ -161,8 +172,9 @@ def test_norm_refit_never_increases_the_calibration_error_of_a_layernorm():
 
 def test_bias_compensation_on_convs_and_layers_without_bias():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
     with torch.no_grad():
         model[0].weight[:4] = 0.0
         model[0].bias[:4] = 1.0  # constant channels feeding a bias-free conv: nothing to fold into
@@ -189,8 +201,12 @@ def test_reconstruction_is_exact_when_removed_channels_are_combinations_of_kept_
 def _reconstruction_recovers(model: nn.Module, batches: list, x: tuple) -> gp.PruneResult:
     """Pruning the second half of every group loses accuracy, and reconstruction gets it back."""
     plain = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half)], calibration=batches)
-    fixed = gp.prune(model, x, passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="reconstruct",
-                                                    damp=1e-9)], calibration=batches)
+    fixed = gp.prune(
+        model,
+        x,
+        passes=[ChannelPrune(0.5, importance=_keep_first_half, compensate="reconstruct", damp=1e-9)],
+        calibration=batches,
+    )
     dense = model(*x)
     assert not torch.allclose(plain.module(*x), dense, atol=1e-2)
     assert torch.allclose(fixed.module(*x), dense, atol=1e-4)
@@ -200,8 +216,14 @@ def _reconstruction_recovers(model: nn.Module, batches: list, x: tuple) -> gp.Pr
 
 def test_reconstruction_never_increases_calibration_error():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 10),
+    ).eval()
     batches = [(torch.randn(16, 3, 6, 6),) for _ in range(4)]
 
     def calibration_error(module: nn.Module) -> float:
@@ -211,7 +233,9 @@ def test_reconstruction_never_increases_calibration_error():
     plain = gp.prune(model, batches[0], passes=[ChannelPrune(0.5)], calibration=batches)
     fixed = gp.prune(model, batches[0], passes=[ChannelPrune(0.5, compensate="reconstruct")], calibration=batches)
     assert calibration_error(fixed.module) < calibration_error(plain.module)
-    from graphprune.algorithms.compensation import reconstruct  # per layer too: every record is no worse than before
+    from graphprune.frontends.torch.compensation import (
+        reconstruct,
+    )  # per layer too: every record is no worse than before
 
     analysis = gp.analyze(model, batches[0])
     plan = ChannelPrune(0.5).plan(analysis, model, None)
@@ -231,8 +255,8 @@ def test_reconstruction_of_a_grouped_conv_is_exact_per_group():
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Identity(), nn.Conv2d(16, 8, 3, padding=1, groups=2)).eval()
     with torch.no_grad():  # in each conv group of 8 inputs, inputs 4..7 are 2 x inputs 0..3
         for g in (0, 8):
-            model[0].weight[g + 4:g + 8] = 2 * model[0].weight[g:g + 4]
-            model[0].bias[g + 4:g + 8] = 2 * model[0].bias[g:g + 4]
+            model[0].weight[g + 4 : g + 8] = 2 * model[0].weight[g : g + 4]
+            model[0].bias[g + 4 : g + 8] = 2 * model[0].bias[g : g + 4]
     batches = [(torch.randn(8, 3, 6, 6),) for _ in range(3)]
     fixed = _reconstruction_recovers(model, batches, (torch.randn(2, 3, 6, 6),))
     assert fixed.module[2].weight.shape == (8, 4, 3, 3) and fixed.module[2].groups == 2
@@ -240,12 +264,19 @@ def test_reconstruction_of_a_grouped_conv_is_exact_per_group():
 
 def test_reconstruction_refits_grouped_convs_after_a_depthwise_one_without_increasing_error():
     from graphprune.frontends.torch.apply import apply_plan
-    from graphprune.algorithms.compensation import reconstruct
+    from graphprune.frontends.torch.compensation import reconstruct
     from graphprune.frontends.torch.copying import clone
 
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
-                          nn.Conv2d(16, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
     batches = [(torch.randn(8, 3, 6, 6),) for _ in range(3)]
     analysis = gp.analyze(model, batches[0])
     plan = ChannelPrune(0.5).plan(analysis, model, None)
@@ -321,8 +352,9 @@ def test_sensitivity_allocation_takes_channels_where_they_matter_least():
     assert result.module.a1.out_features == 32 and result.module.b1.out_features == 16
     uniform = gp.prune(model, batches[0], passes=[ChannelPrune(0.25)], calibration=batches)
     assert result.report.rows[0].output_error < uniform.report.rows[0].output_error
-    budget = gp.prune(model, batches[0], passes=[ChannelPrune(target_params=0.7, allocation="sensitivity")],
-                      calibration=batches)
+    budget = gp.prune(
+        model, batches[0], passes=[ChannelPrune(target_params=0.7, allocation="sensitivity")], calibration=batches
+    )
     assert budget.report.params_after <= 0.7 * budget.report.params
 
 
@@ -349,8 +381,14 @@ def test_silencing_equals_removal_and_restores_every_parameter():
     before = {k: v.clone() for k, v in gpt2.state_dict().items()}
     analysis = gp.analyze(gpt2, inputs)
     groups = analysis.groups[:3]
-    output_errors(analysis, gpt2, groups, {g.id: torch.rand(g.size, dtype=torch.float64) for g in groups},
-                  lambda g: [g.size // 2], inputs)
+    output_errors(
+        analysis,
+        gpt2,
+        groups,
+        {g.id: torch.rand(g.size, dtype=torch.float64) for g in groups},
+        lambda g: [g.size // 2],
+        inputs,
+    )
     assert all(torch.equal(v, gpt2.state_dict()[k]) for k, v in before.items())
     with pytest.raises(gp.InputError, match="allocation must be one of"):
         ChannelPrune(0.5, allocation="greedy")

@@ -20,11 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _train(tmp_path: Path, ranks: int, *args: str) -> gp.PlanFile:
     out = tmp_path / f"{args[0]}-{ranks}"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
-        if ranks > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        if ranks > 1
+        else [sys.executable]
+    )
     command = [*launcher, "-m", "graphprune.train", *args, "--setup", "tests.train_setups:tiny", "--out", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"({ranks} rank" in done.stdout
     return gp.PlanFile.load(f"{out}.json")
@@ -37,7 +46,9 @@ def test_masks_learned_on_two_ranks_are_those_learned_in_one_process(tmp_path):
     one, two = _train(tmp_path, 1, *args), _train(tmp_path, 2, *args)
     assert two.masks and two.diff(one) == []
     setup = tiny()
-    prior = gp.plan(setup.model, setup.example_inputs, [NMSparsity(2, 4, method="wanda")], calibration=setup.calibration)
+    prior = gp.plan(
+        setup.model, setup.example_inputs, [NMSparsity(2, 4, method="wanda")], calibration=setup.calibration
+    )
     assert any(line.startswith("mask") for line in one.diff(prior))  # training moved masks off the prior
 
 
@@ -58,8 +69,12 @@ def test_what_is_not_a_sum_is_refused_on_several_ranks(monkeypatch):
     with pytest.raises(gp.InputError, match="computed by one process only"):
         gp.prune(setup.model, setup.example_inputs, [Quantize()], calibration=setup.calibration)
     with pytest.raises(gp.InputError, match=r"compensate='reconstruct'.*one process only"):
-        gp.prune(setup.model, setup.example_inputs, [ChannelPrune(0.5, compensate="reconstruct")],
-                 calibration=setup.calibration)
+        gp.prune(
+            setup.model,
+            setup.example_inputs,
+            [ChannelPrune(0.5, compensate="reconstruct")],
+            calibration=setup.calibration,
+        )
 
 
 def test_global_batches_split_evenly_over_ranks():

@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-from graphprune.frontends.torch.apply import apply_plan
-from graphprune.passes import ChannelPrune, NMSparsity, Quantize
+from graphprune.algorithms.nm import satisfies
 from graphprune.core.plan import Plan
-from graphprune.algorithms.nm import masked_weights, satisfies
+from graphprune.frontends.torch.apply import apply_plan
+from graphprune.frontends.torch.masks import masked_weights
+from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests.generated import REGRESSIONS, build, kept_if_failing, network_specs
 from tests.oracles import Explodes, max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
@@ -58,8 +59,9 @@ def compression_oracles(model: torch.nn.Module, failing_at: int | None = None) -
     before = snapshot(model)
     if failing_at is not None:
         with pytest.raises(RuntimeError, match="injected failure"):
-            gp.prune(model, INPUTS, passes=passes[:failing_at] + [Explodes()] + passes[failing_at:],
-                     calibration=CALIBRATION)
+            gp.prune(
+                model, INPUTS, passes=passes[:failing_at] + [Explodes()] + passes[failing_at:], calibration=CALIBRATION
+            )
         assert unchanged(model, before), f"a failure after pass {failing_at} changed the caller's model"
     result = gp.prune(model, INPUTS, passes=passes, calibration=CALIBRATION)
     assert unchanged(model, before), "a successful run changed the caller's model"

@@ -37,9 +37,13 @@ def _external_model(location: str) -> onnx.ModelProto:
     for key, value in {"location": location, "offset": "0", "length": str(SECRET.nbytes)}.items():
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -116,42 +120,59 @@ class Forgetful(Importance):
         return {}
 
 
-@pytest.mark.parametrize("importance,match", [
-    (three_scores, r"importance 'three_scores' on group \d+ \(16 channels of 0.weight.*shape \(16,\).*"
-                   r"got shape \(3,\)"),
-    (nan_scores, r"'nan_scores' on group \d+.*16 scores are NaN or Inf"),
-    (list_scores, r"'list_scores' on group \d+.*got list"),
-    (complex_scores, r"'complex_scores' on group \d+.*got a torch.complex64 tensor"),
-    (column_scores, r"'column_scores' on group \d+.*got shape \(16, 1\)"),
-    (Forgetful(), r"'Forgetful' on group \d+.*got NoneType"),
-])
+@pytest.mark.parametrize(
+    "importance,match",
+    [
+        (
+            three_scores,
+            r"importance 'three_scores' on group \d+ \(16 channels of 0.weight.*shape \(16,\).*"
+            r"got shape \(3,\)",
+        ),
+        (nan_scores, r"'nan_scores' on group \d+.*16 scores are NaN or Inf"),
+        (list_scores, r"'list_scores' on group \d+.*got list"),
+        (complex_scores, r"'complex_scores' on group \d+.*got a torch.complex64 tensor"),
+        (column_scores, r"'column_scores' on group \d+.*got shape \(16, 1\)"),
+        (Forgetful(), r"'Forgetful' on group \d+.*got NoneType"),
+    ],
+)
 def test_importance_scores_that_cannot_rank_the_channels_are_refused(importance, match):
     with pytest.raises(gp.InputError, match=match):
         gp.prune(_mlp(), (torch.randn(2, 8),), passes=[ChannelPrune(0.5, importance=importance)])
 
 
 def test_integer_scores_rank_channels():
-    result = gp.prune(_mlp(), (torch.randn(2, 8),),
-                      passes=[ChannelPrune(0.5, importance=lambda analysis, group, model: torch.arange(group.size))])
+    result = gp.prune(
+        _mlp(),
+        (torch.randn(2, 8),),
+        passes=[ChannelPrune(0.5, importance=lambda analysis, group, model: torch.arange(group.size))],
+    )
     assert torch.equal(result.module[0].weight, _mlp()[0].weight[8:])  # the highest scores are kept
 
 
 # ---------------------------------------------------------------- recipes
-@pytest.mark.parametrize("body,match", [
-    ('name = "ChannelPrune"\nheads = "false"',
-     r"pass #1 \(ChannelPrune\), key 'heads': expected true or false, got 'false'"),
-    ('name = "ChannelPrune"\nignore = "c1"', r"key 'ignore': expected an array of strings, got 'c1'"),
-    ('name = "ChannelPrune"\nignore = 5', r"key 'ignore': expected an array of strings, got 5"),
-    ('name = "ChannelPrune"\nratios = 3', r"key 'ratios': expected a table of numbers keyed by strings, got 3"),
-    ('name = "ChannelPrune"\nratios = {fc = "half"}', r"key 'ratios': expected a table of numbers"),
-    ('name = "ChannelPrune"\nround_to = 2.5', r"key 'round_to': expected an integer, got 2.5"),
-    ('name = "ChannelPrune"\nloss_fn = "mse"', r"key 'loss_fn': this option takes a Python object"),
-    ('name = "ChannelPrune"\nration = 0.5', r"pass #1 \(ChannelPrune\): unknown option\(s\) \['ration'\] "
-                                           r"\(did you mean 'ratio' for 'ration'\?\)"),
-    ('name = "ChanelPrune"', r"pass #1: unknown pass 'ChanelPrune' \(did you mean 'ChannelPrune'\?\)"),
-    ('name = "ChannelPrune"\nratio = 1.5', r"pass #1 \(ChannelPrune\): ratio must be a number in \[0, 1\)"),
-    ('name = "ChannelPrune"\n\n[[pass]]\nname = "NMSparsity"\nn = "2"', r"pass #2 \(NMSparsity\), key 'n'"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        (
+            'name = "ChannelPrune"\nheads = "false"',
+            r"pass #1 \(ChannelPrune\), key 'heads': expected true or false, got 'false'",
+        ),
+        ('name = "ChannelPrune"\nignore = "c1"', r"key 'ignore': expected an array of strings, got 'c1'"),
+        ('name = "ChannelPrune"\nignore = 5', r"key 'ignore': expected an array of strings, got 5"),
+        ('name = "ChannelPrune"\nratios = 3', r"key 'ratios': expected a table of numbers keyed by strings, got 3"),
+        ('name = "ChannelPrune"\nratios = {fc = "half"}', r"key 'ratios': expected a table of numbers"),
+        ('name = "ChannelPrune"\nround_to = 2.5', r"key 'round_to': expected an integer, got 2.5"),
+        ('name = "ChannelPrune"\nloss_fn = "mse"', r"key 'loss_fn': this option takes a Python object"),
+        (
+            'name = "ChannelPrune"\nration = 0.5',
+            r"pass #1 \(ChannelPrune\): unknown option\(s\) \['ration'\] "
+            r"\(did you mean 'ratio' for 'ration'\?\)",
+        ),
+        ('name = "ChanelPrune"', r"pass #1: unknown pass 'ChanelPrune' \(did you mean 'ChannelPrune'\?\)"),
+        ('name = "ChannelPrune"\nratio = 1.5', r"pass #1 \(ChannelPrune\): ratio must be a number in \[0, 1\)"),
+        ('name = "ChannelPrune"\n\n[[pass]]\nname = "NMSparsity"\nn = "2"', r"pass #2 \(NMSparsity\), key 'n'"),
+    ],
+)
 def test_recipes_are_checked_against_their_passes_options(tmp_path, body, match):
     path = tmp_path / "recipe.toml"
     path.write_text(f"[[pass]]\n{body}\n")
@@ -166,8 +187,12 @@ def test_every_option_but_callables_can_be_written_in_a_recipe():
     TOML would be refused in every recipe, so the list of such options is pinned here."""
     from graphprune.io.recipe import _toml_forms, available_passes, option_types
 
-    unwritable = {(name, key) for name, cls in available_passes().items()
-                  for key, annotation in option_types(cls).items() if not _toml_forms(annotation)}
+    unwritable = {
+        (name, key)
+        for name, cls in available_passes().items()
+        for key, annotation in option_types(cls).items()
+        if not _toml_forms(annotation)
+    }
     assert unwritable == {("ChannelPrune", "loss_fn")}
 
 
@@ -176,22 +201,32 @@ def test_recipe_tables_and_sources_of_the_wrong_kind():
         gp.load_recipe("pass = [1, 2]\n")
     with pytest.raises(gp.InputError, match="a recipe is a path to a .toml file or TOML text, got int"):
         gp.load_recipe(5)
-    recipe = gp.load_recipe('[[pass]]\nname = "ChannelPrune"\nratio = 0\nratios = {"0" = 0.25}\nignore = ["2"]\n'
-                            "heads = false\n")
+    recipe = gp.load_recipe(
+        '[[pass]]\nname = "ChannelPrune"\nratio = 0\nratios = {"0" = 0.25}\nignore = ["2"]\nheads = false\n'
+    )
     assert recipe.passes[0].ratios == {"0": 0.25} and recipe.passes[0].ignore == ["2"] and not recipe.passes[0].heads
 
 
 # ---------------------------------------------------------------- calibration batches
-@pytest.mark.parametrize("batch,match", [
-    ((torch.randn(4, 8, dtype=torch.float64),), r"batch 1, input \[0\]: 2-d torch.float64, but the example input is "
-                                                r"2-d torch.float32"),
-    ((torch.empty(4, 8, device="meta"),), r"batch 1, input \[0\]: on meta, but the example input is on cpu"),
-    ((torch.randn(0, 8),), r"batch 1, input \[0\]: empty \(shape \(0, 8\)\)"),
-    ((torch.randn(4, 8), torch.randn(4, 8)), r"batch 1 has other inputs than the example inputs: missing \[\], "
-                                             r"extra \['\[1\]'\]"),
-    ({"x": torch.randn(4, 8)}, r"calibration batch 1 \(\['x'\] \(4, 8\)\) does not fit the model.*TypeError"),
-    ((torch.randn(4, 9),), r"calibration batch 1 \(\[0\] \(4, 9\)\): .*another channel count than the example"),
-])
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        (
+            (torch.randn(4, 8, dtype=torch.float64),),
+            r"batch 1, input \[0\]: 2-d torch.float64, but the example input is "
+            r"2-d torch.float32",
+        ),
+        ((torch.empty(4, 8, device="meta"),), r"batch 1, input \[0\]: on meta, but the example input is on cpu"),
+        ((torch.randn(0, 8),), r"batch 1, input \[0\]: empty \(shape \(0, 8\)\)"),
+        (
+            (torch.randn(4, 8), torch.randn(4, 8)),
+            r"batch 1 has other inputs than the example inputs: missing \[\], "
+            r"extra \['\[1\]'\]",
+        ),
+        ({"x": torch.randn(4, 8)}, r"calibration batch 1 \(\['x'\] \(4, 8\)\) does not fit the model.*TypeError"),
+        ((torch.randn(4, 9),), r"calibration batch 1 \(\[0\] \(4, 9\)\): .*another channel count than the example"),
+    ],
+)
 def test_calibration_batches_match_the_example_inputs(batch, match):
     with pytest.raises(gp.InputError, match=match):
         gp.prune(_mlp(), (torch.randn(2, 8),), passes=[Quantize()], calibration=[(torch.randn(4, 8),), batch])

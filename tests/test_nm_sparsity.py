@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
 import graphprune as gp
-from graphprune.passes import ChannelPrune, NMSparsity
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, nm_mask, satisfies
 from graphprune.algorithms.permutation import retained, search
-from graphprune.core.pipeline import CompressionState, Pass, PassResult, Stage
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
+from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.frontends.torch.masks import finalize, masked_weights
+from graphprune.frontends.torch.state import CompressionState
+from graphprune.passes import ChannelPrune, NMSparsity
 from samples import resnet
 from tests.architectures import build
 
@@ -25,7 +27,7 @@ PATTERNS = [(1, 2), (1, 4), (2, 4), (4, 8), (2, 8)]
 def _reference_mask(matrix: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.zeros_like(matrix, dtype=torch.bool)
     for r, g in product(range(matrix.shape[0]), range(matrix.shape[1] // m)):
-        block = matrix[r, g * m:(g + 1) * m]
+        block = matrix[r, g * m : (g + 1) * m]
         for i in sorted(range(m), key=lambda i: -float(block[i]))[:n]:
             keep[r, g * m + i] = True
     return keep
@@ -67,8 +69,11 @@ def test_pattern_holds_on_every_layer_kind_and_odd_shapes_are_skipped(n, m):
     model, x = _Kinds().eval(), (torch.randn(2, 3, 8, 8),)
     result = gp.prune(model, x, passes=[NMSparsity(n, m)])
     masked = masked_weights(result.module)
-    expect = {"conv.weight", "odd.weight"} | ({"grouped.weight"} if 8 % m == 0 else set()) \
+    expect = (
+        {"conv.weight", "odd.weight"}
+        | ({"grouped.weight"} if 8 % m == 0 else set())
         | ({"lin.weight"} if 6 % m == 0 else set())
+    )
     assert set(masked) == expect
     assert all(satisfies(t, p) for t, p in masked.values())
     dense = result.report.rows[0].details["dense layers"]
@@ -86,7 +91,9 @@ def test_gpt2_conv1d_and_wanda_follow_the_reference():
     assert "transformer.h.0.attn.c_attn.weight" in masked and "lm_head.weight" not in masked
     # reference for one layer: |W| * rms(input channel), top-2 of every 4 along the input dim
     xs = []
-    hook = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda mod, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    hook = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(
+        lambda mod, a: xs.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         for b in batches:
             model(**b)
@@ -102,8 +109,10 @@ def test_masks_survive_training_and_finalize_bakes_them():
     model, x = resnet.build()
     result = gp.prune(model, x, passes=[NMSparsity(2, 4)])
     net = result.module.train()
-    for opt in (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-                torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1)):
+    for opt in (
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1),
+    ):
         for _ in range(3):
             net(*x).pow(2).mean().backward()
             opt.step()
@@ -143,10 +152,17 @@ def test_a_pass_that_breaks_a_mask_is_caught():
         gp.prune(model, x, passes=[NMSparsity(2, 4), Breaker()])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(n=4, m=4), "0 < n < m"), (dict(n=0, m=4), "0 < n < m"), (dict(n=2.0, m=4), "0 < n < m"),
-    (dict(method="random"), "must be one of"), (dict(damp=1.5), "damp"), (dict(block=2, m=4), "block >= m"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=4, m=4), "0 < n < m"),
+        (dict(n=0, m=4), "0 < n < m"),
+        (dict(n=2.0, m=4), "0 < n < m"),
+        (dict(method="random"), "must be one of"),
+        (dict(damp=1.5), "damp"),
+        (dict(block=2, m=4), "block >= m"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(gp.InputError, match=match):
         NMSparsity(**kwargs)
@@ -194,7 +210,9 @@ def test_sparsegpt_on_every_layer_kind_keeps_the_pattern():
             return self.head(torch.relu(self.fc(y.mean(-1))))
 
     model, x = Mixed().eval(), (torch.randn(4, 4, 12),)
-    result = gp.prune(model, x, passes=[NMSparsity(2, 4, method="sparsegpt")], calibration=[x, (torch.randn(4, 4, 12),)])
+    result = gp.prune(
+        model, x, passes=[NMSparsity(2, 4, method="sparsegpt")], calibration=[x, (torch.randn(4, 4, 12),)]
+    )
     masked = masked_weights(result.module)
     assert set(masked) == {"c1.weight", "grouped.weight", "fc.weight"}
     assert all(satisfies(t, p) for t, p in masked.values())
@@ -222,6 +240,7 @@ def test_heads_are_final_layers_not_blocks_writing_the_residual_stream():
 
 
 # --------------------------------------------------------------- permutations
+
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 12), st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8)]), st.integers(0, 1000))
@@ -272,8 +291,9 @@ def test_permutation_reverted_where_channel_order_matters():
 
 
 def test_sparsegpt_leaves_3d_convs_dense_and_says_why():
-    model = nn.Sequential(nn.Conv3d(3, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv3d(8, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv3d(3, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 2, 1)
+    ).eval()
     x = (torch.randn(1, 3, 4, 4, 4),)
     result = gp.prune(model, x, passes=[NMSparsity(2, 4, method="sparsegpt")], calibration=[x])
     assert "2.weight: SparseGPT handles 1-D and 2-D convolutions" in result.report.rows[0].details["dense layers"]
@@ -285,8 +305,14 @@ def test_sparsegpt_leaves_3d_convs_dense_and_says_why():
 def test_matmul_against_a_parameter_is_masked(method):
     import transformers as T
 
-    cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
-                         new_decoder_architecture=False, multi_query=True)
+    cfg = T.FalconConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=100,
+        new_decoder_architecture=False,
+        multi_query=True,
+    )
     torch.manual_seed(0)
     model = T.FalconForCausalLM(cfg).eval()  # FalconLinear computes x @ self.weight.T
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}

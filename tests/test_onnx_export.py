@@ -18,9 +18,9 @@ import graphprune as gp
 import graphprune.emit.onnx_export as onnx_export
 from graphprune.frontends.torch.capture import normalize_inputs
 from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.masks import finalize, masked_weights
+from graphprune.frontends.torch.state import detect_stage
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.core.pipeline import detect_stage
-from graphprune.algorithms.nm import finalize, masked_weights
 from samples.resnet import ResNet
 from tests.architectures import ARCHITECTURES, build
 
@@ -69,8 +69,13 @@ def _resnet_s_then_q():
     torch.manual_seed(0)  # the same draws in every run
     model, x = ResNet().eval(), (torch.randn(2, 3, 32, 32),)
     calibration = [(torch.randn(8, 3, 32, 32),) for _ in range(2)]
-    return model, x, gp.prune(model, x, calibration=calibration,
-                              passes=[ChannelPrune(0.3, round_to=8), NMSparsity(2, 4), Quantize()])
+    return (
+        model,
+        x,
+        gp.prune(
+            model, x, calibration=calibration, passes=[ChannelPrune(0.3, round_to=8), NMSparsity(2, 4), Quantize()]
+        ),
+    )
 
 
 def test_int8_qdq_model_fuses_matches_fake_quant_and_keeps_patterns(tmp_path):
@@ -120,10 +125,14 @@ def test_nm_without_int8_keeps_linear_weight_names_for_the_records(tmp_path):
 
 def test_fusion_check_names_unfused_layers():
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"], name="dq"),
-         onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lonely_matmul")],
-        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+        [
+            onnx.helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"], name="dq"),
+            onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lonely_matmul"),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
     with pytest.raises(gp.ApplyError, match="did not fuse 1 quantized layer.*lonely_matmul"):
         onnx_export.check_fusion(onnx.helper.make_model(graph))
 
@@ -190,8 +199,10 @@ def test_batch_of_one_still_gives_a_dynamic_batch_and_static_is_available(tmp_pa
 
 def test_exporter_failure_is_reported_with_its_cause(tmp_path):
     model, inputs = build("swin")
-    with pytest.raises(gp.CaptureError, match="torch's ONNX exporter failed on SwinForImageClassification: "
-                                              "ValueError: Cannot view a tensor"):
+    with pytest.raises(
+        gp.CaptureError,
+        match="torch's ONNX exporter failed on SwinForImageClassification: ValueError: Cannot view a tensor",
+    ):
         gp.export_onnx(model, inputs, tmp_path / "swin.onnx")
     assert not os.listdir(tmp_path)
     masked = gp.prune(model, inputs, passes=[NMSparsity(2, 4)]).module
@@ -211,6 +222,7 @@ def test_a_wrongly_written_int8_layer_is_caught(tmp_path, monkeypatch):
         calls.append(1)
         q = real(weight, scale, axis)
         return -q if len(calls) == 1 else q
+
     monkeypatch.setattr(qdq, "integer_weight", wrong_sign_once)
     with pytest.raises(gp.ApplyError, match="further from the float model"):
         result.export_onnx(tmp_path / "bad.onnx")

@@ -17,12 +17,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune as gp
+from graphprune.core.plan import Plan
+from graphprune.frontends.onnx.analysis import analyze_onnx_capture
 from graphprune.frontends.onnx.apply import apply_onnx_plan
 from graphprune.frontends.onnx.capture import capture_onnx, read_model, run_model
-from graphprune.frontends.onnx.analysis import analyze_onnx_capture
+from graphprune.frontends.torch.masks import masked_weights
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.algorithms.nm import masked_weights
-from graphprune.core.plan import Plan
 from tests.architectures import build
 from tests.oracles import outputs, random_plan, zero_removed_onnx
 
@@ -35,8 +35,11 @@ def export(model: torch.nn.Module, inputs: dict, path: str, dynamic_batch: bool 
     """Plain torch.onnx.export (the dynamo exporter, its default optimizations)."""
     batch = torch.export.Dim("batch")
     shapes = {k: {0: batch} if isinstance(v, torch.Tensor) else None for k, v in inputs.items()}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (), path, kwargs=inputs, dynamo=True, dynamic_shapes=shapes if dynamic_batch else None)
 
@@ -64,6 +67,7 @@ def test_analysis_finds_the_groups_the_torch_path_finds(exported):
 
     def signature(groups):
         return sorted((g.size, tuple(sorted(g.tags))) for g in groups if "head_dim" not in g.tags)
+
     assert signature(analysis.groups) == signature(torch_groups)
 
 
@@ -118,9 +122,12 @@ def test_global_ranking_chooses_what_the_torch_path_chooses(exported):
     into constants of another shape (ViT's class token, expanded over the batch, scores differently)."""
     _, model, inputs, path, _, _ = exported
     feeds = [{k: v.numpy() for k, v in inputs.items()}]
-    for options in (dict(ratio=0.4, allocation="global"), dict(target_macs=0.6, allocation="global"),
-                    dict(ratio=0.4, allocation="global", importance="activation"),
-                    dict(ratio=0.4, allocation="global", importance="fluctuation")):
+    for options in (
+        dict(ratio=0.4, allocation="global"),
+        dict(target_macs=0.6, allocation="global"),
+        dict(ratio=0.4, allocation="global", importance="activation"),
+        dict(ratio=0.4, allocation="global", importance="fluctuation"),
+    ):
         onnx_result = gp.prune_onnx(path, passes=[ChannelPrune(**options)], calibration=feeds)
         torch_result = gp.prune(model, inputs, passes=[ChannelPrune(**options)], calibration=[inputs])
         assert onnx_result.report.macs_after == torch_result.report.macs_after, options
@@ -141,8 +148,10 @@ def test_bias_compensation_matches_the_torch_path(exported):
     torch_result = gp.prune(model, inputs, passes=[ChannelPrune(**options, compensate="bias")], calibration=[inputs])
     got, want = compensated.report.rows[0].output_error, torch_result.report.rows[0].output_error
     assert abs(got - want) <= 1e-4 * want
-    assert compensated.report.rows[0].details["bias compensation"] == \
-        torch_result.report.rows[0].details["bias compensation"]
+    assert (
+        compensated.report.rows[0].details["bias compensation"]
+        == torch_result.report.rows[0].details["bias compensation"]
+    )
 
 
 # ------------------------------------------------------------ tf2onnx layout
@@ -161,17 +170,25 @@ def nhwc_model(seed: int = 0, width: int = 16) -> onnx.ModelProto:
 
     nodes = [
         helper.make_node("Transpose", ["input_1:0"], ["t0"], perm=[0, 3, 1, 2], name="conv2d/Conv2D__6"),
-        helper.make_node("Conv", ["t0", "conv2d/kernel:0", "conv2d/bias:0"], ["c1"], pads=[1, 1, 1, 1],
-                         name="conv2d/Conv2D"),
+        helper.make_node(
+            "Conv", ["t0", "conv2d/kernel:0", "conv2d/bias:0"], ["c1"], pads=[1, 1, 1, 1], name="conv2d/Conv2D"
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="conv2d/Relu"),
         helper.make_node("Transpose", ["r1"], ["r1_nhwc"], perm=[0, 2, 3, 1], name="conv2d/Relu__9"),
         helper.make_node("Mul", ["r1_nhwc", "batch_normalization/mul:0"], ["bn_mul"], name="batch_normalization/mul"),
         helper.make_node("Add", ["bn_mul", "batch_normalization/add:0"], ["bn_add"], name="batch_normalization/add"),
         helper.make_node("Transpose", ["bn_add"], ["t1"], perm=[0, 3, 1, 2], name="conv2d_1/Conv2D__12"),
-        helper.make_node("Conv", ["t1", "depthwise/kernel:0"], ["dw"], pads=[1, 1, 1, 1], group=width,
-                         name="depthwise/depthwise"),
-        helper.make_node("Conv", ["dw", "conv2d_1/kernel:0", "conv2d_1/bias:0"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1],
-                         name="conv2d_1/Conv2D"),
+        helper.make_node(
+            "Conv", ["t1", "depthwise/kernel:0"], ["dw"], pads=[1, 1, 1, 1], group=width, name="depthwise/depthwise"
+        ),
+        helper.make_node(
+            "Conv",
+            ["dw", "conv2d_1/kernel:0", "conv2d_1/bias:0"],
+            ["c2"],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            name="conv2d_1/Conv2D",
+        ),
         helper.make_node("Relu", ["c2"], ["r2"], name="conv2d_1/Relu"),
         helper.make_node("Transpose", ["r2"], ["r2_nhwc"], perm=[0, 2, 3, 1], name="conv2d_1/Relu__15"),
         helper.make_node("Reshape", ["r2_nhwc", "flatten/Const:0"], ["flat"], name="flatten/Reshape"),
@@ -179,16 +196,24 @@ def nhwc_model(seed: int = 0, width: int = 16) -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "dense/bias:0"], ["dense"], name="dense/BiasAdd"),
     ]
     initializers = [
-        _init("conv2d/kernel:0", f32(width, 3, 3, 3)), _init("conv2d/bias:0", f32(width)),
-        _init("batch_normalization/mul:0", 1 + f32(width) * 0.2), _init("batch_normalization/add:0", f32(width)),
+        _init("conv2d/kernel:0", f32(width, 3, 3, 3)),
+        _init("conv2d/bias:0", f32(width)),
+        _init("batch_normalization/mul:0", 1 + f32(width) * 0.2),
+        _init("batch_normalization/add:0", f32(width)),
         _init("depthwise/kernel:0", f32(width, 1, 3, 3)),
-        _init("conv2d_1/kernel:0", f32(32, width, 3, 3) * 0.3), _init("conv2d_1/bias:0", f32(32)),
+        _init("conv2d_1/kernel:0", f32(32, width, 3, 3) * 0.3),
+        _init("conv2d_1/bias:0", f32(32)),
         _init("flatten/Const:0", np.array([-1, 4 * 4 * 32], dtype=np.int64)),
-        _init("dense/kernel:0", f32(512, 10) * 0.1), _init("dense/bias:0", f32(10)),
+        _init("dense/kernel:0", f32(512, 10) * 0.1),
+        _init("dense/bias:0", f32(10)),
     ]
     graph = helper.make_graph(
-        nodes, "tf2onnx", [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["unk__0", 8, 8, 3])],
-        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["unk__0", 10])], initializers)
+        nodes,
+        "tf2onnx",
+        [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["unk__0", 8, 8, 3])],
+        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["unk__0", 10])],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tf2onnx", ir_version=8)
     onnx.checker.check_model(model)
     return model
@@ -224,8 +249,12 @@ def test_tf2onnx_layout_prunes_exactly_and_keeps_a_symbolic_batch(tmp_path):
     shapes = {t.name: list(t.dims) for t in written.graph.initializer}
     assert shapes["conv2d/kernel:0"][0] == 8 and shapes["dense/kernel:0"][0] == 4 * 4 * 16
     assert shapes["depthwise/kernel:0"][0] == 8
-    assert next(a.i for n in written.graph.node if n.name == "depthwise/depthwise" for a in n.attribute
-                if a.name == "group") == 8
+    assert (
+        next(
+            a.i for n in written.graph.node if n.name == "depthwise/depthwise" for a in n.attribute if a.name == "group"
+        )
+        == 8
+    )
 
 
 def test_calibration_feeds_fix_the_symbolic_dims():
@@ -240,12 +269,15 @@ def test_onnx_passes_keep_the_pass_contracts(tmp_path):
         def call(self, state):
             return gp.PassResult(state, False)
 
-    with pytest.raises(gp.ContractError, match="Custom does not run on ONNX models yet; ONNX models support "
-                                               "ChannelPrune, NMSparsity, Quantize"):
+    with pytest.raises(
+        gp.ContractError,
+        match="Custom does not run on ONNX models yet; ONNX models support ChannelPrune, NMSparsity, Quantize",
+    ):
         gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5), Custom()])
     with pytest.raises(gp.InputError, match="cannot run after Quantize, even experimentally"):
-        gp.prune_onnx(nhwc_model(), passes=[Quantize("int8"), NMSparsity(2, 4)], calibration=[_feed()],
-                      experimental_order=True)
+        gp.prune_onnx(
+            nhwc_model(), passes=[Quantize("int8"), NMSparsity(2, 4)], calibration=[_feed()], experimental_order=True
+        )
     with pytest.raises(gp.ContractError, match="stage 'quantized'"):
         gp.prune_onnx(nhwc_model(), passes=[Quantize("int8"), NMSparsity(2, 4)])
     with pytest.raises(gp.InputError, match="needs calibration feeds"):
@@ -273,8 +305,13 @@ def _feed() -> dict:
 def test_ignore_and_ratios_use_the_module_names_torch_exports_keep(tmp_path):
     """torch.onnx.export names initializers by module path, so ``ignore``/``ratios`` take the same
     names as for the PyTorch model."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
-                                torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 4, 1),
+    ).eval()
     path = str(tmp_path / "seq.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -301,7 +338,9 @@ def test_nm_masks_match_the_torch_path(exported, method, tmp_path):
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max(), name
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
-    assert meta["graphprune.stage"] == "masked" and len(json.loads(meta["graphprune.nm_sparsity"])) == len(result.masked)
+    assert meta["graphprune.stage"] == "masked" and len(json.loads(meta["graphprune.nm_sparsity"])) == len(
+        result.masked
+    )
 
 
 @pytest.mark.parametrize("name", ["bert", "llama_gqa", "resnet"])
@@ -361,10 +400,10 @@ def _l2(a: np.ndarray, b: np.ndarray) -> float:
 def test_tf2onnx_layout_full_pipeline(tmp_path):
     """Channels, 2:4 and int8 on the Keras-style graph: MatMul + Add becomes one Gemm with an int32
     bias, and onnxruntime fuses every layer (QLinearConv, QGemm)."""
-    feeds = [{"input_1:0": np.random.default_rng(i).standard_normal((4, 8, 8, 3)).astype(np.float32)}
-             for i in range(3)]
-    result = gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.25), NMSparsity(2, 4, dense_heads=False),
-                                                 Quantize()], calibration=feeds)
+    feeds = [{"input_1:0": np.random.default_rng(i).standard_normal((4, 8, 8, 3)).astype(np.float32)} for i in range(3)]
+    result = gp.prune_onnx(
+        nhwc_model(), passes=[ChannelPrune(0.25), NMSparsity(2, 4, dense_heads=False), Quantize()], calibration=feeds
+    )
     written = result.save(tmp_path / "int8.onnx")
     assert written.int8_ops == {"QLinearConv": 3, "QGemm": 1}
     assert written.quantization_error < 0.1 and written.l2_error < 0.01
@@ -386,11 +425,21 @@ def test_torchscript_exporter_files(tmp_path):
     the capture folds, so MobileNetV2's groups are all found."""
     model, inputs = build("mobilenet_v2")
     path = str(tmp_path / "legacy.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (), path, kwargs=inputs, dynamo=False, input_names=["pixel_values"],
-                          dynamic_axes={"pixel_values": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (),
+            path,
+            kwargs=inputs,
+            dynamo=False,
+            input_names=["pixel_values"],
+            dynamic_axes={"pixel_values": {0: "batch"}},
+        )
     assert any(n.op_type == "ConstantOfShape" for n in onnx.load(path).graph.node)
     analysis = gp.analyze_onnx(path)
     assert len(analysis.groups) == len(gp.analyze(model, inputs).groups)
@@ -405,9 +454,13 @@ def test_sparsegpt_on_conv1d_with_dilation_matches_the_torch_path(tmp_path):
     """The conv window (kernel, stride, dilation, pads) is read off the ONNX node: a 1-D conv stack
     gets the torch path's SparseGPT weights."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv1d(16, 16, 3, padding=2, dilation=2, stride=2), torch.nn.ReLU(),
-                                torch.nn.Conv1d(16, 8, 1)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(4, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(16, 16, 3, padding=2, dilation=2, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(16, 8, 1),
+    ).eval()
     x = torch.randn(4, 4, 20)
     path = str(tmp_path / "conv1d.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -415,11 +468,13 @@ def test_sparsegpt_on_conv1d_with_dilation_matches_the_torch_path(tmp_path):
         torch.onnx.export(model, (x,), path, dynamo=True)
     passes = [NMSparsity(2, 4, method="sparsegpt", dense_heads=False)]
     result = gp.prune_onnx(path, passes=passes, calibration=[{"input": x.numpy()}])
-    torch_result = gp.prune(model, (x,), passes=[NMSparsity(2, 4, method="sparsegpt", dense_heads=False)],
-                            calibration=[(x,)])
+    torch_result = gp.prune(
+        model, (x,), passes=[NMSparsity(2, 4, method="sparsegpt", dense_heads=False)], calibration=[(x,)]
+    )
     assert len(result.masked) == 2  # the first conv reads the model input: dense by default
-    got = ort.InferenceSession(result.save(tmp_path / "sparse.onnx").path,
-                               providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    got = ort.InferenceSession(result.save(tmp_path / "sparse.onnx").path, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()}
+    )[0]
     want = outputs(torch_result.module, (x,))[0].numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -435,11 +490,12 @@ def test_onnx_plans_carry_the_fingerprint_of_their_graph():
 
 
 def test_onnx_plan_files_replay_the_run(tmp_path):
-    feeds = [{"input_1:0": np.random.default_rng(i).standard_normal((4, 8, 8, 3)).astype(np.float32)}
-             for i in range(2)]
-    result = gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5), NMSparsity(2, 4, method="sparsegpt",
-                                                                               dense_heads=False)],
-                           calibration=feeds)
+    feeds = [{"input_1:0": np.random.default_rng(i).standard_normal((4, 8, 8, 3)).astype(np.float32)} for i in range(2)]
+    result = gp.prune_onnx(
+        nhwc_model(),
+        passes=[ChannelPrune(0.5), NMSparsity(2, 4, method="sparsegpt", dense_heads=False)],
+        calibration=feeds,
+    )
     json_path, _ = result.save_plan(tmp_path / "run")
     plan = gp.PlanFile.load(json_path)
     assert len(plan.structured) == 1 and set(plan.masks) == set(result.masked)

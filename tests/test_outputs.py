@@ -95,6 +95,7 @@ def test_a_transaction_lands_all_or_nothing(tmp_path, monkeypatch):
         if os.path.basename(dst) == "b.txt":
             raise OSError("disk full")
         real_replace(src, dst)
+
     monkeypatch.setattr(outputs_module.os, "replace", failing)
     out = Outputs(overwrite=True)
     for name in ("a.txt", "b.txt"):
@@ -173,8 +174,9 @@ def test_a_pruned_onnx_model_is_never_saved_over_the_file_it_came_from(tmp_path,
         result.save_plan(tmp_path / "model.onnx.plan", outputs=Outputs(inputs=[tmp_path / "model.onnx.plan.json"]))
     assert small_onnx.read_bytes() == original and sorted(os.listdir(tmp_path)) == ["model.onnx"]
     external = onnx.load(str(small_onnx))
-    onnx.save(external, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="weights.bin",
-              size_threshold=0)
+    onnx.save(
+        external, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
     result = gp.prune_onnx(str(tmp_path / "ext.onnx"), passes=[ChannelPrune(0.5)])
     with pytest.raises(gp.InputError, match="it is an input"):  # its external data is an input too
         result.write_report(tmp_path / "weights.bin")
@@ -206,6 +208,7 @@ def test_prune_leaves_a_model_whose_forward_changes_its_state_untouched():
 def test_prune_names_a_callable_that_is_not_a_module():
     def forward(x):
         return x * 2
+
     with pytest.raises(gp.InputError, match="needs a torch.nn.Module, got function <function"):
         gp.prune(forward, (torch.randn(2, 8),), passes=[ChannelPrune(0.5)])
 
@@ -225,8 +228,18 @@ def test_cli_prune_onto_its_own_input_is_refused(tmp_path, capsys, small_onnx):
 
     (tmp_path / "c.onnx.report").mkdir()  # the report folder would hold the calibration file
     np.savez(tmp_path / "c.onnx.report" / "calib.npz", **{"input_1:0": np.zeros((4, 8, 8, 3), dtype=np.float32)})
-    code, err = _main(capsys, "prune", small_onnx, "-o", tmp_path / "c.onnx", "--channels", "0.5", "--calibration",
-                      tmp_path / "c.onnx.report" / "calib.npz", "--overwrite")
+    code, err = _main(
+        capsys,
+        "prune",
+        small_onnx,
+        "-o",
+        tmp_path / "c.onnx",
+        "--channels",
+        "0.5",
+        "--calibration",
+        tmp_path / "c.onnx.report" / "calib.npz",
+        "--overwrite",
+    )
     assert code == 2 and "c.onnx.report" in err and (tmp_path / "c.onnx.report" / "calib.npz").exists()
     assert small_onnx.read_bytes() == original and not _staging(tmp_path)
 
@@ -243,8 +256,13 @@ def test_cli_prune_writes_model_plan_and_report_together_or_not_at_all(tmp_path,
     for _ in range(2):  # the same command twice: the second run replaces its own outputs
         code, err = _main(capsys, "prune", small_onnx, "-o", out, "--channels", "0.5", "--latency", "--runs", "2")
         assert code == 0, err
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "small.onnx", "small.onnx.plan.json",
-                                            "small.onnx.plan.safetensors", "small.onnx.report"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "model.onnx",
+        "small.onnx",
+        "small.onnx.plan.json",
+        "small.onnx.plan.safetensors",
+        "small.onnx.report",
+    ]
     data = json.loads((tmp_path / "small.onnx.report" / "report.json").read_text())
     assert data["generator"] == "graphprune" and set(data["latency_ms"]) == {"dense", "compressed"}
     assert data["latency_ms"]["dense"] > 0 and data["latency_ms"]["compressed"] > 0
@@ -255,8 +273,10 @@ def test_cli_prune_writes_model_plan_and_report_together_or_not_at_all(tmp_path,
     assert onnx.load(str(out)).producer_name == "graphprune"
 
 
-@pytest.mark.parametrize("destination,message", [("/proc/graphprune.onnx", "cannot write in /proc"),
-                                                 ("{tmp}/file.txt/m.onnx", "file.txt is a file")])
+@pytest.mark.parametrize(
+    "destination,message",
+    [("/proc/graphprune.onnx", "cannot write in /proc"), ("{tmp}/file.txt/m.onnx", "file.txt is a file")],
+)
 def test_cli_unwritable_destinations_exit_2_without_a_traceback(tmp_path, capsys, destination, message):
     (tmp_path / "file.txt").write_text("x")
     for command in (["prune", "samples.resnet:build", "--channels", "0.5"], ["export", "samples.resnet:build"]):
@@ -269,14 +289,26 @@ def test_cli_batch_size_below_one_is_a_bad_input(tmp_path, capsys, small_onnx, s
     import numpy as np
 
     np.savez(tmp_path / "calib.npz", **{"input_1:0": np.zeros((4, 8, 8, 3), dtype=np.float32)})
-    code, err = _main(capsys, "prune", small_onnx, "-o", tmp_path / "s.onnx", "--channels", "0.5", "--calibration",
-                      tmp_path / "calib.npz", "--batch-size", size)
+    code, err = _main(
+        capsys,
+        "prune",
+        small_onnx,
+        "-o",
+        tmp_path / "s.onnx",
+        "--channels",
+        "0.5",
+        "--calibration",
+        tmp_path / "calib.npz",
+        "--batch-size",
+        size,
+    )
     assert code == 2 and f"--batch-size must be at least 1, got {size}" in err
 
 
 def test_cli_internal_errors_exit_4_and_ask_for_a_report(capsys, monkeypatch):
     def broken(args):
         raise InternalError("a plan kept a channel twice")
+
     monkeypatch.setitem(cli.COMMANDS, "inspect", broken)
     code, err = _main(capsys, "inspect", "samples.resnet:build")
     assert code == cli.EXIT_BUG == 4

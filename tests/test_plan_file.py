@@ -44,8 +44,11 @@ def test_a_plan_for_another_architecture_is_refused_with_what_differs():
     model, x = _resnet(32)
     plan = ChannelPrune(0.5).plan(gp.analyze(model, x), model)
     other, _ = _resnet(16)
-    with pytest.raises(gp.InputError, match=r"another architecture \(fingerprint \w+, this model \w+\): other "
-                                            r"shapes: fc.weight, layers.0.bn1.bias"):
+    with pytest.raises(
+        gp.InputError,
+        match=r"another architecture \(fingerprint \w+, this model \w+\): other "
+        r"shapes: fc.weight, layers.0.bn1.bias",
+    ):
         apply_plan(other, gp.analyze(other, x), plan)
     deeper = nn.Sequential(model, nn.Linear(10, 3)).eval()
     with pytest.raises(gp.InputError, match="missing here: fc.bias, .*; not in the plan: 0.fc.bias"):
@@ -100,8 +103,10 @@ def test_cli_plan_reads_and_diffs(tmp_path):
 PASSES_THAT_CHANGE_VALUES = {
     "sparsegpt": lambda: [NMSparsity(2, 4, method="sparsegpt")],
     "bias compensation and norm re-fit": lambda: [ChannelPrune(0.5, round_to=4, compensate="bias", refit_norms=True)],
-    "reconstruction, then a permuted mask": lambda: [ChannelPrune(0.5, round_to=4, compensate="reconstruct"),
-                                                     NMSparsity(2, 4, permute=True)],
+    "reconstruction, then a permuted mask": lambda: [
+        ChannelPrune(0.5, round_to=4, compensate="reconstruct"),
+        NMSparsity(2, 4, permute=True),
+    ],
     "batchnorm re-estimation": lambda: [ChannelPrune(0.5, round_to=4, compensate="batchnorm")],
 }
 
@@ -110,7 +115,7 @@ PASSES_THAT_CHANGE_VALUES = {
 def test_a_plan_carries_the_values_passes_changed(pipeline, tmp_path):
     """Re-applied to the dense model, the plan reproduces the run even where a pass changed the
     surviving weights (SparseGPT's update, compensation, permutations): the plan holds those values."""
-    model, inputs = (_resnet() if "batchnorm" in pipeline else build("llama_gqa"))
+    model, inputs = _resnet() if "batchnorm" in pipeline else build("llama_gqa")
     batches = [inputs] * 2
     result = gp.prune(model, inputs, PASSES_THAT_CHANGE_VALUES[pipeline](), calibration=batches)
     assert result.updated  # what the oracle is about

@@ -25,8 +25,12 @@ def saved(small_plan, tmp_path_factory):  # noqa: F811
     return folder
 
 
-def _copy(saved, tmp_path, edit: Callable[[dict], object] | None = None,
-          tensors: Callable[[dict[str, torch.Tensor]], None] | None = None) -> str:
+def _copy(
+    saved,
+    tmp_path,
+    edit: Callable[[dict], object] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> str:
     """The saved plan copied to ``tmp_path``, its JSON and tensors edited in place."""
     for name in os.listdir(saved):
         shutil.copy(saved / name, tmp_path / name)
@@ -60,6 +64,7 @@ def _set(*keys, value):
         for key in keys[:-1]:
             data = data[key]
         data[keys[-1]] = value
+
     return edit
 
 
@@ -68,6 +73,7 @@ def _delete(*keys):
         for key in keys[:-1]:
             data = data[key]
         del data[keys[-1]]
+
     return edit
 
 
@@ -80,28 +86,44 @@ JSON_PROBES = {
     "pattern 2:x": (_set("masks", "0.weight", "pattern", value="2:x"), r"pattern is '2:x', not N:M"),
     "pattern 5:4": (_set("masks", "0.weight", "pattern", value="5:4"), r"pattern is '5:4', not N:M with 0 < N < M"),
     "unknown layout": (_set("masks", "0.weight", "layout", value="diagonal"), r"layout is 'diagonal'"),
-    "mask shape unlike its tensor": (_set("masks", "0.weight", "shape", value=[4, 16]),
-                                     r"'mask/0.weight' has shape \[8, 8\], its JSON entry says \[4, 16\]"),
+    "mask shape unlike its tensor": (
+        _set("masks", "0.weight", "shape", value=[4, 16]),
+        r"'mask/0.weight' has shape \[8, 8\], its JSON entry says \[4, 16\]",
+    ),
     "mask keeps more than it has": (_set("masks", "0.weight", "kept", value=65), r"kept is 65, more than the 64"),
     "negative kept count": (_set("structured", 0, "kept", "0", value=-1), r"kept of group 0 is -1"),
-    "kept count unlike its tensor": (_set("structured", 0, "kept", "0", value=7),
-                                     r"'keep/0/0' has shape \[8\], not \[7\]"),
+    "kept count unlike its tensor": (
+        _set("structured", 0, "kept", "0", value=7),
+        r"'keep/0/0' has shape \[8\], not \[7\]",
+    ),
     "group not a number": (lambda data: data["structured"][0]["kept"].update({"x": 1}), r"names group 'x'"),
     "bad shape string": (_set("structured", 0, "shapes", "0.weight", value="16xa"), r"is '16xa', not sizes"),
     "no sliced dims": (_set("structured", 0, "sliced", "0.bias", value=[]), r"sliced dims of '0.bias' are \[\]"),
-    "sliced dim beyond the shape": (_set("structured", 0, "sliced", "0.bias", value=[1]),
-                                    r"sliced dims of '0.bias' are \[1\]: not increasing dims of its shape \[16\]"),
-    "slice beyond the recorded dim": (_set("structured", 0, "shapes", "0.weight", value="4x8"),
-                                      r"'slice/0/0.weight/0': index \d+ is outside the dim's 4 entries"),
-    "missing tensor named": (lambda data: data["structured"][0]["kept"].update({"7": 2}),
-                             r"tensor 'keep/0/7' is not in its tensor files"),
-    "value shape unlike its tensor": (_set("values", "2.weight", value=[8, 9]),
-                                      r"'value/2.weight' has shape \[8, 8\], its JSON entry says \[8, 9\]"),
-    "example input of no dtype": (_set("example_inputs", "args", 0, value=["float99", [2, 8]]),
-                                  r"'example_inputs' args entry 0 is \["),
+    "sliced dim beyond the shape": (
+        _set("structured", 0, "sliced", "0.bias", value=[1]),
+        r"sliced dims of '0.bias' are \[1\]: not increasing dims of its shape \[16\]",
+    ),
+    "slice beyond the recorded dim": (
+        _set("structured", 0, "shapes", "0.weight", value="4x8"),
+        r"'slice/0/0.weight/0': index \d+ is outside the dim's 4 entries",
+    ),
+    "missing tensor named": (
+        lambda data: data["structured"][0]["kept"].update({"7": 2}),
+        r"tensor 'keep/0/7' is not in its tensor files",
+    ),
+    "value shape unlike its tensor": (
+        _set("values", "2.weight", value=[8, 9]),
+        r"'value/2.weight' has shape \[8, 8\], its JSON entry says \[8, 9\]",
+    ),
+    "example input of no dtype": (
+        _set("example_inputs", "args", 0, value=["float99", [2, 8]]),
+        r"'example_inputs' args entry 0 is \[",
+    ),
     "example inputs without kwargs": (_delete("example_inputs", "kwargs"), r"'example_inputs' has no 'kwargs'"),
-    "quantization not an int8 plan": (_set("quantization", value={"version": 1, "kind": "int8"}),
-                                      r"'quantization' is not an int8 plan"),
+    "quantization not an int8 plan": (
+        _set("quantization", value={"version": 1, "kind": "int8"}),
+        r"'quantization' is not an int8 plan",
+    ),
     "tensor file climbing out": (_set("tensor_files", value=["../../etc/passwd"]), r"'tensor_files' entry .*plain"),
     "tensor file absolute": (_set("tensor_files", value=["/etc/evil.safetensors"]), r"not a plain .safetensors"),
     "tensor file not a string": (_set("tensor_files", value=[7]), r"'tensor_files' entry 7 is int 7, not str"),
@@ -120,6 +142,7 @@ def _put(name: str, value: torch.Tensor | None):
             del tensors[name]
         else:
             tensors[name] = value
+
     return change
 
 
@@ -133,8 +156,10 @@ TENSOR_PROBES = {
     "indices in two dims": (_put("keep/0/0", torch.arange(8).reshape(2, 4)), r"has shape \[2, 4\], not \[8\]"),
     "missing tensor": (_put("slice/0/2.weight/1", None), r"'slice/0/2.weight/1' is not in its tensor files"),
     "mask as floats": (_put("mask/0.weight", torch.ones(8, 8)), r"'mask/0.weight' is F32, not U8"),
-    "mask keeps other entries than recorded": (_put("mask/0.weight", torch.ones(8, 8, dtype=torch.uint8)),
-                                               r"mask for 0.weight .*does not match its JSON entry"),
+    "mask keeps other entries than recorded": (
+        _put("mask/0.weight", torch.ones(8, 8, dtype=torch.uint8)),
+        r"mask for 0.weight .*does not match its JSON entry",
+    ),
     "value of integers": (_put("value/2.weight", torch.ones(8, 8, dtype=torch.int32)), r"is I32, not F64"),
 }
 
@@ -162,9 +187,9 @@ def test_a_safetensors_header_that_lies_about_a_shape_is_refused(saved, tmp_path
     path = _copy(saved, tmp_path)
     whole = (tmp_path / "plan.safetensors").read_bytes()
     size = int.from_bytes(whole[:8], "little")
-    header = whole[8:8 + size].replace(b'"shape":[8]', b'"shape":[9]', 1)
-    assert header != whole[8:8 + size]
-    (tmp_path / "plan.safetensors").write_bytes(whole[:8] + header + whole[8 + size:])
+    header = whole[8 : 8 + size].replace(b'"shape":[8]', b'"shape":[9]', 1)
+    assert header != whole[8 : 8 + size]
+    (tmp_path / "plan.safetensors").write_bytes(whole[:8] + header + whole[8 + size :])
     _refused(path, r"not a readable safetensors file .*invalid shape")
 
 

@@ -12,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, nm_mask, satisfies
+from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, QuantPlan, RangeObserver, activation_qparams, weight_scales
+from graphprune.frontends.torch.fake_quant import FakeQuantWeight, is_quantized
 from graphprune.frontends.torch.folding import fold_batchnorm
+from graphprune.frontends.torch.masks import finalize, masked_weights
+from graphprune.frontends.torch.state import detect_stage
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from graphprune.core.pipeline import detect_stage
-from graphprune.algorithms.quant import (ACT_QMAX, ACT_QMIN, FakeQuantWeight, QuantPlan, RangeObserver,
-                                     activation_qparams, is_quantized, weight_scales)
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, finalize, masked_weights, nm_mask, satisfies
 from tests.architectures import build
 
 
@@ -54,9 +55,14 @@ def _net() -> nn.Module:
 
 # --- the arithmetic -------------------------------------------------------------------------------
 
+
 def test_per_channel_scales_match_reference_in_every_layout():
     g = torch.Generator().manual_seed(0)
-    linear, conv1d, conv = torch.randn(5, 7, generator=g), torch.randn(7, 5, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    linear, conv1d, conv = (
+        torch.randn(5, 7, generator=g),
+        torch.randn(7, 5, generator=g),
+        torch.randn(4, 3, 2, 2, generator=g),
+    )
     linear[2] = 0  # an all-zero channel still gets a valid (positive) scale
     for weight, axis in ((linear, 0), (conv1d, 1), (conv, 0)):
         want = [max(abs(float(v)) for v in weight.select(axis, c).flatten()) / 127 for c in range(weight.shape[axis])]
@@ -89,8 +95,13 @@ def test_percentile_observer_ignores_rare_outliers_and_minmax_does_not():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 6), groups=st.integers(1, 5), nm=st.sampled_from([(1, 2), (1, 4), (2, 4), (4, 8), (2, 8)]),
-       layout=st.sampled_from([LINEAR, CONV1D, CONV]), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 5),
+    nm=st.sampled_from([(1, 2), (1, 4), (2, 4), (4, 8), (2, 8)]),
+    layout=st.sampled_from([LINEAR, CONV1D, CONV]),
+    seed=st.integers(0, 2**16),
+)
 def test_quantization_keeps_zeros_and_nm_patterns(rows, groups, nm, layout, seed):
     n, m = nm
     g = torch.Generator().manual_seed(seed)
@@ -147,6 +158,7 @@ def test_fake_quant_conv_matches_integer_arithmetic_with_requantized_output():
 
 # --- the pass -------------------------------------------------------------------------------------
 
+
 def test_batchnorm_folding_is_exact_in_eval_mode():
     model = _net()
     x = _data(1)[0]
@@ -166,10 +178,17 @@ def test_quantize_folds_bn_clips_relu_records_plan_and_stays_close():
     assert isinstance(q.bn1, nn.Identity) and result.report.rows[0].details["folded BatchNorm"] == 1
     assert q.conv1.qoutput_zero_point.item() == ACT_QMIN  # ReLU after: the range starts at 0
     plan = result.plans[-1]
-    assert isinstance(plan, QuantPlan) and set(plan.layers) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    assert isinstance(plan, QuantPlan) and set(plan.layers) == {
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.weight",
+        "fc2.weight",
+    }
     assert plan.layers["conv1.weight"].output is not None and plan.layers["fc1.weight"].output is None
     assert QuantPlan.from_json(plan.to_json()) == plan
-    assert torch.allclose(torch.tensor(plan.layers["fc1.weight"].weight_scale), weight_scales(q.fc1.parametrizations.weight.original, 0))
+    assert torch.allclose(
+        torch.tensor(plan.layers["fc1.weight"].weight_scale), weight_scales(q.fc1.parametrizations.weight.original, 0)
+    )
     x = _data(1, seed=9)[0]
     ref = model(x)
     assert (q(x) - ref).abs().max() / ref.abs().max() < 0.05
@@ -178,8 +197,12 @@ def test_quantize_folds_bn_clips_relu_records_plan_and_stays_close():
 
 def test_sparsity_then_quantization_keeps_patterns_and_finalize_keeps_quantization():
     model, data = _net(), _data()
-    result = gp.prune(model, (data[0],), passes=[ChannelPrune(ratio=0.25), NMSparsity(2, 4, method="wanda"), Quantize()],
-                      calibration=data)
+    result = gp.prune(
+        model,
+        (data[0],),
+        passes=[ChannelPrune(ratio=0.25), NMSparsity(2, 4, method="wanda"), Quantize()],
+        calibration=data,
+    )
     q = result.module
     masked = masked_weights(q)
     assert masked and all(satisfies(t, p) for t, p in masked.values())
@@ -203,15 +226,16 @@ def test_quantize_before_sparsity_is_refused_before_anything_runs():
 
 def test_experimental_order_runs_and_the_report_says_so():
     model, data = _net(), _data()
-    result = gp.prune(model, (data[0],), passes=[Quantize(), NMSparsity(2, 4)], calibration=data,
-                      experimental_order=True)
+    result = gp.prune(
+        model, (data[0],), passes=[Quantize(), NMSparsity(2, 4)], calibration=data, experimental_order=True
+    )
     assert result.stage is gp.Stage.QUANTIZED
     assert any("EXPERIMENTAL ORDER" in note and "NMSparsity" in note for note in result.report.notes)
     assert "experimental order" in result.report.rows[1].details
     assert "EXPERIMENTAL ORDER" in str(result.report) and result.report.to_dict()["notes"]
     masked = masked_weights(result.module)
     assert masked and all(satisfies(t, p) for t, p in masked.values())
-    recipe = "experimental_order = true\n[[pass]]\nname = \"Quantize\"\n[[pass]]\nname = \"NMSparsity\"\n"
+    recipe = 'experimental_order = true\n[[pass]]\nname = "Quantize"\n[[pass]]\nname = "NMSparsity"\n'
     again = gp.prune(model, (data[0],), recipe=recipe, calibration=data)
     assert again.report.notes == result.report.notes
 
@@ -251,13 +275,16 @@ def test_bert_sparsegpt_then_int8_stays_close_to_dense():
     assert all(satisfies(t, p) for t, p in masked_weights(result.module).values())
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"dtype": "int4"}, "dtype='int8' only"),
-    ({"activations": "entropy"}, "activations must be one of"),
-    ({"percentile": 30}, "percentile must be a number"),
-    ({"percentile": True}, "percentile must be a number"),
-    ({"skip": [3]}, "skip takes module names and nn.Module types"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"dtype": "int4"}, "dtype='int8' only"),
+        ({"activations": "entropy"}, "activations must be one of"),
+        ({"percentile": 30}, "percentile must be a number"),
+        ({"percentile": True}, "percentile must be a number"),
+        ({"skip": [3]}, "skip takes module names and nn.Module types"),
+    ],
+)
 def test_bad_options_are_refused(options, match):
     with pytest.raises(gp.InputError, match=match):
         Quantize(**options)
@@ -270,4 +297,4 @@ def test_missing_calibration_and_unknown_skip_name_are_refused():
     with pytest.raises(gp.InputError, match="no module named 'fc9'"):
         gp.prune(model, (data[0],), passes=[Quantize(skip=["fc9"])], calibration=data)
     with pytest.raises(gp.InputError, match="unknown top-level key"):
-        gp.load_recipe("experimental = true\n[[pass]]\nname = \"Quantize\"\n")
+        gp.load_recipe('experimental = true\n[[pass]]\nname = "Quantize"\n')

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
+from graphprune.core.plan import Plan
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.core.plan import Plan
 from tests import zoo
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 
@@ -22,8 +22,10 @@ def test_oracles(name):
     model.eval()
     analysis = gp.analyze(model, inputs)
     assert not analysis.rule_errors, analysis.rule_errors
-    assert all(torch.equal(a, b) for a, b in zip(outputs(apply_plan(model, analysis, Plan()).module, inputs),
-                                                 outputs(model, inputs)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(outputs(apply_plan(model, analysis, Plan()).module, inputs), outputs(model, inputs))
+    )
     for seed in range(3):
         plan = random_plan(analysis, 0.5, seed=seed, exact_only=True)
         if not plan.keep:
@@ -118,7 +120,8 @@ def test_model_inputs_and_outputs_stay_frozen():
 
 
 def test_every_registered_op_is_an_aten_op():
-    from graphprune.rules import aten_rules
+    from graphprune.rules.aten import aten_rules
+
     assert all(str(op).startswith("aten.") for op in aten_rules.covered_ops())
     assert len(aten_rules.covered_ops()) > 150
 
@@ -127,7 +130,11 @@ def test_multihead_attention_prunes_whole_heads_and_keeps_its_invariant():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.inp, self.mha, self.out = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 4)
+            self.inp, self.mha, self.out = (
+                nn.Linear(8, 16),
+                nn.MultiheadAttention(16, 4, batch_first=True),
+                nn.Linear(16, 4),
+            )
             self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
 
         def forward(self, x):
@@ -166,8 +173,10 @@ def test_attribute_that_also_sets_the_scale_freezes_what_it_sizes():
     model, inputs = CASES["gqa_sdpa"]  # scale=self.head_dim ** -0.5
     analysis = gp.analyze(model, inputs)
     assert not [g for g in analysis.groups if "head_dim" in g.tags]
-    assert any("head_dim enters more than a size" in str(f.reason) and "must keep its value" in str(f.reason)
-               for f in analysis.frozen), analysis.describe()
+    assert any(
+        "head_dim enters more than a size" in str(f.reason) and "must keep its value" in str(f.reason)
+        for f in analysis.frozen
+    ), analysis.describe()
 
 
 class _Computed(nn.Module):
@@ -181,8 +190,9 @@ class _Computed(nn.Module):
     def forward(self, x):
         b, t, _ = x.shape
         v_dim = self.ratio * self.key_dim + self.shift if self.shift else self.ratio * self.key_dim
-        q, k, v = self.qkv(x).view(b, t, self.heads, -1).transpose(1, 2).split(
-            [self.key_dim, self.key_dim, v_dim], dim=3)
+        q, k, v = (
+            self.qkv(x).view(b, t, self.heads, -1).transpose(1, 2).split([self.key_dim, self.key_dim, v_dim], dim=3)
+        )
         y = (q @ k.transpose(-1, -2)).softmax(-1) @ v
         return self.out(y.transpose(1, 2).reshape(b, t, -1))
 

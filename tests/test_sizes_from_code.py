@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphprune as gp
+from graphprune.core.plan import Plan
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.core.plan import Plan
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 
 
@@ -50,7 +50,9 @@ class SplitList(nn.Module):
         super().__init__()
         self.splits = [8, 8, 16]
         self.conv = nn.Conv2d(3, 32, 1)
-        self.branches = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, (3, 5, 1)))
+        self.branches = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, (3, 5, 1))
+        )
         self.out = nn.Conv2d(32, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,12 @@ class SizeCallAttention(nn.Module):
     def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
         super().__init__()
         self.num_heads, self.scale = num_heads, 0.25
-        self.fc, self.q, self.k, self.v = (nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, dim),
-                                           nn.Linear(dim, dim))
+        self.fc, self.q, self.k, self.v = (
+            nn.Linear(8, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+        )
         self.proj, self.head = nn.Linear(dim, dim), nn.Linear(dim, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +141,9 @@ class SizeCallAttention(nn.Module):
         return self.head(x + self.proj(y.transpose(1, 2).reshape(B, N, -1)))
 
 
-def shifted_window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
-                             num_heads: int) -> torch.Tensor:
+def shifted_window_attention(
+    x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor, num_heads: int
+) -> torch.Tensor:
     """torchvision's functional style: the head count arrives as a plain argument, and the scale is
     computed from the shape, ``(C // num_heads) ** -0.5``."""
     B, N, C = x.shape
@@ -151,8 +158,8 @@ class FunctionalAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.fc, self.head = nn.Linear(8, dim), nn.Linear(dim, 4)
-        self.qkv_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim ** 0.5)
-        self.proj_weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+        self.qkv_weight = nn.Parameter(torch.randn(3 * dim, dim) / dim**0.5)
+        self.proj_weight = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(x)
@@ -177,8 +184,12 @@ class ShapeSizedTensors(nn.Module):
         return self.fc(y.reshape(B, C * H * W))
 
 
-SHAPE_CASES = [(ShapeReadAttention, (2, 5, 8)), (SizeCallAttention, (2, 5, 8)), (FunctionalAttention, (2, 5, 8)),
-               (ShapeSizedTensors, (2, 3, 8, 8))]
+SHAPE_CASES = [
+    (ShapeReadAttention, (2, 5, 8)),
+    (SizeCallAttention, (2, 5, 8)),
+    (FunctionalAttention, (2, 5, 8)),
+    (ShapeSizedTensors, (2, 3, 8, 8)),
+]
 
 
 @pytest.mark.parametrize("make, shape", SHAPE_CASES, ids=[c.__name__ for c, _ in SHAPE_CASES])
@@ -216,8 +227,12 @@ class LostTrack(nn.Module):
 
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
-        self.fc, self.up, self.down, self.head = (nn.Linear(8, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim),
-                                                  nn.Linear(dim, 4))
+        self.fc, self.up, self.down, self.head = (
+            nn.Linear(8, dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 4),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(x)
@@ -268,8 +283,10 @@ def test_full_follows_its_sizes_and_eye_is_frozen_with_the_reason():
     model, inputs = ShapeSizedFull().eval(), (torch.randn(2, 3, 8, 8),)
     analysis = analyze(model, inputs)
     assert [g.size for g in analysis.groups if any(m.name == "conv.weight" for m in g.members)] == [16]
-    assert any("regenerated, not sliced" in str(f.reason) and any(m.name == "mix.weight" for m in f.members)
-               for f in analysis.frozen), analysis.describe()
+    assert any(
+        "regenerated, not sliced" in str(f.reason) and any(m.name == "mix.weight" for m in f.members)
+        for f in analysis.frozen
+    ), analysis.describe()
     result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
     assert result.module.conv.out_channels == 8 and result.module.mix.in_features == 16
 
@@ -320,10 +337,13 @@ def test_an_attribute_sized_arange_feeding_a_conv_keeps_the_channels_it_makes():
     torch.manual_seed(0)
     model, inputs = FourierPositions().eval(), (torch.randn(2, 3, 8, 8),)
     analysis = analyze(model, inputs)
-    assert not [g for g in analysis.groups if any(m.name == "token_projection.weight" and m.dim == 1
-                                                  for m in g.members)], analysis.describe()
+    assert not [
+        g for g in analysis.groups if any(m.name == "token_projection.weight" and m.dim == 1 for m in g.members)
+    ], analysis.describe()
     plan = random_plan(analysis, 0.5, exact_only=True)
     zeroed = zero_removed(model, analysis, plan)
-    assert max_relative_error(outputs(apply_plan(zeroed, analysis, plan).module, inputs), outputs(zeroed, inputs)) < 1e-5
+    assert (
+        max_relative_error(outputs(apply_plan(zeroed, analysis, plan).module, inputs), outputs(zeroed, inputs)) < 1e-5
+    )
     result = gp.prune(model, inputs, passes=[ChannelPrune(0.5)])
     assert result.module.stem.out_channels == 8 and result.module.token_projection.in_channels == 8

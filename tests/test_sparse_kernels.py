@@ -10,11 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune as gp
-from graphprune.passes import NMSparsity, Quantize
+from graphprune.algorithms.nm import LINEAR, NMPattern, nm_mask, satisfies
+from graphprune.emit.sparse_kernels import (
+    Int8SparseLinear,
+    SemiStructuredLinear,
+    compress_2to4,
+    decompress_2to4,
+    eligible,
+    int8_sparse_linear,
+    kernel_support,
+    shape_constraint,
+    to_sparse_kernels,
+)
 from graphprune.frontends.torch.copying import clone
-from graphprune.emit.sparse_kernels import (Int8SparseLinear, SemiStructuredLinear, compress_2to4, decompress_2to4, eligible, int8_sparse_linear,
-                                       kernel_support, shape_constraint, to_sparse_kernels)
-from graphprune.algorithms.nm import LINEAR, NMPattern, masked_weights, nm_mask, satisfies
+from graphprune.frontends.torch.masks import masked_weights
+from graphprune.passes import NMSparsity, Quantize
 
 
 def test_reference_format_by_hand():
@@ -27,12 +37,19 @@ def test_reference_format_by_hand():
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 8), groups=st.integers(1, 6), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.int8]))
+@given(
+    rows=st.integers(1, 8),
+    groups=st.integers(1, 6),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int8]),
+)
 def test_reference_format_round_trips(rows, groups, density, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     dense = torch.randn(rows, groups * 8, generator=g)
-    dense = dense * nm_mask(dense.abs(), NMPattern(2, 4, LINEAR)) * (torch.rand(rows, groups * 8, generator=g) < density)
+    dense = (
+        dense * nm_mask(dense.abs(), NMPattern(2, 4, LINEAR)) * (torch.rand(rows, groups * 8, generator=g) < density)
+    )
     dense = (dense * 50).to(dtype)
     values, metadata = compress_2to4(dense)
     assert values.shape == (rows, groups * 4) and metadata.dtype == torch.uint8 and metadata.shape == (rows, groups)
@@ -41,14 +58,18 @@ def test_reference_format_round_trips(rows, groups, density, seed, dtype):
     assert torch.equal(decompress_2to4(values, metadata), dense)
 
 
-@pytest.mark.parametrize("dtype, rows, cols", [(torch.float16, 32, 64), (torch.bfloat16, 64, 128), (torch.int8, 16, 128)])
+@pytest.mark.parametrize(
+    "dtype, rows, cols", [(torch.float16, 32, 64), (torch.bfloat16, 64, 128), (torch.int8, 16, 128)]
+)
 def test_reference_format_matches_the_cutlass_layout_pytorch_builds(dtype, rows, cols):
     """PyTorch's own (CPU-runnable) converter to the CUTLASS layout keeps the same values, and its
     metadata, once the documented interleaving is undone, holds the same nibbles.  Every group is
     full here: for groups with fewer than two non-zeros, which zero pads the pair is free (both
     formats decompress to the same matrix, tested above)."""
-    from torch.sparse._semi_structured_conversions import (_calculate_meta_reordering_scatter_offsets,
-                                                           sparse_semi_structured_from_dense_cutlass)
+    from torch.sparse._semi_structured_conversions import (
+        _calculate_meta_reordering_scatter_offsets,
+        sparse_semi_structured_from_dense_cutlass,
+    )
 
     g = torch.Generator().manual_seed(rows + cols)
     dense = torch.randn(rows, cols, generator=g) + 0.01  # no exact zeros: every group keeps 2
@@ -116,8 +137,7 @@ def test_without_a_capable_gpu_the_dense_masked_module_comes_back_with_the_reaso
         to_sparse_kernels(model, (x,), timing="compiled")
 
 
-needs_sparse_gpu = pytest.mark.skipif(kernel_support() is not None,
-                                      reason=f"needs a GPU with sparse tensor cores: {kernel_support()}")
+needs_sparse_gpu = pytest.mark.gpu  # tests/conftest.py skips these without a GPU with sparse tensor cores
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -136,7 +156,9 @@ def _masked_mlp(features: int, hidden: int, lead: tuple[int, ...]) -> tuple[gp.P
 def test_gpu_conversion():
     result, x = _masked_mlp(1024, 1024, (8, 256))
     converted, report = result.to_sparse_kernels()
-    assert [d.layer for d in report.decisions] == ["0", "2"] and all(d.dense_ms and d.sparse_ms for d in report.decisions)
+    assert [d.layer for d in report.decisions] == ["0", "2"] and all(
+        d.dense_ms and d.sparse_ms for d in report.decisions
+    )
     for decision in report.decisions:
         layer = converted.get_submodule(decision.layer)
         assert isinstance(layer, SemiStructuredLinear) == (decision.choice == "sparse")
@@ -151,7 +173,9 @@ def test_gpu_conversion():
         assert isinstance(bf16[0], SemiStructuredLinear) and _relative_error(bf16(x.bfloat16().cuda()), want16) < 1e-2
     # the timings of the first call are reused: nothing is timed again
     _, again = result.to_sparse_kernels(timings=report.timings)
-    assert again.timings == report.timings and [d.choice for d in again.decisions] == [d.choice for d in report.decisions]
+    assert again.timings == report.timings and [d.choice for d in again.decisions] == [
+        d.choice for d in report.decisions
+    ]
 
 
 @needs_sparse_gpu
@@ -165,7 +189,9 @@ def test_gpu_kernel_keeps_the_entries_the_reference_keeps():
     sparse = to_sparse_semi_structured(dense)
     assert torch.equal(sparse.to_dense().cpu(), decompress_2to4(values, metadata))
     x = torch.randn(256, 64, dtype=torch.float16, device="cuda")
-    assert _relative_error(torch.mm(sparse, x).cpu(), decompress_2to4(values, metadata).double() @ x.cpu().double()) < 2e-3
+    assert (
+        _relative_error(torch.mm(sparse, x).cpu(), decompress_2to4(values, metadata).double() @ x.cpu().double()) < 2e-3
+    )
 
 
 @needs_sparse_gpu

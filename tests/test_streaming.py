@@ -16,19 +16,29 @@ from safetensors.torch import save_file
 
 import graphprune as gp
 from graphprune.frontends.torch.copying import clone
-from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from graphprune.frontends.torch.streaming import Stream
+from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests import architectures
 
 IDS = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))}
 BATCHES = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(3)]
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
-             vocab_size=100, head_dim=16, use_cache=False)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=3,
+    vocab_size=100,
+    head_dim=16,
+    use_cache=False,
+)
 
 PIPELINES = {
     "wanda": lambda: [NMSparsity(2, 4, method="wanda")],
-    "channels by activation, then sparsegpt": lambda: [ChannelPrune(0.5, round_to=8, importance="activation"),
-                                                       NMSparsity(2, 4, method="sparsegpt")],
+    "channels by activation, then sparsegpt": lambda: [
+        ChannelPrune(0.5, round_to=8, importance="activation"),
+        NMSparsity(2, 4, method="sparsegpt"),
+    ],
     "channels by l2, then magnitude 4:8": lambda: [ChannelPrune(0.25, round_to=4), NMSparsity(4, 8)],
 }
 
@@ -94,12 +104,21 @@ def test_one_block_is_loaded_at_a_time(llama, monkeypatch):
 
 def test_a_streamed_sparsegpt_plan_applied_to_the_checkpoint_computes_what_the_pruned_model_does(llama, tmp_path):
     model, folder, meta = llama
-    passes = lambda: [ChannelPrune(0.5, round_to=8, importance="activation"),  # noqa: E731
-                      NMSparsity(2, 4, method="sparsegpt")]
+
+    def passes():
+        return [
+            ChannelPrune(0.5, round_to=8, importance="activation"),
+            NMSparsity(2, 4, method="sparsegpt"),
+        ]
+
     gp.plan(meta, IDS, passes(), calibration=BATCHES, weights=folder).save(tmp_path / "plan")
     report = gp.apply_to_checkpoint(tmp_path / "plan.json", folder, tmp_path / "pruned")  # config.json inferred
-    assert report.config == {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,
-                             "num_key_value_heads": 1}
+    assert report.config == {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+    }
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     pruned = gp.finalize(clone(gp.prune(model, IDS, passes(), calibration=BATCHES).module))
     with torch.no_grad():
@@ -147,8 +166,13 @@ def test_any_module_with_a_list_of_blocks_streams(tmp_path):
     """SparseGPT also masks the layers before the blocks (the stem) and after them (the head, here)."""
     model, meta, weights = _chain(tmp_path)
     batches = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    passes = lambda: [ChannelPrune(0.5, importance="fluctuation"),  # noqa: E731
-                      NMSparsity(2, 4, method="sparsegpt", dense_heads=False)]
+
+    def passes():
+        return [
+            ChannelPrune(0.5, importance="fluctuation"),
+            NMSparsity(2, 4, method="sparsegpt", dense_heads=False),
+        ]
+
     streamed = gp.plan(meta, (batches[0],), passes(), calibration=batches, weights=weights)
     assert {"stem.weight", "head.weight"} < set(streamed.values)
     assert streamed.diff(gp.plan(model, (batches[0],), passes(), calibration=batches)) == []

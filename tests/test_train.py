@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
+from graphprune.algorithms.nm import nm_mask, satisfies
+from graphprune.frontends.torch.masks import NMMask, masked_weights
 from graphprune.passes import NMSparsity
-from graphprune.algorithms.nm import NMMask, masked_weights, nm_mask, satisfies
 from graphprune.train import SparseTraining, TrainingMask
 
 
@@ -141,8 +142,13 @@ def test_learned_mask_logits_transfer_to_another_copy():
         assert torch.equal(a.hard(), b.hard())
     with pytest.raises(gp.InputError, match="no saved logits for"):
         second.load_logits({})
-    other = LearnedMasks(gp.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), x,
-                                  passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module)
+    other = LearnedMasks(
+        gp.prune(
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(),
+            x,
+            passes=[NMSparsity(2, 4, method="learned", dense_heads=False)],
+        ).module
+    )
     with pytest.raises(gp.InputError, match="not the same architecture or pattern"):
         other.load_logits(saved)
 
@@ -176,8 +182,11 @@ def test_weight_regularization_alone_drives_masks_to_keep_the_largest_weights():
         assert weight.grad is None
         assert torch.equal(mask.hard(), nm_mask(weight.detach().abs(), mask.pattern))
     # at the end the expected masks are hard, and the value is -(share of squared magnitude kept)
-    shares = [(module.parametrizations[name].original.detach().pow(2) * mask.hard()).sum()
-              / module.parametrizations[name].original.detach().pow(2).sum() for module, name, mask in trainer.masks]
+    shares = [
+        (module.parametrizations[name].original.detach().pow(2) * mask.hard()).sum()
+        / module.parametrizations[name].original.detach().pow(2).sum()
+        for module, name, mask in trainer.masks
+    ]
     assert trainer.regularization().item() == pytest.approx(-float(sum(shares)) / len(shares), rel=1e-3)
     with pytest.raises(gp.InputError, match="weight_regularization"):
         LearnedMasks(_learnable()[0], weight_regularization=-1.0)
@@ -202,7 +211,9 @@ def test_finalize_keeps_the_masks_of_the_best_observed_score():
     assert any(not torch.equal(snapshots[1][n], snapshots[3][n]) for n in trainer.names)  # they did move
     final = trainer.finalize()
     assert all(satisfies(t, p) for t, p in masked_weights(final).values())
-    assert all(torch.equal(final.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0].mask, snapshots[1][n])
-               for n in trainer.names)
+    assert all(
+        torch.equal(final.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0].mask, snapshots[1][n])
+        for n in trainer.names
+    )
     with pytest.raises(gp.InputError, match="NaN"):
         LearnedMasks(_learnable()[0]).observe(float("nan"))

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import graphprune as gp
+from graphprune.core.values import ValuesDiffer
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from graphprune.rules.registry import aten_rules
-from graphprune.frontends.torch.value_oracle import ValuesDiffer
+from graphprune.rules.aten import aten_rules
 from tests.oracles import max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
 
@@ -89,6 +89,7 @@ def test_position_dependent_values_prune_exactly(make, shape):
 def test_the_value_oracle_catches_a_rule_that_regenerates_values(monkeypatch):
     """With arange's old rule (its size argument rewritten to the kept count), the structure check
     passes, and the value oracle rolls back and names the node and the group."""
+
     def regenerating(ctx, node):
         ctx.constant(node, ("args", 0), [ctx.out(node)[0]])
 

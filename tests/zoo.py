@@ -147,7 +147,7 @@ class GQAAttention(nn.Module):
         q = self.q(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, enable_gqa=True)
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -220,10 +220,10 @@ class StackRepeatBmm(nn.Module):
         self.heads = 3
 
     def forward(self, x):
-        s = torch.stack([self.a(x), self.b(x)], dim=1)           # [B, 2, 12]
-        pair = torch.bmm(s, s.transpose(1, 2))                   # [B, 2, 2], contracts the 12 channels
-        tiled = self.a(x).repeat(1, 2)                           # [B, 24]
-        heads = self.b(x).unflatten(-1, (self.heads, -1))        # [B, 3, 4]
+        s = torch.stack([self.a(x), self.b(x)], dim=1)  # [B, 2, 12]
+        pair = torch.bmm(s, s.transpose(1, 2))  # [B, 2, 2], contracts the 12 channels
+        tiled = self.a(x).repeat(1, 2)  # [B, 24]
+        heads = self.b(x).unflatten(-1, (self.heads, -1))  # [B, 3, 4]
         out = self.mix(s.sum(1)) + tiled[:, :6] * 0 + heads.mean(-1).sum(-1, keepdim=True)
         return {"out": out, "extra": (pair, heads.flatten(1))}
 

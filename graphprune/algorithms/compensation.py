@@ -1,174 +1,21 @@
-"""Compensation after structured pruning, without retraining.
+"""Compensation arithmetic shared by the frontends: what removed input channels contributed.
 
-``batchnorm``: removing channels upstream shifts the statistics every later BatchNorm sees, while
-its running mean/var still describe the dense model.  Re-estimating them on calibration data
-(every BatchNorm in train mode at once, cumulative averages over the batches, nothing else
-touched) is the cheapest recovery there is.
-
-``bias``: a removed input channel ``c`` of a layer contributed ``W[:, c] * x_c``; its expected
-value ``W[:, c] * E[x_c]`` (measured on calibration data at the layer's input, in the dense model)
-is folded into the layer's bias (FLAP's compensation).  Exact when the removed channels are
-constant on the data; layers without a bias are left as they are and counted.
-
-With ``bias``, a LayerNorm or RMSNorm whose normalised channels lose some also computes its
-statistics over fewer channels, which changes every kept channel's output (an RMSNorm over
-channels that were zero on the data scales them all by ``sqrt(d/k)``).  :func:`record_norms` keeps
-each such norm's input and kept dense outputs on the calibration data (in the dense model; memory
-is the calibration activations at those norms); :func:`refit_norms` then re-fits the pruned norm's
-affine per channel, ``gamma' = a * gamma`` and ``beta' = a * beta + b``, by least squares of the
-dense outputs on the pruned norm's outputs.  ``a = 1, b = 0`` is a candidate, so the calibration
-error never grows; exact in the RMSNorm case above.  Norms are ``nn.LayerNorm``, ``nn.RMSNorm``
-and modules with a 1-D ``weight`` and a ``variance_epsilon`` (Hugging Face's RMSNorm classes).
-
-``reconstruct``: each layer that lost inputs gets new weights (and bias, if it has one) by least
-squares with a ridge towards its pruned weights, so that on the calibration data its outputs, fed by
-the *pruned* model, match the dense layer's outputs fed by the dense model (a grouped or depthwise
-convolution one problem per group).  A layer with fewer
-calibration rows (tokens, or conv output positions) than unknowns per output is left alone, and with
-two or more batches the last is held out: a fit on the others that does not lower the error on it is
-not kept (such a fit matches the calibration set and nothing else).  Both are reported.  Layers go in graph order, each one seeing inputs
-from the already reconstructed layers before it; only the normal equations (``k x k`` for ``k``
-kept inputs, times the kernel window for convs) are held, never the activations of the whole set.
-A layer keeps its old weights when the solution would not lower its calibration error.
+When channels are pruned, each consumer loses ``W[:, removed] @ mean(x[removed])`` on average;
+adding it to the bias keeps the layer's expected output (the frontends read the means from
+their own calibration runs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
-import torch.nn as nn
 
-from graphprune.frontends.torch.analysis import Analysis
-from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, input_moments, run_batches
-from graphprune.frontends.torch.capture import eval_mode, qualified, tensor_at
-from graphprune.core.plan import Plan
-from graphprune.algorithms.sparsegpt import ConvGeometry, conv_columns
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, from_matrix, to_matrix
+from graphprune.algorithms.nm import CONV1D, LINEAR
+from graphprune.core.layers import WeightLayer
 
-
-def reestimate_batchnorm(model: nn.Module, calibration: list[Any]) -> int:
-    """Replace every BatchNorm's running statistics by their average over ``calibration``; returns how many."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in norms]
-    with eval_mode(model), torch.no_grad():
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-            m.train()
-        try:
-            for index, batch in enumerate(calibration):
-                forward_batch(model, batch, index)
-        finally:
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
-    return len(norms)
-
-
-def bias_corrections(analysis: Analysis, model: nn.Module, plan: Plan,
-                     calibration: list[Any]) -> tuple[dict[str, torch.Tensor], int]:
-    """Per bias (by name, in the pruned layout): what to add so removed inputs keep their mean effect.
-
-    Computed on the dense ``model`` before the plan is applied.  Also returns how many layers lose
-    inputs but have no bias to take the correction.
-    """
-    masks = plan.masks(analysis)
-    spaces = analysis.spaces
-    layers = [c for c in consumers(analysis) if not c.matmul and (c.layout != CONV or c.groups == 1)]
-    losing = []
-    for layer in layers:
-        x_atom = analysis.tensors[layer.weight][1][0 if layer.layout == CONV1D else 1]
-        removed = ~spaces.keep_mask(x_atom, masks)
-        if bool(removed.any()):
-            losing.append((layer, removed))
-    moments = input_moments(model, [layer for layer, _ in losing], calibration)
-    corrections, without_bias = {}, 0
-    for layer, removed in losing:
-        bias_name = layer.module + ".bias" if layer.module else "bias"
-        if bias_name not in analysis.tensors or tensor_at(model, bias_name) is None:
-            without_bias += 1
-            continue
-        delta = removed_contribution(tensor_at(model, layer.weight), layer.layout, removed, moments[layer][0])
-        out_atom = analysis.tensors[bias_name][1][0]
-        keep_out = spaces.keep_mask(out_atom, masks)
-        corrections[bias_name] = delta[keep_out]
-    return corrections, without_bias
-
-
-def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The norms :func:`refit_norms` knows how to re-fit (see the module doc), by name."""
-    found = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or hasattr(module, "variance_epsilon")
-        if norm and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            found[name] = module
-    return found
-
-
-@dataclass
-class NormRecord:
-    """A norm that loses channels: which it keeps, and per calibration batch its dense input and
-    the dense output at the kept channels."""
-
-    keep: torch.Tensor
-    inputs: list[torch.Tensor]
-    targets: list[torch.Tensor]
-
-
-def record_norms(analysis: Analysis, model: nn.Module, plan: Plan, calibration: list[Any]) -> dict[str, NormRecord]:
-    """Run the dense ``model`` on ``calibration`` and keep what :func:`refit_norms` needs."""
-    masks = plan.masks(analysis)
-    records: dict[str, NormRecord] = {}
-    for name, module in norm_modules(model).items():
-        weight = qualified(name, "weight")
-        if weight not in analysis.tensors:
-            continue
-        keep = analysis.spaces.keep_mask(analysis.tensors[weight][1][0], masks)
-        if not bool(keep.all()):
-            records[name] = NormRecord(keep, [], [])
-    if records:
-        run_batches(model, calibration,
-                    {name: lambda x, r=r: r.inputs.append(x.detach().clone()) for name, r in records.items()},
-                    {name: lambda y, r=r: r.targets.append(y.detach()[..., r.keep].clone()) for name, r in records.items()})
-    return records
-
-
-def refit_norms(model: nn.Module, records: dict[str, NormRecord]) -> dict[str, tuple[float, float]]:
-    """Re-fit the affine of each pruned norm of ``records`` (see the module doc); returns per norm the
-    relative squared calibration error of its kept outputs before and after."""
-    errors = {}
-    with eval_mode(model), torch.no_grad():
-        for name, record in records.items():
-            module = model.get_submodule(name)
-            k = int(record.keep.sum())
-            s = {key: torch.zeros(k, dtype=torch.float64) for key in ("z", "y", "zz", "zy", "yy")}
-            rows = 0
-            for x, y in zip(record.inputs, record.targets, strict=True):
-                z = module(x[..., record.keep]).double().reshape(-1, k).cpu()
-                y = y.double().reshape(-1, k).cpu()
-                rows += z.shape[0]
-                for key, value in (("z", z), ("y", y), ("zz", z * z), ("zy", z * y), ("yy", y * y)):
-                    s[key] += value.sum(0)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                var = s["zz"] / rows - (s["z"] / rows) ** 2
-                cov = s["zy"] / rows - (s["z"] / rows) * (s["y"] / rows)
-                a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
-                b = s["y"] / rows - a * s["z"] / rows
-            else:
-                a = torch.where(s["zz"] > 1e-12, s["zy"] / s["zz"].clamp_min(1e-12), torch.ones_like(s["zz"]))
-                b = torch.zeros_like(a)
-            before = (s["yy"] - 2 * s["zy"] + s["zz"]).sum()
-            after = (s["yy"] - 2 * a * s["zy"] - 2 * b * s["y"] + a * a * s["zz"] + 2 * a * b * s["z"]
-                     + rows * b * b).sum()
-            total = s["yy"].sum().clamp_min(1e-30)
-            errors[name] = (float(before / total), float(after.clamp_min(0) / total))
-            module.weight.mul_(a.to(module.weight))
-            if isinstance(bias, torch.Tensor):
-                bias.mul_(a.to(bias)).add_(b.to(bias))
-    return errors
+L = TypeVar("L", bound=WeightLayer)
 
 
 def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -182,129 +29,27 @@ def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tenso
     return w[:, removed].sum(tuple(range(2, w.dim()))) @ mean[removed]
 
 
-def apply_bias_corrections(model: nn.Module, corrections: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, delta in corrections.items():
-            bias = tensor_at(model, name)
-            bias.add_(delta.to(bias.dtype))
+def bias_corrections(
+    layers: Sequence[L],
+    removed_inputs: Callable[[L], torch.Tensor],
+    input_means: Callable[[list[L]], Mapping[L, torch.Tensor]],
+    weight: Callable[[L], torch.Tensor],
+    bias: Callable[[L], tuple[str, torch.Tensor] | None],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Per bias (by name, in the pruned layout): what to add so that the inputs a plan removes keep
+    their mean effect; and how many layers lose inputs with no bias to take it.
 
-
-@dataclass
-class Reconstruction:
-    layer: str
-    error_before: float  # squared output error on the calibration data, relative to the dense outputs
-    error_after: float
-    skipped: str | None = None  # why the layer kept its weights without trying
-
-
-def reconstruct(analysis: Analysis, dense: nn.Module, pruned: nn.Module, plan: Plan, calibration: list[Any],
-                damp: float = 0.01) -> tuple[list[Reconstruction], dict[str, str]]:
-    """Re-fit every layer of ``pruned`` that lost inputs to ``dense``'s outputs (see the module doc).
-
-    ``analysis`` and ``plan`` describe ``dense``; module names are shared by both models.  Returns one
-    record per re-fitted layer and the layers left alone with the reason.
-    """
-    masks = plan.masks(analysis)
-    spaces = analysis.spaces
-    done, skipped = [], {}
-    for layer in dict.fromkeys(consumers(analysis)):
-        x_atom = analysis.tensors[layer.weight][1][0 if layer.layout == CONV1D else 1]
-        if bool(spaces.keep_mask(x_atom, masks).all()):
+    The frontend says which inputs of each layer the plan removes (a bool mask), reads the mean
+    input of the layers that lose some from its calibration run, and gives each layer's bias as
+    (name, the output positions the plan keeps), None where the layer has no bias."""
+    losing = [(layer, removed) for layer in layers if bool((removed := removed_inputs(layer)).any())]
+    means = input_means([layer for layer, _ in losing])
+    corrections, without_bias = {}, 0
+    for layer, removed in losing:
+        found = bias(layer)
+        if found is None:
+            without_bias += 1
             continue
-        module = pruned.get_submodule(layer.module)
-        if layer.matmul:
-            skipped[layer.weight] = "a matmul inside a larger module"
-        elif layer.layout == CONV and (isinstance(module.padding, str) or module.padding_mode != "zeros"
-                                       or module.weight.dim() > 4):
-            skipped[layer.weight] = "3-D, 'same'-padded or non-zero-padded convolution"
-        else:
-            out_atom = analysis.tensors[layer.weight][1][1 if layer.layout == CONV1D else 0]
-            record = _refit(layer, dense, pruned, spaces.keep_mask(out_atom, masks), calibration, damp)
-            if record.skipped:
-                skipped[layer.weight] = record.skipped
-            else:
-                done.append(record)
-    return done, skipped
-
-
-def _refit(layer: Consumer, dense: nn.Module, pruned: nn.Module, keep_out: torch.Tensor, calibration: list[Any],
-           damp: float) -> Reconstruction:
-    """Re-fit one layer; a grouped convolution is one least-squares problem per group (its outputs
-    read only their group's inputs), with one held-out check over all groups."""
-    module = pruned.get_submodule(layer.module)
-    attr = layer.weight.rpartition(".")[2]
-    weight = getattr(module, attr)
-    bias = module.bias if isinstance(getattr(module, "bias", None), torch.Tensor) else None
-    groups = module.groups if layer.layout == CONV else 1
-    per_group = int(keep_out.sum()) // groups  # outputs of each group, in the pruned layer
-    seen: dict[str, list[torch.Tensor]] = {}
-
-    def columns(x: torch.Tensor, group: int) -> torch.Tensor:
-        x = x.detach().double()
-        cols = conv_columns(x, ConvGeometry.of(module), group) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
-        return torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1) if bias is not None else cols
-
-    def targets(y: torch.Tensor, group: int) -> torch.Tensor:
-        y = y.detach().double()
-        y = y.movedim(1, -1).reshape(-1, y.shape[1]) if layer.layout == CONV else y.reshape(-1, y.shape[-1])
-        return y[:, keep_out][:, group * per_group:(group + 1) * per_group]
-
-    # per group, normal equations (gram, cross, ||y||^2, rows) of all batches but the last, and of
-    # the last; with two or more batches the last is held out: the fit on the others must lower its error
-    fit: list[tuple | None] = [None] * groups
-    check: list[tuple | None] = [None] * groups
-    for i, batch in enumerate(calibration):
-        seen.clear()  # a module called several times per forward contributes every call
-        run_batches(dense, [batch], {}, {layer.module: lambda y: seen.setdefault("y", []).append(y)})
-        run_batches(pruned, [batch], {layer.module: lambda x: seen.setdefault("x", []).append(x)})
-        held_out = i == len(calibration) - 1 and i > 0
-        for g in range(groups):
-            a = torch.cat([columns(x, g) for x in seen["x"]])
-            y = torch.cat([targets(y, g) for y in seen["y"]])
-            eqs = (a.T @ a, a.T @ y, float(y.pow(2).sum()), a.shape[0])
-            if held_out:
-                check[g] = eqs
-            else:
-                fit[g] = eqs if fit[g] is None else _add(fit[g], eqs)
-    check = [c or f for c, f in zip(check, fit)]
-    everything = [_add(f, c) if c is not f else f for f, c in zip(fit, check)]
-    current = to_matrix(weight.detach(), layer.layout).double()  # [out, k]
-    if bias is not None:
-        current = torch.cat([current, bias.detach().double()[:, None]], 1)
-    rows = [current[g * per_group:(g + 1) * per_group] for g in range(groups)]
-    unknowns = current.shape[1]
-    if fit[0][3] < unknowns:
-        return Reconstruction(layer.weight, 0.0, 0.0, f"{fit[0][3]} calibration rows to fit {unknowns} unknowns per "
-                                                      "output: give more calibration data to reconstruct it")
-    held_before = _error(rows, check)
-    if _error([_solve(f, r, damp) for f, r in zip(fit, rows)], check) >= held_before:
-        before = _error(rows, everything)
-        return Reconstruction(layer.weight, before, before, "the fit did not lower the error on the held-out batch")
-    solution = [_solve(e, r, damp) for e, r in zip(everything, rows)]
-    before, after = _error(rows, everything), _error(solution, everything)
-    solved = torch.cat(solution)
-    k = unknowns - (bias is not None)
-    with torch.no_grad():
-        weight.copy_(from_matrix(solved[:, :k], layer.layout, weight.shape).to(weight.dtype))
-        if bias is not None:
-            bias.copy_(solved[:, k].to(bias.dtype))
-    return Reconstruction(layer.weight, before, after)
-
-
-def _add(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
-
-
-def _solve(eqs: tuple, current: torch.Tensor, damp: float) -> torch.Tensor:
-    """Least squares with a ridge towards ``current`` (the pruned weights): where the data says
-    little, they stay.  Returns ``[out, k]``."""
-    gram, cross = eqs[0], eqs[1]
-    strength = damp * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram + strength * eye, cross + strength * current.T).T
-
-
-def _error(weights: list[torch.Tensor], eqs: list[tuple]) -> float:
-    """``sum ||A_g w_g^T - Y_g||^2 / sum ||Y_g||^2`` over the groups, from their normal equations."""
-    squared = sum(float((w @ e[0] * w).sum() - 2 * (w * e[1].T).sum() + e[2]) for w, e in zip(weights, eqs))
-    return squared / max(sum(e[2] for e in eqs), 1e-30)
+        name, keep_out = found
+        corrections[name] = removed_contribution(weight(layer), layer.layout, removed, means[layer])[keep_out]
+    return corrections, without_bias

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphprune.frontends.torch.analysis import Analysis, Group
+from graphprune.algorithms.nm import CONV1D, LINEAR
+from graphprune.core.groups import Analysis, Group
+from graphprune.errors import InputError
 from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, input_moments
 from graphprune.frontends.torch.capture import CapturedGraph, tensor_at
 from graphprune.frontends.torch.distributed import reduce_sum
-from graphprune.errors import InputError
-from graphprune.algorithms.nm import CONV1D, LINEAR
 from graphprune.frontends.torch.streaming import StreamedWeights
 
 GroupScore = Callable[[Analysis, Group, nn.Module], torch.Tensor]
@@ -39,8 +39,9 @@ class Importance(abc.ABC):
     needs_calibration = False
 
     @abc.abstractmethod
-    def scores(self, analysis: Analysis, model: nn.Module, groups: list[Group],
-               calibration: list[Any] | None) -> dict[int, torch.Tensor]:
+    def scores(
+        self, analysis: Analysis, model: nn.Module, groups: list[Group], calibration: list[Any] | None
+    ) -> dict[int, torch.Tensor]:
         """Return a real score vector of length ``group.size`` per group id (the pass checks it:
         :func:`checked_scores`)."""
 
@@ -51,13 +52,17 @@ def checked_scores(scores: Mapping[int, Any], groups: list[Group], criterion: st
     the group: not a tensor, another shape (3 scores for 32 channels would keep at most 3),
     complex or meta tensors (no order, no values), NaN or Inf."""
     if not isinstance(scores, Mapping):
-        raise InputError(f"importance {criterion!r} returned a {type(scores).__name__}; Importance.scores returns "
-                         "{group id: scores}")
+        raise InputError(
+            f"importance {criterion!r} returned a {type(scores).__name__}; Importance.scores returns "
+            "{group id: scores}"
+        )
     out = {}
     for g in groups:
         got = scores.get(g.id)
-        where = (f"importance {criterion!r} on group {g.id} ({g.size} channels of "
-                 f"{', '.join(m.name for m in g.members[:2])}{', ...' if len(g.members) > 2 else ''})")
+        where = (
+            f"importance {criterion!r} on group {g.id} ({g.size} channels of "
+            f"{', '.join(m.name for m in g.members[:2])}{', ...' if len(g.members) > 2 else ''})"
+        )
         want = f"a real tensor of shape ({g.size},), one score per channel"
         if not isinstance(got, torch.Tensor):
             raise InputError(f"{where}: expected {want}, got {type(got).__name__}")
@@ -67,8 +72,10 @@ def checked_scores(scores: Mapping[int, Any], groups: list[Group], criterion: st
             raise InputError(f"{where}: expected {want}, got a {got.dtype} tensor on {got.device}")
         got = got.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(got).all()):
-            raise InputError(f"{where}: {int((~torch.isfinite(got)).sum())} scores are NaN or Inf; scores must be "
-                             "finite to rank channels")
+            raise InputError(
+                f"{where}: {int((~torch.isfinite(got)).sum())} scores are NaN or Inf; scores must be "
+                "finite to rank channels"
+            )
         out[g.id] = got
     return out
 
@@ -78,8 +85,10 @@ def _tensor(model: nn.Module | Mapping[str, torch.Tensor], name: str) -> torch.T
     (whose weights reach criteria as a mapping)."""
     tensor = model[name] if isinstance(model, Mapping) else tensor_at(model, name)
     if tensor.device.type == "meta":
-        raise InputError(f"{name} is on the meta device: weight-based importance needs real weights "
-                         "(pass importance=<callable> to score channels another way)")
+        raise InputError(
+            f"{name} is on the meta device: weight-based importance needs real weights "
+            "(pass importance=<callable> to score channels another way)"
+        )
     return tensor
 
 
@@ -115,6 +124,7 @@ def _magnitude(p: int) -> GroupScore:
                 reduce = (lambda x: x.abs().sum(1)) if p == 1 else (lambda x: x.pow(2).sum(1))
                 total += _scatter(analysis, group, m.atom, _per_position(t, m.dim, reduce))
         return total if p == 1 else total.sqrt()
+
     return score
 
 
@@ -198,7 +208,6 @@ class InputWeighted(Importance):
                 if g.leaf in analysis.spaces.leaves(x_atom):
                     totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
         return totals
-
 
     def _onnx_scores(self, analysis: Analysis, groups: list[Group], feeds: list) -> dict[int, torch.Tensor]:
         from graphprune.frontends.onnx import layers as onnx_layers

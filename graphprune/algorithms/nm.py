@@ -5,23 +5,18 @@ TensorRT read it: Linear ``[out, in]`` as is; transformers' Conv1D ``[in, out]``
 Conv ``[K, C, R, S]`` channel-last ``(K, R, S, C)``, so each group of ``m`` runs along input
 channels.  ``n`` of every ``m`` consecutive reduction entries may be non-zero.
 
-Masks live in the model as ``torch.nn.utils.parametrize`` parametrizations (``weight =
-original * mask``): gradients and optimizer updates reach ``original`` but can never make a
-masked entry non-zero.  :func:`finalize` bakes them in.
+Tensors in, tensors out: how a frontend stores masks is its own (torch:
+:mod:`graphprune.frontends.torch.masks`; ONNX: exact zeros in the initializers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.nn.utils import parametrize
 
-from graphprune.frontends.torch.capture import qualified
-from graphprune.errors import InputError, PostconditionError
+from graphprune.errors import InputError
 
 LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
 
@@ -65,7 +60,11 @@ def fits(weight: torch.Tensor, pattern: NMPattern) -> str | None:
     """None if ``weight`` can hold ``pattern``, else why not."""
     if pattern.layout == CONV:
         channels = weight.shape[1]
-        return None if channels % pattern.m == 0 else f"{channels} input channels per group are not a multiple of {pattern.m}"
+        return (
+            None
+            if channels % pattern.m == 0
+            else f"{channels} input channels per group are not a multiple of {pattern.m}"
+        )
     width = to_matrix(weight, pattern.layout).shape[1]
     return None if width % pattern.m == 0 else f"reduction width {width} is not a multiple of {pattern.m}"
 
@@ -97,92 +96,6 @@ def nm_holds(values: np.ndarray, axis: int, pattern: NMPattern) -> bool:
     if groups.shape[-1] % pattern.m:
         return False
     return bool(((groups.reshape(-1, pattern.m) != 0).sum(-1) <= pattern.n).all())
-
-
-class NMMask(nn.Module):
-    """Parametrization ``weight = original * mask``; the mask is a buffer, saved with the model."""
-
-    def __init__(self, mask: torch.Tensor, pattern: NMPattern) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-        self.pattern = pattern
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return original * self.mask
-
-
-def stored(module: nn.Module, name: str) -> torch.Tensor:
-    """The tensor ``module.<name>`` is computed from: the original under parametrizations (masks,
-    fake quantization), else the attribute itself.  Writes must go here."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return getattr(module, name)
-
-
-def stored_at(model: nn.Module, name: str) -> torch.Tensor:
-    """:func:`stored` by full name (``layers.0.fc.weight``)."""
-    owner, _, attr = name.rpartition(".")
-    return stored(model.get_submodule(owner) if owner else model, attr)
-
-
-def attach(module: nn.Module, name: str, mask: torch.Tensor, pattern: NMPattern, *, zero_pruned: bool = True) -> None:
-    """Mask ``module.<name>``; the masked entries are also zeroed in the stored original unless
-    ``zero_pruned=False`` (learned masks need the dense weights underneath)."""
-    if zero_pruned:
-        with torch.no_grad():
-            stored(module, name).mul_(mask)
-    parametrize.register_parametrization(module, name, NMMask(mask.to(getattr(module, name).dtype), pattern))
-
-
-def _nm_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, NMMask]]:
-    for path, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for name, plist in module.parametrizations.items():
-            for p in plist:
-                if isinstance(p, NMMask):
-                    yield qualified(path, name), module, name, p
-
-
-def masked_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
-    """Every N:M-masked tensor of ``model``: name -> (effective tensor, pattern)."""
-    return {name: (getattr(module, attr), p.pattern) for name, module, attr, p in _nm_parametrizations(model)}
-
-
-def nm_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, NMPattern]]:
-    """Every N:M mask of ``model``: name -> (bool mask, pattern)."""
-    return {name: (p.mask.bool(), p.pattern) for name, _module, _attr, p in _nm_parametrizations(model)}
-
-
-def check_patterns(model: nn.Module, where: str) -> None:
-    """Raise :class:`PostconditionError` if a masked tensor no longer follows its N:M pattern."""
-    for name, (tensor, pattern) in masked_weights(model).items():
-        if not satisfies(tensor, pattern):
-            raise PostconditionError(f"after {where}, {name} no longer follows its {pattern} pattern")
-
-
-def finalize(model: nn.Module) -> nn.Module:
-    """Bake N:M masks into the weights; returns ``model``.
-
-    Other parametrizations of a masked weight (int8 fake quantization) stay in place: zeroing
-    an entry commutes with them, because they map zero to zero element by element.
-    """
-    for module in model.modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for name in list(module.parametrizations):
-            plist = module.parametrizations[name]
-            masks = [p.mask for p in plist if isinstance(p, NMMask)]
-            if not masks:
-                continue
-            others = [p for p in plist if not isinstance(p, NMMask)]
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-            with torch.no_grad():
-                for mask in masks:
-                    getattr(module, name).mul_(mask)
-            for p in others:
-                parametrize.register_parametrization(module, name, p)
-    return model
 
 
 def per_input_channel(values: torch.Tensor, layout: str, groups: int, shape: torch.Size) -> torch.Tensor:

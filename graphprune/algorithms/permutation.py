@@ -24,8 +24,9 @@ def retained(scores: torch.Tensor, order: torch.Tensor, n: int, m: int) -> float
     return float(scores[:, order].reshape(rows, width // m, m).topk(n, dim=-1).values.sum())
 
 
-def search(scores: torch.Tensor, n: int, m: int, *, sweeps: int = 4, seconds: float = 30.0,
-           seed: int = 0, max_rows: int = 1024) -> torch.Tensor:
+def search(
+    scores: torch.Tensor, n: int, m: int, *, sweeps: int = 4, seconds: float = 30.0, seed: int = 0, max_rows: int = 1024
+) -> torch.Tensor:
     """A column order of ``scores [rows, width]`` that retains at least as much as the identity.
 
     Exchanges are judged on at most ``max_rows`` sampled rows (the objective is a sum over rows);
@@ -43,14 +44,14 @@ def search(scores: torch.Tensor, n: int, m: int, *, sweeps: int = 4, seconds: fl
     if groups < 2:
         return order
     budget = time.perf_counter() + seconds
-    chunk = max(1, 2**25 // max(1, scores.shape[0] * m ** 3))
+    chunk = max(1, 2**25 // max(1, scores.shape[0] * m**3))
     swaps = torch.cartesian_prod(torch.arange(m), torch.arange(m))  # (i in group a, j in group b)
     for _ in range(sweeps):
         pairs = torch.randperm(groups, generator=gen)[: groups - groups % 2].reshape(-1, 2)
         improved = False
         table = order.reshape(groups, m)
         for start in range(0, len(pairs), chunk):
-            a, b = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]
+            a, b = pairs[start : start + chunk, 0], pairs[start : start + chunk, 1]
             gain, best = _best_exchanges(scores, table[a], table[b], swaps, n)
             for k in torch.nonzero(gain > 1e-9).flatten().tolist():
                 i, j = swaps[best[k]].tolist()
@@ -65,8 +66,9 @@ def search(scores: torch.Tensor, n: int, m: int, *, sweeps: int = 4, seconds: fl
     return order if retained(full, order, n, m) >= identity_kept else identity
 
 
-def _best_exchanges(scores: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor, swaps: torch.Tensor,
-                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_exchanges(
+    scores: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor, swaps: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pair of groups, the gain of the best single exchange and its index in ``swaps``."""
     wa, wb = scores[:, cols_a], scores[:, cols_b]  # [rows, pairs, m]
     base = wa.topk(n, dim=-1).values.sum((0, -1)) + wb.topk(n, dim=-1).values.sum((0, -1))

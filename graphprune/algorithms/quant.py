@@ -1,4 +1,4 @@
-"""Int8 quantization: the arithmetic, the fake-quant model, and the recorded parameters.
+"""Int8 quantization: the arithmetic and the recorded parameters, for every frontend.
 
 Weights: symmetric, per output channel, zero-point 0, range [-127, 127].  Zero-point 0 maps an
 exact zero to the integer 0 and back, so N:M masks survive quantization; the narrow range keeps
@@ -7,12 +7,9 @@ S8S8 QDQ default); the range always contains 0 so zero is exact.  Biases: int32 
 ``input_scale * weight_scale[c]``, as integer kernels add them to the int32 accumulator
 (onnxruntime fuses a Gemm with a float output into QGemm only with such a bias).
 
-In PyTorch the quantized model runs with fake quantization (quantize, round half to even, clamp,
-dequantize, exactly as ONNX QuantizeLinear/DequantizeLinear do), so its accuracy can be measured
-and fine-tuned (the fake-quant ops pass gradients straight through).  Weights get a
-:class:`FakeQuantWeight` parametrization; activations are quantized by hooks that read the
-``qinput_*`` / ``qoutput_*`` buffers of the layer module, so the parameters are saved with the
-model's ``state_dict``.  :class:`QuantPlan` records the same numbers as plain data for emitters.
+In PyTorch the quantized model runs with fake quantization
+(:mod:`graphprune.frontends.torch.fake_quant`); :class:`QuantPlan` records the same numbers as
+plain data for emitters.
 """
 
 from __future__ import annotations
@@ -21,12 +18,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
-from torch.nn.utils import parametrize
 
-from graphprune.frontends.torch.capture import qualified
-from graphprune.errors import InputError
 from graphprune.algorithms.nm import CONV1D
+from graphprune.errors import InputError
 
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 ACT_QMIN, ACT_QMAX = -128, 127
@@ -54,129 +48,13 @@ def activation_qparams(low: float, high: float) -> tuple[float, int]:
     return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))
 
 
-class FakeQuantWeight(nn.Module):
-    """Parametrization: per-channel symmetric int8 fake quantization of a weight."""
-
-    def __init__(self, scale: torch.Tensor, axis: int) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
-        self.axis = axis
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(weight, self.scale, self.zero_point, self.axis,
-                                                      WEIGHT_QMIN, WEIGHT_QMAX)
-
-
-def quantize_weight(module: nn.Module, name: str, axis: int) -> torch.Tensor:
-    """Attach :class:`FakeQuantWeight` to ``module.<name>`` (after any N:M mask); returns the scales."""
-    scale = weight_scales(getattr(module, name), axis)
-    parametrize.register_parametrization(module, name, FakeQuantWeight(scale, axis))
-    return scale
-
-
-class FakeQuantBias(nn.Module):
-    """Parametrization: int32 fake quantization of a bias with per-channel scale ``s_in * s_w[c]``."""
-
-    def __init__(self, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
-
-    def forward(self, bias: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(bias, self.scale, self.zero_point, 0, BIAS_QMIN, BIAS_QMAX)
-
-
-def quantize_bias(module: nn.Module, name: str, scale: torch.Tensor) -> None:
-    parametrize.register_parametrization(module, name, FakeQuantBias(scale))
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
-
-
-def _quantize_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    if args:
-        return (fake_quant(args[0], module.qinput_scale, module.qinput_zero_point), *args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, {**kwargs, key: fake_quant(kwargs[key], module.qinput_scale, module.qinput_zero_point)}
-
-
-def _quantize_output(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return fake_quant(output, module.qoutput_scale, module.qoutput_zero_point)
-
-
-def quantize_activation(module: nn.Module, where: str, scale: float, zero_point: int) -> None:
-    """Fake-quantize the first input (``where="input"``) or the output of every call of ``module``."""
-    if where not in ("input", "output"):
-        raise ValueError(where)
-    module.register_buffer(f"q{where}_scale", torch.tensor(scale, dtype=torch.float32))
-    module.register_buffer(f"q{where}_zero_point", torch.tensor(zero_point, dtype=torch.int32))
-    if where == "input":
-        module.register_forward_pre_hook(_quantize_input, with_kwargs=True)
-    else:
-        module.register_forward_hook(_quantize_output)
-
-
-def _fake_quant_tensors(model: nn.Module, kinds: tuple[type, ...] = (FakeQuantWeight,)):
-    """(module path, module, tensor name, parametrization) for every fake-quantized tensor of ``kinds``."""
-    for path, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for name, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, kinds):
-                        yield path, module, name, p
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """True if some weight of ``model`` carries a :class:`FakeQuantWeight` parametrization."""
-    return next(_fake_quant_tensors(model), None) is not None
-
-
-def read_quant_plan(model: nn.Module) -> QuantPlan | None:
-    """The int8 parameters a fake-quantized model carries (None for a float model)."""
-    layers = {}
-    for path, module, name, fq in _fake_quant_tensors(model):
-        output = _qparams(module, "qoutput") if hasattr(module, "qoutput_scale") else None
-        bias = next((p for p in module.parametrizations["bias"] if isinstance(p, FakeQuantBias)), None) \
-            if parametrize.is_parametrized(module, "bias") and name == "weight" else None
-        layers[qualified(path, name)] = LayerQuant(
-            path, fq.axis, fq.scale.tolist(), _qparams(module, "qinput"), output,
-            qualified(path, "bias") if bias is not None else None,
-            bias.scale.tolist() if bias is not None else None)
-    return QuantPlan(layers) if layers else None
-
-
-def _qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
-    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
-
-
 def integer_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     """The int8 values the fake-quantized ``weight`` stands for (``fake_quant(w) == q * scale``)."""
     shape = [-1 if d == axis else 1 for d in range(weight.dim())]
-    fq = torch.fake_quantize_per_channel_affine(weight.detach().float(), scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                axis, WEIGHT_QMIN, WEIGHT_QMAX)
+    fq = torch.fake_quantize_per_channel_affine(
+        weight.detach().float(), scale, torch.zeros_like(scale, dtype=torch.int32), axis, WEIGHT_QMIN, WEIGHT_QMAX
+    )
     return torch.round(fq / scale.reshape(shape)).to(torch.int8)
-
-
-def strip_quantization(model: nn.Module) -> nn.Module:
-    """Remove fake quantization (weights back to their float originals, activation hooks gone),
-    leaving the float model a QDQ emitter starts from; returns ``model``.  The ``q*`` buffers stay."""
-    kinds = (FakeQuantWeight, FakeQuantBias)
-    for _path, module, name, _fq in list(_fake_quant_tensors(model, kinds)):
-        if not parametrize.is_parametrized(module, name):
-            continue  # a tensor with two fake quantizations, already stripped
-        others = [p for p in module.parametrizations[name] if not isinstance(p, kinds)]
-        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        for p in others:
-            parametrize.register_parametrization(module, name, p)
-    for module in model.modules():  # hooks added by quantize_activation are identified by function
-        for key in [k for k, h in module._forward_pre_hooks.items() if h is _quantize_input]:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-        for key in [k for k, h in module._forward_hooks.items() if h is _quantize_output]:
-            del module._forward_hooks[key]
-    return model
 
 
 class RangeObserver:
@@ -207,7 +85,9 @@ class RangeObserver:
             self.hist = self._binned(flat, low, high) + (self.hist if self.hist is not None else 0)
         self.low, self.high = low, high
 
-    def _binned(self, values: torch.Tensor, low: float, high: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def _binned(
+        self, values: torch.Tensor, low: float, high: float, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         index = ((values - low) * (self.BINS / (high - low))).long().clamp_(0, self.BINS - 1)
         return torch.bincount(index, weights, minlength=self.BINS).double()
 
@@ -253,11 +133,19 @@ class QuantPlan:
     def from_json(cls, text: str) -> "QuantPlan":
         data = json.loads(text)
         if data.get("version") != 1 or data.get("kind") != "int8":
-            raise InputError(f"not an int8 quantization plan (version {data.get('version')!r}, kind {data.get('kind')!r})")
+            raise InputError(
+                f"not an int8 quantization plan (version {data.get('version')!r}, kind {data.get('kind')!r})"
+            )
         layers = {}
         for name, layer in data["layers"].items():
             out = layer.get("output")
-            layers[name] = LayerQuant(layer["module"], layer["axis"], list(layer["weight_scale"]),
-                                      tuple(layer["input"]), tuple(out) if out is not None else None,
-                                      layer.get("bias"), layer.get("bias_scale"))
+            layers[name] = LayerQuant(
+                layer["module"],
+                layer["axis"],
+                list(layer["weight_scale"]),
+                tuple(layer["input"]),
+                tuple(out) if out is not None else None,
+                layer.get("bias"),
+                layer.get("bias_scale"),
+            )
         return cls(layers)

@@ -17,12 +17,18 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from graphprune.frontends.torch.analysis import Analysis, Group
+from graphprune.core.groups import Analysis, Group
 from graphprune.frontends.torch.capture import eval_mode, normalize_inputs, tensor_at
 
 
-def output_errors(analysis: Analysis, model: nn.Module, groups: list[Group], scores: dict[int, torch.Tensor],
-                  removed_counts: Callable[[Group], list[int]], batch: Any) -> dict[int, list[float]]:
+def output_errors(
+    analysis: Analysis,
+    model: nn.Module,
+    groups: list[Group],
+    scores: dict[int, torch.Tensor],
+    removed_counts: Callable[[Group], list[int]],
+    batch: Any,
+) -> dict[int, list[float]]:
     """Per group: the relative output error with its ``n`` least important channels silenced, for
     each ``n`` of ``removed_counts(group)``."""
     args, kwargs = normalize_inputs(batch)

@@ -10,16 +10,35 @@ yet processed through the inverse Hessian's Cholesky factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from graphprune.algorithms.nm import NMPattern
+from graphprune.algorithms.nm import CONV, NMPattern, from_matrix, to_matrix
+from graphprune.errors import InputError
 
 
-def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *, block: int = 128,
-                 damp: float = 0.01, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+class _Layer(Protocol):
+    @property
+    def layout(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Layer)
+
+
+def prune_matrix(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: NMPattern,
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    consume: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (updated weight, keep mask), both ``[rows, cols]``, in float64.  ``consume=True``
     works in a float64 ``hessian``'s own memory (destroying it) instead of a copy."""
     n, m = pattern.n, pattern.m
@@ -43,9 +62,9 @@ def prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern
         errors = torch.zeros_like(w1)
         for i in range(end - start):
             if i % m == 0:
-                scores = w1[:, i:i + m].pow(2) / torch.diagonal(inv1)[i:i + m].pow(2)
+                scores = w1[:, i : i + m].pow(2) / torch.diagonal(inv1)[i : i + m].pow(2)
                 chosen = scores.topk(n, dim=1).indices
-                keep[:, start + i:start + i + m].scatter_(1, chosen, True)
+                keep[:, start + i : start + i + m].scatter_(1, chosen, True)
             column = w1[:, i]
             kept = column * keep[:, start + i]
             error = (column - kept) / inv1[i, i]
@@ -69,11 +88,15 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv: torch.nn.Conv1d | torch.nn.Conv2d) -> "ConvGeometry":
-        def two(v: tuple[int, ...], fill: int) -> tuple[int, int]:
-            return (fill, *v) if len(v) == 1 else tuple(v)
+        def two(v: tuple[int, ...] | str, fill: int) -> tuple[int, int]:
+            if isinstance(v, str):
+                raise InputError(f"SparseGPT needs a convolution's explicit padding, not padding={v!r}")
+            return (fill, v[0]) if len(v) == 1 else (v[0], v[1])
+
         (top, left) = two(conv.padding, 0)
-        return cls(two(conv.kernel_size, 1), two(conv.stride, 1), two(conv.dilation, 1), (top, left, top, left),
-                   conv.groups)
+        return cls(
+            two(conv.kernel_size, 1), two(conv.stride, 1), two(conv.dilation, 1), (top, left, top, left), conv.groups
+        )
 
 
 def conv_columns(x: torch.Tensor, geometry: ConvGeometry, group: int) -> torch.Tensor:
@@ -81,10 +104,88 @@ def conv_columns(x: torch.Tensor, geometry: ConvGeometry, group: int) -> torch.T
     if x.dim() == 3:  # conv1d as a conv2d of height 1
         x = x.unsqueeze(2)
     c = x.shape[1] // geometry.groups
-    x = x[:, group * c:(group + 1) * c]
+    x = x[:, group * c : (group + 1) * c]
     top, left, bottom, right = geometry.pads
     x = F.pad(x, (left, right, top, bottom))
     cols = F.unfold(x, geometry.kernel, dilation=geometry.dilation, stride=geometry.stride)  # [B, C*R*S, L]
     window = geometry.kernel[0] * geometry.kernel[1]
     cols = cols.reshape(x.shape[0], c, window, -1).permute(0, 3, 2, 1)  # [B, L, R*S, C]
     return cols.reshape(-1, window * c)
+
+
+class HessianSum:
+    """``2/N sum x x^T`` of one layer's input columns (one matrix per conv group), batch by batch.
+
+    Every frontend feeds it the activations its runner produces; a conv's columns are its patches
+    (:func:`conv_columns`), any other layer's are the rows of its input with the reduced channels
+    last.  A distributed run sums :attr:`sums` and :attr:`rows` over the ranks before
+    :meth:`hessians`."""
+
+    def __init__(self, window: ConvGeometry | None) -> None:
+        self.window = window
+        self.sums: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, channel_axis: int = -1) -> None:
+        x = x.detach().double()
+        if self.window is not None:
+            columns = [conv_columns(x, self.window, g) for g in range(self.window.groups)]
+        else:
+            x = x.movedim(channel_axis, -1)
+            columns = [x.reshape(-1, x.shape[-1])]
+        for g, c in enumerate(columns):
+            if len(self.sums) <= g:
+                self.sums.append(torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64))
+            self.sums[g].addmm_(c.T, c)  # in place: no second [cols, cols] matrix
+        self.rows += columns[0].shape[0]
+
+    def hessians(self, rows: float | None = None) -> list[torch.Tensor]:
+        """The Hessians, made in the sums' own memory; ``rows``: the row count over every rank."""
+        total = float(self.rows if rows is None else rows)
+        return [s.mul_(2 / max(total, 1.0)) for s in self.sums]
+
+
+def prune_layer(
+    weight: torch.Tensor,
+    layout: str,
+    hessians: list[torch.Tensor],
+    pattern: NMPattern,
+    *,
+    block: int,
+    damp: float,
+    consume: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one layer's weight (its stored layout): each conv group against its own Hessian.
+    Returns the new weight, in the weight's dtype, and its keep-mask; ``consume`` lets the solve use
+    up the Hessians (the last layer that reads them)."""
+    new, keep = torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool)
+    rows = weight.shape[0] // len(hessians) if layout == CONV else None
+    for g, hessian in enumerate(hessians):
+        target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
+        part = weight[target]
+        w, k = prune_matrix(to_matrix(part, layout), hessian, pattern, block=block, damp=damp, consume=consume)
+        new[target] = from_matrix(w, layout, part.shape).to(weight.dtype)
+        keep[target] = from_matrix(k, layout, part.shape)
+    return new, keep
+
+
+def sparsegpt_layers(
+    groups: Sequence[Sequence[L]],
+    hessians: Callable[[L], list[torch.Tensor]],
+    weight: Callable[[L], torch.Tensor],
+    write: Callable[[L, torch.Tensor, torch.Tensor], None],
+    pattern: Callable[[L], NMPattern],
+    *,
+    block: int,
+    damp: float,
+) -> None:
+    """SparseGPT over a model, group by group in graph order: a group is the layers that read one
+    activation, whose Hessian ``hessians(first layer)`` reads from the model as already sparsified
+    upstream; ``write(layer, new weight, keep-mask)`` puts each result where the frontend keeps it."""
+    for group in tqdm(groups, desc="SparseGPT", unit="input", disable=None, leave=False):
+        shared = hessians(group[0])
+        for j, layer in enumerate(group):
+            new, keep = prune_layer(
+                weight(layer), layer.layout, shared, pattern(layer), block=block, damp=damp, consume=j == len(group) - 1
+            )
+            write(layer, new, keep)

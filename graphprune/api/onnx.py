@@ -21,91 +21,38 @@ import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import DeduplicateInitializersPass
 
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern
+from graphprune.algorithms.quant import QuantPlan
+from graphprune.core.pipeline import Pass, Stage
+from graphprune.core.plan import Plan
+from graphprune.core.report import Report
+from graphprune.emit.onnx_export import (
+    ExportReport,
+    check_outputs,
+    checked_session,
+    graphprune_metadata,
+    onnx_files,
+    record_outputs,
+    save_model,
+)
+from graphprune.emit.qdq import stored_integers
+from graphprune.emit.report_page import LayerRow, write_report
 from graphprune.errors import ApplyError, ContractError, InputError
 from graphprune.frontends.onnx.analysis import OnnxAnalysis, analyze_onnx_capture
 from graphprune.frontends.onnx.apply import apply_onnx_plan, copy_model
-from graphprune.core.plan import Plan
-from graphprune.io.plan_file import NMRecord, PlanFile
-from graphprune.frontends.onnx.capture import (Feeds, OnnxCapture, OnnxSource, capture_onnx, check_feeds, graph_inputs,
-                                     read_model, run_model)
-from graphprune.emit.onnx_export import (ExportReport, check_outputs, checked_session, graphprune_metadata, onnx_files,
-                                     record_outputs, save_model)
+from graphprune.frontends.onnx.capture import (
+    Feeds,
+    OnnxSource,
+    capture_onnx,
+    check_feeds,
+    graph_inputs,
+    read_model,
+    run_model,
+)
+from graphprune.frontends.onnx.state import NM_KEY, STAGE_KEY, MaskedWeight, OnnxState
 from graphprune.io.outputs import Outputs, writing
-from graphprune.algorithms.quant import QuantPlan
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.io.plan_file import NMRecord, PlanFile
 from graphprune.io.recipe import pass_manager
-from graphprune.emit.qdq import stored_integers
-from graphprune.core.report import Report
-from graphprune.emit.report_page import LayerRow, write_report
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, nm_holds
-
-STAGE_KEY, NM_KEY = "graphprune.stage", "graphprune.nm_sparsity"
-
-
-@dataclass
-class MaskedWeight:
-    """An initializer that carries an N:M pattern, its groups running along ``axis`` (moved last)."""
-
-    pattern: NMPattern
-    axis: int
-    mask: torch.Tensor | None = None  # bool, the initializer's shape (None: read from metadata, entries unknown)
-
-    def holds(self, values: np.ndarray) -> bool:
-        return nm_holds(values, self.axis, self.pattern)
-
-
-@dataclass
-class OnnxState:
-    """What passes read and write when they run on an ONNX model."""
-
-    capture: OnnxCapture
-    stage: Stage = Stage.DENSE
-    calibration: list[Feeds] | None = None
-    plans: list[Any] = field(default_factory=list)
-    masked: dict[str, MaskedWeight] = field(default_factory=dict)  # initializer -> its N:M pattern
-    experimental_order: bool = False
-    float_outputs: list[np.ndarray] | None = None  # outputs before Quantize (the int8 check's reference)
-    _analysis: OnnxAnalysis | None = None
-
-    def analysis(self) -> OnnxAnalysis:
-        if self._analysis is None:
-            self._analysis = analyze_onnx_capture(self.capture, self.capture.graph.name or "ONNX model")
-        return self._analysis
-
-    def replace(self, capture: OnnxCapture) -> None:
-        self.capture, self._analysis = capture, None
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.capture.weights()
-
-    # The pass manager's questions (see graphprune.core.pipeline.CompressionState).
-    def dispatch(self, p: Pass) -> PassResult:
-        return p.call_onnx(self)
-
-    def param_count(self) -> int:
-        return self.analysis().planned_params({})
-
-    def macs(self) -> int:
-        return self.analysis().planned_macs({})
-
-    def check_patterns(self, where: str) -> None:
-        initializers = self.capture.graph.initializers
-        for name, masked in self.masked.items():
-            if name not in initializers or not masked.holds(stored_integers(initializers, name)[0]):
-                raise ContractError(f"{where} broke the {masked.pattern} pattern of {name}")
-
-    def output_error(self, reference: list[np.ndarray]) -> float:
-        worst = 0.0
-        for got, want in zip(self.capture.outputs, reference, strict=True):
-            if np.issubdtype(want.dtype, np.floating):
-                scale = float(np.abs(want).max()) or 1.0
-                worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()) / scale)
-            elif not np.array_equal(got, want):
-                worst = max(worst, 1.0)
-        return worst
-
-    def mark_stage(self) -> None:
-        self.capture.model.metadata_props[STAGE_KEY] = str(self.stage)
 
 
 @dataclass
@@ -123,8 +70,14 @@ class OnnxPruneResult:
     float_outputs: list[np.ndarray] | None = None  # outputs before Quantize, on ``feeds``
     sources: list[str] = field(default_factory=list)  # the file it was read from and its external data
 
-    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None, *,
-                     overwrite: bool = False, outputs: Outputs | None = None) -> list[str]:
+    def write_report(
+        self,
+        directory: str | os.PathLike,
+        latency_ms: dict[str, float] | None = None,
+        *,
+        overwrite: bool = False,
+        outputs: Outputs | None = None,
+    ) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``, one
         layer row per Conv/Gemm/MatMul weight initializer (see
         :func:`graphprune.emit.report_page.write_report`); returns the file names."""
@@ -132,8 +85,9 @@ class OnnxPruneResult:
         for name, op_type, scale in weight_layers(self.model):
             values = self.model.graph.initializers[name].const_value.numpy()
             original = name.removesuffix("_quantized") if scale is not None else name
-            row = LayerRow(original, op_type, self.shapes_before.get(original, []), list(values.shape),
-                           float((values == 0).mean()))
+            row = LayerRow(
+                original, op_type, self.shapes_before.get(original, []), list(values.shape), float((values == 0).mean())
+            )
             if name in self.masked:
                 row.pattern = str(self.masked[name].pattern)
             if scale is not None:
@@ -150,14 +104,23 @@ class OnnxPruneResult:
         masks = {}
         for name, m in self.masked.items():
             base = name.removesuffix("_quantized")
-            mask = m.mask if m.mask is not None else \
-                torch.from_numpy(self.model.graph.initializers[name].const_value.numpy() != 0)  # from a file's metadata
+            mask = (
+                m.mask
+                if m.mask is not None
+                else torch.from_numpy(self.model.graph.initializers[name].const_value.numpy() != 0)
+            )  # from a file's metadata
             masks[base if quantization and base in quantization.layers else name] = NMRecord(m.pattern, mask)
-        return PlanFile(self.report.model_name, self.report.pipeline, [p for p in self.plans if isinstance(p, Plan)],
-                        masks, quantization)
+        return PlanFile(
+            self.report.model_name,
+            self.report.pipeline,
+            [p for p in self.plans if isinstance(p, Plan)],
+            masks,
+            quantization,
+        )
 
-    def save_plan(self, path: str | os.PathLike, *, overwrite: bool = False,
-                  outputs: Outputs | None = None) -> tuple[str, str]:
+    def save_plan(
+        self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None
+    ) -> tuple[str, str]:
         """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths."""
         with writing(outputs, inputs=self.sources, overwrite=overwrite) as out:
             return self.plan_file().save(path, outputs=out)
@@ -165,8 +128,15 @@ class OnnxPruneResult:
     def to_proto(self) -> onnx.ModelProto:
         return ir.to_proto(self._final())
 
-    def save(self, path: str | os.PathLike, *, fp32_tolerance: float = 1e-4, int8_tolerance: float = 0.01,
-             overwrite: bool = False, outputs: Outputs | None = None) -> ExportReport:
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        fp32_tolerance: float = 1e-4,
+        int8_tolerance: float = 0.01,
+        overwrite: bool = False,
+        outputs: Outputs | None = None,
+    ) -> ExportReport:
         """Write the model to ``path`` atomically (staged beside it, verified, then moved into place)
         and say how it was checked: the ONNX checker; the inputs and outputs are the original model's
         (names, element types, declared shapes); onnxruntime with its default optimizations gives the
@@ -180,11 +150,16 @@ class OnnxPruneResult:
         with writing(outputs, inputs=self.sources, overwrite=overwrite) as out:
             staged, external = save_model(self._final(), path, out)
             quantized = sum(isinstance(p, QuantPlan) and len(p.layers) for p in self.plans)
-            report = ExportReport(os.path.abspath(os.fspath(path)), self.stage, max_error=0.0,
-                                  quantized_layers=quantized, tolerance=int8_tolerance if quantized else fp32_tolerance,
-                                  external_data=external,
-                                  sparse_weights={name: str(m.pattern) for name, m in self.masked.items()},
-                                  reference="the graph run as written (no optimizations)")
+            report = ExportReport(
+                os.path.abspath(os.fspath(path)),
+                self.stage,
+                max_error=0.0,
+                quantized_layers=quantized,
+                tolerance=int8_tolerance if quantized else fp32_tolerance,
+                external_data=external,
+                sparse_weights={name: str(m.pattern) for name, m in self.masked.items()},
+                reference="the graph run as written (no optimizations)",
+            )
             self._verify(staged, report)
         return report
 
@@ -192,9 +167,14 @@ class OnnxPruneResult:
         model = copy_model(self.model)
         DeduplicateInitializersPass(size_limit=1 << 62)(model)  # undo the per-reader copies of the capture
         initializers = model.graph.initializers
-        records = {name: {"pattern": str(m.pattern), "axis": m.axis,
-                          "zero_point": stored_integers(initializers, name)[1] if name in initializers else 0}
-                   for name, m in self.masked.items()}
+        records = {
+            name: {
+                "pattern": str(m.pattern),
+                "axis": m.axis,
+                "zero_point": stored_integers(initializers, name)[1] if name in initializers else 0,
+            }
+            for name, m in self.masked.items()
+        }
         model.metadata_props.update(graphprune_metadata(self.stage, self.report.pipeline, records))
         return model
 
@@ -202,11 +182,14 @@ class OnnxPruneResult:
         session, optimized = checked_session(staged)
         written = ir.load(staged)
         if _interface(written) != self.interface:
-            raise ApplyError(f"the written model's interface {_interface(written)} differs from the original "
-                             f"{self.interface}; nothing was written")
+            raise ApplyError(
+                f"the written model's interface {_interface(written)} differs from the original "
+                f"{self.interface}; nothing was written"
+            )
         got = session.run(None, self.feeds)
-        record_outputs(report, got, run_model(self.model, self.feeds),
-                       self.float_outputs if report.quantized_layers else None)
+        record_outputs(
+            report, got, run_model(self.model, self.feeds), self.float_outputs if report.quantized_layers else None
+        )
         check_outputs(report, optimized)
 
 
@@ -215,8 +198,11 @@ def weight_layers(model: ir.Model) -> list[tuple[str, str, np.ndarray | None]]:
     MatMul whose weight is an initializer, read directly or through a DequantizeLinear."""
     out = []
     for node in model.graph:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2 \
-                or node.inputs[1] is None:
+        if (
+            node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            or len(node.inputs) < 2
+            or node.inputs[1] is None
+        ):
             continue
         weight, scale = node.inputs[1], None
         producer = weight.producer()
@@ -229,13 +215,16 @@ def weight_layers(model: ir.Model) -> list[tuple[str, str, np.ndarray | None]]:
 
 def _interface(model: ir.Model) -> list[str]:
     """Names, element types and declared shapes of the graph inputs and outputs."""
+
     def describe(v: ir.Value) -> str:
         return f"{v.name}: {v.dtype} {v.shape}"
+
     return [*(f"in {describe(v)}" for v in graph_inputs(model)), *(f"out {describe(v)}" for v in model.graph.outputs)]
 
 
-def analyze_onnx(model: OnnxSource, feeds: Mapping[str, Any] | None = None, *,
-                 base_dir: str | os.PathLike | None = None) -> OnnxAnalysis:
+def analyze_onnx(
+    model: OnnxSource, feeds: Mapping[str, Any] | None = None, *, base_dir: str | os.PathLike | None = None
+) -> OnnxAnalysis:
     """The coupled channel groups of an ONNX model (a path, ModelProto or onnx_ir.Model; never
     modified); ``feeds`` fix the sizes of symbolic input dims (see :func:`prune_onnx`);
     ``base_dir``: the folder of a model in memory's external data."""
@@ -246,9 +235,15 @@ def analyze_onnx(model: OnnxSource, feeds: Mapping[str, Any] | None = None, *,
     return analyze_onnx_capture(capture, name or capture.graph.name or "ONNX model")
 
 
-def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recipe: str | os.PathLike | None = None,
-               calibration: Iterable[Mapping[str, Any]] | None = None,
-               experimental_order: bool = False, base_dir: str | os.PathLike | None = None) -> OnnxPruneResult:
+def prune_onnx(
+    model: OnnxSource,
+    passes: Sequence[Pass] | None = None,
+    *,
+    recipe: str | os.PathLike | None = None,
+    calibration: Iterable[Mapping[str, Any]] | None = None,
+    experimental_order: bool = False,
+    base_dir: str | os.PathLike | None = None,
+) -> OnnxPruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on an ONNX model: a path, an ``onnx.ModelProto`` or an
     ``onnx_ir.Model`` (never modified).  ``calibration``: dicts ``{input name: array}``; the first
     also fixes the sizes of symbolic input dims for the analysis (else generated feeds are used,
@@ -257,8 +252,9 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
     manager = pass_manager(passes, recipe, experimental_order)
     unsupported = [p.name for p in manager.passes if not p.supports_onnx]
     if unsupported:
-        raise ContractError(f"{', '.join(unsupported)} does not run on ONNX models yet; ONNX models support "
-                            f"{', '.join(_onnx_passes())}")
+        raise ContractError(
+            f"{', '.join(unsupported)} does not run on ONNX models yet; ONNX models support {', '.join(_onnx_passes())}"
+        )
     working = read_model(model, base_dir)
     stage, masked = _stage_of(working)
     manager.check_order(stage)
@@ -269,18 +265,35 @@ def prune_onnx(model: OnnxSource, passes: Sequence[Pass] | None = None, *, recip
     shapes_before = {name: list(working.graph.initializers[name].shape) for name, _, _ in weight_layers(working)}
     capture = capture_onnx(working, feeds[0] if feeds else None)
     state = OnnxState(capture, stage, feeds, masked=masked)
-    name = os.path.basename(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else (
-        capture.graph.name or "ONNX model")
+    name = (
+        os.path.basename(os.fspath(model))
+        if isinstance(model, (str, os.PathLike))
+        else (capture.graph.name or "ONNX model")
+    )
     report = Report(name, state.param_count(), state.macs(), pipeline=[repr(p) for p in manager.passes])
     state = manager.run(state, report, capture.outputs)
     sources = onnx_files(model) if isinstance(model, (str, os.PathLike)) else []
-    return OnnxPruneResult(state.capture.model, report, state.stage, state.plans, state.masked, capture.feeds,
-                           interface, shapes_before, state.float_outputs, sources)
+    return OnnxPruneResult(
+        state.capture.model,
+        report,
+        state.stage,
+        state.plans,
+        state.masked,
+        capture.feeds,
+        interface,
+        shapes_before,
+        state.float_outputs,
+        sources,
+    )
 
 
-def apply_plan_file_onnx(model: OnnxSource, plan: PlanFile | str | os.PathLike,
-                         feeds: Mapping[str, Any] | None = None, *,
-                         base_dir: str | os.PathLike | None = None) -> ir.Model:
+def apply_plan_file_onnx(
+    model: OnnxSource,
+    plan: PlanFile | str | os.PathLike,
+    feeds: Mapping[str, Any] | None = None,
+    *,
+    base_dir: str | os.PathLike | None = None,
+) -> ir.Model:
     """Re-apply a saved plan of an ONNX run to an ONNX model (never modified): its structured plans in
     order, each checked against the graph's analysis at that point, then its N:M masks.  Returns the
     verified onnx_ir model (``ir.save`` writes it)."""
@@ -319,9 +332,13 @@ def _stage_of(model: ir.Model) -> tuple[Stage, dict[str, MaskedWeight]]:
 def _onnx_passes() -> list[str]:
     import graphprune.passes as passes_module
 
-    return sorted(name for name in passes_module.__all__
-                  if isinstance(getattr(passes_module, name), type) and issubclass(getattr(passes_module, name), Pass)
-                  and getattr(passes_module, name).call_onnx is not Pass.call_onnx)
+    return sorted(
+        name
+        for name in passes_module.__all__
+        if isinstance(getattr(passes_module, name), type)
+        and issubclass(getattr(passes_module, name), Pass)
+        and getattr(passes_module, name).call_onnx is not Pass.call_onnx
+    )
 
 
 __all__ = ["MaskedWeight", "OnnxPruneResult", "OnnxState", "analyze_onnx", "apply_plan_file_onnx", "prune_onnx"]

@@ -8,30 +8,35 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from graphprune.frontends.torch.analysis import Analysis, analyze
-from graphprune.frontends.torch.calibration import check_calibration
-from graphprune.frontends.torch.capture import ExampleInputs, capture, input_spec
-from graphprune.frontends.torch.copying import clone
-from graphprune.errors import InputError
-from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.emit.onnx_export import ExportReport, export_onnx
-from graphprune.io.outputs import Outputs
-from graphprune.core.pipeline import CompressionState, Pass, Stage, detect_stage, run_outputs
-from graphprune.core.plan import Plan
-from graphprune.io.plan_file import PlanFile
+from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.quant import QuantPlan
-from graphprune.io.recipe import pass_manager
+from graphprune.core.groups import Analysis
+from graphprune.core.pipeline import Pass, Stage
+from graphprune.core.plan import Plan
 from graphprune.core.report import Report
-from graphprune.algorithms.nm import NMPattern, nm_masks, stored_at
 from graphprune.emit.report_page import layer_rows, weight_shapes, write_report
 from graphprune.emit.sparse_kernels import SparseKernelReport, to_sparse_kernels
+from graphprune.errors import InputError
+from graphprune.frontends.torch.analysis import analyze
+from graphprune.frontends.torch.calibration import check_calibration
+from graphprune.frontends.torch.capture import ExampleInputs, capture, input_spec, run_outputs
+from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.macs import count_params, graph_macs
+from graphprune.frontends.torch.masks import nm_masks, stored_at
+from graphprune.frontends.torch.state import CompressionState, detect_stage
 from graphprune.frontends.torch.streaming import Stream
+from graphprune.io.outputs import Outputs
+from graphprune.io.plan_file import PlanFile
+from graphprune.io.recipe import pass_manager
 from graphprune.io.tensor_store import TensorFiles
+
+if TYPE_CHECKING:
+    from graphprune.emit.onnx_export import ExportReport
 
 
 @dataclass
@@ -47,19 +52,41 @@ class PruneResult:
     masks: dict[str, tuple[torch.Tensor, NMPattern]] = field(default_factory=dict)  # N:M masks the run set
     updated: set[str] = field(default_factory=set)  # tensors given new values (see CompressionState.updated)
 
-    def write_report(self, directory: str | os.PathLike, latency_ms: dict[str, float] | None = None, *,
-                     overwrite: bool = False, outputs: Outputs | None = None) -> list[str]:
+    def write_report(
+        self,
+        directory: str | os.PathLike,
+        latency_ms: dict[str, float] | None = None,
+        *,
+        overwrite: bool = False,
+        outputs: Outputs | None = None,
+    ) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
         (see :func:`graphprune.emit.report_page.write_report`); returns the file names."""
-        return write_report(directory, self.report, layer_rows(self.shapes_before, self.module), latency_ms,
-                            overwrite=overwrite, outputs=outputs)
+        return write_report(
+            directory,
+            self.report,
+            layer_rows(self.shapes_before, self.module),
+            latency_ms,
+            overwrite=overwrite,
+            outputs=outputs,
+        )
 
-    def export_onnx(self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None,
-                    **options: Any) -> ExportReport:
+    def export_onnx(
+        self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None, **options: Any
+    ) -> ExportReport:
         """Write the compressed model as a verified ONNX file (see :func:`graphprune.export_onnx`);
         the metadata records this run's pipeline."""
-        return export_onnx(self.module, self.example_inputs, path, pipeline=self.report.pipeline,
-                           overwrite=overwrite, outputs=outputs, **options)
+        from graphprune.emit.onnx_export import export_onnx  # the ONNX stack loads only when used
+
+        return export_onnx(
+            self.module,
+            self.example_inputs,
+            path,
+            pipeline=self.report.pipeline,
+            overwrite=overwrite,
+            outputs=outputs,
+            **options,
+        )
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.io.plan_file`), with the new
@@ -69,8 +96,9 @@ class PruneResult:
         plan.inputs = input_spec(self.example_inputs)
         return plan
 
-    def save_plan(self, path: str | os.PathLike, *, overwrite: bool = False,
-                  outputs: Outputs | None = None) -> tuple[str, str]:
+    def save_plan(
+        self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None
+    ) -> tuple[str, str]:
         """Write :meth:`plan_file` as ``<path>.json`` + ``<path>.safetensors``; returns both paths
         (see :meth:`graphprune.io.plan_file.PlanFile.save`)."""
         return self.plan_file().save(path, overwrite=overwrite, outputs=outputs)
@@ -81,10 +109,17 @@ class PruneResult:
         return to_sparse_kernels(self.module, self.example_inputs, **options)
 
 
-def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
-          recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
-          inplace: bool = False, prunable_outputs: Sequence[str] = (),
-          experimental_order: bool = False) -> PruneResult:
+def prune(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    passes: Sequence[Pass] | None = None,
+    *,
+    recipe: str | os.PathLike | None = None,
+    calibration: Iterable[Any] | None = None,
+    inplace: bool = False,
+    prunable_outputs: Sequence[str] = (),
+    experimental_order: bool = False,
+) -> PruneResult:
     """Run ``passes`` (or a TOML ``recipe``) on ``model`` and return the compressed module and a report.
 
     The caller's model is not modified unless ``inplace=True`` (not even by a forward that counts
@@ -95,8 +130,10 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
     their shapes unless named in ``prunable_outputs`` (see :func:`graphprune.analyze`).
     """
     if not isinstance(model, nn.Module):
-        raise InputError(f"gp.prune needs a torch.nn.Module, got {type(model).__name__} {_shown(model)}: wrap a "
-                         "function in an nn.Module whose forward calls it")
+        raise InputError(
+            f"gp.prune needs a torch.nn.Module, got {type(model).__name__} {_shown(model)}: wrap a "
+            "function in an nn.Module whose forward calls it"
+        )
     manager = pass_manager(passes, recipe, experimental_order)
     stage = detect_stage(model)
     manager.check_order(stage)
@@ -108,20 +145,42 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass
         check_calibration(calibration, captured.args, captured.kwargs)
     working = model if inplace else clone(model)
     reference = run_outputs(working, captured)  # a forward may change its module's state: never the caller's
-    state = CompressionState(working, captured, stage, calibration=calibration,
-                             prunable_outputs=tuple(prunable_outputs))
-    report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
-                    pipeline=[repr(p) for p in manager.passes])
+    state = CompressionState(
+        working, captured, stage, calibration=calibration, prunable_outputs=tuple(prunable_outputs)
+    )
+    report = Report(
+        type(model).__name__,
+        count_params(model),
+        graph_macs(captured.graph_module),
+        pipeline=[repr(p) for p in manager.passes],
+    )
     state = manager.run(state, report, reference)
-    return PruneResult(state.model, report, state.stage, state.plans, example_inputs, shapes_before,
-                       nm_masks(state.model), state.updated)
+    return PruneResult(
+        state.model,
+        report,
+        state.stage,
+        state.plans,
+        example_inputs,
+        shapes_before,
+        nm_masks(state.model),
+        state.updated,
+    )
 
 
-def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass] | None = None, *,
-         recipe: str | os.PathLike | None = None, calibration: Iterable[Any] | None = None,
-         weights: str | os.PathLike | None = None, blocks: str | None = None, prefix: str = "",
-         scratch: str | os.PathLike | None = None, prunable_outputs: Sequence[str] = (),
-         experimental_order: bool = False) -> PlanFile:
+def plan(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    passes: Sequence[Pass] | None = None,
+    *,
+    recipe: str | os.PathLike | None = None,
+    calibration: Iterable[Any] | None = None,
+    weights: str | os.PathLike | None = None,
+    blocks: str | None = None,
+    prefix: str = "",
+    scratch: str | os.PathLike | None = None,
+    prunable_outputs: Sequence[str] = (),
+    experimental_order: bool = False,
+) -> PlanFile:
     """What ``passes`` decide for ``model``, as a :class:`PlanFile` (``.save`` it, apply it with
     :func:`graphprune.apply_to_checkpoint` or :func:`graphprune.apply_plan_file`); ``.report`` says
     what each pass did.
@@ -136,20 +195,31 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
     system's temporary folder) until the plan is saved; they are removed with the plan object.
     """
     if weights is None:
-        streaming_only = [name for name, value in (("blocks", blocks), ("prefix", prefix), ("scratch", scratch)) if value]
+        streaming_only = [
+            name for name, value in (("blocks", blocks), ("prefix", prefix), ("scratch", scratch)) if value
+        ]
         if streaming_only:
             raise InputError(f"{', '.join(streaming_only)} apply to streamed plans only: pass weights= a checkpoint")
-        result = prune(model, example_inputs, passes, recipe=recipe, calibration=calibration,
-                       prunable_outputs=prunable_outputs, experimental_order=experimental_order)
+        result = prune(
+            model,
+            example_inputs,
+            passes,
+            recipe=recipe,
+            calibration=calibration,
+            prunable_outputs=prunable_outputs,
+            experimental_order=experimental_order,
+        )
         decided = result.plan_file()
         decided.report = result.report
         return decided
     manager = pass_manager(passes, recipe, experimental_order)
     real = [name for name, p in model.named_parameters() if p.device.type != "meta"]
     if real:
-        raise InputError(f"gp.plan(weights=...) reads the weights from the checkpoint, so the model's parameters must "
-                         f"be on meta ({len(real)} are not, first {real[0]}): build it under "
-                         "graphprune.parameters_on_meta(), or call gp.plan without weights=")
+        raise InputError(
+            f"gp.plan(weights=...) reads the weights from the checkpoint, so the model's parameters must "
+            f"be on meta ({len(real)} are not, first {real[0]}): build it under "
+            "graphprune.parameters_on_meta(), or call gp.plan without weights="
+        )
     stage = detect_stage(model)
     manager.check_order(stage)
     checkpoint = TensorFiles.folder(weights)
@@ -163,21 +233,32 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass]
         state = CompressionState(clone(model), captured, stage, prunable_outputs=tuple(prunable_outputs))
         stream = Stream(checkpoint, data or [], state.plans, folder, blocks=blocks, prefix=prefix)
         state.stream, state.calibration = stream, stream if data is not None else None
-        report = Report(type(model).__name__, count_params(model), graph_macs(captured.graph_module),
-                        pipeline=[repr(p) for p in manager.passes])
+        report = Report(
+            type(model).__name__,
+            count_params(model),
+            graph_macs(captured.graph_module),
+            pipeline=[repr(p) for p in manager.passes],
+        )
         state = manager.run(state, report, None)
         masks, values = stream.decided()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
-    return PlanFile(type(model).__name__, report.pipeline, [p for p in state.plans if isinstance(p, Plan)], masks,
-                    values=values, report=report, inputs=input_spec(example_inputs))
+    return PlanFile(
+        type(model).__name__,
+        report.pipeline,
+        [p for p in state.plans if isinstance(p, Plan)],
+        masks,
+        values=values,
+        report=report,
+        inputs=input_spec(example_inputs),
+    )
 
 
 def _shown(value: object, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -186,4 +267,4 @@ def _check_finite(model: nn.Module) -> None:
             raise InputError(f"parameter {name} contains NaN or Inf: no pruning criterion can rank it")
 
 
-__all__ = ["Analysis", "PruneResult", "analyze", "export_onnx", "plan", "prune"]
+__all__ = ["Analysis", "PruneResult", "analyze", "plan", "prune"]

@@ -212,11 +212,18 @@ class SpaceSolver:
             return root, list(children)
         return root, None
 
+    def _defined(self, root: int) -> Definition:
+        """The definition of a root that :meth:`_refine_trivially` did not refine (so it has one)."""
+        definition = self._definition[root]
+        if definition is None:
+            raise AssertionError(f"atom {root} has no definition")
+        return definition
+
     def _factors(self, atom: int, sizes: list[int], where: str) -> list[int]:
         root, done = self._refine_trivially(PROD, atom, sizes)
         if done is not None:
             return done
-        if self._definition[root].kind == CAT:
+        if self._defined(root).kind == CAT:
             return self._fresh_frozen(root, sizes, "a concatenated space is reshaped into a product", where)
         pending = self._flatten(root, PROD)
         out: list[int] = []
@@ -245,7 +252,7 @@ class SpaceSolver:
         root, done = self._refine_trivially(CAT, atom, sizes)
         if done is not None:
             return done
-        if self._definition[root].kind == PROD:
+        if self._defined(root).kind == PROD:
             outer, *inner = self._flatten(root, PROD)
             inner_size = prod(self._size[a] for a in inner)
             if any(s % inner_size for s in sizes):
@@ -321,8 +328,9 @@ class SpaceSolver:
 class Spaces:
     """The solved channel spaces: leaf atoms, which are frozen and why, and index maps."""
 
-    def __init__(self, solver: SpaceSolver, frozen: dict[int, FreezeReason], inexact: dict[int, str],
-                 tags: dict[int, set[str]]) -> None:
+    def __init__(
+        self, solver: SpaceSolver, frozen: dict[int, FreezeReason], inexact: dict[int, str], tags: dict[int, set[str]]
+    ) -> None:
         self.solver = solver
         self.frozen = frozen
         self.inexact = inexact
@@ -349,14 +357,19 @@ class Spaces:
     def keep_mask(self, atom: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         """Bool mask over the channels of ``atom`` given a bool keep-mask per leaf (absent = keep all)."""
         size = self.solver.size
-        return self._fold(atom, lambda leaf: keep[leaf] if leaf in keep else torch.ones(size(leaf), dtype=torch.bool),
-                          torch.cat, lambda a, b: (a[:, None] & b[None, :]).reshape(-1))
+        return self._fold(
+            atom,
+            lambda leaf: keep[leaf] if leaf in keep else torch.ones(size(leaf), dtype=torch.bool),
+            torch.cat,
+            lambda a, b: (a[:, None] & b[None, :]).reshape(-1),
+        )
 
     def kept_size(self, atom: int, keep: dict[int, torch.Tensor]) -> int:
         """Channels of ``atom`` that remain."""
         size = self.solver.size
-        return self._fold(atom, lambda leaf: int(keep[leaf].sum()) if leaf in keep else size(leaf),
-                          sum, lambda a, b: a * b)
+        return self._fold(
+            atom, lambda leaf: int(keep[leaf].sum()) if leaf in keep else size(leaf), sum, lambda a, b: a * b
+        )
 
     def gather_index(self, atom: int, order: dict[int, torch.Tensor]) -> torch.Tensor:
         """Positions of ``atom`` to gather so that each leaf in ``order`` appears permuted by its
@@ -378,8 +391,12 @@ class Spaces:
     def leaf_index(self, atom: int, leaf: int) -> torch.Tensor:
         """For each channel of ``atom``, the index of the ``leaf`` channel it belongs to (-1: none)."""
         size = self.solver.size
-        return self._fold(atom, lambda x: torch.arange(size(x)) if x == leaf else torch.full((size(x),), -1),
-                          torch.cat, lambda a, b: torch.maximum(a[:, None], b[None, :]).reshape(-1))
+        return self._fold(
+            atom,
+            lambda x: torch.arange(size(x)) if x == leaf else torch.full((size(x),), -1),
+            torch.cat,
+            lambda a, b: torch.maximum(a[:, None], b[None, :]).reshape(-1),
+        )
 
     def cofactor(self, atom: int, leaf: int) -> int | None:
         """``size(atom) / size(leaf)`` when ``atom`` is a pure product containing ``leaf`` once, else None."""
@@ -403,6 +420,7 @@ def _common_radix(left: list[int], right: list[int]) -> list[int] | None:
     A factorization is described by its strides from the inner end; a common refinement exists
     when the union of both stride sets forms a divisibility chain.
     """
+
     def strides(sizes: list[int]) -> set[int]:
         out, acc = set(), 1
         for s in reversed(sizes):

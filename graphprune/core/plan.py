@@ -10,12 +10,15 @@ is refused, naming what differs, for any other.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from graphprune.frontends.torch.analysis import Analysis
-from graphprune.errors import InputError
+from graphprune.core.algebra import Spaces
+from graphprune.core.groups import Analysis
+from graphprune.errors import ApplyError, InputError
 
 
 @dataclass
@@ -46,12 +49,18 @@ class Plan:
         missing = sorted(set(self.shapes) - set(here))
         extra = sorted(set(here) - set(self.shapes))
         changed = sorted(n for n in set(here) & set(self.shapes) if here[n] != self.shapes[n])
-        what = "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                         for label, names in (("missing here", missing), ("not in the plan", extra),
-                                              ("other shapes", changed)) if names) or \
-            "the same parameters, coupled differently"
-        raise InputError(f"this plan was made for another architecture (fingerprint {self.fingerprint}, this model "
-                         f"{analysis.fingerprint}): {what}")
+        what = (
+            "; ".join(
+                f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                for label, names in (("missing here", missing), ("not in the plan", extra), ("other shapes", changed))
+                if names
+            )
+            or "the same parameters, coupled differently"
+        )
+        raise InputError(
+            f"this plan was made for another architecture (fingerprint {self.fingerprint}, this model "
+            f"{analysis.fingerprint}): {what}"
+        )
 
     def set(self, analysis: Analysis, group_id: int, kept: list[int] | torch.Tensor) -> None:
         group = analysis.group(group_id)
@@ -91,8 +100,12 @@ class Plan:
         return sum(analysis.group(g).size - len(k) for g, k in self.keep.items())
 
     def to_dict(self) -> dict:
-        return {"version": 2, "fingerprint": self.fingerprint, "shapes": self.shapes,
-                "keep": {str(k): v for k, v in sorted(self.keep.items())}}
+        return {
+            "version": 2,
+            "fingerprint": self.fingerprint,
+            "shapes": self.shapes,
+            "keep": {str(k): v for k, v in sorted(self.keep.items())},
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -101,9 +114,36 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         if data.get("version") not in (1, 2):
             raise InputError(f"unsupported plan version {data.get('version')!r}")
-        return cls({int(k): list(v) for k, v in data["keep"].items()}, data.get("fingerprint"),
-                   {k: list(v) for k, v in data.get("shapes", {}).items()})
+        return cls(
+            {int(k): list(v) for k, v in data["keep"].items()},
+            data.get("fingerprint"),
+            {k: list(v) for k, v in data.get("shapes", {}).items()},
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.from_dict(json.loads(text))
+
+
+def kept_positions(spaces: Spaces, dims: list[int], masks: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """For each dim of a tensor (its atoms ``dims``) that the masks shrink: (dim, kept positions)."""
+    index = []
+    for d, atom in enumerate(dims):
+        if not any(leaf in masks for leaf in spaces.leaves(atom)):
+            continue
+        keep = spaces.keep_mask(atom, masks)
+        if not bool(keep.all()):
+            index.append((d, keep.nonzero().squeeze(1)))
+    return index
+
+
+def constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> dict[Any, dict[tuple, int]]:
+    """New value of every registered shape constant (changed or not), by node and argument path."""
+    spaces = analysis.spaces
+    values: dict[Any, dict[tuple, int]] = defaultdict(dict)
+    for c in analysis.constants:
+        new = c.base + sum(spaces.kept_size(a, masks) for a in c.atoms)
+        prior = values[c.node].setdefault(c.path, new)
+        if prior != new:
+            raise ApplyError(f"{c.node.name}: argument {c.path} would need two values ({prior} and {new})")
+    return values

@@ -13,7 +13,7 @@ import os
 
 import networkx as nx
 
-from graphprune.frontends.torch.analysis import Analysis
+from graphprune.core.groups import Analysis
 from graphprune.errors import InputError
 
 
@@ -34,8 +34,11 @@ def coupling_graph(analysis: Analysis) -> nx.Graph:
     return graph
 
 
-STYLE = {"group": 'shape=box, style=filled, fillcolor="#cfe2f3"', "frozen": 'shape=box, style=filled, fillcolor="#f4cccc"',
-         "tensor": "shape=ellipse, fontsize=9"}
+STYLE = {
+    "group": 'shape=box, style=filled, fillcolor="#cfe2f3"',
+    "frozen": 'shape=box, style=filled, fillcolor="#f4cccc"',
+    "tensor": "shape=ellipse, fontsize=9",
+}
 COLORS = {"group": "#6fa8dc", "frozen": "#e06666", "tensor": "#cccccc"}
 
 

@@ -11,8 +11,9 @@ import numpy as np
 from graphprune.errors import InputError
 
 
-def onnx_latency_ms(path: str, feeds: dict[str, np.ndarray] | None = None, *, batch: int = 1, runs: int = 20,
-                    threads: int = 1) -> float:
+def onnx_latency_ms(
+    path: str, feeds: dict[str, np.ndarray] | None = None, *, batch: int = 1, runs: int = 20, threads: int = 1
+) -> float:
     """Median milliseconds per run.  Without ``feeds``, random inputs shaped by the model's inputs
     (symbolic dims = ``batch``; integer inputs in [0, 100))."""
     import onnxruntime as ort
@@ -24,14 +25,19 @@ def onnx_latency_ms(path: str, feeds: dict[str, np.ndarray] | None = None, *, ba
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise InputError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise InputError(
+            f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from exc
     if feeds is None:
         rng = np.random.default_rng(0)
         feeds = {}
         for i in session.get_inputs():
             shape = [d if isinstance(d, int) else batch for d in i.shape]
-            feeds[i.name] = (rng.integers(0, 100, shape).astype(np.int64) if "int" in i.type
-                             else rng.standard_normal(shape).astype(np.float32))
+            feeds[i.name] = (
+                rng.integers(0, 100, shape).astype(np.int64)
+                if "int" in i.type
+                else rng.standard_normal(shape).astype(np.float32)
+            )
     for _ in range(3):
         session.run(None, feeds)
     times = []

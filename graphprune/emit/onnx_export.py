@@ -46,22 +46,38 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from graphprune.frontends.torch.capture import ExampleInputs, eval_mode, no_kv_cache, normalize_inputs, set_eval, tensor_at
-from graphprune.frontends.torch.copying import clone
+from graphprune.algorithms.nm import CONV1D, NMPattern, nm_holds
+from graphprune.core.pipeline import Stage
+from graphprune.emit.qdq import TRANSPOSED, insert_qdq, pretranspose, stored_integers
 from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.frontends.onnx.capture import quiet_onnx_tools
+from graphprune.frontends.torch.capture import (
+    ExampleInputs,
+    eval_mode,
+    no_kv_cache,
+    normalize_inputs,
+    set_eval,
+    tensor_at,
+)
+from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.fake_quant import read_quant_plan, strip_quantization
+from graphprune.frontends.torch.masks import finalize, masked_weights
+from graphprune.frontends.torch.state import detect_stage
 from graphprune.io.outputs import Outputs, writing
-from graphprune.core.pipeline import Stage, detect_stage
-from graphprune.emit.qdq import TRANSPOSED, insert_qdq, pretranspose, stored_integers
-from graphprune.algorithms.quant import read_quant_plan, strip_quantization
-from graphprune.algorithms.nm import CONV1D, NMPattern, finalize, masked_weights, nm_holds
 
 PRODUCER = "graphprune"  # the producer_name of every ONNX file graphprune writes
 INT8_MARGIN = 1.1  # int8 file vs float model may be at most this times the fake-quant model's error
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph itself
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"}
-INT8_COMPUTE = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
-                "DynamicQuantizeMatMul"}
+INT8_COMPUTE = {
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+}
 
 
 @dataclass
@@ -83,13 +99,17 @@ class ExportReport:
 
     def __str__(self) -> str:
         checked = "relative L2" if self.quantized_layers else "max relative"
-        lines = [f"wrote {self.path} (stage {self.stage}{', external data' if self.external_data else ''})",
-                 f"  onnxruntime vs {self.reference}: max relative error {self.max_error:.2e}, relative L2 "
-                 f"{self.l2_error:.2e} ({checked} tolerance {self.tolerance:g})"]
+        lines = [
+            f"wrote {self.path} (stage {self.stage}{', external data' if self.external_data else ''})",
+            f"  onnxruntime vs {self.reference}: max relative error {self.max_error:.2e}, relative L2 "
+            f"{self.l2_error:.2e} ({checked} tolerance {self.tolerance:g})",
+        ]
         if self.quantized_layers:
             fake = "PyTorch" if self.reference == "torch" else "graph"
-            lines.append(f"  int8 error against the float model: onnxruntime {self.onnx_quantization_error:.2e}, "
-                         f"fake-quant {fake} {self.quantization_error:.2e}")
+            lines.append(
+                f"  int8 error against the float model: onnxruntime {self.onnx_quantization_error:.2e}, "
+                f"fake-quant {fake} {self.quantization_error:.2e}"
+            )
             ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.int8_ops.items()))
             lines.append(f"  int8 layers: {self.quantized_layers}, fused by onnxruntime into {ops}")
         if self.sparse_weights:
@@ -97,10 +117,20 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
-                pipeline: Sequence[str] = (), dynamic_batch: bool = True, fp32_tolerance: float = 1e-4,
-                int8_tolerance: float = 0.01, opset: int | None = None, exporter: str = "dynamo",
-                overwrite: bool = False, outputs: Outputs | None = None) -> ExportReport:
+def export_onnx(
+    module: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | os.PathLike,
+    *,
+    pipeline: Sequence[str] = (),
+    dynamic_batch: bool = True,
+    fp32_tolerance: float = 1e-4,
+    int8_tolerance: float = 0.01,
+    opset: int | None = None,
+    exporter: str = "dynamo",
+    overwrite: bool = False,
+    outputs: Outputs | None = None,
+) -> ExportReport:
     """Write ``module`` as an optimized ONNX file at ``path`` and verify it in onnxruntime.
 
     ``module`` is not modified.  ``pipeline`` (pass descriptions) goes into the metadata.  An
@@ -118,15 +148,22 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
     args, kwargs = normalize_inputs(example_inputs)
     stage, plan, patterns = detect_stage(module), read_quant_plan(module), masked_weights(module)
     if exporter == "torchscript" and (plan or patterns):
-        raise InputError("exporter='torchscript' writes float models only: its weight names differ from the "
-                         "module's, so N:M patterns and int8 QDQ cannot be attached; use the default exporter")
-    with writing(outputs, overwrite=overwrite) as out, \
-            tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress:
+        raise InputError(
+            "exporter='torchscript' writes float models only: its weight names differ from the "
+            "module's, so N:M patterns and int8 QDQ cannot be attached; use the default exporter"
+        )
+    with (
+        writing(outputs, overwrite=overwrite) as out,
+        tqdm(total=4, desc="ONNX export", unit="step", disable=None) as progress,
+    ):
         path = out.check(path, ours=made_by_graphprune)  # refused before the export's work
         float_model = set_eval(strip_quantization(finalize(clone(module))))
         progress.set_postfix_str("torch.onnx.export")
-        model = _export(float_model, args, kwargs, dynamic_batch, opset) if exporter == "dynamo" else \
-            _export_torchscript(float_model, args, kwargs, dynamic_batch, opset)
+        model = (
+            _export(float_model, args, kwargs, dynamic_batch, opset)
+            if exporter == "dynamo"
+            else _export_torchscript(float_model, args, kwargs, dynamic_batch, opset)
+        )
         progress.update()
         progress.set_postfix_str("optimize")
         pretranspose(model, (set(plan.layers) if plan else set()) | set(patterns))  # names kept for QDQ and N:M records
@@ -141,9 +178,15 @@ def export_onnx(module: nn.Module, example_inputs: ExampleInputs, path: str | os
         staged, external = save_model(model, path, out)
         progress.update()
         progress.set_postfix_str("verify in onnxruntime")
-        report = ExportReport(path, stage, max_error=0.0, tolerance=int8_tolerance if plan else fp32_tolerance,
-                              quantized_layers=quantized, external_data=external,
-                              sparse_weights={k: v["pattern"] for k, v in sparse.items()})
+        report = ExportReport(
+            path,
+            stage,
+            max_error=0.0,
+            tolerance=int8_tolerance if plan else fp32_tolerance,
+            quantized_layers=quantized,
+            external_data=external,
+            sparse_weights={k: v["pattern"] for k, v in sparse.items()},
+        )
         _verify(staged, module, float_model, args, kwargs, dynamic_batch, report)
         progress.update()
     return report
@@ -205,24 +248,38 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, op
     shapes = _batch_shapes(model, args, kwargs) if dynamic_batch else None
     try:
         with no_kv_cache(model), quiet_onnx_tools():
-            program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, optimize=False,
-                                        dynamic_shapes=shapes, opset_version=opset, verbose=False)
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs,
+                dynamo=True,
+                optimize=False,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                verbose=False,
+            )
     except Exception as exc:
         root = exc
         while root.__cause__ is not None:
             root = root.__cause__
         hint = ""
-        if dynamic_batch and any(t.dim() and t.shape[0] == 1 for t in pytree.tree_leaves((args, kwargs))
-                                 if isinstance(t, torch.Tensor)):
-            hint = (" With dynamic_batch=True every input's first dim is the batch, which cannot be traced from "
-                    "a batch of 1: give examples with a batch of at least 2, or pass dynamic_batch=False.")
-        raise CaptureError(f"torch's ONNX exporter failed on {type(model).__name__}: "
-                           f"{type(root).__name__}: {(str(root).strip() or '?').splitlines()[0]}{hint}") from exc
+        if dynamic_batch and any(
+            t.dim() and t.shape[0] == 1 for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        ):
+            hint = (
+                " With dynamic_batch=True every input's first dim is the batch, which cannot be traced from "
+                "a batch of 1: give examples with a batch of at least 2, or pass dynamic_batch=False."
+            )
+        raise CaptureError(
+            f"torch's ONNX exporter failed on {type(model).__name__}: "
+            f"{type(root).__name__}: {(str(root).strip() or '?').splitlines()[0]}{hint}"
+        ) from exc
     return program.model
 
 
-def _export_torchscript(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
-                        opset: int | None) -> ir.Model:
+def _export_torchscript(
+    model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, opset: int | None
+) -> ir.Model:
     """The TorchScript exporter's graph; inputs named after the forward's parameters."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     names = [n for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)]
@@ -233,11 +290,20 @@ def _export_torchscript(model: nn.Module, args: tuple, kwargs: dict, dynamic_bat
     try:
         with no_kv_cache(model), quiet_onnx_tools(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, tuple(bound.arguments.values()), buffer, dynamo=False, input_names=names,
-                              dynamic_axes=dims, opset_version=opset or 17)
+            torch.onnx.export(
+                model,
+                tuple(bound.arguments.values()),
+                buffer,
+                dynamo=False,
+                input_names=names,
+                dynamic_axes=dims,
+                opset_version=opset or 17,
+            )
     except Exception as exc:
-        raise CaptureError(f"torch's TorchScript ONNX exporter failed on {type(model).__name__}: "
-                           f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}") from exc
+        raise CaptureError(
+            f"torch's TorchScript ONNX exporter failed on {type(model).__name__}: "
+            f"{type(exc).__name__}: {(str(exc).strip() or '?').splitlines()[0]}"
+        ) from exc
     return ir.from_proto(onnx.load_from_string(buffer.getvalue()))
 
 
@@ -248,6 +314,7 @@ def _batch_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]
 
     def spec(x: Any) -> Any:
         return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
@@ -258,11 +325,21 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
     initializers = model.graph.initializers
     for name, (_tensor, pattern) in patterns.items():
         axis = 0 if pattern.layout == CONV1D else 1
-        found = [(n, t) for n, t in ((name, False), (name + TRANSPOSED, True), (name + "_quantized", False),
-                                     (name + TRANSPOSED + "_quantized", True)) if n in initializers]
+        found = [
+            (n, t)
+            for n, t in (
+                (name, False),
+                (name + TRANSPOSED, True),
+                (name + "_quantized", False),
+                (name + TRANSPOSED + "_quantized", True),
+            )
+            if n in initializers
+        ]
         if not found:
-            raise ApplyError(f"N:M weight {name} is not an initializer of the exported graph (the optimizer "
-                             "rewrote it), so its pattern cannot be recorded")
+            raise ApplyError(
+                f"N:M weight {name} is not an initializer of the exported graph (the optimizer "
+                "rewrote it), so its pattern cannot be recorded"
+            )
         onnx_name, transposed = found[0]
         axis = 1 - axis if transposed else axis
         values, zero = stored_integers(initializers, onnx_name)
@@ -275,12 +352,23 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
 def graphprune_metadata(stage: Stage, pipeline: Sequence[str], sparse: dict[str, dict]) -> dict[str, str]:
     from graphprune import __version__
 
-    return {"graphprune.version": __version__, "graphprune.stage": str(stage),
-            "graphprune.pipeline": json.dumps(list(pipeline)), "graphprune.nm_sparsity": json.dumps(sparse)}
+    return {
+        "graphprune.version": __version__,
+        "graphprune.stage": str(stage),
+        "graphprune.pipeline": json.dumps(list(pipeline)),
+        "graphprune.nm_sparsity": json.dumps(sparse),
+    }
 
 
-def _verify(staged: str, module: nn.Module, float_model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
-            report: ExportReport) -> None:
+def _verify(
+    staged: str,
+    module: nn.Module,
+    float_model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    dynamic_batch: bool,
+    report: ExportReport,
+) -> None:
     session, optimized = checked_session(staged)
     checks = [(args, kwargs)]
     if dynamic_batch:
@@ -291,8 +379,9 @@ def _verify(staged: str, module: nn.Module, float_model: nn.Module, args: tuple,
         got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), feeds, strict=False)})
         if len(got) != len(want):
             raise ApplyError(f"the ONNX model returns {len(got)} outputs, the module {len(want)}")
-        record_outputs(report, got, want,
-                       _outputs(float_model, call_args, call_kwargs) if report.quantized_layers else None)
+        record_outputs(
+            report, got, want, _outputs(float_model, call_args, call_kwargs) if report.quantized_layers else None
+        )
     check_outputs(report, optimized)
 
 
@@ -314,8 +403,9 @@ def checked_session(staged: str) -> tuple[ort.InferenceSession, str]:
     return ort.InferenceSession(staged, options, providers=["CPUExecutionProvider"]), optimized
 
 
-def record_outputs(report: ExportReport, got: list[np.ndarray], want: list[np.ndarray],
-                   float_outputs: list[np.ndarray] | None = None) -> None:
+def record_outputs(
+    report: ExportReport, got: list[np.ndarray], want: list[np.ndarray], float_outputs: list[np.ndarray] | None = None
+) -> None:
     """Fold one batch's comparison into ``report``: onnxruntime (``got``) against the reference
     (``want``: the module, or the fake-quant graph), and for int8 both against ``float_outputs``."""
     for g, w in zip(got, want, strict=True):
@@ -338,14 +428,21 @@ def check_outputs(report: ExportReport, optimized: str) -> None:
     """Raise unless the recorded errors are within the report's tolerance (see the module doc);
     for int8, also check what onnxruntime fused."""
     if not report.quantized_layers and report.max_error > report.tolerance:
-        raise ApplyError(f"onnxruntime's outputs differ from the reference's by {report.max_error:.3g} of the largest "
-                         f"output, over the tolerance {report.tolerance:g}; nothing was written")
-    if report.quantized_layers and report.l2_error > report.tolerance \
-            and report.onnx_quantization_error > INT8_MARGIN * report.quantization_error:
-        raise ApplyError(f"onnxruntime's int8 outputs differ from the fake-quant reference's by {report.l2_error:.3g} "
-                         f"(relative L2, tolerance {report.tolerance:g}) and are further from the float model "
-                         f"({report.onnx_quantization_error:.3g}) than the fake-quant reference is "
-                         f"({report.quantization_error:.3g}); nothing was written")
+        raise ApplyError(
+            f"onnxruntime's outputs differ from the reference's by {report.max_error:.3g} of the largest "
+            f"output, over the tolerance {report.tolerance:g}; nothing was written"
+        )
+    if (
+        report.quantized_layers
+        and report.l2_error > report.tolerance
+        and report.onnx_quantization_error > INT8_MARGIN * report.quantization_error
+    ):
+        raise ApplyError(
+            f"onnxruntime's int8 outputs differ from the fake-quant reference's by {report.l2_error:.3g} "
+            f"(relative L2, tolerance {report.tolerance:g}) and are further from the float model "
+            f"({report.onnx_quantization_error:.3g}) than the fake-quant reference is "
+            f"({report.quantization_error:.3g}); nothing was written"
+        )
     if report.quantized_layers:
         report.int8_ops = check_fusion(onnx.load(optimized))
 
@@ -371,11 +468,17 @@ def check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
     """Raise if a float Conv/Gemm/MatMul still reads a DequantizeLinear after onnxruntime's
     optimizations; returns the count of each int8 op."""
     producers = {out: node for node in optimized.graph.node for out in node.output}
-    unfused = [node.name or node.op_type for node in optimized.graph.node if node.op_type in FLOAT_COMPUTE
-               and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)]
+    unfused = [
+        node.name or node.op_type
+        for node in optimized.graph.node
+        if node.op_type in FLOAT_COMPUTE
+        and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)
+    ]
     if unfused:
-        raise ApplyError(f"onnxruntime did not fuse {len(unfused)} quantized layer(s) into int8 kernels "
-                         f"({', '.join(unfused[:5])}); they would run as float with extra conversions")
+        raise ApplyError(
+            f"onnxruntime did not fuse {len(unfused)} quantized layer(s) into int8 kernels "
+            f"({', '.join(unfused[:5])}); they would run as float with extra conversions"
+        )
     counts: dict[str, int] = {}
     for node in optimized.graph.node:
         if node.op_type in INT8_COMPUTE:

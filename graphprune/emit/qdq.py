@@ -21,8 +21,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from graphprune.algorithms.quant import BIAS_QMAX, BIAS_QMIN, LayerQuant, QuantPlan, integer_weight
 from graphprune.errors import ApplyError
-from graphprune.algorithms.quant import BIAS_QMIN, BIAS_QMAX, LayerQuant, QuantPlan, integer_weight
 
 WEIGHT_READERS = {"Conv", "Gemm", "MatMul"}
 TRANSPOSED = ".T"
@@ -64,18 +64,25 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray])
         transposed = weight_name + TRANSPOSED in graph.initializers
         value = graph.initializers.get(weight_name + TRANSPOSED if transposed else weight_name)
         if value is None:
-            raise ApplyError(f"quantized weight {weight_name} is not an initializer of the exported graph "
-                             "(the exporter changed it); cannot write its QDQ nodes")
+            raise ApplyError(
+                f"quantized weight {weight_name} is not an initializer of the exported graph "
+                "(the exporter changed it); cannot write its QDQ nodes"
+            )
         readers = [use.node for use in value.uses()]
-        if not readers or any(n.op_type not in WEIGHT_READERS or n.domain != "" or n.inputs[1] is not value
-                              for n in readers):
-            raise ApplyError(f"quantized weight {weight_name} is read by "
-                             f"{sorted({n.op_type for n in readers})}, not as the weight of Conv/Gemm/MatMul")
+        if not readers or any(
+            n.op_type not in WEIGHT_READERS or n.domain != "" or n.inputs[1] is not value for n in readers
+        ):
+            raise ApplyError(
+                f"quantized weight {weight_name} is read by "
+                f"{sorted({n.op_type for n in readers})}, not as the weight of Conv/Gemm/MatMul"
+            )
         written = value.const_value.numpy()
         if not np.array_equal(written.T if transposed else written, weights[weight_name]):
-            raise ApplyError(f"the ONNX optimizer rewrote quantized weight {weight_name} (it folded an op into it, "
-                             "e.g. a BatchNorm that Quantize could not fold because it is not an nn.BatchNorm "
-                             "module), so the model's int8 parameters no longer describe it")
+            raise ApplyError(
+                f"the ONNX optimizer rewrote quantized weight {weight_name} (it folded an op into it, "
+                "e.g. a BatchNorm that Quantize could not fold because it is not an nn.BatchNorm "
+                "module), so the model's int8 parameters no longer describe it"
+            )
         axis = 1 - layer.axis if transposed else layer.axis
         scale = torch.tensor(layer.weight_scale, dtype=torch.float32)
         q = integer_weight(torch.from_numpy(value.const_value.numpy().copy()), scale, axis)
@@ -107,15 +114,22 @@ def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -
         raise ApplyError(f"quantized bias {layer.bias} is not an initializer of the exported graph")
     scale = torch.tensor(layer.bias_scale, dtype=torch.float32)
     original = torch.from_numpy(value.const_value.numpy().copy()).float()
-    fq = torch.fake_quantize_per_channel_affine(original, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
-                                                BIAS_QMIN, BIAS_QMAX)
+    fq = torch.fake_quantize_per_channel_affine(
+        original, scale, torch.zeros_like(scale, dtype=torch.int32), 0, BIAS_QMIN, BIAS_QMAX
+    )
     uses = list(value.uses())
     if all(use.node in readers and use.idx == 2 for use in uses) or all(_adds_to(use.node, readers) for use in uses):
         q = torch.round(fq / scale).to(torch.int32).numpy()
-        node = ir.node("DequantizeLinear", [_initializer(graph, f"{value.name}_quantized", q),
-                                            _initializer(graph, f"{value.name}_scale", scale.numpy()),
-                                            _initializer(graph, f"{value.name}_zero_point", np.zeros(q.shape, np.int32))],
-                       {"axis": 0}, name=f"{value.name}_DequantizeLinear")
+        node = ir.node(
+            "DequantizeLinear",
+            [
+                _initializer(graph, f"{value.name}_quantized", q),
+                _initializer(graph, f"{value.name}_scale", scale.numpy()),
+                _initializer(graph, f"{value.name}_zero_point", np.zeros(q.shape, np.int32)),
+            ],
+            {"axis": 0},
+            name=f"{value.name}_DequantizeLinear",
+        )
         node.outputs[0].name = f"{value.name}_dequantized"
         _typed(node.outputs[0], ir.DataType.FLOAT, ir.Shape(q.shape))
         graph.insert_before(readers[0], node)
@@ -128,8 +142,11 @@ def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -
 def _adds_to(node: ir.Node, readers: list[ir.Node]) -> bool:
     """``node`` adds the bias straight to a reader's result (MatMul + Add, as linear layers export):
     written as int32 too, so a MatMul + Add that onnxruntime turns into a Gemm can fuse into QGemm."""
-    return node.op_type == "Add" and node.domain == "" and any(
-        x is not None and x.producer() in readers for x in node.inputs)
+    return (
+        node.op_type == "Add"
+        and node.domain == ""
+        and any(x is not None and x.producer() in readers for x in node.inputs)
+    )
 
 
 def _replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -140,10 +157,13 @@ def _replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
         old.name, new.name = f"{name}_replaced", name
 
 
-def _dequantize_weight(graph: ir.Graph, value: ir.Value, q: np.ndarray, scale: np.ndarray, axis: int,
-                       before: ir.Node) -> ir.Value:
+def _dequantize_weight(
+    graph: ir.Graph, value: ir.Value, q: np.ndarray, scale: np.ndarray, axis: int, before: ir.Node
+) -> ir.Value:
     name = value.name
-    quantized = _initializer(graph, f"{name}_quantized", (q.astype(np.int16) + 128).astype(np.uint8))  # see the module doc
+    quantized = _initializer(
+        graph, f"{name}_quantized", (q.astype(np.int16) + 128).astype(np.uint8)
+    )  # see the module doc
     scales = _initializer(graph, f"{name}_scale", scale)
     zeros = _initializer(graph, f"{name}_zero_point", np.full(scale.shape, 128, dtype=np.uint8))
     node = ir.node("DequantizeLinear", [quantized, scales, zeros], {"axis": axis}, name=f"{name}_DequantizeLinear")
@@ -153,8 +173,15 @@ def _dequantize_weight(graph: ir.Graph, value: ir.Value, q: np.ndarray, scale: n
     return node.outputs[0]
 
 
-def _quantize_dequantize(graph: ir.Graph, value: ir.Value, scale: float, zero_point: int, *,
-                         before: ir.Node | None = None, after: ir.Node | None = None) -> ir.Value:
+def _quantize_dequantize(
+    graph: ir.Graph,
+    value: ir.Value,
+    scale: float,
+    zero_point: int,
+    *,
+    before: ir.Node | None = None,
+    after: ir.Node | None = None,
+) -> ir.Value:
     base = f"{value.name}_{len(graph.initializers)}"
     s = _initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
     # uint8 with the zero-point shifted by 128 stands for exactly the same values as the plan's int8
@@ -195,7 +222,7 @@ def stored_integers(initializers: "dict[str, ir.Value]", name: str) -> tuple[np.
     """The integers initializer ``name`` stands for, with its zero-point subtracted (zero stays zero,
     so an N:M pattern can be checked on them), and that zero-point (0 for an unquantized value)."""
     values = initializers[name].const_value.numpy()
-    point = initializers.get(name[:-len("_quantized")] + "_zero_point") if name.endswith("_quantized") else None
+    point = initializers.get(name[: -len("_quantized")] + "_zero_point") if name.endswith("_quantized") else None
     if point is None:
         return values, 0
     points = np.unique(point.const_value.numpy())
@@ -209,7 +236,11 @@ def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
     graph.register_initializer(value)
     return value

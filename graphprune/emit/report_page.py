@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from graphprune.errors import InputError
-from graphprune.io.outputs import Outputs, writing
-from graphprune.algorithms.quant import FakeQuantWeight
 from graphprune.core.report import Report
-from graphprune.algorithms.nm import NMMask
+from graphprune.errors import InputError
+from graphprune.frontends.torch.fake_quant import FakeQuantWeight
+from graphprune.frontends.torch.masks import NMMask
+from graphprune.io.outputs import Outputs, writing
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 GENERATOR = "graphprune"  # report.json's "generator": how a report folder is recognised as graphprune's
@@ -59,8 +59,13 @@ def layer_rows(shapes_before: dict[str, list[int]], compressed: nn.Module) -> li
     rows = []
     for name, module in _layers(compressed):
         weight = module.weight.detach()
-        row = LayerRow(name, type(module).__name__.removeprefix("Parametrized"), shapes_before.get(name, []),
-                       list(weight.shape), float((weight == 0).float().mean()))
+        row = LayerRow(
+            name,
+            type(module).__name__.removeprefix("Parametrized"),
+            shapes_before.get(name, []),
+            list(weight.shape),
+            float((weight == 0).float().mean()),
+        )
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations["weight"]:
                 if isinstance(p, NMMask):
@@ -74,9 +79,15 @@ def layer_rows(shapes_before: dict[str, list[int]], compressed: nn.Module) -> li
     return rows
 
 
-def write_report(directory: str | os.PathLike, report: Report, layers: list[LayerRow],
-                 latency_ms: dict[str, float] | None = None, *, overwrite: bool = False,
-                 outputs: Outputs | None = None) -> list[str]:
+def write_report(
+    directory: str | os.PathLike,
+    report: Report,
+    layers: list[LayerRow],
+    latency_ms: dict[str, float] | None = None,
+    *,
+    overwrite: bool = False,
+    outputs: Outputs | None = None,
+) -> list[str]:
     """Write the report pages into the folder ``directory``; returns the file names.
 
     ``directory`` may be new, empty, or a report folder graphprune wrote (see
@@ -88,8 +99,12 @@ def write_report(directory: str | os.PathLike, report: Report, layers: list[Laye
         check_report_folder(directory, out)
         staging = out.claim(directory, folder=True, ours=is_report_folder)
         plots = _plots(staging, report, layers, latency)
-        data = {"generator": GENERATOR, **report.to_dict(), "layers": [asdict(r) for r in layers],
-                "latency_ms": latency}
+        data = {
+            "generator": GENERATOR,
+            **report.to_dict(),
+            "layers": [asdict(r) for r in layers],
+            "latency_ms": latency,
+        }
         with open(os.path.join(staging, "report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
         with open(os.path.join(staging, "report.md"), "w") as f:
@@ -105,8 +120,10 @@ def check_report_folder(directory: str | os.PathLike, outputs: Outputs) -> str:
     whatever ``overwrite`` says: replacing it would delete files graphprune did not make
     (``write_report(".")`` would delete the working directory)."""
     if os.path.isdir(directory) and os.listdir(directory) and not is_report_folder(os.fspath(directory)):
-        raise InputError(f"{os.path.abspath(directory)} holds files that are not a graphprune report, and report "
-                         "pages replace their folder whole: name a new or empty folder for the report")
+        raise InputError(
+            f"{os.path.abspath(directory)} holds files that are not a graphprune report, and report "
+            "pages replace their folder whole: name a new or empty folder for the report"
+        )
     return outputs.check(directory, folder=True, ours=is_report_folder)
 
 
@@ -119,8 +136,12 @@ def is_report_folder(path: str) -> bool:
             data = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("generator") == GENERATOR and set(names) <= {*PAGES, *PLOTS} \
+    return (
+        isinstance(data, dict)
+        and data.get("generator") == GENERATOR
+        and set(names) <= {*PAGES, *PLOTS}
         and all(os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n)) for n in names)
+    )
 
 
 def _plots(directory: str, report: Report, layers: list[LayerRow], latency: dict[str, float]) -> dict[str, str]:
@@ -139,8 +160,12 @@ def _plots(directory: str, report: Report, layers: list[LayerRow], latency: dict
         plots["sparsity"] = _save(fig, directory, "sparsity.png")
     stages = ["original"] + [r.pass_name for r in report.rows]
     fig = Figure(figsize=(7, 3))
-    for i, (label, values) in enumerate((("params", [report.params] + [r.params_after for r in report.rows]),
-                                         ("MACs", [report.macs] + [r.macs_after for r in report.rows]))):
+    for i, (label, values) in enumerate(
+        (
+            ("params", [report.params] + [r.params_after for r in report.rows]),
+            ("MACs", [report.macs] + [r.macs_after for r in report.rows]),
+        )
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.bar(range(len(stages)), [v / (values[0] or 1) for v in values], color="#55a868")
         ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=7)
@@ -165,36 +190,60 @@ def _save(fig, directory: str, name: str) -> str:
 
 
 def _markdown(report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str]) -> str:
-    out = [f"# graphprune report: {report.model_name}", "",
-           f"Pipeline: {', '.join(f'`{p}`' for p in report.pipeline) or '-'}", ""]
+    out = [
+        f"# graphprune report: {report.model_name}",
+        "",
+        f"Pipeline: {', '.join(f'`{p}`' for p in report.pipeline) or '-'}",
+        "",
+    ]
     out += [f"> {note}" for note in report.notes]
-    out += ["", f"Params {report.params:,} → {report.params_after:,} "
-                f"({report.params_after / (report.params or 1):.1%}); MACs {report.macs:,} → {report.macs_after:,} "
-                f"({report.macs_after / (report.macs or 1):.1%})", ""]
+    out += [
+        "",
+        f"Params {report.params:,} → {report.params_after:,} "
+        f"({report.params_after / (report.params or 1):.1%}); MACs {report.macs:,} → {report.macs_after:,} "
+        f"({report.macs_after / (report.macs or 1):.1%})",
+        "",
+    ]
     if latency:
         base = next(iter(latency.values()))
         out += ["| model | onnxruntime ms | speedup |", "|---|---|---|"]
         out += [f"| {k} | {v:.2f} | {base / v:.2f}x |" for k, v in latency.items()] + [""]
-    out += ["## Passes", "", "| pass | stage | seconds | params after | MACs after | output error | details |",
-            "|---|---|---|---|---|---|---|"]
+    out += [
+        "## Passes",
+        "",
+        "| pass | stage | seconds | params after | MACs after | output error | details |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report.rows:
         err = "-" if r.output_error is None else f"{r.output_error:.2e}"
         details = "; ".join(f"{k}: {v}" for k, v in r.details.items()).replace("|", "/")
-        out.append(f"| {r.pass_name} | {r.stage} | {r.seconds:.2f} | {r.params_after:,} | {r.macs_after:,} | {err} "
-                   f"| {details[:300]} |")
-    out += ["", *[f"![{k}]({v})" for k, v in plots.items()], "", "## Layers", "",
-            "| layer | kind | shape before | shape after | zeros | N:M | int8 weight scales (min/median/max) "
-            "| input scale, zero-point |", "|---|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r.pass_name} | {r.stage} | {r.seconds:.2f} | {r.params_after:,} | {r.macs_after:,} | {err} "
+            f"| {details[:300]} |"
+        )
+    out += [
+        "",
+        *[f"![{k}]({v})" for k, v in plots.items()],
+        "",
+        "## Layers",
+        "",
+        "| layer | kind | shape before | shape after | zeros | N:M | int8 weight scales (min/median/max) "
+        "| input scale, zero-point |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in layers:
         scales = "/".join(f"{s:.2e}" for s in r.weight_scale) if r.weight_scale else "-"
         qin = f"{r.input_qparams[0]:.2e}, {int(r.input_qparams[1])}" if r.input_qparams else "-"
-        out.append(f"| {r.name} | {r.kind} | {r.shape_before} | {r.shape_after} | {r.zeros:.1%} | {r.pattern or '-'} "
-                   f"| {scales} | {qin} |")
+        out.append(
+            f"| {r.name} | {r.kind} | {r.shape_before} | {r.shape_after} | {r.zeros:.1%} | {r.pattern or '-'} "
+            f"| {scales} | {qin} |"
+        )
     return "\n".join(out) + "\n"
 
 
-def _html(report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str],
-          directory: str) -> str:
+def _html(
+    report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str], directory: str
+) -> str:
     """The Markdown content as a small self-contained HTML page (tables and embedded PNGs)."""
     body = []
     in_table = False
@@ -227,7 +276,11 @@ def _html(report: Report, layers: list[LayerRow], latency: dict[str, float], plo
             body.append(f"<p>{html.escape(line)}</p>")
     if in_table:
         body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%;display:block}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>graphprune report</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}</body></html>\n"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+        "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%;display:block}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>graphprune report</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )

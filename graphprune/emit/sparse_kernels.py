@@ -30,11 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from graphprune.algorithms.nm import LINEAR
+from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, integer_weight
+from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import ExampleInputs, eval_mode, normalize_inputs, set_eval, to_device
 from graphprune.frontends.torch.copying import clone
-from graphprune.errors import InputError
-from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, FakeQuantWeight, integer_weight, strip_quantization
-from graphprune.algorithms.nm import LINEAR, NMMask, finalize
+from graphprune.frontends.torch.fake_quant import FakeQuantWeight, strip_quantization
+from graphprune.frontends.torch.masks import NMMask, finalize
 
 # ------------------------------------------------------------------ the reference 2:4 format
 
@@ -87,9 +89,16 @@ class Int8SparseLinear(nn.Module):
     ``torch._cslt_compress``-ed weight, or :func:`reference_int8_matmul` on the plain int8 weight.
     """
 
-    def __init__(self, packed: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, input_scale: float,
-                 input_zero_point: int, matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 out_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        alpha: torch.Tensor,
+        bias: torch.Tensor,
+        input_scale: float,
+        input_zero_point: int,
+        matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        out_dtype: torch.dtype,
+    ) -> None:
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("alpha", alpha)
@@ -99,8 +108,9 @@ class Int8SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, rows = x.shape[:-1], x.numel() // x.shape[-1]
-        q = torch.clamp(torch.round(x.reshape(rows, -1).float() / self.input_scale) + self.input_zero_point,
-                        ACT_QMIN, ACT_QMAX).to(torch.int8)
+        q = torch.clamp(
+            torch.round(x.reshape(rows, -1).float() / self.input_scale) + self.input_zero_point, ACT_QMIN, ACT_QMAX
+        ).to(torch.int8)
         # cuSPARSELt's int8 kernels take the dense operand only as a column-major view (q.t(), not
         # a contiguous copy) with a multiple of 16 rows ("operation not supported" otherwise)
         q = F.pad(q, (0, 0, 0, -rows % INT8_ROW_MULTIPLE))
@@ -131,8 +141,9 @@ class SemiStructuredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         algorithm = getattr(self.weight, "alg_id_cusparselt", None)
-        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, 2:4 {type(self.weight).__name__}" + \
-            ("" if algorithm is None else f", cuSPARSELt algorithm {algorithm}")
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, 2:4 {type(self.weight).__name__}" + (
+            "" if algorithm is None else f", cuSPARSELt algorithm {algorithm}"
+        )
 
 
 def reference_int8_matmul(weight_q: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -140,14 +151,16 @@ def reference_int8_matmul(weight_q: torch.Tensor, x_q_t: torch.Tensor, alpha: to
     return alpha.double()[:, None] * (weight_q.double() @ x_q_t.double())
 
 
-def cusparselt_int8_matmul(packed: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor,
-                           algorithm: int = 0) -> torch.Tensor:
+def cusparselt_int8_matmul(
+    packed: torch.Tensor, x_q_t: torch.Tensor, alpha: torch.Tensor, algorithm: int = 0
+) -> torch.Tensor:
     """cuSPARSELt int8 x int8 with the per-row scales fused as the alpha vector (fp16 result)."""
     return torch._cslt_sparse_mm(packed, x_q_t, alpha=alpha, out_dtype=torch.float16, alg_id=algorithm)
 
 
-def int8_sparse_linear(linear: nn.Linear, backend: str = "reference", out_dtype: torch.dtype = torch.float32,
-                       algorithm: int = 0) -> Int8SparseLinear:
+def int8_sparse_linear(
+    linear: nn.Linear, backend: str = "reference", out_dtype: torch.dtype = torch.float32, algorithm: int = 0
+) -> Int8SparseLinear:
     """The :class:`Int8SparseLinear` equivalent of a fake-quantized (and 2:4-masked) ``nn.Linear``;
     ``backend`` is ``"reference"`` (any device) or ``"cusparselt"`` (CUDA, with that cuSPARSELt
     ``algorithm`` id: see :func:`tuned_algorithm`)."""
@@ -169,8 +182,9 @@ def int8_sparse_linear(linear: nn.Linear, backend: str = "reference", out_dtype:
         packed, matmul = weight_q, reference_int8_matmul
     else:
         raise InputError(f"int8 sparse backend must be 'reference' or 'cusparselt', got {backend!r}")
-    return Int8SparseLinear(packed, alpha.float().to(packed.device), bias.float().to(packed.device), s_x, z_x,
-                            matmul, out_dtype)
+    return Int8SparseLinear(
+        packed, alpha.float().to(packed.device), bias.float().to(packed.device), s_x, z_x, matmul, out_dtype
+    )
 
 
 # ------------------------------------------------------------------ conversion
@@ -204,8 +218,10 @@ class SparseKernelReport:
     def __str__(self) -> str:
         if self.unavailable:
             return f"sparse kernels not used: {self.unavailable}; the module is the dense masked one"
-        lines = [f"sparse kernels on {self.device}: {sum(d.choice == 'sparse' for d in self.decisions)} of "
-                 f"{len(self.decisions)} 2:4 layers"]
+        lines = [
+            f"sparse kernels on {self.device}: {sum(d.choice == 'sparse' for d in self.decisions)} of "
+            f"{len(self.decisions)} 2:4 layers"
+        ]
         for d in self.decisions:
             timing = f" (dense {d.dense_ms:.3f} ms, sparse {d.sparse_ms:.3f} ms)" if d.dense_ms is not None else ""
             lines.append(f"  {d.layer}: {d.choice}, {d.reason}{timing}")
@@ -221,8 +237,10 @@ def kernel_support() -> str | None:
         return f"{torch.cuda.get_device_name()} (sm_{major}{minor}) has no sparse tensor cores (sm_80 or newer)"
     if major > 8 and not uses_cusparselt():
         # seen on an H100 (torch 2.11): the CUTLASS kernels raise "Supported only on GPUs with compute capability 8.x"
-        return (f"{torch.cuda.get_device_name()} (sm_{major}{minor}) needs cuSPARSELt, which this PyTorch does not "
-                "use: its CUTLASS 2:4 kernels run on sm_8x only")
+        return (
+            f"{torch.cuda.get_device_name()} (sm_{major}{minor}) needs cuSPARSELt, which this PyTorch does not "
+            "use: its CUTLASS 2:4 kernels run on sm_8x only"
+        )
     return None
 
 
@@ -233,8 +251,9 @@ def uses_cusparselt() -> bool:
     return torch.backends.cusparselt.is_available() and not SparseSemiStructuredTensor._FORCE_CUTLASS
 
 
-def tuned_algorithm(compressed: torch.Tensor, in_features: int, tokens: int, dtype: torch.dtype,
-                    **options: object) -> int:
+def tuned_algorithm(
+    compressed: torch.Tensor, in_features: int, tokens: int, dtype: torch.dtype, **options: object
+) -> int:
     """cuSPARSELt's fastest algorithm id for ``tokens`` input rows, by its own search.
 
     Its default algorithm is far from the best for some shapes (on an H100 the search picked a
@@ -265,7 +284,9 @@ def shape_constraint(dtype: torch.dtype) -> tuple[int, int] | None:
     """(rows, cols) multiples the semi-structured backend PyTorch will use needs for ``dtype``."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-    table = (SparseSemiStructuredTensorCUSPARSELT if uses_cusparselt() else SparseSemiStructuredTensorCUTLASS)._DTYPE_SHAPE_CONSTRAINTS
+    table = (
+        SparseSemiStructuredTensorCUSPARSELT if uses_cusparselt() else SparseSemiStructuredTensorCUTLASS
+    )._DTYPE_SHAPE_CONSTRAINTS
     config = table.get(dtype)
     return None if config is None else (config.sparse_min_rows, config.sparse_min_cols)
 
@@ -274,8 +295,11 @@ def eligible(linear: nn.Module, dtype: torch.dtype) -> str | None:
     """None if ``linear`` can run a 2:4 kernel in ``dtype``, else why not."""
     if not isinstance(linear, nn.Linear):
         return "not an nn.Linear"
-    masks = [p for p in linear.parametrizations["weight"] if isinstance(p, NMMask)] \
-        if hasattr(linear, "parametrizations") and "weight" in linear.parametrizations else []
+    masks = (
+        [p for p in linear.parametrizations["weight"] if isinstance(p, NMMask)]
+        if hasattr(linear, "parametrizations") and "weight" in linear.parametrizations
+        else []
+    )
     if not masks or (masks[0].pattern.n, masks[0].pattern.m, masks[0].pattern.layout) != (2, 4, LINEAR):
         return "no 2:4 mask along the input features"
     constraint = shape_constraint(dtype)
@@ -287,9 +311,16 @@ def eligible(linear: nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
-def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype: torch.dtype = torch.float16,
-                      timings: dict[tuple, ShapeTiming] | None = None, repeats: int = 50,
-                      choose: str = "timed", timing: str = "eager") -> tuple[nn.Module, SparseKernelReport]:
+def to_sparse_kernels(
+    module: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    dtype: torch.dtype = torch.float16,
+    timings: dict[tuple, ShapeTiming] | None = None,
+    repeats: int = 50,
+    choose: str = "timed",
+    timing: str = "eager",
+) -> tuple[nn.Module, SparseKernelReport]:
     """A copy of ``module`` on the GPU in ``dtype`` whose eligible 2:4 linears call sparse kernels
     where that is faster for the token count the example inputs give them (int8 fake-quantized
     ones the int8 kernel with fused scales); the report says which and why.  ``timings`` from an
@@ -319,7 +350,9 @@ def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype
     candidates: dict[str, nn.Linear] = {}
     fake_quant: dict[str, nn.Linear] = {}  # the int8 candidates as they were, to build Int8SparseLinear from
     for name, layer in model.named_modules():
-        if not (isinstance(layer, nn.Linear) and hasattr(layer, "parametrizations") and "weight" in layer.parametrizations):
+        if not (
+            isinstance(layer, nn.Linear) and hasattr(layer, "parametrizations") and "weight" in layer.parametrizations
+        ):
             continue
         quantized = any(isinstance(p, FakeQuantWeight) for p in layer.parametrizations["weight"])
         why = eligible(layer, torch.int8 if quantized else dtype)
@@ -341,19 +374,23 @@ def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype
         kind = "int8" if name in fake_quant else str(dtype).removeprefix("torch.")
         key = (report.device, kind, layer.out_features, layer.in_features, tokens[name], timing)
         known = report.timings.get(key)
-        replacement, algorithm = sparse_replacement(layer, fake_quant.get(name), tokens[name], dtype,
-                                                     None if known is None else known.algorithm)
+        replacement, algorithm = sparse_replacement(
+            layer, fake_quant.get(name), tokens[name], dtype, None if known is None else known.algorithm
+        )
         algorithm_note = f" (cuSPARSELt algorithm {algorithm})" if uses_cusparselt() else ""
         if choose == "sparse":
             verdict, dense_ms, sparse_ms = f"{kind} 2:4, asked for (choose='sparse'){algorithm_note}", None, None
         else:
             if known is None:
                 known = report.timings[key] = ShapeTiming(
-                    *_time_layer(layer, replacement, tokens[name], repeats, timing == "graph"), algorithm)
+                    *_time_layer(layer, replacement, tokens[name], repeats, timing == "graph"), algorithm
+                )
             dense_ms, sparse_ms = known.dense_ms, known.sparse_ms
             faster = sparse_ms < dense_ms
-            verdict = (f"{kind} 2:4 {'faster' if faster else 'not faster'} at {tokens[name]} tokens, timed {timing}"
-                       f"{algorithm_note}")
+            verdict = (
+                f"{kind} 2:4 {'faster' if faster else 'not faster'} at {tokens[name]} tokens, timed {timing}"
+                f"{algorithm_note}"
+            )
             if not faster:
                 report.decisions.append(KernelDecision(name, "dense", verdict, dense_ms, sparse_ms))
                 continue
@@ -363,8 +400,9 @@ def to_sparse_kernels(module: nn.Module, example_inputs: ExampleInputs, *, dtype
     return model, report
 
 
-def sparse_replacement(layer: nn.Linear, fake_quant: nn.Linear | None, tokens: int, dtype: torch.dtype,
-                        algorithm: int | None) -> tuple[Int8SparseLinear | SemiStructuredLinear, int]:
+def sparse_replacement(
+    layer: nn.Linear, fake_quant: nn.Linear | None, tokens: int, dtype: torch.dtype, algorithm: int | None
+) -> tuple[Int8SparseLinear | SemiStructuredLinear, int]:
     """The 2:4 stand-in for ``layer`` (fp16/bf16 on the GPU, 2:4 masks baked in) and its cuSPARSELt
     algorithm (searched for ``tokens`` input rows when None): an :class:`Int8SparseLinear` built
     from ``fake_quant``, the layer's int8 fake-quantized original, when given; else a
@@ -372,25 +410,36 @@ def sparse_replacement(layer: nn.Linear, fake_quant: nn.Linear | None, tokens: i
     if fake_quant is not None:
         if algorithm is None:
             probe = int8_sparse_linear(fake_quant, "cusparselt", out_dtype=dtype)
-            algorithm = tuned_algorithm(probe.packed, layer.in_features, tokens, torch.int8, alpha=probe.alpha,
-                                        out_dtype=torch.float16)
+            algorithm = tuned_algorithm(
+                probe.packed, layer.in_features, tokens, torch.int8, alpha=probe.alpha, out_dtype=torch.float16
+            )
         return int8_sparse_linear(fake_quant, "cusparselt", out_dtype=dtype, algorithm=algorithm), algorithm
     weight = layer.weight.detach()
     if algorithm is None:
-        algorithm = tuned_algorithm(torch._cslt_compress(weight), layer.in_features, tokens, dtype) \
-            if uses_cusparselt() else 0
+        algorithm = (
+            tuned_algorithm(torch._cslt_compress(weight), layer.in_features, tokens, dtype) if uses_cusparselt() else 0
+        )
     bias = None if layer.bias is None else layer.bias.detach()
     return SemiStructuredLinear(semi_structured_weight(weight, algorithm), bias), algorithm
 
 
-def _tokens_per_layer(model: nn.Module, layers: dict[str, nn.Linear], example_inputs: ExampleInputs,
-                      device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+def _tokens_per_layer(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    example_inputs: ExampleInputs,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, int]:
     args, kwargs = normalize_inputs(example_inputs)
-    args, kwargs = pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                                   else t, to_device((args, kwargs), device))
+    args, kwargs = pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        to_device((args, kwargs), device),
+    )
     seen: dict[str, int] = {}
-    handles = [layer.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0].numel() // a[0].shape[-1]))
-               for name, layer in layers.items()]
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0].numel() // a[0].shape[-1]))
+        for name, layer in layers.items()
+    ]
     try:
         with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
@@ -400,8 +449,9 @@ def _tokens_per_layer(model: nn.Module, layers: dict[str, nn.Linear], example_in
     return seen
 
 
-def _time_layer(layer: nn.Linear, replacement: nn.Module, tokens: int, repeats: int,
-                graph: bool) -> tuple[float, float]:
+def _time_layer(
+    layer: nn.Linear, replacement: nn.Module, tokens: int, repeats: int, graph: bool
+) -> tuple[float, float]:
     """Median milliseconds of the dense linear and its sparse replacement for ``tokens`` rows,
     called eagerly or (``graph``) replayed from CUDA graphs."""
     x = torch.randn(tokens, layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)

@@ -43,12 +43,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from graphprune.algorithms.nm import satisfies
+from graphprune.errors import GraphpruneError, InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.capture import spec_inputs
-from graphprune.errors import GraphpruneError, InputError
 from graphprune.io.outputs import Outputs, overlap
 from graphprune.io.plan_file import PlanFile, check_kept
-from graphprune.algorithms.nm import satisfies
 from graphprune.io.tensor_store import opened
 
 
@@ -65,15 +65,23 @@ class CheckpointReport:
     config: dict[str, object] = field(default_factory=dict)  # the config.json keys changed
 
     def __str__(self) -> str:
-        return (f"{self.destination}: {self.shards} shards, {len(self.tensors_changed)} tensors changed, "
-                f"{self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB"
-                + (f", resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")
-                + (f", config.json: {self.config}" if self.config else ""))
+        return (
+            f"{self.destination}: {self.shards} shards, {len(self.tensors_changed)} tensors changed, "
+            f"{self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB"
+            + (f", resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")
+            + (f", config.json: {self.config}" if self.config else "")
+        )
 
 
-def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.PathLike,
-                        destination: str | os.PathLike, *, prefix: str = "",
-                        config: dict[str, object] | None = None, overwrite: bool = False) -> CheckpointReport:
+def apply_to_checkpoint(
+    plan: PlanFile | str | os.PathLike,
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    prefix: str = "",
+    config: dict[str, object] | None = None,
+    overwrite: bool = False,
+) -> CheckpointReport:
     """Write the checkpoint in ``source`` (a folder of ``.safetensors`` shards, with their index and
     any other files) pruned by ``plan`` to the folder ``destination``.
 
@@ -91,30 +99,40 @@ def apply_to_checkpoint(plan: PlanFile | str | os.PathLike, source: str | os.Pat
         outputs.check(destination, folder=True)
         given = overlap(partial, inputs)
         if given is not None:
-            raise InputError(f"cannot stage the checkpoint in {partial} (beside {destination}): it overlaps an input "
-                             f"({given}); name another destination")
+            raise InputError(
+                f"cannot stage the checkpoint in {partial} (beside {destination}): it overlaps an input "
+                f"({given}); name another destination"
+            )
         shards, config = _prepared(plan_file, source, prefix, config)
-        identity = json.loads(json.dumps({"plan": _digest(plan_file), "source": _source_identity(shards),
-                                          "prefix": prefix, "config": config}, default=str))
+        identity = json.loads(
+            json.dumps(
+                {"plan": _digest(plan_file), "source": _source_identity(shards), "prefix": prefix, "config": config},
+                default=str,
+            )
+        )
         _check_resumable(partial, identity)
-        report = _write(partial, CheckpointReport(str(destination), len(shards)), shards, plan_file, prefix,
-                        config or {}, identity)
+        report = _write(
+            partial, CheckpointReport(str(destination), len(shards)), shards, plan_file, prefix, config or {}, identity
+        )
         staged = outputs.claim(destination, folder=True)
         os.rmdir(staged)
         os.replace(partial, staged)
     return report
 
 
-def _prepared(plan: PlanFile, source: Path, prefix: str,
-              config: dict[str, object] | None) -> tuple[list[Path], dict[str, object] | None]:
+def _prepared(
+    plan: PlanFile, source: Path, prefix: str, config: dict[str, object] | None
+) -> tuple[list[Path], dict[str, object] | None]:
     """The source's shards and the config change, everything checked before anything is written."""
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise InputError(f"{source}: no .safetensors files (apply_to_checkpoint reads safetensors checkpoints only)")
     unsliced = [k for k, p in enumerate(plan.structured) if p.keep and not p.slices]
     if unsliced:
-        raise InputError("this plan file records no per-tensor slices (it was written by an older graphprune): "
-                         "re-run the pruning and save the plan again")
+        raise InputError(
+            "this plan file records no per-tensor slices (it was written by an older graphprune): "
+            "re-run the pruning and save the plan again"
+        )
     _check_other_files(source)
     dense, planned = _check_source(shards, plan, prefix)
     changes = _planned_changes(plan)  # after the check: the plan's dims fit the checkpoint's
@@ -123,22 +141,41 @@ def _prepared(plan: PlanFile, source: Path, prefix: str,
         fits, certain = infer_config(config_path, dense, planned, changes, plan)
         if len(fits) != 1 or not certain:
             keys = _keys_by_value(_read_json(config_path))
-            why = "no change of its sizes that could be inferred gives the architecture those shapes" if not fits \
-                else ("changes of head counts or sizes give the same shapes in several ways (" + " or ".join(map(
-                    str, fits)) + ", ...) and this plan does not record the model it made, which would tell them "
-                    "apart") if not certain else ("several changes make the model the plan made ("
-                                                  + " or ".join(map(str, fits)) + ")")
-            raise InputError(f"the plan changes tensor shapes, so config.json needs new sizes, and {why}; pass "
-                             "config={...} with the keys that change (or config={} to copy it as it is). The plan "
-                             "changes " + "; ".join(f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
-                                                    f"to {', '.join(map(str, sorted(new)))}"
-                                                    for old, new in sorted(changes.items())))
+            why = (
+                "no change of its sizes that could be inferred gives the architecture those shapes"
+                if not fits
+                else (
+                    "changes of head counts or sizes give the same shapes in several ways ("
+                    + " or ".join(map(str, fits))
+                    + ", ...) and this plan does not record the model it made, which would tell them "
+                    "apart"
+                )
+                if not certain
+                else ("several changes make the model the plan made (" + " or ".join(map(str, fits)) + ")")
+            )
+            raise InputError(
+                f"the plan changes tensor shapes, so config.json needs new sizes, and {why}; pass "
+                "config={...} with the keys that change (or config={} to copy it as it is). The plan "
+                "changes "
+                + "; ".join(
+                    f"dims of {old}{' (' + ', '.join(keys[old]) + '?)' if old in keys else ''} "
+                    f"to {', '.join(map(str, sorted(new)))}"
+                    for old, new in sorted(changes.items())
+                )
+            )
         config = fits[0]
     return shards, config
 
 
-def _write(partial: Path, report: CheckpointReport, shards: list[Path], plan: PlanFile, prefix: str,
-           config: dict[str, object], identity: dict) -> CheckpointReport:
+def _write(
+    partial: Path,
+    report: CheckpointReport,
+    shards: list[Path],
+    plan: PlanFile,
+    prefix: str,
+    config: dict[str, object],
+    identity: dict,
+) -> CheckpointReport:
     """Write the pruned checkpoint into ``partial``, skipping shards an interrupted run finished, and
     verify it (a failed verification removes ``partial``; any other failure leaves it to resume)."""
     partial.mkdir(exist_ok=True)
@@ -198,8 +235,9 @@ def _check_resumable(partial: Path, identity: dict) -> None:
     if not partial.exists():
         return
     if not partial.is_dir():
-        raise InputError(f"{partial} is a file: graphprune stages the checkpoint there; remove it or name another "
-                         "destination")
+        raise InputError(
+            f"{partial} is a file: graphprune stages the checkpoint there; remove it or name another destination"
+        )
     stamp = partial / STAMP
     if not stamp.exists():
         if any(partial.iterdir()):
@@ -216,9 +254,11 @@ def _check_resumable(partial: Path, identity: dict) -> None:
     if shards:
         changed.append("source shards " + ", ".join(shards[:3]) + (" ..." if len(shards) > 3 else ""))
     if changed:
-        raise InputError(f"{partial} holds an unfinished run with another plan, source or options (changed since: "
-                         f"{'; '.join(changed)}), so its finished shards would be stale: remove {partial} to "
-                         "start again, or re-run with what that run had")
+        raise InputError(
+            f"{partial} holds an unfinished run with another plan, source or options (changed since: "
+            f"{'; '.join(changed)}), so its finished shards would be stale: remove {partial} to "
+            "start again, or re-run with what that run had"
+        )
 
 
 def _check_other_files(source: Path) -> None:
@@ -258,8 +298,10 @@ def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict
                 dense[name] = list(shape)
                 key = _plan_name(name, prefix)
                 if key in shapes and shape != shapes[key]:
-                    raise InputError(f"{name} is {shape} in the checkpoint, the plan was made for {shapes[key]}: "
-                                     "not the same architecture")
+                    raise InputError(
+                        f"{name} is {shape} in the checkpoint, the plan was made for {shapes[key]}: "
+                        "not the same architecture"
+                    )
                 for k, structured in enumerate(plan.structured):
                     for d, kept in enumerate(structured.slices.get(key, []) if key is not None else []):
                         if kept is None:
@@ -271,19 +313,23 @@ def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict
                         shape[d] = len(kept)
                 for kind, recorded in (("new value", values), ("mask", masks)):
                     if key in recorded and recorded[key] != shape:
-                        raise InputError(f"the plan's {kind} for {name} is {recorded[key]}, the pruned tensor is "
-                                         f"{shape}: the plan is damaged or of another model")
+                        raise InputError(
+                            f"the plan's {kind} for {name} is {recorded[key]}, the pruned tensor is "
+                            f"{shape}: the plan is damaged or of another model"
+                        )
                 planned[name] = shape
     missing = sorted(_names(plan) - {_plan_name(n, prefix) for n in dense})
     if missing:
-        raise InputError(f"{len(missing)} tensors the plan changes are not in the checkpoint (first: "
-                         f"{prefix + missing[0]!r}); is it of another model, or does it need prefix=?")
+        raise InputError(
+            f"{len(missing)} tensors the plan changes are not in the checkpoint (first: "
+            f"{prefix + missing[0]!r}); is it of another model, or does it need prefix=?"
+        )
     return dense, planned
 
 
 def _plan_name(name: str, prefix: str) -> str | None:
     """The plan's name of checkpoint tensor ``name`` (None: outside ``prefix``, not the plan's)."""
-    return name[len(prefix):] if name.startswith(prefix) else None
+    return name[len(prefix) :] if name.startswith(prefix) else None
 
 
 def _names(plan: PlanFile) -> set[str]:
@@ -294,8 +340,13 @@ def _names(plan: PlanFile) -> set[str]:
 MAX_CONFIG_TRIALS = 256  # architectures built on meta while searching for the config change
 
 
-def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[str, list[int]],
-                 changes: dict[int, set[int]], plan: PlanFile | None = None) -> tuple[list[dict], bool]:
+def infer_config(
+    config_path: Path,
+    dense: dict[str, list[int]],
+    planned: dict[str, list[int]],
+    changes: dict[int, set[int]],
+    plan: PlanFile | None = None,
+) -> tuple[list[dict], bool]:
     """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, is
     the model the plan made, and whether that is certain.
 
@@ -323,8 +374,13 @@ def infer_config(config_path: Path, dense: dict[str, list[int]], planned: dict[s
                 scaled[key] = scaled.get(key, set()) | (multiples - new)
                 new |= multiples
         new.discard(value)
-        relevant = [v for v in sorted(new) if (alone := _architecture_shapes(config_path.parent, {key: v}))
-                    and alone.keys() == base.keys() and alone != base]
+        relevant = [
+            v
+            for v in sorted(new)
+            if (alone := _architecture_shapes(config_path.parent, {key: v}))
+            and alone.keys() == base.keys()
+            and alone != base
+        ]
         if relevant:
             options[key] = relevant
     record = _recorded_result(config_path.parent, plan)
@@ -406,8 +462,11 @@ def _digest(plan: PlanFile) -> str:
     """A stable identity of the plan's decisions (to refuse resuming with another plan)."""
     h = hashlib.sha256()
     for k, structured in enumerate(plan.structured):
-        h.update(json.dumps([k, structured.fingerprint, sorted(structured.keep.items()),
-                             sorted(structured.slices.items())]).encode())
+        h.update(
+            json.dumps(
+                [k, structured.fingerprint, sorted(structured.keep.items()), sorted(structured.slices.items())]
+            ).encode()
+        )
     for name in sorted(plan.masks):
         h.update(name.encode())
         h.update(plan.masks[name].mask.to(torch.uint8).numpy().tobytes())
@@ -445,8 +504,9 @@ def _tensor_bytes(folder: Path) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "U16": 2}.get(dtype, 1)
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(
+        dtype, 1
+    )
 
 
 def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
@@ -465,11 +525,16 @@ def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
     expected = _architecture_shapes(folder)
     if expected is None:
         return
-    wrong = [f"{n}: written {written[n]}, config gives {expected[n]}" for n in sorted(written)
-             if n in expected and expected[n] != written[n]]
+    wrong = [
+        f"{n}: written {written[n]}, config gives {expected[n]}"
+        for n in sorted(written)
+        if n in expected and expected[n] != written[n]
+    ]
     if wrong:
-        raise InputError(f"config.json does not match the pruned tensors ({len(wrong)} differ; first: {wrong[0]}); "
-                         "pass the right sizes in config={...}")
+        raise InputError(
+            f"config.json does not match the pruned tensors ({len(wrong)} differ; first: {wrong[0]}); "
+            "pass the right sizes in config={...}"
+        )
 
 
 def _architecture_shapes(folder: Path, overrides: dict[str, object] | None = None) -> dict[str, list[int]] | None:

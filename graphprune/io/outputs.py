@@ -65,8 +65,7 @@ class Outputs:
         """More inputs that no claim may touch (a writer joining a caller's transaction)."""
         self.inputs.extend(resolved(p) for p in inputs)
 
-    def check(self, path: str | os.PathLike, *, folder: bool = False,
-              ours: Callable[[str], bool] | None = None) -> str:
+    def check(self, path: str | os.PathLike, *, folder: bool = False, ours: Callable[[str], bool] | None = None) -> str:
         """The absolute target ``path``, refused if it may not be written (see the module doc): what
         a writer calls before long work, so that a bad target is refused before it, not after."""
         target = os.path.abspath(os.fspath(path))
@@ -87,14 +86,15 @@ class Outputs:
                 raise InputError(f"cannot write {target}: it is a {'folder' if os.path.isdir(target) else 'file'}")
             empty_folder = folder and not os.listdir(target)
             if not (self.overwrite or empty_folder or (ours is not None and ours(target))):
-                raise InputError(f"{target} exists and graphprune did not write it: name another output, or pass "
-                                 "overwrite=True (--overwrite on the command line) to replace it")
+                raise InputError(
+                    f"{target} exists and graphprune did not write it: name another output, or pass "
+                    "overwrite=True (--overwrite on the command line) to replace it"
+                )
         if parent not in self._staging:  # probe now, so that an unwritable folder is refused before long work
             os.rmdir(self._make_staging(parent))
         return target
 
-    def claim(self, path: str | os.PathLike, *, folder: bool = False,
-              ours: Callable[[str], bool] | None = None) -> str:
+    def claim(self, path: str | os.PathLike, *, folder: bool = False, ours: Callable[[str], bool] | None = None) -> str:
         """Check ``path`` and return where to write it: a path in a staging folder beside it (a new
         empty folder when ``folder``)."""
         if self._done:
@@ -178,8 +178,9 @@ class Outputs:
 
 
 @contextlib.contextmanager
-def writing(outputs: Outputs | None, *, inputs: Iterable[str | os.PathLike] = (),
-            overwrite: bool = False) -> Iterator[Outputs]:
+def writing(
+    outputs: Outputs | None, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> Iterator[Outputs]:
     """The caller's transaction (committed by the caller), or a new one committed when the block
     ends without an error: how one writer's files join a command that writes several.  If the
     block fails, what it claimed in the caller's transaction is dropped, so that a caller who
@@ -231,7 +232,7 @@ def _remove_abandoned_staging(parent: str) -> None:
     for name in names:
         if not name.startswith(STAGING_PREFIX):
             continue
-        pid, _, rest = name[len(STAGING_PREFIX):].partition("-")
+        pid, _, rest = name[len(STAGING_PREFIX) :].partition("-")
         if pid.isdigit() and rest.startswith(f"{_HOST}-") and int(pid) != os.getpid() and not _running(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 

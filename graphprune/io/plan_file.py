@@ -26,15 +26,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, satisfies
+from graphprune.algorithms.quant import QuantPlan
+from graphprune.core.plan import Plan
+from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.capture import ExampleInputs, tensor_at
 from graphprune.frontends.torch.copying import clone
-from graphprune.errors import InputError
+from graphprune.frontends.torch.masks import attach, stored_at
 from graphprune.io.outputs import Outputs, resolved, writing
-from graphprune.core.plan import Plan
-from graphprune.algorithms.quant import QuantPlan
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, attach, satisfies, stored_at
 from graphprune.io.tensor_store import PartWriter, TensorFiles, opened
 
 FORMAT, VERSION = "graphprune-plan", 2  # 2 added values and part files; version 1 files still load
@@ -69,13 +70,19 @@ class PlanFile:
     files: list[str] = field(default_factory=list, compare=False, repr=False)  # read from (a loaded plan)
 
     @classmethod
-    def of(cls, model: str, pipeline: list[str], plans: list,
-           masks: dict[str, tuple[torch.Tensor, NMPattern]]) -> "PlanFile":
+    def of(
+        cls, model: str, pipeline: list[str], plans: list, masks: dict[str, tuple[torch.Tensor, NMPattern]]
+    ) -> "PlanFile":
         """The plan file of a run: its plans and its N:M masks (name -> (bool mask, pattern))."""
         masks = {name: NMRecord(pattern, mask.cpu()) for name, (mask, pattern) in masks.items()}
         quantization = [p for p in plans if isinstance(p, QuantPlan)]
-        return cls(model, list(pipeline), [p for p in plans if isinstance(p, Plan)], masks,
-                   quantization[-1] if quantization else None)
+        return cls(
+            model,
+            list(pipeline),
+            [p for p in plans if isinstance(p, Plan)],
+            masks,
+            quantization[-1] if quantization else None,
+        )
 
     def planned(self, name: str | None, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the dense model's ``name``) as this plan makes it: sliced by each structured
@@ -103,13 +110,16 @@ class PlanFile:
         """The plan (loaded if a path), refused if it holds what cannot be re-applied yet."""
         plan = plan if isinstance(plan, PlanFile) else cls.load(plan)
         if plan.quantization is not None:
-            raise InputError("this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
-                             "Quantize on the re-applied model (its plan is recorded here for inspection)")
+            raise InputError(
+                "this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
+                "Quantize on the re-applied model (its plan is recorded here for inspection)"
+            )
         return plan
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False,
-             outputs: Outputs | None = None) -> tuple[str, str]:
+    def save(
+        self, path: str | os.PathLike, *, overwrite: bool = False, outputs: Outputs | None = None
+    ) -> tuple[str, str]:
         """Write ``path`` (``.json``) and the tensors beside it (``.safetensors``, then numbered parts
         if they pass :data:`~graphprune.io.tensor_store.PART_BYTES`); returns the JSON and first file.
 
@@ -120,8 +130,11 @@ class PlanFile:
         with writing(outputs, overwrite=overwrite) as out:
             staged_json = out.claim(json_path, ours=_is_plan_json)
             # the first part is <name>.safetensors; each part is claimed as it is started
-            parts = PartWriter(tensor_path[:-len(".safetensors")], metadata=PART_METADATA,
-                               claim=lambda part: out.claim(part, ours=_is_plan_part))
+            parts = PartWriter(
+                tensor_path[: -len(".safetensors")],
+                metadata=PART_METADATA,
+                claim=lambda part: out.claim(part, ours=_is_plan_part),
+            )
             data = self._write_tensors(parts)
             with open(staged_json, "w") as f:
                 json.dump(data, f, indent=1)
@@ -137,25 +150,43 @@ class PlanFile:
                 for d, kept in enumerate(dims):
                     if kept is not None:
                         parts.put(f"slice/{k}/{name}/{d}", torch.tensor(kept, dtype=torch.int64))
-            structured.append({"fingerprint": plan.fingerprint, "result": plan.result,
-                               "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
-                               "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())},
-                               "sliced": {n: [d for d, kept in enumerate(dims) if kept is not None]
-                                          for n, dims in plan.slices.items()}})
+            structured.append(
+                {
+                    "fingerprint": plan.fingerprint,
+                    "result": plan.result,
+                    "shapes": {n: "x".join(map(str, shape)) for n, shape in plan.shapes.items()},
+                    "kept": {str(g): len(v) for g, v in sorted(plan.keep.items())},
+                    "sliced": {
+                        n: [d for d, kept in enumerate(dims) if kept is not None] for n, dims in plan.slices.items()
+                    },
+                }
+            )
         masks, values = {}, {}
         for name, record in self.masks.items():  # one at a time: a lazily read plan is never whole in memory
             parts.put(f"mask/{name}", record.mask.to(torch.uint8))
-            masks[name] = {"pattern": str(record.pattern), "layout": record.pattern.layout,
-                           "shape": list(record.mask.shape), "kept": int(record.mask.sum())}
+            masks[name] = {
+                "pattern": str(record.pattern),
+                "layout": record.pattern.layout,
+                "shape": list(record.mask.shape),
+                "kept": int(record.mask.sum()),
+            }
         for name in self.values:
             value = self.values[name]
             parts.put(f"value/{name}", value)
             values[name] = list(value.shape)
         parts.flush(last=True)
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "pipeline": self.pipeline,
-                "structured": structured, "masks": masks, "values": values,
-                "tensor_files": [os.path.basename(p) for p in parts.files[1:]], "example_inputs": self.inputs,
-                "quantization": json.loads(self.quantization.to_json()) if self.quantization else None}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "pipeline": self.pipeline,
+            "structured": structured,
+            "masks": masks,
+            "values": values,
+            "tensor_files": [os.path.basename(p) for p in parts.files[1:]],
+            "example_inputs": self.inputs,
+            "quantization": json.loads(self.quantization.to_json()) if self.quantization else None,
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PlanFile":
@@ -176,10 +207,14 @@ class PlanFile:
     def stored_shapes(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         """The shapes of the new values and of the masks, from the files' headers for a loaded plan
         (nothing is read): what a writer checks before it starts."""
-        values = {n: self.values.shape(n) if isinstance(self.values, StoredValues) else list(self.values[n].shape)
-                  for n in self.values}
-        masks = {n: self.masks.shape(n) if isinstance(self.masks, StoredMasks) else list(self.masks[n].mask.shape)
-                 for n in self.masks}
+        values = {
+            n: self.values.shape(n) if isinstance(self.values, StoredValues) else list(self.values[n].shape)
+            for n in self.values
+        }
+        masks = {
+            n: self.masks.shape(n) if isinstance(self.masks, StoredMasks) else list(self.masks[n].mask.shape)
+            for n in self.masks
+        }
         return values, masks
 
     def describe(self) -> str:
@@ -205,12 +240,16 @@ class PlanFile:
             out.append(f"structured plans: {len(self.structured)} vs {len(other.structured)}")
         for k, (a, b) in enumerate(zip(self.structured, other.structured)):
             if a.fingerprint != b.fingerprint:
-                out.append(f"structured plan {k}: made for different architectures ({a.fingerprint} vs {b.fingerprint})")
+                out.append(
+                    f"structured plan {k}: made for different architectures ({a.fingerprint} vs {b.fingerprint})"
+                )
             for gid in sorted(set(a.keep) | set(b.keep)):
                 ka, kb = set(a.keep.get(gid, [])), set(b.keep.get(gid, []))
                 if ka != kb:
-                    out.append(f"structured plan {k}, group {gid}: keeps {len(ka) or 'all'} vs {len(kb) or 'all'} "
-                               f"channels, {len(ka ^ kb)} differ")
+                    out.append(
+                        f"structured plan {k}, group {gid}: keeps {len(ka) or 'all'} vs {len(kb) or 'all'} "
+                        f"channels, {len(ka ^ kb)} differ"
+                    )
         for name in sorted(set(self.masks) | set(other.masks)):
             a, b = self.masks.get(name), other.masks.get(name)
             if a is None or b is None:
@@ -235,16 +274,19 @@ class StoredMasks(Mapping[str, NMRecord]):
     """A loaded plan's masks, each read from its file when asked for.  With ``kept`` (a plan file's
     counts: its headers were checked at load, its values are read only now) each is checked then."""
 
-    def __init__(self, tensors: TensorFiles, patterns: dict[str, NMPattern],
-                 kept: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, tensors: TensorFiles, patterns: dict[str, NMPattern], kept: dict[str, int] | None = None
+    ) -> None:
         self.tensors, self.patterns, self.kept = tensors, patterns, kept
 
     def __getitem__(self, name: str) -> NMRecord:
         stored = self.tensors[f"mask/{name}"]
         if self.kept is not None and (bool((stored > 1).any()) or int(stored.sum()) != self.kept[name]):
-            raise InputError(f"the plan's mask for {name} (in {self.tensors.where(f'mask/{name}')}) does not match "
-                             f"its JSON entry (which keeps {self.kept[name]} entries): the file is damaged; save "
-                             "the plan again")
+            raise InputError(
+                f"the plan's mask for {name} (in {self.tensors.where(f'mask/{name}')}) does not match "
+                f"its JSON entry (which keeps {self.kept[name]} entries): the file is damaged; save "
+                "the plan again"
+            )
         return NMRecord(self.patterns[name], stored.bool())
 
     def shape(self, name: str) -> list[int]:
@@ -282,7 +324,7 @@ class StoredValues(Mapping[str, torch.Tensor]):
 
 def _paths(path: str | os.PathLike) -> tuple[str, str]:
     path = os.fspath(path)
-    stem = path[:-len(".json")] if path.endswith(".json") else path
+    stem = path[: -len(".json")] if path.endswith(".json") else path
     return stem + ".json", stem + ".safetensors"
 
 
@@ -329,8 +371,10 @@ def check_kept(kept: list[int], size: int | None, where: str) -> None:
     if kept[0] < 0:
         raise InputError(f"{where}: index {kept[0]} is negative: the plan is damaged")
     if size is not None and kept[-1] >= size:
-        raise InputError(f"{where}: index {kept[-1]} is outside the dim's {size} entries: the plan is damaged or "
-                         "was made for another model")
+        raise InputError(
+            f"{where}: index {kept[-1]} is outside the dim's {size} entries: the plan is damaged or "
+            "was made for another model"
+        )
 
 
 class _Reader:
@@ -340,13 +384,16 @@ class _Reader:
         self.json_path, self.tensors = json_path, tensors
 
     def fail(self, entry: str, what: str) -> InputError:
-        return InputError(f"plan file {self.json_path}: {entry} {what}; the file is damaged or was not written by "
-                          "graphprune (save the plan again)")
+        return InputError(
+            f"plan file {self.json_path}: {entry} {what}; the file is damaged or was not written by "
+            "graphprune (save the plan again)"
+        )
 
     def typed(self, value: object, kind: type | tuple[type, ...], entry: str) -> Any:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            names = " or ".join(k.__name__ if k is not type(None) else "null"
-                                for k in (kind if isinstance(kind, tuple) else (kind,)))
+            names = " or ".join(
+                k.__name__ if k is not type(None) else "null" for k in (kind if isinstance(kind, tuple) else (kind,))
+            )
             raise self.fail(entry, f"is {type(value).__name__} {_short(value)}, not {names}")
         return value
 
@@ -387,8 +434,14 @@ class _Reader:
         where = f"'tensor_files' entry {_short(entry)}"
         name = self.typed(entry, str, where)
         folder = os.path.dirname(self.json_path)
-        if (os.path.basename(name) != name or "/" in name or "\\" in name or os.path.isabs(name)
-                or name in (".", "..") or not name.endswith(".safetensors")):
+        if (
+            os.path.basename(name) != name
+            or "/" in name
+            or "\\" in name
+            or os.path.isabs(name)
+            or name in (".", "..")
+            or not name.endswith(".safetensors")
+        ):
             raise self.fail(where, "is not a plain .safetensors file name (a plan's parts lie beside its JSON)")
         path = os.path.join(folder, name)
         if os.path.dirname(resolved(path)) != resolved(folder):
@@ -407,16 +460,22 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
     and each stored tensor's dtype and shape against its JSON entry."""
     read = _Reader(json_path)
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
-        found = (f"format {data.get('format')!r}, version {data.get('version')!r}" if isinstance(data, dict)
-                 else f"a JSON {type(data).__name__}")
+        found = (
+            f"format {data.get('format')!r}, version {data.get('version')!r}"
+            if isinstance(data, dict)
+            else f"a JSON {type(data).__name__}"
+        )
         raise InputError(f"{json_path} is not a graphprune plan of version 1 or {VERSION} ({found})")
     model = read.key(data, "model", str, "the plan")
-    pipeline = [read.typed(p, str, f"'pipeline' entry {i}")
-                for i, p in enumerate(read.key(data, "pipeline", list, "the plan"))]
+    pipeline = [
+        read.typed(p, str, f"'pipeline' entry {i}") for i, p in enumerate(read.key(data, "pipeline", list, "the plan"))
+    ]
     parts = read.key(data, "tensor_files", list, "the plan", [])
     read.tensors = TensorFiles([tensor_path] + [read.confined(p) for p in parts])
-    structured = [_structured(read, k, read.typed(entry, dict, f"'structured' entry {k}"))
-                  for k, entry in enumerate(read.key(data, "structured", list, "the plan"))]
+    structured = [
+        _structured(read, k, read.typed(entry, dict, f"'structured' entry {k}"))
+        for k, entry in enumerate(read.key(data, "structured", list, "the plan"))
+    ]
     patterns, kept = {}, {}
     for name, entry in read.key(data, "masks", dict, "the plan").items():
         patterns[name], kept[name] = _mask(read, name, read.typed(entry, dict, f"'masks' entry {name!r}"))
@@ -431,8 +490,16 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise read.fail("'quantization'", f"is not an int8 plan ({type(exc).__name__}: {exc})") from exc
     inputs = _example_inputs(read, read.key(data, "example_inputs", (dict, type(None)), "the plan", None))
-    return PlanFile(model, pipeline, structured, StoredMasks(read.tensors, patterns, kept), quantization,
-                    StoredValues(read.tensors, list(values)), inputs=inputs, files=[json_path, *read.tensors.files])
+    return PlanFile(
+        model,
+        pipeline,
+        structured,
+        StoredMasks(read.tensors, patterns, kept),
+        quantization,
+        StoredValues(read.tensors, list(values)),
+        inputs=inputs,
+        files=[json_path, *read.tensors.files],
+    )
 
 
 def _structured(read: _Reader, k: int, entry: dict) -> Plan:
@@ -456,8 +523,10 @@ def _structured(read: _Reader, k: int, entry: dict) -> Plan:
         shape = shapes.get(name)  # None: a buffer, whose shape the file does not record
         if not dims or any(b <= a for a, b in zip(dims, dims[1:])) or (shape is not None and dims[-1] >= len(shape)):
             raise read.fail(f"{where} sliced dims of {name!r}", f"are {dims}: not increasing dims of its shape {shape}")
-        slices[name] = [read.indices(f"slice/{k}/{name}/{d}", None, shape[d] if shape is not None else None)
-                        if d in dims else None for d in range(dims[-1] + 1)]
+        slices[name] = [
+            read.indices(f"slice/{k}/{name}/{d}", None, shape[d] if shape is not None else None) if d in dims else None
+            for d in range(dims[-1] + 1)
+        ]
     return Plan(keep, fingerprint, shapes, slices, result)
 
 
@@ -466,16 +535,24 @@ def _example_inputs(read: _Reader, spec: dict | None) -> dict | None:
     or a ``{"value": ...}``, as :func:`graphprune.frontends.torch.capture.spec_inputs` rebuilds them."""
     if spec is None:
         return None
-    entries = [(f"'example_inputs' args entry {i}", e) for i, e in
-               enumerate(read.key(spec, "args", list, "'example_inputs'"))]
-    entries += [(f"'example_inputs' kwargs entry {k!r}", e) for k, e in
-                read.key(spec, "kwargs", dict, "'example_inputs'").items()]
+    entries = [
+        (f"'example_inputs' args entry {i}", e) for i, e in enumerate(read.key(spec, "args", list, "'example_inputs'"))
+    ]
+    entries += [
+        (f"'example_inputs' kwargs entry {k!r}", e)
+        for k, e in read.key(spec, "kwargs", dict, "'example_inputs'").items()
+    ]
     for where, entry in entries:
         if isinstance(entry, dict) and set(entry) == {"value"}:
             continue
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                and isinstance(getattr(torch, entry[0], None), torch.dtype) and isinstance(entry[1], list)):
-            raise read.fail(where, f"is {_short(entry)}, not [dtype, shape] or {{\"value\": ...}}")
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(getattr(torch, entry[0], None), torch.dtype)
+            and isinstance(entry[1], list)
+        ):
+            raise read.fail(where, f'is {_short(entry)}, not [dtype, shape] or {{"value": ...}}')
         for d in entry[1]:
             read.count(d, f"{where} shape")
     return spec
@@ -499,8 +576,9 @@ def _mask(read: _Reader, name: str, entry: dict) -> tuple[NMPattern, int]:
     return NMPattern(int(match[1]), int(match[2]), layout), kept
 
 
-def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike,
-                    *, inplace: bool = False) -> nn.Module:
+def apply_plan_file(
+    model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike, *, inplace: bool = False
+) -> nn.Module:
     """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its structured plans in order,
     each checked against the model's analysis at that point, then its N:M masks."""
     plan = PlanFile.reapplicable(plan)
@@ -523,8 +601,7 @@ def apply_plan_file(model: nn.Module, example_inputs: ExampleInputs, plan: PlanF
             raise InputError(f"the plan masks {name}, which this model does not have") from None
         record.check_shape(name, tuple(weight.shape))
         owner, _, attr = name.rpartition(".")
-        attach(working.get_submodule(owner) if owner else working, attr, record.mask.to(weight.device),
-               record.pattern)
+        attach(working.get_submodule(owner) if owner else working, attr, record.mask.to(weight.device), record.pattern)
         if not satisfies(tensor_at(working, name), record.pattern):
             raise InputError(f"the plan's mask for {name} does not hold its {record.pattern} pattern")
     return working

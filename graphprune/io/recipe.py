@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from graphprune.errors import InputError
 from graphprune.core.pipeline import Pass, PassManager
+from graphprune.errors import InputError
 
 
 def available_passes() -> dict[str, type[Pass]]:
@@ -60,8 +60,10 @@ def load_recipe(source: str | os.PathLike) -> Recipe:
         raise InputError(f"{where} is not valid TOML: {exc}") from exc
     unknown_keys = sorted(set(data) - {"pass", "experimental_order"})
     if unknown_keys:
-        raise InputError(f"{where}: unknown top-level key(s) {unknown_keys}; a recipe has [[pass]] tables "
-                         "and optionally experimental_order = true")
+        raise InputError(
+            f"{where}: unknown top-level key(s) {unknown_keys}; a recipe has [[pass]] tables "
+            "and optionally experimental_order = true"
+        )
     experimental_order = data.get("experimental_order", False)
     if not isinstance(experimental_order, bool):
         raise InputError(f"{where}: experimental_order must be true or false, got {experimental_order!r}")
@@ -95,14 +97,18 @@ def _checked_table(where: str, index: int, table: object, known: dict[str, type[
     if unknown:
         close = {key: difflib.get_close_matches(key, list(schema), n=1) for key in unknown}
         hints = ", ".join(f"{match[0]!r} for {key!r}" for key, match in close.items() if match)
-        raise InputError(f"{where}, pass #{index + 1} ({name}): unknown option(s) {unknown}"
-                         f"{f' (did you mean {hints}?)' if hints else ''}; options are {sorted(schema)}")
+        raise InputError(
+            f"{where}, pass #{index + 1} ({name}): unknown option(s) {unknown}"
+            f"{f' (did you mean {hints}?)' if hints else ''}; options are {sorted(schema)}"
+        )
     for key, value in options.items():
         at = f"{where}, pass #{index + 1} ({name}), key {key!r}"
         want = _toml_forms(schema[key])
         if not want:
-            raise InputError(f"{at}: this option takes a Python object ({schema[key]}), which a recipe cannot hold; "
-                             "pass it in code (passes=[...])")
+            raise InputError(
+                f"{at}: this option takes a Python object ({schema[key]}), which a recipe cannot hold; "
+                "pass it in code (passes=[...])"
+            )
         if not _fits(value, schema[key]):
             raise InputError(f"{at}: expected {' or '.join(want)}, got {value!r} ({type(value).__name__})")
     return known[name], options
@@ -112,12 +118,19 @@ def option_types(cls: type[Pass]) -> dict[str, Any]:
     """The options a pass takes and their annotated types: the recipe schema, read off the pass's
     signature so that it cannot drift from the code."""
     hints = typing.get_type_hints(cls.__init__)
-    return {p.name: hints.get(p.name, Any) for p in inspect.signature(cls).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: hints.get(p.name, Any)
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
-_SCALARS: dict[Any, tuple[str, str]] = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
-                                         float: ("a number", "numbers"), str: ("a string", "strings")}
+_SCALARS: dict[Any, tuple[str, str]] = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
 
 
 def _fits(value: object, annotation: Any) -> bool:
@@ -156,8 +169,9 @@ def _toml_forms(annotation: Any, plural: bool = False) -> list[str]:
     return []
 
 
-def pass_manager(passes: Sequence[Pass] | None, recipe: str | os.PathLike | None,
-                 experimental_order: bool) -> PassManager:
+def pass_manager(
+    passes: Sequence[Pass] | None, recipe: str | os.PathLike | None, experimental_order: bool
+) -> PassManager:
     """The pass manager for exactly one of ``passes`` or a TOML ``recipe`` (whose own
     ``experimental_order = true`` also allows experimental orders)."""
     if (passes is None) == (recipe is None):

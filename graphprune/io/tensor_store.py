@@ -29,8 +29,9 @@ def opened(path: str | os.PathLike) -> Iterator:
     try:
         handle = safe_open(os.fspath(path), "pt")
     except (SafetensorError, OSError) as exc:
-        raise InputError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); "
-                         "was it truncated or replaced?") from exc
+        raise InputError(
+            f"{os.fspath(path)} is not a readable safetensors file ({exc}); was it truncated or replaced?"
+        ) from exc
     with handle as f:
         yield f
 
@@ -94,8 +95,14 @@ class PartWriter:
     started, since the number of parts is known only at the end: it may refuse the target and
     returns where to write it.  ``metadata`` goes into every part's header."""
 
-    def __init__(self, stem: str | os.PathLike, part_bytes: int | None = None, *,
-                 claim: Callable[[str], str] | None = None, metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        stem: str | os.PathLike,
+        part_bytes: int | None = None,
+        *,
+        claim: Callable[[str], str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.stem, self.part_bytes = str(stem), part_bytes or PART_BYTES
         self.files: list[str] = []  # the parts' target paths
         self._written: list[str] = []  # where each was written (its staged path under a claim)

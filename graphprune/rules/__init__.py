@@ -1,6 +1,6 @@
-"""Per-op constraint rules: how each operator couples the dims of its tensors."""
+"""Per-op constraint rules: how each operator couples the dims of its tensors.
 
-from graphprune.rules import aten as _aten_table  # noqa: F401  (fills the registry)
-from graphprune.rules.registry import RuleContext, RuleRegistry, ShapeConstant, aten_rules
-
-__all__ = ["RuleContext", "RuleRegistry", "ShapeConstant", "aten_rules"]
+``registry`` holds the rule tables' machinery, ``common`` the couplings both tables share,
+``aten`` and ``onnx`` the tables of the two frontends (importing one fills it), ``modules``
+the torch modules that hold sizes.
+"""

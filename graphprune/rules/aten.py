@@ -12,7 +12,21 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphprune.rules.registry import RuleContext, arg, aten_rules as R
+from graphprune.rules.common import (
+    broadcast,
+    couple_attention,
+    couple_conv,
+    couple_einsum,
+    couple_except,
+    couple_gather_elements,
+    couple_reduction,
+    couple_reshape,
+    matmul_dims,
+)
+from graphprune.rules.registry import RuleContext, RuleRegistry, arg
+
+aten_rules = RuleRegistry()  # every rule below registers itself here
+R = aten_rules
 
 aten = torch.ops.aten
 INT64_MAX = 2**63 - 1
@@ -31,29 +45,49 @@ def _tensor_args(ctx: RuleContext, node: fx.Node) -> list[list[int]]:
     return out
 
 
-def broadcast(ctx: RuleContext, node: fx.Node, inputs: list[list[int]], out: list[int]) -> None:
-    """Right-aligned broadcasting: equal-sized, non-1 dims are the same channels."""
-    s = ctx.solver
-    for dims in inputs:
-        for i in range(1, min(len(dims), len(out)) + 1):
-            a, b = dims[-i], out[-i]
-            if s.size(a) == s.size(b) and s.size(a) != 1:
-                ctx.unify(a, b, node)
-
-
 def _pointwise(ctx: RuleContext, node: fx.Node) -> None:
     broadcast(ctx, node, _tensor_args(ctx, node), ctx.out(node))
 
 
 R.pointwise = _pointwise
-R.register(aten.__and__, aten.__or__, aten.__xor__, aten.masked_fill, aten.hardswish, aten.hardswish_,
-           aten.gelu_, aten.copy, aten.copy_, aten.fill_, aten.zero_, aten.type_as, aten.where,
-           aten.floor_divide)(_pointwise)
+R.register(
+    aten.__and__,
+    aten.__or__,
+    aten.__xor__,
+    aten.masked_fill,
+    aten.hardswish,
+    aten.hardswish_,
+    aten.gelu_,
+    aten.copy,
+    aten.copy_,
+    aten.fill_,
+    aten.zero_,
+    aten.type_as,
+    aten.where,
+    aten.floor_divide,
+)(_pointwise)
 
 
-@R.register(aten.clone, aten.contiguous, aten.alias, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.dropout,
-            aten.feature_dropout, aten.alpha_dropout, aten.to, aten._to_copy, aten.zeros_like,
-            aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like, aten.dropout_)
+@R.register(
+    aten.clone,
+    aten.contiguous,
+    aten.alias,
+    aten.detach,
+    aten.detach_,
+    aten.lift_fresh_copy,
+    aten.dropout,
+    aten.feature_dropout,
+    aten.alpha_dropout,
+    aten.to,
+    aten._to_copy,
+    aten.zeros_like,
+    aten.ones_like,
+    aten.empty_like,
+    aten.full_like,
+    aten.rand_like,
+    aten.randn_like,
+    aten.dropout_,
+)
 def identity(ctx: RuleContext, node: fx.Node) -> None:
     ctx.unify_all(ctx.dims(node.args[0]), ctx.out(node), node)
 
@@ -67,44 +101,6 @@ def native_dropout(ctx: RuleContext, node: fx.Node) -> None:
 @R.register(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size)
 def no_output(ctx: RuleContext, node: fx.Node) -> None:
     """Runtime checks of dtype/device: they read a tensor and produce nothing."""
-
-
-# ----------------------------------------------------------------- shapes
-def reshape_groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
-    """Pair up runs of source and destination dims with equal products (size-1 dims skipped)."""
-    si = [i for i, s in enumerate(src) if s != 1]
-    di = [i for i, s in enumerate(dst) if s != 1]
-    groups = []
-    i = j = 0
-    while i < len(si) and j < len(di):
-        gi, gj = [si[i]], [di[j]]
-        pa, pb = src[si[i]], dst[di[j]]
-        while pa != pb:
-            if pa < pb:
-                i += 1
-                gi.append(si[i])
-                pa *= src[si[i]]
-            else:
-                j += 1
-                gj.append(di[j])
-                pb *= dst[di[j]]
-        groups.append((gi, gj))
-        i += 1
-        j += 1
-    return groups
-
-
-def couple_reshape(ctx: RuleContext, node: fx.Node, src: list[int], dst: list[int]) -> None:
-    s = ctx.solver
-    src_sizes = [s.size(a) for a in src]
-    dst_sizes = [s.size(a) for a in dst]
-    if 0 in src_sizes or 0 in dst_sizes:
-        ctx.freeze_node(node, "reshape of an empty tensor")
-        return
-    for gi, gj in reshape_groups(src_sizes, dst_sizes):
-        whole = s.product([src[i] for i in gi])
-        for atom, out in zip(s.factors(whole, [dst_sizes[j] for j in gj], node.name), (dst[j] for j in gj)):
-            ctx.unify(atom, out, node)
 
 
 def _size_constants(ctx: RuleContext, node: fx.Node, index: int, sizes: list, out: list[int]) -> None:
@@ -304,8 +300,17 @@ def select(ctx: RuleContext, node: fx.Node) -> None:
     ctx.unify_all([a for i, a in enumerate(src) if i != dim], out, node)
 
 
-def _contiguous_slice(ctx: RuleContext, node: fx.Node, dim: int, start: int, end: int,
-                      start_path, end_path, start_given: bool, end_given: bool) -> None:
+def _contiguous_slice(
+    ctx: RuleContext,
+    node: fx.Node,
+    dim: int,
+    start: int,
+    end: int,
+    start_path,
+    end_path,
+    start_given: bool,
+    end_given: bool,
+) -> None:
     src, out = ctx.dims(node.args[0]), ctx.out(node)
     size = ctx.solver.size(src[dim])
     before, mid, after = ctx.solver.parts(src[dim], [start, end - start, size - end], node.name)
@@ -339,8 +344,17 @@ def slice_(ctx: RuleContext, node: fx.Node) -> None:
         ctx.freeze(out[dim], "strided slice", node)
         ctx.unify_all([a for i, a in enumerate(src) if i != dim], [a for i, a in enumerate(out) if i != dim], node)
         return
-    _contiguous_slice(ctx, node, dim, lo, max(hi, lo), start_path, end_path,
-                      start is not None and start != 0, end is not None and end < size)
+    _contiguous_slice(
+        ctx,
+        node,
+        dim,
+        lo,
+        max(hi, lo),
+        start_path,
+        end_path,
+        start is not None and start != 0,
+        end is not None and end < size,
+    )
 
 
 @R.register(aten.narrow)
@@ -378,16 +392,6 @@ def gather(ctx: RuleContext, node: fx.Node) -> None:
     """out[..i..] = x[..index[..i..]..] along ``dim``; every other position is read where it is written."""
     x = ctx.dims(node.args[0])
     couple_gather_elements(ctx, node, x, ctx.dims(node.args[2]), ctx.out(node), _nd(node.args[1], len(x)))
-
-
-def couple_gather_elements(ctx: RuleContext, node, x: list[int], index: list[int], out: list[int], dim: int) -> None:
-    """torch.gather / ONNX GatherElements: ``dim`` is data-ordered; the output has the index's shape."""
-    ctx.freeze(x[dim], f"{ctx.op_name(node)} reads positions chosen by data", node)
-    ctx.freeze(out[dim], f"{ctx.op_name(node)} reads positions chosen by data", node)
-    ctx.unify_all(index, out, node)
-    for i in range(len(x)):
-        if i != dim and ctx.solver.size(x[i]) == ctx.solver.size(out[i]):
-            ctx.unify(x[i], out[i], node)
 
 
 @R.register(aten.diff)
@@ -432,48 +436,48 @@ def linear(ctx: RuleContext, node: fx.Node) -> None:
         ctx.unify_all(x[:-1], out, node)
 
 
-def matmul_dims(ctx: RuleContext, node: fx.Node, a: list[int], b: list[int], out: list[int],
-                attention: bool) -> None:
-    """torch.matmul (= numpy, ONNX MatMul) semantics, including 1-D operands and broadcast batch
-    dims; ``attention``: both operands are activations, so the product is attention-like (its
-    reduced dim is a head dim and its other dims index heads)."""
-    s = ctx.solver
-    a_vec, b_vec = len(a) == 1, len(b) == 1
-    k_a = a[-1]
-    k_b = b[0] if b_vec else b[-2]
-    ctx.unify(k_a, k_b, node)
-    o = list(out)
-    if not b_vec:
-        ctx.unify(b[-1], o.pop(), node)
-    if not a_vec:
-        ctx.unify(a[-2], o.pop(), node)
-    batch_a = a[:-2] if not a_vec else []
-    batch_b = b[:-2] if not b_vec else []
-    broadcast(ctx, node, [batch_a, batch_b], o)
-    if attention:  # q @ k^T reduces over the head dim; probs @ v keeps v's head dim last
-        s.tag(k_a, "head_dim")
-        if not b_vec:
-            s.tag(b[-1], "head_dim")
-        for d in o:
-            s.tag(d, "heads")
-
-
-_VIEWS = (aten.t, aten.numpy_T, aten.mT, aten.transpose, aten.permute, aten.view, aten.reshape, aten._unsafe_view, aten.alias,
-          aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.unsqueeze, aten.expand, aten.detach)
+_VIEWS = (
+    aten.t,
+    aten.numpy_T,
+    aten.mT,
+    aten.transpose,
+    aten.permute,
+    aten.view,
+    aten.reshape,
+    aten._unsafe_view,
+    aten.alias,
+    aten.to,
+    aten._to_copy,
+    aten.contiguous,
+    aten.clone,
+    aten.unsqueeze,
+    aten.expand,
+    aten.detach,
+)
 
 
 def _is_activation(ctx: RuleContext, x) -> bool:
     """True unless ``x`` is a parameter, possibly seen through views (``x @ self.weight.T``)."""
-    while isinstance(x, fx.Node) and x.op == "call_function" and isinstance(x.target, torch._ops.OpOverload) \
-            and x.target.overloadpacket in _VIEWS:
+    while (
+        isinstance(x, fx.Node)
+        and x.op == "call_function"
+        and isinstance(x.target, torch._ops.OpOverload)
+        and x.target.overloadpacket in _VIEWS
+    ):
         x = x.args[0]
     return isinstance(x, fx.Node) and x not in ctx.parameter_nodes
 
 
 @R.register(aten.matmul, aten.mm, aten.bmm)
 def matmul(ctx: RuleContext, node: fx.Node) -> None:
-    matmul_dims(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.out(node),
-                _is_activation(ctx, node.args[0]) and _is_activation(ctx, node.args[1]))
+    matmul_dims(
+        ctx,
+        node,
+        ctx.dims(node.args[0]),
+        ctx.dims(node.args[1]),
+        ctx.out(node),
+        _is_activation(ctx, node.args[0]) and _is_activation(ctx, node.args[1]),
+    )
 
 
 @R.register(aten.addmm, aten.baddbmm, aten.addbmm)
@@ -482,8 +486,14 @@ def addmm(ctx: RuleContext, node: fx.Node) -> None:
     if node.target.overloadpacket is aten.addbmm:
         ctx.freeze_node(node, "addbmm sums over the batch of products")
         return
-    matmul_dims(ctx, node, ctx.dims(node.args[1]), ctx.dims(node.args[2]), out,
-                _is_activation(ctx, node.args[1]) and _is_activation(ctx, node.args[2]))
+    matmul_dims(
+        ctx,
+        node,
+        ctx.dims(node.args[1]),
+        ctx.dims(node.args[2]),
+        out,
+        _is_activation(ctx, node.args[1]) and _is_activation(ctx, node.args[2]),
+    )
     broadcast(ctx, node, [ctx.dims(node.args[0])], out)
 
 
@@ -492,62 +502,12 @@ def einsum(ctx: RuleContext, node: fx.Node) -> None:
     couple_einsum(ctx, node, node.args[0], [ctx.dims(x) for x in node.args[1]], ctx.out(node))
 
 
-def couple_einsum(ctx: RuleContext, node, equation: str, operands: list[list[int]], out: list[int]) -> None:
-    """Dims named by the same letter are the same channels (size-1 dims broadcast)."""
-    equation = equation.replace(" ", "")
-    if "..." in equation or "->" not in equation:
-        ctx.freeze_node(node, "einsum with ellipsis or implicit output")
-        return
-    lhs, rhs = equation.split("->")
-    letters: dict[str, int] = {}
-    for spec, dims in list(zip(lhs.split(","), operands)) + [(rhs, out)]:
-        for ch, atom in zip(spec, dims):
-            if ctx.solver.size(atom) == 1:
-                continue
-            if ch in letters:
-                ctx.unify(letters[ch], atom, node)
-            else:
-                letters[ch] = atom
-
-
 # ------------------------------------------------------------------ conv
 def _conv(ctx: RuleContext, node: fx.Node, transposed: bool, groups: int, groups_path) -> None:
     bias = ctx.dims(node.args[2]) if len(node.args) > 2 else None
-    couple_conv(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), bias, ctx.out(node), transposed,
-                groups, groups_path)
-
-
-def couple_conv(ctx: RuleContext, node, x: list[int], w: list[int], bias: list[int] | None, out: list[int],
-                transposed: bool, groups: int, groups_path) -> None:
-    """Convolution (``transposed``: weight is [in, out/groups, k...]): channels couple through the
-    weight and, for grouped convs, per group; spatial dims and the kernel window are frozen."""
-    s = ctx.solver
-    spatial = len(w) - 2
-    batched = len(x) == spatial + 2
-    cx, co = (x[1], out[1]) if batched else (x[0], out[0])
-    if batched:
-        ctx.unify(x[0], out[0], node)
-    for a in (out[-spatial:] + x[-spatial:]) if spatial else []:
-        ctx.freeze(a, "the convolution window mixes these positions", node)
-    for a in w[2:]:
-        ctx.freeze(a, "convolution kernel window", node)
-    w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
-    if bias is not None:
-        ctx.unify(bias[0], co, node)
-    if groups == 1:
-        ctx.unify(cx, w_in, node)
-        ctx.unify(co, w_out, node)
-        return
-    g_in, per_in = s.factors(cx, [groups, s.size(cx) // groups], node.name)
-    g_out, per_out = s.factors(co, [groups, s.size(co) // groups], node.name)
-    ctx.unify(g_in, g_out, node)
-    if transposed:
-        ctx.unify(w_in, cx, node)      # weight rows follow the input channels
-        ctx.unify(w_out, per_out, node)
-    else:
-        ctx.unify(w_out, co, node)     # weight rows follow the output channels
-        ctx.unify(w_in, per_in, node)
-    ctx.constant(node, groups_path, [g_in])
+    couple_conv(
+        ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), bias, ctx.out(node), transposed, groups, groups_path
+    )
 
 
 @R.register(aten.conv1d, aten.conv2d, aten.conv3d)
@@ -583,8 +543,12 @@ def batch_norm(ctx: RuleContext, node: fx.Node) -> None:
     _per_channel(ctx, node, x, node.args[1:5])
 
 
-@R.register(aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
-            aten.native_batch_norm, aten._native_batch_norm_legit_functional)
+@R.register(
+    aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit,
+    aten.native_batch_norm,
+    aten._native_batch_norm_legit_functional,
+)
 def native_batch_norm(ctx: RuleContext, node: fx.Node) -> None:
     x = ctx.dims(node.args[0])
     ctx.unify_all(x, ctx.out(node, 0), node)
@@ -652,8 +616,14 @@ def native_group_norm(ctx: RuleContext, node: fx.Node) -> None:
 
 
 # ------------------------------------------------------------ reductions
-def _reduce(ctx: RuleContext, node: fx.Node, dims, keepdim: bool, exact_sum: bool = False,
-            outputs: list[list[int]] | None = None) -> None:
+def _reduce(
+    ctx: RuleContext,
+    node: fx.Node,
+    dims,
+    keepdim: bool,
+    exact_sum: bool = False,
+    outputs: list[list[int]] | None = None,
+) -> None:
     x = ctx.dims(node.args[0])
     rank = len(x)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
@@ -665,33 +635,43 @@ def _reduce(ctx: RuleContext, node: fx.Node, dims, keepdim: bool, exact_sum: boo
     couple_reduction(ctx, node, x, outputs if outputs is not None else [ctx.out(node)], reduced, keepdim)
 
 
-def couple_reduction(ctx: RuleContext, node, x: list[int], outputs: list[list[int]], reduced: set[int],
-                     keepdim: bool) -> None:
-    """The dims of ``x`` not in ``reduced`` map through to every output (kept as size 1 or dropped);
-    the reduced ones are inexact: removing a channel, even a zero one, changes a mean or a max."""
-    for d in reduced:
-        ctx.solver.mark_inexact(x[d], f"reduced by {ctx.op_name(node)} ({node.name})")
-    kept = [a for i, a in enumerate(x) if i not in reduced]
-    for out in outputs:
-        ctx.unify_all(kept, [a for i, a in enumerate(out) if i not in reduced] if keepdim else out, node)
-
-
-@R.register(aten.mean.dim, aten.sum.dim_IntList, aten.amax, aten.amin, aten.logsumexp, aten.nansum,
-            aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.any.dims)
+@R.register(
+    aten.mean.dim,
+    aten.sum.dim_IntList,
+    aten.amax,
+    aten.amin,
+    aten.logsumexp,
+    aten.nansum,
+    aten.prod.dim_int,
+    aten.any.dim,
+    aten.all.dim,
+    aten.any.dims,
+)
 def reduce_dims(ctx: RuleContext, node: fx.Node) -> None:
     _reduce(ctx, node, arg(node, 1, "dim")[0], bool(arg(node, 2, "keepdim", False)[0]))
 
 
-@R.register(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default, aten.prod.default,
-            aten.any.default, aten.all.default)
+@R.register(
+    aten.mean.default,
+    aten.sum.default,
+    aten.max.default,
+    aten.min.default,
+    aten.prod.default,
+    aten.any.default,
+    aten.all.default,
+)
 def reduce_all(ctx: RuleContext, node: fx.Node) -> None:
     _reduce(ctx, node, None, False)
 
 
 @R.register(aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim)
 def var(ctx: RuleContext, node: fx.Node) -> None:
-    _reduce(ctx, node, arg(node, 1, "dim")[0], bool(node.kwargs.get("keepdim", False)
-                                                     or (len(node.args) > 3 and node.args[3])))
+    _reduce(
+        ctx,
+        node,
+        arg(node, 1, "dim")[0],
+        bool(node.kwargs.get("keepdim", False) or (len(node.args) > 3 and node.args[3])),
+    )
 
 
 @R.register(aten.var_mean.correction, aten.std_mean.correction)
@@ -722,8 +702,17 @@ def topk(ctx: RuleContext, node: fx.Node) -> None:
                 ctx.unify(a, b, node)
 
 
-@R.register(aten.histc, aten.bincount, aten.index_put, aten.index_put_, aten.scatter, aten.scatter_add,
-            aten.scatter_reduce, aten.index_add, aten.index_copy)
+@R.register(
+    aten.histc,
+    aten.bincount,
+    aten.index_put,
+    aten.index_put_,
+    aten.scatter,
+    aten.scatter_add,
+    aten.scatter_reduce,
+    aten.index_add,
+    aten.index_copy,
+)
 def data_placed(ctx: RuleContext, node: fx.Node) -> None:
     """Results placed at positions computed from data: every dim involved is frozen."""
     ctx.freeze_node(node, f"{node.target} places values at positions chosen by data")
@@ -758,8 +747,15 @@ def vector_norm(ctx: RuleContext, node: fx.Node) -> None:
     _reduce(ctx, node, arg(node, 2, "dim")[0], bool(arg(node, 3, "keepdim", False)[0]))
 
 
-@R.register(aten.softmax.int, aten._softmax, aten.log_softmax.int, aten._log_softmax, aten.cumsum, aten.cumprod,
-            aten._safe_softmax)
+@R.register(
+    aten.softmax.int,
+    aten._softmax,
+    aten.log_softmax.int,
+    aten._log_softmax,
+    aten.cumsum,
+    aten.cumprod,
+    aten._safe_softmax,
+)
 def along_dim(ctx: RuleContext, node: fx.Node) -> None:
     x = ctx.dims(node.args[0])
     ctx.unify_all(x, ctx.out(node), node)
@@ -769,45 +765,27 @@ def along_dim(ctx: RuleContext, node: fx.Node) -> None:
 # ------------------------------------------------------------- attention
 @R.register(aten.scaled_dot_product_attention)
 def sdpa(ctx: RuleContext, node: fx.Node) -> None:
-    couple_attention(ctx, node, ctx.dims(node.args[0]), ctx.dims(node.args[1]), ctx.dims(node.args[2]),
-                     ctx.out(node), ctx.dims(arg(node, 3, "attn_mask")[0]), bool(arg(node, 7, "enable_gqa", False)[0]),
-                     arg(node, 6, "scale")[0] is not None)
-
-
-def couple_attention(ctx: RuleContext, node, q: list[int], k: list[int], v: list[int], out: list[int],
-                     mask: list[int] | None, gqa: bool, scale_given: bool) -> None:
-    """softmax(q k^T * scale + mask) v on ``[..., heads, seq, head_dim]`` dims; with ``gqa`` each kv
-    head serves a block of query heads.  Without an explicit scale the default 1/sqrt(head_dim) ties
-    the head dim to its size: frozen."""
-    s = ctx.solver
-    ctx.unify(q[-1], k[-1], node)
-    ctx.unify(v[-1], out[-1], node)
-    ctx.unify(q[-2], out[-2], node)
-    ctx.unify(k[-2], v[-2], node)
-    ctx.unify_all(q[:-2], out[:-2], node)
-    if gqa and len(q) >= 3 and s.size(q[-3]) != s.size(k[-3]):
-        hk = s.size(k[-3])
-        kv, _rep = s.factors(q[-3], [hk, s.size(q[-3]) // hk], node.name)
-        ctx.unify(kv, k[-3], node)
-        broadcast(ctx, node, [k[:-3], v[:-3]], q[:-3])
-        ctx.unify(k[-3], v[-3], node)
-    else:
-        broadcast(ctx, node, [k[:-2], v[:-2]], q[:-2])
-    if mask is not None:
-        scores = [*q[:-1], k[-2]]
-        broadcast(ctx, node, [mask], scores)
-    s.tag(q[-1], "head_dim")
-    s.tag(v[-1], "head_dim")
-    if len(q) >= 3:
-        s.tag(q[-3], "heads")
-    s.mark_inexact(k[-2], f"softmax over keys ({node.name})")
-    if not scale_given:
-        ctx.freeze(q[-1], f"{ctx.op_name(node)} without an explicit scale uses 1/sqrt(head_dim)", node)
+    couple_attention(
+        ctx,
+        node,
+        ctx.dims(node.args[0]),
+        ctx.dims(node.args[1]),
+        ctx.dims(node.args[2]),
+        ctx.out(node),
+        ctx.dims(arg(node, 3, "attn_mask")[0]),
+        bool(arg(node, 7, "enable_gqa", False)[0]),
+        arg(node, 6, "scale")[0] is not None,
+    )
 
 
 # ---------------------------------------------------- spatial operators
-def _spatial(ctx: RuleContext, node: fx.Node, n_spatial: int, out: list[int] | None = None,
-             why: str = "positions are mixed by the op") -> None:
+def _spatial(
+    ctx: RuleContext,
+    node: fx.Node,
+    n_spatial: int,
+    out: list[int] | None = None,
+    why: str = "positions are mixed by the op",
+) -> None:
     """Pooling and resampling: leading (batch, channel) dims map through; the spatial dims of
     input and output are frozen, since the op combines neighbouring positions."""
     x = ctx.dims(node.args[0])
@@ -826,39 +804,63 @@ def _pool(n: int):
                 _spatial(ctx, node, n, o)
         else:
             _spatial(ctx, node, n)
+
     return rule
 
 
 for _n, _ops in {
-    1: [aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d,
-        aten.max_pool1d_with_indices, aten.upsample_nearest1d, aten.upsample_linear1d, aten._upsample_nearest_exact1d],
-    2: [aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
-        aten.max_pool2d_with_indices, aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
-        aten.upsample_bicubic2d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa],
-    3: [aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
-        aten.max_pool3d_with_indices, aten.upsample_nearest3d, aten.upsample_trilinear3d, aten._upsample_nearest_exact3d],
+    1: [
+        aten.max_pool1d,
+        aten.avg_pool1d,
+        aten.adaptive_avg_pool1d,
+        aten.adaptive_max_pool1d,
+        aten.max_pool1d_with_indices,
+        aten.upsample_nearest1d,
+        aten.upsample_linear1d,
+        aten._upsample_nearest_exact1d,
+    ],
+    2: [
+        aten.max_pool2d,
+        aten.avg_pool2d,
+        aten.adaptive_avg_pool2d,
+        aten.adaptive_max_pool2d,
+        aten.max_pool2d_with_indices,
+        aten._adaptive_avg_pool2d,
+        aten.upsample_nearest2d,
+        aten.upsample_bilinear2d,
+        aten.upsample_bicubic2d,
+        aten._upsample_nearest_exact2d,
+        aten._upsample_bilinear2d_aa,
+    ],
+    3: [
+        aten.max_pool3d,
+        aten.avg_pool3d,
+        aten.adaptive_avg_pool3d,
+        aten.adaptive_max_pool3d,
+        aten.max_pool3d_with_indices,
+        aten.upsample_nearest3d,
+        aten.upsample_trilinear3d,
+        aten._upsample_nearest_exact3d,
+    ],
 }.items():
     R.register(*_ops)(_pool(_n))
 
 
-@R.register(aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d,
-            aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d)
+@R.register(
+    aten.pad,
+    aten.constant_pad_nd,
+    aten.reflection_pad1d,
+    aten.reflection_pad2d,
+    aten.reflection_pad3d,
+    aten.replication_pad1d,
+    aten.replication_pad2d,
+    aten.replication_pad3d,
+)
 def pad(ctx: RuleContext, node: fx.Node) -> None:
     x, out = ctx.dims(node.args[0]), ctx.out(node)
     pads = list(node.args[1])
     padded = {len(x) - 1 - i for i in range(len(pads) // 2) if pads[2 * i] or pads[2 * i + 1]}
     couple_except(ctx, node, x, out, padded, "padded dim")
-
-
-def couple_except(ctx: RuleContext, node, x: list[int], out: list[int], moved: set[int], why: str) -> None:
-    """Dims of ``x`` map to the same dims of ``out``, except those in ``moved`` (padded, rolled,
-    reordered by value), which are frozen on both sides."""
-    for i, (a, b) in enumerate(zip(x, out)):
-        if i in moved:
-            ctx.freeze(a, why, node)
-            ctx.freeze(b, why, node)
-        else:
-            ctx.unify(a, b, node)
 
 
 @R.register(aten.roll, aten.flip)
@@ -911,16 +913,30 @@ def new_factory(ctx: RuleContext, node: fx.Node) -> None:
     _size_constants(ctx, node, 1, list(node.args[1]), ctx.out(node))
 
 
-@R.register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.rand, aten.randn,
-            aten.randint.default, aten.randint.low, aten.linspace.default, aten.logspace.default, aten.eye.default,
-            aten.eye.m)
+@R.register(
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    aten.rand,
+    aten.randn,
+    aten.randint.default,
+    aten.randint.low,
+    aten.linspace.default,
+    aten.logspace.default,
+    aten.eye.default,
+    aten.eye.m,
+)
 def positional_factory(ctx: RuleContext, node: fx.Node) -> None:
     """Values that depend on the position (a range, random draws): at a smaller size the forward
     would regenerate them for positions 0..n-1 instead of keeping the kept positions, so the
     created dims are frozen."""
     for a in ctx.out(node):
-        ctx.freeze(a, f"{ctx.op_name(node)} makes values that depend on the position; at a smaller size they would "
-                      "be regenerated, not sliced", node)
+        ctx.freeze(
+            a,
+            f"{ctx.op_name(node)} makes values that depend on the position; at a smaller size they would "
+            "be regenerated, not sliced",
+            node,
+        )
 
 
 @R.register(aten.scalar_tensor)

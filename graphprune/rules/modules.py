@@ -22,6 +22,7 @@ def module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
         for t in types:
             _RULES[t] = fn
         return fn
+
     return deco
 
 

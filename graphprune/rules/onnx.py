@@ -19,8 +19,17 @@ import onnx_ir as ir
 
 from graphprune.core.algebra import SpaceSolver
 from graphprune.rules import onnx_sizes
-from graphprune.rules.aten import (broadcast, couple_attention, couple_conv, couple_einsum, couple_except, couple_gather_elements,
-                                   couple_reduction, couple_reshape, matmul_dims)
+from graphprune.rules.common import (
+    broadcast,
+    couple_attention,
+    couple_conv,
+    couple_einsum,
+    couple_except,
+    couple_gather_elements,
+    couple_reduction,
+    couple_reshape,
+    matmul_dims,
+)
 from graphprune.rules.registry import RuleContext, RuleRegistry, flat_atoms
 
 onnx_rules = RuleRegistry()
@@ -86,8 +95,11 @@ def int_argument(node: ir.Node, input_index: int, attribute: str) -> tuple[list[
         return const_ints(node.inputs[input_index]), ("input", input_index), True
     values = attr(node, attribute)
     if values is not None:
-        return [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])], \
-            ("attribute", attribute), True
+        return (
+            [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])],
+            ("attribute", attribute),
+            True,
+        )
     return None, None, False
 
 
@@ -101,19 +113,84 @@ def _inputs(ctx: OnnxRuleContext, node: ir.Node) -> list[list[int]]:
 
 def _is_activation(value: ir.Value | None) -> bool:
     """False for an initializer, also seen through the layout ops exporters put on weights."""
-    while value is not None and value.const_value is None and value.producer() is not None \
-            and value.producer().op_type in ("Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"):
+    while (
+        value is not None
+        and value.const_value is None
+        and value.producer() is not None
+        and value.producer().op_type in ("Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze")
+    ):
         value = value.producer().inputs[0]
     return value is not None and value.const_value is None
 
 
 # ----------------------------------------------------------- elementwise
-ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
-               "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd", "BitwiseOr",
-               "BitwiseXor", "PRelu", "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Reciprocal",
-               "Neg", "Abs", "Clip", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
-               "Softsign", "Mish", "ThresholdedRelu", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh",
-               "Floor", "Ceil", "Round", "Sign", "Not", "BitwiseNot", "IsNaN", "IsInf", "Cast", "Identity", "Swish")
+ELEMENTWISE = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Where",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "Mod",
+    "BitShift",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+    "PRelu",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Gelu",
+    "Erf",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Neg",
+    "Abs",
+    "Clip",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "ThresholdedRelu",
+    "Sin",
+    "Cos",
+    "Tan",
+    "Asin",
+    "Acos",
+    "Atan",
+    "Sinh",
+    "Cosh",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Not",
+    "BitwiseNot",
+    "IsNaN",
+    "IsInf",
+    "Cast",
+    "Identity",
+    "Swish",
+)
 
 
 @R.register(*ops(*ELEMENTWISE))
@@ -187,8 +264,9 @@ def reshape(ctx: OnnxRuleContext, node: ir.Node) -> None:
     _sized_by(ctx, node, 1, out, follows, "Reshape")
 
 
-def _sized_by(ctx: OnnxRuleContext, node: ir.Node, index: int, out: list[int], follows: frozenset[int],
-              what: str) -> None:
+def _sized_by(
+    ctx: OnnxRuleContext, node: ir.Node, index: int, out: list[int], follows: frozenset[int], what: str
+) -> None:
     """``out`` takes its sizes from the int vector at input ``index``: a constant (each entry a shape
     constant, except values in ``follows``, which follow the input by themselves) or sizes read at
     run time (:mod:`graphprune.rules.onnx_sizes`); anything else freezes ``out``."""
@@ -292,19 +370,36 @@ def gather(ctx: OnnxRuleContext, node: ir.Node) -> None:
     axis = _nd(attr(node, "axis", 0), len(data))
     ctx.freeze(data[axis], "Gather reads positions chosen by its indices", node)
     ctx.unify_all(data[:axis], out[:axis], node)
-    ctx.unify_all(indices, out[axis:axis + len(indices)], node)
-    ctx.unify_all(data[axis + 1:], out[axis + len(indices):], node)
+    ctx.unify_all(indices, out[axis : axis + len(indices)], node)
+    ctx.unify_all(data[axis + 1 :], out[axis + len(indices) :], node)
 
 
 @R.register(*ops("GatherElements"))
 def gather_elements(ctx: OnnxRuleContext, node: ir.Node) -> None:
     data = ctx.dims(node.inputs[0])
-    couple_gather_elements(ctx, node, data, ctx.dims(node.inputs[1]), ctx.out(node),
-                           _nd(attr(node, "axis", 0), len(data)))
+    couple_gather_elements(
+        ctx, node, data, ctx.dims(node.inputs[1]), ctx.out(node), _nd(attr(node, "axis", 0), len(data))
+    )
 
 
-@R.register(*ops("GatherND", "ScatterND", "ScatterElements", "Scatter", "NonZero", "Unique", "Compress", "OneHot",
-                 "Range", "NonMaxSuppression", "RoiAlign", "MaxRoiPool", "TfIdfVectorizer", "Multinomial"))
+@R.register(
+    *ops(
+        "GatherND",
+        "ScatterND",
+        "ScatterElements",
+        "Scatter",
+        "NonZero",
+        "Unique",
+        "Compress",
+        "OneHot",
+        "Range",
+        "NonMaxSuppression",
+        "RoiAlign",
+        "MaxRoiPool",
+        "TfIdfVectorizer",
+        "Multinomial",
+    )
+)
 def data_placed(ctx: OnnxRuleContext, node: ir.Node) -> None:
     ctx.freeze_node(node, f"{node.op_type} places or selects values at positions chosen by data")
 
@@ -391,8 +486,17 @@ def einsum(ctx: OnnxRuleContext, node: ir.Node) -> None:
 def conv(ctx: OnnxRuleContext, node: ir.Node) -> None:
     bias = ctx.dims(node.inputs[2]) if len(node.inputs) > 2 else None
     groups = attr(node, "group", 1)
-    couple_conv(ctx, node, ctx.dims(node.inputs[0]), ctx.dims(node.inputs[1]), bias, ctx.out(node),
-                node.op_type == "ConvTranspose", groups, ("attribute", "group") if "group" in node.attributes else None)
+    couple_conv(
+        ctx,
+        node,
+        ctx.dims(node.inputs[0]),
+        ctx.dims(node.inputs[1]),
+        bias,
+        ctx.out(node),
+        node.op_type == "ConvTranspose",
+        groups,
+        ("attribute", "group") if "group" in node.attributes else None,
+    )
 
 
 @R.register(*ops("Attention"))
@@ -412,6 +516,7 @@ def attention(ctx: OnnxRuleContext, node: ir.Node) -> None:
         def heads(x: list[int], count: int, width: int) -> list[int]:
             h, w = s.factors(x[2], [count, width], node.name)
             return [x[0], h, x[1], w]
+
         q, k, v, out = heads(q, hq, d), heads(k, hkv, d), heads(v, hkv, dv), heads(out, hq, dv)
         ctx.constant(node, ("attribute", "q_num_heads"), [q[1]])
         ctx.constant(node, ("attribute", "kv_num_heads"), [k[1]])
@@ -491,8 +596,18 @@ def lrn(ctx: OnnxRuleContext, node: ir.Node) -> None:
 
 
 # ------------------------------------------------------------ reductions
-REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-              "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+REDUCTIONS = (
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
 
 
 @R.register(*ops(*REDUCTIONS, "ArgMax", "ArgMin"))
@@ -517,13 +632,30 @@ def reduce(ctx: OnnxRuleContext, node: ir.Node) -> None:
 def topk(ctx: OnnxRuleContext, node: ir.Node) -> None:
     x = ctx.dims(node.inputs[0])
     for out in node.outputs:
-        couple_except(ctx, node, x, ctx.dims(out), {_nd(attr(node, "axis", -1), len(x))},
-                      "TopK orders positions along this dim by value")
+        couple_except(
+            ctx,
+            node,
+            x,
+            ctx.dims(out),
+            {_nd(attr(node, "axis", -1), len(x))},
+            "TopK orders positions along this dim by value",
+        )
 
 
 # ---------------------------------------------------- spatial operators
-@R.register(*ops("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-                 "Upsample", "Resize", "MaxUnpool"))
+@R.register(
+    *ops(
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "GlobalLpPool",
+        "Upsample",
+        "Resize",
+        "MaxUnpool",
+    )
+)
 def spatial(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Batch and channel dims map through (where their size is kept); spatial dims are frozen."""
     x = ctx.dims(node.inputs[0])

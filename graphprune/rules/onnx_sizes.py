@@ -113,8 +113,9 @@ def _product(a: Entry, b: Entry) -> Entry:
     return None
 
 
-def couple_shape(ctx: RuleContext, node: ir.Node, vector: list[Entry], out: list[int], *,
-                 skip: frozenset[int] = frozenset()) -> None:
+def couple_shape(
+    ctx: RuleContext, node: ir.Node, vector: list[Entry], out: list[int], *, skip: frozenset[int] = frozenset()
+) -> None:
     """``out`` (right-aligned) takes its sizes from ``vector``; values in ``skip`` (-1, 0 for
     Reshape; 1 for Expand) follow the input and couple nothing."""
     offset = len(out) - len(vector)

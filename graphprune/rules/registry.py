@@ -47,6 +47,7 @@ class RuleRegistry:
                     raise ValueError(f"two rules registered for {op}")
                 self._rules[op] = fn
             return fn
+
         return deco
 
     def lookup(self, target: Any) -> Rule | None:
@@ -64,9 +65,6 @@ class RuleRegistry:
     def rules(self) -> dict[Any, Rule]:
         """Op -> rule, for the supported-ops table (a copy: the registry stays as registered)."""
         return dict(self._rules)
-
-
-aten_rules = RuleRegistry()
 
 
 class RuleContext:

@@ -32,10 +32,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from graphprune.algorithms.nm import NMPattern, from_matrix, nm_mask, to_matrix
+from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import qualified
 from graphprune.frontends.torch.distributed import broadcast_seed, reduce_mean, world_size
-from graphprune.errors import InputError
-from graphprune.algorithms.nm import NMMask, NMPattern, check_patterns, from_matrix, nm_mask, to_matrix
+from graphprune.frontends.torch.masks import NMMask, check_patterns
 
 RECIPES = ("sr-ste", "mask-decay", "fixed")
 
@@ -72,8 +73,16 @@ class TrainingMask(nn.Module):
 class SparseTraining:
     """Drive N:M masks through training with one of :data:`RECIPES` (see the module doc)."""
 
-    def __init__(self, model: nn.Module, *, recipe: str = "sr-ste", decay: float = 2e-4, every: int = 1,
-                 decay_steps: int = 1000, schedule: Sequence[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        recipe: str = "sr-ste",
+        decay: float = 2e-4,
+        every: int = 1,
+        decay_steps: int = 1000,
+        schedule: Sequence[tuple[int, int]] = (),
+    ) -> None:
         if recipe not in RECIPES:
             raise InputError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")
         if every < 1 or decay_steps < 1 or decay < 0:
@@ -134,8 +143,7 @@ class SparseTraining:
 
 def candidate_masks(n: int, m: int) -> torch.Tensor:
     """Every way to keep ``n`` of ``m``: ``[C(m, n), m]`` of 0/1 (shared by all groups of a pattern)."""
-    return torch.tensor([[1.0 if i in kept else 0.0 for i in range(m)]
-                         for kept in itertools.combinations(range(m), n)])
+    return torch.tensor([[1.0 if i in kept else 0.0 for i in range(m)] for kept in itertools.combinations(range(m), n)])
 
 
 class LearnableNMMask(nn.Module):
@@ -170,8 +178,11 @@ class LearnableNMMask(nn.Module):
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return original * self.hard().to(original.dtype)
-        uniform = torch.rand(self.logits.shape, generator=self.generator, device=self.generator.device).to(
-            self.logits.device) if self.generator is not None else torch.rand_like(self.logits)
+        uniform = (
+            torch.rand(self.logits.shape, generator=self.generator, device=self.generator.device).to(self.logits.device)
+            if self.generator is not None
+            else torch.rand_like(self.logits)
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp_(1e-9, 1 - 1e-9)))
         soft = torch.softmax((self.logits * self.scale + gumbel) / self.temperature, dim=-1)  # [G, K]
         groups = soft @ self.candidates  # [G, m]: a soft mask with n expected kept per group
@@ -204,9 +215,17 @@ class LearnedMasks:
     graphprune.train learn-masks`` runs this under ``torchrun``).
     """
 
-    def __init__(self, model: nn.Module, *, steps: int = 1000, temperature: tuple[float, float] = (4.0, 0.05),
-                 scale: tuple[float, float] = (1.0, 10.0), prior_strength: float = 3.0,
-                 weight_regularization: float = 0.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int = 1000,
+        temperature: tuple[float, float] = (4.0, 0.05),
+        scale: tuple[float, float] = (1.0, 10.0),
+        prior_strength: float = 3.0,
+        weight_regularization: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
             raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
         if weight_regularization < 0:
@@ -258,8 +277,10 @@ class LearnedMasks:
         with torch.no_grad():
             for name, (_, _, mask) in zip(self.names, self.masks, strict=True):
                 if logits[name].shape != mask.logits.shape:
-                    raise InputError(f"saved logits for {name} have shape {tuple(logits[name].shape)}, this model's "
-                                     f"{tuple(mask.logits.shape)}: not the same architecture or pattern")
+                    raise InputError(
+                        f"saved logits for {name} have shape {tuple(logits[name].shape)}, this model's "
+                        f"{tuple(mask.logits.shape)}: not the same architecture or pattern"
+                    )
                 mask.logits.copy_(logits[name])
 
     def _schedule(self) -> None:

@@ -27,12 +27,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphprune.api.torch import prune
+from graphprune.errors import ContractError, InputError
 from graphprune.frontends.torch.capture import ExampleInputs
 from graphprune.frontends.torch.distributed import init_from_env, rank, shard, split_batch, world_size
-from graphprune.errors import ContractError, InputError
-from graphprune.passes import NMSparsity
+from graphprune.frontends.torch.masks import finalize, nm_masks
 from graphprune.io.plan_file import PlanFile
-from graphprune.algorithms.nm import finalize, nm_masks
+from graphprune.passes import NMSparsity
 from graphprune.train import LearnedMasks, SparseTraining
 
 EXIT_INPUT = 2
@@ -49,11 +49,24 @@ class Setup:
     calibration: list[Any] | None = None  # for data-driven priors / criteria (wanda, sparsegpt)
 
 
-def learn_masks(setup: Setup, *, n: int = 2, m: int = 4, prior: str = "magnitude", steps: int = 100,
-                lr: float = 0.05, seed: int = 0, weight_regularization: float = 0.0) -> PlanFile:
+def learn_masks(
+    setup: Setup,
+    *,
+    n: int = 2,
+    m: int = 4,
+    prior: str = "magnitude",
+    steps: int = 100,
+    lr: float = 0.05,
+    seed: int = 0,
+    weight_regularization: float = 0.0,
+) -> PlanFile:
     """Masks learned with :class:`LearnedMasks` (weights frozen), as a plan file."""
-    result = prune(setup.model, setup.example_inputs, [NMSparsity(n, m, method="learned", prior=prior)],
-                   calibration=_calibration(setup, prior))
+    result = prune(
+        setup.model,
+        setup.example_inputs,
+        [NMSparsity(n, m, method="learned", prior=prior)],
+        calibration=_calibration(setup, prior),
+    )
     model = result.module
     masks = LearnedMasks(model, steps=steps, seed=seed, weight_regularization=weight_regularization)
     _train(model, setup, steps, torch.optim.Adam(masks.parameters(), lr=lr), masks.step, masks.regularization)
@@ -62,16 +75,26 @@ def learn_masks(setup: Setup, *, n: int = 2, m: int = 4, prior: str = "magnitude
     return PlanFile.of(result.report.model_name, pipeline, result.plans, nm_masks(model))
 
 
-def fine_tune(setup: Setup, *, n: int = 2, m: int = 4, method: str = "magnitude", recipe: str = "sr-ste",
-              steps: int = 100, lr: float = 1e-3) -> PlanFile:
+def fine_tune(
+    setup: Setup,
+    *,
+    n: int = 2,
+    m: int = 4,
+    method: str = "magnitude",
+    recipe: str = "sr-ste",
+    steps: int = 100,
+    lr: float = 1e-3,
+) -> PlanFile:
     """N:M masks from ``method``, then recovery fine-tuning with :class:`SparseTraining`; the plan
     carries the masks and the trained values of every parameter."""
-    result = prune(setup.model, setup.example_inputs, [NMSparsity(n, m, method=method)],
-                   calibration=_calibration(setup, method))
+    result = prune(
+        setup.model, setup.example_inputs, [NMSparsity(n, m, method=method)], calibration=_calibration(setup, method)
+    )
     model = result.module
     trainer = SparseTraining(model, recipe=recipe)
-    _train(model, setup, steps, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
-           trainer.step)
+    _train(
+        model, setup, steps, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr), trainer.step
+    )
     trainer.finalize()
     pipeline = [*result.report.pipeline, f"SparseTraining({recipe!r}, steps={steps}, lr={lr}, ranks={world_size()})"]
     plan = PlanFile.of(result.report.model_name, pipeline, result.plans, nm_masks(model))
@@ -91,8 +114,14 @@ def _calibration(setup: Setup, criterion: str) -> list[Any] | None:
     return mine
 
 
-def _train(model: nn.Module, setup: Setup, steps: int, optimizer: torch.optim.Optimizer, after_step: Callable[[], None],
-           extra_loss: Callable[[], torch.Tensor] | None = None) -> None:
+def _train(
+    model: nn.Module,
+    setup: Setup,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    after_step: Callable[[], None],
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> None:
     if not setup.batches:
         raise InputError("Setup.batches is empty: nothing to train on")
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size() > 1 else model
@@ -126,8 +155,10 @@ def load_setup(spec: str) -> Setup:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m graphprune.train", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
-    for name, helptext in (("learn-masks", "learn N:M masks with the weights frozen (MaskLLM)"),
-                           ("fine-tune", "N:M masks, then recovery fine-tuning (SR-STE and others)")):
+    for name, helptext in (
+        ("learn-masks", "learn N:M masks with the weights frozen (MaskLLM)"),
+        ("fine-tune", "N:M masks, then recovery fine-tuning (SR-STE and others)"),
+    ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("--setup", required=True, help="module:function returning a graphprune.train.run.Setup")
         sub.add_argument("--out", required=True, help="plan file to write (PATH.json + PATH.safetensors)")
@@ -152,11 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from_env()
         setup = load_setup(args.setup)
         if args.command == "learn-masks":
-            plan = learn_masks(setup, n=args.n, m=args.m, prior=args.prior, steps=args.steps, lr=args.lr,
-                               seed=args.seed, weight_regularization=args.weight_regularization)
+            plan = learn_masks(
+                setup,
+                n=args.n,
+                m=args.m,
+                prior=args.prior,
+                steps=args.steps,
+                lr=args.lr,
+                seed=args.seed,
+                weight_regularization=args.weight_regularization,
+            )
         else:
-            plan = fine_tune(setup, n=args.n, m=args.m, method=args.method, recipe=args.recipe, steps=args.steps,
-                             lr=args.lr)
+            plan = fine_tune(
+                setup, n=args.n, m=args.m, method=args.method, recipe=args.recipe, steps=args.steps, lr=args.lr
+            )
         if rank() == 0:
             json_path, _ = plan.save(args.out)
             print(f"{plan.describe()}\nwritten: {json_path} ({world_size()} rank{'s' if world_size() > 1 else ''})")

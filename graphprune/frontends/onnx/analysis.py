@@ -15,8 +15,9 @@ from math import prod
 import onnx_ir as ir
 import torch
 
+from graphprune.core import macs
 from graphprune.core.algebra import FreezeReason, SpaceSolver
-from graphprune.frontends.torch.analysis import Analysis, collect_groups
+from graphprune.core.groups import Analysis, collect_groups
 from graphprune.frontends.onnx.capture import OnnxCapture, graph_inputs
 from graphprune.rules import onnx_sizes
 from graphprune.rules.onnx import OnnxRuleContext, onnx_rules
@@ -36,11 +37,15 @@ class OnnxAnalysis(Analysis):
 
         def shape(value: ir.Value) -> list[int]:
             return [spaces.kept_size(a, masks) for a in ctx.dims(value)]
+
         return onnx_macs(self.captured.graph, shape)
 
     def planned_params(self, masks: dict[int, torch.Tensor], model: object = None) -> int:
-        return sum(prod(self.spaces.kept_size(a, masks) for a in dims)
-                   for kind, dims in self.tensors.values() if kind == "parameter")
+        return sum(
+            prod(self.spaces.kept_size(a, masks) for a in dims)
+            for kind, dims in self.tensors.values()
+            if kind == "parameter"
+        )
 
 
 def analyze_onnx_capture(capture: OnnxCapture, model_name: str = "ONNX model") -> OnnxAnalysis:
@@ -67,8 +72,11 @@ def analyze_onnx_capture(capture: OnnxCapture, model_name: str = "ONNX model") -
         for atom in flat_atoms(ctx.dims(value)):
             solver.freeze(atom, FreezeReason(f"reaches the model output {value.name!r}", value.name))
     spaces = solver.finalize()
-    tensors = {name: (_kind(value), ctx.dims(value) or []) for name, value in graph.initializers.items()
-               if not value.is_graph_input()}
+    tensors = {
+        name: (_kind(value), ctx.dims(value) or [])
+        for name, value in graph.initializers.items()
+        if not value.is_graph_input()
+    }
     carried: set[int] = set()
     for node in graph:
         for value in node.outputs:
@@ -96,15 +104,14 @@ def onnx_macs(graph: ir.Graph, shape: Callable[[ir.Value], list[int]]) -> int:
     as in :func:`graphprune.frontends.torch.macs.graph_macs`); ``shape`` gives each value's shape."""
     total = 0
     for node in graph:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = shape(node.inputs[1])
-            counted = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
-            total += prod(shape(counted)) * prod(w[1:])
+        if node.op_type == "Conv":
+            total += macs.convolution(shape(node.outputs[0]), shape(node.inputs[1]))
+        elif node.op_type == "ConvTranspose":
+            total += macs.transposed_convolution(shape(node.inputs[0]), shape(node.inputs[1]))
         elif node.op_type == "MatMul":
-            a = shape(node.inputs[0])
-            total += prod(shape(node.outputs[0])) * a[-1]
+            total += macs.contraction(shape(node.outputs[0]), shape(node.inputs[0])[-1])
         elif node.op_type == "Gemm":
             a = shape(node.inputs[0])
-            k = a[0] if node.attributes.get("transA") is not None and node.attributes["transA"].value else a[-1]
-            total += prod(shape(node.outputs[0])) * k
+            transposed = node.attributes.get("transA") is not None and node.attributes["transA"].value
+            total += macs.contraction(shape(node.outputs[0]), a[0] if transposed else a[-1])
     return total

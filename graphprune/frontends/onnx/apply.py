@@ -1,7 +1,7 @@
 """Apply a Plan to an ONNX graph: shrink initializers, rewrite shape constants, then prove it.
 
 The same plan data as for torch (kept indices per group) and the same index algebra
-(:func:`graphprune.frontends.torch.apply.kept_positions`, :func:`graphprune.frontends.torch.apply.constant_values`) decide
+(:func:`graphprune.core.plan.kept_positions`, :func:`graphprune.core.plan.constant_values`) decide
 what changes.  The result is a new model; the caller's is never touched.  Values keep their
 names; graph inputs and outputs keep their names, types and shapes.  Verification runs the
 pruned graph in onnxruntime with every value exposed: each value must have exactly the shape the
@@ -13,17 +13,16 @@ whose removed channels are zero.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 
-from graphprune.frontends.torch.apply import constant_values, kept_positions
+import onnx
+from graphprune.core.plan import Plan, constant_values, kept_positions
+from graphprune.core.values import Site
+from graphprune.core.values import compare as compare_values
 from graphprune.errors import ApplyError
 from graphprune.frontends.onnx.analysis import OnnxAnalysis
 from graphprune.frontends.onnx.capture import OnnxCapture, measured, run_values
-from graphprune.core.plan import Plan
-from graphprune.frontends.torch.value_oracle import Site
-from graphprune.frontends.torch.value_oracle import compare as compare_values
 
 
 def copy_model(model: ir.Model) -> ir.Model:
@@ -73,6 +72,7 @@ def _sites(analysis: OnnxAnalysis, dense: dict[str, np.ndarray], pruned: dict[st
     """The sites of an ONNX graph: every node output, by name (the pruned graph keeps the names).
     Sizes read at run time (``Shape`` and the integer vectors computed from it) are the pruned
     sizes by design: they are not compared, and what they shape is."""
+
     def dims(value: ir.Value | None) -> list[int] | None:
         return analysis.context.dims(value) if value is not None else None
 
@@ -92,7 +92,8 @@ def _sites(analysis: OnnxAnalysis, dense: dict[str, np.ndarray], pruned: dict[st
                 dims=dims(value),
                 dense=torch.from_numpy(np.asarray(want)) if isinstance(want, np.ndarray) else None,
                 pruned=torch.from_numpy(np.asarray(got)) if isinstance(got, np.ndarray) else None,
-                compared=value.name not in sizes)
+                compared=value.name not in sizes,
+            )
     return sites
 
 
@@ -130,8 +131,9 @@ def _update_declared_shape(value: ir.Value, measured: tuple[int, ...], kept: tup
     value.shape = ir.Shape([k if m != k else old for old, m, k in zip(value.shape, measured, kept)])
 
 
-def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[int, ...]]
-            ) -> tuple[OnnxCapture, dict[str, np.ndarray]]:
+def _verify(
+    model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[int, ...]]
+) -> tuple[OnnxCapture, dict[str, np.ndarray]]:
     """The pruned model checked by shapes, and every value it computes on the example feeds."""
     try:
         onnx.checker.check_model(ir.to_proto(model))
@@ -145,12 +147,15 @@ def _verify(model: ir.Model, original: OnnxCapture, predicted: dict[str, tuple[i
     for name, want in predicted.items():
         got = shapes.get(name)
         if got is not None and got != want:
-            raise ApplyError(f"value {name!r}{_producer_name(model, name)} has shape {list(got)} in the pruned model, the plan "
-                             f"predicts {list(want)}")
+            raise ApplyError(
+                f"value {name!r}{_producer_name(model, name)} has shape {list(got)} in the pruned model, the plan "
+                f"predicts {list(want)}"
+            )
     for value, before, after in zip(model.graph.outputs, original.outputs, outputs):
         if np.shape(before) != np.shape(after):
-            raise ApplyError(f"output {value.name!r} changed shape from {list(np.shape(before))} to "
-                             f"{list(np.shape(after))}")
+            raise ApplyError(
+                f"output {value.name!r} changed shape from {list(np.shape(before))} to {list(np.shape(after))}"
+            )
     return OnnxCapture(model, original.feeds, shapes, outputs), values
 
 

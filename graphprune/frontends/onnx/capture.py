@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants
 
+import onnx
 from graphprune.errors import CaptureError, InputError
 
 OnnxSource = str | os.PathLike | onnx.ModelProto | ir.Model
@@ -39,10 +39,28 @@ Feeds = dict[str, np.ndarray]
 
 MIN_OPSET = 7  # the oldest default-domain opset onnxruntime still runs
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf cannot parse a message larger than this; bigger models keep external data
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul",
-                           "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-                           "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "MatMulNBits"})
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearGlobalAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QAttention",
+        "MatMulNBits",
+    }
+)
 SYMBOLIC_DIM_SIZE = 2  # what a symbolic input dim becomes in generated feeds (1 would look like broadcasting)
 _PROTO_LIMIT = 1_800_000_000  # serialise through a file with external data above this many bytes
 
@@ -88,22 +106,26 @@ def read_model(source: OnnxSource, base_dir: str | os.PathLike | None = None) ->
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if base_dir is not None:
-            raise InputError(f"base_dir= is for models given in memory; the external data of {path} is read from "
-                             "the folder it is in")
+            raise InputError(
+                f"base_dir= is for models given in memory; the external data of {path} is read from the folder it is in"
+            )
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such ONNX file")
         if os.path.getsize(path) > MAX_PROTO_BYTES:  # checked before parsing: protobuf would fail or stall on it
-            raise InputError(f"{path} is {os.path.getsize(path) / 2**30:.1f} GiB: an .onnx file over 2 GiB cannot be "
-                             "parsed (a protobuf limit); save the model with external data (onnx.save(..., "
-                             "save_as_external_data=True))")
+            raise InputError(
+                f"{path} is {os.path.getsize(path) / 2**30:.1f} GiB: an .onnx file over 2 GiB cannot be "
+                "parsed (a protobuf limit); save the model with external data (onnx.save(..., "
+                "save_as_external_data=True))"
+            )
         try:
             model = ir.load(path)
         except Exception as exc:
             raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
         folder = os.path.dirname(os.path.abspath(path))
     else:
-        raise InputError(f"expected a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
-                         f"got {type(source).__name__}")
+        raise InputError(
+            f"expected a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, got {type(source).__name__}"
+        )
     _check_external_data(model, folder)
     try:
         ir.external_data.load_to_model(model)  # the working copy owns its weights: the user's files stay as they are
@@ -112,9 +134,11 @@ def read_model(source: OnnxSource, base_dir: str | os.PathLike | None = None) ->
     _check_opset(model)
     quantized = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
     if quantized:
-        raise InputError(f"the model is already quantized ({', '.join(quantized)} nodes): pruning and sparsity "
-                         "need the float weights. Prune the float model, then quantize (sparsity, then "
-                         "quantization)")
+        raise InputError(
+            f"the model is already quantized ({', '.join(quantized)} nodes): pruning and sparsity "
+            "need the float weights. Prune the float model, then quantize (sparsity, then "
+            "quantization)"
+        )
     return model
 
 
@@ -138,8 +162,10 @@ def _recorded_folder(model: ir.Model) -> str | None:
     """The folder ``onnx_ir.load`` recorded in an ir.Model's external tensors (None: none recorded)."""
     folders = {os.fspath(tensor.base_dir) for _, tensor in _external_tensors(model)} - {""}
     if len(folders) > 1:
-        raise InputError(f"the model's external data was loaded from several folders ({sorted(folders)}): pass "
-                         "base_dir= the one folder that holds it")
+        raise InputError(
+            f"the model's external data was loaded from several folders ({sorted(folders)}): pass "
+            "base_dir= the one folder that holds it"
+        )
     return folders.pop() if folders else None
 
 
@@ -153,23 +179,31 @@ def _check_external_data(model: ir.Model, folder: str | os.PathLike | None) -> N
     for what, tensor in _external_tensors(model):
         location = os.fspath(tensor.location)
         if root is None:
-            raise InputError(f"{what} keeps its data in the external file {location!r}, but the model was given in "
-                             "memory, so there is no folder to read it from: pass the path of the .onnx file, or "
-                             "base_dir= the folder that holds the data, or load it into the model first "
-                             "(onnx.load_external_data_for_model(model, folder))")
+            raise InputError(
+                f"{what} keeps its data in the external file {location!r}, but the model was given in "
+                "memory, so there is no folder to read it from: pass the path of the .onnx file, or "
+                "base_dir= the folder that holds the data, or load it into the model first "
+                "(onnx.load_external_data_for_model(model, folder))"
+            )
         path = os.path.realpath(os.path.join(root, location))
         if os.path.isabs(location) or os.path.commonpath([root, path]) != root:
-            raise InputError(f"{what} keeps its data in {location!r}, which is outside the model's folder {root}: "
-                             "external data is read from inside that folder only (an absolute path, '..' or a "
-                             "symlink leading out is refused); move the data file beside the model")
+            raise InputError(
+                f"{what} keeps its data in {location!r}, which is outside the model's folder {root}: "
+                "external data is read from inside that folder only (an absolute path, '..' or a "
+                "symlink leading out is refused); move the data file beside the model"
+            )
         tensor.base_dir = root
         if not os.path.isfile(path):
-            raise InputError(f"{what} keeps its data in {location!r}, which is missing (looked in {root}); keep the "
-                             "external data file beside the model")
+            raise InputError(
+                f"{what} keeps its data in {location!r}, which is missing (looked in {root}); keep the "
+                "external data file beside the model"
+            )
         need = (tensor.offset or 0) + (tensor.length or 0)
         if os.path.getsize(path) < need:
-            raise InputError(f"external data file {location!r} is shorter than {what} needs "
-                             f"({os.path.getsize(path)} < {need} bytes): it is truncated or not this model's")
+            raise InputError(
+                f"external data file {location!r} is shorter than {what} needs "
+                f"({os.path.getsize(path)} < {need} bytes): it is truncated or not this model's"
+            )
 
 
 def _check_opset(model: ir.Model) -> None:
@@ -178,8 +212,10 @@ def _check_opset(model: ir.Model) -> None:
     if version is None:
         raise InputError("the model imports no default-domain (ai.onnx) opset: not a model graphprune can read")
     if not MIN_OPSET <= version <= newest:
-        raise InputError(f"the model uses opset {version}; graphprune reads opsets {MIN_OPSET} to {newest} "
-                         "(convert it with onnx.version_converter first)")
+        raise InputError(
+            f"the model uses opset {version}; graphprune reads opsets {MIN_OPSET} to {newest} "
+            "(convert it with onnx.version_converter first)"
+        )
 
 
 @contextlib.contextmanager
@@ -262,12 +298,16 @@ def check_feeds(model: ir.Model, feeds: Iterable[Mapping[str, Any]]) -> list[Fee
     out = []
     for i, feed in enumerate(feeds):
         if not isinstance(feed, Mapping):
-            raise InputError(f"calibration feed {i} is a {type(feed).__name__}; ONNX feeds are dicts "
-                             f"{{input name: array}} for the inputs {sorted(inputs)}")
+            raise InputError(
+                f"calibration feed {i} is a {type(feed).__name__}; ONNX feeds are dicts "
+                f"{{input name: array}} for the inputs {sorted(inputs)}"
+            )
         missing, extra = sorted(set(inputs) - set(feed)), sorted(set(feed) - set(inputs))
         if missing or extra:
-            raise InputError(f"calibration feed {i}: missing inputs {missing}, unknown inputs {extra} "
-                             f"(the model's inputs are {sorted(inputs)})")
+            raise InputError(
+                f"calibration feed {i}: missing inputs {missing}, unknown inputs {extra} "
+                f"(the model's inputs are {sorted(inputs)})"
+            )
         arrays = {}
         for name, x in feed.items():
             array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -277,12 +317,16 @@ def check_feeds(model: ir.Model, feeds: Iterable[Mapping[str, Any]]) -> list[Fee
                 raise InputError(f"calibration feed {i}: input {name!r} is {array.dtype}, the model takes {want}")
             if value.shape is not None:
                 if array.ndim != len(value.shape):
-                    raise InputError(f"calibration feed {i}: input {name!r} has rank {array.ndim}, the model "
-                                     f"takes rank {len(value.shape)} ({value.shape})")
+                    raise InputError(
+                        f"calibration feed {i}: input {name!r} has rank {array.ndim}, the model "
+                        f"takes rank {len(value.shape)} ({value.shape})"
+                    )
                 for d, (got, declared) in enumerate(zip(array.shape, value.shape)):
                     if isinstance(declared, int) and got != declared:
-                        raise InputError(f"calibration feed {i}: input {name!r} has size {got} in dim {d}, "
-                                         f"the model fixes it to {declared}")
+                        raise InputError(
+                            f"calibration feed {i}: input {name!r} has size {got} in dim {d}, "
+                            f"the model fixes it to {declared}"
+                        )
             if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                 raise InputError(f"calibration feed {i}: input {name!r} contains NaN or Inf")
             arrays[name] = array
@@ -341,8 +385,9 @@ def run_values(model: ir.Model, feeds: Feeds) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in runner.get_outputs()], results))
 
 
-def measured(model: ir.Model, feeds: Feeds, values: dict[str, np.ndarray]
-             ) -> tuple[dict[str, tuple[int, ...]], list[np.ndarray]]:
+def measured(
+    model: ir.Model, feeds: Feeds, values: dict[str, np.ndarray]
+) -> tuple[dict[str, tuple[int, ...]], list[np.ndarray]]:
     """Shapes and graph outputs (see :func:`measure`) from values :func:`run_values` computed."""
     shapes = {name: tuple(np.shape(a)) for name, a in values.items()}
     shapes.update({name: tuple(np.shape(a)) for name, a in feeds.items()})

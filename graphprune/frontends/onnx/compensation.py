@@ -12,43 +12,38 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from graphprune.frontends.torch.analysis import Analysis
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, tensor_of
-from graphprune.frontends.onnx.layers import input_moments, layer_bias, weight_layers
-from graphprune.frontends.onnx.apply import copy_model
+from graphprune.algorithms.compensation import bias_corrections as corrections_for
+from graphprune.core.groups import Analysis
 from graphprune.core.plan import Plan
-from graphprune.algorithms.compensation import removed_contribution
-from graphprune.algorithms.nm import CONV
+from graphprune.frontends.onnx.apply import copy_model
+from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, tensor_of
+from graphprune.frontends.onnx.layers import OnnxLayer, input_moments, layer_bias, weight_layers
 
 
 def bias_corrections(analysis: Analysis, plan: Plan, feeds: list[Feeds]) -> tuple[dict[str, torch.Tensor], int]:
-    """What to add to each bias (by initializer name, in the pruned layout), and how many layers lose
-    inputs with no bias to take it."""
+    """:func:`graphprune.algorithms.compensation.bias_corrections` for an ONNX graph, before the plan
+    is applied; a layer's bias is :func:`~graphprune.frontends.onnx.layers.layer_bias`."""
     capture: OnnxCapture = analysis.captured
     masks = plan.masks(analysis)
     spaces = analysis.spaces
     values = {v.name: v for node in capture.graph for v in node.inputs if v is not None}
     nodes = {node.name: node for node in capture.graph}
-    losing = []
-    for layer in weight_layers(capture.model)[0]:
-        if layer.layout == CONV and layer.groups > 1:
-            continue
-        x_atom = analysis.context.dims(values[layer.activation])[layer.channel_axis]
-        removed = ~spaces.keep_mask(x_atom, masks)
-        if bool(removed.any()):
-            losing.append((layer, removed))
-    moments = input_moments(capture, [layer for layer, _ in losing], feeds)
-    corrections, without_bias = {}, 0
-    for layer, removed in losing:
-        bias = layer_bias(nodes[layer.node])
-        if bias is None:
-            without_bias += 1
-            continue
-        delta = removed_contribution(tensor_of(capture.graph.initializers[layer.weight]), layer.layout, removed,
-                                     moments[layer.weight][0])
-        keep_out = spaces.keep_mask(analysis.tensors[bias.name][1][0], masks)
-        corrections[bias.name] = delta[keep_out]
-    return corrections, without_bias
+    layers = [layer for layer in weight_layers(capture.model)[0] if not layer.grouped]
+
+    def removed_inputs(layer: OnnxLayer) -> torch.Tensor:
+        return ~spaces.keep_mask(analysis.context.dims(values[layer.activation])[layer.channel_axis], masks)
+
+    def input_means(losing: list[OnnxLayer]) -> dict[OnnxLayer, torch.Tensor]:
+        moments = input_moments(capture, losing, feeds)
+        return {layer: moments[layer.weight][0] for layer in losing}
+
+    def bias(layer: OnnxLayer) -> tuple[str, torch.Tensor] | None:
+        value = layer_bias(nodes[layer.node])
+        return None if value is None else (value.name, spaces.keep_mask(analysis.tensors[value.name][1][0], masks))
+
+    return corrections_for(
+        layers, removed_inputs, input_means, lambda layer: tensor_of(capture.graph.initializers[layer.weight]), bias
+    )
 
 
 def corrected(capture: OnnxCapture, corrections: dict[str, torch.Tensor]) -> OnnxCapture:

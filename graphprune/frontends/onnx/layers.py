@@ -15,40 +15,24 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, graph_inputs, session, tensor_of
+from graphprune.algorithms.moments import ChannelMoments
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, fits
+from graphprune.core.layers import WeightLayer, output_heads
+from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, graph_inputs, session, tensor_of
 
 _PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze")
 
 
-@dataclass(frozen=True)
-class WeightLayer:
+@dataclass(frozen=True, kw_only=True)
+class OnnxLayer(WeightLayer):
     """A node that multiplies an activation by an initializer."""
 
     node: str
     op_type: str
-    weight: str
-    layout: str
     activation: str  # the value the weight multiplies
-    channel_axis: int  # the activation's axis the weight reduces over
-    groups: int = 1  # a convolution's groups
-
-    @property
-    def depthwise(self) -> bool:
-        return self.layout == CONV and self.groups > 1
-
-    @property
-    def output_axis(self) -> int:
-        """The weight axis of the output channels (per-channel quantization scales run along it)."""
-        return 1 if self.layout == CONV1D else 0
-
-    @property
-    def axis(self) -> int:
-        """The weight axis the N:M groups run along (moved last)."""
-        return 0 if self.layout == CONV1D else 1
 
 
-def weight_layers(model: ir.Model) -> tuple[list[WeightLayer], dict[str, str]]:
+def weight_layers(model: ir.Model) -> tuple[list[OnnxLayer], dict[str, str]]:
     """Every node that multiplies an activation by an initializer weight, and the weights left
     alone with the reason."""
     layers, skipped = [], {}
@@ -64,14 +48,36 @@ def weight_layers(model: ir.Model) -> tuple[list[WeightLayer], dict[str, str]]:
             skipped[w.name] = "ConvTranspose is left as it is (its reduction runs over output channels)"
             continue
         if node.op_type == "Conv":
-            layers.append(WeightLayer(node.name, "Conv", w.name, CONV, x.name, 1, _attr(node, "group", 1)))
+            layers.append(
+                OnnxLayer(
+                    node=node.name,
+                    op_type="Conv",
+                    weight=w.name,
+                    layout=CONV,
+                    activation=x.name,
+                    channel_axis=1,
+                    groups=_attr(node, "group", 1),
+                )
+            )
         elif len(shape) != 2:
             skipped[w.name] = f"{len(shape)}-D {node.op_type} weight (batched weights are left as they are)"
         elif node.op_type == "MatMul":
-            layers.append(WeightLayer(node.name, "MatMul", w.name, CONV1D, x.name, -1))
+            layers.append(
+                OnnxLayer(
+                    node=node.name, op_type="MatMul", weight=w.name, layout=CONV1D, activation=x.name, channel_axis=-1
+                )
+            )
         else:
-            layers.append(WeightLayer(node.name, "Gemm", w.name, LINEAR if _attr(node, "transB", 0) else CONV1D,
-                                      x.name, 0 if _attr(node, "transA", 0) else -1))
+            layers.append(
+                OnnxLayer(
+                    node=node.name,
+                    op_type="Gemm",
+                    weight=w.name,
+                    layout=LINEAR if _attr(node, "transB", 0) else CONV1D,
+                    activation=x.name,
+                    channel_axis=0 if _attr(node, "transA", 0) else -1,
+                )
+            )
     return layers, skipped
 
 
@@ -80,7 +86,7 @@ def _attr(node: ir.Node, name: str, default: int) -> int:
     return default if a is None else int(a.value)
 
 
-def reads_model_input(model: ir.Model, layer: WeightLayer) -> bool:
+def reads_model_input(model: ir.Model, layer: OnnxLayer) -> bool:
     """The layer reads a graph input, possibly through layout ops (tf2onnx's NHWC transposes)."""
     inputs = {v.name for v in graph_inputs(model)}
     producers = {v.name: node for node in model.graph for v in node.outputs}
@@ -90,50 +96,39 @@ def reads_model_input(model: ir.Model, layer: WeightLayer) -> bool:
     return name in inputs
 
 
-def head_layers(model: ir.Model, layers: list[WeightLayer]) -> set[str]:
+def head_layers(model: ir.Model, layers: list[OnnxLayer]) -> set[str]:
     """Layers whose result reaches a graph output through single-activation ops (classifiers, LM
-    heads), the ONNX counterpart of the torch pass's ``dense_heads`` test."""
-    by_node = {layer.node for layer in layers}
+    heads; :func:`graphprune.core.layers.output_heads`), by node name."""
     producers = {v.name: node for node in model.graph for v in node.outputs}
-    heads = set()
-    for output in model.graph.outputs:
-        node = producers.get(output.name)
-        while node is not None:
-            if node.name in by_node:
-                heads.add(node.name)
-                break
-            activations = [v for v in node.inputs if v is not None and not v.is_initializer()]
-            if len(activations) != 1:
-                break
-            node = producers.get(activations[0].name)
-    return heads
+    names = {layer.node for layer in layers}
+    heads = output_heads(
+        [producers.get(v.name) for v in model.graph.outputs],
+        {node for node in model.graph if node.name in names},
+        lambda node: [producers.get(v.name) for v in node.inputs if v is not None and not v.is_initializer()],
+    )
+    return {node.name for node in heads}
 
 
-def fits_pattern(model: ir.Model, layer: WeightLayer, pattern: NMPattern) -> str | None:
+def fits_pattern(model: ir.Model, layer: OnnxLayer, pattern: NMPattern) -> str | None:
     return fits(tensor_of(model.graph.initializers[layer.weight]), pattern)
 
 
-def input_moments(capture: OnnxCapture, layers: list[WeightLayer],
-                  feeds: list[Feeds]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def input_moments(
+    capture: OnnxCapture, layers: list[OnnxLayer], feeds: list[Feeds]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (by weight name): mean and mean square of its input per reduced channel over the
     feeds, read from onnxruntime with the layers' inputs exposed as outputs (what Wanda and the
     activation-based channel criteria need)."""
     names = sorted({layer.activation for layer in layers})
     runner = session(capture.model, names)
     index = {o.name: i for i, o in enumerate(runner.get_outputs())}
-    sums: dict[str, np.ndarray] = {}
-    squares: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    totals = {layer.weight: ChannelMoments() for layer in layers}
     for feed in feeds:
         values = runner.run(None, feed)
         for layer in layers:
-            x = np.asarray(values[index[layer.activation]], dtype=np.float64)
-            x = np.moveaxis(x, layer.channel_axis, -1).reshape(-1, x.shape[layer.channel_axis])
-            sums[layer.weight] = sums.get(layer.weight, 0) + x.sum(0)
-            squares[layer.weight] = squares.get(layer.weight, 0) + (x ** 2).sum(0)
-            counts[layer.weight] = counts.get(layer.weight, 0) + x.shape[0]
-    return {name: (torch.from_numpy(sums[name] / max(counts[name], 1)),
-                   torch.from_numpy(squares[name] / max(counts[name], 1))) for name in sums}
+            x = torch.from_numpy(np.asarray(values[index[layer.activation]], dtype=np.float64))
+            totals[layer.weight].add(x, layer.channel_axis)
+    return {name: total.moments() for name, total in totals.items()}
 
 
 def input_channel_norms(weight: torch.Tensor, layer: WeightLayer) -> torch.Tensor:

@@ -15,12 +15,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from graphprune.algorithms.nm import CONV
+from graphprune.algorithms.quant import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
+from graphprune.emit.qdq import insert_qdq
 from graphprune.frontends.onnx.apply import copy_model
 from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, session, tensor_of
-from graphprune.frontends.onnx.layers import WeightLayer, layer_bias
-from graphprune.emit.qdq import insert_qdq
-from graphprune.algorithms.quant import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
-from graphprune.algorithms.nm import CONV
+from graphprune.frontends.onnx.layers import OnnxLayer, layer_bias
 
 
 def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
@@ -33,8 +33,12 @@ def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
         if node.op_type != "MatMul" or node.domain != "" or len(capture.shapes.get(node.inputs[0].name, ())) != 2:
             continue
         weight, users = node.inputs[1], list(node.outputs[0].uses())
-        if not weight.is_initializer() or len(users) != 1 or users[0].node.op_type != "Add" \
-                or node.outputs[0].is_graph_output():
+        if (
+            not weight.is_initializer()
+            or len(users) != 1
+            or users[0].node.op_type != "Add"
+            or node.outputs[0].is_graph_output()
+        ):
             continue
         add = users[0].node
         bias = add.inputs[1 - users[0].idx]
@@ -57,8 +61,9 @@ def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
     return OnnxCapture(model, capture.feeds, shapes, outputs)
 
 
-def calibrate(capture: OnnxCapture, layers: list[WeightLayer], feeds: list[Feeds], method: str,
-              percentile: float) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
+def calibrate(
+    capture: OnnxCapture, layers: list[OnnxLayer], feeds: list[Feeds], method: str, percentile: float
+) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
     """Range observers for each layer's input and each convolution's output, by value name."""
     graph = capture.graph
     nodes = {node.name: node for node in graph}
@@ -78,8 +83,9 @@ def calibrate(capture: OnnxCapture, layers: list[WeightLayer], feeds: list[Feeds
     return inputs, outputs
 
 
-def quant_plan(capture: OnnxCapture, layers: list[WeightLayer], inputs: dict[str, RangeObserver],
-               outputs: dict[str, RangeObserver]) -> QuantPlan:
+def quant_plan(
+    capture: OnnxCapture, layers: list[OnnxLayer], inputs: dict[str, RangeObserver], outputs: dict[str, RangeObserver]
+) -> QuantPlan:
     """The int8 parameters of each layer, keyed by weight initializer (as the torch path keys them
     by parameter name)."""
     graph = capture.graph
@@ -98,8 +104,14 @@ def quant_plan(capture: OnnxCapture, layers: list[WeightLayer], inputs: dict[str
             out = activation_qparams(low, high)
         bias = layer_bias(node)
         plan.layers[layer.weight] = LayerQuant(
-            layer.node, layer.output_axis, scale.tolist(), (x_scale, x_zero), out,
-            bias.name if bias is not None else None, (x_scale * scale).tolist() if bias is not None else None)
+            layer.node,
+            layer.output_axis,
+            scale.tolist(),
+            (x_scale, x_zero),
+            out,
+            bias.name if bias is not None else None,
+            (x_scale * scale).tolist() if bias is not None else None,
+        )
     return plan
 
 

@@ -1,174 +1,47 @@
-"""Analysis: run the op rules over a captured graph and turn the solved spaces into groups.
+"""Analysis of a torch model: run the ATen rules over its captured graph, then collect the groups.
 
-A :class:`Group` is one prunable channel space (a leaf of the solver) together with every
-parameter, buffer and constant slice it indexes.  Spaces that touch the model's inputs or
-outputs, ops without rules, or structures the solver cannot reconcile are *frozen*, and the
-reason is kept so :meth:`Analysis.describe` can say why a layer was left alone.
+Code-computed sizes (:mod:`graphprune.frontends.torch.provenance`) and modules that hold sizes
+(:mod:`graphprune.rules.modules`) add their constraints before the spaces are solved; the
+groups themselves are :mod:`graphprune.core.groups`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import operator
 import time
-from collections.abc import Sequence
 from collections import defaultdict
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-
-from graphprune.core.algebra import FreezeReason, SpaceSolver, Spaces
-from graphprune.frontends.torch.capture import CapturedGraph, ExampleInputs, capture
+from graphprune.core.algebra import FreezeReason, Spaces, SpaceSolver
+from graphprune.core.groups import Analysis, collect_groups
 from graphprune.errors import InputError
+from graphprune.frontends.torch.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.frontends.torch.macs import planned_macs, planned_params
 from graphprune.frontends.torch.provenance import AnySource, ShapeSource, factor_source, uses_for
-from graphprune.rules import RuleContext, ShapeConstant, aten_rules
-from graphprune.rules.registry import flat_atoms
+from graphprune.rules.aten import aten_rules
+from graphprune.rules.registry import RuleContext, flat_atoms
 
 aten = torch.ops.aten
 
 BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
-@dataclass(frozen=True)
-class Member:
-    """One dim of one tensor (parameter, buffer or constant) that a group indexes."""
-
-    name: str
-    kind: str
-    dim: int
-    atom: int
-    shape: tuple[int, ...]
-
-    @property
-    def module(self) -> str:
-        return self.name.rpartition(".")[0]
-
-
-@dataclass
-class Group:
-    """A prunable channel space and everything that must shrink with it."""
-
-    id: int
-    leaf: int
-    size: int
-    members: list[Member]
-    tags: frozenset[str] = frozenset()
-    inexact: str | None = None
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted({m.module for m in self.members if m.kind == "parameter"})
-
-    def describe(self, max_members: int = 8) -> str:
-        flags = []
-        if self.tags:
-            flags.append("/".join(sorted(self.tags)))
-        if self.inexact:
-            flags.append(f"inexact: {self.inexact}")
-        head = f"group {self.id}: {self.size} channels" + (f" [{'; '.join(flags)}]" if flags else "")
-        lines = [head]
-        for m in self.members[:max_members]:
-            lines.append(f"    {m.name} {list(m.shape)} dim {m.dim}")
-        if len(self.members) > max_members:
-            lines.append(f"    ... and {len(self.members) - max_members} more")
-        return "\n".join(lines)
-
-
-@dataclass
-class FrozenSpace:
-    """A channel space with parameters that may not be pruned, and why."""
-
-    leaf: int
-    size: int
-    members: list[Member]
-    reason: FreezeReason
-
-    def describe(self) -> str:
-        names = ", ".join(f"{m.name}[dim {m.dim}]" for m in self.members[:3])
-        more = f" and {len(self.members) - 3} more" if len(self.members) > 3 else ""
-        return f"{self.size} channels: {self.reason} -- {names}{more}"
-
-
-@dataclass
-class Analysis:
-    """The coupled groups of a model, and what was frozen and why."""
-
-    model_name: str
-    captured: CapturedGraph
-    context: RuleContext
-    spaces: Spaces
-    groups: list[Group]
-    frozen: list[FrozenSpace]
-    tensors: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # name -> (kind, dim atoms)
-    seconds: float = 0.0
-
-    @property
-    def constants(self) -> list[ShapeConstant]:
-        return self.context.constants
-
-    @property
-    def unsupported(self) -> dict[str, list[str]]:
-        return self.context.unsupported
-
-    @property
-    def rule_errors(self) -> list[str]:
-        return self.context.rule_errors
+class TorchAnalysis(Analysis):
+    """:class:`~graphprune.core.groups.Analysis` of a torch model (``captured`` is a CapturedGraph)."""
 
     def node_count(self) -> int:
         return sum(len(gm.graph.nodes) for gm in _graph_modules(self.captured.graph_module))
 
-    @cached_property
-    def fingerprint(self) -> str:
-        """A hash of what plans made on this analysis refer to: every tensor's name, kind and shape,
-        and every group's size and members (see :meth:`graphprune.core.plan.Plan.check`)."""
-        data = {"tensors": {name: [kind, [self.spaces.solver.size(a) for a in dims]]
-                            for name, (kind, dims) in sorted(self.tensors.items())},
-                "groups": [[g.size, [[m.name, m.dim] for m in g.members]] for g in self.groups]}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-    @cached_property
-    def parameter_shapes(self) -> dict[str, list[int]]:
-        return {name: [self.spaces.solver.size(a) for a in dims]
-                for name, (kind, dims) in self.tensors.items() if kind == "parameter"}
-
     def planned_macs(self, masks: dict[int, torch.Tensor]) -> int:
-        """MACs once the keep-masks (per solver leaf) are applied, from the analysis alone."""
         return planned_macs(self, masks)
 
-    def planned_params(self, masks: dict[int, torch.Tensor], model: nn.Module) -> int:
-        """Parameters once the keep-masks are applied."""
+    def planned_params(self, masks: dict[int, torch.Tensor], model: nn.Module | None = None) -> int:
         return planned_params(self, masks, model)
-
-    def describe(self, max_groups: int = 50) -> str:
-        lines = [f"{self.model_name}: {self.node_count()} graph nodes, {len(self.groups)} prunable groups, "
-                 f"{len(self.frozen)} frozen spaces (analysed in {self.seconds:.2f} s)"]
-        for g in self.groups[:max_groups]:
-            lines.append(g.describe())
-        if len(self.groups) > max_groups:
-            lines.append(f"... and {len(self.groups) - max_groups} more groups")
-        if self.frozen:
-            lines.append("frozen:")
-            lines.extend(f"  {f.describe()}" for f in self.frozen)
-        if self.unsupported:
-            lines.append("ops without a rule (everything they touch is frozen):")
-            lines.extend(f"  {op}: {', '.join(nodes[:5])}" for op, nodes in sorted(self.unsupported.items()))
-        if self.rule_errors:
-            lines.append("rules that failed (their nodes are frozen):")
-            lines.extend(f"  {e}" for e in self.rule_errors)
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.describe()
-
-    def group(self, group_id: int) -> Group:
-        return self.groups[group_id]
 
 
 def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
@@ -179,8 +52,7 @@ def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
     return out
 
 
-def analyze(model: nn.Module, example_inputs: ExampleInputs, *,
-            prunable_outputs: Sequence[str] = ()) -> Analysis:
+def analyze(model: nn.Module, example_inputs: ExampleInputs, *, prunable_outputs: Sequence[str] = ()) -> Analysis:
     """Capture ``model`` and find its coupled channel groups.  Works on ``meta``-device models.
 
     Spaces that reach the model's outputs are frozen, so the pruned model returns the same shapes;
@@ -192,13 +64,16 @@ def analyze(model: nn.Module, example_inputs: ExampleInputs, *,
     return analyze_captured(captured, type(model).__name__, start, prunable_outputs)
 
 
-def analyze_captured(captured: CapturedGraph, model_name: str, start: float | None = None,
-                     prunable_outputs: Sequence[str] = ()) -> Analysis:
+def analyze_captured(
+    captured: CapturedGraph, model_name: str, start: float | None = None, prunable_outputs: Sequence[str] = ()
+) -> Analysis:
     start = time.perf_counter() if start is None else start
     unknown = set(prunable_outputs) - set(captured.output_names.values())
     if unknown:
-        raise InputError(f"prunable_outputs names {sorted(unknown)}, but the model's outputs are "
-                         f"{sorted(captured.output_names.values())}")
+        raise InputError(
+            f"prunable_outputs names {sorted(unknown)}, but the model's outputs are "
+            f"{sorted(captured.output_names.values())}"
+        )
     solver = SpaceSolver()
     ctx = RuleContext(solver)
     ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
@@ -222,8 +97,10 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
         if captured.output_names.get(node) in prunable_outputs:
             continue
         for atom in flat_atoms(ctx.raw(node)):
-            solver.freeze(atom, FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}",
-                                             node.name))
+            solver.freeze(
+                atom,
+                FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}", node.name),
+            )
     spaces = solver.finalize()
 
     tensors: dict[str, tuple[str, list[int]]] = {}
@@ -233,35 +110,7 @@ def analyze_captured(captured: CapturedGraph, model_name: str, start: float | No
             tensors[name] = (kind, ctx.dims(node) or [])
     carried = _leaves_of_activations(ctx, captured, spaces)
     groups, frozen = collect_groups(spaces, tensors, carried)
-    return Analysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
-
-
-def collect_groups(spaces: Spaces, tensors: dict[str, tuple[str, list[int]]],
-                   carried: set[int]) -> tuple[list[Group], list[FrozenSpace]]:
-    """Prunable groups and frozen spaces from the solved spaces: every leaf that indexes a
-    parameter, with every tensor slice it indexes (``tensors``: name -> (kind, dim atoms)).
-    A leaf no activation carries (``carried``) is a parameter dim no rule coupled: frozen."""
-    solver = spaces.solver
-    members: dict[int, list[Member]] = defaultdict(list)
-    for name, (kind, dims) in tensors.items():
-        shape = tuple(solver.size(a) for a in dims)
-        for d, atom in enumerate(dims):
-            for leaf in dict.fromkeys(spaces.leaves(atom)):
-                members[leaf].append(Member(name, kind, d, atom, shape))
-    groups: list[Group] = []
-    frozen: list[FrozenSpace] = []
-    for leaf, ms in members.items():
-        if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
-            continue
-        if leaf in spaces.frozen:
-            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
-        elif leaf not in carried:
-            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, FreezeReason(
-                "no activation carries these channels (a parameter dim that no rule coupled)")))
-        else:
-            groups.append(Group(len(groups), leaf, solver.size(leaf), ms,
-                                frozenset(spaces.tags.get(leaf, ())), spaces.inexact.get(leaf)))
-    return groups, frozen
+    return TorchAnalysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
 
 
 def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
@@ -303,8 +152,11 @@ def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
         shape_only = all(isinstance(source, ShapeSource) for source in use.sources)
         if shape_only and getattr(c.node.target, "overloadpacket", None) in (aten.slice, aten.narrow):
             continue  # a slice's parts already relate its bound to the dim it cuts (x[..., : x.shape[-1] // 2])
-        sides = (_monomial_spaces(use.factors, use.divisors, direct, reads, c.node.name)
-                 if len(c.atoms) == 1 and not c.base else None)
+        sides = (
+            _monomial_spaces(use.factors, use.divisors, direct, reads, c.node.name)
+            if len(c.atoms) == 1 and not c.base
+            else None
+        )
         if sides is not None:
             top, bottom = sides
             where = f"{c.node.name}: size computed in forward"
@@ -323,8 +175,12 @@ def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
         atoms = [reads.atom(source)] if isinstance(source, ShapeSource) else direct.get(source, [])
         for atom in atoms:
             if atom is not None:
-                solver.freeze(atom, FreezeReason(f"{source} also enters a computed value "
-                                                 "(a scale, or a size graphprune cannot rewrite)"))
+                solver.freeze(
+                    atom,
+                    FreezeReason(
+                        f"{source} also enters a computed value (a scale, or a size graphprune cannot rewrite)"
+                    ),
+                )
 
 
 def _keep_values(use, direct: dict, reads: _ShapeReads) -> set[AnySource]:
@@ -344,8 +200,12 @@ def _keep_values(use, direct: dict, reads: _ShapeReads) -> set[AnySource]:
         top, bottom = sides
         kept = solver.new(int(monomial))
         names = ", ".join(map(str, sorted(monomial.sources, key=str)))
-        solver.freeze(kept, FreezeReason(f"a value computed from {names} enters more than a size "
-                                         "(a scale, say), so it must keep its value"))
+        solver.freeze(
+            kept,
+            FreezeReason(
+                f"a value computed from {names} enters more than a size (a scale, say), so it must keep its value"
+            ),
+        )
         solver.unify(_one(solver, top), _one(solver, [*bottom, kept]), where=f"{names} keeps its value")
     return whole
 
@@ -368,8 +228,9 @@ def _one(solver: SpaceSolver, atoms: list[int]) -> int:
     return atoms[0] if len(atoms) == 1 else solver.product(atoms)
 
 
-def _monomial_spaces(factors: tuple | None, divisors: tuple, direct: dict, reads: _ShapeReads,
-                     where: str) -> tuple[list[int], list[int]] | None:
+def _monomial_spaces(
+    factors: tuple | None, divisors: tuple, direct: dict, reads: _ShapeReads, where: str
+) -> tuple[list[int], list[int]] | None:
     """The spaces above and below the line of a computed size: for each factor, the space its
     attribute sizes directly or its read dim, and a fixed (frozen) space for an attribute that
     sizes nothing directly or a plain int (they keep their values).  None when the size is no
@@ -382,7 +243,9 @@ def _monomial_spaces(factors: tuple | None, divisors: tuple, direct: dict, reads
         source = factor_source(factor)
         if source is None:
             literal = solver.new(int(factor))
-            solver.freeze(literal, FreezeReason(f"{int(factor)} is a literal factor of a size computed in forward", where))
+            solver.freeze(
+                literal, FreezeReason(f"{int(factor)} is a literal factor of a size computed in forward", where)
+            )
             return literal
         if source in direct:
             return direct[source][0]
@@ -391,6 +254,7 @@ def _monomial_spaces(factors: tuple | None, divisors: tuple, direct: dict, reads
         fixed = solver.new(int(factor))
         solver.freeze(fixed, FreezeReason(f"{source} is a fixed factor of a size computed in forward", where))
         return fixed
+
     top, bottom = [space(f) for f in factors], [space(f) for f in divisors]
     if None in top or None in bottom:
         return None
@@ -404,8 +268,7 @@ def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
     input space, the q/k/v space and the output space keep one count, so they are coupled.  With
     separate q/k/v projection weights (kdim/vdim != embed_dim) it is frozen.
     """
-    placeholders = {name: node for node in ctx.parameter_nodes
-                    for kind, name in [captured.tensor_names[node.name]]}
+    placeholders = {name: node for node in ctx.parameter_nodes for kind, name in [captured.tensor_names[node.name]]}
     for path, cls in captured.module_types.items():
         if not issubclass(cls, nn.MultiheadAttention):
             continue
@@ -415,8 +278,13 @@ def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
             for name, node in placeholders.items():
                 if name.startswith(prefix):
                     for atom in ctx.dims(node) or []:
-                        ctx.solver.freeze(atom, FreezeReason(
-                            "nn.MultiheadAttention with separate q/k/v projections (kdim/vdim) is not rewritten", path))
+                        ctx.solver.freeze(
+                            atom,
+                            FreezeReason(
+                                "nn.MultiheadAttention with separate q/k/v projections (kdim/vdim) is not rewritten",
+                                path,
+                            ),
+                        )
             continue
         rows, cols = ctx.dims(packed)
         _, embed = ctx.solver.factors(rows, [3, ctx.solver.size(rows) // 3], path)
@@ -470,7 +338,7 @@ def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
     if target in BODY_HOPS:
         k = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
         body = getattr(gm, node.args[k].target)
-        operands = [ctx.raw(a) if isinstance(a, fx.Node) else None for a in node.args[k + 1:]]
+        operands = [ctx.raw(a) if isinstance(a, fx.Node) else None for a in node.args[k + 1 :]]
         ctx.bind(node, run_graph(ctx, body, operands))
         return
     ctx.allocate(node)

@@ -24,19 +24,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.fx.operator_schemas import normalize_function
-
-from graphprune.core.algebra import Spaces
-from graphprune.frontends.torch.analysis import BODY_HOPS, Analysis
+from graphprune.core.groups import Analysis
+from graphprune.core.plan import Plan, constant_values, kept_positions
+from graphprune.core.values import compare as compare_values
+from graphprune.errors import ApplyError, CaptureError
+from graphprune.frontends.torch.analysis import BODY_HOPS
 from graphprune.frontends.torch.capture import CapturedGraph, capture_call, run_outputs, tensor_at
 from graphprune.frontends.torch.copying import clone
-from graphprune.errors import ApplyError, CaptureError
-from graphprune.rules.modules import rule_for
-from graphprune.core.plan import Plan
 from graphprune.frontends.torch.provenance import Source, owner_chain, uses_for
-from graphprune.rules.registry import arg_at
-from graphprune.frontends.torch.value_oracle import compare as compare_values
 from graphprune.frontends.torch.value_oracle import graph_sites, node_values, zeroed_dense
+from graphprune.rules.modules import rule_for
+from graphprune.rules.registry import arg_at
+from torch.fx.operator_schemas import normalize_function
 
 
 @dataclass
@@ -54,8 +53,7 @@ def apply_plan(model: nn.Module, analysis: Analysis, plan: Plan, *, inplace: boo
         masks = plan.masks(analysis)
         dense = _shrink_tensors(target, analysis, masks, undo)
         constants = constant_values(analysis, masks)
-        changed: Changed = {n: {p: v for p, v in paths.items() if arg_at(n, p) != v}
-                            for n, paths in constants.items()}
+        changed: Changed = {n: {p: v for p, v in paths.items() if arg_at(n, p) != v} for n, paths in constants.items()}
         _update_attributes(target, analysis, constants, undo)
         recaptured = _verify(target, analysis, masks, changed, dense)
     except BaseException:
@@ -97,8 +95,9 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
     removed positions) of each dim it lost, for the value oracle."""
     holders = _tensor_holders(model)
     spaces = analysis.spaces
-    originals = {name: tensor_at(model, name) for name, (kind, _) in analysis.tensors.items()
-                 if kind != "code_constant"}  # those are frozen: nothing to shrink
+    originals = {
+        name: tensor_at(model, name) for name, (kind, _) in analysis.tensors.items() if kind != "code_constant"
+    }  # those are frozen: nothing to shrink
     done: set[int] = set()
     dense: Removed = {}
     for name, old in originals.items():
@@ -120,18 +119,6 @@ def _shrink_tensors(model: nn.Module, analysis: Analysis, masks: dict[int, torch
     return dense
 
 
-def kept_positions(spaces: Spaces, dims: list[int], masks: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
-    """For each dim of a tensor (its atoms ``dims``) that the masks shrink: (dim, kept positions)."""
-    index = []
-    for d, atom in enumerate(dims):
-        if not any(leaf in masks for leaf in spaces.leaves(atom)):
-            continue
-        keep = spaces.keep_mask(atom, masks)
-        if not bool(keep.all()):
-            index.append((d, keep.nonzero().squeeze(1)))
-    return index
-
-
 def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
     """Every place a tensor object is stored, so tied weights are replaced everywhere at once."""
     holders: dict[int, list[tuple[dict, str]]] = defaultdict(list)
@@ -148,18 +135,6 @@ def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
 
 # ---------------------------------------------------------------- constants
 Changed = dict[fx.Node, dict[tuple, int]]
-
-
-def constant_values(analysis: Analysis, masks: dict[int, torch.Tensor]) -> dict[Any, dict[tuple, int]]:
-    """New value of every registered shape constant (changed or not), by node and argument path."""
-    spaces = analysis.spaces
-    values: Changed = defaultdict(dict)
-    for c in analysis.constants:
-        new = c.base + sum(spaces.kept_size(a, masks) for a in c.atoms)
-        prior = values[c.node].setdefault(c.path, new)
-        if prior != new:
-            raise ApplyError(f"{c.node.name}: argument {c.path} would need two values ({prior} and {new})")
-    return values
 
 
 def _arg_name(node: fx.Node, path: tuple) -> str:
@@ -213,8 +188,10 @@ def _update_attributes(model: nn.Module, analysis: Analysis, constants: Changed,
     for source, news in wanted.items():
         if len(news) > 1:
             places = "; ".join(f"{where} needs {value}" for value, where in news.items())
-            raise ApplyError(f"{source} sizes several tensors that the plan prunes differently ({places}); "
-                             "prune the groups it sizes by the same count, or exclude them")
+            raise ApplyError(
+                f"{source} sizes several tensors that the plan prunes differently ({places}); "
+                "prune the groups it sizes by the same count, or exclude them"
+            )
         (new,) = news
         if source.entry is None:
             if vars(modules[source.module])[source.attribute] != new:
@@ -233,8 +210,9 @@ class _StructureDiffers(ApplyError):
     """The pruned model traces to a graph of another shape (e.g. code skips a no-op at size 1)."""
 
 
-def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed,
-            dense: Removed) -> CapturedGraph:
+def _verify(
+    model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed, dense: Removed
+) -> CapturedGraph:
     """Check the pruned module against the plan: node by node (structure, then values), or by
     outputs where the graphs differ."""
     original = analysis.captured
@@ -250,13 +228,19 @@ def _verify(model: nn.Module, analysis: Analysis, masks: dict[int, torch.Tensor]
             raise ApplyError(f"{exc}; a meta-device model cannot be checked by its outputs instead") from exc
         want = _run_rewritten(analysis, changed, model)
         got = run_outputs(model, original)
-        if len(got) != len(want) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-                                        for a, b in zip(got, want)):
+        if len(got) != len(want) or any(
+            a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, want)
+        ):
             raise ApplyError(f"{exc}, and its outputs differ from what the plan predicts") from exc
         twin = _output_twins(original.graph_module, recaptured.graph_module)
     if not on_meta and dense:  # nothing removed: no value can part
-        compare_values(graph_sites(analysis, node_values(original, model, zeroed_dense(dense)),
-                                   node_values(recaptured, model), twin), analysis, masks)
+        compare_values(
+            graph_sites(
+                analysis, node_values(original, model, zeroed_dense(dense)), node_values(recaptured, model), twin
+            ),
+            analysis,
+            masks,
+        )
     return recaptured
 
 
@@ -270,33 +254,64 @@ def _no_longer_traces(exc: CaptureError, analysis: Analysis, masks: dict[int, to
     on_line = [n for n in analysis.captured.graph.nodes if mark in (n.meta.get("stack_trace") or "")]
     spaces = analysis.spaces
     pruned = {g.leaf: g for g in analysis.groups if g.leaf in masks and not bool(masks[g.leaf].all())}
-    groups = sorted({pruned[leaf].id: pruned[leaf] for n in on_line for a in analysis.context.node_atoms(n)
-                     for leaf in spaces.leaves(a) if leaf in pruned}.items())
+    groups = sorted(
+        {
+            pruned[leaf].id: pruned[leaf]
+            for n in on_line
+            for a in analysis.context.node_atoms(n)
+            for leaf in spaces.leaves(a)
+            if leaf in pruned
+        }.items()
+    )
     modules = sorted({module for _, g in groups for module in g.modules})
-    named = (f"; on that line the dense model computes with pruned group(s) {[gid for gid, _ in groups]} "
-             f"(channels of {', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''})") if groups else ""
-    return (f"the pruned model no longer traces: its own code fails at {file}:{line}: `{code}` ({exc.reason}){named}. "
-            "A size on that line reaches it in a way graphprune does not follow (read from a tensor's shape, "
-            "written as a literal, or an expression it cannot rewrite), so it no longer fits the pruned tensors: "
-            "keep those channels (ChannelPrune(ignore=[...]) with the modules named) and please report the model")
+    named = (
+        (
+            f"; on that line the dense model computes with pruned group(s) {[gid for gid, _ in groups]} "
+            f"(channels of {', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''})"
+        )
+        if groups
+        else ""
+    )
+    return (
+        f"the pruned model no longer traces: its own code fails at {file}:{line}: `{code}` ({exc.reason}){named}. "
+        "A size on that line reaches it in a way graphprune does not follow (read from a tensor's shape, "
+        "written as a literal, or an expression it cannot rewrite), so it no longer fits the pruned tensors: "
+        "keep those channels (ChannelPrune(ignore=[...]) with the modules named) and please report the model"
+    )
 
 
 def _output_twins(old_gm: fx.GraphModule, new_gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     """The outputs of two graphs of different structure, paired in order (what the value oracle
     can still compare)."""
+
     def outs(gm: fx.GraphModule) -> list[fx.Node]:
-        return [a for a in pytree.tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args)
-                if isinstance(a, fx.Node)]
+        return [
+            a
+            for a in pytree.tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args)
+            if isinstance(a, fx.Node)
+        ]
+
     return dict(zip(outs(old_gm), outs(new_gm)))
 
 
-_RELAYOUT = {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.unsqueeze,
-             torch.ops.aten.squeeze, torch.ops.aten.expand, torch.ops.aten.contiguous, torch.ops.aten.clone,
-             torch.ops.aten.alias, torch.ops.aten.flatten, torch.ops.aten.unflatten}
+_RELAYOUT = {
+    torch.ops.aten.view,
+    torch.ops.aten.reshape,
+    torch.ops.aten._unsafe_view,
+    torch.ops.aten.unsqueeze,
+    torch.ops.aten.squeeze,
+    torch.ops.aten.expand,
+    torch.ops.aten.contiguous,
+    torch.ops.aten.clone,
+    torch.ops.aten.alias,
+    torch.ops.aten.flatten,
+    torch.ops.aten.unflatten,
+}
 
 
-def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: Analysis,
-                    masks: dict[int, torch.Tensor], changed: Changed) -> dict[fx.Node, fx.Node]:
+def _compare_graphs(
+    old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: Analysis, masks: dict[int, torch.Tensor], changed: Changed
+) -> dict[fx.Node, fx.Node]:
     """Align the two graphs node by node and check ops, wiring, arguments and predicted shapes;
     returns the alignment (original node -> pruned node).
 
@@ -312,8 +327,12 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
         return [spaces.kept_size(a, masks) for a in dims]
 
     def skippable(node: fx.Node) -> bool:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
-                or node.target.overloadpacket not in _RELAYOUT or not isinstance(node.args[0], fx.Node):
+        if (
+            node.op != "call_function"
+            or not isinstance(node.target, torch._ops.OpOverload)
+            or node.target.overloadpacket not in _RELAYOUT
+            or not isinstance(node.args[0], fx.Node)
+        ):
             return False
         out, src = predicted(node), predicted(node.args[0])
         return out is not None and src is not None and prod(out) == prod(src)
@@ -328,32 +347,42 @@ def _compare_graphs(old_gm: fx.GraphModule, new_gm: fx.GraphModule, analysis: An
             if skippable(old):
                 twin[old] = twin[old.args[0]]
                 continue
-            raise _StructureDiffers(f"{where}: the pruned model runs {new.target if new else 'nothing'} here "
-                                    "instead (its control flow depends on the pruned sizes)")
+            raise _StructureDiffers(
+                f"{where}: the pruned model runs {new.target if new else 'nothing'} here "
+                "instead (its control flow depends on the pruned sizes)"
+            )
         j += 1
         twin[old] = new
         expect_args = _normalized(old, *_substituted(old, changed.get(old, {})))
         got = pytree.tree_leaves(_normalized(new, new.args, new.kwargs))
         want = pytree.tree_leaves(expect_args)
         same = len(got) == len(want) and all(
-            (twin.get(w) is g) if isinstance(w, fx.Node) and isinstance(g, fx.Node)
+            (twin.get(w) is g)
+            if isinstance(w, fx.Node) and isinstance(g, fx.Node)
             else (not isinstance(g, fx.Node) and not isinstance(w, fx.Node) and _equal(w, g))
-            for w, g in zip(want, got))
+            for w, g in zip(want, got)
+        )
         if not same:
-            raise ApplyError(f"{where}: expected arguments {_fmt(expect_args)} but the pruned model's forward "
-                             f"passes {_fmt(_normalized(new, new.args, new.kwargs))}; a size or scale in its code "
-                             "is not derived from what was pruned")
+            raise ApplyError(
+                f"{where}: expected arguments {_fmt(expect_args)} but the pruned model's forward "
+                f"passes {_fmt(_normalized(new, new.args, new.kwargs))}; a size or scale in its code "
+                "is not derived from what was pruned"
+            )
         val, expected = new.meta.get("val"), predicted(old)
         if isinstance(val, torch.Tensor) and expected is not None and list(val.shape) != expected:
-            raise ApplyError(f"{where}: the pruned model produces shape {list(val.shape)}, "
-                             f"the plan predicts {expected}")
+            raise ApplyError(
+                f"{where}: the pruned model produces shape {list(val.shape)}, the plan predicts {expected}"
+            )
         if old.op == "call_function" and old.target in BODY_HOPS:
             k = next(i for i, a in enumerate(old.args) if isinstance(a, fx.Node) and a.op == "get_attr")
-            _compare_graphs(getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target),
-                            analysis, masks, changed)
+            _compare_graphs(
+                getattr(old_gm, old.args[k].target), getattr(new_gm, new.args[k].target), analysis, masks, changed
+            )
     if j != len(new_nodes):
-        raise _StructureDiffers(f"the pruned model's graph has {len(new_nodes) - j} extra nodes "
-                                "(its control flow depends on the pruned sizes)")
+        raise _StructureDiffers(
+            f"the pruned model's graph has {len(new_nodes) - j} extra nodes "
+            "(its control flow depends on the pruned sizes)"
+        )
     return twin
 
 

@@ -12,30 +12,28 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from tqdm.auto import tqdm
-
-from graphprune.frontends.torch.analysis import Analysis
+from graphprune.algorithms.moments import ChannelMoments
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
+from graphprune.core.groups import Analysis
+from graphprune.core.layers import WeightLayer
+from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import eval_mode, input_leaves, normalize_inputs
 from graphprune.frontends.torch.distributed import reduce_sum
-from graphprune.errors import InputError
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
 
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
-class Consumer:
-    """A layer that reads an activation through a parameter weight."""
+@dataclass(frozen=True, kw_only=True)
+class Consumer(WeightLayer):
+    """A layer of the captured graph that reads an activation through a parameter weight."""
 
     node: fx.Node
     module: str  # path of the module whose forward receives the activation
-    weight: str  # the weight's name
-    layout: str  # sparsity layout of the weight (LINEAR, CONV1D, CONV)
-    axis: int  # channel axis of the module's input
-    groups: int = 1
     matmul: bool = False  # a plain matmul inside the module's forward
 
     @property
@@ -51,7 +49,11 @@ def _matmul_weight(node: fx.Node, names: dict) -> tuple[fx.Node, str] | None:
     """For ``x @ W`` or ``x @ W.T`` with a 2-D parameter W: (W's placeholder, its layout)."""
     operand = node.args[1]
     transposed = False
-    if isinstance(operand, fx.Node) and operand.op == "call_function" and isinstance(operand.target, torch._ops.OpOverload):
+    if (
+        isinstance(operand, fx.Node)
+        and operand.op == "call_function"
+        and isinstance(operand.target, torch._ops.OpOverload)
+    ):
         packet = operand.target.overloadpacket
         if packet in _TRANSPOSES or (packet is aten.transpose and sorted(a % 2 for a in operand.args[1:3]) == [0, 1]):
             operand, transposed = operand.args[0], True
@@ -73,7 +75,11 @@ def consumers(analysis: Analysis) -> list[Consumer]:
         if packet in (aten.matmul, aten.mm) and (found := _matmul_weight(node, names)) is not None:
             weight, layout = found
             name = names[weight.name][1]
-            out.append(Consumer(node, name.rpartition(".")[0], name, layout, -1, matmul=True))
+            out.append(
+                Consumer(
+                    node=node, module=name.rpartition(".")[0], weight=name, layout=layout, channel_axis=-1, matmul=True
+                )
+            )
             continue
         weight = node.args[2] if packet is aten.addmm else node.args[1] if len(node.args) > 1 else None
         if not isinstance(weight, fx.Node) or names.get(weight.name, ("",))[0] != "parameter":
@@ -81,12 +87,12 @@ def consumers(analysis: Analysis) -> list[Consumer]:
         name = names[weight.name][1]
         module = name.rpartition(".")[0]
         if packet is aten.linear:
-            out.append(Consumer(node, module, name, LINEAR, -1))
+            out.append(Consumer(node=node, module=module, weight=name, layout=LINEAR, channel_axis=-1))
         elif packet is aten.addmm:
-            out.append(Consumer(node, module, name, CONV1D, -1))
+            out.append(Consumer(node=node, module=module, weight=name, layout=CONV1D, channel_axis=-1))
         elif packet in (aten.conv1d, aten.conv2d, aten.conv3d):
             groups = node.args[6] if len(node.args) > 6 else 1
-            out.append(Consumer(node, module, name, CONV, 1, groups))
+            out.append(Consumer(node=node, module=module, weight=name, layout=CONV, channel_axis=1, groups=groups))
     return out
 
 
@@ -160,8 +166,10 @@ def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict
         leaves = dict(input_leaves(args, kwargs))
         if bool(args) == bool(example_args) and bool(kwargs) == bool(example_kwargs) and set(leaves) != set(example):
             missing, extra = [p for p in example if p not in leaves], [p for p in leaves if p not in example]
-            raise InputError(f"calibration batch {i} has other inputs than the example inputs: missing {missing}, "
-                             f"extra {extra}; give every batch the example's structure")
+            raise InputError(
+                f"calibration batch {i} has other inputs than the example inputs: missing {missing}, "
+                f"extra {extra}; give every batch the example's structure"
+            )
         for path, value in leaves.items():
             want, at = example.get(path), f"calibration batch {i}, input {path}"
             if not isinstance(value, torch.Tensor):
@@ -170,11 +178,13 @@ def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict
                 continue
             if isinstance(want, torch.Tensor):
                 if value.dim() != want.dim() or value.dtype != want.dtype:
-                    raise InputError(f"{at}: {value.dim()}-d {value.dtype}, but the example input is {want.dim()}-d "
-                                     f"{want.dtype}")
+                    raise InputError(
+                        f"{at}: {value.dim()}-d {value.dtype}, but the example input is {want.dim()}-d {want.dtype}"
+                    )
                 if want.device.type != "meta" and value.device != want.device:
-                    raise InputError(f"{at}: on {value.device}, but the example input is on {want.device}; move "
-                                     "the batch there")
+                    raise InputError(
+                        f"{at}: on {value.device}, but the example input is on {want.device}; move the batch there"
+                    )
             if value.numel() == 0:
                 raise InputError(f"{at}: empty (shape {tuple(value.shape)}): a batch needs at least one row")
             if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
@@ -194,81 +204,100 @@ def forward_batch(model: nn.Module, batch: Any, index: int) -> Any:
     except InputError as exc:  # from a statistics hook
         raise InputError(f"{where}: {exc}") from exc
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        raise InputError(f"{where} does not fit the model, which runs on the example inputs: an input forward "
-                         "does not take, or a size the model fixes that differs "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"{where} does not fit the model, which runs on the example inputs: an input forward "
+            "does not take, or a size the model fixes that differs "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def check_input(layer: Consumer, x: torch.Tensor) -> None:
     """Statistics are read at the module's first input: refuse when that is visibly not the layer's
     activation (a matmul or functional linear inside a larger module's forward)."""
     want = layer.activation.meta["val"].shape
-    if x.dim() <= max(layer.axis, 0) or x.shape[layer.axis] != want[layer.axis]:
-        got = f"shape {tuple(x.shape)}, captured with {want[layer.axis]} channels in dim {layer.axis}"
-        raise InputError(f"{layer.weight} is used inside {layer.module}.forward, whose first input is not that "
-                         f"layer's activation ({got}): calibration statistics cannot be read there (leave this "
-                         "module out of the pass, or use a criterion that needs no calibration); or the batch "
-                         "has another channel count than the example inputs")
+    if x.dim() <= max(layer.channel_axis, 0) or x.shape[layer.channel_axis] != want[layer.channel_axis]:
+        got = f"shape {tuple(x.shape)}, captured with {want[layer.channel_axis]} channels in dim {layer.channel_axis}"
+        raise InputError(
+            f"{layer.weight} is used inside {layer.module}.forward, whose first input is not that "
+            f"layer's activation ({got}): calibration statistics cannot be read there (leave this "
+            "module out of the pass, or use a criterion that needs no calibration); or the batch "
+            "has another channel count than the example inputs"
+        )
 
 
-def run_batches(model: nn.Module, calibration: Calibration, inputs_of: dict[str, Callable[[torch.Tensor], None]],
-                outputs_of: dict[str, Callable[[torch.Tensor], None]] | None = None) -> None:
+def run_batches(
+    model: nn.Module,
+    calibration: Calibration,
+    inputs_of: dict[str, Callable[[torch.Tensor], None]],
+    outputs_of: dict[str, Callable[[torch.Tensor], None]] | None = None,
+) -> None:
     """Run the batches (eval mode, no gradients; a :class:`Runner` runs itself), handing each named
     module's first input (and, for ``outputs_of``, its output) to its callback.  Raises
     :class:`InputError` if a named module is never called (its statistics would silently be missing)."""
     handles = []
     watch = Watch(set(inputs_of) | set(outputs_of or {}))
     for name, callback in inputs_of.items():
+
         def hook(_mod, args, kwargs, callback=callback, name=name):
             if not watch.records(name):
                 return
             x = args[0] if args else next(iter(kwargs.values()))
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise InputError(f"the input of {name} contains NaN or Inf on the calibration data: statistics "
-                                 "would be meaningless (check the model's weights and the calibration batches)")
+                raise InputError(
+                    f"the input of {name} contains NaN or Inf on the calibration data: statistics "
+                    "would be meaningless (check the model's weights and the calibration batches)"
+                )
             callback(x)
+
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     for name, callback in (outputs_of or {}).items():
+
         def out_hook(_mod, _args, output, callback=callback, name=name):
             if watch.records(name):
                 callback(output)
+
         handles.append(model.get_submodule(name).register_forward_hook(out_hook))
     try:
         if isinstance(calibration, Runner):
             calibration.drive(model, watch)
         else:
             with eval_mode(model), torch.no_grad():
-                for i, batch in enumerate(tqdm(calibration, desc="calibration", unit="batch", disable=None,
-                                               leave=False)):
+                for i, batch in enumerate(
+                    tqdm(calibration, desc="calibration", unit="batch", disable=None, leave=False)
+                ):
                     forward_batch(model, batch, i)
     finally:
         for handle in handles:
             handle.remove()
     missing = sorted(set(inputs_of) - watch.called)
     if missing:
-        raise InputError(f"module(s) {', '.join(repr(m) for m in missing[:5])} hold weights but are never called by "
-                         "the model's forward (their parameters are read directly, as in a module unlifted from "
-                         "torch.export), so calibration statistics cannot be gathered at their inputs")
+        raise InputError(
+            f"module(s) {', '.join(repr(m) for m in missing[:5])} hold weights but are never called by "
+            "the model's forward (their parameters are read directly, as in a module unlifted from "
+            "torch.export), so calibration statistics cannot be gathered at their inputs"
+        )
 
 
-def input_moments(model: nn.Module, layers: list[Consumer],
-                  calibration: Calibration) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
+def input_moments(
+    model: nn.Module, layers: list[Consumer], calibration: Calibration
+) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and mean square of each input channel of each layer over the calibration batches."""
-    sums: dict[str, list] = {}
+    totals: dict[str, ChannelMoments] = {}
     hooks = {}
     for layer in {c.module: c for c in layers}.values():
+
         def hook(x: torch.Tensor, layer: Consumer = layer) -> None:
             check_input(layer, x)
-            flat = x.detach().double().movedim(layer.axis, 0).reshape(x.shape[layer.axis], -1)
-            acc = sums.setdefault(layer.module, [0, 0, 0])
-            acc[0], acc[1], acc[2] = acc[0] + flat.sum(1).cpu(), acc[1] + flat.pow(2).sum(1).cpu(), acc[2] + flat.shape[1]
+            totals.setdefault(layer.module, ChannelMoments()).add(x, layer.channel_axis)
+
         hooks[layer.module] = hook
     run_batches(model, calibration, hooks)
-    for module, acc in sums.items():  # summed over ranks first (every rank hooks the same modules, in order)
-        acc[2] = torch.tensor(float(acc[2]), dtype=torch.float64)
-        reduce_sum(acc[0], acc[1], acc[2])
-    return {c: (sums[c.module][0] / sums[c.module][2], sums[c.module][1] / sums[c.module][2])
-            for c in layers if c.module in sums}
+    moments = {}
+    for module, total in totals.items():  # summed over ranks first (every rank hooks the same modules, in order)
+        count = torch.tensor(float(total.count), dtype=torch.float64)
+        reduce_sum(total.sums, total.squares, count)
+        moments[module] = total.moments(count)
+    return {c: moments[c.module] for c in layers if c.module in moments}
 
 
 def input_rms(model: nn.Module, layers: list[Consumer], calibration: Calibration) -> dict[Consumer, torch.Tensor]:

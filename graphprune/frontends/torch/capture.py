@@ -25,13 +25,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
 from graphprune.errors import CaptureError, InputError
 from graphprune.frontends.torch.provenance import AttributeUse, recording_uses
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 ExampleInputs = tuple[Any, ...] | dict[str, Any] | torch.Tensor
-
 
 
 @dataclass
@@ -68,14 +66,18 @@ def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], di
         args, kwargs = (), dict(example_inputs)
     else:
         raise InputError(
-            f"example_inputs must be a tuple of tensors or a dict of keyword tensors, got {type(example_inputs).__name__}")
+            "example_inputs must be a tuple of tensors or a dict of keyword tensors, got "
+            f"{type(example_inputs).__name__}"
+        )
     tensors = 0
     for path, leaf in input_leaves(args, kwargs):
         if isinstance(leaf, torch.Tensor):
             tensors += 1
         elif not (leaf is None or isinstance(leaf, (bool, int, float))):
-            raise InputError(f"example input {path} is a {type(leaf).__name__}; inputs must be tensors "
-                             "(bool/int/float/None are accepted as fixed options such as use_cache=False)")
+            raise InputError(
+                f"example input {path} is a {type(leaf).__name__}; inputs must be tensors "
+                "(bool/int/float/None are accepted as fixed options such as use_cache=False)"
+            )
     if tensors == 0:
         raise InputError("example_inputs contain no tensor: pass the tensors the model's forward takes")
     return args, kwargs
@@ -83,6 +85,7 @@ def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], di
 
 def input_leaves(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
     """(path such as ``[0]`` or ``['input_ids']``, value) for every leaf of a call's inputs."""
+
     def walk(prefix: str, x: Any) -> Iterator[tuple[str, Any]]:
         if isinstance(x, (list, tuple)):
             for i, v in enumerate(x):
@@ -92,6 +95,7 @@ def input_leaves(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
                 yield from walk(f"{prefix}[{k!r}]", v)
         else:
             yield prefix, x
+
     for i, a in enumerate(args):
         yield from walk(f"[{i}]", a)
     for k, v in kwargs.items():
@@ -135,8 +139,11 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             raise _capture_error(model, exc) from exc
     sig = program.graph_signature
     tensor_names: dict[str, tuple[str, str]] = {}
-    for kind, mapping in (("parameter", sig.inputs_to_parameters), ("buffer", sig.inputs_to_buffers),
-                          ("constant", sig.inputs_to_lifted_tensor_constants)):
+    for kind, mapping in (
+        ("parameter", sig.inputs_to_parameters),
+        ("buffer", sig.inputs_to_buffers),
+        ("constant", sig.inputs_to_lifted_tensor_constants),
+    ):
         for placeholder, fqn in mapping.items():
             tensor_names[placeholder] = (kind, fqn)
     user_input_names = set(sig.user_inputs)
@@ -154,8 +161,18 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             continue
         by_tensor.setdefault(id(tensor), []).append(placeholder)
     tied = [ps for ps in by_tensor.values() if len(ps) > 1]
-    return CapturedGraph(program, args, kwargs, tensor_names, user_inputs, outputs, uses, tied,
-                         {name: type(m) for name, m in model.named_modules()}, output_names)
+    return CapturedGraph(
+        program,
+        args,
+        kwargs,
+        tensor_names,
+        user_inputs,
+        outputs,
+        uses,
+        tied,
+        {name: type(m) for name, m in model.named_modules()},
+        output_names,
+    )
 
 
 def _output_paths(program: torch.export.ExportedProgram) -> list[tuple[str, int]]:
@@ -189,8 +206,10 @@ def input_spec(example_inputs: ExampleInputs) -> dict | None:
 
 def spec_inputs(spec: dict) -> ExampleInputs:
     """Example inputs of the dtypes and shapes :func:`input_spec` recorded (tensors zero-filled)."""
+
     def make(e: list | dict) -> Any:
         return e["value"] if isinstance(e, dict) else torch.zeros(e[1], dtype=getattr(torch, e[0]))
+
     if spec["kwargs"]:
         return {k: make(e) for k, e in spec["kwargs"].items()}
     return tuple(make(e) for e in spec["args"])
@@ -271,11 +290,15 @@ def _capture_error(model: nn.Module, exc: Exception) -> CaptureError:
             site = (found.group(1), int(found.group(2)), lines[1]) if found else site
     first = text.strip().splitlines()[0] if text.strip() else ""
     reason = f"{type(exc).__name__}: {first}"
-    hint = ("graphprune needs a model whose forward can be traced: this line branches on a tensor's values "
-            "(control flow that depends on data)" if _data_dependent(exc) else
-            "graphprune needs a model whose forward runs on the given example inputs")
-    return CaptureError(f"could not capture {type(model).__name__} with torch.export{where}\n  {reason}\n  {hint}.",
-                        site, reason)
+    hint = (
+        "graphprune needs a model whose forward can be traced: this line branches on a tensor's values "
+        "(control flow that depends on data)"
+        if _data_dependent(exc)
+        else "graphprune needs a model whose forward runs on the given example inputs"
+    )
+    return CaptureError(
+        f"could not capture {type(model).__name__} with torch.export{where}\n  {reason}\n  {hint}.", site, reason
+    )
 
 
 def _data_dependent(exc: BaseException) -> bool:

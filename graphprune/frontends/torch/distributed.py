@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-
 from graphprune.errors import InputError
 
 T = TypeVar("T")
@@ -46,7 +45,7 @@ def init_from_env() -> bool:
 
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share of ``items`` (every ``world_size()``-th one, from ``rank()``)."""
-    return list(items[rank()::world_size()])
+    return list(items[rank() :: world_size()])
 
 
 def split_batch(batch: Any, index: int | None = None, parts: int | None = None) -> Any:
@@ -57,8 +56,10 @@ def split_batch(batch: Any, index: int | None = None, parts: int | None = None) 
         return batch
     if isinstance(batch, torch.Tensor):
         if batch.dim() == 0 or batch.shape[0] % parts:
-            raise InputError(f"a global batch of {batch.shape[0] if batch.dim() else 0} rows does not split evenly "
-                             f"over {parts} ranks")
+            raise InputError(
+                f"a global batch of {batch.shape[0] if batch.dim() else 0} rows does not split evenly "
+                f"over {parts} ranks"
+            )
         return batch.chunk(parts)[index]
     if isinstance(batch, dict):
         return {k: split_batch(v, index, parts) for k, v in batch.items()}
@@ -97,5 +98,7 @@ def broadcast_seed(seed: int | None) -> int:
 def single_process_only(what: str) -> None:
     """Refuse ``what`` when several ranks run: its statistics are not sums (see the module doc)."""
     if world_size() > 1:
-        raise InputError(f"{what} is computed by one process only (its statistics are not sums that can be reduced "
-                         f"over ranks), and {world_size()} ranks are running: run it in a single process")
+        raise InputError(
+            f"{what} is computed by one process only (its statistics are not sums that can be reduced "
+            f"over ranks), and {world_size()} ranks are running: run it in a single process"
+        )

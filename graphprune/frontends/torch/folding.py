@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
 from graphprune.frontends.torch.calibration import Consumer
 from graphprune.frontends.torch.capture import CapturedGraph
-from graphprune.algorithms.nm import stored
+from graphprune.frontends.torch.masks import stored
 
 aten = torch.ops.aten
 
@@ -34,8 +33,11 @@ def foldable_batchnorm(captured: CapturedGraph, model: nn.Module, layer: Consume
         return None  # batch statistics even in eval mode (track_running_stats=False)
     path = captured.tensor_names[running_mean.name][1].rpartition(".")[0]
     module = model.get_submodule(path)
-    calls = [n for n in captured.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default
-             and n.args[3] is running_mean]
+    calls = [
+        n
+        for n in captured.graph.nodes
+        if n.op == "call_function" and n.target is aten.batch_norm.default and n.args[3] is running_mean
+    ]
     if not isinstance(module, nn.modules.batchnorm._BatchNorm) or len(calls) != 1:
         return None
     return path, bn

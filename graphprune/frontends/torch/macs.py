@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
+from graphprune.core import macs
 from graphprune.frontends.torch.capture import tensor_at
 
 if TYPE_CHECKING:
-    from graphprune.frontends.torch.analysis import Analysis
+    from graphprune.core.groups import Analysis
 
 aten = torch.ops.aten
 
@@ -26,6 +26,7 @@ def _shape(x) -> list[int]:
 def node_macs(node: fx.Node, shape: Callable[[Any], list[int]] = _shape) -> int:
     """MACs of one op; ops that do no multiply-accumulate count zero.  ``shape`` gives a value's
     shape (the captured one by default; :func:`planned_macs` passes the shapes a plan leaves)."""
+
     def _numel(x: Any) -> int:
         return prod(shape(x))
 
@@ -33,23 +34,28 @@ def node_macs(node: fx.Node, shape: Callable[[Any], list[int]] = _shape) -> int:
         return 0
     packet = node.target.overloadpacket
     if packet is aten.linear:
-        return _numel(node) * shape(node.args[1])[-1]
+        return macs.contraction(shape(node), shape(node.args[1])[-1])
     if packet in (aten.mm, aten.bmm, aten.matmul):
-        return _numel(node) * shape(node.args[0])[-1]
+        return macs.contraction(shape(node), shape(node.args[0])[-1])
     if packet in (aten.addmm, aten.baddbmm):
-        return _numel(node) * shape(node.args[1])[-1]
-    if packet in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
-                  aten.conv_transpose2d, aten.conv_transpose3d):
-        w = shape(node.args[1])
+        return macs.contraction(shape(node), shape(node.args[1])[-1])
+    if packet in (
+        aten.conv1d,
+        aten.conv2d,
+        aten.conv3d,
+        aten.convolution,
+        aten.conv_transpose1d,
+        aten.conv_transpose2d,
+        aten.conv_transpose3d,
+    ):
         transposed = packet in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d) or (
-            packet is aten.convolution and bool(node.args[6]))
-        if transposed:  # every input element is scattered to Cout/g x kernel outputs
-            return _numel(node.args[0]) * prod(w[1:])
-        return _numel(node) * prod(w[1:])
+            packet is aten.convolution and bool(node.args[6])
+        )
+        if transposed:
+            return macs.transposed_convolution(shape(node.args[0]), shape(node.args[1]))
+        return macs.convolution(shape(node), shape(node.args[1]))
     if packet is aten.scaled_dot_product_attention:
-        q, k, v = shape(node.args[0]), shape(node.args[1]), shape(node.args[2])
-        scores = prod(q[:-1]) * k[-2]
-        return scores * q[-1] + scores * v[-1]
+        return macs.attention(shape(node.args[0]), shape(node.args[1]), shape(node.args[2]))
     return 0
 
 
@@ -73,6 +79,7 @@ def planned_macs(analysis: Analysis, masks: dict[int, torch.Tensor]) -> int:
         if dims is None or not all(isinstance(a, int) for a in dims):
             return _shape(x)
         return [spaces.kept_size(a, masks) for a in dims]
+
     return graph_macs(analysis.captured.graph_module, shape)
 
 

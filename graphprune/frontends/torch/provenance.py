@@ -40,10 +40,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from graphprune.rules.registry import arg_at
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
 from torch.overrides import TorchFunctionMode
-
-from graphprune.rules.registry import arg_at
 
 aten = torch.ops.aten
 
@@ -142,8 +141,10 @@ def factor_source(factor: Any) -> AnySource | None:
 
 def _cancel(top: tuple, bottom: tuple) -> tuple[tuple, tuple]:
     """Drop factors that appear above and below the line (``(3 * C) // 3`` is ``C``)."""
+
     def key(f: Any) -> Any:
         return factor_source(f) or ("int", int(f))
+
     bottom_left = list(bottom)
     kept = []
     for f in top:
@@ -186,8 +187,11 @@ def _derive(value: Any, operands: tuple, factors: tuple | None = None, divisors:
         return value
     out.sources = sources
     out.factors, out.divisors = (factors, divisors) if isinstance(value, int) else (None, ())
-    kept = [m for x in operands for m in (
-        x.invariants if out.factors is not None and isinstance(x, _Tracked) else invariants(x))]
+    kept = [
+        m
+        for x in operands
+        for m in (x.invariants if out.factors is not None and isinstance(x, _Tracked) else invariants(x))
+    ]
     out.invariants = tuple({id(m): m for m in kept}.values())
     return out
 
@@ -202,13 +206,20 @@ def _binary(op):
 
     def reflected(self, other):
         return combined(other, self)
+
     return forward, reflected
 
 
 def _with_arithmetic(cls: type) -> type:
-    for name, op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                     ("floordiv", operator.floordiv), ("truediv", operator.truediv), ("mod", operator.mod),
-                     ("pow", operator.pow)):
+    for name, op in (
+        ("add", operator.add),
+        ("sub", operator.sub),
+        ("mul", operator.mul),
+        ("floordiv", operator.floordiv),
+        ("truediv", operator.truediv),
+        ("mod", operator.mod),
+        ("pow", operator.pow),
+    ):
         forward, reflected = _binary(op)
         setattr(cls, f"__{name}__", forward)
         setattr(cls, f"__r{name}__", reflected)
@@ -291,8 +302,12 @@ def _recording_class(cls: type) -> type:
         if type(value) in (tuple, list, torch.Size) and value and all(type(v) is int for v in value):
             return type(value)(_derive_tagged(v, Source(path, name, k)) for k, v in enumerate(value))
         return value
-    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__getattribute__": __getattribute__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
 
 
 def _derive_tagged(value: int, source: AnySource) -> _Tagged | _ShapeRead:
@@ -371,8 +386,11 @@ def _size_uses(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
 
     def add(value: Any, packets: tuple, path: tuple, dim: int | None = None) -> None:
         if isinstance(value, _Tracked) and isinstance(value, int):
-            out.append(AttributeUse(value.sources, isinstance(value, _Read), value, packets, path, dim, value.factors,
-                                    value.divisors))
+            out.append(
+                AttributeUse(
+                    value.sources, isinstance(value, _Read), value, packets, path, dim, value.factors, value.divisors
+                )
+            )
 
     def sizes(rest: tuple) -> list:
         return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
@@ -383,7 +401,8 @@ def _size_uses(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
         torch.reshape: (aten.reshape, aten.view, aten._unsafe_view),
         torch.Tensor.expand: (aten.expand,),
         torch.Tensor.repeat: (aten.repeat,),
-        torch.Tensor.new_zeros: (aten.new_zeros,), torch.Tensor.new_ones: (aten.new_ones,),
+        torch.Tensor.new_zeros: (aten.new_zeros,),
+        torch.Tensor.new_ones: (aten.new_ones,),
         torch.Tensor.new_empty: (aten.new_empty,),
     }
     if func in shape_ops:
@@ -462,8 +481,16 @@ def uses_for(uses: list[AttributeUse], node: fx.Node, path: tuple) -> list[Attri
     rank = len(node.args[0].meta["val"].shape) if is_slice else 0
     dim = (node.args[1] if len(node.args) > 1 else 0) if is_slice else None
     owners = set(owner_chain(node))
-    return [u for u in uses
-            if u.path == path and int(u.value) == old and packet in u.packets
-            and (node.name in u.nodes if u.nodes is not None
-                 else any(isinstance(s, Source) and s.module in owners for s in u.sources))
-            and (u.dim is None or dim is None or u.dim % rank == dim % rank)]
+    return [
+        u
+        for u in uses
+        if u.path == path
+        and int(u.value) == old
+        and packet in u.packets
+        and (
+            node.name in u.nodes
+            if u.nodes is not None
+            else any(isinstance(s, Source) and s.module in owners for s in u.sources)
+        )
+        and (u.dim is None or dim is None or u.dim % rank == dim % rank)
+    ]

@@ -29,17 +29,17 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from tqdm.auto import tqdm
-
+from graphprune.algorithms.nm import NMPattern, satisfies
+from graphprune.core.plan import Plan
+from graphprune.errors import InputError
 from graphprune.frontends.torch.calibration import Runner, Watch
 from graphprune.frontends.torch.capture import eval_mode, no_kv_cache, normalize_inputs, qualified
-from graphprune.errors import InputError
-from graphprune.core.plan import Plan
 from graphprune.io.plan_file import NMRecord, PlanFile, StoredMasks, StoredValues
-from graphprune.algorithms.nm import NMPattern, satisfies
 from graphprune.io.tensor_store import PartWriter, TensorFiles
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -120,8 +120,16 @@ class Stream(Runner):
     and come back, read lazily, from :meth:`decided`.
     """
 
-    def __init__(self, checkpoint: TensorFiles, batches: list[Any], plans: list, scratch: str, *,
-                 blocks: str | None = None, prefix: str = "") -> None:
+    def __init__(
+        self,
+        checkpoint: TensorFiles,
+        batches: list[Any],
+        plans: list,
+        scratch: str,
+        *,
+        blocks: str | None = None,
+        prefix: str = "",
+    ) -> None:
         self.checkpoint, self.batches, self.plans = checkpoint, batches, plans
         self.blocks, self.prefix = blocks, prefix
         self._parts = PartWriter(os.path.join(scratch, "decided"), SPILL_BYTES)
@@ -136,20 +144,26 @@ class Stream(Runner):
         """Tensor ``name`` (or the first of its tied ``aliases`` the checkpoint holds) as the plans so
         far make it, in ``like``'s dtype (checked against its shape)."""
         if name in self._patterns:
-            raise InputError(f"{name} is read after a pass chose its mask; a streamed run does not re-read masked "
-                             "weights (no pass after NMSparsity reads weights there)")
+            raise InputError(
+                f"{name} is read after a pass chose its mask; a streamed run does not re-read masked "
+                "weights (no pass after NMSparsity reads weights there)"
+            )
         found = next((n for n in [name, *aliases] if self.prefix + n in self.checkpoint), None)
         if found is None:
             close = difflib.get_close_matches(self.prefix + name, list(self.checkpoint), n=1)
-            raise InputError(f"{self.prefix + name} is not in the checkpoint{f' (closest: {close[0]})' if close else ''}"
-                             "; a buffer the checkpoint does not hold must be real in the model (build it under "
-                             "graphprune.parameters_on_meta()), and names that differ by a prefix need prefix=")
+            raise InputError(
+                f"{self.prefix + name} is not in the checkpoint{f' (closest: {close[0]})' if close else ''}"
+                "; a buffer the checkpoint does not hold must be real in the model (build it under "
+                "graphprune.parameters_on_meta()), and names that differ by a prefix need prefix="
+            )
         structured = [p for p in self.plans if isinstance(p, Plan)]
         tensor = PlanFile("", structured=structured).planned(name, self.checkpoint[self.prefix + found])
         if like is not None:
             if tensor.shape != like.shape:
-                raise InputError(f"{self.prefix + found} is {list(tensor.shape)} in the checkpoint (as planned so far), "
-                                 f"the model has {list(like.shape)}: not the checkpoint of this model")
+                raise InputError(
+                    f"{self.prefix + found} is {list(tensor.shape)} in the checkpoint (as planned so far), "
+                    f"the model has {list(like.shape)}: not the checkpoint of this model"
+                )
             tensor = tensor.to(like.dtype)
         return tensor
 
@@ -175,8 +189,9 @@ class Stream(Runner):
                         if id(tensor) not in real:
                             name = qualified(path, attr)
                             value = self.weight(name, tensor, aliases.get(name, []))
-                            real[id(tensor)] = nn.Parameter(value, requires_grad=False) \
-                                if isinstance(tensor, nn.Parameter) else value
+                            real[id(tensor)] = (
+                                nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value
+                            )
                         swapped.append((store, attr, tensor))
                         store[attr] = real[id(tensor)]
             yield
@@ -211,18 +226,22 @@ class Stream(Runner):
             if not isinstance(found, (nn.ModuleList, nn.Sequential)) or not len(found):
                 raise InputError(f"blocks={self.blocks!r} is a {type(found).__name__}, not a non-empty ModuleList")
             return self.blocks, found
-        lists = [(path, m) for path, m in model.named_modules()
-                 if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+        lists = [
+            (path, m)
+            for path, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+        ]
         if not lists:
-            raise InputError(f"{type(model).__name__} has no nn.ModuleList of like blocks to stream through: "
-                             "name them with blocks='path.to.layers'")
+            raise InputError(
+                f"{type(model).__name__} has no nn.ModuleList of like blocks to stream through: "
+                "name them with blocks='path.to.layers'"
+            )
         return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
     def drive(self, model: nn.Module, watch: Watch) -> None:
         self.sequential(model, watch, None)
 
-    def sequential(self, model: nn.Module, watch: Watch | None,
-                   visit: Callable[[str, Runner], None] | None) -> None:
+    def sequential(self, model: nn.Module, watch: Watch | None, visit: Callable[[str, Runner], None] | None) -> None:
         """Stream the batches through ``model``.  With ``visit``, call it before anything runs on
         the data it sees: ``visit(BEFORE, runner)`` for the modules before the blocks (the runner runs
         them), ``visit(path, runner)`` for each loaded block (the runner runs the block on its
@@ -230,8 +249,9 @@ class Stream(Runner):
         watch = watch or Watch(set())
         path, blocks = self.block_list(model)
         inside = {f"{path}.{i}" for i in range(len(blocks))}
-        resident = [(n, m) for n, m in model.named_modules()
-                     if not any(n == b or n.startswith(b + ".") for b in inside)]
+        resident = [
+            (n, m) for n, m in model.named_modules() if not any(n == b or n.startswith(b + ".") for b in inside)
+        ]
         with no_kv_cache(model), eval_mode(model), torch.no_grad(), self.loaded(model, resident):
             if visit is not None:
                 visit(BEFORE, _Before(self, blocks[0], f"{path}.0"))
@@ -272,12 +292,14 @@ class Stream(Runner):
         if not caught:
             raise InputError(f"the model's forward never called {name}: it cannot be streamed block by block")
         if not caught[0][0] or not isinstance(caught[0][0][0], torch.Tensor):
-            raise InputError(f"{name} is called without a positional hidden-state tensor: it cannot be streamed "
-                             "block by block")
+            raise InputError(
+                f"{name} is called without a positional hidden-state tensor: it cannot be streamed block by block"
+            )
         return caught[0]
 
-    def _check_chain(self, model: nn.Module, blocks: nn.ModuleList, path: str, first: Inputs, out: torch.Tensor,
-                     watch: Watch) -> None:
+    def _check_chain(
+        self, model: nn.Module, blocks: nn.ModuleList, path: str, first: Inputs, out: torch.Tensor, watch: Watch
+    ) -> None:
         """The model's own forward hands block 1 what the stream will: block 0's output and the same
         other arguments (on the first batch, block 0 loaded, statistics muted)."""
         muted = watch.muted
@@ -286,14 +308,18 @@ class Stream(Runner):
             args, kwargs = self.catch(model, blocks[1], f"{path}.1", self.batches[0])
         finally:
             watch.muted = muted
-        same = len(args) == len(first[0]) and torch.allclose(args[0], out, rtol=1e-5, atol=1e-6) and \
-            _same_leaves((args[1:], kwargs), (first[0][1:], first[1]))
+        same = (
+            len(args) == len(first[0])
+            and torch.allclose(args[0], out, rtol=1e-5, atol=1e-6)
+            and _same_leaves((args[1:], kwargs), (first[0][1:], first[1]))
+        )
         if not same:
-            raise InputError(f"the blocks of {path} do not form a chain (block 1 is not called with block 0's output "
-                             "and block 0's other arguments): they cannot be streamed one at a time")
+            raise InputError(
+                f"the blocks of {path} do not form a chain (block 1 is not called with block 0's output "
+                "and block 0's other arguments): they cannot be streamed one at a time"
+            )
 
-    def replay(self, model: nn.Module, blocks: nn.ModuleList, outputs: list[Any], watch: Watch,
-                seen: set[str]) -> None:
+    def replay(self, model: nn.Module, blocks: nn.ModuleList, outputs: list[Any], watch: Watch, seen: set[str]) -> None:
         """Run the model once more per batch with every block handing on its input (the last one:
         its recorded output), so modules after the blocks see their real inputs; what already saw
         the data is muted."""
@@ -302,8 +328,11 @@ class Stream(Runner):
         try:
             for batch, out in zip(self.batches, outputs):
                 for i, block in enumerate(blocks):
-                    block.forward = (lambda *a, _out=out, **k: _out) if i == len(blocks) - 1 else \
-                        (lambda *a, _out=out, **k: _with_first(_out, a[0]))
+                    block.forward = (
+                        (lambda *a, _out=out, **k: _out)
+                        if i == len(blocks) - 1
+                        else (lambda *a, _out=out, **k: _with_first(_out, a[0]))
+                    )
                 try:
                     args, kwargs = normalize_inputs(batch)
                     model(*args, **kwargs)
@@ -344,18 +373,26 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 def _first(output: Any, name: str) -> torch.Tensor:
     first = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(first, torch.Tensor):
-        raise InputError(f"{name} returns {type(output).__name__}, not a hidden-state tensor (or a tuple starting with "
-                         "one): it cannot be streamed block by block")
+        raise InputError(
+            f"{name} returns {type(output).__name__}, not a hidden-state tensor (or a tuple starting with "
+            "one): it cannot be streamed block by block"
+        )
     return first
 
 
 def _with_first(output: Any, first: torch.Tensor) -> Any:
-    return (first, *output[1:]) if isinstance(output, tuple) else [first, *output[1:]] \
-        if isinstance(output, list) else first
+    return (
+        (first, *output[1:])
+        if isinstance(output, tuple)
+        else [first, *output[1:]]
+        if isinstance(output, list)
+        else first
+    )
 
 
 def _same_leaves(a: Any, b: Any) -> bool:
     left, right = pytree.tree_leaves(a), pytree.tree_leaves(b)
     return len(left) == len(right) and all(
         torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else type(x) is type(y)
-        for x, y in zip(left, right))
+        for x, y in zip(left, right)
+    )

@@ -1,0 +1,69 @@
+"""Weight layers: the one type every algorithm reads a layer through, whatever the frontend.
+
+A weight layer multiplies an activation by a weight tensor (linear, transformers' Conv1D, conv,
+a matmul against a parameter, ONNX Conv/Gemm/MatMul).  The algorithms need its weight's name,
+how the weight is stored (:mod:`graphprune.algorithms.nm`'s layouts) and which axis of the
+activation it reduces over; each frontend subclasses it with where the layer sits in its graph.
+:func:`output_heads` is the one walk that finds the layers whose result is a model output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+CONV, CONV1D = "conv", "conv1d_transposed"  # the layouts of graphprune.algorithms.nm this module asks about
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightLayer:
+    """A layer that multiplies an activation by a weight: what every algorithm needs of it."""
+
+    weight: str  # the weight's name: a parameter's qualified name, or an initializer's
+    layout: str  # how the weight is stored (graphprune.algorithms.nm: LINEAR, CONV1D, CONV)
+    channel_axis: int  # the activation's axis the weight reduces over
+    groups: int = 1  # a convolution's groups
+
+    @property
+    def owner(self) -> str:
+        """The module (or initializer prefix) the weight belongs to."""
+        return self.weight.rpartition(".")[0]
+
+    @property
+    def grouped(self) -> bool:
+        return self.layout == CONV and self.groups > 1
+
+    @property
+    def output_axis(self) -> int:
+        """The weight axis of the output channels (per-channel quantization scales run along it)."""
+        return 1 if self.layout == CONV1D else 0
+
+    @property
+    def nm_axis(self) -> int:
+        """The weight axis N:M groups run along (the reduction)."""
+        return 0 if self.layout == CONV1D else 1
+
+
+Node = TypeVar("Node", bound=Hashable)
+
+
+def output_heads(
+    outputs: Iterable[Node | None], layer_nodes: set[Node], activations: Callable[[Node], Sequence[Node | None]]
+) -> set[Node]:
+    """The layer nodes whose result reaches a model output through single-activation ops only
+    (views, casts, activations, norms): classifiers and LM heads, not blocks that write a residual
+    stream.  ``activations(node)``: the nodes producing the node's activation inputs (None for a
+    graph input)."""
+    heads: set[Node] = set()
+    for output in outputs:
+        node = output
+        while node is not None:
+            if node in layer_nodes:
+                heads.add(node)
+                break
+            inputs = activations(node)
+            if len(inputs) != 1:
+                break
+            node = inputs[0]
+    return heads

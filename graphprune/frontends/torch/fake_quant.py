@@ -1,0 +1,152 @@
+"""Fake quantization of a torch model, so its int8 accuracy can be measured and fine-tuned.
+
+Quantize, round half to even, clamp, dequantize, exactly as ONNX QuantizeLinear /
+DequantizeLinear do (the ops pass gradients straight through).  Weights get a
+:class:`FakeQuantWeight` parametrization; activations are quantized by hooks that read the
+``qinput_*`` / ``qoutput_*`` buffers of the layer module, so the parameters are saved with the
+model's ``state_dict``.  The arithmetic is :mod:`graphprune.algorithms.quant`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from graphprune.algorithms.quant import (
+    ACT_QMAX,
+    ACT_QMIN,
+    BIAS_QMAX,
+    BIAS_QMIN,
+    WEIGHT_QMAX,
+    WEIGHT_QMIN,
+    LayerQuant,
+    QuantPlan,
+    weight_scales,
+)
+from graphprune.frontends.torch.capture import qualified
+from torch.nn.utils import parametrize
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization: per-channel symmetric int8 fake quantization of a weight."""
+
+    def __init__(self, scale: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        self.axis = axis
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(
+            weight, self.scale, self.zero_point, self.axis, WEIGHT_QMIN, WEIGHT_QMAX
+        )
+
+
+def quantize_weight(module: nn.Module, name: str, axis: int) -> torch.Tensor:
+    """Attach :class:`FakeQuantWeight` to ``module.<name>`` (after any N:M mask); returns the scales."""
+    scale = weight_scales(getattr(module, name), axis)
+    parametrize.register_parametrization(module, name, FakeQuantWeight(scale, axis))
+    return scale
+
+
+class FakeQuantBias(nn.Module):
+    """Parametrization: int32 fake quantization of a bias with per-channel scale ``s_in * s_w[c]``."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int32))
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(bias, self.scale, self.zero_point, 0, BIAS_QMIN, BIAS_QMAX)
+
+
+def quantize_bias(module: nn.Module, name: str, scale: torch.Tensor) -> None:
+    parametrize.register_parametrization(module, name, FakeQuantBias(scale))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+
+
+def _quantize_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if args:
+        return (fake_quant(args[0], module.qinput_scale, module.qinput_zero_point), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: fake_quant(kwargs[key], module.qinput_scale, module.qinput_zero_point)}
+
+
+def _quantize_output(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return fake_quant(output, module.qoutput_scale, module.qoutput_zero_point)
+
+
+def quantize_activation(module: nn.Module, where: str, scale: float, zero_point: int) -> None:
+    """Fake-quantize the first input (``where="input"``) or the output of every call of ``module``."""
+    if where not in ("input", "output"):
+        raise ValueError(where)
+    module.register_buffer(f"q{where}_scale", torch.tensor(scale, dtype=torch.float32))
+    module.register_buffer(f"q{where}_zero_point", torch.tensor(zero_point, dtype=torch.int32))
+    if where == "input":
+        module.register_forward_pre_hook(_quantize_input, with_kwargs=True)
+    else:
+        module.register_forward_hook(_quantize_output)
+
+
+def _fake_quant_tensors(model: nn.Module, kinds: tuple[type, ...] = (FakeQuantWeight,)):
+    """(module path, module, tensor name, parametrization) for every fake-quantized tensor of ``kinds``."""
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, kinds):
+                        yield path, module, name, p
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True if some weight of ``model`` carries a :class:`FakeQuantWeight` parametrization."""
+    return next(_fake_quant_tensors(model), None) is not None
+
+
+def read_quant_plan(model: nn.Module) -> QuantPlan | None:
+    """The int8 parameters a fake-quantized model carries (None for a float model)."""
+    layers = {}
+    for path, module, name, fq in _fake_quant_tensors(model):
+        output = _qparams(module, "qoutput") if hasattr(module, "qoutput_scale") else None
+        bias = (
+            next((p for p in module.parametrizations["bias"] if isinstance(p, FakeQuantBias)), None)
+            if parametrize.is_parametrized(module, "bias") and name == "weight"
+            else None
+        )
+        layers[qualified(path, name)] = LayerQuant(
+            path,
+            fq.axis,
+            fq.scale.tolist(),
+            _qparams(module, "qinput"),
+            output,
+            qualified(path, "bias") if bias is not None else None,
+            bias.scale.tolist() if bias is not None else None,
+        )
+    return QuantPlan(layers) if layers else None
+
+
+def _qparams(module: nn.Module, prefix: str) -> tuple[float, int]:
+    return getattr(module, f"{prefix}_scale").item(), int(getattr(module, f"{prefix}_zero_point").item())
+
+
+def strip_quantization(model: nn.Module) -> nn.Module:
+    """Remove fake quantization (weights back to their float originals, activation hooks gone),
+    leaving the float model a QDQ emitter starts from; returns ``model``.  The ``q*`` buffers stay."""
+    kinds = (FakeQuantWeight, FakeQuantBias)
+    for _path, module, name, _fq in list(_fake_quant_tensors(model, kinds)):
+        if not parametrize.is_parametrized(module, name):
+            continue  # a tensor with two fake quantizations, already stripped
+        others = [p for p in module.parametrizations[name] if not isinstance(p, kinds)]
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for p in others:
+            parametrize.register_parametrization(module, name, p)
+    for module in model.modules():  # hooks added by quantize_activation are identified by function
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _quantize_input]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in [k for k, h in module._forward_hooks.items() if h is _quantize_output]:
+            del module._forward_hooks[key]
+    return model

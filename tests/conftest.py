@@ -1,0 +1,32 @@
+"""Markers that select tests by what they need, and the skips that go with them.
+
+``slow``: the long cases (the generated-architecture fuzz, real-weight models, multi-process
+runs); ``pytest -m "not slow"`` is the quick loop while editing, CI runs everything.
+``gpu``: needs a GPU with sparse tensor cores; skipped elsewhere, with the reason the kernels
+give.  ``vision``: needs the vision extra (timm, torchvision; see the README).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+SLOW_FILES = {"test_generated.py", "test_distributed.py", "test_more_architectures.py", "test_samples.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long cases; deselect with -m 'not slow' for a quick loop")
+    config.addinivalue_line("markers", "gpu: needs a GPU with sparse tensor cores; skipped without one")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_missing: str | None = None
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None:
+            if gpu_missing is None:
+                from graphprune.emit.sparse_kernels import kernel_support
+
+                gpu_missing = kernel_support() or ""
+            if gpu_missing:
+                item.add_marker(pytest.mark.skip(reason=f"needs a GPU with sparse tensor cores: {gpu_missing}"))
