@@ -74,7 +74,7 @@ def load_model(spec: str) -> LoadedModel:
             isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
             for v in (n.meta.get("val") for n in placeholders)
         )
-        return LoadedModel(program.module(), kwargs or args, None, dynamic)
+        return LoadedModel(module=program.module(), inputs=kwargs or args, calibration=None, dynamic_batch=dynamic)
     module_name, sep, factory_name = spec.partition(":")
     if not sep or not module_name or not factory_name:
         raise InputError(f"MODEL must be package.module:factory, a .pt2 or an .onnx file, got {spec!r}")

@@ -98,7 +98,7 @@ def zero_removed_onnx(capture, analysis: Analysis, plan: Plan):
                 array = array * keep.reshape(shape).astype(array.dtype)
         value.const_value = ir.tensor(array, name=name)
     shapes, outs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outs)
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outs)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ def test_module_table_refuses_a_module_without_docstring(tmp_path):
         modules(package, "fake")
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path):
     """The README's first Python example is code a newcomer pastes: it must run as written."""
     import re

@@ -64,7 +64,12 @@ def _modules(folder: Path) -> list[str]:
     ]
 
 
-NEUTRAL = [*_modules(PACKAGE / "core"), *(f"graphprune.algorithms.{name}" for name in NEUTRAL_ALGORITHMS)]
+NEUTRAL = [
+    *_modules(PACKAGE / "core"),
+    *(f"graphprune.algorithms.{name}" for name in NEUTRAL_ALGORITHMS),
+    "graphprune.rules.registry",
+    "graphprune.rules.common",
+]
 
 
 @pytest.mark.parametrize("module", NEUTRAL)
@@ -94,6 +99,12 @@ def test_the_onnx_frontend_never_reaches_the_torch_frontend(module):
         if name.startswith("graphprune.frontends.torch") or name == "graphprune.rules.aten"
     }
     assert not torch_side, f"{module} reaches the torch frontend: {torch_side}"
+    fx_users = [
+        name
+        for name in [module, *_reaches(module)]
+        if (path := _module_path(name)) is not None and any(i.startswith("torch.fx") for i in _imports(path))
+    ]
+    assert not fx_users, f"{module} reaches torch.fx through {fx_users}"
 
 
 def test_import_graphprune_and_the_torch_path_leave_the_onnx_stack_unloaded():

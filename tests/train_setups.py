@@ -24,4 +24,4 @@ def tiny() -> Setup:
             target = teacher(batch)
         return F.mse_loss(student(batch), target)
 
-    return Setup(model, (batches[0],), batches, loss, calibration=batches[:4])
+    return Setup(model=model, example_inputs=(batches[0],), batches=batches, loss=loss, calibration=batches[:4])

@@ -140,12 +140,12 @@ class QuantPlan:
         for name, layer in data["layers"].items():
             out = layer.get("output")
             layers[name] = LayerQuant(
-                layer["module"],
-                layer["axis"],
-                list(layer["weight_scale"]),
-                tuple(layer["input"]),
-                tuple(out) if out is not None else None,
-                layer.get("bias"),
-                layer.get("bias_scale"),
+                module=layer["module"],
+                axis=layer["axis"],
+                weight_scale=list(layer["weight_scale"]),
+                input=tuple(layer["input"]),
+                output=tuple(out) if out is not None else None,
+                bias=layer.get("bias"),
+                bias_scale=layer.get("bias_scale"),
             )
         return cls(layers)

@@ -86,7 +86,11 @@ class OnnxPruneResult:
             values = self.model.graph.initializers[name].const_value.numpy()
             original = name.removesuffix("_quantized") if scale is not None else name
             row = LayerRow(
-                original, op_type, self.shapes_before.get(original, []), list(values.shape), float((values == 0).mean())
+                name=original,
+                kind=op_type,
+                shape_before=self.shapes_before.get(original, []),
+                shape_after=list(values.shape),
+                zeros=float((values == 0).mean()),
             )
             if name in self.masked:
                 row.pattern = str(self.masked[name].pattern)
@@ -111,11 +115,11 @@ class OnnxPruneResult:
             )  # from a file's metadata
             masks[base if quantization and base in quantization.layers else name] = NMRecord(m.pattern, mask)
         return PlanFile(
-            self.report.model_name,
-            self.report.pipeline,
-            [p for p in self.plans if isinstance(p, Plan)],
-            masks,
-            quantization,
+            model=self.report.model_name,
+            pipeline=self.report.pipeline,
+            structured=[p for p in self.plans if isinstance(p, Plan)],
+            masks=masks,
+            quantization=quantization,
         )
 
     def save_plan(
@@ -274,16 +278,16 @@ def prune_onnx(
     state = manager.run(state, report, capture.outputs)
     sources = onnx_files(model) if isinstance(model, (str, os.PathLike)) else []
     return OnnxPruneResult(
-        state.capture.model,
-        report,
-        state.stage,
-        state.plans,
-        state.masked,
-        capture.feeds,
-        interface,
-        shapes_before,
-        state.float_outputs,
-        sources,
+        model=state.capture.model,
+        report=report,
+        stage=state.stage,
+        plans=state.plans,
+        masked=state.masked,
+        feeds=capture.feeds,
+        interface=interface,
+        shapes_before=shapes_before,
+        float_outputs=state.float_outputs,
+        sources=sources,
     )
 
 

@@ -156,14 +156,14 @@ def prune(
     )
     state = manager.run(state, report, reference)
     return PruneResult(
-        state.model,
-        report,
-        state.stage,
-        state.plans,
-        example_inputs,
-        shapes_before,
-        nm_masks(state.model),
-        state.updated,
+        module=state.model,
+        report=report,
+        stage=state.stage,
+        plans=state.plans,
+        example_inputs=example_inputs,
+        shapes_before=shapes_before,
+        masks=nm_masks(state.model),
+        updated=state.updated,
     )
 
 
@@ -246,10 +246,10 @@ def plan(
         raise
     weakref.finalize(masks.tensors, shutil.rmtree, folder, True)  # the part files live as long as their reader
     return PlanFile(
-        type(model).__name__,
-        report.pipeline,
-        [p for p in state.plans if isinstance(p, Plan)],
-        masks,
+        model=type(model).__name__,
+        pipeline=report.pipeline,
+        structured=[p for p in state.plans if isinstance(p, Plan)],
+        masks=masks,
         values=values,
         report=report,
         inputs=input_spec(example_inputs),

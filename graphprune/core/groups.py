@@ -178,32 +178,32 @@ def collect_groups(
         shape = tuple(solver.size(a) for a in dims)
         for d, atom in enumerate(dims):
             for leaf in dict.fromkeys(spaces.leaves(atom)):
-                members[leaf].append(Member(name, kind, d, atom, shape))
+                members[leaf].append(Member(name=name, kind=kind, dim=d, atom=atom, shape=shape))
     groups: list[Group] = []
     frozen: list[FrozenSpace] = []
     for leaf, ms in members.items():
         if not any(m.kind == "parameter" for m in ms) or solver.size(leaf) <= 1:
             continue
         if leaf in spaces.frozen:
-            frozen.append(FrozenSpace(leaf, solver.size(leaf), ms, spaces.frozen[leaf]))
+            frozen.append(FrozenSpace(leaf=leaf, size=solver.size(leaf), members=ms, reason=spaces.frozen[leaf]))
         elif leaf not in carried:
             frozen.append(
                 FrozenSpace(
-                    leaf,
-                    solver.size(leaf),
-                    ms,
-                    FreezeReason("no activation carries these channels (a parameter dim that no rule coupled)"),
+                    leaf=leaf,
+                    size=solver.size(leaf),
+                    members=ms,
+                    reason=FreezeReason("no activation carries these channels (a parameter dim that no rule coupled)"),
                 )
             )
         else:
             groups.append(
                 Group(
-                    len(groups),
-                    leaf,
-                    solver.size(leaf),
-                    ms,
-                    frozenset(spaces.tags.get(leaf, ())),
-                    spaces.inexact.get(leaf),
+                    id=len(groups),
+                    leaf=leaf,
+                    size=solver.size(leaf),
+                    members=ms,
+                    tags=frozenset(spaces.tags.get(leaf, ())),
+                    inexact=spaces.inexact.get(leaf),
                 )
             )
     return groups, frozen

@@ -207,15 +207,15 @@ class PassManager:
             new_params, new_macs = state.param_count(), state.macs()
             report.rows.append(
                 ReportRow(
-                    p.name,
-                    time.perf_counter() - start,
-                    params,
-                    new_params,
-                    macs,
-                    new_macs,
-                    state.output_error(reference),
-                    str(state.stage),
-                    result.details,
+                    pass_name=p.name,
+                    seconds=time.perf_counter() - start,
+                    params_before=params,
+                    params_after=new_params,
+                    macs_before=macs,
+                    macs_after=new_macs,
+                    output_error=state.output_error(reference),
+                    stage=str(state.stage),
+                    details=result.details,
                 )
             )
             params, macs = new_params, new_macs

@@ -60,11 +60,11 @@ def layer_rows(shapes_before: dict[str, list[int]], compressed: nn.Module) -> li
     for name, module in _layers(compressed):
         weight = module.weight.detach()
         row = LayerRow(
-            name,
-            type(module).__name__.removeprefix("Parametrized"),
-            shapes_before.get(name, []),
-            list(weight.shape),
-            float((weight == 0).float().mean()),
+            name=name,
+            kind=type(module).__name__.removeprefix("Parametrized"),
+            shape_before=shapes_before.get(name, []),
+            shape_after=list(weight.shape),
+            zeros=float((weight == 0).float().mean()),
         )
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations["weight"]:

@@ -392,11 +392,15 @@ def to_sparse_kernels(
                 f"{algorithm_note}"
             )
             if not faster:
-                report.decisions.append(KernelDecision(name, "dense", verdict, dense_ms, sparse_ms))
+                report.decisions.append(
+                    KernelDecision(layer=name, choice="dense", reason=verdict, dense_ms=dense_ms, sparse_ms=sparse_ms)
+                )
                 continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
-        report.decisions.append(KernelDecision(name, "sparse", verdict, dense_ms, sparse_ms))
+        report.decisions.append(
+            KernelDecision(layer=name, choice="sparse", reason=verdict, dense_ms=dense_ms, sparse_ms=sparse_ms)
+        )
     return model, report
 
 

@@ -491,12 +491,12 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
             raise read.fail("'quantization'", f"is not an int8 plan ({type(exc).__name__}: {exc})") from exc
     inputs = _example_inputs(read, read.key(data, "example_inputs", (dict, type(None)), "the plan", None))
     return PlanFile(
-        model,
-        pipeline,
-        structured,
-        StoredMasks(read.tensors, patterns, kept),
-        quantization,
-        StoredValues(read.tensors, list(values)),
+        model=model,
+        pipeline=pipeline,
+        structured=structured,
+        masks=StoredMasks(read.tensors, patterns, kept),
+        quantization=quantization,
+        values=StoredValues(read.tensors, list(values)),
         inputs=inputs,
         files=[json_path, *read.tensors.files],
     )
@@ -527,7 +527,7 @@ def _structured(read: _Reader, k: int, entry: dict) -> Plan:
             read.indices(f"slice/{k}/{name}/{d}", None, shape[d] if shape is not None else None) if d in dims else None
             for d in range(dims[-1] + 1)
         ]
-    return Plan(keep, fingerprint, shapes, slices, result)
+    return Plan(keep=keep, fingerprint=fingerprint, shapes=shapes, slices=slices, result=result)
 
 
 def _example_inputs(read: _Reader, spec: dict | None) -> dict | None:

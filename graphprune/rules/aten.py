@@ -9,9 +9,12 @@ a shape constant so that pruning can rewrite it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
+from graphprune.core.algebra import SpaceSolver
 from graphprune.rules.common import (
     broadcast,
     couple_attention,
@@ -23,10 +26,68 @@ from graphprune.rules.common import (
     couple_reshape,
     matmul_dims,
 )
-from graphprune.rules.registry import RuleContext, RuleRegistry, arg
+from graphprune.rules.registry import ArgPath, RuleContext, RuleRegistry, flat_atoms
 
 aten_rules = RuleRegistry()  # every rule below registers itself here
 R = aten_rules
+
+
+class AtenRuleContext(RuleContext):
+    """Dims (solver atoms) of every value of a captured torch graph, by fx node; shapes come from
+    the nodes' ``meta["val"]``."""
+
+    def __init__(self, solver: SpaceSolver) -> None:
+        super().__init__(solver)
+        self.parameter_nodes: set[fx.Node] = set()
+
+    def allocate(self, node: fx.Node) -> None:
+        """Give every dim of the node's value(s) a fresh atom."""
+        self._dims[node] = self._alloc(node.meta.get("val"))
+
+    def _alloc(self, val: Any) -> Any:
+        if isinstance(val, torch.Tensor):
+            return [self.solver.new(int(s)) for s in val.shape]
+        if isinstance(val, (list, tuple)):
+            return [self._alloc(v) for v in val]
+        return None
+
+    def dims(self, x: Any) -> list[int] | None:
+        if isinstance(x, fx.Node):
+            d = self._dims.get(x)
+            if d is not None and all(isinstance(a, int) for a in d):
+                return d
+        return None
+
+    def out(self, node: fx.Node, index: int | None = None) -> list[int]:
+        d = self._dims[node]
+        return d if index is None else d[index]
+
+    def op_name(self, node: fx.Node) -> str:
+        return str(node.target)
+
+    def node_atoms(self, node: fx.Node) -> list[int]:
+        atoms: list[int] = []
+        for x in node.all_input_nodes:
+            atoms.extend(flat_atoms(self._dims.get(x)))
+        atoms.extend(flat_atoms(self._dims.get(node)))
+        return atoms
+
+
+def arg_at(node: fx.Node, path: ArgPath) -> Any:
+    """The argument of ``node`` that ``path`` locates (an entry of a list argument if 3 long)."""
+    where, key, *rest = path
+    value = node.args[key] if where == "args" else node.kwargs[key]
+    return value[rest[0]] if rest else value
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> tuple[Any, ArgPath]:
+    """An argument given positionally or by keyword, with its path for constants."""
+    if len(node.args) > index:
+        return node.args[index], ("args", index)
+    if name in node.kwargs:
+        return node.kwargs[name], ("kwargs", name)
+    return default, None
+
 
 aten = torch.ops.aten
 INT64_MAX = 2**63 - 1
@@ -456,7 +517,7 @@ _VIEWS = (
 )
 
 
-def _is_activation(ctx: RuleContext, x) -> bool:
+def _is_activation(ctx: AtenRuleContext, x) -> bool:
     """True unless ``x`` is a parameter, possibly seen through views (``x @ self.weight.T``)."""
     while (
         isinstance(x, fx.Node)

@@ -63,7 +63,7 @@ def entries(ctx: RuleContext, node: ir.Node, index: int) -> list[Entry] | None:
     if value in ctx.sizes:
         return ctx.sizes[value]
     ints = _ints(value)
-    return None if ints is None else [Const(v, node, index, k) for k, v in enumerate(ints)]
+    return None if ints is None else [Const(value=v, node=node, index=index, k=k) for k, v in enumerate(ints)]
 
 
 def propagate(ctx: RuleContext, node: ir.Node) -> None:

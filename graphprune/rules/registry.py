@@ -1,7 +1,7 @@
-"""The rule registry and the context a rule works in.
+"""The rule registry and the context a rule works in, for either frontend's graph.
 
-A rule is a function ``rule(ctx, node)`` registered for one or more ATen op overloads
-(or overload packets).  It reads the dims of the node's tensors through ``ctx`` and states
+A rule is a function ``rule(ctx, node)`` registered for one or more ops (ATen op overloads or
+overload packets; ONNX ``(domain, op_type)``).  It reads the dims of the node's tensors through ``ctx`` and states
 constraints on them with the solver; it registers every integer argument that depends on a
 channel count (view sizes, split sizes, conv groups ...) as a :class:`ShapeConstant` so that
 pruning can rewrite it.  Lookup is by op object, never by name: an op without a rule is
@@ -10,16 +10,16 @@ reported and freezes every dim it touches.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from graphprune.core.algebra import FreezeReason, SpaceSolver
 
-Rule = Callable[["RuleContext", fx.Node], None]
+Rule = Callable[["RuleContext", Any], None]  # (context, the frontend's graph node)
 ArgPath = tuple[Any, ...]  # ("args", i[, j]) or ("kwargs", name[, j]); None: not given, default used
 
 
@@ -27,7 +27,7 @@ ArgPath = tuple[Any, ...]  # ("args", i[, j]) or ("kwargs", name[, j]); None: no
 class ShapeConstant:
     """An integer argument of ``node`` whose value is ``base + sum(kept sizes of atoms)``."""
 
-    node: fx.Node
+    node: Any  # the frontend's graph node
     path: ArgPath
     atoms: tuple[int, ...]
     base: int = 0
@@ -67,78 +67,60 @@ class RuleRegistry:
         return dict(self._rules)
 
 
-class RuleContext:
-    """What a rule sees: the dims (atoms) of every tensor value and the solver."""
+class RuleContext(abc.ABC):
+    """What a rule sees: the dims (atoms) of every tensor value and the solver.  A frontend's
+    context says how its graph's nodes and values hold their dims."""
 
     def __init__(self, solver: SpaceSolver) -> None:
         self.solver = solver
-        self._dims: dict[fx.Node, Any] = {}
+        self._dims: dict[Any, Any] = {}
         self.constants: list[ShapeConstant] = []
-        self.parameter_nodes: set[fx.Node] = set()
         self.unsupported: dict[str, list[str]] = {}
         self.rule_errors: list[str] = []
 
     # ---------------------------------------------------------------- dims
-    def allocate(self, node: fx.Node) -> None:
-        """Give every dim of the node's value(s) a fresh atom."""
-        self._dims[node] = self._alloc(node.meta.get("val"))
-
-    def _alloc(self, val: Any) -> Any:
-        if isinstance(val, torch.Tensor):
-            return [self.solver.new(int(s)) for s in val.shape]
-        if isinstance(val, (list, tuple)):
-            return [self._alloc(v) for v in val]
-        return None
-
-    def bind(self, node: fx.Node, dims: Any) -> None:
+    def bind(self, node: Any, dims: Any) -> None:
         self._dims[node] = dims
 
+    @abc.abstractmethod
     def dims(self, x: Any) -> list[int] | None:
         """Atoms of a tensor argument (None for non-tensors)."""
-        if isinstance(x, fx.Node):
-            d = self._dims.get(x)
-            if d is not None and all(isinstance(a, int) for a in d):
-                return d
-        return None
 
-    def raw(self, node: fx.Node) -> Any:
+    def raw(self, node: Any) -> Any:
         return self._dims.get(node)
 
-    def out(self, node: fx.Node, index: int | None = None) -> list[int]:
-        d = self._dims[node]
-        return d if index is None else d[index]
+    @abc.abstractmethod
+    def out(self, node: Any, index: int | None = None) -> list[int]:
+        """Atoms of the node's output (of output ``index`` for multi-output nodes)."""
 
     def shape(self, x: Any) -> list[int]:
         return [self.solver.size(a) for a in self.dims(x)]
 
+    @abc.abstractmethod
+    def op_name(self, node: Any) -> str:
+        """The op a node runs, as error messages and reports name it."""
+
+    @abc.abstractmethod
+    def node_atoms(self, node: Any) -> list[int]:
+        """Every atom of every tensor the node reads or writes."""
+
     # ----------------------------------------------------------- constraints
-    def unify(self, a: int, b: int, node: fx.Node) -> None:
+    def unify(self, a: int, b: int, node: Any) -> None:
         self.solver.unify(a, b, where=node.name)
 
-    def unify_all(self, xs: Iterable[int], ys: Iterable[int], node: fx.Node) -> None:
+    def unify_all(self, xs: Iterable[int], ys: Iterable[int], node: Any) -> None:
         for a, b in zip(xs, ys, strict=True):
             self.unify(a, b, node)
 
-    def freeze(self, atom: int, why: str, node: fx.Node) -> None:
+    def freeze(self, atom: int, why: str, node: Any) -> None:
         self.solver.freeze(atom, FreezeReason(why, f"{node.name}: {self.op_name(node)}"))
 
-    def op_name(self, node: fx.Node) -> str:
-        """The op a node runs, as error messages and reports name it."""
-        return str(node.target)
-
-    def freeze_node(self, node: fx.Node, why: str) -> None:
+    def freeze_node(self, node: Any, why: str) -> None:
         """Freeze every dim of every tensor the node reads or writes."""
         for atom in self.node_atoms(node):
             self.freeze(atom, why, node)
 
-    def node_atoms(self, node: fx.Node) -> list[int]:
-        atoms: list[int] = []
-        for x in node.all_input_nodes:
-            atoms.extend(flat_atoms(self._dims.get(x)))
-        atoms.extend(flat_atoms(self._dims.get(node)))
-        return atoms
-
-    def constant(self, node: fx.Node, path: ArgPath | None, atoms: Iterable[int], base: int = 0) -> None:
+    def constant(self, node: Any, path: ArgPath | None, atoms: Iterable[int], base: int = 0) -> None:
         """Register an int argument that equals ``base`` + the channel count of ``atoms``.
 
         An argument left at its default (``path`` None) cannot be rewritten: if its channels
@@ -148,9 +130,9 @@ class RuleContext:
             for atom in atoms:
                 self.freeze(atom, "a size given by an argument's default value", node)
             return
-        self.constants.append(ShapeConstant(node, path, tuple(atoms), base))
+        self.constants.append(ShapeConstant(node=node, path=path, atoms=tuple(atoms), base=base))
 
-    def run_rule(self, rule: Rule | None, node: fx.Node) -> None:
+    def run_rule(self, rule: Rule | None, node: Any) -> None:
         """Apply ``rule`` to ``node``.  No rule: the node is reported and everything it touches is
         frozen.  A rule that raises is a bug: it must not corrupt the analysis, so its node is
         frozen and the error reported."""
@@ -164,7 +146,7 @@ class RuleContext:
             self.rule_errors.append(f"{node.name} ({self.op_name(node)}): {type(exc).__name__}: {exc}")
             self.freeze_node(node, f"the rule for {self.op_name(node)} failed")
 
-    def report_unsupported(self, node: fx.Node) -> None:
+    def report_unsupported(self, node: Any) -> None:
         self.unsupported.setdefault(self.op_name(node), []).append(node.name)
 
 
@@ -178,19 +160,3 @@ def flat_atoms(d: Any) -> list[int]:
     for x in d:
         out.extend(flat_atoms(x))
     return out
-
-
-def arg_at(node: fx.Node, path: ArgPath) -> Any:
-    """The argument of ``node`` that ``path`` locates (an entry of a list argument if 3 long)."""
-    where, key, *rest = path
-    value = node.args[key] if where == "args" else node.kwargs[key]
-    return value[rest[0]] if rest else value
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> tuple[Any, ArgPath]:
-    """An argument given positionally or by keyword, with its path for constants."""
-    if len(node.args) > index:
-        return node.args[index], ("args", index)
-    if name in node.kwargs:
-        return node.kwargs[name], ("kwargs", name)
-    return default, None

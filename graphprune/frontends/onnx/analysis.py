@@ -83,7 +83,16 @@ def analyze_onnx_capture(capture: OnnxCapture, model_name: str = "ONNX model") -
             for atom in flat_atoms(ctx.dims(value)):
                 carried.update(spaces.leaves(atom))
     groups, frozen = collect_groups(spaces, tensors, carried)
-    return OnnxAnalysis(model_name, capture, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+    return OnnxAnalysis(
+        model_name=model_name,
+        captured=capture,
+        context=ctx,
+        spaces=spaces,
+        groups=groups,
+        frozen=frozen,
+        tensors=tensors,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _kind(value: ir.Value) -> str:

@@ -156,7 +156,7 @@ def _verify(
             raise ApplyError(
                 f"output {value.name!r} changed shape from {list(np.shape(before))} to {list(np.shape(after))}"
             )
-    return OnnxCapture(model, original.feeds, shapes, outputs), values
+    return OnnxCapture(model=model, feeds=original.feeds, shapes=shapes, outputs=outputs), values
 
 
 def _producer_name(model: ir.Model, name: str) -> str:

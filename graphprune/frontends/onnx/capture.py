@@ -367,7 +367,7 @@ def capture_onnx(model: ir.Model, feeds: Feeds | None = None) -> OnnxCapture:
     normalize(model)
     feeds = example_feeds(model) if feeds is None else feeds
     shapes, outputs = measure(model, feeds)
-    return OnnxCapture(model, feeds, shapes, outputs)
+    return OnnxCapture(model=model, feeds=feeds, shapes=shapes, outputs=outputs)
 
 
 def measure(model: ir.Model, feeds: Feeds) -> tuple[dict[str, tuple[int, ...]], list[np.ndarray]]:

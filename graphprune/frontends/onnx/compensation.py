@@ -56,7 +56,7 @@ def corrected(capture: OnnxCapture, corrections: dict[str, torch.Tensor]) -> Onn
         array = value.const_value.numpy()
         value.const_value = ir.tensor((array + delta.numpy().astype(array.dtype)).astype(array.dtype), name=name)
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs)
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs)
 
 
 __all__ = ["bias_corrections", "corrected"]

@@ -58,7 +58,7 @@ def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
         gemm.outputs[0].name, gemm.outputs[0].type, gemm.outputs[0].shape = name, out.type, out.shape
         model.graph.remove([add, matmul], safe=True)
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs)
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs)
 
 
 def calibrate(
@@ -104,13 +104,13 @@ def quant_plan(
             out = activation_qparams(low, high)
         bias = layer_bias(node)
         plan.layers[layer.weight] = LayerQuant(
-            layer.node,
-            layer.output_axis,
-            scale.tolist(),
-            (x_scale, x_zero),
-            out,
-            bias.name if bias is not None else None,
-            (x_scale * scale).tolist() if bias is not None else None,
+            module=layer.node,
+            axis=layer.output_axis,
+            weight_scale=scale.tolist(),
+            input=(x_scale, x_zero),
+            output=out,
+            bias=bias.name if bias is not None else None,
+            bias_scale=(x_scale * scale).tolist() if bias is not None else None,
         )
     return plan
 
@@ -128,4 +128,4 @@ def quantized_copy(capture: OnnxCapture, plan: QuantPlan) -> OnnxCapture:
     weights = {name: capture.graph.initializers[name].const_value.numpy() for name in plan.layers}
     insert_qdq(model, plan, weights)
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs)
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs)

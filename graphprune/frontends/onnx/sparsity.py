@@ -36,7 +36,7 @@ def masked_copy(
         masks[layer.weight] = mask = nm_mask(scores, NMPattern(*pattern, layer.layout))
         value.const_value = ir.tensor((weight * mask).numpy(), name=layer.weight)
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs), masks
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs), masks
 
 
 def geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry | None:
@@ -55,18 +55,18 @@ def geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry | Non
     pads = ints("pads", [0] * 2 * spatial)
     if spatial == 1:
         return ConvGeometry(
-            (1, kernel[0]),
-            (1, stride[0]),
-            (1, dilation[0]),
-            (0, pads[0], 0, pads[1]),
-            int(node.attributes["group"].value) if "group" in node.attributes else 1,
+            kernel=(1, kernel[0]),
+            stride=(1, stride[0]),
+            dilation=(1, dilation[0]),
+            pads=(0, pads[0], 0, pads[1]),
+            groups=int(node.attributes["group"].value) if "group" in node.attributes else 1,
         )
     return ConvGeometry(
-        (kernel[0], kernel[1]),
-        (stride[0], stride[1]),
-        (dilation[0], dilation[1]),
-        (pads[0], pads[1], pads[2], pads[3]),
-        int(node.attributes["group"].value) if "group" in node.attributes else 1,
+        kernel=(kernel[0], kernel[1]),
+        stride=(stride[0], stride[1]),
+        dilation=(dilation[0], dilation[1]),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        groups=int(node.attributes["group"].value) if "group" in node.attributes else 1,
     )
 
 
@@ -107,4 +107,4 @@ def sparsegpt_copy(
         damp=damp,
     )
     shapes, outputs = measure(model, capture.feeds)
-    return OnnxCapture(model, capture.feeds, shapes, outputs), masks
+    return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs), masks

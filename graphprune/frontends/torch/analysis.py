@@ -23,8 +23,8 @@ from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import CapturedGraph, ExampleInputs, capture
 from graphprune.frontends.torch.macs import planned_macs, planned_params
 from graphprune.frontends.torch.provenance import AnySource, ShapeSource, factor_source, uses_for
-from graphprune.rules.aten import aten_rules
-from graphprune.rules.registry import RuleContext, flat_atoms
+from graphprune.rules.aten import AtenRuleContext, aten_rules
+from graphprune.rules.registry import flat_atoms
 
 aten = torch.ops.aten
 
@@ -75,7 +75,7 @@ def analyze_captured(
             f"{sorted(captured.output_names.values())}"
         )
     solver = SpaceSolver()
-    ctx = RuleContext(solver)
+    ctx = AtenRuleContext(solver)
     ctx.parameter_nodes = {n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.tensor_names}
     run_graph(ctx, captured.graph_module, None)
     placeholders = {n.name: n for n in captured.graph.nodes if n.op == "placeholder"}
@@ -110,10 +110,19 @@ def analyze_captured(
             tensors[name] = (kind, ctx.dims(node) or [])
     carried = _leaves_of_activations(ctx, captured, spaces)
     groups, frozen = collect_groups(spaces, tensors, carried)
-    return TorchAnalysis(model_name, captured, ctx, spaces, groups, frozen, tensors, time.perf_counter() - start)
+    return TorchAnalysis(
+        model_name=model_name,
+        captured=captured,
+        context=ctx,
+        spaces=spaces,
+        groups=groups,
+        frozen=frozen,
+        tensors=tensors,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def _couple_code_sizes(ctx: RuleContext, captured: CapturedGraph) -> None:
+def _couple_code_sizes(ctx: AtenRuleContext, captured: CapturedGraph) -> None:
     """Apply what provenance says about sizes written in, or read by, the model's code.
 
     * One attribute that sizes several tensors (``self.head_dim`` for q, k and v) can take only
@@ -213,7 +222,7 @@ def _keep_values(use, direct: dict, reads: _ShapeReads) -> set[AnySource]:
 class _ShapeReads:
     """The dim atom each recorded shape read came from."""
 
-    def __init__(self, ctx: RuleContext, captured: CapturedGraph) -> None:
+    def __init__(self, ctx: AtenRuleContext, captured: CapturedGraph) -> None:
         self.ctx = ctx
         self.nodes = {n.name: n for n in captured.graph.nodes}
 
@@ -261,7 +270,7 @@ def _monomial_spaces(
     return top, bottom
 
 
-def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
+def _constrain_modules(ctx: AtenRuleContext, captured: CapturedGraph) -> None:
     """Size checks that torch.nn modules make in forward, beyond what their ops say.
 
     ``nn.MultiheadAttention`` requires query width == embed_dim == num_heads * head_dim: the
@@ -292,7 +301,7 @@ def _constrain_modules(ctx: RuleContext, captured: CapturedGraph) -> None:
         ctx.solver.unify(ctx.dims(out)[0], embed, where=f"{path}: output width == embed_dim")
 
 
-def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:
+def _leaves_of_activations(ctx: AtenRuleContext, captured: CapturedGraph, spaces: Spaces) -> set[int]:
     """Leaves that appear in the dims of some op's output (not only in parameters)."""
     leaves: set[int] = set()
     seen: set[int] = set()
@@ -308,7 +317,7 @@ def _leaves_of_activations(ctx: RuleContext, captured: CapturedGraph, spaces: Sp
     return leaves
 
 
-def run_graph(ctx: RuleContext, gm: fx.GraphModule, bindings: list[Any] | None) -> list[Any]:
+def run_graph(ctx: AtenRuleContext, gm: fx.GraphModule, bindings: list[Any] | None) -> list[Any]:
     """Apply the rules to every node of ``gm``; ``bindings`` give the dims of a body graph's inputs."""
     inputs = iter(bindings) if bindings is not None else None
     for node in gm.graph.nodes:
@@ -329,7 +338,7 @@ def run_graph(ctx: RuleContext, gm: fx.GraphModule, bindings: list[Any] | None) 
     return []
 
 
-def _apply(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
+def _apply(ctx: AtenRuleContext, gm: fx.GraphModule, node: fx.Node) -> None:
     target = node.target
     if target is operator.getitem:
         src = ctx.raw(node.args[0])

@@ -33,8 +33,8 @@ from graphprune.frontends.torch.capture import CapturedGraph, capture_call, run_
 from graphprune.frontends.torch.copying import clone
 from graphprune.frontends.torch.provenance import Source, owner_chain, uses_for
 from graphprune.frontends.torch.value_oracle import graph_sites, node_values, zeroed_dense
+from graphprune.rules.aten import arg_at
 from graphprune.rules.modules import rule_for
-from graphprune.rules.registry import arg_at
 from torch.fx.operator_schemas import normalize_function
 
 

@@ -162,16 +162,16 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         by_tensor.setdefault(id(tensor), []).append(placeholder)
     tied = [ps for ps in by_tensor.values() if len(ps) > 1]
     return CapturedGraph(
-        program,
-        args,
-        kwargs,
-        tensor_names,
-        user_inputs,
-        outputs,
-        uses,
-        tied,
-        {name: type(m) for name, m in model.named_modules()},
-        output_names,
+        program=program,
+        args=args,
+        kwargs=kwargs,
+        tensor_names=tensor_names,
+        user_inputs=user_inputs,
+        outputs=outputs,
+        attribute_uses=uses,
+        tied=tied,
+        module_types={name: type(m) for name, m in model.named_modules()},
+        output_names=output_names,
     )
 
 

@@ -265,16 +265,21 @@ def _refit(
     unknowns = current.shape[1]
     if fit[0][3] < unknowns:
         return Reconstruction(
-            layer.weight,
-            0.0,
-            0.0,
-            f"{fit[0][3]} calibration rows to fit {unknowns} unknowns per "
+            layer=layer.weight,
+            error_before=0.0,
+            error_after=0.0,
+            skipped=f"{fit[0][3]} calibration rows to fit {unknowns} unknowns per "
             "output: give more calibration data to reconstruct it",
         )
     held_before = _error(rows, check)
     if _error([_solve(f, r, damp) for f, r in zip(fit, rows)], check) >= held_before:
         before = _error(rows, everything)
-        return Reconstruction(layer.weight, before, before, "the fit did not lower the error on the held-out batch")
+        return Reconstruction(
+            layer=layer.weight,
+            error_before=before,
+            error_after=before,
+            skipped="the fit did not lower the error on the held-out batch",
+        )
     solution = [_solve(e, r, damp) for e, r in zip(everything, rows)]
     before, after = _error(rows, everything), _error(solution, everything)
     solved = torch.cat(solution)

@@ -117,13 +117,13 @@ def read_quant_plan(model: nn.Module) -> QuantPlan | None:
             else None
         )
         layers[qualified(path, name)] = LayerQuant(
-            path,
-            fq.axis,
-            fq.scale.tolist(),
-            _qparams(module, "qinput"),
-            output,
-            qualified(path, "bias") if bias is not None else None,
-            bias.scale.tolist() if bias is not None else None,
+            module=path,
+            axis=fq.axis,
+            weight_scale=fq.scale.tolist(),
+            input=_qparams(module, "qinput"),
+            output=output,
+            bias=qualified(path, "bias") if bias is not None else None,
+            bias_scale=bias.scale.tolist() if bias is not None else None,
         )
     return QuantPlan(layers) if layers else None
 

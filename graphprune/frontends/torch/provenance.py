@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from graphprune.rules.registry import arg_at
+from graphprune.rules.aten import arg_at
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
 from torch.overrides import TorchFunctionMode
 
@@ -388,7 +388,14 @@ def _size_uses(func: Any, args: tuple, kwargs: dict) -> list[AttributeUse]:
         if isinstance(value, _Tracked) and isinstance(value, int):
             out.append(
                 AttributeUse(
-                    value.sources, isinstance(value, _Read), value, packets, path, dim, value.factors, value.divisors
+                    sources=value.sources,
+                    direct=isinstance(value, _Read),
+                    value=value,
+                    packets=packets,
+                    path=path,
+                    dim=dim,
+                    factors=value.factors,
+                    divisors=value.divisors,
                 )
             )
 
