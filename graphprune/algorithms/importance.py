@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphprune.algorithms.nm import CONV1D, LINEAR
+from graphprune.algorithms.nm import input_channel_norms
 from graphprune.core.groups import Analysis, Group
+from graphprune.core.layers import WeightLayer
 from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, input_moments
+from graphprune.frontends.torch.calibration import consumers, forward_batch, input_moments
 from graphprune.frontends.torch.capture import CapturedGraph, tensor_at
 from graphprune.frontends.torch.distributed import reduce_sum
 from graphprune.frontends.torch.streaming import StreamedWeights
@@ -193,59 +194,53 @@ class InputWeighted(Importance):
         self.statistic = statistic
 
     def scores(self, analysis, model, groups, calibration):
-        if not isinstance(analysis.captured, CapturedGraph):  # an ONNX model: statistics from onnxruntime
-            return self._onnx_scores(analysis, groups, calibration)
-        layers = consumers(analysis)
-        moments = input_moments(model.module if isinstance(model, StreamedWeights) else model, layers, calibration)
         totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        for layer in layers:
-            if layer not in moments:
-                continue
-            mean, mean_sq = moments[layer]
-            x_atom, weight_norm = _consumer_input(analysis, model, layer)
-            per_channel = self._combine(mean, mean_sq, weight_norm)
+        for layer, x_atom, (mean, mean_sq), weight in self._layer_inputs(analysis, model, calibration):
+            per_channel = self._combine(mean, mean_sq, input_channel_norms(weight, layer.layout, layer.groups))
             for g in groups:
                 if g.leaf in analysis.spaces.leaves(x_atom):
                     totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
         return totals
 
-    def _onnx_scores(self, analysis: Analysis, groups: list[Group], feeds: list) -> dict[int, torch.Tensor]:
-        from graphprune.frontends.onnx import layers as onnx_layers
+    @staticmethod
+    def _layer_inputs(
+        analysis: Analysis, model: Any, calibration: Any
+    ) -> list[tuple[WeightLayer, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """Per weight layer: the atom of the channels it reads, their moments over the calibration
+        data, and its weight; from the frontend the analysis was made on."""
+        if not isinstance(analysis.captured, CapturedGraph):  # an ONNX model: statistics from onnxruntime
+            from graphprune.frontends.onnx import layers as onnx_layers
 
-        capture = analysis.captured
-        values = {v.name: v for node in capture.graph for v in node.inputs if v is not None}
-        layers, _ = onnx_layers.weight_layers(capture.model)
-        moments = onnx_layers.input_moments(capture, layers, feeds)
-        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        for layer in layers:
-            mean, mean_sq = moments[layer.weight]
-            dims = analysis.context.dims(values[layer.activation])
-            x_atom = dims[layer.channel_axis]
-            weight_norm = onnx_layers.input_channel_norms(_tensor(capture.weights(), layer.weight), layer)
-            for g in groups:
-                if g.leaf in analysis.spaces.leaves(x_atom):
-                    totals[g.id] += _scatter(analysis, g, x_atom, self._combine(mean, mean_sq, weight_norm))
-        return totals
+            capture = analysis.captured
+            values = {v.name: v for node in capture.graph for v in node.inputs if v is not None}
+            found, _ = onnx_layers.weight_layers(capture.model)
+            moments = onnx_layers.input_moments(capture, found, calibration)
+            return [
+                (
+                    layer,
+                    analysis.context.dims(values[layer.activation])[layer.channel_axis],
+                    moments[layer.weight],
+                    _tensor(capture.weights(), layer.weight),
+                )
+                for layer in found
+            ]
+        layers = consumers(analysis)
+        moments = input_moments(model.module if isinstance(model, StreamedWeights) else model, layers, calibration)
+        return [
+            (
+                layer,
+                analysis.context.dims(layer.activation)[layer.channel_axis],
+                moments[layer],
+                _tensor(model, layer.weight),
+            )
+            for layer in layers
+            if layer in moments
+        ]
 
     def _combine(self, mean: torch.Tensor, mean_sq: torch.Tensor, weight_norm: torch.Tensor) -> torch.Tensor:
         if self.statistic == "activation":
             return mean_sq.sqrt() * weight_norm
         return (mean_sq - mean.pow(2)).clamp(min=0) * weight_norm.pow(2)
-
-
-def _consumer_input(analysis: Analysis, model: nn.Module, layer: Consumer) -> tuple[int, torch.Tensor]:
-    """The atom of the consumed channel dim and the weight norm per input channel."""
-    node = layer.node
-    x = node.args[1] if layer.layout == CONV1D and not layer.matmul else node.args[0]
-    dims = analysis.context.dims(x)
-    w = _tensor(model, layer.weight).detach().double()
-    if layer.layout == LINEAR:
-        return dims[-1], w.pow(2).sum(0).sqrt()
-    if layer.layout == CONV1D:  # weight is [in, out]
-        return dims[-1], w.pow(2).sum(1).sqrt()
-    cout, cin_g = w.shape[:2]
-    per_group = w.reshape(layer.groups, cout // layer.groups, cin_g, -1).pow(2).sum((1, 3)).sqrt()
-    return dims[1], per_group.reshape(-1)
 
 
 BUILTIN: dict[str, GroupScore] = {"l1": _magnitude(1), "l2": _magnitude(2), "bn_scale": _bn_scale}

@@ -108,3 +108,15 @@ def per_input_channel(values: torch.Tensor, layout: str, groups: int, shape: tor
         per_filter = values.reshape(groups, per_group).repeat_interleave(k // groups, dim=0)  # [K, C/g]
         return per_filter.reshape(k, per_group, *([1] * (len(shape) - 2)))
     return values[None, :]
+
+
+def input_channel_norms(weight: torch.Tensor, layout: str, groups: int = 1) -> torch.Tensor:
+    """``||W[:, c]||`` for each input channel ``c`` of the layer's activation, from the weight as
+    ``layout`` stores it (a grouped conv's channels group by group)."""
+    w = weight.detach().double()
+    if layout == CONV1D:  # [in, out]
+        return w.pow(2).sum(1).sqrt()
+    if layout == LINEAR:  # [out, in]
+        return w.pow(2).sum(0).sqrt()
+    cout, per_group = w.shape[:2]
+    return w.reshape(groups, cout // groups, per_group, -1).pow(2).sum((1, 3)).sqrt().reshape(-1)

@@ -131,17 +131,6 @@ def input_moments(
     return {name: total.moments() for name, total in totals.items()}
 
 
-def input_channel_norms(weight: torch.Tensor, layer: WeightLayer) -> torch.Tensor:
-    """||W[:, c]|| for each input channel c of the layer's activation (per group for grouped convs)."""
-    w = weight.double()
-    if layer.layout == CONV1D:  # [in, out]
-        return w.pow(2).sum(1).sqrt()
-    if layer.layout == LINEAR:  # [out, in]
-        return w.pow(2).sum(0).sqrt()
-    cout, per_group = w.shape[:2]
-    return w.reshape(layer.groups, cout // layer.groups, per_group, -1).pow(2).sum((1, 3)).sqrt().reshape(-1)
-
-
 def layer_bias(node: ir.Node) -> ir.Value | None:
     """The layer's own bias: Conv's / Gemm's third input, or the vector an Add adds right after a
     MatMul; None for anything else (a Gemm's C that is an activation or a matrix stays float)."""
