@@ -20,7 +20,7 @@ import torch.nn as nn
 from graphprune.algorithms.importance import GroupScore, Importance, LossFn, checked_scores, resolve
 from graphprune.algorithms.sensitivity import output_errors
 from graphprune.core.groups import Analysis, Group
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
 from graphprune.frontends.torch.apply import apply_plan
@@ -383,8 +383,6 @@ class ChannelPrune(Pass):
     # --------------------------------------------------------------- pass
     def call(self, state: CompressionState) -> PassResult:
         analysis = state.analysis()
-        if state.stream is not None:
-            self._check_streamable()
         if (unreduced := self._unreduced()) is not None:
             single_process_only(f"ChannelPrune's {unreduced}")
         calibration = None
@@ -454,23 +452,36 @@ class ChannelPrune(Pass):
             return f"compensate={self.compensate!r}"
         return "norm re-fit" if self.compensate and self.refit_norms else None
 
-    def _check_streamable(self) -> None:
-        """What a streamed plan (weights read from a checkpoint, see :func:`graphprune.core.plan`) cannot do."""
-        what = (
-            f"compensate={self.compensate!r}"
-            if self.compensate
-            else "allocation='sensitivity'"
-            if self.allocation == "sensitivity"
-            else f"importance={self.importance_name!r}"
-            if self.importance_name in ("taylor", "bn_scale")
-            else None
-        )
-        if what:
-            raise InputError(
-                f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
-                "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
-                "callable, without compensation"
+    def refusal(self, mode: str) -> str | None:
+        if mode == STREAMED:
+            what = (
+                f"compensate={self.compensate!r}"
+                if self.compensate
+                else "allocation='sensitivity'"
+                if self.allocation == "sensitivity"
+                else f"importance={self.importance_name!r}"
+                if self.importance_name in ("taylor", "bn_scale")
+                else None
             )
+            if what:
+                return (
+                    f"ChannelPrune({what}) needs the whole model in memory, which a streamed plan (weights= "
+                    "a checkpoint) never builds: use importance 'l1', 'l2', 'activation', 'fluctuation' or a "
+                    "callable, without compensation"
+                )
+        if mode == ONNX:
+            if self.importance_name in ("taylor", "bn_scale"):
+                return (
+                    f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
+                    "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
+                    "name) -> scores"
+                )
+            if self.compensate not in (None, "bias") or self.allocation == "sensitivity":
+                return (
+                    f"{'compensate=' + repr(self.compensate) if self.compensate else 'allocation=sensitivity'}"
+                    " does not run on ONNX models yet (compensate='bias' does)"
+                )
+        return None
 
     def call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
@@ -478,17 +489,6 @@ class ChannelPrune(Pass):
         from graphprune.frontends.onnx import compensation as onnx_compensation
         from graphprune.frontends.onnx.apply import apply_onnx_plan
 
-        if self.importance_name in ("taylor", "bn_scale"):
-            raise InputError(
-                f"importance={self.importance_name!r} does not run on ONNX models yet: use 'l1', 'l2', "
-                "'activation', 'fluctuation' or a callable (analysis, group, weights by initializer "
-                "name) -> scores"
-            )
-        if self.compensate not in (None, "bias") or self.allocation == "sensitivity":
-            raise InputError(
-                f"{'compensate=' + repr(self.compensate) if self.compensate else 'allocation=sensitivity'}"
-                " does not run on ONNX models yet (compensate='bias' does)"
-            )
         if (self.importance.needs_calibration or self.compensate) and not state.calibration:
             raise InputError(
                 f"{f'compensate={self.compensate!r}' if self.compensate else f'importance={self.importance_name!r}'}"

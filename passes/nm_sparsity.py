@@ -29,7 +29,7 @@ from graphprune.algorithms.permutation import retained, search
 from graphprune.algorithms.sparsegpt import ConvGeometry, HessianSum, sparsegpt_layers
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import output_heads
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import MODULE, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
 from graphprune.frontends.torch.calibration import (
     Calibration,
@@ -115,6 +115,20 @@ class NMSparsity(Pass):
         prior = f", prior={self.prior!r}" if self.method == "learned" else ""
         return f"NMSparsity({self.n}:{self.m}, method={self.method!r}{prior})"
 
+    def refusal(self, mode: str) -> str | None:
+        if mode == MODULE or not (self.method == "learned" or self.permute):
+            return None
+        if mode == STREAMED:
+            return (
+                f"NMSparsity({'permute=True' if self.permute else 'method=learned'}) changes weights of "
+                "the whole model in memory, which a streamed plan never builds: use method='magnitude', "
+                "'wanda' or 'sparsegpt'"
+            )
+        return (
+            f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
+            "run on ONNX models yet: use method='magnitude', 'wanda' or 'sparsegpt'"
+        )
+
     def selected(self, analysis: Analysis, model: nn.Module) -> tuple[list[Consumer], dict[str, str]]:
         """The layers to mask, and the skipped ones with the reason."""
         names = dict(model.named_modules())
@@ -195,11 +209,6 @@ class NMSparsity(Pass):
         from graphprune.frontends.onnx.capture import owner_names, tensor_of
         from graphprune.frontends.onnx.state import MaskedWeight
 
-        if self.method == "learned" or self.permute:
-            raise InputError(
-                f"NMSparsity(method={self.method!r}{', permute=True' if self.permute else ''}) does not "
-                "run on ONNX models yet: use method='magnitude', 'wanda' or 'sparsegpt'"
-            )
         if state.stage is Stage.QUANTIZED:
             raise InputError(
                 "on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
@@ -305,12 +314,6 @@ class NMSparsity(Pass):
     ) -> list[Consumer]:
         """Masks (and SparseGPT's new values) from weights read out of the checkpoint, recorded in
         ``stream`` for the plan; returns the layers masked."""
-        if self.method == "learned" or self.permute:
-            raise InputError(
-                f"NMSparsity({'permute=True' if self.permute else 'method=learned'}) changes weights of "
-                "the whole model in memory, which a streamed plan never builds: use method='magnitude', "
-                "'wanda' or 'sparsegpt'"
-            )
         if self.criterion == "sparsegpt":
             segments = _segments(stream, model, layers, skipped)
 

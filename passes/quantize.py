@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from graphprune.algorithms.nm import CONV
 from graphprune.algorithms.quant import RangeObserver, activation_qparams, weight_axis
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
 from graphprune.frontends.torch.calibration import Consumer, batches, check_input, consumers, run_batches
 from graphprune.frontends.torch.capture import tensor_at
@@ -86,6 +86,19 @@ class Quantize(Pass):
     def __repr__(self) -> str:
         return f"Quantize({self.dtype!r}, activations={self.activations!r})"
 
+    def refusal(self, mode: str) -> str | None:
+        if mode == STREAMED:
+            return (
+                "Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
+                "there, apply it to the checkpoint, then quantize the pruned model"
+            )
+        if mode == ONNX and any(not isinstance(s, str) for s in self.skip):
+            return (
+                "Quantize skip on ONNX models takes names (module paths, which torch exports use as "
+                "initializer prefixes), not module types"
+            )
+        return None
+
     def selected(self, state: CompressionState) -> tuple[list[Consumer], dict[str, str]]:
         """The layers to quantize, and the skipped ones with the reason."""
         model = state.model
@@ -111,11 +124,6 @@ class Quantize(Pass):
         return chosen, skipped
 
     def call(self, state: CompressionState) -> PassResult:
-        if state.stream is not None:
-            raise InputError(
-                "Quantize does not run in a streamed plan (weights= a checkpoint) yet: plan the sparsity "
-                "there, apply it to the checkpoint, then quantize the pruned model"
-            )
         single_process_only("Quantize's calibration of activation ranges")
         model = state.model
         layers, skipped = self.selected(state)
@@ -164,11 +172,6 @@ class Quantize(Pass):
         from graphprune.frontends.onnx.layers import weight_layers
 
         model = state.capture.model
-        if any(not isinstance(s, str) for s in self.skip):
-            raise InputError(
-                "Quantize skip on ONNX models takes names (module paths, which torch exports use as "
-                "initializer prefixes), not module types"
-            )
         owners = owner_names(model.graph.initializers)
         for name in self.skip:
             if name not in owners:

@@ -11,11 +11,11 @@ import torch.nn as nn
 import transformers as T
 
 import graphprune as gp
-from graphprune.core.pipeline import Pass, PassManager, PassResult, Stage
+from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassManager, PassResult, Stage
 from graphprune.core.report import Report
 from graphprune.frontends.torch.capture import capture
 from graphprune.frontends.torch.state import CompressionState
-from graphprune.passes import ChannelPrune
+from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples import resnet
 from tests.oracles import outputs
 
@@ -422,3 +422,19 @@ def test_report_pages_from_the_python_api(tmp_path):
     assert layers["layers.0.conv1"]["shape_after"] == [16, 16, 3, 3]
     result.write_report(tmp_path / "report")  # written again: replaced, not merged
     assert sorted(os.listdir(tmp_path)) == ["report"]
+
+
+@pytest.mark.parametrize(
+    "pipeline,mode,message",
+    [
+        ([ChannelPrune(0.3), Quantize()], STREAMED, "Quantize does not run in a streamed plan"),
+        ([NMSparsity(2, 4, permute=True)], STREAMED, "a streamed plan never builds"),
+        ([ChannelPrune(0.3, importance="taylor", loss_fn=lambda out, batch: out.sum())], ONNX, "does not run on ONNX"),
+        ([Quantize(skip=[nn.LayerNorm])], ONNX, "takes names"),
+    ],
+)
+def test_options_a_mode_cannot_run_are_refused_before_any_pass_runs(pipeline, mode, message):
+    manager = PassManager(pipeline)
+    assert manager.check_order(Stage.DENSE, MODULE) == []  # everything runs on a module in memory
+    with pytest.raises(gp.InputError, match=message):
+        manager.check_order(Stage.DENSE, mode)

@@ -23,7 +23,7 @@ from onnx_ir.passes.common import DeduplicateInitializersPass
 
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern
 from graphprune.algorithms.quant import QuantPlan
-from graphprune.core.pipeline import Pass, Stage
+from graphprune.core.pipeline import ONNX, Pass, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import Report
 from graphprune.emit.onnx_export import (
@@ -261,7 +261,7 @@ def prune_onnx(
         )
     working = read_model(model, base_dir)
     stage, masked = _stage_of(working)
-    manager.check_order(stage)
+    manager.check_order(stage, ONNX)
     feeds = check_feeds(working, calibration) if calibration is not None else None
     if feeds is not None and not feeds:
         raise InputError("calibration is empty: give at least one feed {input name: array}")

@@ -16,7 +16,7 @@ import torch.nn as nn
 from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.core.groups import Analysis
-from graphprune.core.pipeline import Pass, Stage
+from graphprune.core.pipeline import STREAMED, Pass, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import Report
 from graphprune.emit.report_page import layer_rows, weight_shapes, write_report
@@ -221,7 +221,7 @@ def plan(
             "graphprune.parameters_on_meta(), or call gp.plan without weights="
         )
     stage = detect_stage(model)
-    manager.check_order(stage)
+    manager.check_order(stage, STREAMED)
     checkpoint = TensorFiles.folder(weights)
     captured = capture(model, example_inputs)
     data = None

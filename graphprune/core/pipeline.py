@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from graphprune.core.report import Report, ReportRow
-from graphprune.errors import ContractError, PostconditionError
+from graphprune.errors import ContractError, InputError, PostconditionError
 
 
 class Stage(enum.IntEnum):
@@ -39,12 +39,20 @@ class Stage(enum.IntEnum):
         return self.name.lower()
 
 
+MODULE, STREAMED, ONNX = "module", "streamed", "onnx"  # how a state holds its model (State.mode)
+
+
 class State(Protocol):
     """What the pass manager asks of the model passes work on, whatever its frontend."""
 
     stage: Stage
     experimental_order: bool
     plans: list[Any]
+
+    @property
+    def mode(self) -> str:
+        """How the model is held: MODULE (an nn.Module in memory), STREAMED (a plan whose weights stay
+        in a checkpoint), ONNX (an ONNX graph)."""
 
     def dispatch(self, p: Pass) -> PassResult:
         """Run ``p`` on this state."""
@@ -100,9 +108,17 @@ class Pass(abc.ABC):
         return f"{self.name}()"
 
     def requires(self, state: Any) -> None:
-        """Raise :class:`ContractError` if ``state`` is not something this pass can work on."""
+        """Raise :class:`ContractError` if ``state`` is not something this pass can work on, and
+        :class:`InputError` if its options do not run on the way the state holds the model."""
         if not self.runs_on(state.stage, state.experimental_order):
             raise ContractError(self.order_error(state.stage))
+        if (why := self.refusal(state.mode)) is not None:
+            raise InputError(why)
+
+    def refusal(self, mode: str) -> str | None:
+        """Why this pass, with its options, cannot run on a model held in ``mode`` (:class:`State`'s
+        MODULE, STREAMED or ONNX), or None.  The manager asks before any pass runs."""
+        return None
 
     def runs_on(self, stage: Stage, experimental_order: bool) -> bool:
         return stage in self.accepts or (experimental_order and stage in self.experimental)
@@ -172,11 +188,14 @@ class PassManager:
         """Run ``checks`` (``check(state, pass)``, raising on failure) after every pass."""
         self.checks.extend(checks)
 
-    def check_order(self, stage: Stage) -> list[str]:
-        """Raise :class:`ContractError` at the first pass that cannot run where it stands; returns a
-        note for each pass that runs out of order experimentally."""
+    def check_order(self, stage: Stage, mode: str = MODULE) -> list[str]:
+        """Raise :class:`ContractError` at the first pass that cannot run where it stands, and
+        :class:`InputError` at the first whose options do not run in ``mode``; returns a note for each
+        pass that runs out of order experimentally."""
         notes = []
         for p in self.passes:
+            if (why := p.refusal(mode)) is not None:
+                raise InputError(why)
             if not p.runs_on(stage, self.experimental_order):
                 raise ContractError(p.order_error(stage))
             if stage not in p.accepts:
@@ -185,7 +204,7 @@ class PassManager:
         return notes
 
     def run(self, state: State, report: Report, reference: Any) -> State:
-        report.notes.extend(self.check_order(state.stage))
+        report.notes.extend(self.check_order(state.stage, state.mode))
         state.experimental_order = self.experimental_order
         params, macs = state.param_count(), state.macs()
         for i, p in enumerate(tqdm(self.passes, desc="passes", unit="pass", disable=None)):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from graphprune.algorithms.nm import NMPattern, nm_holds
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import ONNX, Pass, PassResult, Stage
 from graphprune.core.report import max_relative_error
 from graphprune.emit.qdq import stored_integers
 from graphprune.errors import PostconditionError
@@ -51,6 +51,10 @@ class OnnxState:
     experimental_order: bool = False
     float_outputs: list[np.ndarray] | None = None  # outputs before Quantize (the int8 check's reference)
     _analysis: OnnxAnalysis | None = None
+
+    @property
+    def mode(self) -> str:
+        return ONNX
 
     def analysis(self) -> OnnxAnalysis:
         if self._analysis is None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.core.groups import Analysis
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import MODULE, STREAMED, Pass, PassResult, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import max_relative_error
 from graphprune.frontends.torch.analysis import analyze_captured
@@ -57,6 +57,10 @@ class CompressionState:
     # permutations): a plan file carries their new values, or re-applying it would lose them
     updated: set[str] = field(default_factory=set)
     _analysis: Analysis | None = None
+
+    @property
+    def mode(self) -> str:
+        return MODULE if self.stream is None else STREAMED
 
     def analysis(self) -> Analysis:
         """The channel analysis of the current model (computed once per model version)."""
