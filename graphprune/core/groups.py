@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -81,13 +81,27 @@ class FrozenSpace:
         return f"{self.size} channels: {self.reason} -- {names}{more}"
 
 
+Captured = TypeVar("Captured")  # a frontend's graph: a torch CapturedGraph, an OnnxCapture
+
+
+class RuleFindings(Protocol):
+    """What an analysis reports of the rule context its frontend's rules filled."""
+
+    constants: list[Any]
+    unsupported: dict[str, list[str]]
+    rule_errors: list[str]
+
+
+Context = TypeVar("Context", bound=RuleFindings)  # the rule context the frontend's rules filled
+
+
 @dataclass
-class Analysis:
+class Analysis(Generic[Captured, Context]):
     """The coupled groups of a model, and what was frozen and why."""
 
     model_name: str
-    captured: Any  # the frontend's graph: a torch CapturedGraph or an OnnxCapture
-    context: Any  # the rule context the frontend's rules filled (its constants, unsupported ops, rule errors)
+    captured: Captured
+    context: Context  # its constants, unsupported ops and rule errors are reported
     spaces: Spaces
     groups: list[Group]
     frozen: list[FrozenSpace]

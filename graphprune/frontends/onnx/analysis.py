@@ -26,7 +26,7 @@ from graphprune.rules.registry import flat_atoms
 _RUNNING_STATS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 
 
-class OnnxAnalysis(Analysis):
+class OnnxAnalysis(Analysis[OnnxCapture, OnnxRuleContext]):
     """:class:`~graphprune.frontends.torch.analysis.Analysis` of an ONNX graph (``captured`` is an OnnxCapture)."""
 
     def node_count(self) -> int:

@@ -31,7 +31,7 @@ aten = torch.ops.aten
 BODY_HOPS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
-class TorchAnalysis(Analysis):
+class TorchAnalysis(Analysis[CapturedGraph, AtenRuleContext]):
     """:class:`~graphprune.core.groups.Analysis` of a torch model (``captured`` is a CapturedGraph)."""
 
     def node_count(self) -> int:
