@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-SLOW_FILES = {"test_generated.py", "test_distributed.py", "test_more_architectures.py", "test_samples.py"}
-
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long cases; deselect with -m 'not slow' for a quick loop")
@@ -21,8 +19,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_missing: str | None = None
     for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") is not None:
             if gpu_missing is None:
                 from graphprune.emit.sparse_kernels import kernel_support

@@ -15,6 +15,8 @@ import graphprune.frontends.torch.distributed as distributed
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests.train_setups import tiny
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

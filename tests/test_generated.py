@@ -27,6 +27,8 @@ from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests.generated import REGRESSIONS, build, kept_if_failing, network_specs
 from tests.oracles import Explodes, max_relative_error, outputs, random_plan, snapshot, unchanged, zero_removed
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "120"))
 EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "10"))
 INPUTS = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)),)

@@ -11,6 +11,8 @@ from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 TEXT = dict(
     hidden_size=64,
     num_hidden_layers=2,

@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 SAMPLES = ["resnet", "mobilenet", "densenet", "shufflenet", "vit", "minilm"]
 
 

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from graphprune.core.layers import CONV, CONV1D, LINEAR
 from graphprune.errors import InputError
-
-LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ ONNX frontends fill an :class:`Analysis` from their own graphs; everything here 
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from collections import defaultdict
@@ -96,7 +97,7 @@ Context = TypeVar("Context", bound=RuleFindings)  # the rule context the fronten
 
 
 @dataclass
-class Analysis(Generic[Captured, Context]):
+class Analysis(abc.ABC, Generic[Captured, Context]):
     """The coupled groups of a model, and what was frozen and why."""
 
     model_name: str
@@ -120,9 +121,9 @@ class Analysis(Generic[Captured, Context]):
     def rule_errors(self) -> list[str]:
         return self.context.rule_errors
 
+    @abc.abstractmethod
     def node_count(self) -> int:
         """The number of graph nodes (the frontend's graph decides what a node is)."""
-        raise NotImplementedError(f"{type(self).__name__} does not count graph nodes")
 
     @cached_property
     def fingerprint(self) -> str:
@@ -145,13 +146,13 @@ class Analysis(Generic[Captured, Context]):
             if kind == "parameter"
         }
 
+    @abc.abstractmethod
     def planned_macs(self, masks: dict[int, torch.Tensor]) -> int:
         """MACs once the keep-masks (per solver leaf) are applied, from the analysis alone."""
-        raise NotImplementedError(f"{type(self).__name__} does not count MACs")
 
+    @abc.abstractmethod
     def planned_params(self, masks: dict[int, torch.Tensor], model: Any = None) -> int:
         """Parameters once the keep-masks are applied."""
-        raise NotImplementedError(f"{type(self).__name__} does not count parameters")
 
     def describe(self, max_groups: int = 50) -> str:
         lines = [

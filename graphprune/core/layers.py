@@ -13,7 +13,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-CONV, CONV1D = "conv", "conv1d_transposed"  # the layouts of graphprune.algorithms.nm this module asks about
+# How a weight is stored (its layout): Linear [out, in]; transformers' Conv1D [in, out]; Conv [K, C/g, k...]
+LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,7 +22,7 @@ class WeightLayer:
     """A layer that multiplies an activation by a weight: what every algorithm needs of it."""
 
     weight: str  # the weight's name: a parameter's qualified name, or an initializer's
-    layout: str  # how the weight is stored (graphprune.algorithms.nm: LINEAR, CONV1D, CONV)
+    layout: str  # how the weight is stored: LINEAR, CONV1D or CONV
     channel_axis: int  # the activation's axis the weight reduces over
     groups: int = 1  # a convolution's groups
 

@@ -56,9 +56,6 @@ class OnnxRuleContext(RuleContext):
     def dims(self, x: Any) -> list[int] | None:
         return self._dims.get(x) if isinstance(x, ir.Value) else None
 
-    def raw(self, node: Any) -> Any:
-        return self._dims.get(node)
-
     def out(self, node: ir.Node, index: int | None = 0) -> list[int]:
         return self._dims[node.outputs[index]]
 
