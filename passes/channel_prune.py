@@ -12,15 +12,17 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+from graphprune.algorithms.compensation import bias_corrections
 from graphprune.algorithms.importance import GroupScore, Importance, LossFn, checked_scores, resolve
 from graphprune.algorithms.sensitivity import output_errors
+from graphprune.core.frontend import Frontend
 from graphprune.core.groups import Analysis, Group
-from graphprune.core.pipeline import ONNX, STREAMED, Pass, PassResult, Stage
+from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
 from graphprune.frontends.torch.apply import apply_plan
@@ -28,7 +30,6 @@ from graphprune.frontends.torch.calibration import Calibration, batches
 from graphprune.frontends.torch.capture import qualified
 from graphprune.frontends.torch.compensation import (
     apply_bias_corrections,
-    bias_corrections,
     reconstruct,
     record_norms,
     reestimate_batchnorm,
@@ -97,6 +98,7 @@ class ChannelPrune(Pass):
             many models is tied to head_dim, and RoPE couples every layer's head_dim).
     """
 
+    modes = frozenset({MODULE, STREAMED, ONNX})
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED})
     produces = Stage.STRUCTURED
 
@@ -193,13 +195,18 @@ class ChannelPrune(Pass):
         model: nn.Module,
         calibration: Calibration | None = None,
         weights: Mapping[str, torch.Tensor] | None = None,
+        state: Frontend[Any] | None = None,
     ) -> Plan:
         """Decide the kept channels of every group (does not modify ``model``'s weights); criteria
-        read ``weights`` by name when given (a streamed plan's ``meta`` model has none)."""
+        read ``weights`` by name when given (a streamed plan's ``meta`` model has none), and gather
+        their statistics through ``state`` (:meth:`Importance.gather`)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
+        if self.importance.needs_calibration and state is None:
+            raise InputError(f"importance={self.importance_name!r} reads statistics: plan(..., state=) is needed")
+        gathered = self.importance.gather(state, calibration) if state is not None else calibration
         scores = checked_scores(
-            self.importance.scores(analysis, model if weights is None else weights, candidates, calibration),
+            self.importance.scores(analysis, model if weights is None else weights, candidates, gathered),
             candidates,
             self.importance_name,
         )
@@ -382,6 +389,8 @@ class ChannelPrune(Pass):
 
     # --------------------------------------------------------------- pass
     def call(self, state: CompressionState) -> PassResult:
+        if state.mode == ONNX:  # not yet written once against graphprune.core.frontend.Frontend
+            return self._call_onnx(state)
         analysis = state.analysis()
         if (unreduced := self._unreduced()) is not None:
             single_process_only(f"ChannelPrune's {unreduced}")
@@ -391,12 +400,16 @@ class ChannelPrune(Pass):
                 state.calibration, "this ChannelPrune (data-driven importance, compensation or sensitivity allocation)"
             )
         plan = self.plan(
-            analysis, state.model, calibration, state.stream.weights(state.model) if state.stream is not None else None
+            analysis,
+            state.model,
+            calibration,
+            state.stream.weights(state.model) if state.stream is not None else None,
+            state=state,
         )
         plan.record_slices(analysis)
         corrections, without_bias, norms = {}, 0, {}
         if self.compensate and "bias" in self.compensate:
-            corrections, without_bias = bias_corrections(analysis, state.model, plan, calibration)
+            corrections, without_bias = bias_corrections(state, analysis, plan, calibration)
             norms = record_norms(analysis, state.model, plan, calibration) if self.refit_norms else {}
         dense = clone(state.model) if self.compensate and "reconstruct" in self.compensate and plan.keep else None
         applied = apply_plan(state.model, analysis, plan, inplace=True)
@@ -483,7 +496,7 @@ class ChannelPrune(Pass):
                 )
         return None
 
-    def call_onnx(self, state: OnnxState) -> PassResult:
+    def _call_onnx(self, state: OnnxState) -> PassResult:
         """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
         graph (:func:`graphprune.frontends.onnx.apply.apply_onnx_plan`)."""
         from graphprune.frontends.onnx import compensation as onnx_compensation
@@ -495,9 +508,9 @@ class ChannelPrune(Pass):
                 " needs calibration feeds: prune_onnx(..., calibration=[{input name: array}, ...])"
             )
         analysis = state.analysis()
-        plan = self.plan(analysis, state.weights(), state.calibration)
+        plan = self.plan(analysis, state.weights(), state.calibration, state=state)
         corrections, without_bias = (
-            onnx_compensation.bias_corrections(analysis, plan, state.calibration) if self.compensate else ({}, 0)
+            bias_corrections(state, analysis, plan, state.calibration) if self.compensate else ({}, 0)
         )
         state.replace(onnx_compensation.corrected(apply_onnx_plan(state.capture, analysis, plan), corrections))
         state.plans.append(plan)

@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 
 from graphprune.algorithms.nm import CONV
-from graphprune.algorithms.quant import RangeObserver, activation_qparams, weight_axis
-from graphprune.core.pipeline import ONNX, STREAMED, Pass, PassResult, Stage
+from graphprune.algorithms.quant import activation_qparams, observe_ranges, weight_axis
+from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import Consumer, batches, check_input, consumers, run_batches
+from graphprune.frontends.torch.calibration import Consumer, batches, consumers
 from graphprune.frontends.torch.capture import tensor_at
 from graphprune.frontends.torch.distributed import single_process_only
 from graphprune.frontends.torch.fake_quant import quantize_activation, quantize_bias, quantize_weight, read_quant_plan
@@ -60,6 +60,7 @@ class Quantize(Pass):
         skip: module names (or prefixes) and module types left in float.
     """
 
+    modes = frozenset({MODULE, STREAMED, ONNX})
     accepts = frozenset({Stage.DENSE, Stage.STRUCTURED, Stage.MASKED})
     produces = Stage.QUANTIZED
 
@@ -124,6 +125,8 @@ class Quantize(Pass):
         return chosen, skipped
 
     def call(self, state: CompressionState) -> PassResult:
+        if state.mode == ONNX:  # not yet written once against graphprune.core.frontend.Frontend
+            return self._call_onnx(state)
         single_process_only("Quantize's calibration of activation ranges")
         model = state.model
         layers, skipped = self.selected(state)
@@ -141,15 +144,15 @@ class Quantize(Pass):
         for layer in layers:
             owner, attr = model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
             quantize_weight(owner, attr, weight_axis(layer.layout))
-        inputs, outputs = self._calibrate(model, layers, calibration)
-        relu_after = {layer.module for layer in layers if layer.layout == CONV and _feeds_relu(layer, folded)}
-        for module, observer in inputs.items():
-            quantize_activation(model.get_submodule(module), "input", *observer.qparams())
-        for module, observer in outputs.items():
-            low, high = observer.range()
-            if module in relu_after:
-                low = 0.0  # the ReLU clips below 0; the output quantization can do it exactly
-            quantize_activation(model.get_submodule(module), "output", *activation_qparams(low, high))
+        inputs, outputs = observe_ranges(state, layers, calibration, self.activations, self.percentile)
+        for layer in layers:
+            module = model.get_submodule(layer.module)
+            quantize_activation(module, "input", *inputs[layer.weight].qparams())
+            if layer.weight in outputs:
+                low, high = outputs[layer.weight].range()
+                if _feeds_relu(layer, folded):
+                    low = 0.0  # the ReLU clips below 0; the output quantization can do it exactly
+                quantize_activation(module, "output", *activation_qparams(low, high))
         for layer in layers:
             if _reads_module_bias(state, layer) or layer.module in folded:
                 owner = model.get_submodule(layer.module)
@@ -164,7 +167,7 @@ class Quantize(Pass):
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
 
-    def call_onnx(self, state: OnnxState) -> PassResult:
+    def _call_onnx(self, state: OnnxState) -> PassResult:
         """The same plan, calibrated in onnxruntime and written as QDQ nodes
         (:mod:`graphprune.frontends.onnx.quantize`)."""
         from graphprune.frontends.onnx import quantize as onnx_quantize
@@ -191,9 +194,7 @@ class Quantize(Pass):
                 skipped[layer.weight] = "skipped by name"
             else:
                 layers.append(layer)
-        inputs, outputs = onnx_quantize.calibrate(
-            state.capture, layers, state.calibration, self.activations, self.percentile
-        )
+        inputs, outputs = observe_ranges(state, layers, state.calibration, self.activations, self.percentile)
         plan = onnx_quantize.quant_plan(state.capture, layers, inputs, outputs)
         state.float_outputs = state.capture.outputs
         state.replace(onnx_quantize.quantized_copy(state.capture, plan))
@@ -203,27 +204,6 @@ class Quantize(Pass):
         if skipped:
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
-
-    def _calibrate(
-        self, model: nn.Module, layers: list[Consumer], calibration: list
-    ) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
-        """Range observers for each layer module's input (and a convolution's output)."""
-        inputs, outputs, hooks, out_hooks = {}, {}, {}, {}
-        for layer in {c.module: c for c in layers}.values():
-            method = self.activations
-            if method == "auto":
-                method = "minmax" if layer.layout == CONV else "percentile"
-            observer = inputs[layer.module] = RangeObserver(method, self.percentile)
-
-            def on_input(x: torch.Tensor, layer: Consumer = layer, observer: RangeObserver = observer) -> None:
-                check_input(layer, x)
-                observer(x)
-
-            hooks[layer.module] = on_input
-            if layer.layout == CONV:
-                outputs[layer.module] = out_hooks[layer.module] = RangeObserver(method, self.percentile)
-        run_batches(model, calibration, hooks, out_hooks)
-        return inputs, outputs
 
 
 def _feeds_relu(layer: Consumer, folded: dict) -> bool:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from graphprune.core.groups import Analysis
-from graphprune.core.pipeline import Pass, PassResult, Stage
+from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.core.plan import Plan
 from graphprune.frontends.torch.capture import normalize_inputs
 from graphprune.frontends.torch.state import CompressionState
@@ -116,14 +116,14 @@ class Explodes(Pass):
     """A pass that damages the working model and then fails (the non-destructive oracle's probe)."""
 
     accepts = frozenset(Stage)
+    modes = frozenset({MODULE, STREAMED, ONNX})
 
     def call(self, state: CompressionState) -> PassResult:
-        with torch.no_grad():
-            for p in state.model.parameters():
-                p.zero_()
-        raise RuntimeError("injected failure")
-
-    def call_onnx(self, state) -> PassResult:
+        if state.mode != ONNX:
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.zero_()
+            raise RuntimeError("injected failure")
         for initializer in state.capture.model.graph.initializers.values():
             initializer.const_value = ir.tensor(0 * initializer.const_value.numpy())
         raise RuntimeError("injected failure")

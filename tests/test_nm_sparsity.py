@@ -255,7 +255,7 @@ def test_search_is_a_permutation_that_never_retains_less(rows, nm, seed):
 
 @pytest.mark.parametrize("name", ["resnet_sample", "bert"])
 def test_permuting_a_group_leaves_outputs_unchanged(name):
-    from graphprune.passes.nm_sparsity import _permute
+    from graphprune.frontends.torch.state import permute_channel_space
     from tests.oracles import outputs
 
     model, inputs = resnet.build() if name == "resnet_sample" else build("bert")
@@ -263,7 +263,7 @@ def test_permuting_a_group_leaves_outputs_unchanged(name):
     before = outputs(model, inputs)
     g = torch.Generator().manual_seed(0)
     for group in analysis.groups:
-        _permute(model, analysis, group.leaf, torch.randperm(group.size, generator=g))
+        permute_channel_space(model, analysis, group.leaf, torch.randperm(group.size, generator=g))
     for a, b in zip(outputs(model, inputs), before):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
 

@@ -21,6 +21,7 @@ from graphprune.core.plan import Plan
 from graphprune.frontends.onnx.analysis import analyze_onnx_capture
 from graphprune.frontends.onnx.apply import apply_onnx_plan
 from graphprune.frontends.onnx.capture import capture_onnx, read_model, run_model
+from graphprune.frontends.onnx.state import OnnxState
 from graphprune.frontends.torch.masks import masked_weights
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from tests.architectures import build
@@ -282,7 +283,7 @@ def test_onnx_passes_keep_the_pass_contracts(tmp_path):
         gp.prune_onnx(nhwc_model(), passes=[Quantize("int8"), NMSparsity(2, 4)])
     with pytest.raises(gp.InputError, match="needs calibration feeds"):
         gp.prune_onnx(nhwc_model(), passes=[Quantize("int8")])
-    with pytest.raises(gp.InputError, match="method='learned'.*does not run on ONNX models yet"):
+    with pytest.raises(gp.InputError, match="method='learned'.*which an ONNX model cannot hold"):
         gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="learned")], calibration=[_feed()])
     with pytest.raises(gp.InputError, match="method='sparsegpt'.*needs calibration feeds"):
         gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="sparsegpt")])
@@ -511,3 +512,33 @@ def test_onnx_plan_files_replay_the_run(tmp_path):
     quantized.save_plan(tmp_path / "q")
     with pytest.raises(gp.InputError, match="re-applying int8 plans is not implemented yet"):
         gp.apply_plan_file_onnx(nhwc_model(), tmp_path / "q.json")
+
+
+def test_permuting_onnx_channel_groups_leaves_outputs_unchanged():
+    """The ONNX state reorders every initializer that indexes a channel group (the torch path's
+    permutation oracle): onnxruntime computes the same outputs after every group is permuted."""
+    capture = capture_onnx(read_model(nhwc_model()))
+    state = OnnxState(capture=capture)
+    g = torch.Generator().manual_seed(0)
+    for group in state.analysis().groups:
+        assert state.permute_channels(group.leaf, torch.randperm(group.size, generator=g)), group.id
+    for got, want in zip(run_model(state.capture.model, capture.feeds), capture.outputs):
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_permuting_before_onnx_nm_masks_retains_more_magnitude():
+    """NMSparsity(permute=True) on an ONNX model: the masks hold their pattern (the pass manager's
+    check) and keep at least the magnitude the unpermuted masks keep, group for group."""
+    dense = gp.prune_onnx(nhwc_model(), passes=[])
+    plain = gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, dense_heads=False)])
+    permuted = gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, permute=True, dense_heads=False)])
+    assert "retained" in permuted.report.rows[0].details["permutations"]
+    assert set(plain.masked) == set(permuted.masked)
+
+    def kept(result):
+        inits = result.model.graph.initializers
+        return sum(float(np.abs(inits[name].const_value.numpy()).sum()) for name in result.masked)
+
+    assert kept(permuted) > kept(plain)
+    total = sum(float(np.abs(dense.model.graph.initializers[n].const_value.numpy()).sum()) for n in plain.masked)
+    assert kept(permuted) <= total

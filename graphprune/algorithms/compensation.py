@@ -1,21 +1,23 @@
 """Compensation arithmetic shared by the frontends: what removed input channels contributed.
 
 When channels are pruned, each consumer loses ``W[:, removed] @ mean(x[removed])`` on average;
-adding it to the bias keeps the layer's expected output (the frontends read the means from
-their own calibration runs).
+adding it to the bias keeps the layer's expected output (the means come from the frontend's
+calibration runner, :class:`graphprune.core.frontend.Frontend`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graphprune.algorithms.moments import input_moments
 from graphprune.algorithms.nm import CONV1D, LINEAR
-from graphprune.core.layers import WeightLayer
 
-L = TypeVar("L", bound=WeightLayer)
+if TYPE_CHECKING:
+    from graphprune.core.frontend import Frontend
+    from graphprune.core.groups import Analysis
+    from graphprune.core.plan import Plan
 
 
 def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -30,26 +32,28 @@ def removed_contribution(weight: torch.Tensor, layout: str, removed: torch.Tenso
 
 
 def bias_corrections(
-    layers: Sequence[L],
-    removed_inputs: Callable[[L], torch.Tensor],
-    input_means: Callable[[list[L]], Mapping[L, torch.Tensor]],
-    weight: Callable[[L], torch.Tensor],
-    bias: Callable[[L], tuple[str, torch.Tensor] | None],
+    state: Frontend[Any], analysis: Analysis, plan: Plan, calibration: Any
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Per bias (by name, in the pruned layout): what to add so that the inputs a plan removes keep
-    their mean effect; and how many layers lose inputs with no bias to take it.
-
-    The frontend says which inputs of each layer the plan removes (a bool mask), reads the mean
-    input of the layers that lose some from its calibration run, and gives each layer's bias as
-    (name, the output positions the plan keeps), None where the layer has no bias."""
-    losing = [(layer, removed) for layer in layers if bool((removed := removed_inputs(layer)).any())]
-    means = input_means([layer for layer, _ in losing])
+    """Per bias (by name, in the pruned layout): what to add so that the input channels ``plan``
+    removes keep their mean effect on each layer's output; and how many layers lose inputs with no
+    bias to take it.  Read from ``state`` before the plan is applied (the means are those of the
+    dense model's calibration run).  Grouped convolutions are left alone."""
+    masks = plan.masks(analysis)
+    spaces = analysis.spaces
+    layers = [layer for layer in state.weight_layers()[0] if not layer.grouped]
+    losing = [
+        (layer, removed)
+        for layer in layers
+        if bool((removed := ~spaces.keep_mask(state.input_channels(layer), masks)).any())
+    ]
+    moments = input_moments(state, [layer for layer, _ in losing], calibration) if losing else {}
     corrections, without_bias = {}, 0
     for layer, removed in losing:
-        found = bias(layer)
-        if found is None:
+        name = state.layer_bias(layer)
+        if name is None:
             without_bias += 1
             continue
-        name, keep_out = found
-        corrections[name] = removed_contribution(weight(layer), layer.layout, removed, means[layer])[keep_out]
+        keep_out = spaces.keep_mask(analysis.tensors[name][1][0], masks)
+        mean = moments[layer.weight][0]
+        corrections[name] = removed_contribution(state.weight(layer), layer.layout, removed, mean)[keep_out]
     return corrections, without_bias

@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+from graphprune.algorithms.moments import input_moments
 from graphprune.algorithms.nm import input_channel_norms
 from graphprune.core.groups import Analysis, Group
 from graphprune.core.layers import WeightLayer
 from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import consumers, forward_batch, input_moments
-from graphprune.frontends.torch.capture import CapturedGraph, tensor_at
+from graphprune.frontends.torch.calibration import forward_batch
+from graphprune.frontends.torch.capture import tensor_at
 from graphprune.frontends.torch.distributed import reduce_sum
-from graphprune.frontends.torch.streaming import StreamedWeights
+
+if TYPE_CHECKING:
+    from graphprune.core.frontend import Frontend
 
 GroupScore = Callable[[Analysis, Group, nn.Module], torch.Tensor]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -38,6 +42,11 @@ class Importance(abc.ABC):
     """Scores the channels of a set of groups."""
 
     needs_calibration = False
+
+    def gather(self, state: Frontend[Any], calibration: Any) -> Any:
+        """What :meth:`scores` reads as ``calibration``, gathered through the model's frontend before
+        the pass plans (statistics from its calibration runner); by default the calibration data."""
+        return calibration
 
     @abc.abstractmethod
     def scores(
@@ -180,6 +189,16 @@ class Taylor(Importance):
         return {gid: t / max(float(count), 1.0) for gid, t in totals.items()}
 
 
+@dataclass(frozen=True, kw_only=True)
+class LayerInput:
+    """What a weight layer reads, as :class:`InputWeighted` scores it."""
+
+    layer: WeightLayer
+    atom: int  # the analysis atom of the channels it reduces over
+    moments: tuple[torch.Tensor, torch.Tensor]  # their mean and mean square over the calibration data
+    weight: torch.Tensor
+
+
 class InputWeighted(Importance):
     """Scores from what each linear / conv layer reading channel c sees, summed over those layers:
 
@@ -193,49 +212,28 @@ class InputWeighted(Importance):
     def __init__(self, statistic: str) -> None:
         self.statistic = statistic
 
-    def scores(self, analysis, model, groups, calibration):
-        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
-        for layer, x_atom, (mean, mean_sq), weight in self._layer_inputs(analysis, model, calibration):
-            per_channel = self._combine(mean, mean_sq, input_channel_norms(weight, layer.layout, layer.groups))
-            for g in groups:
-                if g.leaf in analysis.spaces.leaves(x_atom):
-                    totals[g.id] += _scatter(analysis, g, x_atom, per_channel)
-        return totals
-
-    @staticmethod
-    def _layer_inputs(
-        analysis: Analysis, model: Any, calibration: Any
-    ) -> list[tuple[WeightLayer, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def gather(self, state: Frontend[Any], calibration: Any) -> list[LayerInput]:
         """Per weight layer: the atom of the channels it reads, their moments over the calibration
-        data, and its weight; from the frontend the analysis was made on."""
-        if not isinstance(analysis.captured, CapturedGraph):  # an ONNX model: statistics from onnxruntime
-            from graphprune.frontends.onnx import layers as onnx_layers
-
-            capture = analysis.captured
-            values = {v.name: v for node in capture.graph for v in node.inputs if v is not None}
-            found, _ = onnx_layers.weight_layers(capture.model)
-            moments = onnx_layers.input_moments(capture, found, calibration)
-            return [
-                (
-                    layer,
-                    analysis.context.dims(values[layer.activation])[layer.channel_axis],
-                    moments[layer.weight],
-                    _tensor(capture.weights(), layer.weight),
-                )
-                for layer in found
-            ]
-        layers = consumers(analysis)
-        moments = input_moments(model.module if isinstance(model, StreamedWeights) else model, layers, calibration)
+        data, and its weight."""
+        layers = state.weight_layers()[0]
+        moments = input_moments(state, layers, calibration)
         return [
-            (
-                layer,
-                analysis.context.dims(layer.activation)[layer.channel_axis],
-                moments[layer],
-                _tensor(model, layer.weight),
+            LayerInput(
+                layer=layer, atom=state.input_channels(layer), moments=moments[layer.weight], weight=state.weight(layer)
             )
             for layer in layers
-            if layer in moments
+            if layer.weight in moments
         ]
+
+    def scores(self, analysis, model, groups, calibration):
+        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+        for found in calibration:
+            layer, (mean, mean_sq) = found.layer, found.moments
+            per_channel = self._combine(mean, mean_sq, input_channel_norms(found.weight, layer.layout, layer.groups))
+            for g in groups:
+                if g.leaf in analysis.spaces.leaves(found.atom):
+                    totals[g.id] += _scatter(analysis, g, found.atom, per_channel)
+        return totals
 
     def _combine(self, mean: torch.Tensor, mean_sq: torch.Tensor, weight_norm: torch.Tensor) -> torch.Tensor:
         if self.statistic == "activation":

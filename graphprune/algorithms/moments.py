@@ -8,7 +8,14 @@ ranks before :meth:`~ChannelMoments.moments`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from graphprune.core.frontend import Frontend
+    from graphprune.core.layers import WeightLayer
 
 
 class ChannelMoments:
@@ -32,3 +39,24 @@ class ChannelMoments:
             raise ValueError("no activations were added")
         rows = self.count if count is None else count
         return self.sums / rows, self.squares / rows
+
+
+def input_moments(
+    state: Frontend[Any], layers: Sequence[WeightLayer], calibration: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (by weight name): mean and mean square of each reduced channel of its input over
+    the calibration data of ``state``, summed over the ranks of a distributed run first."""
+    totals = {layer.weight: ChannelMoments() for layer in layers}
+
+    def adder(layer: WeightLayer) -> Callable[[torch.Tensor], None]:
+        return lambda x: totals[layer.weight].add(x, layer.channel_axis)
+
+    state.observe(calibration, {layer: adder(layer) for layer in layers})
+    moments = {}
+    for name, total in totals.items():  # every rank observes the same layers, in the same order
+        if total.sums is None or total.squares is None:
+            continue
+        count = torch.tensor(float(total.count), dtype=torch.float64)
+        state.reduce_sum(total.sums, total.squares, count)
+        moments[name] = total.moments(count)
+    return moments

@@ -15,12 +15,18 @@ plain data for emitters.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graphprune.algorithms.nm import CONV1D
+from graphprune.algorithms.nm import CONV, CONV1D
 from graphprune.errors import InputError
+
+if TYPE_CHECKING:
+    from graphprune.core.frontend import Frontend
+    from graphprune.core.layers import WeightLayer
 
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 ACT_QMIN, ACT_QMAX = -128, 127
@@ -149,3 +155,25 @@ class QuantPlan:
                 bias_scale=layer.get("bias_scale"),
             )
         return cls(layers)
+
+
+def observe_ranges(
+    state: Frontend[Any], layers: Sequence[WeightLayer], calibration: Any, method: str, percentile: float
+) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
+    """Range observers, by weight name, of each layer's input and of each convolution's result, fed
+    by the calibration runner of ``state``.  ``method="auto"``: min/max for convolutions (post-ReLU
+    CNN activations are bounded, clipping them loses more than it gains), the percentile for
+    everything else (transformer activations carry rare large outliers)."""
+    inputs: dict[str, RangeObserver] = {}
+    outputs: dict[str, RangeObserver] = {}
+    for layer in layers:
+        chosen = method if method != "auto" else "minmax" if layer.layout == CONV else "percentile"
+        inputs[layer.weight] = RangeObserver(chosen, percentile)
+        if layer.layout == CONV:
+            outputs[layer.weight] = RangeObserver(chosen, percentile)
+    state.observe(
+        calibration,
+        {layer: inputs[layer.weight] for layer in layers},
+        {layer: outputs[layer.weight] for layer in layers if layer.weight in outputs},
+    )
+    return inputs, outputs

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from graphprune.algorithms.nm import CONV, NMPattern, from_matrix, to_matrix
-from graphprune.errors import InputError
+
+if TYPE_CHECKING:
+    from graphprune.core.frontend import Frontend
+    from graphprune.core.layers import WeightLayer
 
 
 class _Layer(Protocol):
@@ -88,15 +91,22 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv: torch.nn.Conv1d | torch.nn.Conv2d) -> "ConvGeometry":
-        def two(v: tuple[int, ...] | str, fill: int) -> tuple[int, int]:
-            if isinstance(v, str):
-                raise InputError(f"SparseGPT needs a convolution's explicit padding, not padding={v!r}")
+        """The window of a torch convolution with zero padding (``padding="same"`` pads the odd one
+        of a window's extra rows or columns at the bottom and right, as torch does)."""
+
+        def two(v: tuple[int, ...], fill: int) -> tuple[int, int]:
             return (fill, v[0]) if len(v) == 1 else (v[0], v[1])
 
-        (top, left) = two(conv.padding, 0)
-        return cls(
-            two(conv.kernel_size, 1), two(conv.stride, 1), two(conv.dilation, 1), (top, left, top, left), conv.groups
-        )
+        kernel, dilation = two(conv.kernel_size, 1), two(conv.dilation, 1)
+        if conv.padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = (total[0] // 2, total[1] // 2, total[0] - total[0] // 2, total[1] - total[1] // 2)
+        else:
+            top, left = two(conv.padding, 0)  # type: ignore[arg-type]
+            pads = (top, left, top, left)
+        return cls(kernel, two(conv.stride, 1), dilation, pads, conv.groups)
 
 
 def conv_columns(x: torch.Tensor, geometry: ConvGeometry, group: int) -> torch.Tensor:
@@ -143,6 +153,16 @@ class HessianSum:
         """The Hessians, made in the sums' own memory; ``rows``: the row count over every rank."""
         total = float(self.rows if rows is None else rows)
         return [s.mul_(2 / max(total, 1.0)) for s in self.sums]
+
+
+def layer_hessians(state: Frontend[Any], layer: WeightLayer, calibration: Any) -> list[torch.Tensor]:
+    """The layer's Hessians (one per conv group) from its inputs in the model as it is now, over the
+    calibration data of ``state`` (summed over the ranks of a distributed run)."""
+    total = HessianSum(state.conv_window(layer) if layer.layout == CONV else None)
+    state.observe(calibration, {layer: lambda x: total.add(x, layer.channel_axis)})
+    rows = torch.tensor(float(total.rows), dtype=torch.float64)
+    state.reduce_sum(*total.sums, rows)
+    return total.hessians(float(rows))
 
 
 def prune_layer(

@@ -254,7 +254,7 @@ def prune_onnx(
     see :func:`graphprune.frontends.onnx.capture.example_feeds`).  Every pass must support ONNX models; the
     order is checked as for :func:`graphprune.prune`."""
     manager = pass_manager(passes, recipe, experimental_order)
-    unsupported = [p.name for p in manager.passes if not p.supports_onnx]
+    unsupported = [p.name for p in manager.passes if ONNX not in p.modes]
     if unsupported:
         raise ContractError(
             f"{', '.join(unsupported)} does not run on ONNX models yet; ONNX models support {', '.join(_onnx_passes())}"
@@ -341,7 +341,7 @@ def _onnx_passes() -> list[str]:
         for name in passes_module.__all__
         if isinstance(getattr(passes_module, name), type)
         and issubclass(getattr(passes_module, name), Pass)
-        and getattr(passes_module, name).call_onnx is not Pass.call_onnx
+        and ONNX in getattr(passes_module, name).modes
     )
 
 

@@ -31,6 +31,10 @@ class WeightLayer:
         """The module (or initializer prefix) the weight belongs to."""
         return self.weight.rpartition(".")[0]
 
+    def within(self, modules: Iterable[str]) -> bool:
+        """The weight belongs to one of ``modules`` (or to a module inside one)."""
+        return any(self.owner == m or self.owner.startswith(m + ".") for m in modules)
+
     @property
     def grouped(self) -> bool:
         return self.layout == CONV and self.groups > 1

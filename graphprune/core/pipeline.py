@@ -54,9 +54,6 @@ class State(Protocol):
         """How the model is held: MODULE (an nn.Module in memory), STREAMED (a plan whose weights stay
         in a checkpoint), ONNX (an ONNX graph)."""
 
-    def dispatch(self, p: Pass) -> PassResult:
-        """Run ``p`` on this state."""
-
     def param_count(self) -> int:
         """Parameters of the working model."""
 
@@ -97,6 +94,9 @@ class Pass(abc.ABC):
     """
 
     accepts: frozenset[Stage] = frozenset(Stage)
+    # how the model may be held (State.mode); passes written against graphprune.core.frontend.Frontend
+    # run on ONNX models too, a pass that reads an nn.Module runs on MODULE (and STREAMED) states only
+    modes: frozenset[str] = frozenset({MODULE, STREAMED})
     experimental: Mapping[Stage, str] = MappingProxyType({})  # read-only: no state shared between passes
     produces: Stage | None = None  # None: the stage is unchanged
 
@@ -118,6 +118,8 @@ class Pass(abc.ABC):
     def refusal(self, mode: str) -> str | None:
         """Why this pass, with its options, cannot run on a model held in ``mode`` (:class:`State`'s
         MODULE, STREAMED or ONNX), or None.  The manager asks before any pass runs."""
+        if mode not in self.modes:
+            return f"{self.name} does not run on {'ONNX' if mode == ONNX else mode} models"
         return None
 
     def runs_on(self, stage: Stage, experimental_order: bool) -> bool:
@@ -146,19 +148,10 @@ class Pass(abc.ABC):
         manager sets the stage and runs the registered checks; a pass overrides this for what only
         it knows."""
 
-    def call_onnx(self, state: Any) -> PassResult:
-        """Transform an ONNX model (:class:`graphprune.api.onnx.OnnxState`); passes that support
-        ONNX models override this."""
-        raise ContractError(f"{self.name} does not run on ONNX models")
-
-    @property
-    def supports_onnx(self) -> bool:
-        return type(self).call_onnx is not Pass.call_onnx
-
     def __call__(self, state: Any) -> PassResult:
         self.requires(state)
         before = state.stage
-        result = state.dispatch(self)
+        result = self.call(state)
         result.state.stage = self.next_stage(before)
         self.ensures(result.state)
         return result

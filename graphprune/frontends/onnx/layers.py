@@ -1,5 +1,6 @@
 """Weight layers of an ONNX graph: the nodes that multiply an activation by an initializer, the
-layout each weight is read in, and statistics of their inputs from onnxruntime.
+layout each weight is read in, and where each sits (reads the model input, is an output head, its
+convolution window, its bias).
 
 A weight's layout follows the node that reads it: Conv ``[K, C/g, k...]`` is the torch conv
 layout; MatMul's ``B [K, N]`` is stored reduction-first (the layout of transformers' Conv1D);
@@ -11,14 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
-import torch
 
-from graphprune.algorithms.moments import ChannelMoments
-from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, fits
+from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
+from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.layers import WeightLayer, output_heads
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, graph_inputs, session, tensor_of
+from graphprune.frontends.onnx.capture import graph_inputs
 
 _PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze")
 
@@ -109,26 +108,36 @@ def head_layers(model: ir.Model, layers: list[OnnxLayer]) -> set[str]:
     return {node.name for node in heads}
 
 
-def fits_pattern(model: ir.Model, layer: OnnxLayer, pattern: NMPattern) -> str | None:
-    return fits(tensor_of(model.graph.initializers[layer.weight]), pattern)
+def conv_window(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvGeometry | None:
+    """The window of an ONNX Conv as SparseGPT reads its patches (None for ``auto_pad`` other than
+    NOTSET, or 3-D convs)."""
+    spatial = len(weight_shape) - 2
+    auto_pad = node.attributes.get("auto_pad")
+    if spatial not in (1, 2) or (auto_pad is not None and auto_pad.value not in ("NOTSET", b"NOTSET")):
+        return None
 
+    def ints(name: str, default: list[int]) -> list[int]:
+        a = node.attributes.get(name)
+        return list(a.value) if a is not None else default
 
-def input_moments(
-    capture: OnnxCapture, layers: list[OnnxLayer], feeds: list[Feeds]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (by weight name): mean and mean square of its input per reduced channel over the
-    feeds, read from onnxruntime with the layers' inputs exposed as outputs (what Wanda and the
-    activation-based channel criteria need)."""
-    names = sorted({layer.activation for layer in layers})
-    runner = session(capture.model, names)
-    index = {o.name: i for i, o in enumerate(runner.get_outputs())}
-    totals = {layer.weight: ChannelMoments() for layer in layers}
-    for feed in feeds:
-        values = runner.run(None, feed)
-        for layer in layers:
-            x = torch.from_numpy(np.asarray(values[index[layer.activation]], dtype=np.float64))
-            totals[layer.weight].add(x, layer.channel_axis)
-    return {name: total.moments() for name, total in totals.items()}
+    kernel = list(weight_shape[2:])
+    stride, dilation = ints("strides", [1] * spatial), ints("dilations", [1] * spatial)
+    pads = ints("pads", [0] * 2 * spatial)
+    if spatial == 1:
+        return ConvGeometry(
+            kernel=(1, kernel[0]),
+            stride=(1, stride[0]),
+            dilation=(1, dilation[0]),
+            pads=(0, pads[0], 0, pads[1]),
+            groups=int(node.attributes["group"].value) if "group" in node.attributes else 1,
+        )
+    return ConvGeometry(
+        kernel=(kernel[0], kernel[1]),
+        stride=(stride[0], stride[1]),
+        dilation=(dilation[0], dilation[1]),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        groups=int(node.attributes["group"].value) if "group" in node.attributes else 1,
+    )
 
 
 def layer_bias(node: ir.Node) -> ir.Value | None:

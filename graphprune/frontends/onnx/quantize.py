@@ -5,21 +5,19 @@ PyTorch model (per-channel symmetric weights with zero-point 0, so N:M zeros sta
 per-tensor activations from :class:`~graphprune.algorithms.quant.RangeObserver`; a convolution's output
 too, starting at 0 when a ReLU follows; Conv and Gemm biases as int32 with scale
 ``input_scale * weight_scale``), and it is written by the same emitter (:func:`graphprune.emit.qdq.insert_qdq`).
-Activation statistics come from onnxruntime running the float graph on the calibration feeds with
-the layers' inputs (and convolutions' outputs) exposed.
+Activation ranges are observed once for both frontends
+(:func:`graphprune.algorithms.quant.observe_ranges`, fed by onnxruntime through the ONNX state).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
-import torch
 
 from graphprune.algorithms.nm import CONV
 from graphprune.algorithms.quant import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
 from graphprune.emit.qdq import insert_qdq
 from graphprune.frontends.onnx.apply import copy_model
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, session, tensor_of
+from graphprune.frontends.onnx.capture import OnnxCapture, measure, tensor_of
 from graphprune.frontends.onnx.layers import OnnxLayer, layer_bias
 
 
@@ -61,33 +59,12 @@ def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
     return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs)
 
 
-def calibrate(
-    capture: OnnxCapture, layers: list[OnnxLayer], feeds: list[Feeds], method: str, percentile: float
-) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
-    """Range observers for each layer's input and each convolution's output, by value name."""
-    graph = capture.graph
-    nodes = {node.name: node for node in graph}
-    inputs: dict[str, RangeObserver] = {}
-    outputs: dict[str, RangeObserver] = {}
-    for layer in layers:
-        chosen = method if method != "auto" else "minmax" if layer.layout == CONV else "percentile"
-        inputs.setdefault(layer.activation, RangeObserver(chosen, percentile))
-        if layer.layout == CONV:
-            outputs.setdefault(nodes[layer.node].outputs[0].name, RangeObserver(chosen, percentile))
-    runner = session(capture.model, [*inputs, *outputs])
-    index = {o.name: i for i, o in enumerate(runner.get_outputs())}
-    for feed in feeds:
-        values = runner.run(None, feed)
-        for name, observer in [*inputs.items(), *outputs.items()]:
-            observer(torch.from_numpy(np.asarray(values[index[name]])))
-    return inputs, outputs
-
-
 def quant_plan(
     capture: OnnxCapture, layers: list[OnnxLayer], inputs: dict[str, RangeObserver], outputs: dict[str, RangeObserver]
 ) -> QuantPlan:
     """The int8 parameters of each layer, keyed by weight initializer (as the torch path keys them
-    by parameter name)."""
+    by parameter name); ``inputs`` and ``outputs``: the layers' ranges by weight
+    (:func:`graphprune.algorithms.quant.observe_ranges`)."""
     graph = capture.graph
     nodes = {node.name: node for node in graph}
     plan = QuantPlan()
@@ -95,10 +72,10 @@ def quant_plan(
         node = nodes[layer.node]
         weight = tensor_of(graph.initializers[layer.weight])
         scale = weight_scales(weight, layer.output_axis)
-        x_scale, x_zero = inputs[layer.activation].qparams()
+        x_scale, x_zero = inputs[layer.weight].qparams()
         out = None
         if layer.layout == CONV:
-            low, high = outputs[node.outputs[0].name].range()
+            low, high = outputs[layer.weight].range()
             if _feeds_relu(node):
                 low = 0.0  # the ReLU clips below 0; the output quantization does it exactly
             out = activation_qparams(low, high)

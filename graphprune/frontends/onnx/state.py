@@ -1,25 +1,35 @@
 """The state passes work on for an ONNX model: the working graph, its masks and plans.
 
-It answers the pass manager's questions (:class:`graphprune.core.pipeline.State`) for an ONNX
-graph; masks are exact zeros in the initializers, recorded per initializer so that every later
-pass is checked against them, and the stage is written into the model's metadata.
+It answers the pass manager's questions (:class:`graphprune.core.pipeline.State`) and the
+passes' (:class:`graphprune.core.frontend.Frontend`) for an ONNX graph: statistics come from
+onnxruntime running the graph with the layers' activations exposed as outputs; masks are exact
+zeros in the initializers, recorded per initializer so that every later pass is checked against
+them; the stage is written into the model's metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from graphprune.algorithms.nm import NMPattern, nm_holds
-from graphprune.core.pipeline import ONNX, Pass, PassResult, Stage
+from graphprune.algorithms.sparsegpt import ConvGeometry
+from graphprune.core.frontend import Activations
+from graphprune.core.pipeline import ONNX, Stage
 from graphprune.core.report import max_relative_error
 from graphprune.emit.qdq import stored_integers
-from graphprune.errors import PostconditionError
+from graphprune.errors import InputError, InternalError, PostconditionError
+from graphprune.frontends.onnx import layers
 from graphprune.frontends.onnx.analysis import OnnxAnalysis, analyze_onnx_capture
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture
+from graphprune.frontends.onnx.apply import copy_model
+from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, owner_names, session, tensor_of
+from graphprune.frontends.onnx.layers import OnnxLayer
 
 STAGE_KEY = "graphprune.stage"  # ONNX metadata: the stage the model is at
 
@@ -67,10 +77,6 @@ class OnnxState:
     def weights(self) -> dict[str, torch.Tensor]:
         return self.capture.weights()
 
-    # The pass manager's questions (see graphprune.core.pipeline.CompressionState).
-    def dispatch(self, p: Pass) -> PassResult:
-        return p.call_onnx(self)
-
     def param_count(self) -> int:
         return self.analysis().planned_params({})
 
@@ -98,3 +104,142 @@ class OnnxState:
 
     def mark_stage(self) -> None:
         self.capture.model.metadata_props[STAGE_KEY] = str(self.stage)
+
+    # What passes ask of a state (graphprune.core.frontend.Frontend); the torch state answers the same.
+    def weight_layers(self) -> tuple[list[OnnxLayer], dict[str, str]]:
+        found, skipped = layers.weight_layers(self.capture.model)
+        return list({layer.weight: layer for layer in found}.values()), skipped
+
+    def check_names(self, names: Iterable[str], option: str) -> None:
+        owners = owner_names(self.capture.graph.initializers)
+        for name in names:
+            if name not in owners:
+                raise InputError(f"{option}: no module named {name!r} in the ONNX model's initializer names")
+
+    def weight(self, layer: OnnxLayer) -> torch.Tensor:
+        return tensor_of(self.capture.graph.initializers[layer.weight]).clone()
+
+    def weight_shape(self, layer: OnnxLayer) -> tuple[int, ...]:
+        return tuple(self.capture.graph.initializers[layer.weight].const_value.shape.numpy())
+
+    def reads_model_input(self, layer: OnnxLayer) -> bool:
+        return layers.reads_model_input(self.capture.model, layer)
+
+    def output_heads(self, found: list[OnnxLayer]) -> set[str]:
+        heads = layers.head_layers(self.capture.model, found)
+        return {layer.weight for layer in found if layer.node in heads}
+
+    def input_channels(self, layer: OnnxLayer) -> int:
+        value = next(v for v in self._node(layer).inputs if v is not None and v.name == layer.activation)
+        return self.analysis().context.dims(value)[layer.channel_axis]
+
+    def layer_bias(self, layer: OnnxLayer) -> str | None:
+        value = layers.layer_bias(self._node(layer))
+        return None if value is None else value.name
+
+    def conv_window(self, layer: OnnxLayer) -> ConvGeometry | None:
+        return layers.conv_window(self._node(layer), self.weight_shape(layer))
+
+    def calibration_data(self, purpose: str) -> list[Feeds]:
+        if not self.calibration:
+            raise InputError(
+                f"{purpose} needs calibration feeds: prune_onnx(..., calibration=[{{input name: array}}, ...])"
+            )
+        return self.calibration
+
+    def observe(
+        self,
+        calibration: list[Feeds],
+        inputs: Mapping[OnnxLayer, Activations],
+        outputs: Mapping[OnnxLayer, Activations] | None = None,
+    ) -> None:
+        """One onnxruntime session over the graph as it is now, with the layers' activations (and
+        results) exposed as outputs."""
+        wanted = [(layer.activation, callback) for layer, callback in inputs.items()]
+        wanted += [(self._node(layer).outputs[0].name, callback) for layer, callback in (outputs or {}).items()]
+        runner = session(self.capture.model, dict.fromkeys(name for name, _ in wanted))
+        index = {o.name: i for i, o in enumerate(runner.get_outputs())}
+        for feed in calibration:
+            values = runner.run(None, feed)
+            for name, callback in wanted:
+                callback(torch.from_numpy(np.asarray(values[index[name]])))
+
+    def reduce_sum(self, *tensors: torch.Tensor) -> None:
+        """One process: nothing to sum."""
+
+    def sequential(
+        self,
+        found: list[OnnxLayer],
+        calibration: list[Feeds],
+        visit: Callable[[list[OnnxLayer], Any], None],
+        skipped: dict[str, str],
+    ) -> list[OnnxLayer]:
+        visit(found, calibration)
+        return found
+
+    def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
+        """Reorders the float initializers (integer constants such as shapes are left as they are),
+        then runs the graph to check the outputs."""
+        analysis, initializers = self.analysis(), self.capture.graph.initializers
+        before = {}
+        for name, (kind, dims) in analysis.tensors.items():
+            if kind == "constant" or not any(leaf in analysis.spaces.leaves(atom) for atom in dims):
+                continue
+            data = tensor_of(initializers[name])
+            before[name] = initializers[name].const_value
+            for d, atom in enumerate(dims):
+                if leaf in analysis.spaces.leaves(atom):
+                    data = data.index_select(d, analysis.spaces.gather_index(atom, {leaf: order}))
+            initializers[name].const_value = ir.tensor(data.numpy(), name=name)
+        shapes, outputs = measure(self.capture.model, self.capture.feeds)
+        if all(_close(a, b) for a, b in zip(outputs, self.capture.outputs)):
+            return True
+        for name, value in before.items():
+            initializers[name].const_value = value
+        return False
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Writes go to a copy of the graph, re-measured when they end (the previous graph is kept
+        as it was if they fail)."""
+        before, masked = self.capture, dict(self.masked)
+        self.replace(
+            OnnxCapture(
+                model=copy_model(before.model), feeds=before.feeds, shapes=before.shapes, outputs=before.outputs
+            )
+        )
+        try:
+            yield
+        except BaseException:
+            self.replace(before)
+            self.masked = masked
+            raise
+        shapes, outputs = measure(self.capture.model, self.capture.feeds)
+        self.replace(OnnxCapture(model=self.capture.model, feeds=self.capture.feeds, shapes=shapes, outputs=outputs))
+
+    def write_nm(
+        self,
+        layer: OnnxLayer,
+        keep: torch.Tensor,
+        pattern: NMPattern,
+        *,
+        values: torch.Tensor | None = None,
+        zero_pruned: bool = True,
+    ) -> None:
+        """The masked (or new) values as the initializer, exact zeros where ``keep`` is False."""
+        if not zero_pruned:
+            raise InternalError("ONNX initializers cannot keep dense weights under a mask (learned masks)")
+        new = values if values is not None else self.weight(layer) * keep
+        self.capture.graph.initializers[layer.weight].const_value = ir.tensor(new.numpy(), name=layer.weight)
+        self.masked[layer.weight] = MaskedWeight(pattern, layer.nm_axis, keep)
+
+    def _node(self, layer: OnnxLayer) -> ir.Node:
+        return next(node for node in self.capture.graph if node.name == layer.node)
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    if got.shape != want.shape:
+        return False
+    if want.dtype.kind not in "fc":
+        return bool(np.array_equal(got, want))
+    return bool(np.allclose(got, want, rtol=1e-4, atol=1e-5 * (float(np.abs(want).max(initial=0.0)) or 1.0)))

@@ -1,8 +1,9 @@
-"""Statistics gathered by running calibration batches through the model.
+"""The torch frontend's calibration runner: the weight layers of the captured graph, and calibration
+batches run through the model with each watched module's input (and output) handed to a callback.
 
 The layers that multiply an activation by a parameter weight (linear, transformers' Conv1D,
-conv) are found in the captured graph; forward pre-hooks on their modules accumulate, per
-input channel, the mean square of the activation, in memory proportional to the channel count.
+conv, matmul against a parameter) are found in the captured graph (:func:`consumers`); what the
+callbacks accumulate (moments, Hessians, ranges) is written once in :mod:`graphprune.algorithms`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from tqdm.auto import tqdm
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from graphprune.algorithms.moments import ChannelMoments
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import WeightLayer
 from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import eval_mode, input_leaves, normalize_inputs
-from graphprune.frontends.torch.distributed import reduce_sum
 
 aten = torch.ops.aten
 
@@ -276,30 +275,3 @@ def run_batches(
             "the model's forward (their parameters are read directly, as in a module unlifted from "
             "torch.export), so calibration statistics cannot be gathered at their inputs"
         )
-
-
-def input_moments(
-    model: nn.Module, layers: list[Consumer], calibration: Calibration
-) -> dict[Consumer, tuple[torch.Tensor, torch.Tensor]]:
-    """Mean and mean square of each input channel of each layer over the calibration batches."""
-    totals: dict[str, ChannelMoments] = {}
-    hooks = {}
-    for layer in {c.module: c for c in layers}.values():
-
-        def hook(x: torch.Tensor, layer: Consumer = layer) -> None:
-            check_input(layer, x)
-            totals.setdefault(layer.module, ChannelMoments()).add(x, layer.channel_axis)
-
-        hooks[layer.module] = hook
-    run_batches(model, calibration, hooks)
-    moments = {}
-    for module, total in totals.items():  # summed over ranks first (every rank hooks the same modules, in order)
-        count = torch.tensor(float(total.count), dtype=torch.float64)
-        reduce_sum(total.sums, total.squares, count)
-        moments[module] = total.moments(count)
-    return {c: moments[c.module] for c in layers if c.module in moments}
-
-
-def input_rms(model: nn.Module, layers: list[Consumer], calibration: Calibration) -> dict[Consumer, torch.Tensor]:
-    """Root mean square of each input channel of each layer over the calibration batches."""
-    return {c: mean_sq.sqrt() for c, (_mean, mean_sq) in input_moments(model, layers, calibration).items()}

@@ -39,12 +39,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from graphprune.algorithms.compensation import bias_corrections as corrections_for
 from graphprune.algorithms.nm import CONV, CONV1D, from_matrix, to_matrix
 from graphprune.algorithms.sparsegpt import ConvGeometry, conv_columns
 from graphprune.core.groups import Analysis
 from graphprune.core.plan import Plan
-from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, input_moments, run_batches
+from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, run_batches
 from graphprune.frontends.torch.capture import eval_mode, qualified, tensor_at
 
 
@@ -64,30 +63,6 @@ def reestimate_batchnorm(model: nn.Module, calibration: list[Any]) -> int:
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum
     return len(norms)
-
-
-def bias_corrections(
-    analysis: Analysis, model: nn.Module, plan: Plan, calibration: list[Any]
-) -> tuple[dict[str, torch.Tensor], int]:
-    """:func:`graphprune.algorithms.compensation.bias_corrections` for the dense ``model``, before
-    the plan is applied; a layer's bias is its module's ``bias``."""
-    masks = plan.masks(analysis)
-    spaces = analysis.spaces
-    layers = [c for c in consumers(analysis) if not c.matmul and not c.grouped]
-
-    def removed_inputs(layer: Consumer) -> torch.Tensor:
-        return ~spaces.keep_mask(analysis.tensors[layer.weight][1][0 if layer.layout == CONV1D else 1], masks)
-
-    def input_means(losing: list[Consumer]) -> dict[Consumer, torch.Tensor]:
-        return {layer: mean for layer, (mean, _) in input_moments(model, losing, calibration).items()}
-
-    def bias(layer: Consumer) -> tuple[str, torch.Tensor] | None:
-        name = layer.module + ".bias" if layer.module else "bias"
-        if name not in analysis.tensors or tensor_at(model, name) is None:
-            return None
-        return name, spaces.keep_mask(analysis.tensors[name][1][0], masks)
-
-    return corrections_for(layers, removed_inputs, input_means, lambda layer: tensor_at(model, layer.weight), bias)
 
 
 def norm_modules(model: nn.Module) -> dict[str, nn.Module]:

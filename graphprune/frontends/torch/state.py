@@ -1,33 +1,45 @@
 """The state passes work on for a torch model: the working module, its captured graph, the plans.
 
-It answers the pass manager's questions (:class:`graphprune.core.pipeline.State`) for an
-``nn.Module``; its stage travels with the model (:func:`detect_stage`).
+It answers the pass manager's questions (:class:`graphprune.core.pipeline.State`) and the
+passes' (:class:`graphprune.core.frontend.Frontend`) for an ``nn.Module`` in memory, or for a
+streamed plan whose weights stay in a checkpoint; its stage travels with the model
+(:func:`detect_stage`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.quant import QuantPlan
+from graphprune.algorithms.sparsegpt import ConvGeometry
+from graphprune.core.frontend import Activations
 from graphprune.core.groups import Analysis
-from graphprune.core.pipeline import MODULE, STREAMED, Pass, PassResult, Stage
+from graphprune.core.layers import output_heads
+from graphprune.core.pipeline import MODULE, STREAMED, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import max_relative_error
+from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
-from graphprune.frontends.torch.capture import CapturedGraph, run_outputs
+from graphprune.frontends.torch.calibration import Calibration, Consumer, batches, check_input, consumers, run_batches
+from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
+from graphprune.frontends.torch.distributed import reduce_sum
 from graphprune.frontends.torch.fake_quant import is_quantized
 from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.frontends.torch.masks import check_patterns, masked_weights
+from graphprune.frontends.torch.masks import attach, check_patterns, masked_weights, stored
+from graphprune.frontends.torch.streaming import AFTER, BEFORE
 
 if TYPE_CHECKING:
     from graphprune.frontends.torch.streaming import Stream
 
 
 STAGE_ATTRIBUTE = "graphprune_stage"
+aten = torch.ops.aten
 
 
 def detect_stage(model: nn.Module) -> Stage:
@@ -73,10 +85,6 @@ class CompressionState:
     def replace_model(self, model: nn.Module, captured: CapturedGraph) -> None:
         self.model, self.captured, self._analysis = model, captured, None
 
-    # What the pass manager asks of a state; the ONNX state answers the same questions.
-    def dispatch(self, p: "Pass") -> "PassResult":
-        return p.call(self)
-
     def param_count(self) -> int:
         return count_params(self.model)
 
@@ -94,3 +102,203 @@ class CompressionState:
 
     def mark_stage(self) -> None:
         setattr(self.model, STAGE_ATTRIBUTE, self.stage)
+
+    # What passes ask of a state (graphprune.core.frontend.Frontend); the ONNX state answers the same.
+    def weight_layers(self) -> tuple[list[Consumer], dict[str, str]]:
+        return list({c.weight: c for c in consumers(self.analysis())}.values()), {}
+
+    def check_names(self, names: Iterable[str], option: str) -> None:
+        modules = dict(self.model.named_modules())
+        for name in names:
+            if name not in modules:
+                raise InputError(f"{option}: no module named {name!r} in {type(self.model).__name__}")
+
+    def weight(self, layer: Consumer) -> torch.Tensor:
+        """The weight as the model computes it (masks applied); in a streamed plan, read from the
+        checkpoint unless its block is loaded."""
+        weight = tensor_at(self.model, layer.weight)
+        if weight.device.type != "meta":
+            return weight.detach()
+        if self.stream is None:
+            raise InputError(
+                f"{layer.weight} is on the meta device: this pass needs real weights (or plan with "
+                "gp.plan(..., weights=checkpoint), which reads them from the checkpoint)"
+            )
+        return self.stream.weights(self.model)[layer.weight]
+
+    def weight_shape(self, layer: Consumer) -> tuple[int, ...]:
+        return tuple(tensor_at(self.model, layer.weight).shape)
+
+    def reads_model_input(self, layer: Consumer) -> bool:
+        return layer.activation in set(self.captured.user_inputs)
+
+    def output_heads(self, layers: list[Consumer]) -> set[str]:
+        params = self.analysis().context.parameter_nodes
+        heads = output_heads(
+            self.captured.outputs,
+            {layer.node for layer in layers},
+            lambda node: [x for x in node.all_input_nodes if x not in params] if node.op == "call_function" else [],
+        )
+        return {layer.weight for layer in layers if layer.node in heads}
+
+    def input_channels(self, layer: Consumer) -> int:
+        return self.analysis().context.dims(layer.activation)[layer.channel_axis]
+
+    def layer_bias(self, layer: Consumer) -> str | None:
+        """The module's own ``bias`` when the layer's op adds it (linear, conv, Conv1D's addmm)."""
+        if layer.matmul or not layer.weight.endswith(".weight"):
+            return None
+        node, args = layer.node, layer.node.args
+        bias = args[0] if node.target.overloadpacket is aten.addmm else args[2] if len(args) > 2 else None
+        name = qualified(layer.module, "bias")
+        found = self.captured.tensor_names.get(bias.name) if isinstance(bias, torch.fx.Node) else None
+        return name if found == ("parameter", name) else None
+
+    def conv_window(self, layer: Consumer) -> ConvGeometry | None:
+        module = self.model.get_submodule(layer.module)
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.padding_mode != "zeros":
+            return None
+        return ConvGeometry.of(module)
+
+    def calibration_data(self, purpose: str) -> Calibration:
+        return batches(self.calibration, purpose)
+
+    def observe(
+        self,
+        calibration: Calibration,
+        inputs: Mapping[Consumer, Activations],
+        outputs: Mapping[Consumer, Activations] | None = None,
+    ) -> None:
+        """Forward hooks on the layers' modules: a layer's input is its module's first input, checked
+        against the captured activation (:func:`~graphprune.frontends.torch.calibration.check_input`)."""
+        on_input: dict[str, list[Callable[[torch.Tensor], None]]] = {}
+        for layer, callback in inputs.items():
+
+            def checked(x: torch.Tensor, layer: Consumer = layer, callback: Activations = callback) -> None:
+                check_input(layer, x)
+                callback(x)
+
+            on_input.setdefault(layer.module, []).append(checked)
+        on_output: dict[str, list[Callable[[torch.Tensor], None]]] = {}
+        for layer, callback in (outputs or {}).items():
+            on_output.setdefault(layer.module, []).append(callback)
+        run_batches(
+            self.model,
+            calibration,
+            {module: _each(callbacks) for module, callbacks in on_input.items()},
+            {module: _each(callbacks) for module, callbacks in on_output.items()},
+        )
+
+    def reduce_sum(self, *tensors: torch.Tensor) -> None:
+        reduce_sum(*tensors)
+
+    def sequential(
+        self,
+        layers: list[Consumer],
+        calibration: Calibration,
+        visit: Callable[[list[Consumer], Any], None],
+        skipped: dict[str, str],
+    ) -> list[Consumer]:
+        if self.stream is None:
+            visit(layers, calibration)
+            return layers
+        segments = _segments(self.stream, self.model, layers, skipped)
+        self.stream.sequential(self.model, None, lambda segment, runner: visit(segments.get(segment, []), runner))
+        return [layer for part in segments.values() for layer in part]
+
+    def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
+        reference = run_outputs(self.model, self.captured)
+        reordered = permute_channel_space(self.model, self.analysis(), leaf, order)
+        if reference is not None and not _close(run_outputs(self.model, self.captured), reference):
+            permute_channel_space(self.model, self.analysis(), leaf, torch.argsort(order))
+            return False
+        self.updated |= reordered
+        return True
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def write_nm(
+        self,
+        layer: Consumer,
+        keep: torch.Tensor,
+        pattern: NMPattern,
+        *,
+        values: torch.Tensor | None = None,
+        zero_pruned: bool = True,
+    ) -> None:
+        """A mask parametrization on the module (fine-tuning cannot revive what it prunes); in a
+        streamed plan the mask and values go to the plan, and the loaded weight takes the values so
+        that later layers see them.  New values are recorded in :attr:`updated`."""
+        owner, attr = self.model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
+        if values is not None and zero_pruned:
+            with torch.no_grad():
+                stored(owner, attr).copy_(values)
+        if self.stream is not None:
+            self.stream.record(layer.weight, keep, pattern, values)
+            return
+        attach(owner, attr, keep, pattern, zero_pruned=zero_pruned)
+        if values is not None and zero_pruned:
+            self.updated.add(layer.weight)
+
+
+def permute_channel_space(model: nn.Module, analysis: Analysis, leaf: int, order: torch.Tensor) -> set[str]:
+    """Reorder channel space ``leaf`` in every tensor that indexes it (tied tensors once); returns
+    the names of the tensors reordered."""
+    done: set[int] = set()
+    changed: set[int] = set()
+    for name, (kind, dims) in analysis.tensors.items():
+        if kind == "code_constant":
+            continue
+        tensor = tensor_at(model, name)
+        if id(tensor) in done:
+            continue
+        done.add(id(tensor))
+        data = tensor.data
+        for d, atom in enumerate(dims):
+            if leaf in analysis.spaces.leaves(atom):
+                data = data.index_select(d, analysis.spaces.gather_index(atom, {leaf: order}).to(data.device))
+                changed.add(id(tensor))
+        tensor.data = data
+    return {
+        name
+        for name, (kind, _) in analysis.tensors.items()
+        if kind != "code_constant" and id(tensor_at(model, name)) in changed
+    }
+
+
+def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() or 1.0))
+        for a, b in zip(got, want)
+    )
+
+
+def _each(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
+    def call(x: torch.Tensor) -> None:
+        for callback in callbacks:
+            callback(x)
+
+    return call
+
+
+def _segments(
+    stream: Stream, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
+) -> dict[str, list[Consumer]]:
+    """The layers by what :meth:`Stream.sequential` visits: before the blocks, each block, after
+    them (by graph order); a layer between blocks is skipped, with the reason."""
+    path, blocks = stream.block_list(model)
+    names = [f"{path}.{i}" for i in range(len(blocks))]
+    block_of = {layer: next((b for b in names if layer.module.startswith(b + ".")), None) for layer in layers}
+    positions = [i for i, layer in enumerate(layers) if block_of[layer] is not None]
+    segments: dict[str, list[Consumer]] = {}
+    for i, layer in enumerate(layers):
+        if block_of[layer] is not None:
+            segments.setdefault(block_of[layer], []).append(layer)
+        elif not positions or i < positions[0]:
+            segments.setdefault(BEFORE, []).append(layer)
+        elif i > positions[-1]:
+            segments.setdefault(AFTER, []).append(layer)
+        else:
+            skipped[layer.weight] = f"between the streamed blocks of {path}: this pass runs block by block"
+    return segments

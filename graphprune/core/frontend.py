@@ -1,0 +1,134 @@
+"""What a pass asks of the model it compresses, whatever holds it: the frontend protocol.
+
+A pass is written once against :class:`Frontend`; the torch frontend's
+:class:`~graphprune.frontends.torch.state.CompressionState` (an ``nn.Module`` in memory, or a
+streamed plan whose weights stay in a checkpoint) and the ONNX frontend's
+:class:`~graphprune.frontends.onnx.state.OnnxState` implement it.  The protocol is small on
+purpose: the weight layers and their weights, facts about where a layer sits (reads the model
+input, is an output head, its convolution window, its bias), statistics from the frontend's
+calibration runner (activations handed to callbacks, sums reduced over the ranks of a
+distributed run), and writes (N:M masks and new weight values).  Everything else, the
+arithmetic of the algorithms, lives once in :mod:`graphprune.algorithms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from graphprune.core.layers import WeightLayer
+from graphprune.core.pipeline import State
+
+if TYPE_CHECKING:
+    import torch
+
+    from graphprune.algorithms.nm import NMPattern
+    from graphprune.algorithms.sparsegpt import ConvGeometry
+
+L = TypeVar("L", bound=WeightLayer)
+Activations = Callable[["torch.Tensor"], None]  # receives one calibration batch's activation
+
+
+class Frontend(State, Protocol[L]):
+    """A :class:`~graphprune.core.pipeline.State` that passes can read weights and statistics from
+    and write weights to; ``L`` is the frontend's weight-layer type."""
+
+    # ----------------------------------------------------------------- layers and weights
+    def weight_layers(self) -> tuple[list[L], dict[str, str]]:
+        """Every layer that multiplies an activation by a weight, in graph order, one per weight;
+        and the weights the frontend leaves alone, with the reason."""
+        ...
+
+    def check_names(self, names: Iterable[str], option: str) -> None:
+        """Raise :class:`~graphprune.errors.InputError` naming ``option`` for a name that is no module
+        of the model (on an ONNX model: no initializer-name prefix)."""
+        ...
+
+    def weight(self, layer: L) -> torch.Tensor:
+        """The layer's weight as it is now, in its stored layout."""
+        ...
+
+    def weight_shape(self, layer: L) -> tuple[int, ...]:
+        """The shape of the layer's weight (read without loading the weight where it is streamed)."""
+        ...
+
+    def reads_model_input(self, layer: L) -> bool:
+        """The layer reads a model input (through layout ops at most)."""
+        ...
+
+    def output_heads(self, layers: list[L]) -> set[str]:
+        """The weights of the ``layers`` whose result is a model output
+        (:func:`graphprune.core.layers.output_heads`)."""
+        ...
+
+    def input_channels(self, layer: L) -> int:
+        """The analysis atom of the channels the layer reduces over (its input's ``channel_axis``)."""
+        ...
+
+    def layer_bias(self, layer: L) -> str | None:
+        """The name of the bias the layer's op adds to its result (per output channel), if any."""
+        ...
+
+    def conv_window(self, layer: L) -> ConvGeometry | None:
+        """A convolution's window as SparseGPT reads its patches; None where it cannot (3-D
+        convolutions, implicit padding)."""
+        ...
+
+    # ----------------------------------------------------------------- statistics
+    def calibration_data(self, purpose: str) -> Any:
+        """The calibration data, checked once; :class:`~graphprune.errors.InputError` naming
+        ``purpose`` when there is none."""
+        ...
+
+    def observe(
+        self,
+        calibration: Any,
+        inputs: Mapping[L, Activations],
+        outputs: Mapping[L, Activations] | None = None,
+    ) -> None:
+        """Run the calibration data through the model as it is now, handing each layer's input
+        activation (and, for ``outputs``, its result) to its callback, batch by batch."""
+        ...
+
+    def reduce_sum(self, *tensors: torch.Tensor) -> None:
+        """Sum ``tensors`` in place over the ranks of a distributed run (nothing on one process)."""
+        ...
+
+    def sequential(
+        self,
+        layers: list[L],
+        calibration: Any,
+        visit: Callable[[list[L], Any], None],
+        skipped: dict[str, str],
+    ) -> list[L]:
+        """Visit the ``layers`` in graph order, part by part, each with calibration data that runs
+        the model as the earlier parts left it: in one part where the whole model is at hand, block
+        by block where a streamed plan loads one block at a time.  Layers no part can hold go to
+        ``skipped`` with the reason; returns the layers visited."""
+        ...
+
+    # ----------------------------------------------------------------- writes
+    def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
+        """Reorder channel space ``leaf`` of the analysis by ``order`` in every tensor that indexes it,
+        which leaves the model's function unchanged; False (and nothing reordered) where the outputs
+        changed all the same (an op that reads channel order)."""
+        ...
+
+    def writing(self) -> AbstractContextManager[None]:
+        """The span in which a pass writes weights; the model is consistent again when it ends."""
+        ...
+
+    def write_nm(
+        self,
+        layer: L,
+        keep: torch.Tensor,
+        pattern: NMPattern,
+        *,
+        values: torch.Tensor | None = None,
+        zero_pruned: bool = True,
+    ) -> None:
+        """Give the layer the N:M mask ``keep`` (and the new weight ``values`` where an algorithm
+        updated them), held so that every later pass is checked against it; ``zero_pruned=False``
+        keeps the dense weights under the mask (learned masks)."""
+        ...
