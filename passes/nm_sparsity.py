@@ -154,11 +154,12 @@ class NMSparsity(Pass):
             state.calibration_data(f"NMSparsity(method={self.criterion!r})") if self.criterion != "magnitude" else None
         )
         gains: dict[str, str] = {}
+        calibrated = ""
         with state.writing():
             if self.criterion == "sparsegpt":
                 if self.permute:
                     gains = self._permute_groups(state, layers, {})
-                layers = state.sequential(
+                layers, calibrated = state.sequential(
                     layers, calibration, lambda part, data: self._sparsegpt(state, part, data), skipped
                 )
             else:
@@ -173,6 +174,8 @@ class NMSparsity(Pass):
                     state.write_nm(layer, keep, pattern, zero_pruned=self.method != "learned")
         how = f"learned, {self.prior} prior" if self.method == "learned" else self.method
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
+        if calibrated:
+            details["calibration"] = calibrated
         if self.permute:
             details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
         if skipped:

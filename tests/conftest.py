@@ -17,6 +17,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the long cases first (in their files' order): the workers start them early and finish on
+    # short tests, instead of one worker running a long case alone at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     gpu_missing: str | None = None
     for item in items:
         if item.get_closest_marker("gpu") is not None:

@@ -337,3 +337,34 @@ def test_matmul_whose_module_input_is_another_tensor_is_refused_for_data_criteri
     assert "0.w" in masked_weights(gp.prune(model, x, passes=[NMSparsity(2, 4)]).module)
     with pytest.raises(gp.InputError, match="whose first input is not that layer's activation"):
         gp.prune(model, x, passes=[NMSparsity(2, 4, method="wanda")], calibration=[x])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa"])
+def test_sparsegpt_block_by_block_equals_whole_forwards(name, monkeypatch):
+    """In memory, SparseGPT reads each block's inputs by running that block alone on what the blocks
+    before it computed (one forward's work in all); the masks and weights are those of running the
+    whole model once per layer (the oracle: the same Hessians, summed in another order)."""
+    from graphprune.frontends.torch.blocks import Blocks
+
+    model, inputs = build(name)
+    batches = [inputs, {k: v.roll(1, 0) if k == "input_ids" else v for k, v in inputs.items()}]
+    passes = [NMSparsity(2, 4, method="sparsegpt", dense_heads=False)]
+    assert Blocks(batches).chain_problem(model) is None
+    chained = gp.prune(model, inputs, passes=passes, calibration=batches)
+    monkeypatch.setattr(Blocks, "chain_problem", lambda self, model: "whole forwards, for the oracle")
+    whole = gp.prune(model, inputs, passes=passes, calibration=batches)
+    assert chained.report.rows[0].details["calibration"].startswith("block by block over ")
+    assert whole.report.rows[0].details["calibration"].endswith("whole forwards, for the oracle")
+    got, want = masked_weights(chained.module), masked_weights(whole.module)
+    assert got.keys() == want.keys() and len(got) > 0
+    for key, (weight, _) in want.items():
+        assert torch.allclose(got[key][0], weight, rtol=1e-4, atol=1e-5 * float(weight.detach().abs().max())), key
+
+
+def test_sparsegpt_on_a_model_without_blocks_runs_whole_forwards_and_says_why():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    x = (torch.randn(4, 8),)
+    result = gp.prune(model, x, passes=[NMSparsity(2, 4, method="sparsegpt", dense_heads=False)], calibration=[x])
+    assert result.report.rows[0].details["calibration"] == (
+        "whole forwards, not block by block: Sequential has no nn.ModuleList of like blocks to run block by block"
+    )

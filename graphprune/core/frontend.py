@@ -101,11 +101,12 @@ class Frontend(State, Protocol[L]):
         calibration: Any,
         visit: Callable[[list[L], Any], None],
         skipped: dict[str, str],
-    ) -> list[L]:
+    ) -> tuple[list[L], str]:
         """Visit the ``layers`` in graph order, part by part, each with calibration data that runs
-        the model as the earlier parts left it: in one part where the whole model is at hand, block
-        by block where a streamed plan loads one block at a time.  Layers no part can hold go to
-        ``skipped`` with the reason; returns the layers visited."""
+        the model as the earlier parts left it: block by block where the model is a chain of blocks
+        (a runner then runs one block, not the whole model), else in one part.  Layers no part can
+        hold go to ``skipped`` with the reason; returns the layers visited and how they were run
+        (for the report)."""
         ...
 
     # ----------------------------------------------------------------- writes

@@ -173,9 +173,9 @@ class OnnxState:
         calibration: list[Feeds],
         visit: Callable[[list[OnnxLayer], Any], None],
         skipped: dict[str, str],
-    ) -> list[OnnxLayer]:
+    ) -> tuple[list[OnnxLayer], str]:
         visit(found, calibration)
-        return found
+        return found, "the whole graph in onnxruntime for each group of layers reading one activation"
 
     def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
         """Reorders the float initializers (integer constants such as shapes are left as they are),

@@ -26,13 +26,13 @@ from graphprune.core.plan import Plan
 from graphprune.core.report import max_relative_error
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
+from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
 from graphprune.frontends.torch.calibration import Calibration, Consumer, batches, check_input, consumers, run_batches
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
 from graphprune.frontends.torch.distributed import reduce_sum
 from graphprune.frontends.torch.fake_quant import is_quantized
 from graphprune.frontends.torch.macs import count_params, graph_macs
 from graphprune.frontends.torch.masks import attach, check_patterns, masked_weights, stored
-from graphprune.frontends.torch.streaming import AFTER, BEFORE
 
 if TYPE_CHECKING:
     from graphprune.frontends.torch.streaming import Stream
@@ -198,13 +198,33 @@ class CompressionState:
         calibration: Calibration,
         visit: Callable[[list[Consumer], Any], None],
         skipped: dict[str, str],
-    ) -> list[Consumer]:
-        if self.stream is None:
-            visit(layers, calibration)
-            return layers
-        segments = _segments(self.stream, self.model, layers, skipped)
-        self.stream.sequential(self.model, None, lambda segment, runner: visit(segments.get(segment, []), runner))
-        return [layer for part in segments.values() for layer in part]
+    ) -> tuple[list[Consumer], str]:
+        """Block by block (:class:`~graphprune.frontends.torch.blocks.Blocks`): each part's layers
+        with a runner that runs only that part on what the earlier parts computed, so the forward
+        work is about one pass over the calibration data instead of one per part.  A streamed plan
+        always runs so, skipping layers between its blocks; a model in memory runs in one part
+        (whole forwards) where its blocks do not form a chain or a layer sits between them."""
+        if self.stream is not None:
+            runner: Blocks = self.stream
+        else:
+            if not isinstance(calibration, list):
+                visit(layers, calibration)
+                return layers, "whole forwards (the calibration data runs the model itself)"
+            runner = Blocks(calibration)
+            if (problem := runner.chain_problem(self.model)) is not None:
+                visit(layers, calibration)
+                return layers, f"whole forwards, not block by block: {problem}"
+            between: dict[str, str] = {}
+            _segments(runner, self.model, layers, between)
+            if between:
+                visit(layers, calibration)
+                return layers, f"whole forwards, not block by block: {next(iter(between))} sits between the blocks"
+        segments = _segments(runner, self.model, layers, skipped)
+        runner.sequential(self.model, None, lambda segment, data: visit(segments.get(segment, []), data))
+        path, blocks = runner.block_list(self.model)
+        return [
+            layer for part in segments.values() for layer in part
+        ], f"block by block over {path} ({len(blocks)} blocks)"
 
     def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
         reference = run_outputs(self.model, self.captured)
@@ -283,11 +303,11 @@ def _each(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Te
 
 
 def _segments(
-    stream: Stream, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
+    runner: Blocks, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
 ) -> dict[str, list[Consumer]]:
-    """The layers by what :meth:`Stream.sequential` visits: before the blocks, each block, after
+    """The layers by what :meth:`Blocks.sequential` visits: before the blocks, each block, after
     them (by graph order); a layer between blocks is skipped, with the reason."""
-    path, blocks = stream.block_list(model)
+    path, blocks = runner.block_list(model)
     names = [f"{path}.{i}" for i in range(len(blocks))]
     block_of = {layer: next((b for b in names if layer.module.startswith(b + ".")), None) for layer in layers}
     positions = [i for i, layer in enumerate(layers) if block_of[layer] is not None]

@@ -1,0 +1,273 @@
+"""Calibration batches run through a model's blocks one at a time, each block on the inputs the
+previous one produced (:class:`Blocks`).
+
+The blocks are the decoder / encoder layers: the largest ``nn.ModuleList`` of modules of one
+class, or the one named.  A visitor sees each part of the model before the data runs through it
+(the modules before the blocks, each block, the modules after them), with a runner that runs just
+that part; what it changes there (SparseGPT's new weights) is what the later parts see.  Running a
+block on its recorded inputs costs one block, not one whole forward, so a visitor that reads each
+layer's inputs costs about one forward over the calibration set in all instead of one per layer.
+
+1. The batches run through the model until block 0, whose inputs are caught: the hidden state
+   and every other argument (attention mask, RoPE tables).
+2. Each block in turn runs on every batch's inputs; its first output becomes the next block's
+   first argument.
+3. Modules after the last block see its outputs through one more run of the model, in which the
+   blocks hand on what they computed instead of computing.
+
+The chain this relies on (each block's first argument is the previous block's first output; the
+other arguments are the same for every block) is checked on the first batch against the model's
+own forward.  :class:`graphprune.frontends.torch.streaming.Stream` runs the same sequence with the
+weights of each block read from a checkpoint while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from graphprune.errors import InputError
+from graphprune.frontends.torch.calibration import Runner, Watch
+from graphprune.frontends.torch.capture import eval_mode, no_kv_cache, normalize_inputs
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class _Caught(Exception):
+    """Stops the forward pass at a block once its inputs are recorded."""
+
+
+class BlockInputs(Runner):
+    """One block's caught inputs: running them runs only that block (what SparseGPT needs per layer)."""
+
+    def __init__(self, block: nn.Module, inputs: list[Inputs]) -> None:
+        self.block, self.inputs = block, inputs
+
+    def drive(self, model: nn.Module, watch: Watch) -> None:
+        for args, kwargs in self.inputs:
+            self.block(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+BEFORE, AFTER = "<before the blocks>", "<after the blocks>"  # what Stream.sequential visits besides blocks
+
+
+class _Before(Runner):
+    """Runs the batches through the modules before the blocks (stopping at the first block)."""
+
+    def __init__(self, stream: "Blocks", first: nn.Module, name: str) -> None:
+        self.stream, self.first, self.name = stream, first, name
+
+    def drive(self, model: nn.Module, watch: Watch) -> None:
+        for batch in self.stream.batches:
+            self.stream.catch(model, self.first, self.name, batch)
+
+    def __len__(self) -> int:
+        return len(self.stream.batches)
+
+
+class _After(Runner):
+    """Runs the batches through the modules after the blocks, on the last block's outputs."""
+
+    def __init__(self, stream: "Blocks", blocks: nn.ModuleList, outputs: list[Any]) -> None:
+        self.stream, self.blocks, self.outputs = stream, blocks, outputs
+
+    def drive(self, model: nn.Module, watch: Watch) -> None:
+        self.stream.replay(model, self.blocks, self.outputs, watch, set())
+
+    def __len__(self) -> int:
+        return len(self.stream.batches)
+
+
+class Blocks(Runner):
+    """Calibration batches run block by block over the model as it is in memory (``blocks``: the
+    module list's path, else found)."""
+
+    naming_hint = ""  # how a caller names the blocks where none are found (a streamed plan: blocks=)
+
+    def __init__(self, batches: list[Any], *, blocks: str | None = None) -> None:
+        self.batches, self.blocks = batches, blocks
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def loaded(self, model: nn.Module, modules: list[tuple[str, nn.Module]]) -> contextlib.AbstractContextManager[None]:
+        """The weights of ``modules`` in place while they run (in memory they already are)."""
+        return contextlib.nullcontext()
+
+    def settle(self) -> None:
+        """Called after a visitor has seen a block (a stream writes what it decided to disk)."""
+
+    def chain_problem(self, model: nn.Module) -> str | None:
+        """Why the batches cannot run block by block through ``model`` (None: they can), found on
+        the first batch before anything is visited."""
+        try:
+            path, blocks = self.block_list(model)
+            if len(blocks) < 2:
+                return f"{path} holds one block"
+            with no_kv_cache(model), eval_mode(model), torch.no_grad():
+                first = self.catch(model, blocks[0], f"{path}.0", self.batches[0])
+                out = _first(blocks[0](*first[0], **first[1]), f"{path}.0")
+                self._check_chain(model, blocks, path, first, out, Watch(set()))
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    def block_list(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """The blocks: the module list named ``blocks``, or the largest list of like modules."""
+        if self.blocks is not None:
+            try:
+                found = model.get_submodule(self.blocks)
+            except AttributeError:
+                raise InputError(f"blocks={self.blocks!r}: {type(model).__name__} has no such module") from None
+            if not isinstance(found, (nn.ModuleList, nn.Sequential)) or not len(found):
+                raise InputError(f"blocks={self.blocks!r} is a {type(found).__name__}, not a non-empty ModuleList")
+            return self.blocks, found
+        lists = [
+            (path, m)
+            for path, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+        ]
+        if not lists:
+            raise InputError(
+                f"{type(model).__name__} has no nn.ModuleList of like blocks to run block by block" + self.naming_hint
+            )
+        return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+    def drive(self, model: nn.Module, watch: Watch) -> None:
+        self.sequential(model, watch, None)
+
+    def sequential(self, model: nn.Module, watch: Watch | None, visit: Callable[[str, Runner], None] | None) -> None:
+        """Run the batches through ``model`` block by block.  With ``visit``, call it before anything runs on
+        the data it sees: ``visit(BEFORE, runner)`` for the modules before the blocks (the runner runs
+        them), ``visit(path, runner)`` for each loaded block (the runner runs the block on its
+        inputs), ``visit(AFTER, runner)`` for the modules after them; it may change their weights."""
+        watch = watch or Watch(set())
+        path, blocks = self.block_list(model)
+        inside = {f"{path}.{i}" for i in range(len(blocks))}
+        resident = [
+            (n, m) for n, m in model.named_modules() if not any(n == b or n.startswith(b + ".") for b in inside)
+        ]
+        with no_kv_cache(model), eval_mode(model), torch.no_grad(), self.loaded(model, resident):
+            if visit is not None:
+                visit(BEFORE, _Before(self, blocks[0], f"{path}.0"))
+            inputs = [self.catch(model, blocks[0], f"{path}.0", batch) for batch in self.batches]
+            seen_before_blocks = set(watch.called)
+            outputs: list[Any] = []
+            for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=None, leave=False)):
+                name = f"{path}.{i}"
+                with self.loaded(model, list(block.named_modules(prefix=name))):
+                    if visit is not None:
+                        visit(name, BlockInputs(block, inputs))
+                        self.settle()
+                    outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+                    if i == 0 and len(blocks) > 1:
+                        self._check_chain(model, blocks, path, inputs[0], _first(outputs[0], name), watch)
+                inputs = [((_first(out, name), *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+            if visit is not None:
+                visit(AFTER, _After(self, blocks, outputs))
+            if watch.names - watch.called:  # modules after the blocks: run them on the last block's outputs
+                self.replay(model, blocks, outputs, watch, seen_before_blocks)
+
+    def catch(self, model: nn.Module, block: nn.Module, name: str, batch: Any) -> Inputs:
+        """Run ``batch`` through ``model`` up to ``block`` (named ``name``); its arguments."""
+        caught: list[Inputs] = []
+
+        def hook(_module, args, kwargs):
+            caught.append((args, kwargs))
+            raise _Caught
+
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        try:
+            args, kwargs = normalize_inputs(batch)
+            model(*args, **kwargs)
+        except _Caught:
+            pass
+        finally:
+            handle.remove()
+        if not caught:
+            raise InputError(f"the model's forward never called {name}: it cannot run block by block")
+        if not caught[0][0] or not isinstance(caught[0][0][0], torch.Tensor):
+            raise InputError(f"{name} is called without a positional hidden-state tensor: it cannot run block by block")
+        return caught[0]
+
+    def _check_chain(
+        self, model: nn.Module, blocks: nn.ModuleList, path: str, first: Inputs, out: torch.Tensor, watch: Watch
+    ) -> None:
+        """The model's own forward hands block 1 what the stream will: block 0's output and the same
+        other arguments (on the first batch, block 0 loaded, statistics muted)."""
+        muted = watch.muted
+        watch.muted = set(watch.names)
+        try:
+            args, kwargs = self.catch(model, blocks[1], f"{path}.1", self.batches[0])
+        finally:
+            watch.muted = muted
+        same = (
+            len(args) == len(first[0])
+            and torch.allclose(args[0], out, rtol=1e-5, atol=1e-6)
+            and _same_leaves((args[1:], kwargs), (first[0][1:], first[1]))
+        )
+        if not same:
+            raise InputError(
+                f"the blocks of {path} do not form a chain (block 1 is not called with block 0's output "
+                "and block 0's other arguments): they cannot run one at a time"
+            )
+
+    def replay(self, model: nn.Module, blocks: nn.ModuleList, outputs: list[Any], watch: Watch, seen: set[str]) -> None:
+        """Run the model once more per batch with every block handing on its input (the last one:
+        its recorded output), so modules after the blocks see their real inputs; what already saw
+        the data is muted."""
+        muted = watch.muted
+        watch.muted = muted | seen
+        try:
+            for batch, out in zip(self.batches, outputs):
+                for i, block in enumerate(blocks):
+                    block.forward = (
+                        (lambda *a, _out=out, **k: _out)
+                        if i == len(blocks) - 1
+                        else (lambda *a, _out=out, **k: _with_first(_out, a[0]))
+                    )
+                try:
+                    args, kwargs = normalize_inputs(batch)
+                    model(*args, **kwargs)
+                finally:
+                    for block in blocks:
+                        del block.forward
+        finally:
+            watch.muted = muted
+
+
+def _first(output: Any, name: str) -> torch.Tensor:
+    first = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(first, torch.Tensor):
+        raise InputError(
+            f"{name} returns {type(output).__name__}, not a hidden-state tensor (or a tuple starting with "
+            "one): it cannot run block by block"
+        )
+    return first
+
+
+def _with_first(output: Any, first: torch.Tensor) -> Any:
+    return (
+        (first, *output[1:])
+        if isinstance(output, tuple)
+        else [first, *output[1:]]
+        if isinstance(output, list)
+        else first
+    )
+
+
+def _same_leaves(a: Any, b: Any) -> bool:
+    left, right = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(left) == len(right) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else type(x) is type(y)
+        for x, y in zip(left, right)
+    )
