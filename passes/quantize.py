@@ -26,27 +26,18 @@ clipping them loses more than it gains) and the percentile for linear and matmul
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any
 
-import torch
 import torch.nn as nn
 
-from graphprune.algorithms.nm import CONV
-from graphprune.algorithms.quant import activation_qparams, observe_ranges, weight_axis
+from graphprune.algorithms.quant import observe_ranges, quant_plan
+from graphprune.core.frontend import Frontend
+from graphprune.core.layers import WeightLayer
 from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import Consumer, batches, consumers
-from graphprune.frontends.torch.capture import tensor_at
 from graphprune.frontends.torch.distributed import single_process_only
-from graphprune.frontends.torch.fake_quant import quantize_activation, quantize_bias, quantize_weight, read_quant_plan
-from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
-from graphprune.frontends.torch.state import CompressionState
-
-if TYPE_CHECKING:
-    from graphprune.frontends.onnx.state import OnnxState
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
-aten = torch.ops.aten
 
 
 class Quantize(Pass):
@@ -100,128 +91,40 @@ class Quantize(Pass):
             )
         return None
 
-    def selected(self, state: CompressionState) -> tuple[list[Consumer], dict[str, str]]:
+    def selected(self, state: Frontend[Any]) -> tuple[list[WeightLayer], dict[str, str]]:
         """The layers to quantize, and the skipped ones with the reason."""
-        model = state.model
-        modules = dict(model.named_modules())
-        for s in self.skip:
-            if isinstance(s, str) and s not in modules:
-                raise InputError(f"Quantize skip: no module named {s!r} in {type(model).__name__}")
-        owners: dict[int, list[str]] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(param), []).append(name)
-        chosen, skipped = [], {}
-        for layer in {c.weight: c for c in consumers(state.analysis())}.values():
-            module = modules[layer.module]
-            holders = owners.get(id(tensor_at(model, layer.weight)), [])
-            if any(isinstance(s, str) and (layer.module == s or layer.module.startswith(s + ".")) for s in self.skip):
+        names = [s for s in self.skip if isinstance(s, str)]
+        types = tuple(s for s in self.skip if isinstance(s, type))
+        state.check_names(names, "Quantize skip")
+        candidates, skipped = state.weight_layers()
+        chosen = []
+        for layer in candidates:
+            kind = state.module_type(layer)
+            if layer.within(names):
                 skipped[layer.weight] = "skipped by name"
-            elif any(isinstance(s, type) and isinstance(module, s) for s in self.skip):
-                skipped[layer.weight] = f"skipped by type ({type(module).__name__})"
-            elif len(holders) > 1:
-                skipped[layer.weight] = f"weight shared with {', '.join(h for h in holders if h != layer.weight)}"
+            elif kind is not None and issubclass(kind, types):
+                skipped[layer.weight] = f"skipped by type ({kind.__name__})"
+            elif holders := state.shared_with(layer):
+                skipped[layer.weight] = f"weight shared with {', '.join(holders)}"
             else:
                 chosen.append(layer)
         return chosen, skipped
 
-    def call(self, state: CompressionState) -> PassResult:
-        if state.mode == ONNX:  # not yet written once against graphprune.core.frontend.Frontend
-            return self._call_onnx(state)
+    def call(self, state: Frontend[Any]) -> PassResult:
         single_process_only("Quantize's calibration of activation ranges")
-        model = state.model
         layers, skipped = self.selected(state)
+        calibration = state.calibration_data("Quantize (static activation ranges)")
         for layer in layers:
-            if tensor_at(model, layer.weight).device.type == "meta":
-                raise InputError(f"{layer.weight} is on the meta device: quantization needs real weights")
-        calibration = batches(state.calibration, "Quantize (static activation ranges)")
-        folded = {}
-        for layer in layers:
-            if layer.layout == CONV and (found := foldable_batchnorm(state.captured, model, layer)) is not None:
-                folded[layer.module] = found
-        for layer in layers:  # fold before computing weight scales: scales are for the deployed weights
-            if layer.module in folded:
-                fold_batchnorm(model, layer.module, folded[layer.module][0])
-        for layer in layers:
-            owner, attr = model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
-            quantize_weight(owner, attr, weight_axis(layer.layout))
+            state.weight(layer)  # real weights, or refused before anything changes
+        layers, folded = state.prepare_quantization(layers)
         inputs, outputs = observe_ranges(state, layers, calibration, self.activations, self.percentile)
-        for layer in layers:
-            module = model.get_submodule(layer.module)
-            quantize_activation(module, "input", *inputs[layer.weight].qparams())
-            if layer.weight in outputs:
-                low, high = outputs[layer.weight].range()
-                if _feeds_relu(layer, folded):
-                    low = 0.0  # the ReLU clips below 0; the output quantization can do it exactly
-                quantize_activation(module, "output", *activation_qparams(low, high))
-        for layer in layers:
-            if _reads_module_bias(state, layer) or layer.module in folded:
-                owner = model.get_submodule(layer.module)
-                weight_scale = owner.parametrizations["weight"][-1].scale
-                quantize_bias(owner, "bias", owner.qinput_scale * weight_scale)
-        if (plan := read_quant_plan(model)) is not None:
-            state.plans.append(plan)
+        plan = quant_plan(
+            layers, state.weight, inputs, outputs, bias=state.layer_bias, clipped_at_zero=state.clipped_at_zero
+        )
+        state.plans.append(state.write_quantization(plan))
         details = {"quantized layers": len(layers), "activations": self.activations}
         if folded:
-            details["folded BatchNorm"] = len(folded)
+            details["folded BatchNorm"] = folded
         if skipped:
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
-
-    def _call_onnx(self, state: OnnxState) -> PassResult:
-        """The same plan, calibrated in onnxruntime and written as QDQ nodes
-        (:mod:`graphprune.frontends.onnx.quantize`)."""
-        from graphprune.frontends.onnx import quantize as onnx_quantize
-        from graphprune.frontends.onnx.capture import owner_names
-        from graphprune.frontends.onnx.layers import weight_layers
-
-        model = state.capture.model
-        owners = owner_names(model.graph.initializers)
-        for name in self.skip:
-            if name not in owners:
-                raise InputError(f"Quantize skip: no module named {name!r} in the ONNX model's initializer names")
-        if not state.calibration:
-            raise InputError(
-                "Quantize (static activation ranges) needs calibration feeds: "
-                "prune_onnx(..., calibration=[{input name: array}, ...])"
-            )
-        state.replace(onnx_quantize.gemm_from_matmul_add(state.capture))
-        model = state.capture.model
-        candidates, skipped = weight_layers(model)
-        layers = []
-        for layer in candidates:
-            owner = layer.weight.rpartition(".")[0]
-            if any(owner == s or owner.startswith(s + ".") for s in self.skip):
-                skipped[layer.weight] = "skipped by name"
-            else:
-                layers.append(layer)
-        inputs, outputs = observe_ranges(state, layers, state.calibration, self.activations, self.percentile)
-        plan = onnx_quantize.quant_plan(state.capture, layers, inputs, outputs)
-        state.float_outputs = state.capture.outputs
-        state.replace(onnx_quantize.quantized_copy(state.capture, plan))
-        state.masked = {f"{name}_quantized" if name in plan.layers else name: m for name, m in state.masked.items()}
-        state.plans.append(plan)
-        details = {"quantized layers": len(layers), "activations": self.activations}
-        if skipped:
-            details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-        return PassResult(state, bool(layers), details)
-
-
-def _feeds_relu(layer: Consumer, folded: dict) -> bool:
-    """True if the convolution's result (after a folded BatchNorm) goes only to a ReLU."""
-    node = folded[layer.module][1] if layer.module in folded else layer.node
-    users = list(node.users)
-    return (
-        len(users) == 1
-        and users[0].op == "call_function"
-        and users[0].target in (aten.relu.default, aten.relu_.default)
-    )
-
-
-def _reads_module_bias(state: CompressionState, layer: Consumer) -> bool:
-    """True if the layer's op adds its module's own ``bias`` parameter (linear, conv, Conv1D's addmm)."""
-    if layer.matmul or not layer.weight.endswith(".weight"):
-        return False
-    node = layer.node
-    bias = node.args[0] if node.target.overloadpacket is aten.addmm else node.args[2] if len(node.args) > 2 else None
-    names = state.captured.tensor_names
-    return isinstance(bias, torch.fx.Node) and names.get(bias.name) == ("parameter", f"{layer.module}.bias")

@@ -15,18 +15,20 @@ plain data for emitters.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from graphprune.algorithms.nm import CONV, CONV1D
+from graphprune.core.layers import WeightLayer
 from graphprune.errors import InputError
 
 if TYPE_CHECKING:
     from graphprune.core.frontend import Frontend
-    from graphprune.core.layers import WeightLayer
+
+L = TypeVar("L", bound=WeightLayer)
 
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 ACT_QMIN, ACT_QMAX = -128, 127
@@ -177,3 +179,37 @@ def observe_ranges(
         {layer: outputs[layer.weight] for layer in layers if layer.weight in outputs},
     )
     return inputs, outputs
+
+
+def quant_plan(
+    layers: Sequence[L],
+    weight: Callable[[L], torch.Tensor],
+    inputs: dict[str, RangeObserver],
+    outputs: dict[str, RangeObserver],
+    *,
+    bias: Callable[[L], str | None],
+    clipped_at_zero: Callable[[L], bool],
+) -> QuantPlan:
+    """The int8 parameters of each layer, by weight name: per-channel weight scales of ``weight(layer)``,
+    the input's (and a convolution's result's) range from :func:`observe_ranges`, starting at 0 where
+    ``clipped_at_zero`` (a ReLU follows: the quantization clips exactly), and the layer's own
+    ``bias`` as int32 with scale ``input_scale * weight_scale``."""
+    plan = QuantPlan()
+    for layer in layers:
+        scale = weight_scales(weight(layer), layer.output_axis)
+        x_scale, x_zero = inputs[layer.weight].qparams()
+        out = None
+        if layer.weight in outputs:
+            low, high = outputs[layer.weight].range()
+            out = activation_qparams(0.0 if clipped_at_zero(layer) else low, high)
+        bias_name = bias(layer)
+        plan.layers[layer.weight] = LayerQuant(
+            module=layer.owner,
+            axis=layer.output_axis,
+            weight_scale=scale.tolist(),
+            input=(x_scale, x_zero),
+            output=out,
+            bias=bias_name,
+            bias_scale=(x_scale * scale).tolist() if bias_name is not None else None,
+        )
+    return plan

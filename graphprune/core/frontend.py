@@ -7,7 +7,7 @@ streamed plan whose weights stay in a checkpoint) and the ONNX frontend's
 purpose: the weight layers and their weights, facts about where a layer sits (reads the model
 input, is an output head, its convolution window, its bias), statistics from the frontend's
 calibration runner (activations handed to callbacks, sums reduced over the ranks of a
-distributed run), and writes (N:M masks and new weight values).  Everything else, the
+distributed run), and writes (N:M masks and new weight values, channel permutations, int8).  Everything else, the
 arithmetic of the algorithms, lives once in :mod:`graphprune.algorithms`.
 """
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from graphprune.algorithms.nm import NMPattern
+    from graphprune.algorithms.quant import QuantPlan
     from graphprune.algorithms.sparsegpt import ConvGeometry
 
 L = TypeVar("L", bound=WeightLayer)
@@ -68,6 +69,18 @@ class Frontend(State, Protocol[L]):
 
     def layer_bias(self, layer: L) -> str | None:
         """The name of the bias the layer's op adds to its result (per output channel), if any."""
+        ...
+
+    def shared_with(self, layer: L) -> list[str]:
+        """The other names the layer's weight is held under (a tied weight), if any."""
+        ...
+
+    def module_type(self, layer: L) -> type | None:
+        """The class of the module that holds the layer (None where the model has no modules)."""
+        ...
+
+    def clipped_at_zero(self, layer: L) -> bool:
+        """The layer's result goes only to a ReLU (after what quantization folded into the layer)."""
         ...
 
     def conv_window(self, layer: L) -> ConvGeometry | None:
@@ -118,6 +131,17 @@ class Frontend(State, Protocol[L]):
 
     def writing(self) -> AbstractContextManager[None]:
         """The span in which a pass writes weights; the model is consistent again when it ends."""
+        ...
+
+    def prepare_quantization(self, layers: list[L]) -> tuple[list[L], int]:
+        """Rewrite what int8 needs rewritten before its ranges are observed (torch: BatchNorms folded
+        into the convolutions before them; ONNX: a 2-D MatMul and its bias Add as one Gemm); returns
+        the layers as they are then, and how many BatchNorms were folded."""
+        ...
+
+    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
+        """Quantize the model by ``plan`` (torch: fake quantization; ONNX: QDQ nodes); returns the plan
+        as the model now carries it."""
         ...
 
     def write_nm(

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphprune.algorithms.nm import CONV
-from graphprune.algorithms.quant import LayerQuant, QuantPlan, RangeObserver, activation_qparams, weight_scales
+from graphprune.algorithms.quant import QuantPlan
 from graphprune.emit.qdq import insert_qdq
 from graphprune.frontends.onnx.apply import copy_model
-from graphprune.frontends.onnx.capture import OnnxCapture, measure, tensor_of
-from graphprune.frontends.onnx.layers import OnnxLayer, layer_bias
+from graphprune.frontends.onnx.capture import OnnxCapture, measure
 
 
 def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
@@ -57,44 +55,6 @@ def gemm_from_matmul_add(capture: OnnxCapture) -> OnnxCapture:
         model.graph.remove([add, matmul], safe=True)
     shapes, outputs = measure(model, capture.feeds)
     return OnnxCapture(model=model, feeds=capture.feeds, shapes=shapes, outputs=outputs)
-
-
-def quant_plan(
-    capture: OnnxCapture, layers: list[OnnxLayer], inputs: dict[str, RangeObserver], outputs: dict[str, RangeObserver]
-) -> QuantPlan:
-    """The int8 parameters of each layer, keyed by weight initializer (as the torch path keys them
-    by parameter name); ``inputs`` and ``outputs``: the layers' ranges by weight
-    (:func:`graphprune.algorithms.quant.observe_ranges`)."""
-    graph = capture.graph
-    nodes = {node.name: node for node in graph}
-    plan = QuantPlan()
-    for layer in layers:
-        node = nodes[layer.node]
-        weight = tensor_of(graph.initializers[layer.weight])
-        scale = weight_scales(weight, layer.output_axis)
-        x_scale, x_zero = inputs[layer.weight].qparams()
-        out = None
-        if layer.layout == CONV:
-            low, high = outputs[layer.weight].range()
-            if _feeds_relu(node):
-                low = 0.0  # the ReLU clips below 0; the output quantization does it exactly
-            out = activation_qparams(low, high)
-        bias = layer_bias(node)
-        plan.layers[layer.weight] = LayerQuant(
-            module=layer.node,
-            axis=layer.output_axis,
-            weight_scale=scale.tolist(),
-            input=(x_scale, x_zero),
-            output=out,
-            bias=bias.name if bias is not None else None,
-            bias_scale=(x_scale * scale).tolist() if bias is not None else None,
-        )
-    return plan
-
-
-def _feeds_relu(node: ir.Node) -> bool:
-    users = list(node.outputs[0].uses())
-    return len(users) == 1 and users[0].node.op_type == "Relu" and users[0].node.domain == ""
 
 
 def quantized_copy(capture: OnnxCapture, plan: QuantPlan) -> OnnxCapture:

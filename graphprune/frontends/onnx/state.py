@@ -19,13 +19,14 @@ import onnx_ir as ir
 import torch
 
 from graphprune.algorithms.nm import NMPattern, nm_holds
+from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
 from graphprune.core.pipeline import ONNX, Stage
 from graphprune.core.report import max_relative_error
 from graphprune.emit.qdq import stored_integers
 from graphprune.errors import InputError, InternalError, PostconditionError
-from graphprune.frontends.onnx import layers
+from graphprune.frontends.onnx import layers, quantize
 from graphprune.frontends.onnx.analysis import OnnxAnalysis, analyze_onnx_capture
 from graphprune.frontends.onnx.apply import copy_model
 from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, owner_names, session, tensor_of
@@ -137,6 +138,16 @@ class OnnxState:
         value = layers.layer_bias(self._node(layer))
         return None if value is None else value.name
 
+    def shared_with(self, layer: OnnxLayer) -> list[str]:
+        return []
+
+    def module_type(self, layer: OnnxLayer) -> None:
+        return None
+
+    def clipped_at_zero(self, layer: OnnxLayer) -> bool:
+        users = list(self._node(layer).outputs[0].uses())
+        return len(users) == 1 and users[0].node.op_type == "Relu" and users[0].node.domain == ""
+
     def conv_window(self, layer: OnnxLayer) -> ConvGeometry | None:
         return layers.conv_window(self._node(layer), self.weight_shape(layer))
 
@@ -216,6 +227,22 @@ class OnnxState:
             raise
         shapes, outputs = measure(self.capture.model, self.capture.feeds)
         self.replace(OnnxCapture(model=self.capture.model, feeds=self.capture.feeds, shapes=shapes, outputs=outputs))
+
+    def prepare_quantization(self, found: list[OnnxLayer]) -> tuple[list[OnnxLayer], int]:
+        """A 2-D ``MatMul`` + bias ``Add`` becomes one ``Gemm``, so that the bias is the layer's own and
+        can be written as int32 (:func:`~graphprune.frontends.onnx.quantize.gemm_from_matmul_add`)."""
+        self.replace(quantize.gemm_from_matmul_add(self.capture))
+        now = {layer.weight: layer for layer in self.weight_layers()[0]}
+        return [now[layer.weight] for layer in found], 0
+
+    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
+        """QDQ nodes in a re-measured copy (:func:`~graphprune.frontends.onnx.quantize.quantized_copy`);
+        the float outputs are kept as the int8 check's reference and the masks follow the weights
+        to their quantized initializers."""
+        self.float_outputs = self.capture.outputs
+        self.replace(quantize.quantized_copy(self.capture, plan))
+        self.masked = {f"{name}_quantized" if name in plan.layers else name: m for name, m in self.masked.items()}
+        return plan
 
     def write_nm(
         self,

@@ -20,7 +20,6 @@ from graphprune.algorithms.quant import (
     WEIGHT_QMIN,
     LayerQuant,
     QuantPlan,
-    weight_scales,
 )
 from graphprune.frontends.torch.capture import qualified
 from torch.nn.utils import parametrize
@@ -41,11 +40,9 @@ class FakeQuantWeight(nn.Module):
         )
 
 
-def quantize_weight(module: nn.Module, name: str, axis: int) -> torch.Tensor:
-    """Attach :class:`FakeQuantWeight` to ``module.<name>`` (after any N:M mask); returns the scales."""
-    scale = weight_scales(getattr(module, name), axis)
+def weight_fake_quant(module: nn.Module, name: str, scale: torch.Tensor, axis: int) -> None:
+    """Attach :class:`FakeQuantWeight` with ``scale`` along ``axis`` to ``module.<name>`` (after any N:M mask)."""
     parametrize.register_parametrization(module, name, FakeQuantWeight(scale, axis))
-    return scale
 
 
 class FakeQuantBias(nn.Module):

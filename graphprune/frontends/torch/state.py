@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from graphprune.algorithms.nm import NMPattern
+from graphprune.algorithms.nm import CONV, NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
@@ -30,9 +30,16 @@ from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
 from graphprune.frontends.torch.calibration import Calibration, Consumer, batches, check_input, consumers, run_batches
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
 from graphprune.frontends.torch.distributed import reduce_sum
-from graphprune.frontends.torch.fake_quant import is_quantized
+from graphprune.frontends.torch.fake_quant import (
+    is_quantized,
+    quantize_activation,
+    quantize_bias,
+    read_quant_plan,
+    weight_fake_quant,
+)
+from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
 from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.frontends.torch.masks import attach, check_patterns, masked_weights, stored
+from graphprune.frontends.torch.masks import attach, check_patterns, masked_weights, stored, stored_at
 
 if TYPE_CHECKING:
     from graphprune.frontends.torch.streaming import Stream
@@ -69,6 +76,7 @@ class CompressionState:
     # permutations): a plan file carries their new values, or re-applying it would lose them
     updated: set[str] = field(default_factory=set)
     _analysis: Analysis | None = None
+    _folded: dict[str, tuple[str, torch.fx.Node]] = field(default_factory=dict)  # conv -> (BatchNorm, its node)
 
     @property
     def mode(self) -> str:
@@ -121,8 +129,9 @@ class CompressionState:
             return weight.detach()
         if self.stream is None:
             raise InputError(
-                f"{layer.weight} is on the meta device: this pass needs real weights (or plan with "
-                "gp.plan(..., weights=checkpoint), which reads them from the checkpoint)"
+                f"{layer.weight} is on the meta device: this pass needs real weights (a model too large "
+                "to load is planned with gp.plan(..., weights=checkpoint), where the passes that can read "
+                "weights from the checkpoint)"
             )
         return self.stream.weights(self.model)[layer.weight]
 
@@ -146,6 +155,8 @@ class CompressionState:
 
     def layer_bias(self, layer: Consumer) -> str | None:
         """The module's own ``bias`` when the layer's op adds it (linear, conv, Conv1D's addmm)."""
+        if layer.module in self._folded:  # folding gave the convolution a bias
+            return qualified(layer.module, "bias")
         if layer.matmul or not layer.weight.endswith(".weight"):
             return None
         node, args = layer.node, layer.node.args
@@ -153,6 +164,26 @@ class CompressionState:
         name = qualified(layer.module, "bias")
         found = self.captured.tensor_names.get(bias.name) if isinstance(bias, torch.fx.Node) else None
         return name if found == ("parameter", name) else None
+
+    def shared_with(self, layer: Consumer) -> list[str]:
+        weight = stored_at(self.model, layer.weight)
+        return [
+            name.replace(".parametrizations.", ".").removesuffix(".original")
+            for name, param in self.model.named_parameters(remove_duplicate=False)
+            if param is weight and name.replace(".parametrizations.", ".").removesuffix(".original") != layer.weight
+        ]
+
+    def module_type(self, layer: Consumer) -> type:
+        return type(self.model.get_submodule(layer.module))
+
+    def clipped_at_zero(self, layer: Consumer) -> bool:
+        node = self._folded[layer.module][1] if layer.module in self._folded else layer.node
+        users = list(node.users)
+        return (
+            len(users) == 1
+            and users[0].op == "call_function"
+            and users[0].target in (aten.relu.default, aten.relu_.default)
+        )
 
     def conv_window(self, layer: Consumer) -> ConvGeometry | None:
         module = self.model.get_submodule(layer.module)
@@ -237,6 +268,30 @@ class CompressionState:
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    def prepare_quantization(self, layers: list[Consumer]) -> tuple[list[Consumer], int]:
+        """Folds each eval-mode BatchNorm after a convolution into it, so that the weight scales are
+        those of the deployed weights."""
+        for layer in layers:
+            if layer.layout == CONV and (found := foldable_batchnorm(self.captured, self.model, layer)) is not None:
+                self._folded[layer.module] = found
+        for module, (batchnorm, _) in self._folded.items():
+            fold_batchnorm(self.model, module, batchnorm)
+        return layers, len(self._folded)
+
+    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
+        """Fake quantization (:mod:`graphprune.frontends.torch.fake_quant`) on each layer's module:
+        its weight, input, a convolution's output, its bias."""
+        for name, layer in plan.layers.items():
+            owner = self.model.get_submodule(layer.module)
+            weight_fake_quant(owner, name.rpartition(".")[2], torch.tensor(layer.weight_scale), layer.axis)
+            quantize_activation(owner, "input", *layer.input)
+            if layer.output is not None:
+                quantize_activation(owner, "output", *layer.output)
+            if layer.bias is not None and layer.bias_scale is not None:
+                quantize_bias(owner, layer.bias.rpartition(".")[2], torch.tensor(layer.bias_scale))
+        recorded = read_quant_plan(self.model)
+        return recorded if recorded is not None else plan
 
     def write_nm(
         self,
