@@ -1,12 +1,11 @@
-"""Static int8 for ONNX graphs: the torch path's arithmetic, calibrated in onnxruntime.
+"""Static int8 for ONNX graphs: what the ONNX state rewrites before ``Quantize`` observes ranges
+(a MatMul and its bias Add as one Gemm) and how it writes the plan (QDQ nodes, by the torch
+exporter's emitter :func:`graphprune.emit.qdq.insert_qdq`).
 
-The plan is the same :class:`~graphprune.algorithms.quant.QuantPlan` that ``Quantize`` records for a
-PyTorch model (per-channel symmetric weights with zero-point 0, so N:M zeros stay zeros;
-per-tensor activations from :class:`~graphprune.algorithms.quant.RangeObserver`; a convolution's output
-too, starting at 0 when a ReLU follows; Conv and Gemm biases as int32 with scale
-``input_scale * weight_scale``), and it is written by the same emitter (:func:`graphprune.emit.qdq.insert_qdq`).
-Activation ranges are observed once for both frontends
-(:func:`graphprune.algorithms.quant.observe_ranges`, fed by onnxruntime through the ONNX state).
+The plan is the one :func:`graphprune.algorithms.quant.quant_plan` builds for either frontend
+(per-channel symmetric weights with zero-point 0, so N:M zeros stay zeros; per-tensor activations;
+a convolution's output too, starting at 0 when a ReLU follows; Conv and Gemm biases as int32 with
+scale ``input_scale * weight_scale``).
 """
 
 from __future__ import annotations
