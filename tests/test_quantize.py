@@ -298,3 +298,24 @@ def test_missing_calibration_and_unknown_skip_name_are_refused():
         gp.prune(model, (data[0],), passes=[Quantize(skip=["fc9"])], calibration=data)
     with pytest.raises(gp.InputError, match="unknown top-level key"):
         gp.load_recipe('experimental = true\n[[pass]]\nname = "Quantize"\n')
+
+
+def test_a_tied_weight_under_nm_masks_is_still_found_shared():
+    """Quantizing one user of a tied weight would change the other: the tie is found through the
+    masks' parametrizations too (they compute a new tensor on every read)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + x
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    result = gp.prune(Tied().eval(), (x,), passes=[NMSparsity(2, 4, dense_heads=False), Quantize()], calibration=[(x,)])
+    floats = result.report.rows[1].details["float layers"]
+    assert "b.weight: weight shared with a.weight" in floats
+    assert not {"a.weight", "b.weight"} & set(result.plans[-1].layers)
