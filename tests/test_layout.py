@@ -120,3 +120,21 @@ def test_import_graphprune_and_the_torch_path_leave_the_onnx_stack_unloaded():
     code = "import sys, graphprune as gp\ngp.prune_onnx\nprint('onnxruntime' in sys.modules)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "True"  # the lazy names do load what they need
+
+
+# passes written once against graphprune.core.frontend.Frontend, and what else each may reach
+FRONTEND_FREE_PASSES = {
+    "graphprune.passes.nm_sparsity": (),
+    "graphprune.passes.quantize": ("graphprune.frontends.torch.distributed",),  # the single-process check
+}
+
+
+@pytest.mark.parametrize("module", sorted(FRONTEND_FREE_PASSES))
+def test_passes_written_against_the_protocol_reach_no_frontend(module):
+    reached = {
+        name: importer
+        for name, importer in _reaches(module).items()
+        if name.startswith(("graphprune.frontends", "graphprune.rules.aten", "graphprune.api"))
+        and not name.startswith(FRONTEND_FREE_PASSES[module])
+    }
+    assert not reached, f"{module} asks which frontend it is on: it reaches {reached}"
