@@ -2,8 +2,8 @@
 
 The pass manager, pass contracts, stage order, plans and report are those of the torch path;
 :class:`OnnxState` answers the pass manager's questions (parameters, MACs, patterns, output
-error) for an ONNX graph, and passes run their ``call_onnx``.  Passes that do not run on ONNX
-models yet are refused before anything runs.  The caller's model or file is never modified;
+error) and the passes' (:class:`graphprune.core.frontend.Frontend`) for an ONNX graph.  Passes
+that do not run on ONNX models yet are refused before anything runs.  The caller's model or file is never modified;
 :meth:`OnnxPruneResult.save` writes atomically and verifies what it wrote.
 """
 
