@@ -202,8 +202,11 @@ class ChannelPrune(Pass):
         their statistics through ``state`` (:meth:`Importance.gather`)."""
         ignore = self._resolve_names(model)
         candidates = [g for g in analysis.groups if self._selected(g, ignore)]
-        if self.importance.needs_calibration and state is None:
-            raise InputError(f"importance={self.importance_name!r} reads statistics: plan(..., state=) is needed")
+        if state is None and type(self.importance).gather is not Importance.gather:
+            raise InputError(
+                f"importance={self.importance_name!r} gathers its statistics through the model's state: "
+                "plan(..., state=) is needed"
+            )
         gathered = self.importance.gather(state, calibration) if state is not None else calibration
         scores = checked_scores(
             self.importance.scores(analysis, model if weights is None else weights, candidates, gathered),

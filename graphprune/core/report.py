@@ -81,6 +81,9 @@ def _ratio(after: int, before: int) -> str:
     return f"{after / before:.1%}" if before else "-"
 
 
+UNCHANGED = 1e-4  # the largest max_relative_error of a rewrite that must not change the outputs
+
+
 def max_relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     """The report's output error: the worst ``max |got - want| / max |want|`` over the outputs (an
     integer or bool output that differs counts 1).  An output whose shape changed (one the caller let

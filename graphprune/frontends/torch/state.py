@@ -23,7 +23,7 @@ from graphprune.core.groups import Analysis
 from graphprune.core.layers import output_heads
 from graphprune.core.pipeline import MODULE, STREAMED, Stage
 from graphprune.core.plan import Plan
-from graphprune.core.report import max_relative_error
+from graphprune.core.report import UNCHANGED, max_relative_error
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
 from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
@@ -235,32 +235,28 @@ class CompressionState:
         work is about one pass over the calibration data instead of one per part.  A streamed plan
         always runs so, skipping layers between its blocks; a model in memory runs in one part
         (whole forwards) where its blocks do not form a chain or a layer sits between them."""
-        if self.stream is not None:
-            runner: Blocks = self.stream
-        else:
-            if not isinstance(calibration, list):
-                visit(layers, calibration)
-                return layers, "whole forwards (the calibration data runs the model itself)"
-            runner = Blocks(calibration)
-            if (problem := runner.chain_problem(self.model)) is not None:
-                visit(layers, calibration)
-                return layers, f"whole forwards, not block by block: {problem}"
-            between: dict[str, str] = {}
-            _segments(runner, self.model, layers, between)
-            if between:
-                visit(layers, calibration)
-                return layers, f"whole forwards, not block by block: {next(iter(between))} sits between the blocks"
-        segments = _segments(runner, self.model, layers, skipped)
+        if self.stream is None and not isinstance(calibration, list):
+            visit(layers, calibration)
+            return layers, "whole forwards (the calibration data runs the model itself)"
+        runner = self.stream if self.stream is not None else Blocks(calibration)
+        if self.stream is None and (problem := runner.chain_problem(self.model)) is not None:
+            visit(layers, calibration)
+            return layers, f"whole forwards, not block by block: {problem}"
+        between: dict[str, str] = {}
+        segments = _segments(runner, self.model, layers, between)
+        if between and self.stream is None:
+            visit(layers, calibration)
+            return layers, f"whole forwards, not block by block: {next(iter(between))} sits between the blocks"
+        skipped.update(between)
         runner.sequential(self.model, None, lambda segment, data: visit(segments.get(segment, []), data))
         path, blocks = runner.block_list(self.model)
-        return [
-            layer for part in segments.values() for layer in part
-        ], f"block by block over {path} ({len(blocks)} blocks)"
+        visited = [layer for part in segments.values() for layer in part]
+        return visited, f"block by block over {path} ({len(blocks)} blocks)"
 
     def permute_channels(self, leaf: int, order: torch.Tensor) -> bool:
         reference = run_outputs(self.model, self.captured)
         reordered = permute_channel_space(self.model, self.analysis(), leaf, order)
-        if reference is not None and not _close(run_outputs(self.model, self.captured), reference):
+        if reference is not None and max_relative_error(run_outputs(self.model, self.captured), reference) > UNCHANGED:
             permute_channel_space(self.model, self.analysis(), leaf, torch.argsort(order))
             return False
         self.updated |= reordered
@@ -340,13 +336,6 @@ def permute_channel_space(model: nn.Module, analysis: Analysis, leaf: int, order
         for name, (kind, _) in analysis.tensors.items()
         if kind != "code_constant" and id(tensor_at(model, name)) in changed
     }
-
-
-def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-    return all(
-        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() or 1.0))
-        for a, b in zip(got, want)
-    )
 
 
 def _each(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
