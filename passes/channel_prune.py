@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,25 +22,10 @@ from graphprune.algorithms.importance import GroupScore, Importance, LossFn, che
 from graphprune.algorithms.sensitivity import output_errors
 from graphprune.core.frontend import Frontend
 from graphprune.core.groups import Analysis, Group
+from graphprune.core.layers import owner_names
 from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
-from graphprune.frontends.torch.apply import apply_plan
-from graphprune.frontends.torch.calibration import Calibration, batches
-from graphprune.frontends.torch.capture import qualified
-from graphprune.frontends.torch.compensation import (
-    apply_bias_corrections,
-    reconstruct,
-    record_norms,
-    reestimate_batchnorm,
-    refit_norms,
-)
-from graphprune.frontends.torch.copying import clone
-from graphprune.frontends.torch.distributed import single_process_only
-from graphprune.frontends.torch.state import CompressionState
-
-if TYPE_CHECKING:
-    from graphprune.frontends.onnx.state import OnnxState
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 NORMALIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor | float]] = {
@@ -193,7 +178,7 @@ class ChannelPrune(Pass):
         self,
         analysis: Analysis,
         model: nn.Module,
-        calibration: Calibration | None = None,
+        calibration: Any = None,
         weights: Mapping[str, torch.Tensor] | None = None,
         state: Frontend[Any] | None = None,
     ) -> Plan:
@@ -327,8 +312,6 @@ class ChannelPrune(Pass):
         return plan
 
     def _resolve_names(self, model: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
-        from graphprune.frontends.onnx.capture import owner_names
-
         names = dict(model.named_modules()) if isinstance(model, nn.Module) else owner_names(model)
         by_id = {id(m): n for n, m in names.items()}
         resolved = []
@@ -391,73 +374,52 @@ class ChannelPrune(Pass):
         return min(keep, group.size)
 
     # --------------------------------------------------------------- pass
-    def call(self, state: CompressionState) -> PassResult:
-        if state.mode == ONNX:  # not yet written once against graphprune.core.frontend.Frontend
-            return self._call_onnx(state)
+    def call(self, state: Frontend[Any]) -> PassResult:
         analysis = state.analysis()
         if (unreduced := self._unreduced()) is not None:
-            single_process_only(f"ChannelPrune's {unreduced}")
+            state.single_process_only(f"ChannelPrune's {unreduced}")
         calibration = None
         if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
-            calibration = batches(
-                state.calibration, "this ChannelPrune (data-driven importance, compensation or sensitivity allocation)"
-            )
-        plan = self.plan(
-            analysis,
-            state.model,
-            calibration,
-            state.stream.weights(state.model) if state.stream is not None else None,
-            state=state,
-        )
+            calibration = state.calibration_data(self._data_option())
+        model, weights = state.criterion_inputs()
+        plan = self.plan(analysis, model, calibration, weights, state=state)
         plan.record_slices(analysis)
-        corrections, without_bias, norms = {}, 0, {}
+        corrections, without_bias = {}, 0
         if self.compensate and "bias" in self.compensate:
             corrections, without_bias = bias_corrections(state, analysis, plan, calibration)
-            norms = record_norms(analysis, state.model, plan, calibration) if self.refit_norms else {}
-        dense = clone(state.model) if self.compensate and "reconstruct" in self.compensate and plan.keep else None
-        applied = apply_plan(state.model, analysis, plan, inplace=True)
-        state.replace_model(applied.module, applied.captured)
-        apply_bias_corrections(state.model, corrections)
-        norm_errors = refit_norms(state.model, norms)
-        del norms
-        refits, not_refit = (
-            reconstruct(analysis, dense, state.model, plan, calibration, self.damp) if dense is not None else ([], {})
+        compensate = self.compensate or ""
+        refit = state.refit(
+            norms="bias" in compensate and self.refit_norms,
+            reconstruct="reconstruct" in compensate,
+            batchnorm="batchnorm" in compensate,
+            damp=self.damp,
         )
-        del dense
-        if self.compensate and "batchnorm" in self.compensate:
-            reestimate_batchnorm(state.model, calibration)
-        state.updated |= _changed(
-            state.model,
-            corrections,
-            norm_errors,
-            refits,
-            self.compensate is not None and "batchnorm" in self.compensate,
-        )
-        plan.result = state.analysis().fingerprint  # cached: the next pass reads the same analysis
-        state.plans.append(plan)
+        if refit is not None:
+            refit.record(analysis, plan, calibration)
+        state.prune_channels(plan, corrections)
         details = {
             "groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
             "channels removed": plan.removed(analysis),
         }
-        if refits:
-            before = sum(r.error_before for r in refits) / len(refits)
-            after = sum(r.error_after for r in refits) / len(refits)
-            details["reconstruction"] = (
-                f"{len(refits)} layers, mean relative calibration error {before:.3g} -> {after:.3g}"
-            )
-        if not_refit:
-            details["not reconstructed"] = "; ".join(f"{k}: {v}" for k, v in not_refit.items())
         if self.compensate and "bias" in self.compensate:
             details["bias compensation"] = f"{len(corrections)} layers" + (
                 f" ({without_bias} without a bias left as they are)" if without_bias else ""
             )
-        if norm_errors:
-            before = sum(b for b, _ in norm_errors.values()) / len(norm_errors)
-            after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
-            details["norm re-fit"] = (
-                f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
-            )
+            if self.refit_norms and refit is None:
+                details["norm re-fit"] = "torch models only: norms over fewer channels are left as they are"
+        if refit is not None:
+            details |= refit.run(analysis, plan, calibration)
+        plan.result = state.analysis().fingerprint  # cached: the next pass reads the same analysis
+        state.plans.append(plan)
         return PassResult(state, bool(plan.keep), details)
+
+    def _data_option(self) -> str:
+        """The option that makes this pass read calibration data (for the error without any)."""
+        if self.compensate:
+            return f"compensate={self.compensate!r}"
+        if self.allocation == "sensitivity":
+            return "allocation='sensitivity'"
+        return f"importance={self.importance_name!r}"
 
     def _unreduced(self) -> str | None:
         """What this pass computes from statistics that are not sums over batches (None: nothing),
@@ -498,56 +460,6 @@ class ChannelPrune(Pass):
                     " does not run on ONNX models yet (compensate='bias' does)"
                 )
         return None
-
-    def _call_onnx(self, state: OnnxState) -> PassResult:
-        """Plan from the initializers (magnitude or a callable criterion) and apply the plan to the
-        graph (:func:`graphprune.frontends.onnx.apply.apply_onnx_plan`)."""
-        from graphprune.frontends.onnx import compensation as onnx_compensation
-        from graphprune.frontends.onnx.apply import apply_onnx_plan
-
-        if (self.importance.needs_calibration or self.compensate) and not state.calibration:
-            raise InputError(
-                f"{f'compensate={self.compensate!r}' if self.compensate else f'importance={self.importance_name!r}'}"
-                " needs calibration feeds: prune_onnx(..., calibration=[{input name: array}, ...])"
-            )
-        analysis = state.analysis()
-        plan = self.plan(analysis, state.weights(), state.calibration, state=state)
-        corrections, without_bias = (
-            bias_corrections(state, analysis, plan, state.calibration) if self.compensate else ({}, 0)
-        )
-        state.replace(onnx_compensation.corrected(apply_onnx_plan(state.capture, analysis, plan), corrections))
-        state.plans.append(plan)
-        details = {
-            "groups pruned": f"{len(plan.keep)} of {len(analysis.groups)}",
-            "channels removed": plan.removed(analysis),
-        }
-        if self.compensate:
-            details["bias compensation"] = f"{len(corrections)} layers" + (
-                f" ({without_bias} without a bias left as they are)" if without_bias else ""
-            )
-            if self.refit_norms:
-                details["norm re-fit"] = (
-                    "not on ONNX models (torch only): norms over fewer channels are left as they are"
-                )
-        return PassResult(state, bool(plan.keep), details)
-
-
-def _changed(model: nn.Module, corrections: dict, norms: dict, refits: list, batchnorm: bool) -> set[str]:
-    """Tensors whose values compensation changed (for the plan file)."""
-    names = set(corrections) | {r.layer for r in refits}
-    for module_name in [*norms, *(r.layer.rpartition(".")[0] for r in refits)]:
-        module = model.get_submodule(module_name)
-        names |= {
-            qualified(module_name, a) for a in ("weight", "bias") if isinstance(getattr(module, a, None), torch.Tensor)
-        }
-    if batchnorm:
-        names |= {
-            qualified(n, b)
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            for b in ("running_mean", "running_var")
-        }
-    return names
 
 
 def _within(module: str, name: str) -> bool:

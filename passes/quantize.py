@@ -35,7 +35,6 @@ from graphprune.core.frontend import Frontend
 from graphprune.core.layers import WeightLayer
 from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
-from graphprune.frontends.torch.distributed import single_process_only
 
 ACTIVATION_METHODS = ("auto", "minmax", "percentile")
 
@@ -111,7 +110,7 @@ class Quantize(Pass):
         return chosen, skipped
 
     def call(self, state: Frontend[Any]) -> PassResult:
-        single_process_only("Quantize's calibration of activation ranges")
+        state.single_process_only("Quantize's calibration of activation ranges")
         layers, skipped = self.selected(state)
         calibration = state.calibration_data("Quantize (static activation ranges)")
         for layer in layers:

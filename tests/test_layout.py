@@ -124,8 +124,17 @@ def test_import_graphprune_and_the_torch_path_leave_the_onnx_stack_unloaded():
 
 # passes written once against graphprune.core.frontend.Frontend, and what else each may reach
 FRONTEND_FREE_PASSES = {
+    # ChannelPrune's module-only criteria (importance='taylor': gradients through the nn.Module;
+    # allocation='sensitivity': the nn.Module's output errors), refused on other modes
+    "graphprune.passes.channel_prune": (
+        "graphprune.frontends.torch.calibration",
+        "graphprune.frontends.torch.capture",
+        "graphprune.frontends.torch.distributed",
+        "graphprune.frontends.torch.provenance",
+        "graphprune.rules.aten",
+    ),
     "graphprune.passes.nm_sparsity": (),
-    "graphprune.passes.quantize": ("graphprune.frontends.torch.distributed",),  # the single-process check
+    "graphprune.passes.quantize": (),
 }
 
 

@@ -26,9 +26,25 @@ if TYPE_CHECKING:
     from graphprune.algorithms.nm import NMPattern
     from graphprune.algorithms.quant import QuantPlan
     from graphprune.algorithms.sparsegpt import ConvGeometry
+    from graphprune.core.groups import Analysis
+    from graphprune.core.plan import Plan
 
 L = TypeVar("L", bound=WeightLayer)
 Activations = Callable[["torch.Tensor"], None]  # receives one calibration batch's activation
+
+
+class Refit(Protocol):
+    """Compensations of a channel plan that a frontend runs on its own model (torch: norm re-fit,
+    reconstruction, BatchNorm re-estimation)."""
+
+    def record(self, analysis: Analysis, plan: Plan, calibration: Any) -> None:
+        """Take what the fits read of the dense model; called before the plan is applied."""
+        ...
+
+    def run(self, analysis: Analysis, plan: Plan, calibration: Any) -> dict[str, str]:
+        """Fit the pruned model (``analysis`` and ``plan`` describe the dense one); returns the
+        report's details."""
+        ...
 
 
 class Frontend(State, Protocol[L]):
@@ -52,6 +68,12 @@ class Frontend(State, Protocol[L]):
 
     def weight_shape(self, layer: L) -> tuple[int, ...]:
         """The shape of the layer's weight (read without loading the weight where it is streamed)."""
+        ...
+
+    def criterion_inputs(self) -> tuple[Any, Mapping[str, torch.Tensor] | None]:
+        """What a channel criterion reads (:data:`graphprune.algorithms.importance.GroupScore`'s third
+        argument): the ``nn.Module``, or an ONNX model's initializers by name; and, where the module
+        holds no weights (a streamed plan), the weights by name."""
         ...
 
     def reads_model_input(self, layer: L) -> bool:
@@ -108,6 +130,11 @@ class Frontend(State, Protocol[L]):
         """Sum ``tensors`` in place over the ranks of a distributed run (nothing on one process)."""
         ...
 
+    def single_process_only(self, what: str) -> None:
+        """Refuse ``what`` (:class:`~graphprune.errors.InputError`) where several ranks run: it
+        computes from statistics that are not sums over batches, which ranks could not agree on."""
+        ...
+
     def sequential(
         self,
         layers: list[L],
@@ -127,6 +154,17 @@ class Frontend(State, Protocol[L]):
         """Reorder channel space ``leaf`` of the analysis by ``order`` in every tensor that indexes it,
         which leaves the model's function unchanged; False (and nothing reordered) where the outputs
         changed all the same (an op that reads channel order)."""
+        ...
+
+    def prune_channels(self, plan: Plan, bias_corrections: Mapping[str, torch.Tensor]) -> None:
+        """Remove the channels ``plan`` drops (it was made on :meth:`analysis`) from every tensor
+        that indexes them, then add ``bias_corrections`` to the biases they name; the state then
+        holds the smaller model (and analyses it afresh)."""
+        ...
+
+    def refit(self, *, norms: bool, reconstruct: bool, batchnorm: bool, damp: float) -> Refit | None:
+        """The compensations asked for that run on the frontend's own model (see :class:`Refit`);
+        None where it has none (an ONNX model, a streamed plan), or nothing is asked."""
         ...
 
     def writing(self) -> AbstractContextManager[None]:

@@ -72,3 +72,15 @@ def output_heads(
                 break
             node = inputs[0]
     return heads
+
+
+def owner_names(weights: Iterable[str]) -> dict[str, None]:
+    """The module names that weight names imply, for a model without modules (ONNX): an initializer
+    ``a.b.weight`` belongs to ``a.b`` and ``a``, which is how torch exports name them, so options
+    that name modules (``ignore``, ``ratios``) use the same names on both frontends."""
+    names: dict[str, None] = {"": None}
+    for name in weights:
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            names[".".join(parts[:k])] = None
+    return names

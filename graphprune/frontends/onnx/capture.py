@@ -258,17 +258,6 @@ def normalize(model: ir.Model) -> None:
             node.replace_input_with(index, copy)
 
 
-def owner_names(weights: Iterable[str]) -> dict[str, None]:
-    """ONNX models have no modules: an initializer ``a.b.weight`` belongs to ``a.b`` and ``a``,
-    which is how torch exports name them, so ``ignore``/``ratios`` use the same names."""
-    names: dict[str, None] = {"": None}
-    for name in weights:
-        parts = name.split(".")
-        for k in range(1, len(parts)):
-            names[".".join(parts[:k])] = None
-    return names
-
-
 def graph_inputs(model: ir.Model) -> list[ir.Value]:
     """The inputs a caller feeds (initializers listed as inputs by old exporters excluded)."""
     return [v for v in model.graph.inputs if not v.is_initializer()]

@@ -22,14 +22,17 @@ from graphprune.algorithms.nm import NMPattern, nm_holds
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
+from graphprune.core.layers import owner_names
 from graphprune.core.pipeline import ONNX, Stage
+from graphprune.core.plan import Plan
 from graphprune.core.report import UNCHANGED, max_relative_error
 from graphprune.emit.qdq import stored_integers
 from graphprune.errors import InputError, InternalError, PostconditionError
 from graphprune.frontends.onnx import layers, quantize
 from graphprune.frontends.onnx.analysis import OnnxAnalysis, analyze_onnx_capture
-from graphprune.frontends.onnx.apply import copy_model
-from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, owner_names, session, tensor_of
+from graphprune.frontends.onnx.apply import apply_onnx_plan, copy_model
+from graphprune.frontends.onnx.capture import Feeds, OnnxCapture, measure, session, tensor_of
+from graphprune.frontends.onnx.compensation import corrected
 from graphprune.frontends.onnx.layers import OnnxLayer
 
 STAGE_KEY = "graphprune.stage"  # ONNX metadata: the stage the model is at
@@ -114,6 +117,9 @@ class OnnxState:
     def weight_shape(self, layer: OnnxLayer) -> tuple[int, ...]:
         return tuple(self.capture.graph.initializers[layer.weight].const_value.shape.numpy())
 
+    def criterion_inputs(self) -> tuple[dict[str, torch.Tensor], None]:
+        return self.weights(), None
+
     def reads_model_input(self, layer: OnnxLayer) -> bool:
         return layers.reads_model_input(self.capture.model, layer)
 
@@ -166,6 +172,9 @@ class OnnxState:
             for name, callback in wanted:
                 callback(torch.from_numpy(np.asarray(values[index[name]])))
 
+    def single_process_only(self, what: str) -> None:
+        """An ONNX model is compressed in one process."""
+
     def reduce_sum(self, *tensors: torch.Tensor) -> None:
         """One process: nothing to sum."""
 
@@ -199,6 +208,13 @@ class OnnxState:
         for name, value in before.items():
             initializers[name].const_value = value
         return False
+
+    def prune_channels(self, plan: Plan, bias_corrections: Mapping[str, torch.Tensor]) -> None:
+        self.replace(corrected(apply_onnx_plan(self.capture, self.analysis(), plan), bias_corrections))
+
+    def refit(self, *, norms: bool, reconstruct: bool, batchnorm: bool, damp: float) -> None:
+        """No compensation runs on the graph itself yet (ChannelPrune refuses those it cannot skip)."""
+        return None
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

@@ -34,8 +34,8 @@ A layer keeps its old weights when the solution would not lower its calibration 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,79 @@ from graphprune.core.groups import Analysis
 from graphprune.core.plan import Plan
 from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, run_batches
 from graphprune.frontends.torch.capture import eval_mode, qualified, tensor_at
+from graphprune.frontends.torch.copying import clone
+
+if TYPE_CHECKING:
+    from graphprune.frontends.torch.state import CompressionState
+
+
+@dataclass
+class ModuleRefit:
+    """The compensations of a channel plan that need the ``nn.Module`` in memory (norm re-fit,
+    reconstruction, BatchNorm re-estimation; :class:`graphprune.core.frontend.Refit`): :meth:`record`
+    takes what they read of the dense model before the plan is applied, :meth:`run` fits the pruned
+    model after and marks the tensors it changed in ``state.updated`` (for the plan file)."""
+
+    state: CompressionState
+    norms: bool
+    reconstruct: bool
+    batchnorm: bool
+    damp: float
+    _norms: dict[str, NormRecord] = field(default_factory=dict)
+    _dense: nn.Module | None = None
+
+    def record(self, analysis: Analysis, plan: Plan, calibration: list[Any]) -> None:
+        if self.norms:
+            self._norms = record_norms(analysis, self.state.model, plan, calibration)
+        if self.reconstruct and plan.keep:
+            self._dense = clone(self.state.model)
+
+    def run(self, analysis: Analysis, plan: Plan, calibration: list[Any]) -> dict[str, str]:
+        state = self.state
+        norm_errors = refit_norms(state.model, self._norms)
+        refits, not_refit = (
+            reconstruct(analysis, self._dense, state.model, plan, calibration, self.damp)
+            if self._dense is not None
+            else ([], {})
+        )
+        self._norms, self._dense = {}, None
+        if self.batchnorm:
+            reestimate_batchnorm(state.model, calibration)
+        state.updated |= _changed(state.model, norm_errors, refits, self.batchnorm)
+        details = {}
+        if refits:
+            before = sum(r.error_before for r in refits) / len(refits)
+            after = sum(r.error_after for r in refits) / len(refits)
+            details["reconstruction"] = (
+                f"{len(refits)} layers, mean relative calibration error {before:.3g} -> {after:.3g}"
+            )
+        if not_refit:
+            details["not reconstructed"] = "; ".join(f"{k}: {v}" for k, v in not_refit.items())
+        if norm_errors:
+            before = sum(b for b, _ in norm_errors.values()) / len(norm_errors)
+            after = sum(a for _, a in norm_errors.values()) / len(norm_errors)
+            details["norm re-fit"] = (
+                f"{len(norm_errors)} norms, mean relative calibration error {before:.3g} -> {after:.3g}"
+            )
+        return details
+
+
+def _changed(model: nn.Module, norms: dict, refits: list[Reconstruction], batchnorm: bool) -> set[str]:
+    """Tensors whose values the compensations changed (for the plan file)."""
+    names = {r.layer for r in refits}
+    for module_name in [*norms, *(r.layer.rpartition(".")[0] for r in refits)]:
+        module = model.get_submodule(module_name)
+        names |= {
+            qualified(module_name, a) for a in ("weight", "bias") if isinstance(getattr(module, a, None), torch.Tensor)
+        }
+    if batchnorm:
+        names |= {
+            qualified(n, b)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in ("running_mean", "running_var")
+        }
+    return names
 
 
 def reestimate_batchnorm(model: nn.Module, calibration: list[Any]) -> int:

@@ -26,10 +26,12 @@ from graphprune.core.plan import Plan
 from graphprune.core.report import UNCHANGED, max_relative_error
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
+from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
 from graphprune.frontends.torch.calibration import Calibration, Consumer, batches, check_input, consumers, run_batches
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
-from graphprune.frontends.torch.distributed import reduce_sum
+from graphprune.frontends.torch.compensation import ModuleRefit, apply_bias_corrections
+from graphprune.frontends.torch.distributed import reduce_sum, single_process_only
 from graphprune.frontends.torch.fake_quant import (
     is_quantized,
     quantize_activation,
@@ -138,6 +140,9 @@ class CompressionState:
     def weight_shape(self, layer: Consumer) -> tuple[int, ...]:
         return tuple(tensor_at(self.model, layer.weight).shape)
 
+    def criterion_inputs(self) -> tuple[nn.Module, Mapping[str, torch.Tensor] | None]:
+        return self.model, self.stream.weights(self.model) if self.stream is not None else None
+
     def reads_model_input(self, layer: Consumer) -> bool:
         return layer.activation in set(self.captured.user_inputs)
 
@@ -223,6 +228,9 @@ class CompressionState:
     def reduce_sum(self, *tensors: torch.Tensor) -> None:
         reduce_sum(*tensors)
 
+    def single_process_only(self, what: str) -> None:
+        single_process_only(what)
+
     def sequential(
         self,
         layers: list[Consumer],
@@ -261,6 +269,17 @@ class CompressionState:
             return False
         self.updated |= reordered
         return True
+
+    def prune_channels(self, plan: Plan, bias_corrections: Mapping[str, torch.Tensor]) -> None:
+        applied = apply_plan(self.model, self.analysis(), plan, inplace=True)
+        self.replace_model(applied.module, applied.captured)
+        apply_bias_corrections(self.model, bias_corrections)
+        self.updated |= set(bias_corrections)
+
+    def refit(self, *, norms: bool, reconstruct: bool, batchnorm: bool, damp: float) -> ModuleRefit | None:
+        if self.stream is not None or not (norms or reconstruct or batchnorm):
+            return None
+        return ModuleRefit(self, norms=norms, reconstruct=reconstruct, batchnorm=batchnorm, damp=damp)
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
