@@ -11,10 +11,18 @@ Rows:
   float32 accumulation and solves, the block's linears pruned from its dense inputs, as the
   SparseGPT authors' script does).
 
+* ``graphprune, float64``: the same pass with Hessians accumulated and solved in float64
+  (``precision="float64"``, the default before issue 21), for the quality of float32 solves.
+
 Each row prints seconds, the ratio to the reference and the mean cosine between dense and sparse
 sentence embeddings on held-out sentences.
 
-    python -m bench.calibration_speed [--sentences 256]
+Then the solves alone on one LLaMA-7B-shaped block (random weights and Hessians; q, k, v share a
+Hessian, as gate and up do): seconds per layer against the FLOP-count lower bound at the
+machine's measured float32 matmul rate (the factorisation, ``4/3 n^3`` once per Hessian, plus the
+column updates, ``rows * n^2`` per layer), as an efficiency percentage.
+
+    python -m bench.calibration_speed [--sentences 256] [--block-scale 1.0]
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import torch.nn as nn
 
 import graphprune as gp
 from bench.minilm_quality import HELD_OUT
+from graphprune.algorithms.nm import LINEAR, NMPattern
+from graphprune.algorithms.sparsegpt import prune_layer
 from graphprune.frontends.torch.blocks import Blocks
 from graphprune.passes import NMSparsity
 from samples.minilm import build, embed, tokenize
@@ -145,10 +155,55 @@ def reference(model: nn.Module, calibration: list[dict], method: str) -> nn.Modu
     return model
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate in FLOP/s (best of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def llama_block_solves(scale: float) -> None:
+    """SparseGPT's solves on one LLaMA-7B-shaped block (hidden 4096, MLP 11008, times ``scale``)."""
+    hidden, mlp = int(4096 * scale) // 128 * 128, int(11008 * scale) // 128 * 128
+    # (layers sharing one Hessian, their [rows, cols]) in a block's order
+    shared = [
+        (["q_proj", "k_proj", "v_proj"], (hidden, hidden)),
+        (["o_proj"], (hidden, hidden)),
+        (["gate_proj", "up_proj"], (mlp, hidden)),
+        (["down_proj"], (hidden, mlp)),
+    ]
+    rate = matmul_rate()
+    print(
+        f"\nLLaMA-7B-shaped block x{scale:g} (hidden {hidden}, MLP {mlp}): SparseGPT 2:4 solves, "
+        f"float32 matmul at {rate / 1e9:.0f} GFLOP/s"
+    )
+    print(f"{'layers':<28}{'shape':>14}{'seconds':>9}{'lower bound':>13}{'efficiency':>12}")
+    g = torch.Generator().manual_seed(0)
+    total, bound_total = 0.0, 0.0
+    for names, (rows, cols) in shared:
+        x = torch.randn(4 * cols, cols, generator=g)
+        hessian = 2 * x.T @ x / x.shape[0]
+        start = time.perf_counter()
+        for name in names:
+            weight = torch.randn(rows, cols, generator=g)
+            prune_layer(weight, LINEAR, [hessian], NMPattern(2, 4, LINEAR), block=128, damp=0.01)
+        seconds = time.perf_counter() - start
+        bound = (4 / 3 * cols**3 + len(names) * rows * cols**2) / rate
+        total, bound_total = total + seconds, bound_total + bound
+        print(f"{', '.join(names):<28}{f'{rows}x{cols}':>14}{seconds:>9.1f}{bound:>13.1f}{bound / seconds:>12.0%}")
+    print(f"{'block':<28}{'':>14}{total:>9.1f}{bound_total:>13.1f}{bound_total / total:>12.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=256, help="calibration sentences")
-    count = parser.parse_args().sentences
+    parser.add_argument("--block-scale", type=float, default=1.0, help="LLaMA-7B block size factor (0: skip)")
+    args = parser.parse_args()
+    count = args.sentences
     torch.manual_seed(0)
     model, example = build()
     calibration = batched(sentences(count))
@@ -161,24 +216,27 @@ def main() -> None:
         pruned = reference(model, calibration, method)
         base = time.perf_counter() - start
         rows = [("reference", base, embed(pruned, held))]
-        for name, context in (
-            ("graphprune", contextlib.nullcontext()),
-            ("graphprune, whole forwards", whole_forwards()),
+        for name, context, precision in (
+            ("graphprune", contextlib.nullcontext(), "float32"),
+            ("graphprune, float64", contextlib.nullcontext(), "float64"),
+            ("graphprune, whole forwards", whole_forwards(), "float32"),
         ):
             if method == "wanda" and name != "graphprune":
-                continue  # Wanda reads every layer's statistics in one forward either way
+                continue  # Wanda reads every layer's statistics in one forward, and solves nothing
             with context:
                 start = time.perf_counter()
                 result = gp.prune(
                     model,
                     example,
-                    passes=[NMSparsity(2, 4, method=method, dense_heads=False)],
+                    passes=[NMSparsity(2, 4, method=method, dense_heads=False, precision=precision)],
                     calibration=calibration,
                 )
                 rows.append((name, time.perf_counter() - start, embed(result.module, held)))
         for name, seconds, sparse in rows:
             cosine = (sparse * dense).sum(-1).mean().item()
             print(f"{method:<11}{name:<30}{seconds:>9.1f}{seconds / base:>13.2f}{cosine:>9.3f}")
+    if args.block_scale:
+        llama_block_solves(args.block_scale)
 
 
 if __name__ == "__main__":

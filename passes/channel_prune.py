@@ -378,9 +378,7 @@ class ChannelPrune(Pass):
         analysis = state.analysis()
         if (unreduced := self._unreduced()) is not None:
             state.single_process_only(f"ChannelPrune's {unreduced}")
-        calibration = None
-        if self.importance.needs_calibration or self.compensate or self.allocation == "sensitivity":
-            calibration = state.calibration_data(self._data_option())
+        calibration = state.calibration_data(self._data_option()) if self.reads_calibration() else None
         model, weights = state.criterion_inputs()
         plan = self.plan(analysis, model, calibration, weights, state=state)
         plan.record_slices(analysis)
@@ -412,6 +410,9 @@ class ChannelPrune(Pass):
         plan.result = state.analysis().fingerprint  # cached: the next pass reads the same analysis
         state.plans.append(plan)
         return PassResult(state, bool(plan.keep), details)
+
+    def reads_calibration(self) -> bool:
+        return self.importance.needs_calibration or bool(self.compensate) or self.allocation == "sensitivity"
 
     def _data_option(self) -> str:
         """The option that makes this pass read calibration data (for the error without any)."""

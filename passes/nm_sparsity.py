@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from graphprune.algorithms.moments import input_moments
 from graphprune.algorithms.nm import CONV, NMPattern, fits, nm_mask, per_input_channel, to_matrix
 from graphprune.algorithms.permutation import retained, search
-from graphprune.algorithms.sparsegpt import layer_hessians, sparsegpt_layers
+from graphprune.algorithms.sparsegpt import PRECISIONS, layer_hessians, sparsegpt_layers
 from graphprune.core.frontend import Frontend
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import WeightLayer
@@ -49,6 +49,9 @@ class NMSparsity(Pass):
             the masks from there.
         prior: the criterion that initialises learned masks.
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
+        precision: ``"float32"`` (default) or ``"float64"``: what SparseGPT accumulates and solves its
+            Hessians in; a float32 solve whose Cholesky factorisation fails is retried in float64
+            (reported).
         permute: before masking, permute each channel group (through every tensor that indexes it,
             so the model's function is unchanged) to retain more magnitude under the pattern;
             ``permute_sweeps`` sets the search effort per group (:mod:`graphprune.algorithms.permutation`).
@@ -81,18 +84,22 @@ class NMSparsity(Pass):
         damp: float = 0.01,
         permute: bool = False,
         permute_sweeps: int = 4,
+        precision: str = "float32",
     ) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
             raise InputError(f"NMSparsity method must be one of {list(METHODS)}, got {method!r}")
         if not 0 <= damp < 1 or block < m:
             raise InputError(f"NMSparsity needs 0 <= damp < 1 and block >= m, got damp={damp}, block={block}")
+        if precision not in PRECISIONS:
+            raise InputError(f"NMSparsity precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if prior not in METHODS[:3]:
             raise InputError(f"NMSparsity prior must be one of {list(METHODS[:3])}, got {prior!r}")
         self.n, self.m, self.method, self.block, self.damp = n, m, method, block, damp
         self.criterion = prior if method == "learned" else method  # what chooses the (initial) masks
         self.prior = prior
         self.permute, self.permute_sweeps = permute, permute_sweeps
+        self.precision = precision
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
@@ -121,6 +128,9 @@ class NMSparsity(Pass):
                 "on ONNX models NMSparsity cannot run after Quantize, even experimentally: the weights "
                 "are int8 initializers behind DequantizeLinear by then"
             )
+
+    def reads_calibration(self) -> bool:
+        return self.criterion != "magnitude"
 
     def selected(self, state: Frontend[Any]) -> tuple[list[WeightLayer], dict[str, str]]:
         """The layers to mask, and the skipped ones with the reason."""
@@ -151,16 +161,17 @@ class NMSparsity(Pass):
     def call(self, state: Frontend[Any]) -> PassResult:
         layers, skipped = self.selected(state)
         calibration = (
-            state.calibration_data(f"NMSparsity(method={self.criterion!r})") if self.criterion != "magnitude" else None
+            state.calibration_data(f"NMSparsity(method={self.criterion!r})") if self.reads_calibration() else None
         )
         gains: dict[str, str] = {}
         calibrated = ""
+        retried: list[str] = []
         with state.writing():
             if self.criterion == "sparsegpt":
                 if self.permute:
                     gains = self._permute_groups(state, layers, {})
                 layers, calibrated = state.sequential(
-                    layers, calibration, lambda part, data: self._sparsegpt(state, part, data), skipped
+                    layers, calibration, lambda part, data: retried.extend(self._sparsegpt(state, part, data)), skipped
                 )
             else:
                 rms = self._rms(state, layers, calibration)
@@ -176,6 +187,10 @@ class NMSparsity(Pass):
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
         if calibrated:
             details["calibration"] = calibrated
+        if retried:
+            details["float64 retries"] = (
+                f"{len(retried)} layers without a float32 Cholesky factor: {', '.join(retried)}"
+            )
         if self.permute:
             details["permutations"] = "; ".join(f"{k}: {v}" for k, v in gains.items()) or "none retained more"
         if skipped:
@@ -213,11 +228,12 @@ class NMSparsity(Pass):
             gains[f"group {group.id} ({group.size} ch)"] = f"+{after / before - 1:.2%} retained"
         return gains
 
-    def _sparsegpt(self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any) -> None:
+    def _sparsegpt(self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any) -> list[str]:
         """:func:`~graphprune.algorithms.sparsegpt.sparsegpt_layers` on one part of the model, each
         layer's inputs read from the model as already sparsified upstream; linear layers reading one
         activation share its Hessian (convs see it through their own patch geometry).  Learned masks
-        start from the dense weights: the new values are not written."""
+        start from the dense weights: the new values are not written.  Returns the layers whose solve
+        was retried in float64."""
         by_input: dict[tuple, list[WeightLayer]] = {}
         for layer in layers:
             by_input.setdefault((layer.activation, layer.owner if layer.layout == CONV else None), []).append(layer)
@@ -227,14 +243,15 @@ class NMSparsity(Pass):
             learned = self.method == "learned"
             state.write_nm(layer, keep, pattern, values=None if learned else new, zero_pruned=not learned)
 
-        sparsegpt_layers(
+        return sparsegpt_layers(
             list(by_input.values()),
-            lambda layer: layer_hessians(state, layer, calibration),
+            lambda layer, precision: layer_hessians(state, layer, calibration, precision),
             state.weight,
             write,
             lambda layer: NMPattern(self.n, self.m, layer.layout),
             block=self.block,
             damp=self.damp,
+            precision=self.precision,
         )
 
 

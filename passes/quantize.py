@@ -109,6 +109,9 @@ class Quantize(Pass):
                 chosen.append(layer)
         return chosen, skipped
 
+    def reads_calibration(self) -> bool:
+        return True
+
     def call(self, state: Frontend[Any]) -> PassResult:
         state.single_process_only("Quantize's calibration of activation ranges")
         layers, skipped = self.selected(state)

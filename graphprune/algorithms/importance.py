@@ -103,9 +103,10 @@ def _tensor(model: nn.Module | Mapping[str, torch.Tensor], name: str) -> torch.T
 
 
 def _scatter(analysis: Analysis, group: Group, atom: int, per_position: torch.Tensor) -> torch.Tensor:
+    """A group's channel scores from per-position ones; on the CPU, as plans are (a vector per group)."""
     idx = analysis.spaces.leaf_index(atom, group.leaf)
     valid = idx >= 0
-    out = torch.zeros(group.size, dtype=torch.float64)
+    out = torch.zeros(group.size, dtype=torch.float64, device="cpu")
     out.index_add_(0, idx[valid], per_position.detach()[valid].double().cpu())
     return out
 
@@ -127,7 +128,7 @@ class _PerGroup(Importance):
 
 def _magnitude(p: int) -> GroupScore:
     def score(analysis: Analysis, group: Group, model: nn.Module) -> torch.Tensor:
-        total = torch.zeros(group.size, dtype=torch.float64)
+        total = torch.zeros(group.size, dtype=torch.float64, device="cpu")
         for m in group.members:
             if m.kind == "parameter":
                 t = _tensor(model, m.name)
@@ -140,7 +141,7 @@ def _magnitude(p: int) -> GroupScore:
 
 def _bn_scale(analysis: Analysis, group: Group, model: nn.Module) -> torch.Tensor:
     """|gamma| of the group's BatchNorm layers; a group without one is scored by L2 (said in the docs)."""
-    total = torch.zeros(group.size, dtype=torch.float64)
+    total = torch.zeros(group.size, dtype=torch.float64, device="cpu")
     found = False
     for m in group.members:
         owner = model.get_submodule(m.module) if m.module else model
@@ -163,7 +164,7 @@ class Taylor(Importance):
     def scores(self, analysis, model, groups, calibration):
         params = dict(model.named_parameters(remove_duplicate=False))
         flags = {name: p.requires_grad for name, p in params.items()}
-        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+        totals = {g.id: torch.zeros(g.size, dtype=torch.float64, device="cpu") for g in groups}
         try:
             for p in params.values():
                 p.requires_grad_(True)
@@ -174,7 +175,7 @@ class Taylor(Importance):
                     raise InputError("loss_fn must return a scalar tensor")
                 loss.backward()
                 for g in groups:
-                    s = torch.zeros(g.size, dtype=torch.float64)
+                    s = torch.zeros(g.size, dtype=torch.float64, device="cpu")
                     for m in g.members:
                         p = params.get(m.name)
                         if m.kind == "parameter" and p is not None and p.grad is not None:
@@ -184,7 +185,7 @@ class Taylor(Importance):
             model.zero_grad(set_to_none=True)
             for name, p in params.items():
                 p.requires_grad_(flags[name])
-        count = torch.tensor(float(len(calibration)), dtype=torch.float64)
+        count = torch.tensor(float(len(calibration)), dtype=torch.float64, device="cpu")
         reduce_sum(*totals.values(), count)  # over the ranks of a distributed run
         return {gid: t / max(float(count), 1.0) for gid, t in totals.items()}
 
@@ -226,7 +227,7 @@ class InputWeighted(Importance):
         ]
 
     def scores(self, analysis, model, groups, calibration):
-        totals = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+        totals = {g.id: torch.zeros(g.size, dtype=torch.float64, device="cpu") for g in groups}
         for found in calibration:
             layer, (mean, mean_sq) = found.layer, found.moments
             per_channel = self._combine(mean, mean_sq, input_channel_norms(found.weight, layer.layout, layer.groups))

@@ -1,7 +1,7 @@
 """Per-channel moments of activations, batch by batch: what Wanda's scores, the activation-based
 channel criteria and bias compensation read from a calibration run, whatever the frontend.
 
-Sums are kept in float64 on the CPU, in memory proportional to the channel count; a distributed
+Sums are kept in float64 on the activations' device, in memory proportional to the channel count; a distributed
 run sums :attr:`ChannelMoments.sums`, :attr:`~ChannelMoments.squares` and the row count over the
 ranks before :meth:`~ChannelMoments.moments`.
 """
@@ -28,7 +28,7 @@ class ChannelMoments:
 
     def add(self, x: torch.Tensor, channel_axis: int) -> None:
         flat = x.detach().double().movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
-        sums, squares = flat.sum(1).cpu(), flat.pow(2).sum(1).cpu()
+        sums, squares = flat.sum(1), flat.pow(2).sum(1)
         self.sums = sums if self.sums is None else self.sums + sums
         self.squares = squares if self.squares is None else self.squares + squares
         self.count += flat.shape[1]
@@ -56,7 +56,7 @@ def input_moments(
     for name, total in totals.items():  # every rank observes the same layers, in the same order
         if total.sums is None or total.squares is None:
             continue
-        count = torch.tensor(float(total.count), dtype=torch.float64)
+        count = torch.tensor(float(total.count), dtype=torch.float64, device=total.sums.device)
         state.reduce_sum(total.sums, total.squares, count)
         moments[name] = total.moments(count)
     return moments

@@ -88,7 +88,8 @@ class RangeObserver:
         if self.method == "percentile" and high > low:
             if self.hist is not None and (low, high) != (self.low, self.high):
                 width = (self.high - self.low) / self.BINS
-                centers = self.low + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
+                bins = torch.arange(self.BINS, dtype=torch.float64, device=self.hist.device)
+                centers = self.low + (bins + 0.5) * width
                 self.hist = self._binned(centers, low, high, self.hist)
             self.hist = self._binned(flat, low, high) + (self.hist if self.hist is not None else 0)
         self.low, self.high = low, high
@@ -107,8 +108,8 @@ class RangeObserver:
         total = cumulative[-1].item()
         tail = total * (1 - self.percentile / 100)
         width = (self.high - self.low) / self.BINS
-        first = int(torch.searchsorted(cumulative, torch.tensor([tail], dtype=torch.float64), right=True).item())
-        last = int(torch.searchsorted(cumulative, torch.tensor([total - tail], dtype=torch.float64)).item())
+        first = int(torch.searchsorted(cumulative, cumulative.new_tensor([tail]), right=True).item())
+        last = int(torch.searchsorted(cumulative, cumulative.new_tensor([total - tail])).item())
         return self.low + first * width, self.low + (min(last, self.BINS - 1) + 1) * width
 
     def qparams(self) -> tuple[float, int]:

@@ -141,8 +141,7 @@ def prune(
     shapes_before = weight_shapes(model)
     captured = capture(model, example_inputs)
     if calibration is not None:  # materialised once: every pass sees the same batches, even from a generator
-        calibration = list(calibration)
-        check_calibration(calibration, captured.args, captured.kwargs)
+        calibration = check_calibration(list(calibration), captured.args, captured.kwargs)
     working = model if inplace else clone(model)
     reference = run_outputs(working, captured)  # a forward may change its module's state: never the caller's
     state = CompressionState(
@@ -226,8 +225,7 @@ def plan(
     captured = capture(model, example_inputs)
     data = None
     if calibration is not None:
-        data = list(calibration)
-        check_calibration(data, captured.args, captured.kwargs)
+        data = check_calibration(list(calibration), captured.args, captured.kwargs)
     folder = tempfile.mkdtemp(prefix="graphprune-plan-", dir=scratch)
     try:
         state = CompressionState(clone(model), captured, stage, prunable_outputs=tuple(prunable_outputs))

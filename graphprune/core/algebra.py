@@ -359,7 +359,7 @@ class Spaces:
         size = self.solver.size
         return self._fold(
             atom,
-            lambda leaf: keep[leaf] if leaf in keep else torch.ones(size(leaf), dtype=torch.bool),
+            lambda leaf: keep[leaf] if leaf in keep else torch.ones(size(leaf), dtype=torch.bool, device="cpu"),
             torch.cat,
             lambda a, b: (a[:, None] & b[None, :]).reshape(-1),
         )
@@ -377,7 +377,7 @@ class Spaces:
         size = self.solver.size
 
         def at_leaf(leaf: int) -> torch.Tensor:
-            return order[leaf] if leaf in order else torch.arange(size(leaf))
+            return order[leaf] if leaf in order else torch.arange(size(leaf), device="cpu")
 
         def join(parts: list[torch.Tensor]) -> torch.Tensor:
             offsets, out = 0, []
@@ -393,7 +393,7 @@ class Spaces:
         size = self.solver.size
         return self._fold(
             atom,
-            lambda x: torch.arange(size(x)) if x == leaf else torch.full((size(x),), -1),
+            lambda x: torch.arange(size(x), device="cpu") if x == leaf else torch.full((size(x),), -1, device="cpu"),
             torch.cat,
             lambda a, b: torch.maximum(a[:, None], b[None, :]).reshape(-1),
         )

@@ -69,6 +69,10 @@ class State(Protocol):
     def mark_stage(self) -> None:
         """Record the stage on the model, so that it travels with it."""
 
+    def calibration_size(self) -> tuple[int, str] | None:
+        """How much calibration data there is, as ``(count, unit)``: tokens where the batches' first
+        input holds token ids, else samples; None without any."""
+
 
 Check = Callable[[State, "Pass"], None]
 
@@ -138,6 +142,10 @@ class Pass(abc.ABC):
                 "the report will record it"
             )
         return message
+
+    def reads_calibration(self) -> bool:
+        """Whether the pass, with its options, runs calibration data (the report then gives the rate)."""
+        return False
 
     @abc.abstractmethod
     def call(self, state: Any) -> PassResult:
@@ -213,12 +221,18 @@ class PassManager:
                 result.details["experimental order"] = (
                     f"ran on a {before} model; normally refused: {p.experimental[before]}"
                 )
+            seconds = time.perf_counter() - start
             state = result.state
+            if p.reads_calibration() and (size := state.calibration_size()) is not None:
+                count, unit = size
+                result.details["calibration rate"] = (
+                    f"{count} {unit} in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} {unit}/s)"
+                )
             new_params, new_macs = state.param_count(), state.macs()
             report.rows.append(
                 ReportRow(
                     pass_name=p.name,
-                    seconds=time.perf_counter() - start,
+                    seconds=seconds,
                     params_before=params,
                     params_after=new_params,
                     macs_before=macs,

@@ -79,8 +79,8 @@ class Plan:
         out = {}
         for gid, kept in self.keep.items():
             group = analysis.group(gid)
-            mask = torch.zeros(group.size, dtype=torch.bool)
-            mask[torch.tensor(kept, dtype=torch.long)] = True
+            mask = torch.zeros(group.size, dtype=torch.bool, device="cpu")
+            mask[torch.tensor(kept, dtype=torch.long, device="cpu")] = True
             out[group.leaf] = mask
         return out
 

@@ -84,11 +84,15 @@ def fine_tune(
     recipe: str = "sr-ste",
     steps: int = 100,
     lr: float = 1e-3,
+    precision: str = "float32",
 ) -> PlanFile:
-    """N:M masks from ``method``, then recovery fine-tuning with :class:`SparseTraining`; the plan
-    carries the masks and the trained values of every parameter."""
+    """N:M masks from ``method`` (SparseGPT solving in ``precision``), then recovery fine-tuning with
+    :class:`SparseTraining`; the plan carries the masks and the trained values of every parameter."""
     result = prune(
-        setup.model, setup.example_inputs, [NMSparsity(n, m, method=method)], calibration=_calibration(setup, method)
+        setup.model,
+        setup.example_inputs,
+        [NMSparsity(n, m, method=method, precision=precision)],
+        calibration=_calibration(setup, method),
     )
     model = result.module
     trainer = SparseTraining(model, recipe=recipe)
@@ -174,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"])
             sub.add_argument("--recipe", default="sr-ste", choices=["sr-ste", "mask-decay", "fixed"])
             sub.add_argument("--lr", type=float, default=1e-3)
+            sub.add_argument(
+                "--precision", default="float32", choices=["float32", "float64"], help="SparseGPT's Hessians and solves"
+            )
     return top
 
 
@@ -195,7 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             plan = fine_tune(
-                setup, n=args.n, m=args.m, method=args.method, recipe=args.recipe, steps=args.steps, lr=args.lr
+                setup,
+                n=args.n,
+                m=args.m,
+                method=args.method,
+                recipe=args.recipe,
+                steps=args.steps,
+                lr=args.lr,
+                precision=args.precision,
             )
         if rank() == 0:
             json_path, _ = plan.save(args.out)

@@ -100,6 +100,15 @@ class OnnxState:
     def mark_stage(self) -> None:
         self.capture.model.metadata_props[STAGE_KEY] = str(self.stage)
 
+    def calibration_size(self) -> tuple[int, str] | None:
+        """Tokens where every feed's first input holds integers (token ids), else samples."""
+        if not self.calibration:
+            return None
+        firsts = [np.asarray(next(iter(feed.values()))) for feed in self.calibration if feed]
+        if firsts and all(np.issubdtype(a.dtype, np.integer) for a in firsts):
+            return sum(a.size for a in firsts), "tokens"
+        return sum(a.shape[0] if a.ndim else 1 for a in firsts), "samples"
+
     # What passes ask of a state (graphprune.core.frontend.Frontend); the torch state answers the same.
     def weight_layers(self) -> tuple[list[OnnxLayer], dict[str, str]]:
         found, skipped = layers.weight_layers(self.capture.model)

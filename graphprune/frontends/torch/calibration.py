@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import WeightLayer
@@ -113,6 +114,8 @@ class Runner(abc.ABC):
     """Calibration data that runs the model itself, e.g. block by block with weights streamed
     from a checkpoint (:mod:`graphprune.frontends.torch.streaming`), instead of one forward call per batch."""
 
+    batches: list[Any]  # the calibration batches it runs
+
     @abc.abstractmethod
     def drive(self, model: nn.Module, watch: Watch) -> None:
         """Run every batch through ``model`` (in eval mode, without gradients); hooks are set."""
@@ -144,19 +147,40 @@ def batches(calibration: Iterable[Any] | Runner | None, purpose: str) -> Calibra
     return data
 
 
-def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict) -> None:
+def calibration_size(data: Iterable[Any] | Runner | None) -> tuple[int, str] | None:
+    """``(count, unit)`` of the calibration data: tokens where each batch's first input holds
+    integers (token ids), else samples (the first input's leading dim)."""
+    if data is None:
+        return None
+    firsts = []
+    for batch in data.batches if isinstance(data, Runner) else data:
+        args, kwargs = normalize_inputs(batch)
+        first = next((v for _, v in input_leaves(args, kwargs) if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            firsts.append(first)
+    if not firsts:
+        return None
+    if all(not t.is_floating_point() and t.dtype != torch.bool for t in firsts):
+        return sum(t.numel() for t in firsts), "tokens"
+    return sum(t.shape[0] if t.dim() else 1 for t in firsts), "samples"
+
+
+def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict) -> list[Any]:
     """Refuse calibration batches that cannot stand for the example inputs, before any pass runs
-    them.  A batch in the example's form (positional, keyword) must have its inputs, no more, no
-    fewer; a batch in the other form (arrays keyed by input name for a positional example, as the
-    CLI's ``.npz`` files give) is matched to ``forward``'s parameters by the model itself, where
+    them; returns the batches with their tensors on the example inputs' device (a model's data goes
+    where the model is; the model never moves).
+
+    A batch in the example's form (positional, keyword) must have its inputs, no more, no fewer;
+    a batch in the other form (arrays keyed by input name for a positional example, as the CLI's
+    ``.npz`` files give) is matched to ``forward``'s parameters by the model itself, where
     :func:`forward_batch` names it if it does not fit.  Every tensor paired with an example tensor
-    must have its rank, dtype and device (but for a model on ``meta``, whose example inputs are
-    moved there while batches run where a streamed plan loads the weights); every tensor must have
-    at least one element, and floats must be finite.  Sizes may differ, since batches run the model
-    itself: the batch dim, and dims the model does not fix, such as a language model's sequence
-    length (a size the model fixes, a channel count, fails in its forward, named by
-    :func:`forward_batch`)."""
+    must have its rank and dtype, and values (not ``meta``); every tensor must have at least one
+    element, and floats must be finite.  Sizes may differ, since batches run the model itself:
+    the batch dim, and dims the model does not fix, such as a language model's sequence length (a
+    size the model fixes, a channel count, fails in its forward, named by :func:`forward_batch`)."""
     example = dict(input_leaves(example_args, example_kwargs))
+    devices = {t.device for t in example.values() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    placed = []
     for i, batch in enumerate(data):
         try:
             args, kwargs = normalize_inputs(batch)
@@ -180,14 +204,23 @@ def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict
                     raise InputError(
                         f"{at}: {value.dim()}-d {value.dtype}, but the example input is {want.dim()}-d {want.dtype}"
                     )
-                if want.device.type != "meta" and value.device != want.device:
-                    raise InputError(
-                        f"{at}: on {value.device}, but the example input is on {want.device}; move the batch there"
-                    )
+                if value.device.type == "meta" and want.device.type != "meta":
+                    raise InputError(f"{at}: on meta, but the example input is on {want.device}: a batch needs values")
             if value.numel() == 0:
                 raise InputError(f"{at}: empty (shape {tuple(value.shape)}): a batch needs at least one row")
             if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
                 raise InputError(f"{at}: contains NaN or Inf")
+        placed.append(_moved(batch, devices))
+    return placed
+
+
+def _moved(batch: Any, devices: set[torch.device]) -> Any:
+    """``batch`` with its tensors on the example inputs' device, where they all have one (inputs
+    spread over several devices are the model's own arrangement: the batch is left as it is)."""
+    if len(devices) != 1:
+        return batch
+    device = next(iter(devices))
+    return pytree.tree_map_only(torch.Tensor, lambda t: t if t.device == device else t.to(device), batch)
 
 
 def forward_batch(model: nn.Module, batch: Any, index: int) -> Any:

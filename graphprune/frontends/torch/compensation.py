@@ -188,11 +188,12 @@ def refit_norms(model: nn.Module, records: dict[str, NormRecord]) -> dict[str, t
         for name, record in records.items():
             module = model.get_submodule(name)
             k = int(record.keep.sum())
-            s = {key: torch.zeros(k, dtype=torch.float64) for key in ("z", "y", "zz", "zy", "yy")}
+            device = record.inputs[0].device if record.inputs else None
+            s = {key: torch.zeros(k, dtype=torch.float64, device=device) for key in ("z", "y", "zz", "zy", "yy")}
             rows = 0
             for x, y in zip(record.inputs, record.targets, strict=True):
-                z = module(x[..., record.keep]).double().reshape(-1, k).cpu()
-                y = y.double().reshape(-1, k).cpu()
+                z = module(x[..., record.keep.to(x.device)]).double().reshape(-1, k)
+                y = y.double().reshape(-1, k)
                 rows += z.shape[0]
                 for key, value in (("z", z), ("y", y), ("zz", z * z), ("zy", z * y), ("yy", y * y)):
                     s[key] += value.sum(0)
@@ -280,7 +281,8 @@ def _refit(
     def columns(x: torch.Tensor, group: int) -> torch.Tensor:
         x = x.detach().double()
         cols = conv_columns(x, ConvGeometry.of(module), group) if layer.layout == CONV else x.reshape(-1, x.shape[-1])
-        return torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1) if bias is not None else cols
+        ones = torch.ones(cols.shape[0], 1, dtype=cols.dtype, device=cols.device)
+        return torch.cat([cols, ones], 1) if bias is not None else cols
 
     def targets(y: torch.Tensor, group: int) -> torch.Tensor:
         y = y.detach().double()
@@ -348,7 +350,7 @@ def _solve(eqs: tuple, current: torch.Tensor, damp: float) -> torch.Tensor:
     little, they stay.  Returns ``[out, k]``."""
     gram, cross = eqs[0], eqs[1]
     strength = damp * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + strength * eye, cross + strength * current.T).T
 
 

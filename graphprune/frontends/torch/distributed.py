@@ -69,11 +69,18 @@ def split_batch(batch: Any, index: int | None = None, parts: int | None = None) 
 
 
 def reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over the ranks, in place (all ranks must call this in the same order)."""
+    """Sum each tensor over the ranks, in place (all ranks must call this in the same order); a
+    CPU tensor goes through the GPU where the backend (NCCL) reduces only GPU tensors."""
     if world_size() == 1:
         return
+    gpu_only = dist.get_backend() == "nccl"
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if gpu_only and t.device.type != "cuda":
+            moved = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def reduce_mean(value: float) -> float:

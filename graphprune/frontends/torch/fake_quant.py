@@ -80,8 +80,9 @@ def quantize_activation(module: nn.Module, where: str, scale: float, zero_point:
     """Fake-quantize the first input (``where="input"``) or the output of every call of ``module``."""
     if where not in ("input", "output"):
         raise ValueError(where)
-    module.register_buffer(f"q{where}_scale", torch.tensor(scale, dtype=torch.float32))
-    module.register_buffer(f"q{where}_zero_point", torch.tensor(zero_point, dtype=torch.int32))
+    device = next((t.device for t in module.parameters()), None)  # the module's own device
+    module.register_buffer(f"q{where}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+    module.register_buffer(f"q{where}_zero_point", torch.tensor(zero_point, dtype=torch.int32, device=device))
     if where == "input":
         module.register_forward_pre_hook(_quantize_input, with_kwargs=True)
     else:

@@ -28,7 +28,15 @@ from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
-from graphprune.frontends.torch.calibration import Calibration, Consumer, batches, check_input, consumers, run_batches
+from graphprune.frontends.torch.calibration import (
+    Calibration,
+    Consumer,
+    batches,
+    calibration_size,
+    check_input,
+    consumers,
+    run_batches,
+)
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
 from graphprune.frontends.torch.compensation import ModuleRefit, apply_bias_corrections
 from graphprune.frontends.torch.distributed import reduce_sum, single_process_only
@@ -112,6 +120,9 @@ class CompressionState:
 
     def mark_stage(self) -> None:
         setattr(self.model, STAGE_ATTRIBUTE, self.stage)
+
+    def calibration_size(self) -> tuple[int, str] | None:
+        return calibration_size(self.calibration)
 
     # What passes ask of a state (graphprune.core.frontend.Frontend); the ONNX state answers the same.
     def weight_layers(self) -> tuple[list[Consumer], dict[str, str]]:
@@ -299,12 +310,15 @@ class CompressionState:
         its weight, input, a convolution's output, its bias."""
         for name, layer in plan.layers.items():
             owner = self.model.get_submodule(layer.module)
-            weight_fake_quant(owner, name.rpartition(".")[2], torch.tensor(layer.weight_scale), layer.axis)
+            device = tensor_at(self.model, name).device
+            weight_fake_quant(
+                owner, name.rpartition(".")[2], torch.tensor(layer.weight_scale, device=device), layer.axis
+            )
             quantize_activation(owner, "input", *layer.input)
             if layer.output is not None:
                 quantize_activation(owner, "output", *layer.output)
             if layer.bias is not None and layer.bias_scale is not None:
-                quantize_bias(owner, layer.bias.rpartition(".")[2], torch.tensor(layer.bias_scale))
+                quantize_bias(owner, layer.bias.rpartition(".")[2], torch.tensor(layer.bias_scale, device=device))
         recorded = read_quant_plan(self.model)
         return recorded if recorded is not None else plan
 
