@@ -45,6 +45,74 @@ L = TypeVar("L", bound=_Layer)
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
+@dataclass
+class InverseFactor:
+    """What SparseGPT needs of a Hessian: the upper Cholesky factor of its damped inverse, the
+    inputs that never fire (their weights go to zero), and the precision it was made in."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    precision: str
+
+
+def inverse_factor(
+    hessian: torch.Tensor, *, damp: float, precision: str = "float32", consume: bool = False
+) -> InverseFactor:
+    """The :class:`InverseFactor` of ``hessian`` in ``precision``, or in float64 where the damped
+    Hessian has no Cholesky factor in float32; on the Hessian's device.  ``consume=True`` lets it
+    work in ``hessian``'s own memory (destroying it) instead of a copy.  Raises
+    :class:`Unfactorable` where it has none in float64 either."""
+    dtype = PRECISIONS[precision]
+    h = hessian.detach()
+    h = h if consume and h.dtype == dtype else h.to(dtype, copy=True)
+    dead = torch.diagonal(h) == 0  # inputs that never fire carry no information
+    h[dead, dead] = 1.0
+    upper = _inverse_factor(h, damp)
+    if upper is None and dtype != torch.float64:
+        precision = "float64"
+        h = hessian.detach().to(torch.float64, copy=True)
+        h[dead, dead] = 1.0
+        upper = _inverse_factor(h, damp)
+    if upper is None:
+        raise Unfactorable(
+            f"SparseGPT: a damped {tuple(hessian.shape)} Hessian has no Cholesky factor even in float64 (its "
+            f"inputs are nearly linearly dependent): raise damp (now {damp})"
+        )
+    return InverseFactor(upper, dead, precision)
+
+
+def prune_columns(
+    weight: torch.Tensor, factor: InverseFactor, pattern: NMPattern, *, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's column loop on ``weight [rows, cols]``: returns the updated weight, in the factor's
+    precision, and its keep-mask, both on the weight's device."""
+    n, m = pattern.n, pattern.m
+    block = max(m, block - block % m)
+    device = weight.device
+    inverse, dead = factor.upper.to(device), factor.dead.to(device)
+    # transposed, [cols, rows]: a column is a contiguous row, and each update is one in-place kernel
+    wt = weight.detach().t().to(dtype=inverse.dtype, memory_format=torch.contiguous_format, copy=True)
+    wt[dead] = 0.0
+    cols, rows = wt.shape
+    keep = torch.zeros(cols, rows, dtype=torch.bool, device=device)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w1, k1 = wt[start:end], keep[start:end]  # views
+        inv1 = inverse[start:end, start:end]
+        diagonal = torch.diagonal(inv1)
+        errors = torch.empty_like(w1)
+        for i in range(end - start):
+            if i % m == 0:
+                scores = w1[i : i + m].square() / diagonal[i : i + m, None].square()
+                k1[i : i + m].scatter_(0, scores.topk(n, dim=0).indices, True)
+            error = torch.mul(w1[i], ~k1[i], out=errors[i]).div_(diagonal[i])
+            w1[i:].addr_(inv1[i, i:], error, alpha=-1)  # spread column i's error over the block
+            w1[i].mul_(k1[i])  # its kept weights are unchanged; its pruned ones exactly 0
+        if end < cols:
+            wt[end:].addmm_(inverse[start:end, end:].t(), errors, alpha=-1)  # and over the columns after it
+    return wt.t(), keep.t()
+
+
 def prune_matrix(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -52,57 +120,12 @@ def prune_matrix(
     *,
     block: int = 128,
     damp: float = 0.01,
-    consume: bool = False,
     precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Return (updated weight, keep mask), both ``[rows, cols]`` on the weight's device, and the
-    precision the solve ran in: ``precision`` (float32 by default, as the reference implementations),
-    or float64 where the damped Hessian has no Cholesky factor in float32.  ``consume=True`` lets the
-    solve work in ``hessian``'s own memory (destroying it) instead of a copy.  Raises
-    :class:`Unfactorable` where it has none in float64 either."""
-    n, m = pattern.n, pattern.m
-    block = max(m, block - block % m)
-    dtype = PRECISIONS[precision]
-    device = weight.device
-    h = hessian.detach().to(device)
-    h = h if consume and h.dtype == dtype and h.data_ptr() == hessian.data_ptr() else h.to(dtype, copy=True)
-    dead = torch.diagonal(h) == 0  # inputs that never fire carry no information
-    h[dead, dead] = 1.0
-    inverse = _inverse_factor(h, damp)
-    if inverse is None and dtype != torch.float64:
-        dtype, precision = torch.float64, "float64"
-        h = hessian.detach().to(device=device, dtype=dtype, copy=True)
-        h[dead, dead] = 1.0
-        inverse = _inverse_factor(h, damp)
-    if inverse is None:
-        raise Unfactorable(
-            f"SparseGPT: the damped Hessian of a {tuple(weight.shape)} weight has no Cholesky factor even in "
-            f"float64 (its inputs are nearly linearly dependent): raise damp (now {damp})"
-        )
-    del h
-    w = weight.detach().to(dtype, copy=True)
-    w[:, dead] = 0.0
-    rows, cols = w.shape
-    keep = torch.zeros(rows, cols, dtype=torch.bool, device=device)
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        w1 = w[:, start:end].clone()
-        inv1 = inverse[start:end, start:end]
-        errors = torch.zeros_like(w1)
-        for i in range(end - start):
-            if i % m == 0:
-                scores = w1[:, i : i + m].pow(2) / torch.diagonal(inv1)[i : i + m].pow(2)
-                chosen = scores.topk(n, dim=1).indices
-                keep[:, start + i : start + i + m].scatter_(1, chosen, True)
-            column = w1[:, i]
-            kept = column * keep[:, start + i]
-            error = (column - kept) / inv1[i, i]
-            w1[:, i:] -= error[:, None] * inv1[i, i:][None, :]
-            w1[:, i] = kept
-            errors[:, i] = error
-        w[:, start:end] = w1
-        w[:, end:] -= errors @ inverse[start:end, end:]
-    return w * keep, keep, precision
+    """SparseGPT on ``weight [rows, cols]``: (updated weight, keep mask, the precision the solve
+    ran in); see :func:`inverse_factor` and :func:`prune_columns`."""
+    factor = inverse_factor(hessian.to(weight.device), damp=damp, precision=precision)
+    return *prune_columns(weight, factor, pattern, block=block), factor.precision
 
 
 class Unfactorable(InputError):
@@ -218,33 +241,19 @@ def layer_hessians(
 
 
 def prune_layer(
-    weight: torch.Tensor,
-    layout: str,
-    hessians: list[torch.Tensor],
-    pattern: NMPattern,
-    *,
-    block: int,
-    damp: float,
-    consume: bool = False,
-    precision: str = "float32",
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """SparseGPT on one layer's weight (its stored layout): each conv group against its own Hessian.
-    Returns the new weight, in the weight's dtype, its keep-mask, and whether a float32 solve had to
-    be retried in float64; ``consume`` lets the solve use up the Hessians (the last layer that reads
-    them)."""
+    weight: torch.Tensor, layout: str, factors: list[InverseFactor], pattern: NMPattern, *, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one layer's weight (its stored layout): each conv group against its own
+    Hessian's factor.  Returns the new weight, in the weight's dtype, and its keep-mask."""
     new, keep = torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool)
-    rows = weight.shape[0] // len(hessians) if layout == CONV else None
-    retried = False
-    for g, hessian in enumerate(hessians):
+    rows = weight.shape[0] // len(factors) if layout == CONV else None
+    for g, factor in enumerate(factors):
         target = slice(g * rows, (g + 1) * rows) if rows else slice(None)
         part = weight[target]
-        w, k, used = prune_matrix(
-            to_matrix(part, layout), hessian, pattern, block=block, damp=damp, consume=consume, precision=precision
-        )
+        w, k = prune_columns(to_matrix(part, layout), factor, pattern, block=block)
         new[target] = from_matrix(w, layout, part.shape).to(weight.dtype)
         keep[target] = from_matrix(k, layout, part.shape)
-        retried |= used != precision
-    return new, keep, retried
+    return new, keep
 
 
 def sparsegpt_layers(
@@ -259,32 +268,27 @@ def sparsegpt_layers(
     precision: str = "float32",
 ) -> list[str]:
     """SparseGPT over a model, group by group in graph order: a group is the layers that read one
-    activation, whose Hessian ``hessians(first layer, precision)`` reads from the model as already
-    sparsified upstream; ``write(layer, new weight, keep-mask)`` puts each result where the frontend
-    keeps it.  A float32 solve that fails is retried in float64, from the same sums and, where those
-    lost too much, from sums accumulated again in float64.  Returns the layers retried so."""
+    activation, whose Hessians ``hessians(first layer, precision)`` read from the model as already
+    sparsified upstream are factored once for the group; ``write(layer, new weight, keep-mask)``
+    puts each result where the frontend keeps it.  A float32 factorisation that fails is retried in
+    float64, from the same sums and, where those lost too much, from sums accumulated again in
+    float64.  Returns the layers retried so."""
     retried = []
     for group in tqdm(groups, desc="SparseGPT", unit="input", disable=None, leave=False):
-        shared, used = hessians(group[0], precision), precision
-        for j, layer in enumerate(group):
-            while True:  # at most twice: in precision, then from float64 sums
-                try:
-                    new, keep, again = prune_layer(
-                        weight(layer),
-                        layer.layout,
-                        shared,
-                        pattern(layer),
-                        block=block,
-                        damp=damp,
-                        consume=j == len(group) - 1,
-                        precision=used,
-                    )
-                    break
-                except Unfactorable:
-                    if used == "float64":
-                        raise
-                    shared, used = hessians(group[0], "float64"), "float64"
+        try:
+            factors = [
+                inverse_factor(h, damp=damp, precision=precision, consume=True) for h in hessians(group[0], precision)
+            ]
+        except Unfactorable:
+            if precision == "float64":
+                raise
+            factors = [
+                inverse_factor(h, damp=damp, precision="float64", consume=True) for h in hessians(group[0], "float64")
+            ]
+        again = any(f.precision != precision for f in factors)
+        for layer in group:
+            new, keep = prune_layer(weight(layer), layer.layout, factors, pattern(layer), block=block)
             write(layer, new, keep)
-            if again or used != precision:
+            if again:
                 retried.append(layer.weight)
     return retried
