@@ -14,8 +14,9 @@ Rows:
 * ``graphprune, float64``: the same pass with Hessians accumulated and solved in float64
   (``precision="float64"``, the default before issue 21), for the quality of float32 solves.
 
-Each row prints seconds, the ratio to the reference and the mean cosine between dense and sparse
-sentence embeddings on held-out sentences.
+Each row prints seconds, the ratio to the reference, the mean cosine between dense and sparse
+sentence embeddings on held-out sentences, and the peak resident memory the row added to the
+process (sampled every 5 ms from ``/proc/self/status``; the model itself is already resident).
 
 Then the solves alone on one LLaMA-7B-shaped block (random weights and Hessians; q, k, v share a
 Hessian, as gate and up do): seconds per layer against the FLOP-count lower bound at the
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 
@@ -60,6 +62,37 @@ def sentences(count: int) -> list[str]:
 
 def batched(texts: list[str], size: int = 32) -> list[dict]:
     return [tokenize(texts[i : i + size]) for i in range(0, len(texts), size)]
+
+
+class PeakMemory:
+    """The most resident memory (MiB) the process held beyond what it held on entry, sampled by a
+    thread (Linux ``/proc/self/status``; 0 where that is missing)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = _resident_mib()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _resident_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *_: object) -> None:
+        self.running = False
+        self.thread.join()
+        self.added = self.peak - self.start
+
+
+def _resident_mib() -> float:
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
 
 
 @contextlib.contextmanager
@@ -181,21 +214,27 @@ def llama_block_solves(scale: float) -> None:
         f"\nLLaMA-7B-shaped block x{scale:g} (hidden {hidden}, MLP {mlp}): SparseGPT 2:4 solves, "
         f"float32 matmul at {rate / 1e9:.0f} GFLOP/s"
     )
-    print(f"{'layers':<28}{'shape':>14}{'seconds':>9}{'lower bound':>13}{'efficiency':>12}")
+    print(f"{'layers':<28}{'shape':>14}{'seconds':>9}{'lower bound':>13}{'efficiency':>12}{'peak MiB':>10}")
     g = torch.Generator().manual_seed(0)
     total, bound_total = 0.0, 0.0
     for names, (rows, cols) in shared:
         x = torch.randn(4 * cols, cols, generator=g)
         hessian = 2 * x.T @ x / x.shape[0]
         weights = [torch.randn(rows, cols, generator=g) for _ in names]
-        start = time.perf_counter()
-        factor = inverse_factor(hessian, damp=0.01, consume=True)  # once per group, as the pass does
-        for weight in weights:
-            prune_layer(weight, LINEAR, [factor], NMPattern(2, 4, LINEAR), block=128)
-        seconds = time.perf_counter() - start
+        del x
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            factor = inverse_factor(hessian, damp=0.01, consume=True)  # once per group, as the pass does
+            for weight in weights:
+                prune_layer(weight, LINEAR, [factor], NMPattern(2, 4, LINEAR), block=128)
+            seconds = time.perf_counter() - start
+        del factor
         bound = (4 / 3 * cols**3 + len(names) * rows * cols**2) / rate
         total, bound_total = total + seconds, bound_total + bound
-        print(f"{', '.join(names):<28}{f'{rows}x{cols}':>14}{seconds:>9.1f}{bound:>13.1f}{bound / seconds:>12.0%}")
+        print(
+            f"{', '.join(names):<28}{f'{rows}x{cols}':>14}{seconds:>9.1f}{bound:>13.1f}{bound / seconds:>12.0%}"
+            f"{memory.added:>10.0f}"
+        )
     print(f"{'block':<28}{'':>14}{total:>9.1f}{bound_total:>13.1f}{bound_total / total:>12.0%}")
 
 
@@ -211,12 +250,13 @@ def main() -> None:
     held = tokenize(HELD_OUT)
     dense = embed(model, held)
     print(f"all-MiniLM-L6-v2, 2:4, {count} calibration sentences of 16 tokens, {torch.get_num_threads()} threads")
-    print(f"{'method':<11}{'implementation':<30}{'seconds':>9}{'x reference':>13}{'cosine':>9}")
+    print(f"{'method':<11}{'implementation':<30}{'seconds':>9}{'x reference':>13}{'cosine':>9}{'peak MiB':>10}")
     for method in ("sparsegpt", "wanda"):
         start = time.perf_counter()
-        pruned = reference(model, calibration, method)
+        with PeakMemory() as memory:
+            pruned = reference(model, calibration, method)
         base = time.perf_counter() - start
-        rows = [("reference", base, embed(pruned, held))]
+        rows = [("reference", base, embed(pruned, held), memory.added)]
         for name, context, precision in (
             ("graphprune", contextlib.nullcontext(), "float32"),
             ("graphprune, float64", contextlib.nullcontext(), "float64"),
@@ -224,7 +264,7 @@ def main() -> None:
         ):
             if method == "wanda" and name != "graphprune":
                 continue  # Wanda reads every layer's statistics in one forward, and solves nothing
-            with context:
+            with context, PeakMemory() as memory:
                 start = time.perf_counter()
                 result = gp.prune(
                     model,
@@ -232,10 +272,12 @@ def main() -> None:
                     passes=[NMSparsity(2, 4, method=method, dense_heads=False, precision=precision)],
                     calibration=calibration,
                 )
-                rows.append((name, time.perf_counter() - start, embed(result.module, held)))
-        for name, seconds, sparse in rows:
+                seconds = time.perf_counter() - start
+            rows.append((name, seconds, embed(result.module, held), memory.added))
+            del result
+        for name, seconds, sparse, added in rows:
             cosine = (sparse * dense).sum(-1).mean().item()
-            print(f"{method:<11}{name:<30}{seconds:>9.1f}{seconds / base:>13.2f}{cosine:>9.3f}")
+            print(f"{method:<11}{name:<30}{seconds:>9.1f}{seconds / base:>13.2f}{cosine:>9.3f}{added:>10.0f}")
     if args.block_scale:
         llama_block_solves(args.block_scale)
 
