@@ -201,7 +201,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         write_graph(analysis, args.graph)
         summary["graph"] = args.graph
     if not args.json:
-        print(analysis.describe(max_groups=args.max_groups))
+        print(analysis.describe(max_groups=args.max_groups, every_frozen=args.all))
         if scores:
             print("channel L2 importance per group (min / median / max):")
             for row in groups[: args.max_groups]:
@@ -403,12 +403,32 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"graphprune: {message}", file=sys.stderr)
 
 
+MODEL_HELP = "package.module:factory (returning the module and example inputs), a .pt2 file or an .onnx file"
+EXAMPLES = {
+    "inspect": "graphprune inspect samples.resnet:build --graph coupling.svg",
+    "prune": "graphprune prune samples.resnet:build -o resnet.onnx --channels 0.3 --nm 2:4 --int8 --latency",
+    "export": "graphprune export samples.resnet:build -o resnet.onnx",
+    "plan": "graphprune plan run1.plan.json run2.plan.json",
+    "apply-checkpoint": "graphprune apply-checkpoint plan.json ./llama-ckpt ./llama-pruned",
+    "bench": "graphprune bench dense.onnx pruned.onnx --batch 8",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="graphprune",
         description="Compress PyTorch models: structured pruning, N:M sparsity, int8; emit verified ONNX.",
     )
     sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (for scripts)")
@@ -421,41 +441,45 @@ def parser() -> argparse.ArgumentParser:
             help=f"replace existing {what} graphprune did not write (never an input)",
         )
 
-    p = sub.add_parser("inspect", help="coupled channel groups, frozen spaces and why, params and MACs")
-    p.add_argument("model")
-    p.add_argument("--max-groups", type=int, default=50)
+    def timing(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runs", type=int, default=20, help="timed runs per model; the median is reported (20)")
+        p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="onnxruntime intra-op threads")
+
+    p = command("inspect", "coupled channel groups, frozen spaces and why, params and MACs")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--max-groups", type=int, default=50, help="groups to list; the rest are counted (50)")
+    p.add_argument("--all", action="store_true", help="list every frozen space, not one line per reason")
     p.add_argument("--graph", help="write the coupling graph: .dot (Graphviz), .svg or .png (drawn)")
     common(p)
-    p = sub.add_parser("prune", help="run passes, write a verified ONNX file and report pages in <out>.report/")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--recipe")
+    p = command("prune", "run passes, write a verified ONNX file and report pages in <out>.report/")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write; its plan and report go beside it")
+    p.add_argument("--recipe", help="a recipe file naming the passes (docs/RECIPES.md), instead of the flags below")
     p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
-    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
     p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
     p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
     p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
     p.add_argument("--calibration", help=".npz or .pt calibration data")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    timing(p)
     overwrite(p)
     common(p)
-    p = sub.add_parser("export", help="write a model as a verified ONNX file")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--static-batch", action="store_true")
+    p = command("export", "write a model as a verified ONNX file")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's (default: dynamic)")
     overwrite(p)
     common(p)
-    p = sub.add_parser("plan", help="what a saved plan decides (result.save_plan), or how two plans differ")
-    p.add_argument("plan")
-    p.add_argument("other", nargs="?")
+    p = command("plan", "what a saved plan decides (result.save_plan), or how two plans differ")
+    p.add_argument("plan", help="a plan file (.plan.json) written by prune or result.save_plan")
+    p.add_argument("other", nargs="?", help="a second plan file: print how the two differ")
     common(p)
-    p = sub.add_parser("apply-checkpoint", help="apply a saved plan to a safetensors checkpoint folder, shard by shard")
-    p.add_argument("plan")
-    p.add_argument("source")
-    p.add_argument("destination")
+    p = command("apply-checkpoint", "apply a saved plan to a safetensors checkpoint folder, shard by shard")
+    p.add_argument("plan", help="the plan file (.plan.json) to apply")
+    p.add_argument("source", help="the checkpoint folder (config.json and safetensors shards); only read")
+    p.add_argument("destination", help="the folder to write the pruned checkpoint into")
     p.add_argument(
         "--config",
         nargs="*",
@@ -466,11 +490,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
     overwrite(p, "destination folders")
     common(p)
-    p = sub.add_parser("bench", help="onnxruntime latency of ONNX files side by side (ratios to the first)")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p = command("bench", "onnxruntime latency of ONNX files side by side (ratios to the first)")
+    p.add_argument("models", nargs="+", help="ONNX files; the first is the baseline of the ratios")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the timed inputs (1)")
+    timing(p)
     common(p)
     return top
 

@@ -46,10 +46,11 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return ResNet().eval(), (torch.randn(2, 3, 32, 32),)
 
 
-def main() -> None:
+def main(folder: str = "graphprune-samples") -> None:
     """Channel pruning at 50% (groups and report), then the whole pipeline: channels, 2:4 and int8,
-    written as an ONNX file that onnxruntime verified (kept in a temporary directory)."""
-    import tempfile
+    written as an ONNX file that onnxruntime verified, into ``folder`` in the working directory
+    (created if needed; a file there that graphprune did not write is never replaced)."""
+    import os
 
     import graphprune as gp
     from graphprune.passes import ChannelPrune, NMSparsity, Quantize
@@ -63,8 +64,10 @@ def main() -> None:
     )
     print()
     print(result.report)
-    with tempfile.TemporaryDirectory() as directory:
-        print(result.export_onnx(f"{directory}/resnet_int8.onnx"))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "resnet_int8.onnx")
+    print(result.export_onnx(path))
+    print(f"\nwritten: {os.path.abspath(path)} (open it in onnxruntime or Netron)")
 
 
 if __name__ == "__main__":

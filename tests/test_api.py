@@ -438,3 +438,16 @@ def test_options_a_mode_cannot_run_are_refused_before_any_pass_runs(pipeline, mo
     assert manager.check_order(Stage.DENSE, MODULE) == []  # everything runs on a module in memory
     with pytest.raises(gp.InputError, match=message):
         manager.check_order(Stage.DENSE, mode)
+
+
+def test_describe_puts_what_a_user_acts_on_first_and_summarises_frozen_spaces_by_reason(sample):
+    analysis = gp.analyze(*sample)
+    short, every = analysis.describe(), analysis.describe(every_frozen=True)
+    windows = [f for f in analysis.frozen if f.reason.why == "convolution kernel window"]
+    assert len(windows) > 10
+    assert short.count("convolution kernel window") == 1  # one line for all of them
+    assert f"convolution kernel window: {len(windows)} spaces in " in short
+    assert every.count("convolution kernel window") == len(windows)
+    interface = short.index("kept whole because they reach the model's inputs or outputs")
+    assert short.index("group 0:") < interface < short.index("frozen, by reason")
+    assert "reaches the model output" in short[interface:]

@@ -4,6 +4,7 @@ calls, without an interpreter start each); the installed entry point runs in a s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -12,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from graphprune import cli
 from tests.command_line import run, run_process
 
 
@@ -222,3 +224,16 @@ def test_prune_and_inspect_an_onnx_file(tmp_path):
     assert [i.name for i in pruned.graph.input] == ["input_1:0"]
     text = run("inspect", str(tmp_path / "keras.onnx"))
     assert text.returncode == 0 and "2 prunable groups" in text.stdout
+
+
+def test_every_option_has_help_and_every_command_an_example():
+    """A new option without help text, or a command without an example, fails here."""
+    top = cli.parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(cli.COMMANDS)
+    for name, command in commands.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"graphprune {name}: {action.dest} has no help text"
+        assert command.format_help().rstrip().endswith(cli.EXAMPLES[name]), name
+        assert cli.EXAMPLES[name].startswith(f"graphprune {name} ")

@@ -154,7 +154,10 @@ class Analysis(abc.ABC, Generic[Captured, Context]):
     def planned_params(self, masks: dict[int, torch.Tensor], model: Any = None) -> int:
         """Parameters once the keep-masks are applied."""
 
-    def describe(self, max_groups: int = 50) -> str:
+    def describe(self, max_groups: int = 50, *, every_frozen: bool = False) -> str:
+        """What a user can act on first (the groups, what the model's inputs and outputs keep whole,
+        ops without a rule), then the other frozen spaces, one line per reason (``every_frozen``:
+        one line per space)."""
         lines = [
             f"{self.model_name}: {self.node_count()} graph nodes, {len(self.groups)} prunable groups, "
             f"{len(self.frozen)} frozen spaces (analysed in {self.seconds:.2f} s)"
@@ -163,15 +166,34 @@ class Analysis(abc.ABC, Generic[Captured, Context]):
             lines.append(g.describe())
         if len(self.groups) > max_groups:
             lines.append(f"... and {len(self.groups) - max_groups} more groups")
-        if self.frozen:
-            lines.append("frozen:")
-            lines.extend(f"  {f.describe()}" for f in self.frozen)
+        interface = [
+            f for f in self.frozen if f.reason.why.startswith(("reaches a model input", "reaches the model output"))
+        ]
+        if interface:
+            lines.append("kept whole because they reach the model's inputs or outputs:")
+            lines.extend(f"  {f.describe()}" for f in interface)
         if self.unsupported:
             lines.append("ops without a rule (everything they touch is frozen):")
             lines.extend(f"  {op}: {', '.join(nodes[:5])}" for op, nodes in sorted(self.unsupported.items()))
         if self.rule_errors:
             lines.append("rules that failed (their nodes are frozen):")
             lines.extend(f"  {e}" for e in self.rule_errors)
+        others = [f for f in self.frozen if f not in interface]
+        if others and every_frozen:
+            lines.append("frozen:")
+            lines.extend(f"  {f.describe()}" for f in others)
+        elif others:
+            lines.append("frozen, by reason (every space: describe(every_frozen=True), or inspect --all):")
+            by_reason: dict[str, list[FrozenSpace]] = {}
+            for f in others:
+                by_reason.setdefault(f.reason.why, []).append(f)
+            for why, spaces in by_reason.items():
+                if len(spaces) == 1:
+                    lines.append(f"  {spaces[0].describe()}")
+                    continue
+                owners = list(dict.fromkeys(m.name for f in spaces for m in f.members))
+                more = f" and {len(owners) - 3} more" if len(owners) > 3 else ""
+                lines.append(f"  {why}: {len(spaces)} spaces in {len(owners)} tensors -- {', '.join(owners[:3])}{more}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
