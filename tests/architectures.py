@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import pytest
 import torch
 import transformers as T
 
@@ -107,6 +109,16 @@ def mobilenet_v2():
 ARCHITECTURES: dict[str, Factory] = {
     f.__name__: f for f in (bert, gpt2, llama_gqa, qwen3, vit, swin, convnext, resnet, mobilenet_v2)
 }
+
+
+# what the quick loop (-m "not slow") keeps of a sweep over the zoo: an encoder, a decoder with GQA,
+# a convnet; CI runs every architecture
+QUICK = ("bert", "llama_gqa", "resnet")
+
+
+def sweep(names: Iterable[str]) -> list[Any]:
+    """``names`` as pytest parameters, those outside :data:`QUICK` marked ``slow``."""
+    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in names]
 
 
 def build(name: str) -> tuple[torch.nn.Module, dict]:

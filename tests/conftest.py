@@ -3,7 +3,8 @@ workers share the machine (each gets its share of the cores as torch threads; tw
 every core each made the suite about 12% slower on 2 cores).
 
 ``slow``: the long cases (the generated-architecture fuzz, real-weight models, multi-process
-runs); ``pytest -m "not slow"`` is the quick loop while editing, CI runs everything.
+runs, and the zoo sweeps beyond three representatives: ``tests.architectures.sweep``);
+``pytest -m "not slow"`` is the quick loop while editing, CI runs everything.
 ``gpu``: needs a GPU with sparse tensor cores; skipped elsewhere, with the reason the kernels
 give.  ``vision``: needs the vision extra (timm, torchvision; see the README).
 """

@@ -9,13 +9,13 @@ import graphprune as gp
 from graphprune.core.plan import Plan
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.passes import ChannelPrune
-from tests.architectures import ARCHITECTURES, build
+from tests.architectures import ARCHITECTURES, build, sweep
 from tests.oracles import max_relative_error, outputs, random_plan, zero_removed
 
 NAMES = sorted(ARCHITECTURES)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=sweep(NAMES))
 def arch(request):
     model, inputs = build(request.param)
     return request.param, model, inputs, gp.analyze(model, inputs)

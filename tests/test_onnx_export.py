@@ -22,7 +22,7 @@ from graphprune.frontends.torch.masks import finalize, masked_weights
 from graphprune.frontends.torch.state import detect_stage
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 from samples.resnet import ResNet
-from tests.architectures import ARCHITECTURES, build
+from tests.architectures import ARCHITECTURES, build, sweep
 
 
 def _run_onnx(path: str, inputs: dict | tuple) -> list[np.ndarray]:
@@ -51,7 +51,7 @@ def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 # Swin goes through the TorchScript exporter: torch 2.13's dynamo exporter fails on the Hugging Face
 # Swin, even unpruned (its decomposition step views a transposed tensor; pinned down below).
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", sweep(sorted(ARCHITECTURES)))
 def test_channel_pruned_zoo_exports_and_matches_torch(name, tmp_path):
     model, inputs = build(name)
     result = gp.prune(model, inputs, passes=[ChannelPrune(ratio=0.3)])

@@ -24,7 +24,7 @@ from graphprune.frontends.onnx.capture import capture_onnx, read_model, run_mode
 from graphprune.frontends.onnx.state import OnnxState
 from graphprune.frontends.torch.masks import masked_weights
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from tests.architectures import build
+from tests.architectures import build, sweep
 from tests.oracles import outputs, random_plan, zero_removed_onnx
 
 # Swin is left out: torch 2.13's ONNX exporter fails on it even unpruned (see issue 5's note).
@@ -45,7 +45,7 @@ def export(model: torch.nn.Module, inputs: dict, path: str, dynamic_batch: bool 
         torch.onnx.export(model, (), path, kwargs=inputs, dynamo=True, dynamic_shapes=shapes if dynamic_batch else None)
 
 
-@pytest.fixture(scope="module", params=EXPORTABLE)
+@pytest.fixture(scope="module", params=sweep(EXPORTABLE))
 def exported(request, tmp_path_factory):
     name = request.param
     model, inputs = build(name)
@@ -112,7 +112,7 @@ def test_prune_onnx_file(exported, ratio, tmp_path):
     assert report.macs_after == torch_result.report.macs_after
 
 
-@pytest.mark.parametrize("exported", [n for n in EXPORTABLE if n not in ("mobilenet_v2", "resnet")], indirect=True)
+@pytest.mark.parametrize("exported", sweep(n for n in EXPORTABLE if n not in ("mobilenet_v2", "resnet")), indirect=True)
 def test_global_ranking_chooses_what_the_torch_path_chooses(exported):
     """With global allocation the kept counts depend on the scores.  Without BatchNorm (the exporter
     folds it into the convs, which changes their L2 norms: ResNet and MobileNetV2 are left out) both
@@ -137,7 +137,7 @@ def test_global_ranking_chooses_what_the_torch_path_chooses(exported):
             assert abs(got - want) <= 1e-4 * want, options
 
 
-@pytest.mark.parametrize("exported", ["bert", "gpt2"], indirect=True)
+@pytest.mark.parametrize("exported", sweep(["bert", "gpt2"]), indirect=True)
 def test_bias_compensation_matches_the_torch_path(exported):
     """compensate='bias' folds the removed channels' mean contributions (statistics from
     onnxruntime) into the consumers' biases: the same layers and the same output error as the torch
@@ -348,7 +348,7 @@ def test_nm_masks_match_the_torch_path(exported, method, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["bert", "llama_gqa", "resnet"])
+@pytest.mark.parametrize("name", sweep(["bert", "llama_gqa", "resnet"]))
 def test_dynamic_batch_exports_prune_through_sizes_read_at_run_time(name, tmp_path):
     """A dynamic batch makes the exporter rebuild reshape targets from Shape at run time
     (Concat(Shape(k)[0:2], [-1, 64])): the groups are still all found, constants inside those
