@@ -23,7 +23,11 @@ Hessian, as gate and up do): seconds per layer against the FLOP-count lower boun
 machine's measured float32 matmul rate (the factorisation, ``4/3 n^3`` once per Hessian, plus the
 column updates, ``rows * n^2`` per layer), as an efficiency percentage.
 
-    python -m bench.calibration_speed [--sentences 256] [--block-scale 1.0]
+With ``--device cuda`` everything runs on the GPU (the calibration sentences stay on the CPU, as
+users hand them over; graphprune and the reference move each batch), seconds are taken after a
+synchronize, and the peak column is the GPU memory allocated beyond what was held on entry.
+
+    python -m bench.calibration_speed [--sentences 256] [--block-scale 1.0] [--device cuda]
 """
 
 from __future__ import annotations
@@ -65,10 +69,19 @@ def batched(texts: list[str], size: int = 32) -> list[dict]:
 
 
 class PeakMemory:
-    """The most resident memory (MiB) the process held beyond what it held on entry, sampled by a
-    thread (Linux ``/proc/self/status``; 0 where that is missing)."""
+    """The most memory (MiB) held beyond what was held on entry: on a GPU, what torch allocated
+    there; else the process's resident memory, sampled by a thread (Linux ``/proc/self/status``; 0
+    where that is missing)."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
 
     def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
         self.start = self.peak = _resident_mib()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -81,6 +94,10 @@ class PeakMemory:
             time.sleep(0.005)
 
     def __exit__(self, *_: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.added = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.start
+            return
         self.running = False
         self.thread.join()
         self.added = self.peak - self.start
@@ -112,7 +129,7 @@ def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, block: int 
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.diagonal(h).mean() * torch.eye(len(h))
+    h += damp * torch.diagonal(h).mean() * torch.eye(len(h), device=h.device)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     cols = w.shape[1]
     for start in range(0, cols, block):
@@ -139,7 +156,7 @@ def reference_wanda(weight: torch.Tensor, input_norm: torch.Tensor) -> None:
     weight.data.mul_(keep.reshape(weight.shape))
 
 
-def reference(model: nn.Module, calibration: list[dict], method: str) -> nn.Module:
+def reference(model: nn.Module, calibration: list[dict], method: str, device: torch.device) -> nn.Module:
     """Block by block: catch the first layer's inputs, then per encoder layer gather its linears'
     statistics in one pass, prune them, and run the pruned layer for the next one's inputs."""
     model = copy.deepcopy(model)
@@ -154,12 +171,12 @@ def reference(model: nn.Module, calibration: list[dict], method: str) -> nn.Modu
     with torch.no_grad():
         for batch in calibration:
             with contextlib.suppress(StopIteration):
-                model(**batch)
+                model(**{k: v.to(device) for k, v in batch.items()})
     handle.remove()
     with torch.no_grad():
         for layer in layers:
             linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            stats = {m: torch.zeros(m.in_features, m.in_features) for m in linears}
+            stats = {m: torch.zeros(m.in_features, m.in_features, device=device) for m in linears}
             counts = dict.fromkeys(linears, 0)
 
             def accumulate(module, args, stats=stats, counts=counts):
@@ -188,18 +205,26 @@ def reference(model: nn.Module, calibration: list[dict], method: str) -> nn.Modu
     return model
 
 
-def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate in FLOP/s (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronized(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The device's float32 matmul rate in FLOP/s (best of ``repeats``)."""
+    size = size * 4 if device.type == "cuda" else size
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = synchronized(device)
         a @ b
-        best = min(best, time.perf_counter() - start)
+        best = min(best, synchronized(device) - start)
     return 2 * size**3 / best
 
 
-def llama_block_solves(scale: float) -> None:
+def llama_block_solves(scale: float, device: torch.device) -> None:
     """SparseGPT's solves on one LLaMA-7B-shaped block (hidden 4096, MLP 11008, times ``scale``)."""
     hidden, mlp = int(4096 * scale) // 128 * 128, int(11008 * scale) // 128 * 128
     # (layers sharing one Hessian, their [rows, cols]) in a block's order
@@ -209,7 +234,7 @@ def llama_block_solves(scale: float) -> None:
         (["gate_proj", "up_proj"], (mlp, hidden)),
         (["down_proj"], (hidden, mlp)),
     ]
-    rate = matmul_rate()
+    rate = matmul_rate(device)
     print(
         f"\nLLaMA-7B-shaped block x{scale:g} (hidden {hidden}, MLP {mlp}): SparseGPT 2:4 solves, "
         f"float32 matmul at {rate / 1e9:.0f} GFLOP/s"
@@ -218,16 +243,16 @@ def llama_block_solves(scale: float) -> None:
     g = torch.Generator().manual_seed(0)
     total, bound_total = 0.0, 0.0
     for names, (rows, cols) in shared:
-        x = torch.randn(4 * cols, cols, generator=g)
+        x = torch.randn(4 * cols, cols, generator=g).to(device)
         hessian = 2 * x.T @ x / x.shape[0]
-        weights = [torch.randn(rows, cols, generator=g) for _ in names]
+        weights = [torch.randn(rows, cols, generator=g).to(device) for _ in names]
         del x
-        with PeakMemory() as memory:
-            start = time.perf_counter()
+        with PeakMemory(device) as memory:
+            start = synchronized(device)
             factor = inverse_factor(hessian, damp=0.01, consume=True)  # once per group, as the pass does
             for weight in weights:
                 prune_layer(weight, LINEAR, [factor], NMPattern(2, 4, LINEAR), block=128)
-            seconds = time.perf_counter() - start
+            seconds = synchronized(device) - start
         del factor
         bound = (4 / 3 * cols**3 + len(names) * rows * cols**2) / rate
         total, bound_total = total + seconds, bound_total + bound
@@ -242,20 +267,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=256, help="calibration sentences")
     parser.add_argument("--block-scale", type=float, default=1.0, help="LLaMA-7B block size factor (0: skip)")
+    parser.add_argument("--device", default="cpu", help="where the model, statistics and solves live")
     args = parser.parse_args()
-    count = args.sentences
+    count, device = args.sentences, torch.device(args.device)
     torch.manual_seed(0)
     model, example = build()
+    model = model.to(device)
+    example = {k: v.to(device) for k, v in example.items()}
     calibration = batched(sentences(count))
-    held = tokenize(HELD_OUT)
+    held = {k: v.to(device) for k, v in tokenize(HELD_OUT).items()}
     dense = embed(model, held)
-    print(f"all-MiniLM-L6-v2, 2:4, {count} calibration sentences of 16 tokens, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"all-MiniLM-L6-v2, 2:4, {count} calibration sentences of 16 tokens, {where}")
     print(f"{'method':<11}{'implementation':<30}{'seconds':>9}{'x reference':>13}{'cosine':>9}{'peak MiB':>10}")
     for method in ("sparsegpt", "wanda"):
-        start = time.perf_counter()
-        with PeakMemory() as memory:
-            pruned = reference(model, calibration, method)
-        base = time.perf_counter() - start
+        start = synchronized(device)
+        with PeakMemory(device) as memory:
+            pruned = reference(model, calibration, method, device)
+        base = synchronized(device) - start
         rows = [("reference", base, embed(pruned, held), memory.added)]
         for name, context, precision in (
             ("graphprune", contextlib.nullcontext(), "float32"),
@@ -264,22 +293,22 @@ def main() -> None:
         ):
             if method == "wanda" and name != "graphprune":
                 continue  # Wanda reads every layer's statistics in one forward, and solves nothing
-            with context, PeakMemory() as memory:
-                start = time.perf_counter()
+            with context, PeakMemory(device) as memory:
+                start = synchronized(device)
                 result = gp.prune(
                     model,
                     example,
                     passes=[NMSparsity(2, 4, method=method, dense_heads=False, precision=precision)],
                     calibration=calibration,
                 )
-                seconds = time.perf_counter() - start
+                seconds = synchronized(device) - start
             rows.append((name, seconds, embed(result.module, held), memory.added))
             del result
         for name, seconds, sparse, added in rows:
             cosine = (sparse * dense).sum(-1).mean().item()
             print(f"{method:<11}{name:<30}{seconds:>9.1f}{seconds / base:>13.2f}{cosine:>9.3f}{added:>10.0f}")
     if args.block_scale:
-        llama_block_solves(args.block_scale)
+        llama_block_solves(args.block_scale, device)
 
 
 if __name__ == "__main__":
