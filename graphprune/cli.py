@@ -4,9 +4,12 @@ MODEL is ``package.module:factory`` (a function returning ``(module, example_inp
 ``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
 ``torch.export.save`` (its example inputs are the ones it was exported with), or, for ``inspect``
 and ``prune``, an ``.onnx`` file (pruned as an ONNX graph by :func:`graphprune.prune_onnx`; its
-calibration ``.npz`` holds arrays keyed by input name).  Exit codes: 0 done, 2 bad input (paths, options,
-recipes, outputs that would replace an input or a file graphprune did not write, a pass order that is
-refused), 3 a model graphprune cannot handle (capture, apply, ONNX verification), 4 a bug in graphprune
+calibration ``.npz`` holds arrays keyed by input name), or, for ``inspect``, a Hugging Face
+checkpoint folder (built with its parameters on ``meta`` from its ``config.json``).
+
+Exit codes: 0 done, 2 bad input (paths, options, recipes, outputs that would replace an input or a
+file graphprune did not write, a pass order that is refused), 3 a model graphprune cannot handle
+(capture, apply, ONNX verification), 4 a bug in graphprune
 (:class:`~graphprune.errors.InternalError`), 1 anything unexpected.
 
 Commands that write do it in one :class:`~graphprune.io.outputs.Outputs` transaction: ``prune`` writes the
@@ -46,13 +49,54 @@ class LoadedModel:
     dynamic_batch: bool = True  # False for a .pt2 exported with static shapes: its module checks them
 
 
-def load_model(spec: str) -> LoadedModel:
-    """The module, example inputs and calibration batches (if the factory gives them) of a MODEL argument."""
+def checkpoint_model(folder: str) -> LoadedModel:
+    """A Hugging Face checkpoint folder's architecture, built from its ``config.json`` with the
+    parameters on ``meta`` (no weight is read), with example inputs of its main input: 16 token
+    ids, or one image of the configured size."""
+    import transformers
+
+    from graphprune.frontends.torch.streaming import parameters_on_meta
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise InputError(f"{folder}: a checkpoint folder needs a config.json (the architecture to build)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}/config.json: transformers cannot read it ({type(exc).__name__}: {exc})") from exc
+    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    if not names:
+        raise InputError(
+            f"{folder}/config.json names no architecture this transformers builds "
+            f"(architectures: {getattr(config, 'architectures', None)!r})"
+        )
+    with parameters_on_meta():
+        module = getattr(transformers, names[0])(config).eval()
+    main = getattr(module, "main_input_name", "input_ids")
+    if main == "input_ids":
+        inputs: dict[str, torch.Tensor] = {"input_ids": torch.ones(1, 16, dtype=torch.long)}
+    elif main == "pixel_values" and isinstance(getattr(config, "image_size", None), int):
+        channels = getattr(config, "num_channels", 3)
+        inputs = {"pixel_values": torch.zeros(1, channels, config.image_size, config.image_size)}
+    else:
+        raise InputError(f"{folder}: {names[0]} reads {main!r}, for which graphprune makes no example input yet")
+    return LoadedModel(module, inputs)
+
+
+def load_model(spec: str, *, checkpoints: bool = False) -> LoadedModel:
+    """The module, example inputs and calibration batches (if the factory gives them) of a MODEL
+    argument; a checkpoint folder where the command takes one (``checkpoints``)."""
     if spec.endswith(".onnx"):
         raise InputError(
             f"{spec}: this command takes a PyTorch model (package.module:factory or a .pt2 exported "
             "program); inspect and prune also take .onnx files"
         )
+    if os.path.isdir(spec):
+        if not checkpoints:
+            raise InputError(
+                f"{spec}: this command does not take checkpoint folders yet (inspect does); plan one with "
+                "gp.plan(meta_model, inputs, passes, weights=folder) and write it with graphprune apply-checkpoint"
+            )
+        return checkpoint_model(spec)
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
             raise InputError(f"{spec}: no such file")
@@ -77,7 +121,9 @@ def load_model(spec: str) -> LoadedModel:
         return LoadedModel(module=program.module(), inputs=kwargs or args, calibration=None, dynamic_batch=dynamic)
     module_name, sep, factory_name = spec.partition(":")
     if not sep or not module_name or not factory_name:
-        raise InputError(f"MODEL must be package.module:factory, a .pt2 or an .onnx file, got {spec!r}")
+        raise InputError(
+            f"MODEL must be package.module:factory, a .pt2 or an .onnx file, or a checkpoint folder, got {spec!r}"
+        )
     if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory are importable
         sys.path.insert(0, os.getcwd())
     try:
@@ -175,7 +221,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         model: Any = analysis.captured.weights()
         params, macs = analysis.planned_params({}), analysis.planned_macs({})
     else:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, checkpoints=True)
         model, inputs = loaded.module, loaded.inputs
         analysis = gp.analyze(model, inputs)
         params, macs = count_params(model), graph_macs(analysis.captured.graph_module)
@@ -403,7 +449,10 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"graphprune: {message}", file=sys.stderr)
 
 
-MODEL_HELP = "package.module:factory (returning the module and example inputs), a .pt2 file or an .onnx file"
+MODEL_HELP = (
+    "package.module:factory (returning the module and example inputs), a .pt2 file or an .onnx file; "
+    "inspect also takes a Hugging Face checkpoint folder (built on meta from its config.json)"
+)
 EXAMPLES = {
     "inspect": "graphprune inspect samples.resnet:build --graph coupling.svg",
     "prune": "graphprune prune samples.resnet:build -o resnet.onnx --channels 0.3 --nm 2:4 --int8 --latency",

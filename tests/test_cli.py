@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers as T
 
+import graphprune as gp
 from graphprune import cli
 from tests.command_line import run, run_process
 
@@ -237,3 +239,29 @@ def test_every_option_has_help_and_every_command_an_example():
                 assert action.help, f"graphprune {name}: {action.dest} has no help text"
         assert command.format_help().rstrip().endswith(cli.EXAMPLES[name]), name
         assert cli.EXAMPLES[name].startswith(f"graphprune {name} ")
+
+
+def test_inspect_builds_a_checkpoint_folder_from_its_config_alone(tmp_path):
+    """No weight is read: the folder holds config.json only, and the analysis is the one of the
+    model built in memory; other commands refuse a folder, saying what to do instead."""
+    config = T.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        architectures=["LlamaForCausalLM"],
+    )
+    config.save_pretrained(tmp_path / "ckpt")
+    result = run("inspect", str(tmp_path / "ckpt"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = T.LlamaForCausalLM(config)
+    analysis = gp.analyze(model, {"input_ids": torch.ones(1, 16, dtype=torch.long)})
+    assert [g["channels"] for g in summary["groups"]] == [g.size for g in analysis.groups]
+    assert summary["params"] == sum(p.numel() for p in model.parameters())
+    empty = run("inspect", str(tmp_path))
+    assert empty.returncode == 2 and "needs a config.json" in empty.stderr
+    refused = run("prune", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx"), "--nm", "2:4")
+    assert refused.returncode == 2 and "does not take checkpoint folders yet" in refused.stderr
