@@ -6,7 +6,8 @@ every core each made the suite about 12% slower on 2 cores).
 runs, and the zoo sweeps beyond three representatives: ``tests.architectures.sweep``);
 ``pytest -m "not slow"`` is the quick loop while editing, CI runs everything.
 ``gpu``: needs a GPU with sparse tensor cores; skipped elsewhere, with the reason the kernels
-give.  ``vision``: needs the vision extra (timm, torchvision; see the README).
+give.  ``cuda``: needs any CUDA device (device-placement checks); skipped without one.
+``vision``: needs the vision extra (timm, torchvision; see the README).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(int(threads))
     config.addinivalue_line("markers", "slow: long cases; deselect with -m 'not slow' for a quick loop")
     config.addinivalue_line("markers", "gpu: needs a GPU with sparse tensor cores; skipped without one")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,3 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 gpu_missing = kernel_support() or ""
             if gpu_missing:
                 item.add_marker(pytest.mark.skip(reason=f"needs a GPU with sparse tensor cores: {gpu_missing}"))
+        if item.get_closest_marker("cuda") is not None:
+            import torch
+
+            if not torch.cuda.is_available():
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False"))

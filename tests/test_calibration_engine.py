@@ -121,7 +121,7 @@ def test_the_report_gives_the_calibration_rate_in_tokens_or_samples():
     assert "calibration rate" not in result.report.rows[0].details  # magnitude reads no data
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_a_model_on_the_gpu_is_calibrated_there_from_cpu_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
