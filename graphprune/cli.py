@@ -4,8 +4,9 @@ MODEL is ``package.module:factory`` (a function returning ``(module, example_inp
 ``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
 ``torch.export.save`` (its example inputs are the ones it was exported with), or, for ``inspect``
 and ``prune``, an ``.onnx`` file (pruned as an ONNX graph by :func:`graphprune.prune_onnx`; its
-calibration ``.npz`` holds arrays keyed by input name), or, for ``inspect``, a Hugging Face
-checkpoint folder (built with its parameters on ``meta`` from its ``config.json``).
+calibration ``.npz`` holds arrays keyed by input name), or, for ``inspect`` and ``prune``, a Hugging
+Face checkpoint folder (built with its parameters on ``meta`` from its ``config.json``; ``prune``
+plans it with the weights streamed from its shards and writes the pruned checkpoint shard by shard).
 
 Exit codes: 0 done, 2 bad input (paths, options, recipes, outputs that would replace an input or a
 file graphprune did not write, a pass order that is refused), 3 a model graphprune cannot handle
@@ -93,8 +94,8 @@ def load_model(spec: str, *, checkpoints: bool = False) -> LoadedModel:
     if os.path.isdir(spec):
         if not checkpoints:
             raise InputError(
-                f"{spec}: this command does not take checkpoint folders yet (inspect does); plan one with "
-                "gp.plan(meta_model, inputs, passes, weights=folder) and write it with graphprune apply-checkpoint"
+                f"{spec}: this command does not take checkpoint folders (inspect and prune do): "
+                "a checkpoint is pruned into a checkpoint, not exported"
             )
         return checkpoint_model(spec)
     if spec.endswith(".pt2"):
@@ -196,20 +197,6 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     return passes, False
 
 
-def _needs_calibration(passes: Sequence) -> bool:
-    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-
-    return any(
-        isinstance(p, Quantize)
-        or (isinstance(p, NMSparsity) and p.criterion != "magnitude")
-        or (
-            isinstance(p, ChannelPrune)
-            and (p.importance.needs_calibration or p.compensate or p.allocation == "sensitivity")
-        )
-        for p in passes
-    )
-
-
 def cmd_inspect(args: argparse.Namespace) -> dict:
     import graphprune as gp
     from graphprune.algorithms.importance import resolve
@@ -267,6 +254,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     from graphprune.emit.report_page import check_report_folder
 
     passes, experimental = _passes(args)
+    if os.path.isdir(args.model):
+        return _prune_checkpoint(args, passes, experimental)
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
     read = [*_model_files(args.model), *(p for p in (args.calibration, args.recipe) if p)]
@@ -302,6 +291,85 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _prune_checkpoint(args: argparse.Namespace, passes: list, experimental: bool) -> dict:
+    """A checkpoint folder: a streamed plan (the model built on meta, weights read from the shards,
+    calibration run block by block), then the pruned checkpoint written shard by shard into the
+    folder ``-o``, and the plan beside it (``<out>.plan.json``)."""
+    import graphprune as gp
+    from graphprune.io.checkpoint import apply_to_checkpoint
+
+    if args.output.endswith(".onnx"):
+        raise InputError(f"-o names the folder a pruned checkpoint goes into, got the ONNX file {args.output!r}")
+    if args.latency:
+        raise InputError("--latency times ONNX files, and a checkpoint folder is written as a checkpoint")
+    loaded = checkpoint_model(args.model)
+    calibration = None
+    if args.calibration:
+        calibration = (
+            text_calibration(args.model, args.calibration, seq_len=args.seq_len, samples=args.samples)
+            if args.calibration.endswith(".txt")
+            else load_calibration(args.calibration, args.batch_size)
+        )
+    needing = [p.name for p in passes if p.reads_calibration()]
+    if calibration is None and needing:
+        raise InputError(
+            f"{', '.join(needing)} read calibration data: give --calibration (a .txt file, one sample a line, "
+            "or .npz/.pt batches)"
+        )
+    plan = gp.plan(
+        loaded.module,
+        loaded.inputs,
+        passes,
+        calibration=calibration,
+        weights=args.model,
+        experimental_order=experimental,
+    )
+    plan_path = args.output.rstrip("/") + ".plan.json"
+    with Outputs(inputs=[args.model], overwrite=args.overwrite) as out:
+        out.check(plan_path)  # refused before the checkpoint is written
+    written = apply_to_checkpoint(plan, args.model, args.output, overwrite=args.overwrite)
+    plan_json, _ = plan.save(plan_path, overwrite=args.overwrite)
+    if not args.json:
+        print(plan.report)
+        print(written)
+        print(f"plan: {plan_json} (+ .safetensors): `graphprune plan` reads it")
+    return {
+        **plan.report.to_dict(),
+        "output": args.output,
+        "plan": plan_json,
+        "shards": written.shards,
+        "bytes_before": written.bytes_before,
+        "bytes_after": written.bytes_after,
+    }
+
+
+def text_calibration(folder: str, path: str, *, seq_len: int, samples: int) -> list[dict]:
+    """Calibration batches from a text file: one sample a line (blank lines skipped, the first
+    ``samples``), tokenized with the checkpoint's own tokenizer and cut at ``seq_len`` tokens; each
+    sample is a batch of its own, so no padding enters the statistics."""
+    from transformers import AutoTokenizer
+
+    if seq_len < 1 or samples < 1:
+        raise InputError(f"--seq-len and --samples must be at least 1, got {seq_len} and {samples}")
+    if not os.path.isfile(path):
+        raise InputError(f"calibration file {path}: no such file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"calibration file {path}: text is tokenized with the checkpoint's own tokenizer, and {folder} has "
+            f"none that transformers can load ({type(exc).__name__}: {exc})"
+        ) from exc
+    with open(path, encoding="utf-8") as text:
+        lines = [line.strip() for line in text if line.strip()][:samples]
+    if not lines:
+        raise InputError(f"calibration file {path}: no text (one sample a line)")
+    return [
+        {"input_ids": tokenizer(line, truncation=True, max_length=seq_len, return_tensors="pt")["input_ids"]}
+        for line in lines
+    ]
+
+
 def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, out: Outputs) -> tuple[Any, Any, Any]:
     """Prune a PyTorch model and stage its ONNX file in ``out``; with ``--latency``, time the dense
     model (exported to a temporary folder) and the staged file."""
@@ -311,7 +379,7 @@ def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, ou
     model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
     if args.calibration:
         calibration = load_calibration(args.calibration, args.batch_size)
-    if calibration is None and _needs_calibration(passes):
+    if calibration is None and any(p.reads_calibration() for p in passes):
         _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
         calibration = [inputs]
     result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
@@ -338,7 +406,7 @@ def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool,
     feeds = load_calibration(args.calibration, args.batch_size) if args.calibration else None
     if feeds is not None and not all(isinstance(f, dict) for f in feeds):
         raise InputError(f"calibration file {args.calibration}: an ONNX model needs arrays keyed by input name")
-    if feeds is None and _needs_calibration(passes):
+    if feeds is None and any(p.reads_calibration() for p in passes):
         _say(args, "no --calibration given: calibrating on generated feeds only (give real data for real use)")
     result = gp.prune_onnx(args.model, passes, calibration=feeds, experimental_order=experimental)
     dense = onnx_latency_ms(args.model, runs=args.runs, threads=args.threads) if args.latency else None
@@ -451,11 +519,12 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 MODEL_HELP = (
     "package.module:factory (returning the module and example inputs), a .pt2 file or an .onnx file; "
-    "inspect also takes a Hugging Face checkpoint folder (built on meta from its config.json)"
+    "inspect and prune also take a Hugging Face checkpoint folder (built on meta from its config.json)"
 )
 EXAMPLES = {
     "inspect": "graphprune inspect samples.resnet:build --graph coupling.svg",
-    "prune": "graphprune prune samples.resnet:build -o resnet.onnx --channels 0.3 --nm 2:4 --int8 --latency",
+    "prune": "graphprune prune samples.resnet:build -o resnet.onnx --channels 0.3 --nm 2:4 --int8 --latency\n"
+    "  graphprune prune ./llama-ckpt -o ./llama-pruned --nm 2:4 --method sparsegpt --calibration texts.txt",
     "export": "graphprune export samples.resnet:build -o resnet.onnx",
     "plan": "graphprune plan run1.plan.json run2.plan.json",
     "apply-checkpoint": "graphprune apply-checkpoint plan.json ./llama-ckpt ./llama-pruned",
@@ -502,15 +571,25 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     p = command("prune", "run passes, write a verified ONNX file and report pages in <out>.report/")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("-o", "--output", required=True, help="the ONNX file to write; its plan and report go beside it")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the ONNX file to write, its plan and report beside it; for a checkpoint folder, the folder "
+        "the pruned checkpoint goes into",
+    )
     p.add_argument("--recipe", help="a recipe file naming the passes (docs/RECIPES.md), instead of the flags below")
     p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
     p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
     p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
     p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
     p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
-    p.add_argument("--calibration", help=".npz or .pt calibration data")
+    p.add_argument(
+        "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens kept of each .txt calibration sample (512)")
+    p.add_argument("--samples", type=int, default=128, help="lines read of a .txt calibration file (128)")
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
     timing(p)
     overwrite(p)

@@ -16,6 +16,7 @@ import transformers as T
 
 import graphprune as gp
 from graphprune import cli
+from graphprune.passes import NMSparsity
 from tests.command_line import run, run_process
 
 
@@ -243,7 +244,7 @@ def test_every_option_has_help_and_every_command_an_example():
 
 def test_inspect_builds_a_checkpoint_folder_from_its_config_alone(tmp_path):
     """No weight is read: the folder holds config.json only, and the analysis is the one of the
-    model built in memory; other commands refuse a folder, saying what to do instead."""
+    model built in memory; export refuses a folder, and prune one into an ONNX file."""
     config = T.LlamaConfig(
         vocab_size=100,
         hidden_size=32,
@@ -263,5 +264,55 @@ def test_inspect_builds_a_checkpoint_folder_from_its_config_alone(tmp_path):
     assert summary["params"] == sum(p.numel() for p in model.parameters())
     empty = run("inspect", str(tmp_path))
     assert empty.returncode == 2 and "needs a config.json" in empty.stderr
-    refused = run("prune", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx"), "--nm", "2:4")
-    assert refused.returncode == 2 and "does not take checkpoint folders yet" in refused.stderr
+    refused = run("export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx"))
+    assert refused.returncode == 2 and "does not take checkpoint folders" in refused.stderr
+    to_onnx = run("prune", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx"), "--nm", "2:4")
+    assert to_onnx.returncode == 2 and "-o names the folder a pruned checkpoint goes into" in to_onnx.stderr
+
+
+@pytest.mark.slow
+def test_prune_a_checkpoint_folder_with_text_calibration(tmp_path):
+    """The LLM user's first command: a multi-shard LLaMA checkpoint and a text file in, a pruned
+    checkpoint out (streamed plan, shard-by-shard write) that from_pretrained loads and that
+    computes what the model pruned in memory on the same calibration computes."""
+    from samples.minilm import _path
+
+    tokenizer = T.AutoTokenizer.from_pretrained(_path())
+    config = T.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    folder, out = tmp_path / "ckpt", tmp_path / "pruned"
+    model.save_pretrained(folder, max_shard_size="1MB")
+    tokenizer.save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text(
+        "The old man reads the paper.\n\nA child paints a red boat near the river.\nWarm soup after lunch.\n"
+    )
+    args = ["--nm", "2:4", "--method", "sparsegpt", "--calibration", str(texts), "--seq-len", "8", "--samples", "3"]
+    result = run("prune", str(folder), "-o", str(out), *args, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["shards"] > 1 and os.path.isfile(summary["plan"])
+    pruned = T.LlamaForCausalLM.from_pretrained(out).eval()
+    calibration = cli.text_calibration(str(folder), str(texts), seq_len=8, samples=3)
+    assert [b["input_ids"].shape[1] for b in calibration] == [8, 8, 7]  # cut at 8 tokens, blank line skipped
+    in_memory = gp.prune(
+        model,
+        {"input_ids": torch.ones(1, 16, dtype=torch.long)},
+        [NMSparsity(2, 4, method="sparsegpt")],
+        calibration=calibration,
+    ).module
+    ids = torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, in_memory(ids).logits, atol=1e-5)
+    again = run("prune", str(folder), "-o", str(out), *args)
+    assert again.returncode == 2 and "overwrite" in again.stderr  # the written checkpoint is kept
+    missing = run("prune", str(folder), "-o", str(tmp_path / "other"), "--nm", "2:4", "--method", "wanda")
+    assert missing.returncode == 2 and "give --calibration" in missing.stderr
