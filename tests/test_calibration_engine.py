@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import graphprune as gp
 from graphprune.algorithms.nm import LINEAR, NMPattern, satisfies
-from graphprune.algorithms.sparsegpt import Unfactorable, prune_matrix
+from graphprune.algorithms.sparsegpt import PRECISIONS, Unfactorable, prune_matrix, sparsegpt_layers
 from graphprune.passes import ChannelPrune, NMSparsity, Quantize
 
 PATTERN = NMPattern(2, 4, LINEAR)
@@ -131,3 +131,38 @@ def test_a_model_on_the_gpu_is_calibrated_there_from_cpu_batches():
     on_gpu = gp.prune(gpu_model, (x.cuda(),), passes=[NMSparsity(method="sparsegpt")], calibration=[(x,)])
     assert all(p.device.type == "cuda" for p in on_gpu.module.parameters())
     assert torch.allclose(on_gpu.module(x.cuda()).cpu(), on_cpu.module(x), atol=1e-3, rtol=1e-3)
+
+
+def test_a_hessian_spent_by_a_failed_solve_is_accumulated_again_in_float64(monkeypatch):
+    """The last layer of a group solves in the Hessian's own memory: where the second factorisation
+    fails there, the sums are gone, so the group's Hessian is accumulated again in float64."""
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def second_fails_in_float32(h, *, upper=False):
+        factor, info = cholesky_ex(h, upper=upper)
+        return (factor, torch.ones_like(info)) if upper and h.dtype == torch.float32 else (factor, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", second_fails_in_float32)
+    x = _correlated(5, rows=512, cols=16)
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(6))
+    asked, written = [], {}
+
+    class Layer:
+        weight, layout = "w", LINEAR
+
+    def hessians(layer, precision):
+        asked.append(precision)
+        return [(2 * x.T @ x / x.shape[0]).to(PRECISIONS[precision])]
+
+    retried = sparsegpt_layers(
+        [[Layer()]],
+        hessians,
+        lambda layer: weight,
+        lambda layer, new, keep: written.update(new=new),
+        lambda layer: PATTERN,
+        block=128,
+        damp=0.01,
+    )
+    assert asked == ["float32", "float64"] and retried == ["w"]
+    expected, _, _ = prune_matrix(weight, 2 * x.T @ x / x.shape[0], PATTERN, precision="float64")
+    assert torch.allclose(written["new"], expected.float())

@@ -303,6 +303,11 @@ def _feed() -> dict:
     return {"input_1:0": np.zeros((2, 8, 8, 3), np.float32)}
 
 
+def test_an_onnx_model_reports_its_calibration_rate():
+    result = gp.prune_onnx(nhwc_model(), passes=[NMSparsity(2, 4, method="wanda")], calibration=[_feed(), _feed()])
+    assert result.report.rows[0].details["calibration rate"].startswith("4 samples in ")
+
+
 def test_ignore_and_ratios_use_the_module_names_torch_exports_keep(tmp_path):
     """torch.onnx.export names initializers by module path, so ``ignore``/``ratios`` take the same
     names as for the PyTorch model."""

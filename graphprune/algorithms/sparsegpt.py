@@ -67,12 +67,16 @@ def inverse_factor(
     h = h if consume and h.dtype == dtype else h.to(dtype, copy=True)
     dead = torch.diagonal(h) == 0  # inputs that never fire carry no information
     h[dead, dead] = 1.0
-    upper = _inverse_factor(h, damp)
+    upper, intact = _inverse_factor(h, damp)
+    if upper is None and not intact and h.data_ptr() == hessian.data_ptr():
+        raise Unfactorable(  # its own memory is spent: the caller accumulates the sums again in float64
+            f"SparseGPT: a damped {tuple(hessian.shape)} Hessian has no Cholesky factor in {precision}"
+        )
     if upper is None and dtype != torch.float64:
         precision = "float64"
         h = hessian.detach().to(torch.float64, copy=True)
         h[dead, dead] = 1.0
-        upper = _inverse_factor(h, damp)
+        upper, _ = _inverse_factor(h, damp)
     if upper is None:
         raise Unfactorable(
             f"SparseGPT: a damped {tuple(hessian.shape)} Hessian has no Cholesky factor even in float64 (its "
@@ -132,21 +136,22 @@ class Unfactorable(InputError):
     """A damped Hessian without a Cholesky factor, even in float64."""
 
 
-def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:
+def _inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, bool]:
     """The upper Cholesky factor of ``(h + damp * mean(diag h) * I)^-1``, in ``h``'s dtype, working in
-    ``h``'s memory plus one matrix; None (``h`` as it came) where the first factorisation fails."""
+    ``h``'s memory plus one matrix, or None where a factorisation fails; and whether ``h`` still
+    holds what it came with (it does when the first one fails, not when the second does)."""
     added = damp * torch.diagonal(h).mean()
     h.diagonal().add_(added)
     factor, info = torch.linalg.cholesky_ex(h)
     if info.item() or not bool(torch.isfinite(factor).all()):
         h.diagonal().sub_(added)
-        return None
+        return None, True
     torch.cholesky_inverse(factor, out=h)
     del factor
     inverse, info = torch.linalg.cholesky_ex(h, upper=True)
     if info.item() or not bool(torch.isfinite(inverse).all()):
-        return None
-    return inverse
+        return None, False
+    return inverse, True
 
 
 @dataclass(frozen=True)
@@ -271,8 +276,8 @@ def sparsegpt_layers(
     activation, whose Hessians ``hessians(first layer, precision)`` read from the model as already
     sparsified upstream are factored once for the group; ``write(layer, new weight, keep-mask)``
     puts each result where the frontend keeps it.  A float32 factorisation that fails is retried in
-    float64, from the same sums and, where those lost too much, from sums accumulated again in
-    float64.  Returns the layers retried so."""
+    float64, from the same sums and, where those lost too much (or the failed solve used up their
+    memory), from sums accumulated again in float64.  Returns the layers retried so."""
     retried = []
     for group in tqdm(groups, desc="SparseGPT", unit="input", disable=None, leave=False):
         try:

@@ -178,7 +178,7 @@ class Analysis(abc.ABC, Generic[Captured, Context]):
         if self.rule_errors:
             lines.append("rules that failed (their nodes are frozen):")
             lines.extend(f"  {e}" for e in self.rule_errors)
-        others = [f for f in self.frozen if f not in interface]
+        others = [f for f in self.frozen if all(f is not i for i in interface)]
         if others and every_frozen:
             lines.append("frozen:")
             lines.extend(f"  {f.describe()}" for f in others)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -98,3 +99,14 @@ def max_relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]
         elif not torch.equal(a, b):
             worst = max(worst, 1.0)
     return worst
+
+
+def calibration_size(first_inputs: Sequence[tuple[Sequence[int], bool]]) -> tuple[int, str] | None:
+    """How much calibration data the batches' first inputs (each its shape, and whether it holds
+    integers) stand for, as ``(count, unit)``: tokens where every one holds integers (token ids),
+    else samples (their leading dims); None without any."""
+    if not first_inputs:
+        return None
+    if all(integers for _, integers in first_inputs):
+        return sum(math.prod(shape) for shape, _ in first_inputs), "tokens"
+    return sum(shape[0] if len(shape) else 1 for shape, _ in first_inputs), "samples"

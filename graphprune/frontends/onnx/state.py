@@ -25,7 +25,7 @@ from graphprune.core.frontend import Activations
 from graphprune.core.layers import owner_names
 from graphprune.core.pipeline import ONNX, Stage
 from graphprune.core.plan import Plan
-from graphprune.core.report import UNCHANGED, max_relative_error
+from graphprune.core.report import UNCHANGED, calibration_size, max_relative_error
 from graphprune.emit.qdq import stored_integers
 from graphprune.errors import InputError, InternalError, PostconditionError
 from graphprune.frontends.onnx import layers, quantize
@@ -101,13 +101,8 @@ class OnnxState:
         self.capture.model.metadata_props[STAGE_KEY] = str(self.stage)
 
     def calibration_size(self) -> tuple[int, str] | None:
-        """Tokens where every feed's first input holds integers (token ids), else samples."""
-        if not self.calibration:
-            return None
-        firsts = [np.asarray(next(iter(feed.values()))) for feed in self.calibration if feed]
-        if firsts and all(np.issubdtype(a.dtype, np.integer) for a in firsts):
-            return sum(a.size for a in firsts), "tokens"
-        return sum(a.shape[0] if a.ndim else 1 for a in firsts), "samples"
+        arrays = [np.asarray(next(iter(feed.values()))) for feed in self.calibration or [] if feed]
+        return calibration_size([(a.shape, bool(np.issubdtype(a.dtype, np.integer))) for a in arrays])
 
     # What passes ask of a state (graphprune.core.frontend.Frontend); the torch state answers the same.
     def weight_layers(self) -> tuple[list[OnnxLayer], dict[str, str]]:

@@ -147,22 +147,16 @@ def batches(calibration: Iterable[Any] | Runner | None, purpose: str) -> Calibra
     return data
 
 
-def calibration_size(data: Iterable[Any] | Runner | None) -> tuple[int, str] | None:
-    """``(count, unit)`` of the calibration data: tokens where each batch's first input holds
-    integers (token ids), else samples (the first input's leading dim)."""
-    if data is None:
-        return None
+def first_inputs(data: Iterable[Any] | Runner | None) -> list[tuple[tuple[int, ...], bool]]:
+    """The shape of every calibration batch's first tensor input, and whether it holds integers
+    (what :func:`graphprune.core.report.calibration_size` counts)."""
     firsts = []
-    for batch in data.batches if isinstance(data, Runner) else data:
+    for batch in [] if data is None else data.batches if isinstance(data, Runner) else data:
         args, kwargs = normalize_inputs(batch)
         first = next((v for _, v in input_leaves(args, kwargs) if isinstance(v, torch.Tensor)), None)
         if first is not None:
-            firsts.append(first)
-    if not firsts:
-        return None
-    if all(not t.is_floating_point() and t.dtype != torch.bool for t in firsts):
-        return sum(t.numel() for t in firsts), "tokens"
-    return sum(t.shape[0] if t.dim() else 1 for t in firsts), "samples"
+            firsts.append((tuple(first.shape), not first.is_floating_point() and first.dtype != torch.bool))
+    return firsts
 
 
 def check_calibration(data: list[Any], example_args: tuple, example_kwargs: dict) -> list[Any]:

@@ -23,7 +23,7 @@ from graphprune.core.groups import Analysis
 from graphprune.core.layers import output_heads
 from graphprune.core.pipeline import MODULE, STREAMED, Stage
 from graphprune.core.plan import Plan
-from graphprune.core.report import UNCHANGED, max_relative_error
+from graphprune.core.report import UNCHANGED, calibration_size, max_relative_error
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
 from graphprune.frontends.torch.apply import apply_plan
@@ -32,9 +32,9 @@ from graphprune.frontends.torch.calibration import (
     Calibration,
     Consumer,
     batches,
-    calibration_size,
     check_input,
     consumers,
+    first_inputs,
     run_batches,
 )
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
@@ -122,7 +122,7 @@ class CompressionState:
         setattr(self.model, STAGE_ATTRIBUTE, self.stage)
 
     def calibration_size(self) -> tuple[int, str] | None:
-        return calibration_size(self.calibration)
+        return calibration_size(first_inputs(self.calibration))
 
     # What passes ask of a state (graphprune.core.frontend.Frontend); the ONNX state answers the same.
     def weight_layers(self) -> tuple[list[Consumer], dict[str, str]]:
