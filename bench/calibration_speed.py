@@ -18,6 +18,11 @@ Each row prints seconds, the ratio to the reference, the mean cosine between den
 sentence embeddings on held-out sentences, and the peak resident memory the row added to the
 process (sampled every 5 ms from ``/proc/self/status``; the model itself is already resident).
 
+Then ``ChannelPrune(0.25, compensate="reconstruct")`` on the same model and sentences: the dense
+and pruned models walked block by block side by side, against the same pass forced onto whole
+forwards (two whole forwards per re-fitted layer and batch: how reconstruction ran before), with
+plain ``ChannelPrune(0.25)`` for the quality reconstruction buys.
+
 Then the solves alone on one LLaMA-7B-shaped block (random weights and Hessians; q, k, v share a
 Hessian, as gate and up do): seconds per layer against the FLOP-count lower bound at the
 machine's measured float32 matmul rate (the factorisation, ``4/3 n^3`` once per Hessian, plus the
@@ -28,6 +33,7 @@ users hand them over; graphprune and the reference move each batch), seconds are
 synchronize, and the peak column is the GPU memory allocated beyond what was held on entry.
 
     python -m bench.calibration_speed [--sentences 256] [--block-scale 1.0] [--device cuda]
+        [--rows nm,reconstruct]
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from bench.minilm_quality import HELD_OUT
 from graphprune.algorithms.nm import LINEAR, NMPattern
 from graphprune.algorithms.sparsegpt import inverse_factor, prune_layer
 from graphprune.frontends.torch.blocks import Blocks
-from graphprune.passes import NMSparsity
+from graphprune.passes import ChannelPrune, NMSparsity
 from samples.minilm import build, embed, tokenize
 
 SUBJECTS = ["The old man", "A small child", "Our neighbour", "The new teacher", "A tired nurse", "My brother"]
@@ -268,7 +274,11 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=256, help="calibration sentences")
     parser.add_argument("--block-scale", type=float, default=1.0, help="LLaMA-7B block size factor (0: skip)")
     parser.add_argument("--device", default="cpu", help="where the model, statistics and solves live")
+    parser.add_argument("--rows", default="nm,reconstruct", help="which MiniLM tables: nm, reconstruct")
     args = parser.parse_args()
+    tables = set(args.rows.split(",")) - {""}
+    if tables - {"nm", "reconstruct"}:
+        parser.error(f"--rows takes nm and/or reconstruct, got {args.rows!r}")
     count, device = args.sentences, torch.device(args.device)
     torch.manual_seed(0)
     model, example = build()
@@ -279,8 +289,9 @@ def main() -> None:
     dense = embed(model, held)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"all-MiniLM-L6-v2, 2:4, {count} calibration sentences of 16 tokens, {where}")
-    print(f"{'method':<11}{'implementation':<30}{'seconds':>9}{'x reference':>13}{'cosine':>9}{'peak MiB':>10}")
-    for method in ("sparsegpt", "wanda"):
+    if "nm" in tables:
+        print(f"{'method':<11}{'implementation':<30}{'seconds':>9}{'x reference':>13}{'cosine':>9}{'peak MiB':>10}")
+    for method in ("sparsegpt", "wanda") if "nm" in tables else ():
         start = synchronized(device)
         with PeakMemory(device) as memory:
             pruned = reference(model, calibration, method, device)
@@ -307,8 +318,38 @@ def main() -> None:
         for name, seconds, sparse, added in rows:
             cosine = (sparse * dense).sum(-1).mean().item()
             print(f"{method:<11}{name:<30}{seconds:>9.1f}{seconds / base:>13.2f}{cosine:>9.3f}{added:>10.0f}")
+    if "reconstruct" in tables:
+        reconstruction_rows(model, example, calibration, held, dense, device)
     if args.block_scale:
         llama_block_solves(args.block_scale, device)
+
+
+def reconstruction_rows(
+    model: nn.Module, example: dict, calibration: list[dict], held: dict, dense: torch.Tensor, device: torch.device
+) -> None:
+    """ChannelPrune's reconstruction block by block against whole forwards (the baseline)."""
+    print("\nChannelPrune(0.25, compensate='reconstruct'), whole forwards as the baseline")
+    print(f"{'implementation':<30}{'seconds':>9}{'x baseline':>12}{'cosine':>9}{'peak MiB':>10}  layers")
+    rows = []
+    runs: tuple[tuple[str, contextlib.AbstractContextManager, str | None], ...] = (
+        ("whole forwards", whole_forwards(), "reconstruct"),
+        ("block by block", contextlib.nullcontext(), "reconstruct"),
+        ("no reconstruction", contextlib.nullcontext(), None),
+    )
+    for name, context, compensate in runs:
+        with context, PeakMemory(device) as memory:
+            start = synchronized(device)
+            result = gp.prune(
+                model, example, passes=[ChannelPrune(0.25, compensate=compensate)], calibration=calibration
+            )
+            seconds = synchronized(device) - start
+        cosine = (embed(result.module, held) * dense).sum(-1).mean().item()
+        layers = result.report.rows[0].details.get("reconstruction", "-")
+        rows.append((name, seconds, cosine, memory.added, layers))
+        del result
+    base = rows[0][1]
+    for name, seconds, cosine, added, layers in rows:
+        print(f"{name:<30}{seconds:>9.1f}{seconds / base:>12.2f}{cosine:>9.3f}{added:>10.0f}  {layers}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ MODEL is ``package.module:factory`` (a function returning ``(module, example_inp
 ``(module, example_inputs, calibration_batches)``), a ``.pt2`` file saved with
 ``torch.export.save`` (its example inputs are the ones it was exported with), or, for ``inspect``
 and ``prune``, an ``.onnx`` file (pruned as an ONNX graph by :func:`graphprune.prune_onnx`; its
-calibration ``.npz`` holds arrays keyed by input name), or, for ``inspect`` and ``prune``, a Hugging
-Face checkpoint folder (built with its parameters on ``meta`` from its ``config.json``; ``prune``
-plans it with the weights streamed from its shards and writes the pruned checkpoint shard by shard).
+calibration ``.npz`` holds arrays keyed by input name), or, for ``inspect``, ``prune`` and ``plan``, a
+Hugging Face checkpoint folder (built with its parameters on ``meta`` from its ``config.json``;
+``plan`` writes its plan with the weights streamed from its shards, ``prune`` also writes the pruned
+checkpoint shard by shard).
 
 Exit codes: 0 done, 2 bad input (paths, options, recipes, outputs that would replace an input or a
 file graphprune did not write, a pass order that is refused), 3 a model graphprune cannot handle
@@ -292,38 +293,15 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
 
 def _prune_checkpoint(args: argparse.Namespace, passes: list, experimental: bool) -> dict:
-    """A checkpoint folder: a streamed plan (the model built on meta, weights read from the shards,
-    calibration run block by block), then the pruned checkpoint written shard by shard into the
-    folder ``-o``, and the plan beside it (``<out>.plan.json``)."""
-    import graphprune as gp
+    """A checkpoint folder: a streamed plan, then the pruned checkpoint written shard by shard into
+    the folder ``-o``, and the plan beside it (``<out>.plan.json``)."""
     from graphprune.io.checkpoint import apply_to_checkpoint
 
     if args.output.endswith(".onnx"):
         raise InputError(f"-o names the folder a pruned checkpoint goes into, got the ONNX file {args.output!r}")
     if args.latency:
         raise InputError("--latency times ONNX files, and a checkpoint folder is written as a checkpoint")
-    loaded = checkpoint_model(args.model)
-    calibration = None
-    if args.calibration:
-        calibration = (
-            text_calibration(args.model, args.calibration, seq_len=args.seq_len, samples=args.samples)
-            if args.calibration.endswith(".txt")
-            else load_calibration(args.calibration, args.batch_size)
-        )
-    needing = [p.name for p in passes if p.reads_calibration()]
-    if calibration is None and needing:
-        raise InputError(
-            f"{', '.join(needing)} read calibration data: give --calibration (a .txt file, one sample a line, "
-            "or .npz/.pt batches)"
-        )
-    plan = gp.plan(
-        loaded.module,
-        loaded.inputs,
-        passes,
-        calibration=calibration,
-        weights=args.model,
-        experimental_order=experimental,
-    )
+    plan = _streamed_plan(args.model, args, passes, experimental)
     plan_path = args.output.rstrip("/") + ".plan.json"
     with Outputs(inputs=[args.model], overwrite=args.overwrite) as out:
         out.check(plan_path)  # refused before the checkpoint is written
@@ -341,6 +319,35 @@ def _prune_checkpoint(args: argparse.Namespace, passes: list, experimental: bool
         "bytes_before": written.bytes_before,
         "bytes_after": written.bytes_after,
     }
+
+
+def _streamed_plan(folder: str, args: argparse.Namespace, passes: list, experimental: bool) -> Any:
+    """The plan of a checkpoint folder: the model built on meta from its config, the weights read
+    from its shards, calibration run block by block."""
+    import graphprune as gp
+
+    loaded = checkpoint_model(folder)
+    calibration = None
+    if args.calibration:
+        calibration = (
+            text_calibration(folder, args.calibration, seq_len=args.seq_len, samples=args.samples)
+            if args.calibration.endswith(".txt")
+            else load_calibration(args.calibration, args.batch_size)
+        )
+    needing = [p.name for p in passes if p.reads_calibration()]
+    if calibration is None and needing:
+        raise InputError(
+            f"{', '.join(needing)} read calibration data: give --calibration (a .txt file, one sample a line, "
+            "or .npz/.pt batches)"
+        )
+    return gp.plan(
+        loaded.module,
+        loaded.inputs,
+        passes,
+        calibration=calibration,
+        weights=folder,
+        experimental_order=experimental,
+    )
 
 
 def text_calibration(folder: str, path: str, *, seq_len: int, samples: int) -> list[dict]:
@@ -448,8 +455,20 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict:
+    """Describe a plan file, diff two, or make the plan of a checkpoint folder (``-o``)."""
     from graphprune.io.plan_file import PlanFile
 
+    if os.path.isdir(args.plan):
+        return _plan_checkpoint(args)
+    plain = vars(parser().parse_args(["plan", args.plan, *([args.other] if args.other else [])]))
+    given = [
+        f"--{k.replace('_', '-')}" for k, v in plain.items() if k not in ("json", "quiet") and getattr(args, k) != v
+    ]
+    if given:
+        raise InputError(
+            f"{' '.join(given)}: the pass options, -o and --overwrite make the plan of a checkpoint folder, and "
+            f"{args.plan} is not a folder (a plan file is described or compared as it is)"
+        )
     plan = PlanFile.load(args.plan)
     if args.other is None:
         if not args.json:
@@ -459,6 +478,29 @@ def cmd_plan(args: argparse.Namespace) -> dict:
     if not args.json:
         print("\n".join(differences) if differences else "the two plans make the same decisions")
     return {"plans": [args.plan, args.other], "differences": differences}
+
+
+def _plan_checkpoint(args: argparse.Namespace) -> dict:
+    """``graphprune plan FOLDER -o NAME.plan.json``: the first half of prune (the streamed plan),
+    saved for ``apply-checkpoint`` (or ``gp.apply_to_checkpoint``) to apply later."""
+    if args.other is not None:
+        raise InputError(
+            f"{args.plan} is a checkpoint folder: plan takes one, and a second argument only to compare plans"
+        )
+    if args.output is None or not args.output.endswith(".plan.json"):
+        raise InputError(f"-o names the plan file to write (NAME.plan.json), got {args.output!r}")
+    passes, experimental = _passes(args)
+    with Outputs(inputs=[args.plan], overwrite=args.overwrite) as out:
+        out.check(args.output)  # refused before the plan is made
+    plan = _streamed_plan(args.plan, args, passes, experimental)
+    plan_json, tensors = plan.save(args.output, overwrite=args.overwrite)
+    if not args.json:
+        print(plan.report)
+        print(plan.describe())
+        print(
+            f"plan: {plan_json} (+ {tensors}); apply it with `graphprune apply-checkpoint {plan_json} {args.plan} OUT`"
+        )
+    return {**plan.report.to_dict(), "plan": plan_json, "description": plan.describe().splitlines()}
 
 
 def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
@@ -526,7 +568,8 @@ EXAMPLES = {
     "prune": "graphprune prune samples.resnet:build -o resnet.onnx --channels 0.3 --nm 2:4 --int8 --latency\n"
     "  graphprune prune ./llama-ckpt -o ./llama-pruned --nm 2:4 --method sparsegpt --calibration texts.txt",
     "export": "graphprune export samples.resnet:build -o resnet.onnx",
-    "plan": "graphprune plan run1.plan.json run2.plan.json",
+    "plan": "graphprune plan run1.plan.json run2.plan.json\n"
+    "  graphprune plan ./llama-ckpt -o llama.plan.json --nm 2:4 --method sparsegpt --calibration texts.txt",
     "apply-checkpoint": "graphprune apply-checkpoint plan.json ./llama-ckpt ./llama-pruned",
     "bench": "graphprune bench dense.onnx pruned.onnx --batch 8",
 }
@@ -563,6 +606,20 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--runs", type=int, default=20, help="timed runs per model; the median is reported (20)")
         p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="onnxruntime intra-op threads")
 
+    def pass_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", help="a recipe file naming the passes (docs/RECIPES.md), instead of the flags below")
+        p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
+        p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
+        p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
+        p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
+        p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
+        p.add_argument(
+            "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"
+        )
+        p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
+        p.add_argument("--seq-len", type=int, default=512, help="tokens kept of each .txt calibration sample (512)")
+        p.add_argument("--samples", type=int, default=128, help="lines read of a .txt calibration file (128)")
+
     p = command("inspect", "coupled channel groups, frozen spaces and why, params and MACs")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--max-groups", type=int, default=50, help="groups to list; the rest are counted (50)")
@@ -578,18 +635,7 @@ def parser() -> argparse.ArgumentParser:
         help="the ONNX file to write, its plan and report beside it; for a checkpoint folder, the folder "
         "the pruned checkpoint goes into",
     )
-    p.add_argument("--recipe", help="a recipe file naming the passes (docs/RECIPES.md), instead of the flags below")
-    p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
-    p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
-    p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
-    p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
-    p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
-    p.add_argument(
-        "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens kept of each .txt calibration sample (512)")
-    p.add_argument("--samples", type=int, default=128, help="lines read of a .txt calibration file (128)")
+    pass_options(p)
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
     timing(p)
     overwrite(p)
@@ -600,9 +646,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's (default: dynamic)")
     overwrite(p)
     common(p)
-    p = command("plan", "what a saved plan decides (result.save_plan), or how two plans differ")
-    p.add_argument("plan", help="a plan file (.plan.json) written by prune or result.save_plan")
+    p = command(
+        "plan",
+        "what a saved plan decides (result.save_plan), how two plans differ, or the plan of a checkpoint folder",
+    )
+    p.add_argument(
+        "plan",
+        help="a plan file (.plan.json) written by prune or result.save_plan, or a checkpoint folder to plan "
+        "(with -o and the pass options; applied later by apply-checkpoint)",
+    )
     p.add_argument("other", nargs="?", help="a second plan file: print how the two differ")
+    p.add_argument("-o", "--output", help="for a checkpoint folder: the plan file to write (NAME.plan.json)")
+    pass_options(p)
+    overwrite(p)
     common(p)
     p = command("apply-checkpoint", "apply a saved plan to a safetensors checkpoint folder, shard by shard")
     p.add_argument("plan", help="the plan file (.plan.json) to apply")

@@ -410,6 +410,7 @@ def test_unknown_output_name_lists_the_real_ones():
         gp.analyze(model, inputs, prunable_outputs=["logits"])
 
 
+@pytest.mark.slow
 def test_report_pages_from_the_python_api(tmp_path):
     import json
 

@@ -74,6 +74,7 @@ def test_config_sizes_are_inferred_where_shapes_tell(pruned, tmp_path):
     assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.intermediate_size == 64
 
 
+@pytest.mark.slow
 def test_config_sizes_shapes_cannot_tell_apart_are_told_by_the_plan_or_asked_for(pruned, tmp_path):
     """The plan keeps one query head of 16 dims, which has the shapes of two heads of 8: the analysis
     of the model the plan made tells them apart; a plan without it (or an architecture it cannot

@@ -50,6 +50,7 @@ def pruned(tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
     out, summary = pruned
     assert summary["stage"] == "quantized" and [p["pass_name"] for p in summary["passes"]] == [
@@ -79,6 +80,7 @@ def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
     assert meta["graphprune.stage"] == "quantized"
 
 
+@pytest.mark.slow
 def test_inspect_and_bench(pruned):
     out, _ = pruned
     inspect = run("inspect", "samples.resnet:build", "--json", "--graph", str(out / "coupling.dot"))
@@ -170,6 +172,7 @@ def test_installed_entry_point():
     assert result.returncode == 0 and "inspect" in result.stdout and "prune" in result.stdout
 
 
+@pytest.mark.slow
 def test_exported_program_file(tmp_path):
     import torch
 
@@ -271,36 +274,33 @@ def test_inspect_builds_a_checkpoint_folder_from_its_config_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_a_checkpoint_folder_with_text_calibration(tmp_path):
-    """The LLM user's first command: a multi-shard LLaMA checkpoint and a text file in, a pruned
-    checkpoint out (streamed plan, shard-by-shard write) that from_pretrained loads and that
-    computes what the model pruned in memory on the same calibration computes."""
+def test_a_checkpoint_folder_with_text_calibration_end_to_end(tmp_path):
+    """The LLM user's first commands, each in a fresh interpreter as a user runs them: a multi-shard
+    LLaMA checkpoint and a text file in; ``prune`` in one command, and ``plan`` then
+    ``apply-checkpoint`` in two.  Both pruned checkpoints load with from_pretrained and compute what
+    the model pruned in memory on the same calibration computes."""
     from samples.minilm import _path
 
     tokenizer = T.AutoTokenizer.from_pretrained(_path())
-    config = T.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(config).eval()
-    folder, out = tmp_path / "ckpt", tmp_path / "pruned"
-    model.save_pretrained(folder, max_shard_size="1MB")
+    folder = tmp_path / "ckpt"
+    model = _llama_checkpoint(folder, vocab_size=len(tokenizer))
     tokenizer.save_pretrained(folder)
     texts = tmp_path / "texts.txt"
     texts.write_text(
         "The old man reads the paper.\n\nA child paints a red boat near the river.\nWarm soup after lunch.\n"
     )
     args = ["--nm", "2:4", "--method", "sparsegpt", "--calibration", str(texts), "--seq-len", "8", "--samples", "3"]
-    result = run("prune", str(folder), "-o", str(out), *args, "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
+    pruned_in_one = run_process("prune", str(folder), "-o", str(tmp_path / "pruned"), *args, "--json")
+    assert pruned_in_one.returncode == 0, pruned_in_one.stderr
+    summary = json.loads(pruned_in_one.stdout)
     assert summary["shards"] > 1 and os.path.isfile(summary["plan"])
-    pruned = T.LlamaForCausalLM.from_pretrained(out).eval()
+    plan = str(tmp_path / "llama.plan.json")
+    planned = run_process("plan", str(folder), "-o", plan, *args, "--quiet")
+    assert planned.returncode == 0, planned.stderr
+    assert f"apply-checkpoint {plan} {folder} OUT" in planned.stdout
+    applied = run_process("apply-checkpoint", plan, str(folder), str(tmp_path / "applied"), "--quiet")
+    assert applied.returncode == 0, applied.stderr
+
     calibration = cli.text_calibration(str(folder), str(texts), seq_len=8, samples=3)
     assert [b["input_ids"].shape[1] for b in calibration] == [8, 8, 7]  # cut at 8 tokens, blank line skipped
     in_memory = gp.prune(
@@ -311,8 +311,64 @@ def test_prune_a_checkpoint_folder_with_text_calibration(tmp_path):
     ).module
     ids = torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(pruned(ids).logits, in_memory(ids).logits, atol=1e-5)
-    again = run("prune", str(folder), "-o", str(out), *args)
+        expected = in_memory(ids).logits
+        for out in ("pruned", "applied"):
+            loaded = T.LlamaForCausalLM.from_pretrained(tmp_path / out).eval()
+            assert torch.allclose(loaded(ids).logits, expected, atol=1e-5), out
+    again = run("prune", str(folder), "-o", str(tmp_path / "pruned"), *args)
     assert again.returncode == 2 and "overwrite" in again.stderr  # the written checkpoint is kept
     missing = run("prune", str(folder), "-o", str(tmp_path / "other"), "--nm", "2:4", "--method", "wanda")
     assert missing.returncode == 2 and "give --calibration" in missing.stderr
+    no_tokenizer = tmp_path / "bare"
+    _llama_checkpoint(no_tokenizer)
+    refused = run("plan", str(no_tokenizer), "-o", str(tmp_path / "bare.plan.json"), *args)
+    assert refused.returncode == 2 and "tokenizer" in refused.stderr
+
+
+def _llama_checkpoint(folder, vocab_size: int = 100) -> T.LlamaForCausalLM:
+    """A two-layer LLaMA with random weights saved in several safetensors shards (with an index)."""
+    config = T.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model
+
+
+def test_plan_a_checkpoint_folder_then_apply_it(tmp_path):
+    """plan is the first half of prune: the plan of a folder, written; apply-checkpoint then gives
+    the checkpoint of the model pruned in memory.  Pass options on a plan file are refused, not
+    ignored, and a shard the index names but the folder lacks is named before anything is written."""
+    model = _llama_checkpoint(tmp_path / "ckpt")
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+    plan = str(tmp_path / "llama.plan.json")
+    made = run("plan", str(tmp_path / "ckpt"), "-o", plan, "--nm", "2:4", "--json")
+    assert made.returncode == 0, made.stderr
+    assert any("N:M masks on 14 weights" in line for line in json.loads(made.stdout)["description"])
+    applied = run("apply-checkpoint", plan, str(tmp_path / "ckpt"), str(tmp_path / "pruned"))
+    assert applied.returncode == 0, applied.stderr
+    pruned = T.LlamaForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    in_memory = gp.prune(model, {"input_ids": torch.ones(1, 16, dtype=torch.long)}, [NMSparsity(2, 4)]).module
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, in_memory(ids).logits, atol=1e-5)
+
+    ignored = run("plan", plan, "--nm", "2:4", "--method", "wanda")
+    assert ignored.returncode == 2 and "--nm --method" in ignored.stderr and "not a folder" in ignored.stderr
+    no_output = run("plan", str(tmp_path / "ckpt"), "--nm", "2:4")
+    assert no_output.returncode == 2 and "-o names the plan file" in no_output.stderr
+    shard = sorted((tmp_path / "ckpt").glob("*.safetensors"))[-1]
+    shard.unlink()
+    for command in (
+        ["plan", str(tmp_path / "ckpt"), "-o", str(tmp_path / "again.plan.json")],
+        ["prune", str(tmp_path / "ckpt"), "-o", str(tmp_path / "again")],
+    ):
+        missing = run(*command, "--nm", "2:4")
+        assert missing.returncode == 2 and f"names shards that are not in the folder: {shard.name}" in missing.stderr
+    assert not (tmp_path / "again.plan.json").exists() and not (tmp_path / "again").exists()

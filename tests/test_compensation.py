@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import transformers as T
 
 import graphprune as gp
 from graphprune.frontends.torch.compensation import reestimate_batchnorm
@@ -243,7 +244,7 @@ def test_reconstruction_never_increases_calibration_error():
     from graphprune.frontends.torch.copying import clone
 
     pruned = apply_plan(clone(model), analysis, plan).module
-    records, skipped = reconstruct(analysis, model, pruned, plan, batches)
+    records, skipped, _ = reconstruct(analysis, model, pruned, plan, batches)
     assert records and all(r.error_after <= r.error_before for r in records)
     assert set(skipped) == {"5.weight"}  # the linear has 289 unknowns per output and 48 rows to fit them
 
@@ -281,7 +282,7 @@ def test_reconstruction_refits_grouped_convs_after_a_depthwise_one_without_incre
     analysis = gp.analyze(model, batches[0])
     plan = ChannelPrune(0.5).plan(analysis, model, None)
     pruned = apply_plan(clone(model), analysis, plan).module
-    records, skipped = reconstruct(analysis, model, pruned, plan, batches)
+    records, skipped, _ = reconstruct(analysis, model, pruned, plan, batches)
     assert not skipped
     # the depthwise conv loses whole groups (inputs with their outputs): its remaining outputs lost
     # nothing and it needs no re-fit; the grouped conv loses inputs inside each group
@@ -394,3 +395,59 @@ def test_silencing_equals_removal_and_restores_every_parameter():
         ChannelPrune(0.5, allocation="greedy")
     with pytest.raises(gp.InputError, match="do not combine"):
         ChannelPrune(0.5, allocation="sensitivity", ratios={"a1": 0.1})
+
+
+FOUR_BLOCKS = {
+    "bert": lambda: T.BertModel(
+        T.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    ),
+    "llama": lambda: T.LlamaForCausalLM(
+        T.LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FOUR_BLOCKS))
+def test_reconstruction_block_by_block_equals_whole_forwards(name, monkeypatch):
+    """Reconstruction walks the dense and the pruned model block by block side by side: each
+    layer's fit runs its own block, not the whole model, and gives the weights of the fit over
+    whole forwards (the oracle: the same normal equations, from the same activations)."""
+    from graphprune.frontends.torch.blocks import Blocks
+
+    torch.manual_seed(0)
+    model = FOUR_BLOCKS[name]().eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 100, (8, 32), generator=generator)} for _ in range(3)]
+    inputs = batches[0]
+    passes = [ChannelPrune(0.5, round_to=4, compensate="reconstruct")]
+    block_type = type(Blocks(batches).block_list(model)[1][0])
+    calls = [0]
+    forward = block_type.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(block_type, "forward", counted)
+    chained = gp.prune(model, inputs, passes=passes, calibration=batches)
+    chained_calls, calls[0] = calls[0], 0
+    monkeypatch.setattr(Blocks, "chain_problem", lambda self, model: "for the oracle")
+    whole = gp.prune(model, inputs, passes=passes, calibration=batches)
+    done, oracle = chained.report.rows[0].details, whole.report.rows[0].details
+    assert "(block by block over " in done["reconstruction"]
+    assert oracle["reconstruction"].endswith("(whole forwards, not block by block: for the oracle)")
+    assert done["reconstruction"].partition(" (")[0] == oracle["reconstruction"].partition(" (")[0]
+    assert done.get("not reconstructed") == oracle.get("not reconstructed")
+    assert chained_calls < calls[0] / 2, (chained_calls, calls[0])  # four blocks: about a quarter of the runs
+    got, want = chained.module.state_dict(), whole.module.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if value.is_floating_point():
+            assert torch.allclose(got[key], value, rtol=1e-4, atol=1e-5 * float(value.abs().max())), key

@@ -107,6 +107,7 @@ def test_the_onnx_frontend_never_reaches_the_torch_frontend(module):
     assert not fx_users, f"{module} reaches torch.fx through {fx_users}"
 
 
+@pytest.mark.slow
 def test_import_graphprune_and_the_torch_path_leave_the_onnx_stack_unloaded():
     code = (
         "import sys, graphprune as gp\n"

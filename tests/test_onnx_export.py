@@ -51,7 +51,7 @@ def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 # Swin goes through the TorchScript exporter: torch 2.13's dynamo exporter fails on the Hugging Face
 # Swin, even unpruned (its decomposition step views a transposed tensor; pinned down below).
-@pytest.mark.parametrize("name", sweep(sorted(ARCHITECTURES)))
+@pytest.mark.parametrize("name", sweep(sorted(ARCHITECTURES), quick=["resnet"]))
 def test_channel_pruned_zoo_exports_and_matches_torch(name, tmp_path):
     model, inputs = build(name)
     result = gp.prune(model, inputs, passes=[ChannelPrune(ratio=0.3)])
@@ -103,6 +103,7 @@ def test_int8_qdq_model_fuses_matches_fake_quant_and_keeps_patterns(tmp_path):
         assert record["pattern"] == "2:4" and record["zero_point"] == 128 and ((groups != 0).sum(-1) <= 2).all()
 
 
+@pytest.mark.slow
 def test_int8_transformer_fuses_matmuls(tmp_path):
     model, inputs = build("bert")
     result = gp.prune(model, inputs, calibration=[inputs], passes=[NMSparsity(2, 4), Quantize()])
@@ -112,6 +113,7 @@ def test_int8_transformer_fuses_matmuls(tmp_path):
     assert _relative_error(_run_onnx(str(tmp_path / "bert.onnx"), bigger), _torch_outputs(result.module, bigger)) < 0.01
 
 
+@pytest.mark.slow
 def test_nm_without_int8_keeps_linear_weight_names_for_the_records(tmp_path):
     """2:4 alone on a transformer: the exporter reads each linear weight through Transpose, which the
     optimizer folds into an anonymous initializer; the emitter pre-transposes masked weights (as it
@@ -137,6 +139,7 @@ def test_fusion_check_names_unfused_layers():
         onnx_export.check_fusion(onnx.helper.make_model(graph))
 
 
+@pytest.mark.slow
 def test_export_leaves_the_module_and_its_masks_alone(tmp_path):
     _model, x, result = _resnet_s_then_q()
     before = {k: v.clone() for k, v in result.module.state_dict().items()}
@@ -155,6 +158,7 @@ def test_clone_does_not_share_parametrization_classes():
     masked(torch.randn(2, 8))
 
 
+@pytest.mark.slow
 def test_atomic_write_and_path_errors(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     x = (torch.randn(2, 8),)
@@ -197,6 +201,7 @@ def test_batch_of_one_still_gives_a_dynamic_batch_and_static_is_available(tmp_pa
     assert [d.dim_value for d in shape.dim] == [3, 8]
 
 
+@pytest.mark.slow
 def test_exporter_failure_is_reported_with_its_cause(tmp_path):
     model, inputs = build("swin")
     with pytest.raises(
@@ -212,6 +217,7 @@ def test_exporter_failure_is_reported_with_its_cause(tmp_path):
         gp.export_onnx(model, inputs, tmp_path / "swin.onnx", exporter="tensorrt")
 
 
+@pytest.mark.slow
 def test_a_wrongly_written_int8_layer_is_caught(tmp_path, monkeypatch):
     import graphprune.emit.qdq as qdq
 

@@ -112,7 +112,9 @@ def test_prune_onnx_file(exported, ratio, tmp_path):
     assert report.macs_after == torch_result.report.macs_after
 
 
-@pytest.mark.parametrize("exported", sweep(n for n in EXPORTABLE if n not in ("mobilenet_v2", "resnet")), indirect=True)
+@pytest.mark.parametrize(
+    "exported", sweep((n for n in EXPORTABLE if n not in ("mobilenet_v2", "resnet")), quick=()), indirect=True
+)
 def test_global_ranking_chooses_what_the_torch_path_chooses(exported):
     """With global allocation the kept counts depend on the scores.  Without BatchNorm (the exporter
     folds it into the convs, which changes their L2 norms: ResNet and MobileNetV2 are left out) both
@@ -353,7 +355,7 @@ def test_nm_masks_match_the_torch_path(exported, method, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", sweep(["bert", "llama_gqa", "resnet"]))
+@pytest.mark.parametrize("name", sweep(["bert", "llama_gqa", "resnet"], quick=["resnet"]))
 def test_dynamic_batch_exports_prune_through_sizes_read_at_run_time(name, tmp_path):
     """A dynamic batch makes the exporter rebuild reshape targets from Shape at run time
     (Concat(Shape(k)[0:2], [-1, 64])): the groups are still all found, constants inside those
@@ -429,6 +431,7 @@ def test_tf2onnx_layout_full_pipeline(tmp_path):
     assert [o.name for o in model.graph.output] == ["dense"]
 
 
+@pytest.mark.slow
 def test_torchscript_exporter_files(tmp_path):
     """Files from the older TorchScript exporter (``dynamo=False``, still what many model zoos hold):
     it computes every Pad amount from constants through ConstantOfShape/Concat/Reshape/Slice, which

@@ -146,6 +146,7 @@ def test_report_pages_never_replace_a_folder_graphprune_did_not_make(tmp_path, m
 
 
 # ------------------------------------------------------------------ ONNX files
+@pytest.mark.slow
 def test_onnx_files_are_replaced_only_if_graphprune_wrote_them(tmp_path, pruned):
     target = tmp_path / "m.onnx"
     pruned.export_onnx(target)

@@ -55,7 +55,9 @@ def llama(tmp_path_factory):
     return model, folder, meta
 
 
-@pytest.mark.parametrize("pipeline", list(PIPELINES))
+@pytest.mark.parametrize(
+    "pipeline", [p if p == "wanda" else pytest.param(p, marks=pytest.mark.slow) for p in PIPELINES]
+)
 def test_a_streamed_plan_is_the_plan_made_in_memory(llama, pipeline):
     model, folder, meta = llama
     streamed = gp.plan(meta, IDS, PIPELINES[pipeline](), calibration=BATCHES, weights=folder)
@@ -65,7 +67,7 @@ def test_a_streamed_plan_is_the_plan_made_in_memory(llama, pipeline):
     assert all(p.device.type == "meta" for p in meta.parameters())  # the caller's model is untouched
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "qwen3"])
+@pytest.mark.parametrize("name", ["bert", *(pytest.param(n, marks=pytest.mark.slow) for n in ("gpt2", "qwen3"))])
 def test_streaming_works_across_architectures(name, tmp_path):
     """GPT-2 (Conv1D, lm_head tied to the embedding), BERT (blocks return tuples, a pooler after
     them), Qwen3 (q/k norms)."""
@@ -102,6 +104,7 @@ def test_one_block_is_loaded_at_a_time(llama, monkeypatch):
     assert most[0] == 1
 
 
+@pytest.mark.slow
 def test_a_streamed_sparsegpt_plan_applied_to_the_checkpoint_computes_what_the_pruned_model_does(llama, tmp_path):
     model, folder, meta = llama
 

@@ -9,6 +9,7 @@ a tensor's bytes are read when it is asked for.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,12 @@ class TensorFiles(Mapping[str, torch.Tensor]):
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
         if not files:
             raise InputError(f"{path}: no .safetensors files (weights are read from safetensors checkpoints only)")
+        for index in sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []:
+            missing = sorted(set(_indexed_shards(index)) - {f.name for f in files})
+            if missing:
+                raise InputError(
+                    f"{index} names shards that are not in the folder: {', '.join(missing)} (a download cut short?)"
+                )
         return cls(files)
 
     def shape(self, name: str) -> list[int]:
@@ -85,6 +92,15 @@ class TensorFiles(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The shard files a ``*.safetensors.index.json`` maps tensors to."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [str(v) for v in dict(weight_map).values()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{index}: not a safetensors index (a JSON object with a weight_map): {exc}") from exc
 
 
 class PartWriter:

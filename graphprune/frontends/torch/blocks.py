@@ -23,8 +23,9 @@ weights of each block read from a checkpoint while it runs.
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from graphprune.errors import InputError
-from graphprune.frontends.torch.calibration import Runner, Watch
+from graphprune.frontends.torch.calibration import Consumer, Runner, Watch
 from graphprune.frontends.torch.capture import eval_mode, no_kv_cache, normalize_inputs
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -43,15 +44,28 @@ class _Caught(Exception):
     """Stops the forward pass at a block once its inputs are recorded."""
 
 
-class BlockInputs(Runner):
+class Segment(Runner):
+    """The batches through one part of the model (the modules before the blocks, a block, the
+    modules after them), on what the earlier parts computed."""
+
+    @abc.abstractmethod
+    def split(self) -> list["Segment"]:
+        """One segment per batch, in order (a fit that holds a batch out runs them one at a time)."""
+
+
+class BlockInputs(Segment):
     """One block's caught inputs: running them runs only that block (what SparseGPT needs per layer)."""
 
     def __init__(self, block: nn.Module, inputs: list[Inputs]) -> None:
         self.block, self.inputs = block, inputs
 
     def drive(self, model: nn.Module, watch: Watch) -> None:
-        for args, kwargs in self.inputs:
-            self.block(*args, **kwargs)
+        with torch.no_grad():
+            for args, kwargs in self.inputs:
+                self.block(*args, **kwargs)
+
+    def split(self) -> list[Segment]:
+        return [BlockInputs(self.block, [one]) for one in self.inputs]
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -60,31 +74,39 @@ class BlockInputs(Runner):
 BEFORE, AFTER = "<before the blocks>", "<after the blocks>"  # what Stream.sequential visits besides blocks
 
 
-class _Before(Runner):
+class _Before(Segment):
     """Runs the batches through the modules before the blocks (stopping at the first block)."""
 
-    def __init__(self, stream: "Blocks", first: nn.Module, name: str) -> None:
-        self.stream, self.first, self.name = stream, first, name
+    def __init__(self, stream: "Blocks", first: nn.Module, name: str, batches: list[Any]) -> None:
+        self.stream, self.first, self.name, self.batches = stream, first, name, batches
 
     def drive(self, model: nn.Module, watch: Watch) -> None:
-        for batch in self.stream.batches:
-            self.stream.catch(model, self.first, self.name, batch)
+        with torch.no_grad():
+            for batch in self.batches:
+                self.stream.catch(model, self.first, self.name, batch)
+
+    def split(self) -> list[Segment]:
+        return [_Before(self.stream, self.first, self.name, [batch]) for batch in self.batches]
 
     def __len__(self) -> int:
-        return len(self.stream.batches)
+        return len(self.batches)
 
 
-class _After(Runner):
+class _After(Segment):
     """Runs the batches through the modules after the blocks, on the last block's outputs."""
 
-    def __init__(self, stream: "Blocks", blocks: nn.ModuleList, outputs: list[Any]) -> None:
-        self.stream, self.blocks, self.outputs = stream, blocks, outputs
+    def __init__(self, stream: "Blocks", blocks: nn.ModuleList, batches: list[Any], outputs: list[Any]) -> None:
+        self.stream, self.blocks, self.batches, self.outputs = stream, blocks, batches, outputs
 
     def drive(self, model: nn.Module, watch: Watch) -> None:
-        self.stream.replay(model, self.blocks, self.outputs, watch, set())
+        with torch.no_grad():
+            self.stream.replay(model, self.blocks, self.batches, self.outputs, watch, set())
+
+    def split(self) -> list[Segment]:
+        return [_After(self.stream, self.blocks, [b], [o]) for b, o in zip(self.batches, self.outputs)]
 
     def __len__(self) -> int:
-        return len(self.stream.batches)
+        return len(self.batches)
 
 
 class Blocks(Runner):
@@ -145,37 +167,46 @@ class Blocks(Runner):
     def drive(self, model: nn.Module, watch: Watch) -> None:
         self.sequential(model, watch, None)
 
-    def sequential(self, model: nn.Module, watch: Watch | None, visit: Callable[[str, Runner], None] | None) -> None:
+    def sequential(self, model: nn.Module, watch: Watch | None, visit: Callable[[str, Segment], None] | None) -> None:
         """Run the batches through ``model`` block by block.  With ``visit``, call it before anything runs on
         the data it sees: ``visit(BEFORE, runner)`` for the modules before the blocks (the runner runs
         them), ``visit(path, runner)`` for each loaded block (the runner runs the block on its
         inputs), ``visit(AFTER, runner)`` for the modules after them; it may change their weights."""
+        for segment, runner in self.segments(model, watch):
+            if visit is not None:
+                with torch.no_grad():
+                    visit(segment, runner)
+
+    def segments(self, model: nn.Module, watch: Watch | None = None) -> Iterator[tuple[str, Segment]]:
+        """:meth:`sequential` as a generator: each part with its runner, the data moving on through
+        the part (as the caller left its weights) when the caller asks for the next; two models of
+        one architecture (a dense one and its pruned copy) can so be walked side by side."""
         watch = watch or Watch(set())
         path, blocks = self.block_list(model)
         inside = {f"{path}.{i}" for i in range(len(blocks))}
         resident = [
             (n, m) for n, m in model.named_modules() if not any(n == b or n.startswith(b + ".") for b in inside)
         ]
-        with no_kv_cache(model), eval_mode(model), torch.no_grad(), self.loaded(model, resident):
-            if visit is not None:
-                visit(BEFORE, _Before(self, blocks[0], f"{path}.0"))
-            inputs = [self.catch(model, blocks[0], f"{path}.0", batch) for batch in self.batches]
+        with no_kv_cache(model), eval_mode(model), self.loaded(model, resident):
+            yield BEFORE, _Before(self, blocks[0], f"{path}.0", self.batches)
+            with torch.no_grad():
+                inputs = [self.catch(model, blocks[0], f"{path}.0", batch) for batch in self.batches]
             seen_before_blocks = set(watch.called)
             outputs: list[Any] = []
             for i, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=None, leave=False)):
                 name = f"{path}.{i}"
                 with self.loaded(model, list(block.named_modules(prefix=name))):
-                    if visit is not None:
-                        visit(name, BlockInputs(block, inputs))
-                        self.settle()
-                    outputs = [block(*args, **kwargs) for args, kwargs in inputs]
-                    if i == 0 and len(blocks) > 1:
-                        self._check_chain(model, blocks, path, inputs[0], _first(outputs[0], name), watch)
+                    yield name, BlockInputs(block, inputs)
+                    self.settle()
+                    with torch.no_grad():
+                        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+                        if i == 0 and len(blocks) > 1:
+                            self._check_chain(model, blocks, path, inputs[0], _first(outputs[0], name), watch)
                 inputs = [((_first(out, name), *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
-            if visit is not None:
-                visit(AFTER, _After(self, blocks, outputs))
+            yield AFTER, _After(self, blocks, self.batches, outputs)
             if watch.names - watch.called:  # modules after the blocks: run them on the last block's outputs
-                self.replay(model, blocks, outputs, watch, seen_before_blocks)
+                with torch.no_grad():
+                    self.replay(model, blocks, self.batches, outputs, watch, seen_before_blocks)
 
     def catch(self, model: nn.Module, block: nn.Module, name: str, batch: Any) -> Inputs:
         """Run ``batch`` through ``model`` up to ``block`` (named ``name``); its arguments."""
@@ -221,14 +252,22 @@ class Blocks(Runner):
                 "and block 0's other arguments): they cannot run one at a time"
             )
 
-    def replay(self, model: nn.Module, blocks: nn.ModuleList, outputs: list[Any], watch: Watch, seen: set[str]) -> None:
+    def replay(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        batches: list[Any],
+        outputs: list[Any],
+        watch: Watch,
+        seen: set[str],
+    ) -> None:
         """Run the model once more per batch with every block handing on its input (the last one:
         its recorded output), so modules after the blocks see their real inputs; what already saw
         the data is muted."""
         muted = watch.muted
         watch.muted = muted | seen
         try:
-            for batch, out in zip(self.batches, outputs):
+            for batch, out in zip(batches, outputs, strict=True):
                 for i, block in enumerate(blocks):
                     block.forward = (
                         (lambda *a, _out=out, **k: _out)
@@ -243,6 +282,29 @@ class Blocks(Runner):
                         del block.forward
         finally:
             watch.muted = muted
+
+
+def by_segment(
+    runner: Blocks, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
+) -> dict[str, list[Consumer]]:
+    """``layers`` (in graph order) by the part of the model :meth:`Blocks.segments` visits them in:
+    before the blocks, each block, after them; a layer between blocks is put in ``skipped``, with
+    the reason."""
+    path, blocks = runner.block_list(model)
+    names = [f"{path}.{i}" for i in range(len(blocks))]
+    block_of = {layer: next((b for b in names if layer.module.startswith(b + ".")), None) for layer in layers}
+    positions = [i for i, layer in enumerate(layers) if block_of[layer] is not None]
+    segments: dict[str, list[Consumer]] = {}
+    for i, layer in enumerate(layers):
+        if block_of[layer] is not None:
+            segments.setdefault(block_of[layer], []).append(layer)
+        elif not positions or i < positions[0]:
+            segments.setdefault(BEFORE, []).append(layer)
+        elif i > positions[-1]:
+            segments.setdefault(AFTER, []).append(layer)
+        else:
+            skipped[layer.weight] = f"between the streamed blocks of {path}: this pass runs block by block"
+    return segments
 
 
 def _first(output: Any, name: str) -> torch.Tensor:

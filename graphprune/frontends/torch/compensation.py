@@ -12,11 +12,12 @@ constant on the data; layers without a bias are left as they are and counted.
 
 With ``bias``, a LayerNorm or RMSNorm whose normalised channels lose some also computes its
 statistics over fewer channels, which changes every kept channel's output (an RMSNorm over
-channels that were zero on the data scales them all by ``sqrt(d/k)``).  :func:`record_norms` keeps
-each such norm's input and kept dense outputs on the calibration data (in the dense model; memory
-is the calibration activations at those norms); :func:`refit_norms` then re-fits the pruned norm's
-affine per channel, ``gamma' = a * gamma`` and ``beta' = a * beta + b``, by least squares of the
-dense outputs on the pruned norm's outputs.  ``a = 1, b = 0`` is a candidate, so the calibration
+channels that were zero on the data scales them all by ``sqrt(d/k)``).  :func:`record_norms` runs
+the dense model once and, at each such norm, feeds its input's kept channels to the norm as the plan
+will make it, summing per channel what a least-squares fit of the dense outputs on those outputs
+reads (memory: five numbers per kept channel, never the activations); :func:`refit_norms` then
+re-fits the pruned norm's affine per channel, ``gamma' = a * gamma`` and ``beta' = a * beta + b``,
+by least squares of the dense outputs on the pruned norm's outputs.  ``a = 1, b = 0`` is a candidate, so the calibration
 error never grows; exact in the RMSNorm case above.  Norms are ``nn.LayerNorm``, ``nn.RMSNorm``
 and modules with a 1-D ``weight`` and a ``variance_epsilon`` (Hugging Face's RMSNorm classes).
 
@@ -29,11 +30,17 @@ out: a fit on the others that does not lower the error on it is not kept (such a
 calibration set and nothing else).  Both are reported.  Layers go in graph order, each one seeing inputs
 from the already reconstructed layers before it; only the normal equations (``k x k`` for ``k``
 kept inputs, times the kernel window for convs) are held, never the activations of the whole set.
-A layer keeps its old weights when the solution would not lower its calibration error.
+A layer keeps its old weights when the solution would not lower its calibration error.  Where the
+model is a chain of blocks (:class:`~graphprune.frontends.torch.blocks.Blocks`), the dense and the
+pruned model are walked side by side, block by block: a layer's fit runs only its own block (on
+the inputs the earlier, already re-fitted blocks produced), so reconstructing every layer costs a
+few forwards over the calibration set instead of two per layer; other models run whole forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +50,9 @@ from graphprune.algorithms.nm import CONV, CONV1D, from_matrix, to_matrix
 from graphprune.algorithms.sparsegpt import ConvGeometry, conv_columns
 from graphprune.core.groups import Analysis
 from graphprune.core.plan import Plan
-from graphprune.frontends.torch.calibration import Consumer, consumers, forward_batch, run_batches
+from graphprune.errors import InternalError
+from graphprune.frontends.torch.blocks import Blocks, by_segment
+from graphprune.frontends.torch.calibration import Calibration, Consumer, consumers, forward_batch, run_batches
 from graphprune.frontends.torch.capture import eval_mode, qualified, tensor_at
 from graphprune.frontends.torch.copying import clone
 
@@ -75,10 +84,10 @@ class ModuleRefit:
     def run(self, analysis: Analysis, plan: Plan, calibration: list[Any]) -> dict[str, str]:
         state = self.state
         norm_errors = refit_norms(state.model, self._norms)
-        refits, not_refit = (
+        refits, not_refit, how = (
             reconstruct(analysis, self._dense, state.model, plan, calibration, self.damp)
             if self._dense is not None
-            else ([], {})
+            else ([], {}, "")
         )
         self._norms, self._dense = {}, None
         if self.batchnorm:
@@ -89,7 +98,7 @@ class ModuleRefit:
             before = sum(r.error_before for r in refits) / len(refits)
             after = sum(r.error_after for r in refits) / len(refits)
             details["reconstruction"] = (
-                f"{len(refits)} layers, mean relative calibration error {before:.3g} -> {after:.3g}"
+                f"{len(refits)} layers, mean relative calibration error {before:.3g} -> {after:.3g} ({how})"
             )
         if not_refit:
             details["not reconstructed"] = "; ".join(f"{k}: {v}" for k, v in not_refit.items())
@@ -151,16 +160,42 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class NormRecord:
-    """A norm that loses channels: which it keeps, and per calibration batch its dense input and
-    the dense output at the kept channels."""
+    """A norm that loses channels: which it keeps, the norm as the plan makes it (its affine sliced),
+    and per kept channel the sums over the calibration data of its outputs there (``z``), of the
+    dense outputs (``y``), and of their products; ``rows``: the tokens summed over."""
 
     keep: torch.Tensor
-    inputs: list[torch.Tensor]
-    targets: list[torch.Tensor]
+    pruned: nn.Module
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: int = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One call of the dense norm: its input ``x`` and output ``y``."""
+        keep = self.keep.to(x.device)
+        k = int(keep.sum())
+        z = self.pruned(x[..., keep]).double().reshape(-1, k)
+        y = y.detach()[..., keep].double().reshape(-1, k)
+        for key, value in (("z", z), ("y", y), ("zz", z * z), ("zy", z * y), ("yy", y * y)):
+            total = value.sum(0)
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
+        self.rows += z.shape[0]
+
+
+def _sliced(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of the norm ``module`` over the ``keep`` channels only (what the plan makes of it)."""
+    norm = clone(module)
+    index = keep.nonzero().flatten().to(module.weight.device)
+    for attr in ("weight", "bias"):
+        value = getattr(norm, attr, None)
+        if isinstance(value, torch.Tensor):
+            setattr(norm, attr, nn.Parameter(value.detach()[index].clone(), requires_grad=False))
+    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
+        norm.normalized_shape = (len(index),)
+    return norm.eval()
 
 
 def record_norms(analysis: Analysis, model: nn.Module, plan: Plan, calibration: list[Any]) -> dict[str, NormRecord]:
-    """Run the dense ``model`` on ``calibration`` and keep what :func:`refit_norms` needs."""
+    """Run the dense ``model`` on ``calibration`` and sum what :func:`refit_norms` needs."""
     masks = plan.masks(analysis)
     records: dict[str, NormRecord] = {}
     for name, module in norm_modules(model).items():
@@ -169,13 +204,14 @@ def record_norms(analysis: Analysis, model: nn.Module, plan: Plan, calibration: 
             continue
         keep = analysis.spaces.keep_mask(analysis.tensors[weight][1][0], masks)
         if not bool(keep.all()):
-            records[name] = NormRecord(keep, [], [])
+            records[name] = NormRecord(keep, _sliced(module, keep))
     if records:
+        pending: dict[str, torch.Tensor] = {}  # a norm's input, until its output comes
         run_batches(
             model,
             calibration,
-            {name: lambda x, r=r: r.inputs.append(x.detach().clone()) for name, r in records.items()},
-            {name: lambda y, r=r: r.targets.append(y.detach()[..., r.keep].clone()) for name, r in records.items()},
+            {name: lambda x, name=name: pending.__setitem__(name, x) for name in records},
+            {name: lambda y, r=r, name=name: r.add(pending.pop(name), y) for name, r in records.items()},
         )
     return records
 
@@ -184,19 +220,14 @@ def refit_norms(model: nn.Module, records: dict[str, NormRecord]) -> dict[str, t
     """Re-fit the affine of each pruned norm of ``records`` (see the module doc); returns per norm the
     relative squared calibration error of its kept outputs before and after."""
     errors = {}
-    with eval_mode(model), torch.no_grad():
+    with torch.no_grad():
         for name, record in records.items():
             module = model.get_submodule(name)
-            k = int(record.keep.sum())
-            device = record.inputs[0].device if record.inputs else None
-            s = {key: torch.zeros(k, dtype=torch.float64, device=device) for key in ("z", "y", "zz", "zy", "yy")}
-            rows = 0
-            for x, y in zip(record.inputs, record.targets, strict=True):
-                z = module(x[..., record.keep.to(x.device)]).double().reshape(-1, k)
-                y = y.double().reshape(-1, k)
-                rows += z.shape[0]
-                for key, value in (("z", z), ("y", y), ("zz", z * z), ("zy", z * y), ("yy", y * y)):
-                    s[key] += value.sum(0)
+            if not torch.equal(module.weight, record.pruned.weight.to(module.weight.device)):
+                raise InternalError(
+                    f"the norm re-fit of {name} summed outputs of a norm that is not the one the plan made"
+                )
+            s, rows = record.sums, record.rows
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 var = s["zz"] / rows - (s["z"] / rows) ** 2
@@ -235,15 +266,16 @@ class Reconstruction:
 
 def reconstruct(
     analysis: Analysis, dense: nn.Module, pruned: nn.Module, plan: Plan, calibration: list[Any], damp: float = 0.01
-) -> tuple[list[Reconstruction], dict[str, str]]:
+) -> tuple[list[Reconstruction], dict[str, str], str]:
     """Re-fit every layer of ``pruned`` that lost inputs to ``dense``'s outputs (see the module doc).
 
     ``analysis`` and ``plan`` describe ``dense``; module names are shared by both models.  Returns one
-    record per re-fitted layer and the layers left alone with the reason.
+    record per re-fitted layer, the layers left alone with the reason, and how the data ran.
     """
     masks = plan.masks(analysis)
     spaces = analysis.spaces
-    done, skipped = [], {}
+    skipped: dict[str, str] = {}
+    kept_outputs: dict[Consumer, torch.Tensor] = {}
     for layer in dict.fromkeys(consumers(analysis)):
         x_atom = analysis.tensors[layer.weight][1][0 if layer.layout == CONV1D else 1]
         if bool(spaces.keep_mask(x_atom, masks).all()):
@@ -257,16 +289,64 @@ def reconstruct(
             skipped[layer.weight] = "3-D, 'same'-padded or non-zero-padded convolution"
         else:
             out_atom = analysis.tensors[layer.weight][1][1 if layer.layout == CONV1D else 0]
-            record = _refit(layer, dense, pruned, spaces.keep_mask(out_atom, masks), calibration, damp)
-            if record.skipped:
-                skipped[layer.weight] = record.skipped
-            else:
-                done.append(record)
-    return done, skipped
+            kept_outputs[layer] = spaces.keep_mask(out_atom, masks)
+    done = []
+    walk, how = _walk(list(kept_outputs), dense, pruned, calibration)
+    for layer, dense_parts, pruned_parts in walk:
+        record = _refit(layer, dense, pruned, kept_outputs[layer], dense_parts, pruned_parts, damp)
+        if record.skipped:
+            skipped[layer.weight] = record.skipped
+        else:
+            done.append(record)
+    return done, skipped, how
+
+
+Parts = list[Calibration]  # a layer's calibration one batch at a time (the last may be held out)
+
+
+def _walk(
+    layers: list[Consumer], dense: nn.Module, pruned: nn.Module, calibration: list[Any]
+) -> tuple[Iterator[tuple[Consumer, Parts, Parts]], str]:
+    """Each layer in order with the runs that feed it, per batch, in the dense and in the pruned
+    model: its block's (both models walked block by block side by side), or whole forwards where
+    the models are not a chain of blocks; and which of the two, said for the report."""
+    chain = Blocks(calibration)
+    problem = chain.chain_problem(dense) if layers else "no layer to re-fit"
+    if problem is None:
+        problem = chain.chain_problem(pruned)
+    between: dict[str, str] = {}
+    segments = by_segment(chain, dense, layers, between) if problem is None else {}
+    if problem is None and between:
+        problem = f"{next(iter(between))} sits between the blocks"
+    if problem is not None:
+        whole: Parts = [[batch] for batch in calibration]
+        return ((layer, whole, whole) for layer in layers), f"whole forwards, not block by block: {problem}"
+    path, blocks = chain.block_list(dense)
+    return _side_by_side(segments, dense, pruned, calibration), f"block by block over {path} ({len(blocks)} blocks)"
+
+
+def _side_by_side(
+    segments: dict[str, list[Consumer]], dense: nn.Module, pruned: nn.Module, calibration: list[Any]
+) -> Iterator[tuple[Consumer, Parts, Parts]]:
+    """The dense and the pruned model walked block by block in step: a part's layers are re-fitted
+    before the pruned model's data moves on through it."""
+    with (
+        contextlib.closing(Blocks(calibration).segments(dense)) as dense_walk,
+        contextlib.closing(Blocks(calibration).segments(pruned)) as pruned_walk,
+    ):
+        for (segment, dense_part), (_, pruned_part) in zip(dense_walk, pruned_walk, strict=True):
+            for layer in segments.get(segment, []):
+                yield layer, list(dense_part.split()), list(pruned_part.split())
 
 
 def _refit(
-    layer: Consumer, dense: nn.Module, pruned: nn.Module, keep_out: torch.Tensor, calibration: list[Any], damp: float
+    layer: Consumer,
+    dense: nn.Module,
+    pruned: nn.Module,
+    keep_out: torch.Tensor,
+    dense_parts: Parts,
+    pruned_parts: Parts,
+    damp: float,
 ) -> Reconstruction:
     """Re-fit one layer; a grouped convolution is one least-squares problem per group (its outputs
     read only their group's inputs), with one held-out check over all groups."""
@@ -293,11 +373,11 @@ def _refit(
     # the last; with two or more batches the last is held out: the fit on the others must lower its error
     fit: list[tuple | None] = [None] * groups
     check: list[tuple | None] = [None] * groups
-    for i, batch in enumerate(calibration):
+    for i, (dense_part, pruned_part) in enumerate(zip(dense_parts, pruned_parts, strict=True)):
         seen.clear()  # a module called several times per forward contributes every call
-        run_batches(dense, [batch], {}, {layer.module: lambda y: seen.setdefault("y", []).append(y)})
-        run_batches(pruned, [batch], {layer.module: lambda x: seen.setdefault("x", []).append(x)})
-        held_out = i == len(calibration) - 1 and i > 0
+        run_batches(dense, dense_part, {}, {layer.module: lambda y: seen.setdefault("y", []).append(y)})
+        run_batches(pruned, pruned_part, {layer.module: lambda x: seen.setdefault("x", []).append(x)})
+        held_out = i == len(dense_parts) - 1 and i > 0
         for g in range(groups):
             a = torch.cat([columns(x, g) for x in seen["x"]])
             y = torch.cat([targets(y, g) for y in seen["y"]])

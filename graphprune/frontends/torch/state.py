@@ -27,7 +27,7 @@ from graphprune.core.report import UNCHANGED, calibration_size, max_relative_err
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze_captured
 from graphprune.frontends.torch.apply import apply_plan
-from graphprune.frontends.torch.blocks import AFTER, BEFORE, Blocks
+from graphprune.frontends.torch.blocks import Blocks, by_segment
 from graphprune.frontends.torch.calibration import (
     Calibration,
     Consumer,
@@ -262,7 +262,7 @@ class CompressionState:
             visit(layers, calibration)
             return layers, f"whole forwards, not block by block: {problem}"
         between: dict[str, str] = {}
-        segments = _segments(runner, self.model, layers, between)
+        segments = by_segment(runner, self.model, layers, between)
         if between and self.stream is None:
             visit(layers, calibration)
             return layers, f"whole forwards, not block by block: {next(iter(between))} sits between the blocks"
@@ -377,25 +377,3 @@ def _each(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Te
             callback(x)
 
     return call
-
-
-def _segments(
-    runner: Blocks, model: nn.Module, layers: list[Consumer], skipped: dict[str, str]
-) -> dict[str, list[Consumer]]:
-    """The layers by what :meth:`Blocks.sequential` visits: before the blocks, each block, after
-    them (by graph order); a layer between blocks is skipped, with the reason."""
-    path, blocks = runner.block_list(model)
-    names = [f"{path}.{i}" for i in range(len(blocks))]
-    block_of = {layer: next((b for b in names if layer.module.startswith(b + ".")), None) for layer in layers}
-    positions = [i for i, layer in enumerate(layers) if block_of[layer] is not None]
-    segments: dict[str, list[Consumer]] = {}
-    for i, layer in enumerate(layers):
-        if block_of[layer] is not None:
-            segments.setdefault(block_of[layer], []).append(layer)
-        elif not positions or i < positions[0]:
-            segments.setdefault(BEFORE, []).append(layer)
-        elif i > positions[-1]:
-            segments.setdefault(AFTER, []).append(layer)
-        else:
-            skipped[layer.weight] = f"between the streamed blocks of {path}: this pass runs block by block"
-    return segments
