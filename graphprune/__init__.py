@@ -35,6 +35,8 @@ _LAZY = {
     "PruneResult": "graphprune.api.torch",
     "plan": "graphprune.api.torch",
     "prune": "graphprune.api.torch",
+    "roofline": "graphprune.api.torch",
+    "Roofline": "graphprune.emit.roofline",
     "analyze": "graphprune.frontends.torch.analysis",
     "CheckpointReport": "graphprune.io.checkpoint",
     "apply_to_checkpoint": "graphprune.io.checkpoint",
@@ -59,11 +61,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from graphprune.api.onnx import OnnxPruneResult, analyze_onnx, apply_plan_file_onnx, prune_onnx
-    from graphprune.api.torch import PruneResult, plan, prune
+    from graphprune.api.torch import PruneResult, plan, prune, roofline
     from graphprune.core.groups import Analysis, FrozenSpace, Group, Member
     from graphprune.core.pipeline import Pass, PassManager, PassResult, Stage
     from graphprune.core.plan import Plan
     from graphprune.emit.onnx_export import ExportReport, export_onnx
+    from graphprune.emit.roofline import Roofline
     from graphprune.frontends.torch.analysis import analyze
     from graphprune.frontends.torch.masks import finalize
     from graphprune.frontends.torch.state import CompressionState
@@ -109,6 +112,7 @@ __all__ = [
     "Plan",
     "PlanFile",
     "PruneResult",
+    "Roofline",
     "Stage",
     "analyze",
     "analyze_onnx",
@@ -122,5 +126,6 @@ __all__ = [
     "plan",
     "prune",
     "prune_onnx",
+    "roofline",
     "__version__",
 ]

@@ -259,6 +259,12 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         return _prune_checkpoint(args, passes, experimental)
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
+    if args.model.endswith(".onnx") and args.device not in ("cpu", "none"):
+        raise InputError(f"--device {args.device}: the report's roofline reads PyTorch models so far, not .onnx files")
+    if not args.model.endswith(".onnx") and args.device not in ("cpu", "none"):
+        from graphprune.emit.devices import device
+
+        device(args.device)  # an unknown name is refused before any pass runs
     read = [*_model_files(args.model), *(p for p in (args.calibration, args.recipe) if p)]
     with Outputs(inputs=read, overwrite=args.overwrite) as out:
         out.check(args.output, ours=made_by_graphprune)  # refused before any pruning
@@ -267,7 +273,10 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         result, written, latency = prune(args, passes, experimental, out)
         plan_json, _ = result.save_plan(args.output + ".plan", outputs=out)
         pages = args.output + ".report"
-        result.write_report(pages, latency, outputs=out)
+        if args.model.endswith(".onnx"):
+            result.write_report(pages, latency, outputs=out)
+        else:
+            result.write_report(pages, latency, device=None if args.device == "none" else args.device, outputs=out)
     summary = {
         **result.report.to_dict(),
         "output": args.output,
@@ -299,8 +308,11 @@ def _prune_checkpoint(args: argparse.Namespace, passes: list, experimental: bool
 
     if args.output.endswith(".onnx"):
         raise InputError(f"-o names the folder a pruned checkpoint goes into, got the ONNX file {args.output!r}")
-    if args.latency:
-        raise InputError("--latency times ONNX files, and a checkpoint folder is written as a checkpoint")
+    if args.latency or args.device != "cpu":
+        raise InputError(
+            "--latency and --device are for the ONNX file and report prune writes, and a checkpoint folder is "
+            "written as a checkpoint (graphprune roofline OUT predicts the pruned checkpoint's time)"
+        )
     plan = _streamed_plan(args.model, args, passes, experimental)
     plan_path = args.output.rstrip("/") + ".plan.json"
     with Outputs(inputs=[args.model], overwrite=args.overwrite) as out:
@@ -533,6 +545,47 @@ def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
     }
 
 
+def cmd_roofline(args: argparse.Namespace) -> dict:
+    """The predicted time of MODEL on a device; with pass options, of MODEL compressed by them
+    against MODEL itself."""
+    import graphprune as gp
+    from graphprune.emit.roofline import is_chart
+
+    if args.model.endswith(".onnx"):
+        raise InputError(f"{args.model}: roofline reads PyTorch models so far (package.module:factory, .pt2, a folder)")
+    flags = args.recipe or args.channels is not None or args.nm is not None or args.int8
+    loaded = load_model(args.model, checkpoints=True)
+    if args.plot and not args.plot.endswith(".png"):
+        raise InputError(f"--plot writes a .png, got {args.plot!r}")
+    if flags:
+        if os.path.isdir(args.model):
+            raise InputError(
+                f"{args.model} is a checkpoint folder, whose weights roofline does not read: prune it "
+                "(graphprune prune FOLDER -o OUT ...), then compare `roofline FOLDER` with `roofline OUT`"
+            )
+        passes, experimental = _passes(args)
+        calibration = load_calibration(args.calibration, args.batch_size) if args.calibration else loaded.calibration
+        if calibration is None and any(p.reads_calibration() for p in passes):
+            _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
+            calibration = [loaded.inputs]
+        subject: Any = gp.prune(
+            loaded.module, loaded.inputs, passes=passes, calibration=calibration, experimental_order=experimental
+        )
+        predicted = gp.roofline(subject, device=args.device, precision=args.precision, batch=args.batch)
+    else:
+        predicted = gp.roofline(
+            loaded.module, loaded.inputs, device=args.device, precision=args.precision, batch=args.batch
+        )
+    if args.plot:
+        with Outputs(inputs=_model_files(args.model), overwrite=args.overwrite) as out:
+            predicted.plot(out.claim(args.plot, ours=is_chart))
+    if not args.json:
+        print(predicted.table(top=args.top))
+        if args.plot:
+            print(f"roofline chart: {args.plot}")
+    return {**predicted.to_dict(), "model": args.model, "plot": args.plot}
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     rows = [
         {"model": path, "ms": onnx_latency_ms(path, batch=args.batch, runs=args.runs, threads=args.threads)}
@@ -571,6 +624,7 @@ EXAMPLES = {
     "plan": "graphprune plan run1.plan.json run2.plan.json\n"
     "  graphprune plan ./llama-ckpt -o llama.plan.json --nm 2:4 --method sparsegpt --calibration texts.txt",
     "apply-checkpoint": "graphprune apply-checkpoint plan.json ./llama-ckpt ./llama-pruned",
+    "roofline": "graphprune roofline samples.resnet:build --channels 0.5 --nm 2:4 --int8 --device h100 --batch 64",
     "bench": "graphprune bench dense.onnx pruned.onnx --batch 8",
 }
 
@@ -637,6 +691,12 @@ def parser() -> argparse.ArgumentParser:
     )
     pass_options(p)
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="the device the report's roofline predicts for: cpu (this machine, measured once and cached), "
+        "h100, h200, a100, l4, a10, rtx4090, or none",
+    )
     timing(p)
     overwrite(p)
     common(p)
@@ -674,6 +734,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
     overwrite(p, "destination folders")
     common(p)
+    p = command(
+        "roofline",
+        "predicted time of a model on a device, per layer and in total; with pass options, compressed against dense",
+    )
+    p.add_argument(
+        "model",
+        help="package.module:factory, a .pt2 file, or a Hugging Face checkpoint folder (built on meta from its "
+        "config.json and predicted as it is)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (this machine, measured once and cached), h100, h200, a100, l4, a10, rtx4090",
+    )
+    p.add_argument(
+        "--precision", help="float format of the layers not quantized (bf16 where the device has it, else fp32)"
+    )
+    p.add_argument("--batch", type=int, help="batch size to predict for (the example's)")
+    p.add_argument("--top", type=int, default=20, help="layers listed by dense time; the rest are summed (20)")
+    p.add_argument("--plot", help="write the roofline chart with every layer on it (.png)")
+    pass_options(p)
+    overwrite(p)
+    common(p)
     p = command("bench", "onnxruntime latency of ONNX files side by side (ratios to the first)")
     p.add_argument("models", nargs="+", help="ONNX files; the first is the baseline of the ratios")
     p.add_argument("--batch", type=int, default=1, help="batch size of the timed inputs (1)")
@@ -688,6 +771,7 @@ COMMANDS = {
     "export": cmd_export,
     "plan": cmd_plan,
     "apply-checkpoint": cmd_apply_checkpoint,
+    "roofline": cmd_roofline,
     "bench": cmd_bench,
 }
 

@@ -416,13 +416,19 @@ def test_report_pages_from_the_python_api(tmp_path):
 
     model, x = resnet.build()
     result = gp.prune(model, x, passes=[ChannelPrune(0.5, round_to=8)])
-    files = result.write_report(tmp_path / "report")
-    assert files == ["params_macs.png", "report.html", "report.json", "report.md", "sparsity.png"]
-    layers = {r["name"]: r for r in json.loads((tmp_path / "report" / "report.json").read_text())["layers"]}
+    files = result.write_report(tmp_path / "report", device="h100")
+    assert files == ["params_macs.png", "report.html", "report.json", "report.md", "roofline.png", "sparsity.png"]
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    layers = {r["name"]: r for r in written["layers"]}
     assert layers["layers.0.conv1"]["shape_before"] == [32, 32, 3, 3]
     assert layers["layers.0.conv1"]["shape_after"] == [16, 16, 3, 3]
-    result.write_report(tmp_path / "report")  # written again: replaced, not merged
-    assert sorted(os.listdir(tmp_path)) == ["report"]
+    predicted = gp.roofline(result, device="h100")
+    assert written["roofline"]["speedup"] == pytest.approx(predicted.speedup) and predicted.speedup > 1.0
+    by_weight = {r.key: r.speedup for r in predicted.weight_rows()}
+    assert layers["layers.0.conv1"]["predicted_speedup"] == pytest.approx(by_weight["layers.0.conv1.weight"])
+    assert "Roofline on NVIDIA H100 SXM" in (tmp_path / "report" / "report.md").read_text()
+    files = result.write_report(tmp_path / "report", device=None)  # written again: replaced, not merged
+    assert "roofline.png" not in files and sorted(os.listdir(tmp_path)) == ["report"]
 
 
 @pytest.mark.parametrize(

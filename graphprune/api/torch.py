@@ -15,17 +15,29 @@ import torch.nn as nn
 
 from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.quant import QuantPlan
+from graphprune.core.costs import OpCost
 from graphprune.core.groups import Analysis
 from graphprune.core.pipeline import STREAMED, Pass, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import Report
+from graphprune.emit.devices import Device
+from graphprune.emit.devices import device as device_spec
 from graphprune.emit.report_page import layer_rows, weight_shapes, write_report
+from graphprune.emit.roofline import Roofline, predict
 from graphprune.emit.sparse_kernels import SparseKernelReport, to_sparse_kernels
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.calibration import check_calibration
-from graphprune.frontends.torch.capture import ExampleInputs, capture, input_spec, run_outputs
+from graphprune.frontends.torch.capture import (
+    ExampleInputs,
+    capture,
+    input_leaves,
+    input_spec,
+    normalize_inputs,
+    run_outputs,
+)
 from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.costs import graph_costs, layer_formats, model_costs
 from graphprune.frontends.torch.macs import count_params, graph_macs
 from graphprune.frontends.torch.masks import nm_masks, stored_at
 from graphprune.frontends.torch.state import CompressionState, detect_stage
@@ -51,22 +63,26 @@ class PruneResult:
     shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight shape per layer, before
     masks: dict[str, tuple[torch.Tensor, NMPattern]] = field(default_factory=dict)  # N:M masks the run set
     updated: set[str] = field(default_factory=set)  # tensors given new values (see CompressionState.updated)
+    dense_costs: list[OpCost] = field(default_factory=list)  # the input model's ops, for gp.roofline
 
     def write_report(
         self,
         directory: str | os.PathLike,
         latency_ms: dict[str, float] | None = None,
         *,
+        device: str | Device | None = "cpu",
         overwrite: bool = False,
         outputs: Outputs | None = None,
     ) -> list[str]:
         """Report pages (report.html with plots, report.md, report.json, PNGs) in ``directory``
-        (see :func:`graphprune.emit.report_page.write_report`); returns the file names."""
+        (see :func:`graphprune.emit.report_page.write_report`), with the roofline on ``device``
+        (see :func:`roofline`; None leaves it out); returns the file names."""
         return write_report(
             directory,
             self.report,
             layer_rows(self.shapes_before, self.module),
             latency_ms,
+            roofline=roofline(self, device=device) if device is not None else None,
             overwrite=overwrite,
             outputs=outputs,
         )
@@ -163,6 +179,7 @@ def prune(
         shapes_before=shapes_before,
         masks=nm_masks(state.model),
         updated=state.updated,
+        dense_costs=graph_costs(captured),
     )
 
 
@@ -266,3 +283,56 @@ def _check_finite(model: nn.Module) -> None:
 
 
 __all__ = ["Analysis", "PruneResult", "analyze", "plan", "prune"]
+
+
+def roofline(
+    subject: PruneResult | nn.Module,
+    example_inputs: ExampleInputs | None = None,
+    *,
+    device: str | Device = "cpu",
+    precision: str | None = None,
+    batch: int | None = None,
+) -> Roofline:
+    """The predicted time of a compressed model on ``device`` against its dense self, per layer
+    and in total (:mod:`graphprune.emit.roofline`: ``.speedup``, ``.table()``, ``.plot(path)``).
+
+    ``subject`` is a :class:`PruneResult` (the dense side is the model it was made from) or a
+    module with its ``example_inputs`` (the dense side is the same module without its masks and
+    quantization: channels it already lost are not seen).  ``device``: ``"cpu"`` (this machine,
+    measured once and cached), a GPU of :data:`graphprune.emit.devices.DEVICES` (``"h100"``...),
+    or a :class:`~graphprune.emit.devices.Device`.  ``precision``: the float format of the
+    layers not quantized (``"bf16"`` where the device has it, else ``"fp32"``).  ``batch``: the
+    batch size to predict for (default: the example's).
+    """
+    if isinstance(subject, PruneResult):
+        if example_inputs is not None:
+            raise InputError("gp.roofline(result): a PruneResult carries its example inputs; give none")
+        module, example_inputs, dense = subject.module, subject.example_inputs, subject.dense_costs
+    elif isinstance(subject, nn.Module):
+        if example_inputs is None:
+            raise InputError("gp.roofline(model, example_inputs, ...): a module needs example inputs")
+        module, dense = subject, None
+    else:
+        raise InputError(f"gp.roofline takes a PruneResult or an nn.Module, got {type(subject).__name__}")
+    spec = device_spec(device)
+    precision = precision or ("bf16" if "bf16" in spec.dense else "fp32")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    compressed = model_costs(module, example_inputs)
+    example_batch = _batch_size(example_inputs)
+    return predict(
+        dense if dense is not None else compressed,
+        compressed,
+        layer_formats(module, precision),
+        spec,
+        precision=precision,
+        scale=(batch or example_batch) / example_batch,
+        batch=batch or example_batch,
+    )
+
+
+def _batch_size(example_inputs: ExampleInputs) -> int:
+    """The example's batch: dim 0 of its first tensor with one."""
+    args, kwargs = normalize_inputs(example_inputs)
+    first = next((v for _, v in input_leaves(args, kwargs) if isinstance(v, torch.Tensor) and v.dim()), None)
+    return int(first.shape[0]) if first is not None else 1

@@ -14,12 +14,13 @@ import base64
 import html
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from graphprune.core.report import Report
+from graphprune.emit.roofline import Roofline
 from graphprune.errors import InputError
 from graphprune.frontends.torch.fake_quant import FakeQuantWeight
 from graphprune.frontends.torch.masks import NMMask
@@ -28,7 +29,7 @@ from graphprune.io.outputs import Outputs, writing
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 GENERATOR = "graphprune"  # report.json's "generator": how a report folder is recognised as graphprune's
 PAGES = ("report.json", "report.md", "report.html")
-PLOTS = ("sparsity.png", "params_macs.png", "latency.png")  # the files _plots writes
+PLOTS = ("sparsity.png", "params_macs.png", "latency.png", "roofline.png")  # the files _plots writes
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LayerRow:
     pattern: str | None = None  # N:M pattern of its mask
     weight_scale: list[float] | None = None  # int8: min, median, max of the per-channel scales
     input_qparams: list[float] | None = None  # int8: activation scale, zero-point
+    predicted_speedup: float | None = None  # the roofline's dense / compressed time of the layer
 
 
 def _layers(model: nn.Module):
@@ -85,10 +87,12 @@ def write_report(
     layers: list[LayerRow],
     latency_ms: dict[str, float] | None = None,
     *,
+    roofline: Roofline | None = None,
     overwrite: bool = False,
     outputs: Outputs | None = None,
 ) -> list[str]:
-    """Write the report pages into the folder ``directory``; returns the file names.
+    """Write the report pages into the folder ``directory``; returns the file names.  With a
+    ``roofline``, a section with its chart and each layer's predicted speedup.
 
     ``directory`` may be new, empty, or a report folder graphprune wrote (see
     :func:`is_report_folder`), which is replaced whole; any other folder is refused, even with
@@ -98,19 +102,25 @@ def write_report(
     with writing(outputs, overwrite=overwrite) as out:
         check_report_folder(directory, out)
         staging = out.claim(directory, folder=True, ours=is_report_folder)
+        if roofline is not None:
+            predicted = {r.key.rpartition(".")[0]: r.speedup for r in roofline.weight_rows()}
+            layers = [replace(r, predicted_speedup=predicted.get(r.name)) for r in layers]
         plots = _plots(staging, report, layers, latency)
+        if roofline is not None:
+            plots["roofline"] = os.path.basename(roofline.plot(os.path.join(staging, "roofline.png")))
         data = {
             "generator": GENERATOR,
             **report.to_dict(),
             "layers": [asdict(r) for r in layers],
             "latency_ms": latency,
+            "roofline": roofline.to_dict() if roofline is not None else None,
         }
         with open(os.path.join(staging, "report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
         with open(os.path.join(staging, "report.md"), "w") as f:
-            f.write(_markdown(report, layers, latency, plots))
+            f.write(_markdown(report, layers, latency, plots, roofline))
         with open(os.path.join(staging, "report.html"), "w") as f:
-            f.write(_html(report, layers, latency, plots, staging))
+            f.write(_html(report, layers, latency, plots, staging, roofline))
         return sorted(os.listdir(staging))
 
 
@@ -189,7 +199,13 @@ def _save(fig, directory: str, name: str) -> str:
     return name
 
 
-def _markdown(report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str]) -> str:
+def _markdown(
+    report: Report,
+    layers: list[LayerRow],
+    latency: dict[str, float],
+    plots: dict[str, str],
+    roofline: Roofline | None = None,
+) -> str:
     out = [
         f"# graphprune report: {report.model_name}",
         "",
@@ -208,6 +224,13 @@ def _markdown(report: Report, layers: list[LayerRow], latency: dict[str, float],
         base = next(iter(latency.values()))
         out += ["| model | onnxruntime ms | speedup |", "|---|---|---|"]
         out += [f"| {k} | {v:.2f} | {base / v:.2f}x |" for k, v in latency.items()] + [""]
+    if roofline is not None:
+        out += [
+            f"Roofline on {roofline.device.name} ({roofline.precision}, batch {roofline.batch}): predicted "
+            f"{roofline.dense_seconds * 1e3:.3g} ms → {roofline.compressed_seconds * 1e3:.3g} ms "
+            f"({roofline.speedup:.2f}x); each op at max(math / peak, bytes / bandwidth), no fusion",
+            "",
+        ]
     out += [
         "## Passes",
         "",
@@ -228,26 +251,32 @@ def _markdown(report: Report, layers: list[LayerRow], latency: dict[str, float],
         "## Layers",
         "",
         "| layer | kind | shape before | shape after | zeros | N:M | int8 weight scales (min/median/max) "
-        "| input scale, zero-point |",
-        "|---|---|---|---|---|---|---|---|",
+        "| input scale, zero-point | predicted speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in layers:
         scales = "/".join(f"{s:.2e}" for s in r.weight_scale) if r.weight_scale else "-"
         qin = f"{r.input_qparams[0]:.2e}, {int(r.input_qparams[1])}" if r.input_qparams else "-"
+        speedup = f"{r.predicted_speedup:.2f}x" if r.predicted_speedup is not None else "-"
         out.append(
             f"| {r.name} | {r.kind} | {r.shape_before} | {r.shape_after} | {r.zeros:.1%} | {r.pattern or '-'} "
-            f"| {scales} | {qin} |"
+            f"| {scales} | {qin} | {speedup} |"
         )
     return "\n".join(out) + "\n"
 
 
 def _html(
-    report: Report, layers: list[LayerRow], latency: dict[str, float], plots: dict[str, str], directory: str
+    report: Report,
+    layers: list[LayerRow],
+    latency: dict[str, float],
+    plots: dict[str, str],
+    directory: str,
+    roofline: Roofline | None = None,
 ) -> str:
     """The Markdown content as a small self-contained HTML page (tables and embedded PNGs)."""
     body = []
     in_table = False
-    for line in _markdown(report, layers, latency, {}).splitlines():
+    for line in _markdown(report, layers, latency, {}, roofline).splitlines():
         if line.startswith("|"):
             cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):

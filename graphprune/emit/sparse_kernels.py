@@ -32,6 +32,8 @@ import torch.utils._pytree as pytree
 
 from graphprune.algorithms.nm import LINEAR
 from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, integer_weight
+from graphprune.emit.devices import for_gpu
+from graphprune.emit.roofline import linear_cost, two_four_speedup
 from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import ExampleInputs, eval_mode, normalize_inputs, set_eval, to_device
 from graphprune.frontends.torch.copying import clone
@@ -197,6 +199,7 @@ class KernelDecision:
     reason: str
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    predicted_speedup: float | None = None  # the roofline's, where the GPU is in its table
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,9 @@ class SparseKernelReport:
         ]
         for d in self.decisions:
             timing = f" (dense {d.dense_ms:.3f} ms, sparse {d.sparse_ms:.3f} ms)" if d.dense_ms is not None else ""
+            if d.predicted_speedup is not None:
+                measured = f", measured {d.dense_ms / d.sparse_ms:.2f}x" if d.dense_ms and d.sparse_ms else ""
+                timing += f" (roofline predicts {d.predicted_speedup:.2f}x{measured})"
             lines.append(f"  {d.layer}: {d.choice}, {d.reason}{timing}")
         return "\n".join(lines)
 
@@ -367,17 +373,28 @@ def to_sparse_kernels(
     device = torch.device("cuda")
     set_eval(strip_quantization(finalize(model)).to(device=device, dtype=dtype))
     tokens = _tokens_per_layer(model, candidates, example_inputs, device, dtype)
+    gpu = for_gpu(torch.cuda.get_device_name())  # the roofline's prediction beside each measurement
     for name, layer in candidates.items():
         if name not in tokens:
             report.decisions.append(KernelDecision(name, "dense", "not called on the example inputs"))
             continue
         kind = "int8" if name in fake_quant else str(dtype).removeprefix("torch.")
         key = (report.device, kind, layer.out_features, layer.in_features, tokens[name], timing)
+        predicted = (
+            two_four_speedup(
+                gpu,
+                {"float16": "fp16", "bfloat16": "bf16"}.get(kind, kind),
+                linear_cost(layer.out_features, layer.in_features, tokens[name]),
+            )
+            if gpu is not None
+            else None
+        )
         known = report.timings.get(key)
         replacement, algorithm = sparse_replacement(
             layer, fake_quant.get(name), tokens[name], dtype, None if known is None else known.algorithm
         )
         algorithm_note = f" (cuSPARSELt algorithm {algorithm})" if uses_cusparselt() else ""
+        faster = True
         if choose == "sparse":
             verdict, dense_ms, sparse_ms = f"{kind} 2:4, asked for (choose='sparse'){algorithm_note}", None, None
         else:
@@ -391,15 +408,18 @@ def to_sparse_kernels(
                 f"{kind} 2:4 {'faster' if faster else 'not faster'} at {tokens[name]} tokens, timed {timing}"
                 f"{algorithm_note}"
             )
-            if not faster:
-                report.decisions.append(
-                    KernelDecision(layer=name, choice="dense", reason=verdict, dense_ms=dense_ms, sparse_ms=sparse_ms)
-                )
-                continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        if faster:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, replacement)
         report.decisions.append(
-            KernelDecision(layer=name, choice="sparse", reason=verdict, dense_ms=dense_ms, sparse_ms=sparse_ms)
+            KernelDecision(
+                layer=name,
+                choice="sparse" if faster else "dense",
+                reason=verdict,
+                dense_ms=dense_ms,
+                sparse_ms=sparse_ms,
+                predicted_speedup=predicted,
+            )
         )
     return model, report
 

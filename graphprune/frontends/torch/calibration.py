@@ -23,7 +23,7 @@ from graphprune.algorithms.nm import CONV, CONV1D, LINEAR
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import WeightLayer
 from graphprune.errors import InputError
-from graphprune.frontends.torch.capture import eval_mode, input_leaves, normalize_inputs
+from graphprune.frontends.torch.capture import CapturedGraph, eval_mode, input_leaves, normalize_inputs
 
 aten = torch.ops.aten
 
@@ -66,9 +66,14 @@ def _matmul_weight(node: fx.Node, names: dict) -> tuple[fx.Node, str] | None:
 
 def consumers(analysis: Analysis) -> list[Consumer]:
     """Every linear / Conv1D / conv node, and matmul against a 2-D parameter, in graph order."""
-    names = analysis.captured.tensor_names
+    return weight_layers(analysis.captured)
+
+
+def weight_layers(captured: CapturedGraph) -> list[Consumer]:
+    """:func:`consumers` of a captured graph, before any analysis."""
+    names = captured.tensor_names
     out = []
-    for node in analysis.captured.graph.nodes:
+    for node in captured.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         packet = node.target.overloadpacket
