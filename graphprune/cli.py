@@ -257,6 +257,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     passes, experimental = _passes(args)
     if os.path.isdir(args.model):
         return _prune_checkpoint(args, passes, experimental)
+    streamed_only = [f"--{k}" for k in ("blocks", "prefix", "scratch") if getattr(args, k)]
+    if streamed_only:
+        raise InputError(f"{' '.join(streamed_only)}: for checkpoint folders, whose plans are streamed")
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o must name an .onnx file, got {args.output!r}")
     if args.model.endswith(".onnx") and args.device not in ("cpu", "none"):
@@ -358,6 +361,9 @@ def _streamed_plan(folder: str, args: argparse.Namespace, passes: list, experime
         passes,
         calibration=calibration,
         weights=folder,
+        blocks=args.blocks,
+        prefix=args.prefix,
+        scratch=args.scratch,
         experimental_order=experimental,
     )
 
@@ -554,6 +560,9 @@ def cmd_roofline(args: argparse.Namespace) -> dict:
     if args.model.endswith(".onnx"):
         raise InputError(f"{args.model}: roofline reads PyTorch models so far (package.module:factory, .pt2, a folder)")
     flags = args.recipe or args.channels is not None or args.nm is not None or args.int8
+    streamed_only = [f"--{k}" for k in ("blocks", "prefix", "scratch") if getattr(args, k)]
+    if streamed_only:
+        raise InputError(f"{' '.join(streamed_only)}: for streamed plans (prune and plan a checkpoint folder)")
     loaded = load_model(args.model, checkpoints=True)
     if args.plot and not args.plot.endswith(".png"):
         raise InputError(f"--plot writes a .png, got {args.plot!r}")
@@ -673,6 +682,17 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
         p.add_argument("--seq-len", type=int, default=512, help="tokens kept of each .txt calibration sample (512)")
         p.add_argument("--samples", type=int, default=128, help="lines read of a .txt calibration file (128)")
+        p.add_argument(
+            "--blocks",
+            help="for a checkpoint folder: the module list calibration runs block by block, e.g. model.layers "
+            "(default: the largest list of like modules)",
+        )
+        p.add_argument(
+            "--prefix", default="", help="for a checkpoint folder: prepended to the model's names to find its tensors"
+        )
+        p.add_argument(
+            "--scratch", help="for a checkpoint folder: where masks and new weights wait until the plan is written"
+        )
 
     p = command("inspect", "coupled channel groups, frozen spaces and why, params and MACs")
     p.add_argument("model", help=MODEL_HELP)

@@ -16,6 +16,7 @@ import transformers as T
 
 import graphprune as gp
 from graphprune import cli
+from graphprune.io.plan_file import PlanFile
 from graphprune.passes import NMSparsity
 from tests.command_line import run, run_process
 
@@ -359,6 +360,24 @@ def test_plan_a_checkpoint_folder_then_apply_it(tmp_path):
     with torch.no_grad():
         assert torch.allclose(pruned(ids).logits, in_memory(ids).logits, atol=1e-5)
 
+    named = run(
+        "plan",
+        str(tmp_path / "ckpt"),
+        "-o",
+        str(tmp_path / "named.plan.json"),
+        "--nm",
+        "2:4",
+        "--blocks",
+        "model.layers",
+    )
+    assert named.returncode == 0, named.stderr
+    assert not PlanFile.load(plan).diff(PlanFile.load(str(tmp_path / "named.plan.json")))
+    wrong = run(
+        "plan", str(tmp_path / "ckpt"), "-o", str(tmp_path / "wrong.plan.json"), "--nm", "2:4", "--blocks", "model.norm"
+    )
+    assert wrong.returncode == 2 and "not a non-empty ModuleList" in wrong.stderr
+    not_streamed = run("prune", "samples.resnet:build", "-o", str(tmp_path / "r.onnx"), "--nm", "2:4", "--blocks", "x")
+    assert not_streamed.returncode == 2 and "--blocks: for checkpoint folders" in not_streamed.stderr
     ignored = run("plan", plan, "--nm", "2:4", "--method", "wanda")
     assert ignored.returncode == 2 and "--nm --method" in ignored.stderr and "not a folder" in ignored.stderr
     no_output = run("plan", str(tmp_path / "ckpt"), "--nm", "2:4")

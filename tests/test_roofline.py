@@ -153,6 +153,7 @@ def test_the_cpu_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert math.isfinite(gp.roofline(nn.Linear(8, 8), (torch.randn(2, 8),)).speedup)
 
 
+@pytest.mark.slow
 def test_the_command_line_predicts_what_the_api_does(tmp_path):
     from samples.resnet import build
     from tests.command_line import run
@@ -203,4 +204,35 @@ def test_gpus_are_found_by_their_cuda_names_and_sparse_kernel_reports_carry_the_
     assert (
         "fc: sparse, fp16 2:4 faster (dense 0.200 ms, sparse 0.100 ms) (roofline predicts 2.00x, measured 2.00x)"
         in str(report)
+    )
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.norm(self.conv(x)))
+
+
+def test_a_layers_epilogues_are_fused_and_cost_nothing():
+    """A BatchNorm and an activation applied to a convolution's output alone run in its output
+    pass (runtimes fold and fuse them); the residual add reads two tensors and is an op of its own."""
+    model, x = Residual().eval(), (torch.randn(2, 8, 16, 16),)
+    rows = graph_costs(capture(model, x))
+    assert [(r.op, r.epilogue_of) for r in rows] == [
+        ("aten.conv2d", None),
+        ("aten.batch_norm", "conv.weight"),
+        ("aten.relu", "conv.weight"),
+        ("aten.add", None),
+    ]
+    fused, apart = gp.roofline(model, x, device=TOY), gp.roofline(model, x, device=TOY, fuse=False)
+    by_op = {r.op: r.dense for r in fused.rows}
+    assert by_op["aten.batch_norm"].seconds == 0.0 and by_op["aten.relu"].bound == "fused"
+    assert by_op["aten.add"].seconds == pytest.approx(3 * 2 * 8 * 16 * 16 * 4 / TOY.bandwidth)
+    unfused = {r.op: r.dense for r in apart.rows}
+    assert unfused["aten.relu"].seconds == pytest.approx(2 * 2 * 8 * 16 * 16 * 4 / TOY.bandwidth)
+    assert apart.dense_seconds == pytest.approx(
+        fused.dense_seconds + sum(unfused[op].seconds for op in ("aten.batch_norm", "aten.relu"))
     )

@@ -247,6 +247,8 @@ def plan(
     try:
         state = CompressionState(clone(model), captured, stage, prunable_outputs=tuple(prunable_outputs))
         stream = Stream(checkpoint, data or [], state.plans, folder, blocks=blocks, prefix=prefix)
+        if blocks is not None:
+            stream.block_list(state.model)  # a wrong name is refused even where no pass runs block by block
         state.stream, state.calibration = stream, stream if data is not None else None
         report = Report(
             type(model).__name__,
@@ -292,6 +294,7 @@ def roofline(
     device: str | Device = "cpu",
     precision: str | None = None,
     batch: int | None = None,
+    fuse: bool = True,
 ) -> Roofline:
     """The predicted time of a compressed model on ``device`` against its dense self, per layer
     and in total (:mod:`graphprune.emit.roofline`: ``.speedup``, ``.table()``, ``.plot(path)``).
@@ -302,7 +305,8 @@ def roofline(
     measured once and cached), a GPU of :data:`graphprune.emit.devices.DEVICES` (``"h100"``...),
     or a :class:`~graphprune.emit.devices.Device`.  ``precision``: the float format of the
     layers not quantized (``"bf16"`` where the device has it, else ``"fp32"``).  ``batch``: the
-    batch size to predict for (default: the example's).
+    batch size to predict for (default: the example's).  ``fuse``: a weight layer's epilogues
+    (a BatchNorm or activation of its output alone) cost nothing, as runtimes fold or fuse them.
     """
     if isinstance(subject, PruneResult):
         if example_inputs is not None:
@@ -328,6 +332,7 @@ def roofline(
         precision=precision,
         scale=(batch or example_batch) / example_batch,
         batch=batch or example_batch,
+        fuse=fuse,
     )
 
 

@@ -20,7 +20,9 @@ class OpCost:
     and weight quantization shrink); other parameters and buffers it reads (a bias, a norm's
     affine) are ``parameter_elements``; activations are what it reads besides them and what it
     writes.  Ops that only re-view their input (reshape, permute, slicing) are not listed: they
-    move nothing.
+    move nothing.  An op that only transforms a weight layer's output element by element (a
+    BatchNorm after a convolution, an activation) names that layer in ``epilogue_of``: deployment
+    runtimes fold or fuse it into the layer, so that it moves nothing of its own.
     """
 
     key: str  # the weight's name, or the op and its occurrence ("aten.add#3"): the same in a pruned copy
@@ -31,6 +33,7 @@ class OpCost:
     parameter_elements: int
     input_elements: int
     output_elements: int
+    epilogue_of: str | None = None  # the weight layer whose output pass this op can run in (fused)
 
 
 # bits per value of each number format

@@ -8,10 +8,11 @@ changes nothing elsewhere (the masked layer runs dense); int8 quarters weight an
 bytes and moves the math to the int8 rate.
 
 Assumptions, stated because they are where predictions go wrong: ops run one after another,
-each at its roofline, with no launch overhead and no fusion (every op reads its inputs from memory
-and writes its outputs back; views move nothing); the peaks are reachable at every shape;
-batch only scales activations and MACs.  ``bench/roofline.py`` measures how far this is from
-onnxruntime on this CPU.
+each at its roofline, with no launch overhead; every op reads its inputs from memory and writes
+its outputs back, except views (they move nothing) and a weight layer's epilogues (a BatchNorm
+or activation applied to its output alone, which runtimes fold or fuse into the layer: free, with
+``fuse=True``); the peaks are reachable at every shape; batch only scales activations and MACs.
+``bench/roofline.py`` measures how far this is from onnxruntime on this CPU.
 """
 
 from __future__ import annotations
@@ -188,10 +189,11 @@ def predict(
     precision: str,
     scale: float = 1.0,
     batch: int = 1,
+    fuse: bool = True,
 ) -> Roofline:
     """The roofline of ``dense`` against ``compressed`` (the same model after compression, its ops
     keyed alike), with ``formats`` for the compressed weight layers (others at ``precision``)
-    and activations and MACs scaled by ``scale``."""
+    and activations and MACs scaled by ``scale``; ``fuse``: epilogues cost nothing."""
     if precision not in device.dense:
         raise InputError(f"{device.name} has no {precision} rate: it has {', '.join(device.dense)} (give precision=)")
     plain = Format(precision, precision)
@@ -207,8 +209,8 @@ def predict(
                 key=cost.key,
                 op=cost.op,
                 weight=cost.weight,
-                dense=op_time(cost, plain, device, scale),
-                compressed=op_time(new, formats.get(new.key, plain), device, scale) if new else None,
+                dense=op_time(cost, plain, device, scale, fuse),
+                compressed=op_time(new, formats.get(new.key, plain), device, scale, fuse) if new else None,
             )
         )
     for cost in after.values():  # ops only the compressed model has
@@ -218,7 +220,7 @@ def predict(
                 op=cost.op,
                 weight=cost.weight,
                 dense=None,
-                compressed=op_time(cost, formats.get(cost.key, plain), device, scale),
+                compressed=op_time(cost, formats.get(cost.key, plain), device, scale, fuse),
             )
         )
     return Roofline(device=device, precision=precision, batch=batch, rows=rows)
@@ -244,8 +246,11 @@ def two_four_speedup(device: Device, math_format: str, cost: OpCost) -> float:
     return dense.seconds / op_time(cost, Format(math_format, math_format, (2, 4)), device).seconds
 
 
-def op_time(cost: OpCost, fmt: Format, device: Device, scale: float = 1.0) -> OpTime:
-    """One op's predicted time at ``fmt`` on ``device`` (see the module doc for the model)."""
+def op_time(cost: OpCost, fmt: Format, device: Device, scale: float = 1.0, fuse: bool = False) -> OpTime:
+    """One op's predicted time at ``fmt`` on ``device`` (see the module doc for the model); with
+    ``fuse``, an epilogue is free."""
+    if fuse and cost.epilogue_of is not None:
+        return OpTime(flops=0.0, bytes=0.0, seconds=0.0, bound="fused", format="", math=fmt.math, sparse_math=False)
     sparse = fmt.pattern == (2, 4) and cost.weight is not None and fmt.math in device.sparse
     weight_bytes = cost.weight_elements * BITS[fmt.weights] / 8
     if sparse:  # stored compressed: the kept half, and a 2-bit position per kept value

@@ -26,9 +26,12 @@ from graphprune.frontends.torch.masks import finalize, nm_masks
 
 
 def graph_costs(captured: CapturedGraph) -> list[OpCost]:
-    """One row per computing op of ``captured``, in graph order."""
+    """One row per computing op of ``captured``, in graph order.  An op that reads one activation,
+    the only use of a weight layer's output (or of such an op's), and writes as many elements is
+    that layer's epilogue (``epilogue_of``): a folded BatchNorm, an activation function."""
     names = captured.tensor_names
     weights = {layer.node: layer.weight for layer in weight_layers(captured)}  # node -> the parameter it multiplies
+    layer_of: dict[fx.Node, str] = {}  # a weight layer's node, or its epilogue's -> the layer's weight
     seen: Counter[str] = Counter()
     rows = []
     for node in captured.graph.nodes:
@@ -39,6 +42,7 @@ def graph_costs(captured: CapturedGraph) -> list[OpCost]:
         op = f"aten.{node.target.overloadpacket.__name__}"
         weight = weights.get(node)
         weight_elements = parameters = inputs = 0
+        activations = []
         for arg in _tensor_args(node):
             elements = _elements(arg)
             kind, name = names.get(arg.name, ("", ""))
@@ -48,6 +52,16 @@ def graph_costs(captured: CapturedGraph) -> list[OpCost]:
                 parameters += elements
             else:
                 inputs += elements
+                activations.append(arg)
+        outputs = sum(prod(v.shape) for v in _values(node.meta.get("val")))
+        macs = node_macs(node)
+        epilogue = None
+        if weight is not None:
+            layer_of[node] = weight
+        elif macs == 0 and len(activations) == 1 and len(activations[0].users) == 1 and inputs == outputs:
+            epilogue = layer_of.get(activations[0])
+            if epilogue is not None:
+                layer_of[node] = epilogue
         if weight is None:
             key = f"{op}#{seen[op]}"
             seen[op] += 1
@@ -57,12 +71,13 @@ def graph_costs(captured: CapturedGraph) -> list[OpCost]:
             OpCost(
                 key=key,
                 op=op,
-                macs=node_macs(node),
+                macs=macs,
                 weight=weight,
                 weight_elements=weight_elements,
                 parameter_elements=parameters,
                 input_elements=inputs,
-                output_elements=sum(prod(v.shape) for v in _values(node.meta.get("val"))),
+                output_elements=outputs,
+                epilogue_of=epilogue,
             )
         )
     return rows
