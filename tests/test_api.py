@@ -124,6 +124,7 @@ def test_keyword_inputs_and_hf_output_objects():
     assert out.last_hidden_state.shape == (1, 6, 32) and out.pooler_output.shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_meta_device_analysis_allocates_no_weights():
     cfg = T.LlamaConfig(
         hidden_size=4096,

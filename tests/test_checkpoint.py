@@ -93,6 +93,7 @@ def test_config_sizes_shapes_cannot_tell_apart_are_told_by_the_plan_or_asked_for
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.slow
 def test_inferred_head_counts_are_those_of_the_model_the_plan_made(tmp_path):
     """Eight heads of 12 dims have the shapes of six heads of 16 and change fewer keys: only the
     plan's record of the model it made says six heads; the loaded checkpoint computes its logits."""

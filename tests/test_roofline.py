@@ -84,13 +84,13 @@ def test_op_time_is_the_roofline_formula():
 
 
 def test_the_model_itself_predicts_no_change_and_pruning_more_is_faster():
-    model, x = ResNet().eval(), (torch.randn(8, 3, 32, 32),)
+    model, x = ResNet().eval(), (torch.randn(2, 3, 32, 32),)
     same = gp.roofline(model, x, device=TOY)
     assert same.speedup == 1.0 and same.dense_seconds > 0
-    times = [gp.roofline(gp.prune(model, x, passes=[ChannelPrune(r)]), device=TOY) for r in (0.25, 0.5, 0.75)]
+    times = [gp.roofline(gp.prune(model, x, passes=[ChannelPrune(r)]), device=TOY) for r in (0.25, 0.75)]
     assert all(t.dense_seconds == pytest.approx(same.dense_seconds) for t in times)
-    assert times[0].compressed_seconds > times[1].compressed_seconds > times[2].compressed_seconds
-    assert 1.0 < times[0].speedup < times[1].speedup < times[2].speedup
+    assert times[0].compressed_seconds > times[1].compressed_seconds
+    assert 1.0 < times[0].speedup < times[1].speedup
     for pruned in times:  # per layer too: no layer slower for losing channels
         assert all(r.speedup >= 1.0 for r in pruned.weight_rows())
 
