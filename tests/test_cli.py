@@ -68,15 +68,18 @@ def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
         "report.html",
         "report.json",
         "report.md",
+        "roofline.png",
         "sparsity.png",
     ]
     data = json.loads((pages / "report.json").read_text())
+    assert data["roofline"]["device"].startswith("this CPU") and data["roofline"]["speedup"] > 1.0
     layers = {row["name"]: row for row in data["layers"]}
     assert layers["layers.0.conv1"]["pattern"] == "2:4" and layers["layers.0.conv1"]["weight_scale"]
     assert layers["layers.0.conv1"]["shape_after"][0] < layers["layers.0.conv1"]["shape_before"][0]
     markdown = (pages / "report.md").read_text()
     assert "| ChannelPrune |" in markdown and "![sparsity](sparsity.png)" in markdown
-    assert (pages / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert "Roofline on this CPU" in markdown and "| predicted speedup |" in markdown
+    assert (pages / "report.html").read_text().count("data:image/png;base64,") == 4
     meta = {p.key: p.value for p in onnx.load(str(out / "small.onnx")).metadata_props}
     assert meta["graphprune.stage"] == "quantized"
 
