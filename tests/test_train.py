@@ -3,6 +3,8 @@ schedules, and a final model whose patterns hold."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -130,13 +132,15 @@ def test_learned_mask_logits_transfer_to_another_copy():
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     x = (torch.randn(4, 8),)
-    first = LearnedMasks(gp.prune(dense, x, passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module)
+    first = LearnedMasks(
+        gp.prune(dense, x, passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module, steps=10
+    )
     with torch.no_grad():  # pretend training moved the logits
         for logits in first.parameters():
             logits.copy_(torch.randn_like(logits))
     saved = first.logits()
     second_model = gp.prune(dense, x, passes=[NMSparsity(2, 4, method="learned", dense_heads=False)]).module
-    second = LearnedMasks(second_model)
+    second = LearnedMasks(second_model, steps=10)
     second.load_logits(saved)
     for (_, _, a), (_, _, b) in zip(first.masks, second.masks, strict=True):
         assert torch.equal(a.hard(), b.hard())
@@ -147,7 +151,8 @@ def test_learned_mask_logits_transfer_to_another_copy():
             nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(),
             x,
             passes=[NMSparsity(2, 4, method="learned", dense_heads=False)],
-        ).module
+        ).module,
+        steps=10,
     )
     with pytest.raises(gp.InputError, match="not the same architecture or pattern"):
         other.load_logits(saved)
@@ -168,7 +173,7 @@ def test_weight_regularization_alone_drives_masks_to_keep_the_largest_weights():
     with torch.no_grad():  # start far from magnitude: random logits
         for p in trainer.parameters():
             p.copy_(torch.randn_like(p))
-    off = LearnedMasks(_learnable()[0]).regularization()  # the option off gives a constant 0
+    off = LearnedMasks(_learnable()[0], steps=10).regularization()  # the option off gives a constant 0
     assert float(off) == 0.0 and not off.requires_grad
     optimizer = torch.optim.Adam(trainer.parameters(), lr=0.2)
     for _ in range(200):
@@ -189,14 +194,14 @@ def test_weight_regularization_alone_drives_masks_to_keep_the_largest_weights():
     ]
     assert trainer.regularization().item() == pytest.approx(-float(sum(shares)) / len(shares), rel=1e-3)
     with pytest.raises(gp.InputError, match="weight_regularization"):
-        LearnedMasks(_learnable()[0], weight_regularization=-1.0)
+        LearnedMasks(_learnable()[0], steps=10, weight_regularization=-1.0)
 
 
 def test_finalize_keeps_the_masks_of_the_best_observed_score():
     from graphprune.train import LearnedMasks
 
     sparse, x = _learnable(1)
-    trainer = LearnedMasks(sparse, steps=30)
+    trainer = LearnedMasks(sparse, steps=20)
     optimizer = torch.optim.Adam(trainer.parameters(), lr=0.5)
     sparse.train()
     snapshots = []
@@ -216,4 +221,23 @@ def test_finalize_keeps_the_masks_of_the_best_observed_score():
         for n in trainer.names
     )
     with pytest.raises(gp.InputError, match="NaN"):
-        LearnedMasks(_learnable()[0]).observe(float("nan"))
+        LearnedMasks(_learnable()[0], steps=10).observe(float("nan"))
+    with pytest.raises(gp.InputError, match="needs steps=: the number of optimizer steps your loop will make"):
+        LearnedMasks(_learnable()[0])
+
+
+def test_finalize_before_the_schedule_ends_says_so():
+    from graphprune.train import LearnedMasks
+
+    sparse, _ = _learnable()
+    trainer = LearnedMasks(sparse, steps=50)
+    for _ in range(3):
+        trainer.step()
+    with pytest.warns(UserWarning, match=r"finalize\(\) after 3 of the 50 steps .* temperature 3\.08"):
+        trainer.finalize()
+    done = LearnedMasks(_learnable()[0], steps=2)
+    done.step()
+    done.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at the schedule's end: nothing to say
+        done.finalize()

@@ -26,6 +26,7 @@ keep ``n`` of every ``m`` (m as in the model's masks), e.g. ``[(0, 3), (200, 2),
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -197,7 +198,9 @@ class LearnedMasks:
     kept underneath).  Optimise :meth:`parameters` (the mask logits) with any optimizer and loss, e.g.
     distillation from the dense model; call :meth:`step` after each optimizer step (temperature falls
     from ``temperature[0]`` to ``[1]`` and the logit scale rises from ``scale[0]`` to ``[1]``,
-    geometrically over ``steps``); :meth:`finalize` keeps the most likely candidates as plain masks.
+    geometrically over ``steps``, which is required: the steps your loop makes, so that the schedule
+    ends with it); :meth:`finalize` keeps the most likely candidates as plain masks, and warns when
+    it comes before the schedule's end (the masks were still soft).
 
     ``weight_regularization=λ`` makes :meth:`regularization` return ``-λ`` times the share of the
     weights' squared magnitude the expected masks keep, averaged over the masked weights so that
@@ -219,13 +222,18 @@ class LearnedMasks:
         self,
         model: nn.Module,
         *,
-        steps: int = 1000,
+        steps: int | None = None,
         temperature: tuple[float, float] = (4.0, 0.05),
         scale: tuple[float, float] = (1.0, 10.0),
         prior_strength: float = 3.0,
         weight_regularization: float = 0.0,
         seed: int | None = None,
     ) -> None:
+        if steps is None:
+            raise InputError(
+                "LearnedMasks needs steps=: the number of optimizer steps your loop will make (the temperature "
+                "and logit-scale schedules run over them, and must end when your loop does)"
+            )
         if steps < 1 or min(temperature) <= 0 or min(scale) <= 0:
             raise InputError("LearnedMasks needs steps >= 1 and positive temperatures and scales")
         if weight_regularization < 0:
@@ -321,6 +329,14 @@ class LearnedMasks:
         """Plain :class:`NMMask` parametrizations with the learned masks (those of the best
         :meth:`observe` score, if any was reported), pruned weights zeroed, patterns checked, and
         the weights' ``requires_grad`` as they were."""
+        if self.steps < self.total:
+            warnings.warn(
+                f"LearnedMasks.finalize() after {self.steps} of the {self.total} steps its schedule runs over: "
+                f"the masks were learned at temperature {self.masks[0][2].temperature:.3g}, not the final "
+                f"{self.temperature[1]:.3g}; give steps= the number of steps your loop makes",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.best is not None:
             self.load_logits(self.best[2])
         for module, name, mask in self.masks:
