@@ -560,9 +560,6 @@ def cmd_roofline(args: argparse.Namespace) -> dict:
     if args.model.endswith(".onnx"):
         raise InputError(f"{args.model}: roofline reads PyTorch models so far (package.module:factory, .pt2, a folder)")
     flags = args.recipe or args.channels is not None or args.nm is not None or args.int8
-    streamed_only = [f"--{k}" for k in ("blocks", "prefix", "scratch") if getattr(args, k)]
-    if streamed_only:
-        raise InputError(f"{' '.join(streamed_only)}: for streamed plans (prune and plan a checkpoint folder)")
     loaded = load_model(args.model, checkpoints=True)
     if args.plot and not args.plot.endswith(".png"):
         raise InputError(f"--plot writes a .png, got {args.plot!r}")
@@ -680,6 +677,8 @@ def parser() -> argparse.ArgumentParser:
             "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"
         )
         p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch, from the file (8)")
+
+    def streamed_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seq-len", type=int, default=512, help="tokens kept of each .txt calibration sample (512)")
         p.add_argument("--samples", type=int, default=128, help="lines read of a .txt calibration file (128)")
         p.add_argument(
@@ -710,6 +709,7 @@ def parser() -> argparse.ArgumentParser:
         "the pruned checkpoint goes into",
     )
     pass_options(p)
+    streamed_options(p)
     p.add_argument("--latency", action="store_true", help="also time the dense and the compressed ONNX files")
     p.add_argument(
         "--device",
@@ -738,6 +738,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("other", nargs="?", help="a second plan file: print how the two differ")
     p.add_argument("-o", "--output", help="for a checkpoint folder: the plan file to write (NAME.plan.json)")
     pass_options(p)
+    streamed_options(p)
     overwrite(p)
     common(p)
     p = command("apply-checkpoint", "apply a saved plan to a safetensors checkpoint folder, shard by shard")
