@@ -95,7 +95,7 @@ def load_model(spec: str, *, checkpoints: bool = False) -> LoadedModel:
     if os.path.isdir(spec):
         if not checkpoints:
             raise InputError(
-                f"{spec}: this command does not take checkpoint folders (inspect and prune do): "
+                f"{spec}: this command does not take checkpoint folders (inspect, prune, plan and roofline do): "
                 "a checkpoint is pruned into a checkpoint, not exported"
             )
         return checkpoint_model(spec)
@@ -401,13 +401,14 @@ def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, ou
     import graphprune as gp
 
     loaded = load_model(args.model)
-    model, inputs, calibration = loaded.module, loaded.inputs, loaded.calibration
-    if args.calibration:
-        calibration = load_calibration(args.calibration, args.batch_size)
-    if calibration is None and any(p.reads_calibration() for p in passes):
-        _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
-        calibration = [inputs]
-    result = gp.prune(model, inputs, passes=passes, calibration=calibration, experimental_order=experimental)
+    model, inputs = loaded.module, loaded.inputs
+    result = gp.prune(
+        model,
+        inputs,
+        passes=passes,
+        calibration=_module_calibration(args, loaded, passes),
+        experimental_order=experimental,
+    )
     written = result.export_onnx(args.output, dynamic_batch=_dynamic_batch(args, loaded), outputs=out)
     latency = None
     if args.latency:
@@ -419,6 +420,16 @@ def _prune_module(args: argparse.Namespace, passes: list, experimental: bool, ou
                 "compressed": onnx_latency_ms(out.staged(args.output), runs=args.runs, threads=args.threads),
             }
     return result, written, latency
+
+
+def _module_calibration(args: argparse.Namespace, loaded: LoadedModel, passes: list) -> list | None:
+    """The batches a PyTorch model is calibrated on: ``--calibration``, else the factory's, else (when
+    a pass reads calibration) the example inputs alone, with a note."""
+    calibration = load_calibration(args.calibration, args.batch_size) if args.calibration else loaded.calibration
+    if calibration is None and any(p.reads_calibration() for p in passes):
+        _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
+        calibration = [loaded.inputs]
+    return calibration
 
 
 def _prune_onnx_file(args: argparse.Namespace, passes: list, experimental: bool, out: Outputs) -> tuple[Any, Any, Any]:
@@ -570,12 +581,12 @@ def cmd_roofline(args: argparse.Namespace) -> dict:
                 "(graphprune prune FOLDER -o OUT ...), then compare `roofline FOLDER` with `roofline OUT`"
             )
         passes, experimental = _passes(args)
-        calibration = load_calibration(args.calibration, args.batch_size) if args.calibration else loaded.calibration
-        if calibration is None and any(p.reads_calibration() for p in passes):
-            _say(args, "no --calibration given: calibrating on the example inputs only (give real data for real use)")
-            calibration = [loaded.inputs]
         subject: Any = gp.prune(
-            loaded.module, loaded.inputs, passes=passes, calibration=calibration, experimental_order=experimental
+            loaded.module,
+            loaded.inputs,
+            passes=passes,
+            calibration=_module_calibration(args, loaded, passes),
+            experimental_order=experimental,
         )
         predicted = gp.roofline(subject, device=args.device, precision=args.precision, batch=args.batch)
     else:

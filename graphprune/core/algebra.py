@@ -41,10 +41,12 @@ class Definition:
 
 @dataclass(frozen=True)
 class FreezeReason:
-    """Why a space may not be pruned: the op or fact responsible, and where."""
+    """Why a space may not be pruned: the op or fact responsible, and where; ``interface``: it is
+    kept whole because it reaches a model input or output (the caller's contract, not a limit)."""
 
     why: str
     where: str = ""
+    interface: bool = False
 
     def __str__(self) -> str:
         return f"{self.why} ({self.where})" if self.where else self.why

@@ -166,9 +166,7 @@ class Analysis(abc.ABC, Generic[Captured, Context]):
             lines.append(g.describe())
         if len(self.groups) > max_groups:
             lines.append(f"... and {len(self.groups) - max_groups} more groups")
-        interface = [
-            f for f in self.frozen if f.reason.why.startswith(("reaches a model input", "reaches the model output"))
-        ]
+        interface = [f for f in self.frozen if f.reason.interface]
         if interface:
             lines.append("kept whole because they reach the model's inputs or outputs:")
             lines.extend(f"  {f.describe()}" for f in interface)

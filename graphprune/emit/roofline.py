@@ -92,7 +92,7 @@ class Roofline:
     def table(self, top: int = 20) -> str:
         """The ``top`` weight layers by dense time, the other ops summed, and the total."""
         layers = sorted(self.weight_rows(), key=lambda r: -(r.dense.seconds if r.dense else 0.0))
-        others = [r for r in self.rows if r not in layers]
+        others = [r for r in self.rows if r.weight is None]
         lines = [
             f"roofline on {self.device.name}, {self.precision}, batch {self.batch}: predicted "
             f"{_ms(self.dense_seconds)} -> {_ms(self.compressed_seconds)} ({self.speedup:.2f}x)",

@@ -67,10 +67,10 @@ def analyze_onnx_capture(capture: OnnxCapture, model_name: str = "ONNX model") -
     onnx_sizes.freeze_escapes(ctx, graph)
     for value in graph_inputs(capture.model):
         for atom in flat_atoms(ctx.dims(value)):
-            solver.freeze(atom, FreezeReason("reaches a model input", value.name))
+            solver.freeze(atom, FreezeReason("reaches a model input", value.name, interface=True))
     for value in graph.outputs:
         for atom in flat_atoms(ctx.dims(value)):
-            solver.freeze(atom, FreezeReason(f"reaches the model output {value.name!r}", value.name))
+            solver.freeze(atom, FreezeReason(f"reaches the model output {value.name!r}", value.name, interface=True))
     spaces = solver.finalize()
     tensors = {
         name: (_kind(value), ctx.dims(value) or [])

@@ -92,14 +92,18 @@ def analyze_captured(
     _constrain_modules(ctx, captured)
     for node in captured.user_inputs:
         for atom in flat_atoms(ctx.raw(node)):
-            solver.freeze(atom, FreezeReason("reaches a model input", node.name))
+            solver.freeze(atom, FreezeReason("reaches a model input", node.name, interface=True))
     for node in captured.outputs:
         if captured.output_names.get(node) in prunable_outputs:
             continue
         for atom in flat_atoms(ctx.raw(node)):
             solver.freeze(
                 atom,
-                FreezeReason(f"reaches the model output {captured.output_names.get(node, node.name)!r}", node.name),
+                FreezeReason(
+                    f"reaches the model output {captured.output_names.get(node, node.name)!r}",
+                    node.name,
+                    interface=True,
+                ),
             )
     spaces = solver.finalize()
 

@@ -336,7 +336,7 @@ def _side_by_side(
     ):
         for (segment, dense_part), (_, pruned_part) in zip(dense_walk, pruned_walk, strict=True):
             for layer in segments.get(segment, []):
-                yield layer, list(dense_part.split()), list(pruned_part.split())
+                yield layer, dense_part.split(), pruned_part.split()
 
 
 def _refit(
