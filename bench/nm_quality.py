@@ -1,8 +1,9 @@
 """2:4 sparsity on a real pretrained model (all-MiniLM-L6-v2): quality and time per method.
 
 Calibration on one set of English sentences, evaluation on a disjoint set.  Prints, per
-method: mean cosine between dense and sparse mean-pooled sentence embeddings, nearest-neighbour
-agreement, largest change of a pairwise similarity, and the pass time.
+method (alone, with channel permutations, and with ``refine=True``): mean cosine between dense and
+sparse mean-pooled sentence embeddings, nearest-neighbour agreement, largest change of a pairwise
+similarity, and the pass time.
 
     python -m bench.nm_quality
 """
@@ -36,16 +37,18 @@ def main() -> None:
     dense = embed(model, held)
     neighbours = (dense @ dense.T).fill_diagonal_(-1).argmax(1)
     print(
-        f"{'method':<12}{'permute':>8}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}{'max sim err':>13}"
-        f"{'seconds':>9}"
+        f"{'method':<12}{'permute':>8}{'refine':>7}{'pattern':>8}{'layers':>8}{'cosine':>9}{'NN agree':>10}"
+        f"{'max sim err':>13}{'seconds':>9}"
     )
-    for (n, m), permute in (((2, 4), False), ((2, 4), True), ((4, 8), False)):
+    settings = (((2, 4), False, False), ((2, 4), True, False), ((4, 8), False, False))
+    settings += (((2, 4), False, True), ((4, 8), False, True))
+    for (n, m), permute, refine in settings:
         for method in ("magnitude", "wanda", "sparsegpt"):
             start = time.perf_counter()
             result = gp.prune(
                 model,
                 calibration[0],
-                passes=[NMSparsity(n, m, method=method, permute=permute)],
+                passes=[NMSparsity(n, m, method=method, permute=permute, refine=refine)],
                 calibration=calibration,
             )
             seconds = time.perf_counter() - start
@@ -55,11 +58,13 @@ def main() -> None:
             cos = (sparse * dense).sum(-1).mean().item()
             layers = len(masked_weights(result.module))
             print(
-                f"{method:<12}{'yes' if permute else 'no':>8}{f'{n}:{m}':>8}{layers:>8}{cos:>9.3f}"
-                f"{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}"
+                f"{method:<12}{'yes' if permute else 'no':>8}{'yes' if refine else 'no':>7}{f'{n}:{m}':>8}{layers:>8}"
+                f"{cos:>9.3f}{f'{agree}/{len(HELD_OUT)}':>10}{err:>13.3f}{seconds:>9.2f}"
             )
             if permute:
                 print("    " + result.report.rows[0].details["permutations"][:160])
+            if refine:
+                print("    " + result.report.rows[0].details["refinement"])
 
 
 if __name__ == "__main__":

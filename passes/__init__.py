@@ -1,7 +1,8 @@
 """The transformation passes of graphprune (installed as ``graphprune.passes``)."""
 
 from graphprune.passes.channel_prune import ChannelPrune
+from graphprune.passes.low_rank import LowRankCompensation
 from graphprune.passes.nm_sparsity import NMSparsity
 from graphprune.passes.quantize import Quantize
 
-__all__ = ["ChannelPrune", "NMSparsity", "Quantize"]
+__all__ = ["ChannelPrune", "LowRankCompensation", "NMSparsity", "Quantize"]

@@ -9,7 +9,10 @@ skipped; every skip is reported with its reason.
 Criteria: ``magnitude`` (|W|); ``wanda`` (|W| times the RMS of the matching input channel over
 calibration batches, Sun et al. 2023); ``sparsegpt`` (second-order mask choice and weight update,
 :mod:`graphprune.algorithms.sparsegpt`), layer by layer in graph order with each layer's inputs taken from the
-already-sparsified model (layers that read the same activation share one Hessian).
+already-sparsified model (layers that read the same activation share one Hessian).  ``refine=True``
+then improves every layer's masks on the same Hessians (:mod:`graphprune.algorithms.refine`): swaps
+inside each group of ``m`` that lower the layer's calibration error, and for SparseGPT a re-fit of the
+kept weights; a layer's error never rises.
 
 The pass is written once against :class:`graphprune.core.frontend.Frontend`: on a torch model
 masks are parametrizations, so fine-tuning cannot revive pruned weights
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from graphprune.algorithms.moments import input_moments
 from graphprune.algorithms.nm import CONV, NMPattern, fits, nm_mask, per_input_channel, to_matrix
 from graphprune.algorithms.permutation import retained, search
+from graphprune.algorithms.refine import NOTHING, Refinement, refine_layer
 from graphprune.algorithms.sparsegpt import PRECISIONS, layer_hessians, sparsegpt_layers
 from graphprune.core.frontend import Frontend
 from graphprune.core.groups import Analysis
@@ -49,9 +53,14 @@ class NMSparsity(Pass):
             the masks from there.
         prior: the criterion that initialises learned masks.
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
-        precision: ``"float32"`` (default) or ``"float64"``: what SparseGPT accumulates and solves its
-            Hessians in; a float32 solve whose Cholesky factorisation fails is retried in float64
-            (reported).
+        precision: ``"float32"`` (default) or ``"float64"``: what SparseGPT (and ``refine``) accumulates
+            and solves its Hessians in; a float32 solve whose Cholesky factorisation fails is retried in
+            float64 (reported).
+        refine: after the method chooses each layer's masks, swap weights inside groups of ``m`` while
+            a swap lowers the layer's output error on the calibration inputs (exact, from the Hessian
+            of its inputs), and for SparseGPT solve the kept weights again; needs ``calibration=``,
+            runs layer by layer like SparseGPT, and reports the error before and after.  Learned
+            masks start from the refined prior.
         permute: before masking, permute each channel group (through every tensor that indexes it,
             so the model's function is unchanged) to retain more magnitude under the pattern;
             ``permute_sweeps`` sets the search effort per group (:mod:`graphprune.algorithms.permutation`).
@@ -85,6 +94,7 @@ class NMSparsity(Pass):
         permute: bool = False,
         permute_sweeps: int = 4,
         precision: str = "float32",
+        refine: bool = False,
     ) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
@@ -100,12 +110,16 @@ class NMSparsity(Pass):
         self.prior = prior
         self.permute, self.permute_sweeps = permute, permute_sweeps
         self.precision = precision
+        if not isinstance(refine, bool):
+            raise InputError(f"NMSparsity refine must be True or False, got {refine!r}")
+        self.refine = refine
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
     def __repr__(self) -> str:
         prior = f", prior={self.prior!r}" if self.method == "learned" else ""
-        return f"NMSparsity({self.n}:{self.m}, method={self.method!r}{prior})"
+        refine = ", refine=True" if self.refine else ""
+        return f"NMSparsity({self.n}:{self.m}, method={self.method!r}{prior}{refine})"
 
     def refusal(self, mode: str) -> str | None:
         if mode == STREAMED and (self.method == "learned" or self.permute):
@@ -130,7 +144,7 @@ class NMSparsity(Pass):
             )
 
     def reads_calibration(self) -> bool:
-        return self.criterion != "magnitude"
+        return self.criterion != "magnitude" or self.refine
 
     def selected(self, state: Frontend[Any]) -> tuple[list[WeightLayer], dict[str, str]]:
         """The layers to mask, and the skipped ones with the reason."""
@@ -160,18 +174,29 @@ class NMSparsity(Pass):
 
     def call(self, state: Frontend[Any]) -> PassResult:
         layers, skipped = self.selected(state)
-        calibration = (
-            state.calibration_data(f"NMSparsity(method={self.criterion!r})") if self.reads_calibration() else None
-        )
+        calibration = state.calibration_data(repr(self)) if self.reads_calibration() else None
         gains: dict[str, str] = {}
         calibrated = ""
         retried: list[str] = []
+        refined: list[Refinement] = []
         with state.writing():
             if self.criterion == "sparsegpt":
                 if self.permute:
                     gains = self._permute_groups(state, layers, {})
                 layers, calibrated = state.sequential(
-                    layers, calibration, lambda part, data: retried.extend(self._sparsegpt(state, part, data)), skipped
+                    layers,
+                    calibration,
+                    lambda part, data: retried.extend(self._sparsegpt(state, part, data, refined)),
+                    skipped,
+                )
+            elif self.refine:
+                rms = self._rms(state, layers, calibration)
+                if self.permute:
+                    gains = self._permute_groups(state, layers, rms)
+                    if gains and rms:
+                        rms = self._rms(state, layers, calibration)
+                layers, calibrated = state.sequential(
+                    layers, calibration, lambda part, data: self._refined(state, part, data, rms, refined), skipped
                 )
             else:
                 rms = self._rms(state, layers, calibration)
@@ -187,6 +212,8 @@ class NMSparsity(Pass):
         details = {"pattern": f"{self.n}:{self.m} ({how})", "masked layers": len(layers)}
         if calibrated:
             details["calibration"] = calibrated
+        if self.refine:
+            details["refinement"] = _refinement(sum(refined, NOTHING), len(refined))
         if retried:
             details["float64 retries"] = (
                 f"{len(retried)} layers without a float32 Cholesky factor: {', '.join(retried)}"
@@ -228,31 +255,90 @@ class NMSparsity(Pass):
             gains[f"group {group.id} ({group.size} ch)"] = f"+{after / before - 1:.2%} retained"
         return gains
 
-    def _sparsegpt(self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any) -> list[str]:
+    def _sparsegpt(
+        self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any, refined: list[Refinement]
+    ) -> list[str]:
         """:func:`~graphprune.algorithms.sparsegpt.sparsegpt_layers` on one part of the model, each
         layer's inputs read from the model as already sparsified upstream; linear layers reading one
         activation share its Hessian (convs see it through their own patch geometry).  Learned masks
         start from the dense weights: the new values are not written.  Returns the layers whose solve
         was retried in float64."""
-        by_input: dict[tuple, list[WeightLayer]] = {}
-        for layer in layers:
-            by_input.setdefault((layer.activation, layer.owner if layer.layout == CONV else None), []).append(layer)
 
-        def write(layer: WeightLayer, new: torch.Tensor, keep: torch.Tensor) -> None:
-            pattern = NMPattern(self.n, self.m, layer.layout)
-            learned = self.method == "learned"
-            state.write_nm(layer, keep, pattern, values=None if learned else new, zero_pruned=not learned)
+        def refine(
+            layer: WeightLayer, dense: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, hessians: list
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._refine_layer(layer, dense, new, keep, hessians, refined)
 
         return sparsegpt_layers(
-            list(by_input.values()),
+            _by_input(layers),
             lambda layer, precision: layer_hessians(state, layer, calibration, precision),
             state.weight,
-            write,
+            lambda layer, new, keep: self._write(state, layer, new, keep),
             lambda layer: NMPattern(self.n, self.m, layer.layout),
             block=self.block,
             damp=self.damp,
             precision=self.precision,
+            refine=refine if self.refine else None,
         )
+
+    def _refined(
+        self,
+        state: Frontend[Any],
+        layers: list[WeightLayer],
+        calibration: Any,
+        rms: dict[str, torch.Tensor],
+        refined: list[Refinement],
+    ) -> None:
+        """Magnitude or Wanda masks on one part of the model, refined on Hessians read from the model
+        as already sparsified upstream (the masks the method alone would choose are the start)."""
+        for group in _by_input(layers):
+            hessians = layer_hessians(state, group[0], calibration, self.precision)
+            for layer in group:
+                dense = state.weight(layer)
+                keep = nm_mask(_scores(dense, layer, rms), NMPattern(self.n, self.m, layer.layout))
+                new, keep = self._refine_layer(layer, dense, dense * keep, keep, hessians, refined)
+                self._write(state, layer, new, keep)
+
+    def _refine_layer(
+        self,
+        layer: WeightLayer,
+        dense: torch.Tensor,
+        new: torch.Tensor,
+        keep: torch.Tensor,
+        hessians: list[torch.Tensor],
+        refined: list[Refinement],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~graphprune.algorithms.refine.refine_layer`: kept weights are solved for only where
+        SparseGPT's values will be written (learned masks keep the dense weights underneath)."""
+        refit = self.criterion == "sparsegpt" and self.method != "learned"
+        pattern = NMPattern(self.n, self.m, layer.layout)
+        new, keep, done = refine_layer(dense, new, keep, layer.layout, hessians, pattern, refit=refit, damp=self.damp)
+        refined.append(done)
+        return new, keep
+
+    def _write(self, state: Frontend[Any], layer: WeightLayer, new: torch.Tensor, keep: torch.Tensor) -> None:
+        """The masks, and SparseGPT's new values (learned masks keep the dense weights underneath)."""
+        learned = self.method == "learned"
+        values = new if self.criterion == "sparsegpt" and not learned else None
+        state.write_nm(layer, keep, NMPattern(self.n, self.m, layer.layout), values=values, zero_pruned=not learned)
+
+
+def _by_input(layers: list[WeightLayer]) -> list[list[WeightLayer]]:
+    """Layers grouped by the activation they read (a conv by its own patches), in graph order."""
+    by_input: dict[tuple, list[WeightLayer]] = {}
+    for layer in layers:
+        by_input.setdefault((layer.activation, layer.owner if layer.layout == CONV else None), []).append(layer)
+    return list(by_input.values())
+
+
+def _refinement(total: Refinement, layers: int) -> str:
+    """The report line: the summed calibration error of the refined layers, before and after."""
+    change = total.after / total.before - 1 if total.before > 0 else 0.0
+    restored = f", {total.restored} rows kept as they were" if total.restored else ""
+    return (
+        f"calibration error {change:+.1%} over {layers} layers "
+        f"({total.before:.4g} to {total.after:.4g}; {total.swaps} swaps{restored})"
+    )
 
 
 def _reduction_block(

@@ -51,7 +51,7 @@ class Quantize(Pass):
     """
 
     modes = frozenset({MODULE, STREAMED, ONNX})
-    accepts = frozenset({Stage.DENSE, Stage.STRUCTURED, Stage.MASKED})
+    accepts = frozenset({Stage.DENSE, Stage.STRUCTURED, Stage.MASKED, Stage.COMPENSATED})
     produces = Stage.QUANTIZED
 
     def __init__(

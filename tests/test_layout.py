@@ -134,6 +134,7 @@ FRONTEND_FREE_PASSES = {
         "graphprune.frontends.torch.provenance",
         "graphprune.rules.aten",
     ),
+    "graphprune.passes.low_rank": (),  # module-only (the torch state's dense weights and paths), by duck typing
     "graphprune.passes.nm_sparsity": (),
     "graphprune.passes.quantize": (),
 }

@@ -319,3 +319,15 @@ def test_a_tied_weight_under_nm_masks_is_still_found_shared():
     floats = result.report.rows[1].details["float layers"]
     assert "b.weight: weight shared with a.weight" in floats
     assert not {"a.weight", "b.weight"} & set(result.plans[-1].layers)
+
+
+def test_a_model_masked_in_an_earlier_run_has_its_layers_quantized():
+    """Regression: a model given back to gp.prune with its N:M masks was captured with each masked
+    weight as a product with its mask, which hid every masked layer from Quantize (none quantized)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    data = [(torch.randn(16, 32),) for _ in range(2)]
+    masked = gp.prune(model, data[0], passes=[NMSparsity(2, 4, dense_heads=False)]).module
+    quantized = gp.prune(masked, data[0], passes=[Quantize()], calibration=data)
+    assert quantized.report.rows[-1].details["quantized layers"] == 3
+    assert is_quantized(quantized.module) and len(masked_weights(quantized.module)) == 3

@@ -40,6 +40,8 @@ PIPELINES = {
         NMSparsity(2, 4, method="sparsegpt"),
     ],
     "channels by l2, then magnitude 4:8": lambda: [ChannelPrune(0.25, round_to=4), NMSparsity(4, 8)],
+    "wanda, refined": lambda: [NMSparsity(2, 4, method="wanda", refine=True)],
+    "sparsegpt, refined": lambda: [NMSparsity(2, 4, method="sparsegpt", refine=True)],
 }
 
 

@@ -238,11 +238,28 @@ def layer_hessians(
     """The layer's Hessians (one per conv group) from its inputs in the model as it is now, over the
     calibration data of ``state`` (summed over the ranks of a distributed run), accumulated in
     ``precision``."""
-    total = HessianSum(state.conv_window(layer) if layer.layout == CONV else None, PRECISIONS[precision])
-    state.observe(calibration, {layer: lambda x: total.add(x, layer.channel_axis)})
-    rows = torch.tensor(float(total.rows), dtype=torch.float64, device=total.sums[0].device if total.sums else None)
-    state.reduce_sum(*total.sums, rows)
-    return total.hessians(float(rows))
+    return hessians_of(state, [layer], calibration, precision)[layer.weight]
+
+
+def hessians_of(
+    state: Frontend[Any], layers: Sequence[WeightLayer], calibration: Any, precision: str = "float32"
+) -> dict[str, list[torch.Tensor]]:
+    """:func:`layer_hessians` of several layers from one run over the calibration data, by weight name."""
+    totals = {
+        layer.weight: HessianSum(state.conv_window(layer) if layer.layout == CONV else None, PRECISIONS[precision])
+        for layer in layers
+    }
+
+    def add(layer: WeightLayer) -> Callable[[torch.Tensor], None]:
+        return lambda x: totals[layer.weight].add(x, layer.channel_axis)
+
+    state.observe(calibration, {layer: add(layer) for layer in layers})
+    out = {}
+    for name, total in totals.items():
+        rows = torch.tensor(float(total.rows), dtype=torch.float64, device=total.sums[0].device if total.sums else None)
+        state.reduce_sum(*total.sums, rows)
+        out[name] = total.hessians(float(rows))
+    return out
 
 
 def prune_layer(
@@ -271,28 +288,36 @@ def sparsegpt_layers(
     block: int,
     damp: float,
     precision: str = "float32",
+    refine: Callable[
+        [L, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+    ]
+    | None = None,
 ) -> list[str]:
     """SparseGPT over a model, group by group in graph order: a group is the layers that read one
     activation, whose Hessians ``hessians(first layer, precision)`` read from the model as already
     sparsified upstream are factored once for the group; ``write(layer, new weight, keep-mask)``
     puts each result where the frontend keeps it.  A float32 factorisation that fails is retried in
     float64, from the same sums and, where those lost too much (or the failed solve used up their
-    memory), from sums accumulated again in float64.  Returns the layers retried so."""
+    memory), from sums accumulated again in float64.  ``refine(layer, dense, new, keep, Hessians)``,
+    where given, improves each result before it is written (the Hessians are then kept, not consumed
+    by the factorisation).  Returns the layers retried so."""
     retried = []
     for group in tqdm(groups, desc="SparseGPT", unit="input", disable=None, leave=False):
+        consume = refine is None
         try:
-            factors = [
-                inverse_factor(h, damp=damp, precision=precision, consume=True) for h in hessians(group[0], precision)
-            ]
+            sums = hessians(group[0], precision)
+            factors = [inverse_factor(h, damp=damp, precision=precision, consume=consume) for h in sums]
         except Unfactorable:
             if precision == "float64":
                 raise
-            factors = [
-                inverse_factor(h, damp=damp, precision="float64", consume=True) for h in hessians(group[0], "float64")
-            ]
+            sums = hessians(group[0], "float64")
+            factors = [inverse_factor(h, damp=damp, precision="float64", consume=consume) for h in sums]
         again = any(f.precision != precision for f in factors)
         for layer in group:
-            new, keep = prune_layer(weight(layer), layer.layout, factors, pattern(layer), block=block)
+            dense = weight(layer)
+            new, keep = prune_layer(dense, layer.layout, factors, pattern(layer), block=block)
+            if refine is not None:
+                new, keep = refine(layer, dense, new, keep, sums)
             write(layer, new, keep)
             if again:
                 retried.append(layer.weight)

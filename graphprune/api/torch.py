@@ -38,8 +38,9 @@ from graphprune.frontends.torch.capture import (
 )
 from graphprune.frontends.torch.copying import clone
 from graphprune.frontends.torch.costs import graph_costs, layer_formats, model_costs
+from graphprune.frontends.torch.lowrank import low_rank_paths
 from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.frontends.torch.masks import nm_masks, stored_at
+from graphprune.frontends.torch.masks import capture_masked, nm_masks, stored_at
 from graphprune.frontends.torch.state import CompressionState, detect_stage
 from graphprune.frontends.torch.streaming import Stream
 from graphprune.io.outputs import Outputs
@@ -106,7 +107,14 @@ class PruneResult:
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.io.plan_file`), with the new
-        values of the tensors a pass changed (unmasked; the masks apply on top)."""
+        values of the tensors a pass changed (unmasked; the masks apply on top).  Refused for a
+        result with low-rank compensation paths, which plan files cannot carry yet."""
+        if paths := low_rank_paths(self.module):
+            raise InputError(
+                f"this result has low-rank compensation paths beside {len(paths)} layers (LowRankCompensation), "
+                "which plan files and checkpoints cannot carry yet: keep the module itself (torch.save), or "
+                "export it with export_onnx"
+            )
         plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
         plan.values = {name: stored_at(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
         plan.inputs = input_spec(self.example_inputs)
@@ -155,13 +163,19 @@ def prune(
     manager.check_order(stage)
     _check_finite(model)
     shapes_before = weight_shapes(model)
-    captured = capture(model, example_inputs)
+    captured = capture_masked(model, *normalize_inputs(example_inputs))  # a model pruned before keeps its layers
     if calibration is not None:  # materialised once: every pass sees the same batches, even from a generator
         calibration = check_calibration(list(calibration), captured.args, captured.kwargs)
     working = model if inplace else clone(model)
     reference = run_outputs(working, captured)  # a forward may change its module's state: never the caller's
+    reads_dense = any(p.reads_dense_weights() for p in manager.passes)
     state = CompressionState(
-        working, captured, stage, calibration=calibration, prunable_outputs=tuple(prunable_outputs)
+        working,
+        captured,
+        stage,
+        calibration=calibration,
+        prunable_outputs=tuple(prunable_outputs),
+        dense=(clone(model) if inplace else model) if reads_dense else None,
     )
     report = Report(
         type(model).__name__,

@@ -33,7 +33,8 @@ class Stage(enum.IntEnum):
     DENSE = 0
     STRUCTURED = 1
     MASKED = 2
-    QUANTIZED = 3
+    COMPENSATED = 3  # low-rank paths added for the error so far: nothing may change those layers' weights
+    QUANTIZED = 4
 
     def __str__(self) -> str:
         return self.name.lower()
@@ -145,6 +146,11 @@ class Pass(abc.ABC):
 
     def reads_calibration(self) -> bool:
         """Whether the pass, with its options, runs calibration data (the report then gives the rate)."""
+        return False
+
+    def reads_dense_weights(self) -> bool:
+        """Whether the pass compares weights with the model as given to the pipeline (an in-place run
+        then keeps a copy of it)."""
         return False
 
     @abc.abstractmethod

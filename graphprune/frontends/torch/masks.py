@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from graphprune.algorithms.nm import NMPattern, satisfies
 from graphprune.errors import PostconditionError
-from graphprune.frontends.torch.capture import qualified
+from graphprune.frontends.torch.capture import CapturedGraph, capture_call, qualified
+from graphprune.frontends.torch.copying import clone
 from torch.nn.utils import parametrize
 
 
@@ -100,3 +101,10 @@ def finalize(model: nn.Module) -> nn.Module:
             for p in others:
                 parametrize.register_parametrization(module, name, p)
     return model
+
+
+def capture_masked(model: nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
+    """Capture ``model``; where it has N:M masks, from a copy with the masks baked in, so that the
+    graph reads each masked weight as the parameter it is (a product with its mask would hide the
+    layer from every pass).  Names resolve on ``model`` itself."""
+    return capture_call(finalize(clone(model)) if masked_weights(model) else model, args, kwargs)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from graphprune.algorithms.nm import CONV, NMPattern
+from graphprune.algorithms.nm import CONV, CONV1D, NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
@@ -24,7 +24,7 @@ from graphprune.core.layers import output_heads
 from graphprune.core.pipeline import MODULE, STREAMED, Stage
 from graphprune.core.plan import Plan
 from graphprune.core.report import UNCHANGED, calibration_size, max_relative_error
-from graphprune.errors import InputError
+from graphprune.errors import InputError, InternalError
 from graphprune.frontends.torch.analysis import analyze_captured
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.blocks import Blocks, by_segment
@@ -48,8 +48,11 @@ from graphprune.frontends.torch.fake_quant import (
     weight_fake_quant,
 )
 from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
+from graphprune.frontends.torch.lowrank import compensate, low_rank_paths, path_weights
+from graphprune.frontends.torch.lowrank import refusal as low_rank_refusal
 from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.frontends.torch.masks import attach, check_patterns, masked_weights, stored, stored_at
+from graphprune.frontends.torch.masks import attach, capture_masked, check_patterns, masked_weights, stored, stored_at
+from graphprune.io.plan_file import PlanFile
 
 if TYPE_CHECKING:
     from graphprune.frontends.torch.streaming import Stream
@@ -61,10 +64,13 @@ aten = torch.ops.aten
 
 def detect_stage(model: nn.Module) -> Stage:
     """The stage a model is at, read off the model itself (so it travels with it): quantized if a
-    weight carries fake quantization, masked if one carries an N:M mask, else the stage the pass
+    weight carries fake quantization, compensated if a layer has a low-rank path, masked if a weight
+    carries an N:M mask, else the stage the pass
     manager wrote on the root module (structured models look dense otherwise), else dense."""
     if is_quantized(model):
         return Stage.QUANTIZED
+    if low_rank_paths(model):
+        return Stage.COMPENSATED
     if masked_weights(model):
         return Stage.MASKED
     return Stage(getattr(model, STAGE_ATTRIBUTE, Stage.DENSE))
@@ -85,6 +91,8 @@ class CompressionState:
     # tensors whose values a pass changed beyond slicing and masking (SparseGPT, compensation,
     # permutations): a plan file carries their new values, or re-applying it would lose them
     updated: set[str] = field(default_factory=set)
+    # the model as given to the pipeline: what low-rank compensation measures the error against
+    dense: nn.Module | None = None
     _analysis: Analysis | None = None
     _folded: dict[str, tuple[str, torch.fx.Node]] = field(default_factory=dict)  # conv -> (BatchNorm, its node)
 
@@ -126,7 +134,9 @@ class CompressionState:
 
     # What passes ask of a state (graphprune.core.frontend.Frontend); the ONNX state answers the same.
     def weight_layers(self) -> tuple[list[Consumer], dict[str, str]]:
-        return list({c.weight: c for c in consumers(self.analysis())}.values()), {}
+        paths = path_weights(self.model)
+        layers = {c.weight: c for c in consumers(self.analysis()) if c.weight not in paths}
+        return list(layers.values()), dict.fromkeys(sorted(paths), "low-rank compensation path (kept dense, in float)")
 
     def check_names(self, names: Iterable[str], option: str) -> None:
         modules = dict(self.model.named_modules())
@@ -281,6 +291,27 @@ class CompressionState:
         self.updated |= reordered
         return True
 
+    def dense_weight(self, layer: Consumer) -> torch.Tensor:
+        """The layer's weight in the model as given to the pipeline (masks and fake quantization
+        applied), cut to the channels the structured plans since have kept."""
+        if self.dense is None:
+            raise InternalError("this state was made without the model as given: no dense weights to compare with")
+        structured = [p for p in self.plans if isinstance(p, Plan)]
+        return PlanFile("", structured=structured).planned(layer.weight, tensor_at(self.dense, layer.weight).detach())
+
+    def low_rank_refusal(self, layer: Consumer) -> str | None:
+        """Why the layer cannot get a low-rank path beside it (:func:`graphprune.frontends.torch.lowrank.refusal`)."""
+        if layer.layout == CONV or layer.matmul:
+            return "convolutions and matmuls against a parameter get no low-rank path (linear layers only)"
+        return low_rank_refusal(self.model, layer.module, self.weight(layer), transposed=layer.layout == CONV1D)
+
+    def add_low_rank_paths(self, paths: Mapping[Consumer, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each layer gets its path ``(down, up)`` in parallel (:mod:`graphprune.frontends.torch.lowrank`),
+        and the model is captured again (:func:`~graphprune.frontends.torch.masks.capture_masked`)."""
+        for layer, (down, up) in paths.items():
+            compensate(self.model, layer.module, down, up)
+        self.replace_model(self.model, capture_masked(self.model, self.captured.args, self.captured.kwargs))
+
     def prune_channels(self, plan: Plan, bias_corrections: Mapping[str, torch.Tensor]) -> None:
         applied = apply_plan(self.model, self.analysis(), plan, inplace=True)
         self.replace_model(applied.module, applied.captured)
@@ -332,13 +363,16 @@ class CompressionState:
         zero_pruned: bool = True,
     ) -> None:
         """A mask parametrization on the module (fine-tuning cannot revive what it prunes); in a
-        streamed plan the mask and values go to the plan, and the loaded weight takes the values so
-        that later layers see them.  New values are recorded in :attr:`updated`."""
+        streamed plan the mask and values go to the plan, and the loaded weight takes the values (or
+        the mask) so that later layers see them.  New values are recorded in :attr:`updated`."""
         owner, attr = self.model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
         if values is not None and zero_pruned:
             with torch.no_grad():
                 stored(owner, attr).copy_(values)
         if self.stream is not None:
+            if values is None and zero_pruned:
+                with torch.no_grad():
+                    stored(owner, attr).mul_(keep)
             self.stream.record(layer.weight, keep, pattern, values)
             return
         attach(owner, attr, keep, pattern, zero_pruned=zero_pruned)
