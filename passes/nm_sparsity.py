@@ -52,6 +52,9 @@ class NMSparsity(Pass):
             (not zeroed, no SparseGPT update) so that :class:`graphprune.train.LearnedMasks` can learn
             the masks from there.
         prior: the criterion that initialises learned masks.
+        learned_weights: what learned masks start over: ``"dense"`` (the dense weights, default) or
+            ``"prior"`` (SparseGPT's updated weights where its masks keep, the dense ones elsewhere;
+            ``prior="sparsegpt"`` only).
         block, damp: SparseGPT's column block size and Hessian damping (fraction of its mean diagonal).
         precision: ``"float32"`` (default) or ``"float64"``: what SparseGPT (and ``refine``) accumulates
             and solves its Hessians in; a float32 solve whose Cholesky factorisation fails is retried in
@@ -95,6 +98,7 @@ class NMSparsity(Pass):
         permute_sweeps: int = 4,
         precision: str = "float32",
         refine: bool = False,
+        learned_weights: str = "dense",
     ) -> None:
         NMPattern(n, m, "linear")  # validates n and m
         if method not in METHODS:
@@ -113,11 +117,20 @@ class NMSparsity(Pass):
         if not isinstance(refine, bool):
             raise InputError(f"NMSparsity refine must be True or False, got {refine!r}")
         self.refine = refine
+        if learned_weights not in ("dense", "prior"):
+            raise InputError(f"NMSparsity learned_weights must be 'dense' or 'prior', got {learned_weights!r}")
+        if learned_weights == "prior" and (method != "learned" or prior != "sparsegpt"):
+            raise InputError(
+                "NMSparsity learned_weights='prior' starts learned masks over SparseGPT's updated weights: it needs "
+                f"method='learned' and prior='sparsegpt', got method={method!r}, prior={prior!r}"
+            )
+        self.learned_weights = learned_weights
         self.ignore = list(ignore)
         self.dense_first_conv, self.dense_heads = dense_first_conv, dense_heads
 
     def __repr__(self) -> str:
         prior = f", prior={self.prior!r}" if self.method == "learned" else ""
+        prior += ", learned_weights='prior'" if self.learned_weights == "prior" else ""
         refine = ", refine=True" if self.refine else ""
         return f"NMSparsity({self.n}:{self.m}, method={self.method!r}{prior}{refine})"
 
@@ -273,7 +286,9 @@ class NMSparsity(Pass):
             _by_input(layers),
             lambda layer, precision: layer_hessians(state, layer, calibration, precision),
             state.weight,
-            lambda layer, new, keep: self._write(state, layer, new, keep),
+            lambda layer, new, keep: self._write(
+                state, layer, new, keep, dense=state.weight(layer) if self.learned_weights == "prior" else None
+            ),
             lambda layer: NMPattern(self.n, self.m, layer.layout),
             block=self.block,
             damp=self.damp,
@@ -309,17 +324,28 @@ class NMSparsity(Pass):
         refined: list[Refinement],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~graphprune.algorithms.refine.refine_layer`: kept weights are solved for only where
-        SparseGPT's values will be written (learned masks keep the dense weights underneath)."""
-        refit = self.criterion == "sparsegpt" and self.method != "learned"
+        SparseGPT's values will be written (learned masks over the dense weights are refined as masks)."""
+        refit = self.criterion == "sparsegpt" and (self.method != "learned" or self.learned_weights == "prior")
         pattern = NMPattern(self.n, self.m, layer.layout)
         new, keep, done = refine_layer(dense, new, keep, layer.layout, hessians, pattern, refit=refit, damp=self.damp)
         refined.append(done)
         return new, keep
 
-    def _write(self, state: Frontend[Any], layer: WeightLayer, new: torch.Tensor, keep: torch.Tensor) -> None:
-        """The masks, and SparseGPT's new values (learned masks keep the dense weights underneath)."""
+    def _write(
+        self,
+        state: Frontend[Any],
+        layer: WeightLayer,
+        new: torch.Tensor,
+        keep: torch.Tensor,
+        dense: torch.Tensor | None = None,
+    ) -> None:
+        """The masks, and SparseGPT's new values; learned masks keep the dense weights underneath, or
+        with ``learned_weights="prior"`` SparseGPT's values where it keeps and the ``dense`` ones
+        elsewhere."""
         learned = self.method == "learned"
         values = new if self.criterion == "sparsegpt" and not learned else None
+        if learned and self.learned_weights == "prior" and dense is not None:
+            values = torch.where(keep, new.to(dense.dtype), dense)
         state.write_nm(layer, keep, NMPattern(self.n, self.m, layer.layout), values=values, zero_pruned=not learned)
 
 

@@ -4,6 +4,8 @@ why not."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -175,10 +177,68 @@ def test_refusals_name_the_problem(tmp_path):
         gp.prune(model, data[0], passes=[LowRankCompensation(2)], calibration=data)
     with pytest.raises(gp.ContractError, match="NMSparsity runs on a dense, structured model.*'compensated'"):
         gp.prune(model, data[0], passes=sparse + [LowRankCompensation(2), NMSparsity()], calibration=data)
-    result = gp.prune(model, data[0], passes=sparse + [LowRankCompensation(2)], calibration=data)
-    with pytest.raises(gp.InputError, match="plan files and checkpoints cannot carry"):
-        result.save_plan(tmp_path / "plan")
-    with pytest.raises(gp.InputError, match="plan files and checkpoints cannot carry"):
-        gp.plan(model, data[0], sparse + [LowRankCompensation(2)], calibration=data)
     with pytest.raises(gp.ContractError, match="LowRankCompensation does not run on ONNX models"):
         gp.prune_onnx(str(tmp_path / "unused.onnx"), passes=[NMSparsity(), LowRankCompensation(2)])
+
+
+def test_a_plan_file_carries_the_paths(tmp_path):
+    """Saved, loaded and re-applied to the dense model, the plan gives the run's module: masks,
+    SparseGPT's values and the paths, named as in the model without paths."""
+    model, data = _mlp()
+    passes = [NMSparsity(2, 4, method="sparsegpt", dense_heads=False), LowRankCompensation(4)]
+    result = gp.prune(model, data[0], passes=passes, calibration=data)
+    json_path, _ = result.save_plan(tmp_path / "run")
+    plan = gp.PlanFile.load(json_path)
+    assert set(plan.low_rank) == {"0", "2", "4"} and set(plan.masks) == set(plan.values) == {
+        "0.weight",
+        "2.weight",
+        "4.weight",
+    }
+    assert "low-rank paths beside 3 layers (ranks 4, " in plan.describe()
+    assert plan.diff(result.plan_file()) == []
+    again = gp.apply_plan_file(model, data[0], json_path)
+    assert set(low_rank_paths(again)) == {"0", "2", "4"}
+    for a, b in zip(outputs(again, data[1]), outputs(result.module, data[1]), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(gp.InputError, match="a Hugging Face checkpoint cannot carry"):
+        gp.apply_to_checkpoint(json_path, tmp_path, tmp_path / "out")
+    entry = json.loads(open(json_path).read())
+    entry["low_rank"]["2"]["layout"] = "diagonal"
+    with open(json_path, "w") as f:
+        json.dump(entry, f)
+    with pytest.raises(gp.InputError, match=r"'low_rank' entry '2' layout is 'diagonal'"):
+        gp.PlanFile.load(json_path)
+
+
+def test_a_path_for_a_layer_that_cannot_take_one_is_refused():
+    model, data = _mlp()
+    passes = [NMSparsity(2, 4, dense_heads=False), LowRankCompensation({"2": 4})]
+    plan = gp.prune(model, data[0], passes=passes, calibration=data).plan_file()
+    plan.masks = {}  # the path alone, on a model whose layer 2 is narrower
+    other = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 40), nn.GELU(), nn.Linear(40, 8)).eval()
+    with pytest.raises(gp.InputError, match=r"beside 2 fits a \[48, 64\] weight, the weight is \[40, 64\]"):
+        gp.apply_plan_file(other, data[0], plan)
+    nested = nn.Sequential(nn.Linear(32, 64), nn.Sequential(nn.Linear(64, 48), nn.GELU()), nn.GELU(), nn.Linear(48, 8))
+    plan.low_rank = {"1": plan.low_rank["2"]}
+    with pytest.raises(gp.InputError, match="no attribute|does not have"):
+        gp.apply_plan_file(nested.eval(), data[0], plan)
+
+
+def test_a_module_computing_more_than_its_product_gets_no_path():
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 32) / 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(nn.functional.linear(x, self.weight))
+
+    model, data = _mlp()
+    model[0] = Fused()
+    passes = [NMSparsity(2, 4, dense_heads=False), LowRankCompensation(4)]
+    result = gp.prune(model, data[0], passes=passes, calibration=data)
+    assert set(low_rank_paths(result.module)) == {"2", "4"}
+    assert (
+        "0.weight: Fused computes more than its weight's product"
+        in result.report.rows[-1].details["layers without a path"]
+    )

@@ -145,78 +145,83 @@ def _swap(
     n = int(kept[0, 0]) if kept.numel() else 0
     if not bool((kept == n).all()):
         raise InternalError(f"N:M refinement needs the same number of kept weights in every group of {m}")
-    diag = torch.diagonal(h).reshape(groups, m)
-    blocks = h.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [g, m, m]: H[gm+a, gm+b]
+    swaps = _Swaps(keep, w0, h, n, m, refit=refit)
     gradient = (w - w0) @ h
     error = ((w - w0) * gradient).sum(1)
     active = torch.arange(rows, device=w.device)
     made = 0
-    chunk = max(1, CANDIDATES // (cols * n * (m - n) * 2))
+    chunk = max(1, CANDIDATES // max(1, cols * (m - n)))
     for _ in range(limit):
-        best = []
-        for start in range(0, len(active), chunk):
-            r = active[start : start + chunk]
-            value, pruned, revived, u_p, u_q = _best_swaps(
-                w[r], keep[r], w0[r], gradient[r], diag, blocks, n, refit=refit
-            )
-            value, group = value.min(1, keepdim=True)
-            best.append([value[:, 0]] + [t.gather(1, group)[:, 0] for t in (pruned, revived, u_p, u_q)])
-        value, p, q, u_p, u_q = (torch.cat(t) for t in zip(*best))
+        found = [swaps.best(w, gradient, active[s : s + chunk]) for s in range(0, len(active), chunk)]
+        value, group, i, j = (torch.cat(t) for t in zip(*found))
         better = value < -1e-6 * error[active].abs().clamp_min(torch.finfo(w.dtype).tiny)
         if not bool(better.any()):
             break
-        r, p, q, u_p, u_q = active[better], p[better], q[better], u_p[better], u_q[better]
+        r, group, i, j = active[better], group[better], i[better], j[better]
+        p, q = swaps.kept[r, group, i], swaps.pruned[r, group, j]
+        u_p = -w[r, p]
+        u_q = -(gradient[r, q] + u_p * h[p, q]) / h[q, q] if refit else w0[r, q]
         w[r, p], w[r, q] = 0.0, u_q
         keep[r, p], keep[r, q] = False, True
         gradient[r] += u_p[:, None] * h[p] + u_q[:, None] * h[q]
         error[r] += value[better]
+        swaps.made(r, group, i, j)
         made += len(r)
         active = r
     return made
 
 
-def _best_swaps(
-    w: torch.Tensor,
-    keep: torch.Tensor,
-    w0: torch.Tensor,
-    gradient: torch.Tensor,
-    diag: torch.Tensor,
-    blocks: torch.Tensor,
-    n: int,
-    *,
-    refit: bool,
-) -> tuple[torch.Tensor, ...]:
-    """The best swap in each group of rows ``[r, cols]``, each ``[r, groups]``: the objective's
-    change, the column pruned and the one revived, and the change of the weight at each.  Only real
-    swaps are scored: ``n`` kept times ``m - n`` pruned weights per group."""
-    rows = w.shape[0]
-    groups, m = diag.shape
-    order = keep.reshape(rows, groups, m).to(torch.int8).argsort(dim=-1, descending=True, stable=True)
-    p, q = order[..., :n], order[..., n:]  # [r, g, n] kept and [r, g, m - n] pruned positions
-    w3, g3 = w.reshape(rows, groups, m), gradient.reshape(rows, groups, m)
-    u_p = -w3.gather(-1, p)[..., :, None]
-    g_p, g_q = g3.gather(-1, p)[..., :, None], g3.gather(-1, q)[..., None, :]
-    d = diag.expand(rows, groups, m)
-    h_pp, h_qq = d.gather(-1, p)[..., :, None], d.gather(-1, q)[..., None, :]
-    h_pq = (
-        blocks.expand(rows, groups, m, m)
-        .gather(2, p[..., None].expand(rows, groups, n, m))
-        .gather(3, q[..., None, :].expand(rows, groups, n, m - n))
-    )
-    if refit:
-        c = g_q + u_p * h_pq
-        u_q = -c / h_qq
-        change = 2 * u_p * g_p + u_p.square() * h_pp - c.square() / h_qq
-    else:
-        u_q = w0.reshape(rows, groups, m).gather(-1, q)[..., None, :].expand(rows, groups, n, m - n)
-        change = 2 * (u_p * g_p + u_q * g_q) + u_p.square() * h_pp + 2 * u_p * u_q * h_pq + u_q.square() * h_qq
-    value, index = change.reshape(rows, groups, -1).min(-1)
-    i, j = (index // (m - n))[..., None], (index % (m - n))[..., None]
-    start = torch.arange(groups, device=w.device) * m
-    pruned, revived = start + p.gather(-1, i)[..., 0], start + q.gather(-1, j)[..., 0]
-    u_p = u_p.expand(rows, groups, n, m - n).reshape(rows, groups, -1).gather(-1, index[..., None])[..., 0]
-    u_q = u_q.expand(rows, groups, n, m - n).reshape(rows, groups, -1).gather(-1, index[..., None])[..., 0]
-    return value, pruned, revived, u_p, u_q
+class _Swaps:
+    """The candidate swaps of every row: the columns kept ``[rows, groups, n]`` and pruned ``[rows,
+    groups, m - n]`` in each group, and what scoring them reads of ``H`` (and, for masks only, of the
+    dense weights) at those columns, updated where a swap is made instead of gathered every step."""
+
+    def __init__(self, keep: torch.Tensor, w0: torch.Tensor, h: torch.Tensor, n: int, m: int, *, refit: bool) -> None:
+        self.h, self.w0, self.n, self.refit = h, w0, n, refit
+        self.kept, self.pruned = _positions(keep, n, m)
+        self.diag = torch.diagonal(h)
+        rows = torch.arange(keep.shape[0], device=keep.device)
+        self.h_pp, self.h_qq, self.h_pq, self.w0_q = self._read(self.kept, self.pruned, rows)
+
+    def _read(self, kept: torch.Tensor, pruned: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h_pp, h_qq = self.diag[kept], self.diag[pruned]
+        h_pq = self.h[kept[..., :, None], pruned[..., None, :]]
+        w0_q = self.w0[rows.reshape(-1, *([1] * (pruned.dim() - 1))), pruned]
+        return h_pp, h_qq, h_pq, w0_q
+
+    def best(self, w: torch.Tensor, gradient: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The best swap of each of rows ``r``: the objective's change, its group, and which kept and
+        which pruned weight of the group it swaps."""
+        kept, pruned = self.kept[r], self.pruned[r]
+        rows = r[:, None, None]
+        u_p = -w[rows, kept][..., :, None]
+        g_p, g_q = gradient[rows, kept][..., :, None], gradient[rows, pruned][..., None, :]
+        h_pp, h_qq, h_pq = self.h_pp[r][..., :, None], self.h_qq[r][..., None, :], self.h_pq[r]
+        if self.refit:
+            c = g_q + u_p * h_pq
+            change = 2 * u_p * g_p + u_p.square() * h_pp - c.square() / h_qq
+        else:
+            u_q = self.w0_q[r][..., None, :]
+            change = 2 * (u_p * g_p + u_q * g_q) + u_p.square() * h_pp + 2 * u_p * u_q * h_pq + u_q.square() * h_qq
+        value, index = change.reshape(len(r), -1).min(1)
+        per_group = self.n * pruned.shape[-1]
+        return value, index // per_group, index % per_group // pruned.shape[-1], index % pruned.shape[-1]
+
+    def made(self, r: torch.Tensor, group: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
+        """Record the swaps made in rows ``r``: their kept and pruned columns trade places."""
+        p, q = self.kept[r, group, i], self.pruned[r, group, j]
+        self.kept[r, group, i], self.pruned[r, group, j] = q, p
+        h_pp, h_qq, h_pq, w0_q = self._read(self.kept[r, group], self.pruned[r, group], r)
+        self.h_pp[r, group], self.h_qq[r, group], self.h_pq[r, group], self.w0_q[r, group] = h_pp, h_qq, h_pq, w0_q
+
+
+def _positions(keep: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns kept ``[rows, groups, n]`` and pruned ``[rows, groups, m - n]`` in each group of
+    ``m`` consecutive columns."""
+    rows, cols = keep.shape
+    order = keep.reshape(rows, cols // m, m).to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+    order += torch.arange(0, cols, m, device=keep.device)[:, None]
+    return order[..., :n].contiguous(), order[..., n:].contiguous()
 
 
 def _refit(w: torch.Tensor, keep: torch.Tensor, w0: torch.Tensor, h: torch.Tensor, steps: int) -> None:

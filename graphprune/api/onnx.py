@@ -69,6 +69,7 @@ class OnnxPruneResult:
     shapes_before: dict[str, list[int]] = field(default_factory=dict)  # weight layer -> weight shape, before
     float_outputs: list[np.ndarray] | None = None  # outputs before Quantize, on ``feeds``
     sources: list[str] = field(default_factory=list)  # the file it was read from and its external data
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # initializers a pass gave new values
 
     def write_report(
         self,
@@ -102,8 +103,8 @@ class OnnxPruneResult:
             return write_report(directory, self.report, rows, latency_ms, outputs=out)
 
     def plan_file(self) -> PlanFile:
-        """Everything this run decided, as data (see :mod:`graphprune.io.plan_file`); masks by the float
-        initializer's name."""
+        """Everything this run decided, as data (see :mod:`graphprune.io.plan_file`); masks and new
+        values by the float initializer's name."""
         quantization = next((p for p in reversed(self.plans) if isinstance(p, QuantPlan)), None)
         masks = {}
         for name, m in self.masked.items():
@@ -120,6 +121,7 @@ class OnnxPruneResult:
             structured=[p for p in self.plans if isinstance(p, Plan)],
             masks=masks,
             quantization=quantization,
+            values=dict(self.values),
         )
 
     def save_plan(
@@ -288,6 +290,7 @@ def prune_onnx(
         shapes_before=shapes_before,
         float_outputs=state.float_outputs,
         sources=sources,
+        values=state.updated,
     )
 
 
@@ -299,14 +302,28 @@ def apply_plan_file_onnx(
     base_dir: str | os.PathLike | None = None,
 ) -> ir.Model:
     """Re-apply a saved plan of an ONNX run to an ONNX model (never modified): its structured plans in
-    order, each checked against the graph's analysis at that point, then its N:M masks.  Returns the
-    verified onnx_ir model (``ir.save`` writes it)."""
+    order, each checked against the graph's analysis at that point, then its new values and its N:M
+    masks.  Returns the verified onnx_ir model (``ir.save`` writes it)."""
     plan = PlanFile.reapplicable(plan)
+    if plan.low_rank:
+        raise InputError(
+            f"this plan puts low-rank paths beside {len(plan.low_rank)} layers, which re-applying a plan to an "
+            "ONNX model cannot add yet: apply it to the PyTorch model (gp.apply_plan_file) and export that"
+        )
     working = read_model(model, base_dir)
     capture = capture_onnx(working, check_feeds(working, [feeds])[0] if feeds is not None else None)
     for structured in plan.structured:
         capture = apply_onnx_plan(capture, analyze_onnx_capture(capture), structured)
     masked = copy_model(capture.model)
+    for name, value in plan.values.items():
+        initializer = masked.graph.initializers.get(name)
+        if initializer is None:
+            raise InputError(f"the plan has a new value for {name}, which this model does not have")
+        shape = list(initializer.const_value.shape.numpy())
+        if list(value.shape) != shape:
+            raise InputError(f"the plan's value for {name} is {list(value.shape)}, the weight is {shape}")
+        dtype = initializer.const_value.numpy().dtype
+        initializer.const_value = ir.tensor(value.numpy().astype(dtype), name=name)
     for name, record in plan.masks.items():
         value = masked.graph.initializers.get(name)
         if value is None:

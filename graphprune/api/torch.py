@@ -38,7 +38,7 @@ from graphprune.frontends.torch.capture import (
 )
 from graphprune.frontends.torch.copying import clone
 from graphprune.frontends.torch.costs import graph_costs, layer_formats, model_costs
-from graphprune.frontends.torch.lowrank import low_rank_paths
+from graphprune.frontends.torch.lowrank import low_rank_paths, unwrapped, wrapped
 from graphprune.frontends.torch.macs import count_params, graph_macs
 from graphprune.frontends.torch.masks import capture_masked, nm_masks, stored_at
 from graphprune.frontends.torch.state import CompressionState, detect_stage
@@ -107,16 +107,18 @@ class PruneResult:
 
     def plan_file(self) -> PlanFile:
         """Everything this run decided, as data (see :mod:`graphprune.io.plan_file`), with the new
-        values of the tensors a pass changed (unmasked; the masks apply on top).  Refused for a
-        result with low-rank compensation paths, which plan files cannot carry yet."""
-        if paths := low_rank_paths(self.module):
-            raise InputError(
-                f"this result has low-rank compensation paths beside {len(paths)} layers (LowRankCompensation), "
-                "which plan files and checkpoints cannot carry yet: keep the module itself (torch.save), or "
-                "export it with export_onnx"
-            )
-        plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, self.masks)
-        plan.values = {name: stored_at(self.module, name).detach().cpu().clone() for name in sorted(self.updated)}
+        values of the tensors a pass changed (unmasked; the masks apply on top) and the low-rank
+        paths, named as in the model without them."""
+        paths = low_rank_paths(self.module)
+        masks = {unwrapped(name, paths): mask for name, mask in self.masks.items()}
+        plan = PlanFile.of(self.report.model_name, self.report.pipeline, self.plans, masks)
+        plan.values = {
+            name: stored_at(self.module, wrapped(name, paths)).detach().cpu().clone() for name in sorted(self.updated)
+        }
+        plan.low_rank = {
+            layer: (path.down.weight.detach().cpu().clone(), path.up.weight.detach().cpu().clone(), path.layout)
+            for layer, path in paths.items()
+        }
         plan.inputs = input_spec(self.example_inputs)
         return plan
 

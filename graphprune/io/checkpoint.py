@@ -92,6 +92,12 @@ def apply_to_checkpoint(
     lies inside the source or the plan's files is refused, and so is such a staging folder.
     """
     plan_file = PlanFile.reapplicable(plan)
+    if plan_file.low_rank:
+        raise InputError(
+            f"this plan puts low-rank paths beside {len(plan_file.low_rank)} layers, which a Hugging Face "
+            "checkpoint cannot carry (from_pretrained would drop the extra tensors without a word): apply "
+            "the plan to the model with gp.apply_plan_file, or export it with export_onnx"
+        )
     source, destination = Path(source), Path(destination)
     partial = Path(os.path.abspath(destination) + ".partial")
     inputs = [source, *plan_file.files]

@@ -2,9 +2,12 @@
 
 ``<name>.json`` (versioned, human-readable) holds the pipeline, each structured plan's fingerprint,
 parameter shapes and kept-channel counts per group, each N:M mask's pattern and layout, the
-weights a pass gave new values (SparseGPT's reconstruction in a streamed plan), and the int8 plan;
-``<name>.safetensors`` beside it holds the kept indices (``keep/<plan>/<group>``, int64), the masks
-(``mask/<weight>``, uint8) and the new values (``value/<weight>``).  When masks and values pass
+weights a pass gave new values (SparseGPT's reconstruction in a streamed plan), the rank of each
+low-rank compensation path (by layer), and the int8 plan; ``<name>.safetensors`` beside it holds the
+kept indices (``keep/<plan>/<group>``, int64), the masks (``mask/<weight>``, uint8), the new values
+(``value/<weight>``) and the paths' factors (``low_rank/<layer>/down`` and ``/up``).  Names are
+those of the model without paths (a compensated layer's weight is ``<layer>.weight``, not
+``<layer>.base.weight``).  When masks and values pass
 :data:`~graphprune.io.tensor_store.PART_BYTES` they go to ``<name>-00001.safetensors``, ... instead
 (listed in the JSON), written and read one part or tensor at a time, so a 7B model's plan never
 sits in memory whole.  :func:`apply_plan_file` re-applies the structured plans (each refused,
@@ -34,11 +37,12 @@ from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.capture import ExampleInputs, tensor_at
 from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.lowrank import compensate, refusal
 from graphprune.frontends.torch.masks import attach, stored_at
 from graphprune.io.outputs import Outputs, resolved, writing
 from graphprune.io.tensor_store import PartWriter, TensorFiles, opened
 
-FORMAT, VERSION = "graphprune-plan", 2  # 2 added values and part files; version 1 files still load
+FORMAT, VERSION = "graphprune-plan", 3  # 2 added values and part files, 3 low-rank paths; 1 and 2 still load
 PART_METADATA = {"format": FORMAT}  # in each tensor file's header: marks it as a plan's, safe to replace
 
 
@@ -65,6 +69,9 @@ class PlanFile:
     quantization: QuantPlan | None = None
     # weights a pass gave new values (after the structured plans' slicing, before masking)
     values: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # low-rank compensation paths beside layers: layer name -> (down [rank, in], up [out, rank], the
+    # layer's weight layout)
+    low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
     report: object = field(default=None, compare=False, repr=False)  # the run's Report, not saved
     inputs: dict | None = None  # dtypes and shapes of the example inputs (capture.input_spec)
     files: list[str] = field(default_factory=list, compare=False, repr=False)  # read from (a loaded plan)
@@ -174,6 +181,11 @@ class PlanFile:
             value = self.values[name]
             parts.put(f"value/{name}", value)
             values[name] = list(value.shape)
+        low_rank = {}
+        for layer, (down, up, layout) in self.low_rank.items():
+            parts.put(f"low_rank/{layer}/down", down)
+            parts.put(f"low_rank/{layer}/up", up)
+            low_rank[layer] = {"rank": down.shape[0], "in": down.shape[1], "out": up.shape[0], "layout": layout}
         parts.flush(last=True)
         return {
             "format": FORMAT,
@@ -183,6 +195,7 @@ class PlanFile:
             "structured": structured,
             "masks": masks,
             "values": values,
+            "low_rank": low_rank,
             "tensor_files": [os.path.basename(p) for p in parts.files[1:]],
             "example_inputs": self.inputs,
             "quantization": json.loads(self.quantization.to_json()) if self.quantization else None,
@@ -229,6 +242,11 @@ class PlanFile:
             lines.append(f"  N:M masks on {len(self.masks)} weights ({kept / total:.1%} of their entries kept)")
         if self.values:
             lines.append(f"  new values for {len(self.values)} weights (SparseGPT's reconstruction)")
+        if self.low_rank:
+            ranks = sorted(down.shape[0] for down, _, _ in self.low_rank.values())
+            shown = str(ranks[0]) if ranks[0] == ranks[-1] else f"{ranks[0]}-{ranks[-1]}"
+            added = sum(down.numel() + up.numel() for down, up, _ in self.low_rank.values())
+            lines.append(f"  low-rank paths beside {len(self.low_rank)} layers (ranks {shown}, {added} parameters)")
         if self.quantization:
             lines.append(f"  int8 plan for {len(self.quantization.layers)} layers")
         return "\n".join(lines)
@@ -263,6 +281,15 @@ class PlanFile:
                 out.append(f"value {name}: only in the {'second' if name not in self.values else 'first'} plan")
             elif not torch.equal(self.values[name], other.values[name]):
                 out.append(f"value {name}: differs")
+        for layer in sorted(set(self.low_rank) | set(other.low_rank)):
+            if layer not in self.low_rank or layer not in other.low_rank:
+                out.append(
+                    f"low-rank path {layer}: only in the {'second' if layer not in self.low_rank else 'first'} plan"
+                )
+            elif self.low_rank[layer][2] != other.low_rank[layer][2] or not all(
+                torch.equal(a, b) for a, b in zip(self.low_rank[layer][:2], other.low_rank[layer][:2])
+            ):
+                out.append(f"low-rank path {layer}: differs")
         qa = self.quantization.to_json() if self.quantization else None
         qb = other.quantization.to_json() if other.quantization else None
         if qa != qb:
@@ -459,13 +486,13 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
     (strictly increasing, within the recorded dims, as many as the JSON's ``kept``), N:M patterns,
     and each stored tensor's dtype and shape against its JSON entry."""
     read = _Reader(json_path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, 2, VERSION):
         found = (
             f"format {data.get('format')!r}, version {data.get('version')!r}"
             if isinstance(data, dict)
             else f"a JSON {type(data).__name__}"
         )
-        raise InputError(f"{json_path} is not a graphprune plan of version 1 or {VERSION} ({found})")
+        raise InputError(f"{json_path} is not a graphprune plan of version 1 to {VERSION} ({found})")
     model = read.key(data, "model", str, "the plan")
     pipeline = [
         read.typed(p, str, f"'pipeline' entry {i}") for i, p in enumerate(read.key(data, "pipeline", list, "the plan"))
@@ -483,6 +510,19 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
     for name, shape in values.items():
         where = f"'values' entry {name!r}"
         read.tensor(f"value/{name}", VALUE_DTYPES, [read.count(d, where) for d in read.typed(shape, list, where)])
+    low_rank = {}
+    for layer, entry in read.key(data, "low_rank", dict, "the plan", {}).items():
+        where = f"'low_rank' entry {layer!r}"
+        entry = read.typed(entry, dict, where)
+        rank, features, out = (
+            read.count(read.key(entry, k, int, where), f"{where} {k}") for k in ("rank", "in", "out")
+        )
+        layout = read.key(entry, "layout", str, where)
+        if layout not in (LINEAR, CONV1D):
+            raise read.fail(f"{where} layout", f"is {layout!r}, not {LINEAR} or {CONV1D}")
+        read.tensor(f"low_rank/{layer}/down", VALUE_DTYPES, [rank, features])
+        read.tensor(f"low_rank/{layer}/up", VALUE_DTYPES, [out, rank])
+        low_rank[layer] = (read.tensors[f"low_rank/{layer}/down"], read.tensors[f"low_rank/{layer}/up"], layout)
     quantization = read.key(data, "quantization", (dict, type(None)), "the plan", None)
     if quantization is not None:
         try:
@@ -497,6 +537,7 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
         masks=StoredMasks(read.tensors, patterns, kept),
         quantization=quantization,
         values=StoredValues(read.tensors, list(values)),
+        low_rank=low_rank,
         inputs=inputs,
         files=[json_path, *read.tensors.files],
     )
@@ -580,7 +621,8 @@ def apply_plan_file(
     model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike, *, inplace: bool = False
 ) -> nn.Module:
     """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its structured plans in order,
-    each checked against the model's analysis at that point, then its N:M masks."""
+    each checked against the model's analysis at that point, then its N:M masks, then its low-rank
+    paths."""
     plan = PlanFile.reapplicable(plan)
     working = model if inplace else clone(model)
     for structured in plan.structured:
@@ -604,4 +646,18 @@ def apply_plan_file(
         attach(working.get_submodule(owner) if owner else working, attr, record.mask.to(weight.device), record.pattern)
         if not satisfies(tensor_at(working, name), record.pattern):
             raise InputError(f"the plan's mask for {name} does not hold its {record.pattern} pattern")
+    for layer, (down, up, layout) in plan.low_rank.items():
+        try:
+            weight = tensor_at(working, f"{layer}.weight")
+        except AttributeError:
+            raise InputError(f"the plan puts a low-rank path beside {layer}, which this model does not have") from None
+        shape = (up.shape[0], down.shape[1]) if layout == LINEAR else (down.shape[1], up.shape[0])
+        if tuple(weight.shape) != shape:
+            raise InputError(
+                f"the plan's low-rank path beside {layer} fits a {list(shape)} weight, the weight is "
+                f"{list(weight.shape)}"
+            )
+        if (why := refusal(working, layer, weight, layout)) is not None:
+            raise InputError(f"the plan puts a low-rank path beside {layer}, which cannot take one: {why}")
+        compensate(working, layer, down, up, layout)
     return working

@@ -62,6 +62,8 @@ class OnnxState:
     calibration: list[Feeds] | None = None
     plans: list[Any] = field(default_factory=list)
     masked: dict[str, MaskedWeight] = field(default_factory=dict)  # initializer -> its N:M pattern
+    # initializers a pass gave new values (SparseGPT), as written: a plan file carries them
+    updated: dict[str, torch.Tensor] = field(default_factory=dict)
     experimental_order: bool = False
     float_outputs: list[np.ndarray] | None = None  # outputs before Quantize (the int8 check's reference)
     _analysis: OnnxAnalysis | None = None
@@ -269,6 +271,8 @@ class OnnxState:
             raise InternalError("ONNX initializers cannot keep dense weights under a mask (learned masks)")
         new = values if values is not None else self.weight(layer) * keep
         self.capture.graph.initializers[layer.weight].const_value = ir.tensor(new.numpy(), name=layer.weight)
+        if values is not None:
+            self.updated[layer.weight] = values.detach().cpu().clone()
         self.masked[layer.weight] = MaskedWeight(pattern, layer.nm_axis, keep)
 
     def _node(self, layer: OnnxLayer) -> ir.Node:

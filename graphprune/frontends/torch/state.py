@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from graphprune.algorithms.nm import CONV, CONV1D, NMPattern
+from graphprune.algorithms.nm import CONV, NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
@@ -303,13 +303,13 @@ class CompressionState:
         """Why the layer cannot get a low-rank path beside it (:func:`graphprune.frontends.torch.lowrank.refusal`)."""
         if layer.layout == CONV or layer.matmul:
             return "convolutions and matmuls against a parameter get no low-rank path (linear layers only)"
-        return low_rank_refusal(self.model, layer.module, self.weight(layer), transposed=layer.layout == CONV1D)
+        return low_rank_refusal(self.model, layer.module, self.weight(layer), layer.layout)
 
     def add_low_rank_paths(self, paths: Mapping[Consumer, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Each layer gets its path ``(down, up)`` in parallel (:mod:`graphprune.frontends.torch.lowrank`),
         and the model is captured again (:func:`~graphprune.frontends.torch.masks.capture_masked`)."""
         for layer, (down, up) in paths.items():
-            compensate(self.model, layer.module, down, up)
+            compensate(self.model, layer.module, down, up, layer.layout)
         self.replace_model(self.model, capture_masked(self.model, self.captured.args, self.captured.kwargs))
 
     def prune_channels(self, plan: Plan, bias_corrections: Mapping[str, torch.Tensor]) -> None:
@@ -366,7 +366,7 @@ class CompressionState:
         streamed plan the mask and values go to the plan, and the loaded weight takes the values (or
         the mask) so that later layers see them.  New values are recorded in :attr:`updated`."""
         owner, attr = self.model.get_submodule(layer.module), layer.weight.rpartition(".")[2]
-        if values is not None and zero_pruned:
+        if values is not None:
             with torch.no_grad():
                 stored(owner, attr).copy_(values)
         if self.stream is not None:
@@ -376,7 +376,7 @@ class CompressionState:
             self.stream.record(layer.weight, keep, pattern, values)
             return
         attach(owner, attr, keep, pattern, zero_pruned=zero_pruned)
-        if values is not None and zero_pruned:
+        if values is not None:
             self.updated.add(layer.weight)
 
 
