@@ -37,7 +37,7 @@ from graphprune.passes import LowRankCompensation, NMSparsity
 from samples.minilm import build, embed, tokenize
 
 RANKS = (8, 32, 64)
-LEARNING_STEPS = 200
+LEARNING_STEPS = 100
 
 
 def docstrings() -> list[str]:

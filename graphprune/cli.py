@@ -175,11 +175,13 @@ def load_calibration(path: str, batch_size: int) -> list:
 
 def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     from graphprune.io.recipe import load_recipe
-    from graphprune.passes import ChannelPrune, NMSparsity, Quantize
+    from graphprune.passes import ChannelPrune, LowRankCompensation, NMSparsity, Quantize
 
-    flags = args.channels is not None or args.nm is not None or args.int8
-    if args.recipe and flags:
-        raise InputError("give either --recipe or the --channels/--nm/--int8 flags, not both")
+    flags = args.channels is not None or args.nm is not None or args.int8 or args.low_rank is not None
+    if args.recipe and (flags or args.refine):
+        raise InputError("give either --recipe or the --channels/--nm/--refine/--low-rank/--int8 flags, not both")
+    if args.refine and args.nm is None:
+        raise InputError("--refine refines N:M masks: give --nm too")
     if args.recipe:
         recipe = load_recipe(args.recipe)
         return recipe.passes, recipe.experimental_order
@@ -190,11 +192,13 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
         n, _, m = args.nm.partition(":")
         if not (n.isdigit() and m.isdigit()):
             raise InputError(f"--nm takes N:M such as 2:4, got {args.nm!r}")
-        passes.append(NMSparsity(int(n), int(m), method=args.method))
+        passes.append(NMSparsity(int(n), int(m), method=args.method, refine=args.refine))
+    if args.low_rank is not None:
+        passes.append(LowRankCompensation(args.low_rank))
     if args.int8:
         passes.append(Quantize("int8"))
     if not passes:
-        raise InputError("nothing to do: give --recipe, or --channels, --nm and/or --int8")
+        raise InputError("nothing to do: give --recipe, or --channels, --nm, --low-rank and/or --int8")
     return passes, False
 
 
@@ -570,7 +574,7 @@ def cmd_roofline(args: argparse.Namespace) -> dict:
 
     if args.model.endswith(".onnx"):
         raise InputError(f"{args.model}: roofline reads PyTorch models so far (package.module:factory, .pt2, a folder)")
-    flags = args.recipe or args.channels is not None or args.nm is not None or args.int8
+    flags = args.recipe or args.channels is not None or args.nm is not None or args.int8 or args.low_rank is not None
     loaded = load_model(args.model, checkpoints=True)
     if args.plot and not args.plot.endswith(".png"):
         raise InputError(f"--plot writes a .png, got {args.plot!r}")
@@ -683,6 +687,14 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
         p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")
         p.add_argument("--method", default="magnitude", help="N:M criterion: magnitude, wanda, sparsegpt")
+        p.add_argument(
+            "--refine", action="store_true", help="refine the N:M masks on the calibration data (refine=True)"
+        )
+        p.add_argument(
+            "--low-rank",
+            type=int,
+            help="rank of a low-rank path beside every compressed linear layer (LowRankCompensation, EoRA)",
+        )
         p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
         p.add_argument(
             "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"

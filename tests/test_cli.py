@@ -143,6 +143,7 @@ class _Unpicklable:
             "cannot be read as tensors",
         ),
         (["export", "samples.resnet:build", "-o", "{out}/missing_dir/m.onnx"], "does not exist"),
+        (["prune", "samples.resnet:build", "-o", "{out}/m.onnx", "--refine"], "--refine refines N:M masks: give --nm"),
         (["bench", "{out}/bad.toml"], "onnxruntime cannot load it"),
         (["inspect", "samples.resnet:build", "--graph", "{out}/g.pdf"], "--graph writes .dot, .svg or .png"),
     ],
@@ -394,3 +395,20 @@ def test_plan_a_checkpoint_folder_then_apply_it(tmp_path):
         missing = run(*command, "--nm", "2:4")
         assert missing.returncode == 2 and f"names shards that are not in the folder: {shard.name}" in missing.stderr
     assert not (tmp_path / "again.plan.json").exists() and not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+def test_prune_with_refined_masks_and_low_rank_paths(tmp_path):
+    """``--refine`` and ``--low-rank`` reach the passes, and the written ONNX file carries the paths."""
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    args = ["prune", "samples.vit:build", "-o", str(tmp_path / "vit.onnx"), "--nm", "2:4", "--method", "sparsegpt"]
+    args += ["--refine", "--low-rank", "4", "--calibration", str(tmp_path / "calib.npz"), "--json"]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    rows = summary["passes"]
+    assert summary["stage"] == "compensated" and [r["pass_name"] for r in rows] == ["NMSparsity", "LowRankCompensation"]
+    assert "calibration error -" in rows[0]["details"]["refinement"]
+    assert rows[1]["details"]["paths"].endswith("parameters added") and not rows[1]["details"]["paths"].startswith("0 ")
+    plan = gp.PlanFile.load(tmp_path / "vit.onnx.plan.json")
+    assert plan.low_rank

@@ -136,6 +136,7 @@ def test_sparse_kernels_keep_the_paths():
         assert torch.allclose(converted(data[1][0]), result.module(data[1][0]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_layers_get_paths():
     from tests.architectures import build
 

@@ -167,6 +167,7 @@ def test_refine_needs_calibration_and_a_bool():
         NMSparsity(refine="yes")
 
 
+@pytest.mark.slow
 def test_refined_sparsegpt_on_an_onnx_graph_matches_the_torch_path(tmp_path):
     """Refinement is written once: on an ONNX graph, with Hessians from inputs read in onnxruntime,
     it makes the torch path's choices (in float64, as the plain SparseGPT comparison does)."""
@@ -197,3 +198,24 @@ def test_refined_sparsegpt_on_an_onnx_graph_matches_the_torch_path(tmp_path):
     )[0]
     want = outputs(torch_result.module, (x,))[0].numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_learned_masks_over_sparsegpt_weights_start_as_sparsegpt():
+    """``learned_weights="prior"``: the module computes SparseGPT's result at the start, with the dense
+    weights kept under the pruned entries for the masks to revive."""
+    model, data = _mlp()
+    learned = gp.prune(
+        model,
+        data[0],
+        passes=[NMSparsity(method="learned", prior="sparsegpt", learned_weights="prior", dense_heads=False)],
+        calibration=data,
+    ).module
+    oneshot = gp.prune(model, data[0], passes=[NMSparsity(method="sparsegpt", dense_heads=False)], calibration=data)
+    with torch.no_grad():
+        assert torch.allclose(learned(data[1][0]), oneshot.module(data[1][0]), atol=1e-6)
+    under = learned[0].parametrizations.weight.original
+    assert torch.equal(under[learned[0].weight == 0], model[0].weight[learned[0].weight == 0])
+    with pytest.raises(gp.InputError, match="needs method='learned' and prior='sparsegpt'"):
+        NMSparsity(method="learned", prior="wanda", learned_weights="prior")
+    with pytest.raises(gp.InputError, match="'dense' or 'prior'"):
+        NMSparsity(method="learned", learned_weights="sparse")
