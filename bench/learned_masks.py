@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -73,11 +74,18 @@ def main(steps: int = 200) -> None:
 
 
 def learn(
-    sparse: torch.nn.Module, batches: list, targets: list, steps: int, validation: int = 0, regularization: float = 0.0
+    sparse: torch.nn.Module,
+    batches: list,
+    targets: list,
+    steps: int,
+    validation: int = 0,
+    regularization: float = 0.0,
+    **schedule: Any,
 ) -> torch.nn.Module:
     """Cosine distillation of the masks of ``sparse`` on ``batches`` (the last ``validation`` of
-    them held out and observed every 10 steps instead of trained on)."""
-    trainer = LearnedMasks(sparse, steps=steps, weight_regularization=regularization)
+    them held out and observed every 10 steps instead of trained on); ``schedule``: more
+    :class:`~graphprune.train.LearnedMasks` options (``temperature``, ``prior_strength``, ...)."""
+    trainer = LearnedMasks(sparse, steps=steps, weight_regularization=regularization, **schedule)
     optimizer = torch.optim.Adam(trainer.parameters(), lr=0.05)
     train = len(batches) - validation
     torch.manual_seed(0)

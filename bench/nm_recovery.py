@@ -38,6 +38,9 @@ from samples.minilm import build, embed, tokenize
 
 RANKS = (8, 32, 64)
 LEARNING_STEPS = 100
+# what learned masks start over, and LearnedMasks options: the default schedule, and one that holds the
+# refined start (a strong prior, a cool start) instead of sampling far from it at first
+LEARNED = (("dense", {}), ("prior", {}), ("prior", {"prior_strength": 10.0, "temperature": (0.5, 0.05)}))
 
 
 def docstrings() -> list[str]:
@@ -124,13 +127,14 @@ def minilm(texts: list[str], quick: bool) -> None:
         if label == "sparsegpt, refined":
             print(f"    (train cosine {cosine(result.module, train, targets):.3f})")
     steps = 40 if quick else LEARNING_STEPS
-    for weights in ("dense", "prior"):
+    for weights, schedule in LEARNED:
         start = time.perf_counter()
         prior = NMSparsity(2, 4, method="learned", prior="sparsegpt", refine=True, learned_weights=weights)
         sparse = gp.prune(model, calibration[0], passes=[prior], calibration=calibration).module
-        learned = learn(sparse, train, targets, steps)
+        learned = learn(sparse, train, targets, steps, **schedule)
         seconds = time.perf_counter() - start
-        row(f"learned over {weights} weights, {steps} steps", cosine(learned, held, dense), "cosine", "-", seconds)
+        label = f"learned over {weights} weights" + (", held prior" if schedule else "")
+        row(f"{label}, {steps} steps", cosine(learned, held, dense), "cosine", "-", seconds)
         print(f"    (train cosine {cosine(learned, train, targets):.3f})")
 
 

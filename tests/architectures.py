@@ -113,6 +113,20 @@ ARCHITECTURES: dict[str, Factory] = {
 
 # what the quick loop (-m "not slow") keeps of a sweep over the zoo: a decoder with GQA and a
 # convnet; CI runs every architecture
+def calibrated_mlp(hidden: tuple[int, int] = (64, 64)) -> tuple[torch.nn.Module, list[tuple[torch.Tensor]]]:
+    """A three-linear GELU MLP (32 inputs, 8 outputs) and four batches of correlated inputs with
+    channels of unequal scale: where data-driven criteria differ from magnitude."""
+    torch.manual_seed(0)
+    mix = torch.randn(32, 32)
+    nn = torch.nn
+    first, second = hidden
+    model = nn.Sequential(
+        nn.Linear(32, first), nn.GELU(), nn.Linear(first, second), nn.GELU(), nn.Linear(second, 8)
+    ).eval()
+    data = [(torch.randn(64, 32) @ mix * torch.linspace(0.1, 2.0, 32),) for _ in range(4)]
+    return model, data
+
+
 QUICK = ("llama_gqa", "resnet")
 
 

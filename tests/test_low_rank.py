@@ -18,6 +18,7 @@ from graphprune.frontends.torch.lowrank import LowRankCompensated, low_rank_path
 from graphprune.frontends.torch.masks import masked_weights
 from graphprune.frontends.torch.state import detect_stage
 from graphprune.passes import ChannelPrune, LowRankCompensation, NMSparsity, Quantize
+from tests.architectures import calibrated_mlp
 from tests.oracles import outputs
 
 
@@ -68,11 +69,7 @@ def test_a_budget_takes_the_components_that_remove_most_error_per_parameter():
 
 
 def _mlp() -> tuple[nn.Module, list[tuple[torch.Tensor]]]:
-    torch.manual_seed(0)
-    mix = torch.randn(32, 32)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 8)).eval()
-    data = [(torch.randn(64, 32) @ mix * torch.linspace(0.1, 2.0, 32),) for _ in range(4)]
-    return model, data
+    return calibrated_mlp((64, 48))
 
 
 def test_more_rank_lowers_the_error_and_full_rank_restores_the_dense_model():

@@ -16,6 +16,7 @@ from graphprune.algorithms.refine import refine_layer, refine_matrix
 from graphprune.algorithms.sparsegpt import prune_matrix
 from graphprune.frontends.torch.masks import masked_weights
 from graphprune.passes import NMSparsity
+from tests.architectures import calibrated_mlp
 
 
 def _inputs(rows: int, cols: int, rank: int, seed: int) -> torch.Tensor:
@@ -121,11 +122,7 @@ def test_conv_groups_are_refined_each_on_its_own_hessian():
 
 
 def _mlp() -> tuple[nn.Module, list[tuple[torch.Tensor]]]:
-    torch.manual_seed(0)
-    mix = torch.randn(32, 32)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).eval()
-    data = [(torch.randn(64, 32) @ mix * torch.linspace(0.1, 2.0, 32),) for _ in range(4)]
-    return model, data
+    return calibrated_mlp((64, 64))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
