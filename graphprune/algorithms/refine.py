@@ -12,10 +12,10 @@ mean-activation estimate); with ``refit`` the revived weight takes its optimal v
 weights are then solved again on the new mask by preconditioned conjugate gradients (the
 alternating mask-and-weights solve of ALPS, Meng et al. 2024, without its ADMM penalty).
 
-Swaps and the re-fit lower the damped objective (``H`` plus ``damp`` times its mean diagonal, which
-keeps revived weights finite where an input barely fires); the undamped ``E`` is measured before
-and after in float64 and any row it would raise is restored, so refinement never raises a
-layer's calibration error.
+Masks-only swaps lower ``E`` itself; with ``refit``, swaps and the re-fit lower the damped objective
+(``H`` plus ``damp`` times its mean diagonal, which keeps revived weights finite where an input
+barely fires).  Either way the undamped ``E`` is measured before and after in float64 and any row it
+would raise is restored, so refinement never raises a layer's calibration error.
 """
 
 from __future__ import annotations
