@@ -79,12 +79,15 @@ class LowRankCompensation(Pass):
                 skipped[layer.weight] = "unchanged by compression"
             else:
                 errors[layer] = error
+        if unknown := sorted(set(named) - {layer.module for layer in candidates}):
+            raise InputError(f"LowRankCompensation rank names modules that are not linear layers: {', '.join(unknown)}")
         calibration = state.calibration_data(repr(self))
         hessians = hessians_of(state, list(errors), calibration, "float64")
         spectra = {layer: spectrum(error, hessians[layer.weight][0]) for layer, error in errors.items()}
         ranks = self._ranks(spectra)
         paths = {layer: spectra[layer].factors(r) for layer, r in ranks.items() if r}
-        state.add_low_rank_paths(paths)
+        if paths:
+            state.add_low_rank_paths(paths)
         before = sum(s.remaining(0) for s in spectra.values())
         after = sum(s.remaining(ranks[layer]) for layer, s in spectra.items())
         added = sum(down.numel() + up.numel() for down, up in paths.values())

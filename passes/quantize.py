@@ -90,6 +90,14 @@ class Quantize(Pass):
             )
         return None
 
+    def requires(self, state: Any) -> None:
+        super().requires(state)
+        if state.mode == ONNX and state.stage is Stage.COMPENSATED:
+            raise InputError(
+                "this ONNX model was exported with low-rank compensation paths, which its graph does not mark, "
+                "so Quantize would quantize them too: run Quantize on the PyTorch model before exporting it"
+            )
+
     def selected(self, state: Frontend[Any]) -> tuple[list[WeightLayer], dict[str, str]]:
         """The layers to quantize, and the skipped ones with the reason."""
         names = [s for s in self.skip if isinstance(s, str)]

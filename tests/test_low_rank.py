@@ -120,6 +120,9 @@ def test_onnx_export_carries_the_paths_float_and_int8(tmp_path):
         want = outputs(result.module, (x,))[0].numpy()
         bound = (2e-2 if quantize else 1e-5) * np.abs(want).max()
         assert np.abs(got - want).max() <= bound, quantize
+    feeds = [{session.get_inputs()[0].name: b[0].numpy()} for b in data]
+    with pytest.raises(gp.InputError, match="exported with low-rank compensation paths"):
+        gp.prune_onnx(str(tmp_path / "lowrank0.onnx"), passes=[Quantize()], calibration=feeds)
 
 
 def test_sparse_kernels_keep_the_paths():
@@ -169,6 +172,8 @@ def test_refusals_name_the_problem(tmp_path):
         gp.prune(model, data[0], passes=sparse + [LowRankCompensation(16)], calibration=data)
     with pytest.raises(gp.InputError, match="no module named 'nope'"):
         gp.prune(model, data[0], passes=sparse + [LowRankCompensation({"nope": 2})], calibration=data)
+    with pytest.raises(gp.InputError, match="rank names modules that are not linear layers: 1"):
+        gp.prune(model, data[0], passes=sparse + [LowRankCompensation({"1": 2})], calibration=data)
     with pytest.raises(gp.InputError, match="needs calibration data"):
         gp.prune(model, data[0], passes=sparse + [LowRankCompensation(2)])
     with pytest.raises(gp.ContractError, match="LowRankCompensation runs on a structured, masked model"):
@@ -218,7 +223,7 @@ def test_a_path_for_a_layer_that_cannot_take_one_is_refused():
         gp.apply_plan_file(other, data[0], plan)
     nested = nn.Sequential(nn.Linear(32, 64), nn.Sequential(nn.Linear(64, 48), nn.GELU()), nn.GELU(), nn.Linear(48, 8))
     plan.low_rank = {"1": plan.low_rank["2"]}
-    with pytest.raises(gp.InputError, match="no attribute|does not have"):
+    with pytest.raises(gp.InputError, match="a low-rank path beside 1, which this model does not have"):
         gp.apply_plan_file(nested.eval(), data[0], plan)
 
 
