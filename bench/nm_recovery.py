@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import transformers as T
@@ -100,23 +101,47 @@ def added(result: gp.PruneResult) -> str:
     return f"{extra / masked:.1%}" if extra else "-"
 
 
+@dataclass
+class MiniLMData:
+    """all-MiniLM-L6-v2 and batches of docstring sentences: calibration (the first of the training
+    sentences), held out (the last of them all) and training, 32 sentences a batch."""
+
+    model: torch.nn.Module
+    calibration: list[dict]
+    held: list[dict]
+    train: list[dict]
+
+    @classmethod
+    def of(cls, texts: list[str], quick: bool) -> "MiniLMData":
+        model, _ = build()
+        pool_ = sentences(texts)
+        train = pool_[: 256 if quick else 1024]
+        calibration, held = train[: 64 if quick else 256], pool_[-64:]
+        return cls(model=model, calibration=_batches(calibration), held=_batches(held), train=_batches(train))
+
+    def sentence_counts(self) -> tuple[int, int, int]:
+        return tuple(sum(len(b["input_ids"]) for b in part) for part in (self.calibration, self.held, self.train))
+
+
+def _batches(texts: list[str]) -> list[dict]:
+    return [tokenize(texts[i : i + 32]) for i in range(0, len(texts), 32)]
+
+
+def cosine(m: torch.nn.Module, batches: list[dict], against: list[torch.Tensor]) -> float:
+    """Mean cosine of ``m``'s pooled embeddings of ``batches`` to the embeddings ``against``."""
+    return sum((embed(m.eval(), b) * d).sum(-1).mean().item() for b, d in zip(batches, against)) / len(batches)
+
+
 def minilm(texts: list[str], quick: bool) -> None:
-    model, _ = build()
-    pool_ = sentences(texts)
-    train_sentences = pool_[: 256 if quick else 1024]
-    calibration_sentences, held_sentences = train_sentences[: 64 if quick else 256], pool_[-64:]
-    calibration = [tokenize(calibration_sentences[i : i + 32]) for i in range(0, len(calibration_sentences), 32)]
-    held = [tokenize(held_sentences[i : i + 32]) for i in range(0, len(held_sentences), 32)]
-    train = [tokenize(train_sentences[i : i + 32]) for i in range(0, len(train_sentences), 32)]
+    data = MiniLMData.of(texts, quick)
+    model, calibration, held, train = data.model, data.calibration, data.held, data.train
     dense = [embed(model, b) for b in held]
     targets = [embed(model, b) for b in train]
-
-    def cosine(m: torch.nn.Module, batches: list[dict], against: list[torch.Tensor]) -> float:
-        return sum((embed(m.eval(), b) * d).sum(-1).mean().item() for b, d in zip(batches, against)) / len(batches)
+    calibration_count, held_count, _ = data.sentence_counts()
 
     print(
-        f"all-MiniLM-L6-v2: 2:4 on the 36 encoder linears; {len(calibration_sentences)} calibration sentences, "
-        f"{len(held_sentences)} held out (standard-library docstrings)"
+        f"all-MiniLM-L6-v2: 2:4 on the 36 encoder linears; {calibration_count} calibration sentences, "
+        f"{held_count} held out (standard-library docstrings)"
     )
     print(f"  {'pipeline':<34}{'held-out':>10} {'':<8}{'added':>12}{'seconds':>9}")
     for label, passes in pipelines():
@@ -138,15 +163,33 @@ def minilm(texts: list[str], quick: bool) -> None:
         print(f"    (train cosine {cosine(learned, train, targets):.3f})")
 
 
-def causal_lm(texts: list[str], quick: bool) -> None:
+@dataclass
+class ByteLM:
+    """A byte-level LLaMA trained here on the docstrings, with its held-out windows and calibration."""
+
+    model: T.LlamaForCausalLM
+    train: torch.Tensor  # the training bytes
+    windows: torch.Tensor  # held-out windows, [count, length]
+    calibration: list[dict]
+    steps: int
+    seconds: float
+
+    def perplexity(self, m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            losses = [m(input_ids=w[None], labels=w[None]).loss.item() for w in self.windows]
+        return math.exp(sum(losses) / len(losses))
+
+
+def byte_lm(texts: list[str], quick: bool, layers: int = 4, hidden: int = 256, intermediate: int = 688) -> ByteLM:
+    """Train the byte-level LM (100 steps with ``quick``, else 600) on 95% of ``texts``."""
     data = torch.tensor(list("\n".join(texts).encode("utf-8", errors="ignore")), dtype=torch.long)
     split = int(len(data) * 0.95)
     train, held = data[:split], data[split:]
     config = T.LlamaConfig(
         vocab_size=256,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
@@ -180,11 +223,13 @@ def causal_lm(texts: list[str], quick: bool) -> None:
         }
         for _ in range(2 if quick else 8)
     ]
+    return ByteLM(model=model, train=train, windows=windows, calibration=calibration, steps=steps, seconds=trained)
 
-    def perplexity(m: torch.nn.Module) -> float:
-        with torch.no_grad():
-            losses = [m(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
-        return math.exp(sum(losses) / len(losses))
+
+def causal_lm(texts: list[str], quick: bool) -> None:
+    lm = byte_lm(texts, quick)
+    model, calibration, windows, perplexity = lm.model, lm.calibration, lm.windows, lm.perplexity
+    steps, trained, length = lm.steps, lm.seconds, windows.shape[1]
 
     params = sum(p.numel() for p in model.parameters())
     print(

@@ -173,19 +173,36 @@ def load_calibration(path: str, batch_size: int) -> list:
     raise InputError(f"calibration file {path}: expected arrays keyed by input name, a tensor or a list of batches")
 
 
+def _pass_flags(args: argparse.Namespace) -> bool:
+    """Whether the command line names passes by flag (not by recipe)."""
+    return any(
+        (
+            args.remove_blocks is not None,
+            args.channels is not None,
+            args.nm is not None,
+            args.low_rank is not None,
+            args.int8,
+        )
+    )
+
+
 def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     from graphprune.io.recipe import load_recipe
-    from graphprune.passes import ChannelPrune, LowRankCompensation, NMSparsity, Quantize
+    from graphprune.passes import BlockPrune, ChannelPrune, LowRankCompensation, NMSparsity, Quantize
 
-    flags = args.channels is not None or args.nm is not None or args.int8 or args.low_rank is not None
+    flags = _pass_flags(args)
     if args.recipe and (flags or args.refine):
-        raise InputError("give either --recipe or the --channels/--nm/--refine/--low-rank/--int8 flags, not both")
+        raise InputError(
+            "give either --recipe or the --remove-blocks/--channels/--nm/--refine/--low-rank/--int8 flags, not both"
+        )
     if args.refine and args.nm is None:
         raise InputError("--refine refines N:M masks: give --nm too")
     if args.recipe:
         recipe = load_recipe(args.recipe)
         return recipe.passes, recipe.experimental_order
     passes: list = []
+    if args.remove_blocks is not None:
+        passes.append(BlockPrune(args.remove_blocks))
     if args.channels is not None:
         passes.append(ChannelPrune(args.channels, round_to=args.round_to))
     if args.nm is not None:
@@ -198,7 +215,7 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     if args.int8:
         passes.append(Quantize("int8"))
     if not passes:
-        raise InputError("nothing to do: give --recipe, or --channels, --nm, --low-rank and/or --int8")
+        raise InputError("nothing to do: give --recipe, or --remove-blocks, --channels, --nm, --low-rank and/or --int8")
     return passes, False
 
 
@@ -574,7 +591,7 @@ def cmd_roofline(args: argparse.Namespace) -> dict:
 
     if args.model.endswith(".onnx"):
         raise InputError(f"{args.model}: roofline reads PyTorch models so far (package.module:factory, .pt2, a folder)")
-    flags = args.recipe or args.channels is not None or args.nm is not None or args.int8 or args.low_rank is not None
+    flags = bool(args.recipe) or _pass_flags(args)
     loaded = load_model(args.model, checkpoints=True)
     if args.plot and not args.plot.endswith(".png"):
         raise InputError(f"--plot writes a .png, got {args.plot!r}")
@@ -683,6 +700,9 @@ def parser() -> argparse.ArgumentParser:
 
     def pass_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--recipe", help="a recipe file naming the passes (docs/RECIPES.md), instead of the flags below")
+        p.add_argument(
+            "--remove-blocks", type=int, help="residual blocks to remove, least important first (BlockPrune)"
+        )
         p.add_argument("--channels", type=float, help="fraction of channels to remove (ChannelPrune)")
         p.add_argument("--round-to", type=int, default=8, help="keep every pruned channel count a multiple of this (8)")
         p.add_argument("--nm", help="N:M sparsity such as 2:4 (NMSparsity)")

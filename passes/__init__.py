@@ -1,8 +1,9 @@
 """The transformation passes of graphprune (installed as ``graphprune.passes``)."""
 
+from graphprune.passes.block_prune import BlockPrune
 from graphprune.passes.channel_prune import ChannelPrune
 from graphprune.passes.low_rank import LowRankCompensation
 from graphprune.passes.nm_sparsity import NMSparsity
 from graphprune.passes.quantize import Quantize
 
-__all__ = ["ChannelPrune", "LowRankCompensation", "NMSparsity", "Quantize"]
+__all__ = ["BlockPrune", "ChannelPrune", "LowRankCompensation", "NMSparsity", "Quantize"]

@@ -16,6 +16,7 @@ import transformers as T
 
 import graphprune as gp
 from graphprune import cli
+from graphprune.core.depth import BlockRemoval
 from graphprune.io.plan_file import PlanFile
 from graphprune.passes import NMSparsity
 from tests.command_line import run, run_process
@@ -398,17 +399,19 @@ def test_plan_a_checkpoint_folder_then_apply_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_with_refined_masks_and_low_rank_paths(tmp_path):
-    """``--refine`` and ``--low-rank`` reach the passes, and the written ONNX file carries the paths."""
+def test_prune_with_removed_blocks_refined_masks_and_low_rank_paths(tmp_path):
+    """``--remove-blocks``, ``--refine`` and ``--low-rank`` reach the passes (the ViT's blocks are an
+    ``nn.Sequential``), and the written ONNX file carries the paths."""
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
     args = ["prune", "samples.vit:build", "-o", str(tmp_path / "vit.onnx"), "--nm", "2:4", "--method", "sparsegpt"]
     args += ["--refine", "--low-rank", "4", "--calibration", str(tmp_path / "calib.npz"), "--json"]
-    result = run(*args)
+    result = run(*args, "--remove-blocks", "1")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    rows = summary["passes"]
+    removed, *rows = summary["passes"]
+    assert removed["pass_name"] == "BlockPrune" and removed["details"]["removed"].endswith("(1 of 4 blocks)")
     assert summary["stage"] == "compensated" and [r["pass_name"] for r in rows] == ["NMSparsity", "LowRankCompensation"]
     assert "calibration error -" in rows[0]["details"]["refinement"]
     assert rows[1]["details"]["paths"].endswith("parameters added") and not rows[1]["details"]["paths"].startswith("0 ")
     plan = gp.PlanFile.load(tmp_path / "vit.onnx.plan.json")
-    assert plan.low_rank
+    assert plan.low_rank and plan.depth == BlockRemoval("blocks", 4, plan.depth.removed)

@@ -12,22 +12,22 @@ import torch
 
 import graphprune as gp
 import graphprune.frontends.torch.distributed as distributed
-from graphprune.passes import ChannelPrune, NMSparsity, Quantize
-from tests.train_setups import tiny
+from graphprune.passes import BlockPrune, ChannelPrune, NMSparsity, Quantize
+from tests.train_setups import tiny, tiny_lm
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(tmp_path: Path, ranks: int, *args: str) -> gp.PlanFile:
+def _train(tmp_path: Path, ranks: int, *args: str, setup: str = "tests.train_setups:tiny") -> gp.PlanFile:
     out = tmp_path / f"{args[0]}-{ranks}"
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
         if ranks > 1
         else [sys.executable]
     )
-    command = [*launcher, "-m", "graphprune.train", *args, "--setup", "tests.train_setups:tiny", "--out", str(out)]
+    command = [*launcher, "-m", "graphprune.train", *args, "--setup", setup, "--out", str(out)]
     done = subprocess.run(
         command,
         cwd=ROOT,
@@ -64,6 +64,21 @@ def test_sparsegpt_and_fine_tuning_on_two_ranks_match_one_process(tmp_path):
     assert set(one.values) == set(two.values) and len(one.values) == 6  # every weight and bias
     for name in one.values:
         assert torch.allclose(one.values[name], two.values[name], atol=1e-6), name
+
+
+def test_distilling_a_depth_pruned_plan_on_two_ranks_matches_one_process(tmp_path):
+    """The teacher runs on each rank's half batch, the KL and the state loss are means over its rows,
+    DDP averages the gradients: the ranks end with the one-process weights."""
+    setup = tiny_lm()
+    pruned = gp.prune(setup.model, setup.example_inputs, [BlockPrune(n=1)], calibration=setup.calibration)
+    pruned.save_plan(tmp_path / "depth")
+    args = ("fine-tune", "--plan", str(tmp_path / "depth.json"), "--teacher", "dense", "--states-weight", "0.5")
+    args += ("--steps", "6", "--lr", "0.05")
+    one = _train(tmp_path, 1, *args, setup="tests.train_setups:tiny_lm")
+    two = _train(tmp_path, 2, *args, setup="tests.train_setups:tiny_lm")
+    assert one.depth == two.depth == pruned.plan_file().depth and set(one.values) == set(two.values)
+    for name in one.values:
+        assert torch.allclose(one.values[name], two.values[name], atol=1e-5), name
 
 
 def test_what_is_not_a_sum_is_refused_on_several_ranks(monkeypatch):

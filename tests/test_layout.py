@@ -125,6 +125,15 @@ def test_import_graphprune_and_the_torch_path_leave_the_onnx_stack_unloaded():
 
 # passes written once against graphprune.core.frontend.Frontend, and what else each may reach
 FRONTEND_FREE_PASSES = {
+    # BlockPrune is module-only: its blocks are found in, and its criteria run, the nn.Module itself
+    "graphprune.passes.block_prune": (
+        "graphprune.frontends.torch.blocks",
+        "graphprune.frontends.torch.calibration",
+        "graphprune.frontends.torch.capture",
+        "graphprune.frontends.torch.depth",
+        "graphprune.frontends.torch.provenance",
+        "graphprune.rules.aten",
+    ),
     # ChannelPrune's module-only criteria (importance='taylor': gradients through the nn.Module;
     # allocation='sensitivity': the nn.Module's output errors), refused on other modes
     "graphprune.passes.channel_prune": (

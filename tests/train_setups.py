@@ -25,3 +25,34 @@ def tiny() -> Setup:
         return F.mse_loss(student(batch), target)
 
     return Setup(model=model, example_inputs=(batches[0],), batches=batches, loss=loss, calibration=batches[:4])
+
+
+def tiny_lm() -> Setup:
+    """A small LLaMA-shaped causal LM on random token ids; its loss is next-token cross-entropy."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        vocab_size=64,
+        head_dim=8,
+    )
+    model = T.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (4, 12), generator=g) for _ in range(4)]
+
+    def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return student(batch, labels=batch, use_cache=False).loss
+
+    return Setup(
+        model=model,
+        example_inputs=(batches[0],),
+        batches=batches,
+        loss=loss,
+        calibration=batches[:2],
+        outputs=lambda m, batch: m(batch, use_cache=False).logits,
+    )

@@ -5,9 +5,11 @@ A plan file records, for every tensor a structured plan shrinks, the kept indice
 update in a streamed plan); that is all a checkpoint needs (:meth:`PlanFile.planned`).
 :func:`apply_to_checkpoint` reads one shard at a time (peak memory: about one shard), slices and
 masks its tensors, and writes the pruned shard; the index is rewritten with the new total size and
-the other files are copied.  ``config.json`` needs the new sizes, and the plan knows dims, not what
-they mean (4096 may be the hidden size in one tensor and heads x head_dim in another).  The
-caller may name them (``config={"intermediate_size": 5504}``).  Otherwise, where transformers
+the other files are copied.  A plan that removes blocks (depth pruning) drops their tensors, renumbers
+the later blocks' tensors (in the shards and the index), and sets ``config.json``'s layer count and
+per-layer lists (``layer_types``) to the kept blocks.  Width changes need new sizes in ``config.json``,
+and the plan knows dims, not what they mean (4096 may be the hidden size in one tensor and heads x
+head_dim in another).  The caller may name them (``config={"intermediate_size": 5504}``).  Otherwise, where transformers
 knows the architecture, :func:`infer_config` searches for the change of fewest sizes under which
 the architecture built on ``meta`` has exactly the planned shapes and analyses like the model the
 plan made.  Without a certain answer the call is refused before any work, listing how the plan
@@ -36,6 +38,7 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ from graphprune.algorithms.nm import satisfies
 from graphprune.errors import GraphpruneError, InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.capture import spec_inputs
+from graphprune.frontends.torch.depth import per_layer_lists
 from graphprune.io.outputs import Outputs, overlap
 from graphprune.io.plan_file import PlanFile, check_kept
 from graphprune.io.tensor_store import opened
@@ -143,8 +147,9 @@ def _prepared(
     dense, planned = _check_source(shards, plan, prefix)
     changes = _planned_changes(plan)  # after the check: the plan's dims fit the checkpoint's
     config_path = source / "config.json"
+    depth = _depth_config(config_path, plan)
     if config_path.exists() and changes and config is None:
-        fits, certain = infer_config(config_path, dense, planned, changes, plan)
+        fits, certain = infer_config(config_path, dense, planned, changes, plan, base=depth)
         if len(fits) != 1 or not certain:
             keys = _keys_by_value(_read_json(config_path))
             why = (
@@ -170,6 +175,8 @@ def _prepared(
                 )
             )
         config = fits[0]
+    if depth:
+        config = {**depth, **(config or {})}
     return shards, config
 
 
@@ -198,17 +205,21 @@ def _write(
         with opened(shard) as f:
             metadata = f.metadata()
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                pruned = plan.planned(_plan_name(name, prefix), tensor)
-                if pruned is not tensor:
+                new = _new_name(name, plan, prefix)
+                if new is None:  # in a removed block
                     report.tensors_changed.append(name)
-                tensors[name] = pruned.contiguous()
+                    continue
+                tensor = f.get_tensor(name)
+                pruned = plan.planned(_plan_name(new, prefix), tensor)
+                if pruned is not tensor or new != name:
+                    report.tensors_changed.append(name)
+                tensors[new] = pruned.contiguous()
         temporary = out.with_name(out.name + ".tmp")
         save_file(tensors, str(temporary), metadata=metadata)
         os.replace(temporary, out)
         report.bytes_after += out.stat().st_size
         del tensors
-    _copy_other_files(shards[0].parent, partial, config, report)
+    _copy_other_files(shards[0].parent, partial, config, report, lambda name: _new_name(name, plan, prefix))
     try:
         _verify(partial, plan, prefix)
     except InputError:
@@ -301,8 +312,11 @@ def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict
         with opened(shard) as f:
             for name in f.keys():
                 shape = list(f.get_slice(name).get_shape())
+                new = _new_name(name, plan, prefix)
+                if new is None:  # in a removed block
+                    continue
                 dense[name] = list(shape)
-                key = _plan_name(name, prefix)
+                key = _plan_name(new, prefix)
                 if key in shapes and shape != shapes[key]:
                     raise InputError(
                         f"{name} is {shape} in the checkpoint, the plan was made for {shapes[key]}: "
@@ -323,8 +337,8 @@ def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict
                             f"the plan's {kind} for {name} is {recorded[key]}, the pruned tensor is "
                             f"{shape}: the plan is damaged or of another model"
                         )
-                planned[name] = shape
-    missing = sorted(_names(plan) - {_plan_name(n, prefix) for n in dense})
+                planned[new] = shape
+    missing = sorted(_names(plan) - {_plan_name(n, prefix) for n in planned})
     if missing:
         raise InputError(
             f"{len(missing)} tensors the plan changes are not in the checkpoint (first: "
@@ -336,6 +350,49 @@ def _check_source(shards: list[Path], plan: PlanFile, prefix: str) -> tuple[dict
 def _plan_name(name: str, prefix: str) -> str | None:
     """The plan's name of checkpoint tensor ``name`` (None: outside ``prefix``, not the plan's)."""
     return name[len(prefix) :] if name.startswith(prefix) else None
+
+
+def _new_name(name: str, plan: PlanFile, prefix: str) -> str | None:
+    """Checkpoint tensor ``name`` once the plan's blocks are removed (None: it was in one of them)."""
+    key = _plan_name(name, prefix)
+    if key is None:
+        return name
+    new = plan.renamed(key)
+    return None if new is None else prefix + new
+
+
+def _depth_config(config_path: Path, plan: PlanFile) -> dict[str, object]:
+    """The ``config.json`` entries a block removal changes: the layer count (under the key the file
+    uses, ``n_layer`` for GPT-2) and the lists of one entry per layer; refused where the file's layer
+    count is not the plan's block count."""
+    if plan.depth is None or not config_path.exists():
+        return {}
+    data = _read_json(config_path)
+    key = _layer_count_key(config_path.parent, data)
+    if data.get(key) != plan.depth.count:
+        raise InputError(
+            f"the plan removes blocks of the {plan.depth.count}-block list {plan.depth.blocks}, but {config_path} "
+            f"says {key} = {data.get(key)!r}: not the model the plan was made for"
+        )
+    kept = plan.depth.kept
+    changed: dict[str, object] = {key: len(kept)}
+    for name, value in per_layer_lists(data, plan.depth.count).items():
+        changed[name] = [value[i] for i in kept]
+    return changed
+
+
+def _layer_count_key(folder: Path, data: dict) -> str:
+    """The key of ``config.json`` that holds the layer count: ``num_hidden_layers``, or the name the
+    architecture's config class maps it to."""
+    if "num_hidden_layers" in data:
+        return "num_hidden_layers"
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except (ImportError, ValueError, KeyError, OSError):
+        return "num_hidden_layers"
+    return type(config).attribute_map.get("num_hidden_layers", "num_hidden_layers")
 
 
 def _names(plan: PlanFile) -> set[str]:
@@ -352,6 +409,8 @@ def infer_config(
     planned: dict[str, list[int]],
     changes: dict[int, set[int]],
     plan: PlanFile | None = None,
+    *,
+    base: dict[str, object] | None = None,
 ) -> tuple[list[dict], bool]:
     """The changes of fewest ``config.json`` sizes for which the architecture, built on ``meta``, is
     the model the plan made, and whether that is certain.
@@ -365,8 +424,9 @@ def infer_config(
     fingerprint) the candidate must analyse to it too.  Without that record a fit is certain only
     if no key in it was scaled.  Nothing is found if transformers does not know the architecture."""
     data = _read_json(config_path)
-    base = _architecture_shapes(config_path.parent)
-    if not base:
+    base = base or {}  # changes already decided (a block removal's), under every candidate
+    dense_shapes = _architecture_shapes(config_path.parent, base)
+    if not dense_shapes:
         return [], False
     options: dict[str, list[int]] = {}
     scaled: dict[str, set[int]] = {}
@@ -383,13 +443,13 @@ def infer_config(
         relevant = [
             v
             for v in sorted(new)
-            if (alone := _architecture_shapes(config_path.parent, {key: v}))
-            and alone.keys() == base.keys()
-            and alone != base
+            if (alone := _architecture_shapes(config_path.parent, {**base, key: v}))
+            and alone.keys() == dense_shapes.keys()
+            and alone != dense_shapes
         ]
         if relevant:
             options[key] = relevant
-    record = _recorded_result(config_path.parent, plan)
+    record = _recorded_result(config_path.parent, plan, base)
     trials = 0
     for count in range(1, len(options) + 1):
         fits = []
@@ -399,11 +459,11 @@ def infer_config(
                 if trials > MAX_CONFIG_TRIALS:
                     return [], False
                 candidate = dict(zip(keys, values))
-                shapes = _architecture_shapes(config_path.parent, candidate) or {}
+                shapes = _architecture_shapes(config_path.parent, {**base, **candidate}) or {}
                 if all(shapes.get(n) == shape for n, shape in planned.items()):
                     fits.append(candidate)
         if record is not None:
-            fits = [f for f in fits if _fingerprint(config_path.parent, f, plan.inputs) == record]
+            fits = [f for f in fits if _fingerprint(config_path.parent, {**base, **f}, plan.inputs) == record]
             if fits:
                 return fits, True
         elif fits:
@@ -411,12 +471,12 @@ def infer_config(
     return [], False
 
 
-def _recorded_result(folder: Path, plan: PlanFile | None) -> str | None:
+def _recorded_result(folder: Path, plan: PlanFile | None, base: dict[str, object]) -> str | None:
     """The fingerprint of the model the plan made, if the architecture here analyses the way the
     plan's did (its dense form has the plan's own fingerprint); else None."""
     if plan is None or not plan.structured or not plan.inputs or not plan.structured[-1].result:
         return None
-    if _fingerprint(folder, {}, plan.inputs) != plan.structured[0].fingerprint:
+    if _fingerprint(folder, base, plan.inputs) != plan.structured[0].fingerprint:
         return None  # another class (a prefix), other analysis options: its fingerprints say nothing
     return plan.structured[-1].result
 
@@ -467,6 +527,8 @@ def _keys_by_value(config: dict) -> dict[int, list[str]]:
 def _digest(plan: PlanFile) -> str:
     """A stable identity of the plan's decisions (to refuse resuming with another plan)."""
     h = hashlib.sha256()
+    if plan.depth is not None:
+        h.update(json.dumps(["depth", plan.depth.blocks, plan.depth.count, list(plan.depth.removed)]).encode())
     for k, structured in enumerate(plan.structured):
         h.update(
             json.dumps(
@@ -481,7 +543,15 @@ def _digest(plan: PlanFile) -> str:
     return h.hexdigest()
 
 
-def _copy_other_files(source: Path, partial: Path, config: dict[str, object], report: CheckpointReport) -> None:
+def _copy_other_files(
+    source: Path,
+    partial: Path,
+    config: dict[str, object],
+    report: CheckpointReport,
+    renamed: Callable[[str], str | None],
+) -> None:
+    """The files beside the shards: ``config.json`` with ``config`` applied, the shard index with
+    the new total size and its tensors ``renamed`` (dropped where None), the rest copied."""
     for path in sorted(source.iterdir()):
         if path.suffix == ".safetensors" or not path.is_file():
             continue
@@ -494,6 +564,9 @@ def _copy_other_files(source: Path, partial: Path, config: dict[str, object], re
         elif path.name.endswith(".safetensors.index.json"):
             index = _read_json(path)
             index.setdefault("metadata", {})["total_size"] = _tensor_bytes(partial)
+            if isinstance(index.get("weight_map"), dict):
+                moved = {renamed(name): shard for name, shard in index["weight_map"].items()}
+                index["weight_map"] = {name: shard for name, shard in moved.items() if name is not None}
             target.write_text(json.dumps(index, indent=2) + "\n")
         else:
             shutil.copy2(path, target)

@@ -1,6 +1,7 @@
 """A run's plan on disk: what was decided, readable as JSON, with the tensors in safetensors.
 
-``<name>.json`` (versioned, human-readable) holds the pipeline, each structured plan's fingerprint,
+``<name>.json`` (versioned, human-readable) holds the pipeline, the blocks removed (depth pruning:
+every other entry names tensors as they are after the removal), each structured plan's fingerprint,
 parameter shapes and kept-channel counts per group, each N:M mask's pattern and layout, the
 weights a pass gave new values (SparseGPT's reconstruction in a streamed plan), the rank of each
 low-rank compensation path (by layer), and the int8 plan; ``<name>.safetensors`` beside it holds the
@@ -10,8 +11,8 @@ those of the model without paths (a compensated layer's weight is ``<layer>.weig
 ``<layer>.base.weight``).  When masks and values pass
 :data:`~graphprune.io.tensor_store.PART_BYTES` they go to ``<name>-00001.safetensors``, ... instead
 (listed in the JSON), written and read one part or tensor at a time, so a 7B model's plan never
-sits in memory whole.  :func:`apply_plan_file` re-applies the structured plans (each refused,
-naming what differs, on another architecture), the values and the masks to a fresh model.
+sits in memory whole.  :func:`apply_plan_file` re-applies the block removal, the structured plans
+(each refused, naming what differs, on another architecture), the values and the masks to a fresh model.
 Re-applying an int8 plan is not implemented yet: it is recorded for inspection, and applying a
 file that has one says so instead of dropping it silently.
 """
@@ -31,18 +32,20 @@ import torch.nn as nn
 
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, satisfies
 from graphprune.algorithms.quant import QuantPlan
+from graphprune.core.depth import BlockRemoval
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.apply import apply_plan
-from graphprune.frontends.torch.capture import ExampleInputs, tensor_at
+from graphprune.frontends.torch.capture import ExampleInputs, normalize_inputs, tensor_at
 from graphprune.frontends.torch.copying import clone
+from graphprune.frontends.torch.depth import remove_checked
 from graphprune.frontends.torch.lowrank import compensate, refusal
 from graphprune.frontends.torch.masks import attach, stored_at
 from graphprune.io.outputs import Outputs, resolved, writing
 from graphprune.io.tensor_store import PartWriter, TensorFiles, opened
 
-FORMAT, VERSION = "graphprune-plan", 3  # 2 added values and part files, 3 low-rank paths; 1 and 2 still load
+FORMAT, VERSION = "graphprune-plan", 4  # 2 added values and part files, 3 low-rank paths, 4 removed blocks
 PART_METADATA = {"format": FORMAT}  # in each tensor file's header: marks it as a plan's, safe to replace
 
 
@@ -75,6 +78,11 @@ class PlanFile:
     report: object = field(default=None, compare=False, repr=False)  # the run's Report, not saved
     inputs: dict | None = None  # dtypes and shapes of the example inputs (capture.input_spec)
     files: list[str] = field(default_factory=list, compare=False, repr=False)  # read from (a loaded plan)
+    depth: BlockRemoval | None = None  # blocks removed before everything else
+
+    def renamed(self, name: str) -> str | None:
+        """``name`` in the model as given, as this plan names it (None: in a removed block)."""
+        return name if self.depth is None else self.depth.renamed(name)
 
     @classmethod
     def of(
@@ -83,12 +91,16 @@ class PlanFile:
         """The plan file of a run: its plans and its N:M masks (name -> (bool mask, pattern))."""
         masks = {name: NMRecord(pattern, mask.cpu()) for name, (mask, pattern) in masks.items()}
         quantization = [p for p in plans if isinstance(p, QuantPlan)]
+        depth = [p for p in plans if isinstance(p, BlockRemoval)]
+        if len(depth) > 1:
+            raise InputError("a plan file records one block removal; this run made several")
         return cls(
             model,
             list(pipeline),
             [p for p in plans if isinstance(p, Plan)],
             masks,
             quantization[-1] if quantization else None,
+            depth=depth[0] if depth else None,
         )
 
     def planned(self, name: str | None, tensor: torch.Tensor) -> torch.Tensor:
@@ -196,6 +208,11 @@ class PlanFile:
             "masks": masks,
             "values": values,
             "low_rank": low_rank,
+            "depth": (
+                None
+                if self.depth is None
+                else {"blocks": self.depth.blocks, "count": self.depth.count, "removed": list(self.depth.removed)}
+            ),
             "tensor_files": [os.path.basename(p) for p in parts.files[1:]],
             "example_inputs": self.inputs,
             "quantization": json.loads(self.quantization.to_json()) if self.quantization else None,
@@ -232,6 +249,11 @@ class PlanFile:
 
     def describe(self) -> str:
         lines = [f"plan for {self.model}: {' -> '.join(self.pipeline) or '(no pipeline recorded)'}"]
+        if self.depth is not None:
+            lines.append(
+                f"  blocks removed from {self.depth.blocks}: {', '.join(map(str, self.depth.removed))} "
+                f"({len(self.depth.kept)} of {self.depth.count} kept)"
+            )
         for k, plan in enumerate(self.structured):
             lines.append(f"  structured plan {k} (fingerprint {plan.fingerprint}): {len(plan.keep)} groups pruned")
             for gid, kept in sorted(plan.keep.items()):
@@ -254,6 +276,8 @@ class PlanFile:
     def diff(self, other: "PlanFile") -> list[str]:
         """What differs between two plans, one line each (empty: the same decisions)."""
         out = []
+        if self.depth != other.depth:
+            out.append(f"blocks removed: {self.depth} vs {other.depth}")
         if len(self.structured) != len(other.structured):
             out.append(f"structured plans: {len(self.structured)} vs {len(other.structured)}")
         for k, (a, b) in enumerate(zip(self.structured, other.structured)):
@@ -486,7 +510,7 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
     (strictly increasing, within the recorded dims, as many as the JSON's ``kept``), N:M patterns,
     and each stored tensor's dtype and shape against its JSON entry."""
     read = _Reader(json_path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, 2, VERSION):
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in (1, 2, 3, VERSION):
         found = (
             f"format {data.get('format')!r}, version {data.get('version')!r}"
             if isinstance(data, dict)
@@ -523,6 +547,7 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
         read.tensor(f"low_rank/{layer}/down", VALUE_DTYPES, [rank, features])
         read.tensor(f"low_rank/{layer}/up", VALUE_DTYPES, [out, rank])
         low_rank[layer] = (read.tensors[f"low_rank/{layer}/down"], read.tensors[f"low_rank/{layer}/up"], layout)
+    depth = _depth(read, read.key(data, "depth", (dict, type(None)), "the plan", None))
     quantization = read.key(data, "quantization", (dict, type(None)), "the plan", None)
     if quantization is not None:
         try:
@@ -540,7 +565,21 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
         low_rank=low_rank,
         inputs=inputs,
         files=[json_path, *read.tensors.files],
+        depth=depth,
     )
+
+
+def _depth(read: _Reader, entry: dict | None) -> BlockRemoval | None:
+    """The recorded block removal: the list's path, its block count and the positions removed."""
+    if entry is None:
+        return None
+    blocks = read.key(entry, "blocks", str, "'depth'")
+    count = read.count(read.key(entry, "count", int, "'depth'"), "'depth' count")
+    removed = [read.count(i, "'depth' removed") for i in read.key(entry, "removed", list, "'depth'")]
+    try:
+        return BlockRemoval(blocks, count, tuple(removed))
+    except InputError as exc:
+        raise read.fail("'depth'", f"is not a block removal ({exc})") from exc
 
 
 def _structured(read: _Reader, k: int, entry: dict) -> Plan:
@@ -620,11 +659,19 @@ def _mask(read: _Reader, name: str, entry: dict) -> tuple[NMPattern, int]:
 def apply_plan_file(
     model: nn.Module, example_inputs: ExampleInputs, plan: PlanFile | str | os.PathLike, *, inplace: bool = False
 ) -> nn.Module:
-    """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its structured plans in order,
-    each checked against the model's analysis at that point, then its N:M masks, then its low-rank
-    paths."""
+    """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its block removal (checked against
+    the model with those blocks bypassed), its structured plans in order, each checked against the
+    model's analysis at that point, then its N:M masks, then its low-rank paths."""
     plan = PlanFile.reapplicable(plan)
     working = model if inplace else clone(model)
+    if plan.depth is not None:
+        try:
+            working.get_submodule(plan.depth.blocks)
+        except AttributeError:
+            raise InputError(
+                f"the plan removes blocks of {plan.depth.blocks}, which this model does not have"
+            ) from None
+        remove_checked(working, plan.depth, *normalize_inputs(example_inputs))
     for structured in plan.structured:
         working = apply_plan(working, analyze(working, example_inputs), structured, inplace=True).module
     for name, value in plan.values.items():

@@ -114,6 +114,9 @@ class Blocks(Runner):
     module list's path, else found)."""
 
     naming_hint = ""  # how a caller names the blocks where none are found (a streamed plan: blocks=)
+    # the containers searched for blocks when none is named: a module list (a model's own forward
+    # calls each block, so calibration can run them one at a time)
+    containers: tuple[type[nn.Module], ...] = (nn.ModuleList,)
 
     def __init__(self, batches: list[Any], *, blocks: str | None = None) -> None:
         self.batches, self.blocks = batches, blocks
@@ -144,7 +147,8 @@ class Blocks(Runner):
         return None
 
     def block_list(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
-        """The blocks: the module list named ``blocks``, or the largest list of like modules."""
+        """The blocks: the module list named ``blocks``, or the largest list of like modules (in one of
+        :attr:`containers`)."""
         if self.blocks is not None:
             try:
                 found = model.get_submodule(self.blocks)
@@ -156,7 +160,7 @@ class Blocks(Runner):
         lists = [
             (path, m)
             for path, m in model.named_modules()
-            if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+            if path and isinstance(m, self.containers) and len(m) > 1 and len({type(c) for c in m}) == 1
         ]
         if not lists:
             raise InputError(
@@ -272,7 +276,7 @@ class Blocks(Runner):
                     block.forward = (
                         (lambda *a, _out=out, **k: _out)
                         if i == len(blocks) - 1
-                        else (lambda *a, _out=out, **k: _with_first(_out, a[0]))
+                        else (lambda *a, _out=out, **k: with_first(_out, a[0]))
                     )
                 try:
                     args, kwargs = normalize_inputs(batch)
@@ -307,8 +311,13 @@ def by_segment(
     return segments
 
 
+def first_output(output: Any) -> Any:
+    """A block's first output: the output itself, or the first of a tuple or list."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def _first(output: Any, name: str) -> torch.Tensor:
-    first = output[0] if isinstance(output, (tuple, list)) else output
+    first = first_output(output)
     if not isinstance(first, torch.Tensor):
         raise InputError(
             f"{name} returns {type(output).__name__}, not a hidden-state tensor (or a tuple starting with "
@@ -317,7 +326,7 @@ def _first(output: Any, name: str) -> torch.Tensor:
     return first
 
 
-def _with_first(output: Any, first: torch.Tensor) -> Any:
+def with_first(output: Any, first: torch.Tensor) -> Any:
     return (
         (first, *output[1:])
         if isinstance(output, tuple)

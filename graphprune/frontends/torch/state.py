@@ -18,6 +18,7 @@ import torch.nn as nn
 from graphprune.algorithms.nm import CONV, NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
+from graphprune.core.depth import BlockRemoval
 from graphprune.core.frontend import Activations
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import output_heads
@@ -39,6 +40,7 @@ from graphprune.frontends.torch.calibration import (
 )
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
 from graphprune.frontends.torch.compensation import ModuleRefit, apply_bias_corrections
+from graphprune.frontends.torch.depth import remove_checked
 from graphprune.frontends.torch.distributed import reduce_sum, single_process_only
 from graphprune.frontends.torch.fake_quant import (
     is_quantized,
@@ -84,7 +86,7 @@ class CompressionState:
     captured: CapturedGraph
     stage: Stage = Stage.DENSE
     calibration: Iterable[Any] | None = None
-    plans: list[Plan | QuantPlan] = field(default_factory=list)
+    plans: list[Plan | QuantPlan | BlockRemoval] = field(default_factory=list)
     prunable_outputs: tuple[str, ...] = ()
     experimental_order: bool = False  # passes may run on stages they accept only experimentally
     stream: Stream | None = None  # a streamed plan: weights in a checkpoint, model on meta (graphprune.core.plan)
@@ -297,7 +299,20 @@ class CompressionState:
         if self.dense is None:
             raise InternalError("this state was made without the model as given: no dense weights to compare with")
         structured = [p for p in self.plans if isinstance(p, Plan)]
-        return PlanFile("", structured=structured).planned(layer.weight, tensor_at(self.dense, layer.weight).detach())
+        name = layer.weight
+        for removal in reversed([p for p in self.plans if isinstance(p, BlockRemoval)]):
+            name = removal.original(name)
+        return PlanFile("", structured=structured).planned(layer.weight, tensor_at(self.dense, name).detach())
+
+    def remove_blocks(self, removal: BlockRemoval) -> list[str]:
+        """Remove whole blocks (:func:`graphprune.frontends.torch.depth.remove_blocks`), verified: on the
+        example inputs the model computes what it computed with those blocks bypassed (else it is put
+        back and the error raised); the model is captured again.  Returns what was renumbered."""
+        notes = remove_checked(self.model, removal, self.captured.args, self.captured.kwargs)
+        captured = capture_masked(self.model, self.captured.args, self.captured.kwargs)
+        self.replace_model(self.model, captured)
+        self.plans.append(removal)
+        return notes
 
     def low_rank_refusal(self, layer: Consumer) -> str | None:
         """Why the layer cannot get a low-rank path beside it (:func:`graphprune.frontends.torch.lowrank.refusal`)."""
