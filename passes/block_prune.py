@@ -17,9 +17,10 @@ from typing import Any
 import torch.nn as nn
 
 from graphprune.core.depth import BlockRemoval
-from graphprune.core.pipeline import MODULE, Pass, PassResult, Stage
+from graphprune.core.pipeline import MODULE, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
-from graphprune.frontends.torch.depth import loss_without, output_change, stream_change, survey
+from graphprune.frontends.torch.blocks import Blocks
+from graphprune.frontends.torch.depth import loss_without, output_change, stream_change, stream_change_by_block, survey
 
 IMPORTANCES = ("cosine", "output")
 
@@ -44,7 +45,7 @@ class BlockPrune(Pass):
         blocks: the block list's module path, where it is not the largest list of like modules.
     """
 
-    modes = frozenset({MODULE})
+    modes = frozenset({MODULE, STREAMED})
     accepts = frozenset({Stage.DENSE})
     produces = Stage.STRUCTURED
 
@@ -83,11 +84,23 @@ class BlockPrune(Pass):
     def reads_calibration(self) -> bool:
         return isinstance(self.importance, str)
 
+    def refusal(self, mode: str) -> str | None:
+        if mode == STREAMED and self.importance != "cosine":
+            return (
+                "BlockPrune in a streamed plan (weights= a checkpoint) ranks blocks by importance='cosine' only: "
+                "the other criteria run the whole model once per block"
+            )
+        if mode == STREAMED and self.blocks is not None:
+            return "BlockPrune in a streamed plan removes the plan's own blocks: name them with gp.plan(blocks=...)"
+        return super().refusal(mode)
+
     def call(self, state: Any) -> PassResult:
         """``state``: the torch frontend's, which answers ``remove_blocks`` besides the frontend protocol."""
         model = state.model
         example = state.captured.kwargs if state.captured.kwargs else state.captured.args
-        found = survey(model, example, self.blocks)
+        data = state.calibration_data(repr(self)) if self.reads_calibration() else None
+        runner = data if isinstance(data, Blocks) else None  # a streamed plan's: block by block
+        found = survey(model, example, self.blocks, runner)
         ignored = self._ignored(found.path, found.count)
         candidates = [i for i in found.removable if i not in ignored]
         count = self.n if self.n is not None else round(self.ratio * found.count)
@@ -107,7 +120,7 @@ class BlockPrune(Pass):
         rounds = []
         while len(chosen) < count:
             left = [i for i in candidates if i not in chosen]
-            scores = self._scores(state, found.path, left, chosen)
+            scores = self._scores(state, data, found.path, left, chosen)
             rounds.append(", ".join(f"{i}: {scores[i]:.4g}" for i in sorted(scores)))
             take = 1 if self.iterative else count
             chosen += sorted(left, key=lambda i: (scores[i], i))[:take]
@@ -144,14 +157,17 @@ class BlockPrune(Pass):
             ignored.add(int(index))
         return ignored
 
-    def _scores(self, state: Any, path: str, candidates: list[int], gone: list[int]) -> dict[int, float]:
-        """The importance of each candidate block, with the blocks at ``gone`` bypassed."""
+    def _scores(self, state: Any, data: Any, path: str, candidates: list[int], gone: list[int]) -> dict[int, float]:
+        """The importance of each candidate block on the calibration ``data``, with the blocks at ``gone``
+        bypassed."""
         model = state.model
         container = model.get_submodule(path)
         if callable(self.importance):
             return dict(zip(candidates, loss_without(model, container, self.importance, candidates, gone)))
-        batches = state.calibration_data(repr(self))
         if self.importance == "cosine":
-            change = stream_change(model, container, batches, gone)
+            if isinstance(data, Blocks):
+                change = stream_change_by_block(data, model, gone)
+            else:
+                change = stream_change(model, container, data, gone)
             return {i: change[i] for i in candidates}
-        return dict(zip(candidates, output_change(model, container, batches, candidates, gone)))
+        return dict(zip(candidates, output_change(model, container, data, candidates, gone)))

@@ -322,3 +322,26 @@ def test_iterative_removal_scores_again_and_beats_summed_drop_one_scores():
         changes[iterative] = (_removed(result).removed, float((result.module(x) - dense).detach().square().sum()))
     assert changes[False][0] == (0, 1) and changes[True][0] == (0, 2)
     assert changes[True][1] < changes[False][1]
+
+
+@pytest.mark.slow
+def test_a_streamed_depth_plan_is_the_plan_made_in_memory_and_applies_to_its_checkpoint(tmp_path):
+    """Block importance block by block over weights read from the checkpoint, the blocks after the
+    removal read under their old names there, and width pruning after it."""
+    model = _llama()
+    model.save_pretrained(tmp_path / "source", max_shard_size="100KB")
+    with gp.parameters_on_meta():
+        meta = T.LlamaForCausalLM(T.LlamaConfig(**model.config.to_dict())).eval()
+    passes = lambda: [BlockPrune(n=2), ChannelPrune(0.5, round_to=8, heads=False)]  # noqa: E731
+    streamed = gp.plan(meta, (IDS,), passes(), calibration=CALIBRATION, weights=tmp_path / "source")
+    in_memory = gp.plan(model, (IDS,), passes(), calibration=CALIBRATION)
+    assert streamed.depth is not None and streamed.depth == in_memory.depth and streamed.diff(in_memory) == []
+    assert all(p.device.type == "meta" for p in meta.parameters()) and len(meta.model.layers) == 4
+    streamed.save(tmp_path / "plan")
+    gp.apply_to_checkpoint(tmp_path / "plan.json", tmp_path / "source", tmp_path / "out")
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    pruned = gp.prune(model, (IDS,), passes(), calibration=CALIBRATION).module
+    with torch.no_grad():
+        assert torch.allclose(loaded(IDS).logits, pruned(IDS).logits, atol=1e-6)
+    with pytest.raises(InputError, match="importance='cosine' only"):
+        gp.plan(meta, (IDS,), [BlockPrune(n=1, importance="output")], calibration=CALIBRATION, weights=tmp_path)

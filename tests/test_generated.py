@@ -1,6 +1,6 @@
 """Property tests: for random networks, the oracles hold or the pipeline refuses clearly.
 
-CI runs 80 networks through the structural oracles and 10 through the whole compression pipeline
+CI runs 60 networks through the structural oracles and 8 through the whole compression pipeline
 and the ONNX emitter; GRAPHPRUNE_FUZZ_EXAMPLES / GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES raise them.
 Networks are drawn as specs (plain data, :func:`tests.generated.network_specs`); a failing one,
 shrunk by hypothesis, is written to ``tests/regressions/`` and replayed from then on by
@@ -29,8 +29,8 @@ from tests.oracles import Explodes, max_relative_error, outputs, random_plan, sn
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
 
-EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "80"))
-EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "60"))
+EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "8"))
 INPUTS = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)),)
 CALIBRATION = [INPUTS, (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)]
 FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

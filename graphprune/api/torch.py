@@ -16,6 +16,7 @@ import torch.nn as nn
 from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.core.costs import OpCost
+from graphprune.core.depth import BlockRemoval
 from graphprune.core.groups import Analysis
 from graphprune.core.pipeline import STREAMED, Pass, Stage
 from graphprune.core.plan import Plan
@@ -282,6 +283,7 @@ def plan(
         model=type(model).__name__,
         pipeline=report.pipeline,
         structured=[p for p in state.plans if isinstance(p, Plan)],
+        depth=next((p for p in state.plans if isinstance(p, BlockRemoval)), None),
         masks=masks,
         values=values,
         report=report,

@@ -27,7 +27,7 @@ import torch.nn as nn
 from graphprune.core.depth import BlockRemoval
 from graphprune.core.report import UNCHANGED, max_relative_error
 from graphprune.errors import GraphpruneError, InputError, PostconditionError
-from graphprune.frontends.torch.blocks import Blocks, Inputs, first_output, with_first
+from graphprune.frontends.torch.blocks import BlockInputs, Blocks, Inputs, first_output, with_first
 from graphprune.frontends.torch.capture import capture_call, eval_mode, no_kv_cache, normalize_inputs
 
 aten = torch.ops.aten
@@ -72,22 +72,35 @@ class _BlockLists(Blocks):
     containers = (nn.ModuleList, nn.Sequential)
 
 
-def survey(model: nn.Module, example: Any, blocks: str | None = None) -> BlockSurvey:
+def survey(model: nn.Module, example: Any, blocks: str | None = None, runner: Blocks | None = None) -> BlockSurvey:
     """The block list of ``model`` (``blocks``: its path, else the largest list of like modules) and
     which of its blocks are residual, each read from its own graph captured on the inputs it gets
-    when ``model`` runs ``example``.  Refused where the blocks do not form a chain of the stream."""
-    path, container = _BlockLists([example], blocks=blocks).block_list(model)
-    removable, kept = {}, {}
-    for i, inputs in enumerate(block_inputs(model, path, container, example)):
-        try:
-            kind = residual_kind(container[i], inputs)
-        except GraphpruneError as exc:
-            kind = f"cannot capture it alone ({str(exc).splitlines()[0]})"
-        if kind in (PRE_NORM, POST_NORM):
-            removable[i] = kind
-        else:
-            kept[i] = kind
+    when ``model`` runs ``example``.  Refused where the blocks do not form a chain of the stream.
+    With ``runner`` (a streamed plan's), the blocks are its own and each is captured on the inputs
+    the runner's batches give it, with its weights loaded from the checkpoint."""
+    if runner is not None:
+        path, container = runner.block_list(model)
+        kinds = [
+            _kind(segment.block, segment.inputs[0])
+            for _, segment in runner.segments(model)
+            if isinstance(segment, BlockInputs)
+        ]
+    else:
+        path, container = _BlockLists([example], blocks=blocks).block_list(model)
+        kinds = [
+            _kind(block, caught) for block, caught in zip(container, block_inputs(model, path, container, example))
+        ]
+    removable = {i: kind for i, kind in enumerate(kinds) if kind in (PRE_NORM, POST_NORM)}
+    kept = {i: kind for i, kind in enumerate(kinds) if i not in removable}
     return BlockSurvey(path=path, count=len(container), removable=removable, kept=kept)
+
+
+def _kind(block: nn.Module, inputs: Inputs) -> str:
+    """:func:`residual_kind`, or why the block could not be captured alone."""
+    try:
+        return residual_kind(block, inputs)
+    except GraphpruneError as exc:
+        return f"cannot capture it alone ({str(exc).splitlines()[0]})"
 
 
 def block_inputs(model: nn.Module, path: str, container: nn.Module, example: Any) -> list[Inputs]:
@@ -117,16 +130,24 @@ def block_inputs(model: nn.Module, path: str, container: nn.Module, example: Any
         args, _ = caught[i]
         if not args or not isinstance(args[0], torch.Tensor):
             raise InputError(f"{path}.{i} is called without a positional stream tensor: BlockPrune cannot bypass it")
-        if i and not (
-            isinstance(before := first_output(results[i - 1]), torch.Tensor)
-            and before.shape == args[0].shape
-            and torch.equal(before, args[0])
-        ):
+        if i and not _same(first_output(results[i - 1]), args[0]):
             raise InputError(
                 f"the blocks of {path} do not form a chain ({path}.{i} is not called with the first output of "
                 f"{path}.{i - 1}): BlockPrune removes blocks of a chain only"
             )
     return [caught[i] for i in range(len(container))]
+
+
+def _same(before: Any, now: torch.Tensor) -> bool:
+    """The previous block's output is this block's input: the same tensor, or (with values) an equal one."""
+    if before is now:
+        return True
+    return (
+        isinstance(before, torch.Tensor)
+        and before.shape == now.shape
+        and "meta" not in (before.device.type, now.device.type)
+        and torch.equal(before, now)
+    )
 
 
 def residual_kind(block: nn.Module, inputs: Inputs) -> str:
@@ -301,11 +322,9 @@ def stream_change(model: nn.Module, container: nn.Module, batches: list[Any], go
 
     def hook(i: int) -> Callable[..., None]:
         def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0]
-            y = first_output(output)
-            x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-            totals[i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum()
-            counts[i] += x.shape[0]
+            turned, tokens = _turn(args[0], first_output(output))
+            totals[i] += turned
+            counts[i] += tokens
 
         return record
 
@@ -316,6 +335,32 @@ def stream_change(model: nn.Module, container: nn.Module, batches: list[Any], go
     finally:
         for handle in handles:
             handle.remove()
+    return (totals / counts.clamp(min=1)).tolist()
+
+
+def _turn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The sum over tokens of one minus the cosine between a block's input and output streams, and
+    the number of tokens."""
+    x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    return (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum(), x.shape[0]
+
+
+def stream_change_by_block(runner: Blocks, model: nn.Module, gone: Sequence[int] = ()) -> list[float]:
+    """:func:`stream_change` with the batches run block by block by ``runner`` (a streamed plan's,
+    whose weights are read from the checkpoint one block at a time)."""
+    path, container = runner.block_list(model)
+    totals = torch.zeros(len(container), dtype=torch.float64)
+    counts = torch.zeros(len(container), dtype=torch.float64)
+    with bypassed(container, gone):
+        for name, segment in runner.segments(model):
+            if not isinstance(segment, BlockInputs):
+                continue
+            i = int(name.rsplit(".", 1)[1])
+            with torch.no_grad():
+                for args, kwargs in segment.inputs:
+                    turned, tokens = _turn(args[0], first_output(segment.block(*args, **kwargs)))
+                    totals[i] += turned
+                    counts[i] += tokens
     return (totals / counts.clamp(min=1)).tolist()
 
 

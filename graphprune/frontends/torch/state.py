@@ -40,7 +40,7 @@ from graphprune.frontends.torch.calibration import (
 )
 from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_outputs, tensor_at
 from graphprune.frontends.torch.compensation import ModuleRefit, apply_bias_corrections
-from graphprune.frontends.torch.depth import remove_checked
+from graphprune.frontends.torch.depth import remove_blocks, remove_checked
 from graphprune.frontends.torch.distributed import reduce_sum, single_process_only
 from graphprune.frontends.torch.fake_quant import (
     is_quantized,
@@ -307,8 +307,12 @@ class CompressionState:
     def remove_blocks(self, removal: BlockRemoval) -> list[str]:
         """Remove whole blocks (:func:`graphprune.frontends.torch.depth.remove_blocks`), verified: on the
         example inputs the model computes what it computed with those blocks bypassed (else it is put
-        back and the error raised); the model is captured again.  Returns what was renumbered."""
-        notes = remove_checked(self.model, removal, self.captured.args, self.captured.kwargs)
+        back and the error raised; a streamed plan has no values to compare); the model is captured
+        again.  Returns what was renumbered."""
+        if self.stream is None:
+            notes = remove_checked(self.model, removal, self.captured.args, self.captured.kwargs)
+        else:  # weights on meta: the removal is checked by the capture alone, as streamed pruning is
+            notes = remove_blocks(self.model, removal).notes
         captured = capture_masked(self.model, self.captured.args, self.captured.kwargs)
         self.replace_model(self.model, captured)
         self.plans.append(removal)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from graphprune.algorithms.nm import NMPattern, satisfies
+from graphprune.core.depth import BlockRemoval
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
 from graphprune.frontends.torch.blocks import Blocks
@@ -85,24 +86,31 @@ class Stream(Blocks):
                 f"{name} is read after a pass chose its mask; a streamed run does not re-read masked "
                 "weights (no pass after NMSparsity reads weights there)"
             )
-        found = next((n for n in [name, *aliases] if self.prefix + n in self.checkpoint), None)
+        found = next((n for n in [name, *aliases] if self.stored_name(n) in self.checkpoint), None)
         if found is None:
-            close = difflib.get_close_matches(self.prefix + name, list(self.checkpoint), n=1)
+            close = difflib.get_close_matches(self.stored_name(name), list(self.checkpoint), n=1)
             raise InputError(
-                f"{self.prefix + name} is not in the checkpoint{f' (closest: {close[0]})' if close else ''}"
+                f"{self.stored_name(name)} is not in the checkpoint{f' (closest: {close[0]})' if close else ''}"
                 "; a buffer the checkpoint does not hold must be real in the model (build it under "
                 "graphprune.parameters_on_meta()), and names that differ by a prefix need prefix="
             )
         structured = [p for p in self.plans if isinstance(p, Plan)]
-        tensor = PlanFile("", structured=structured).planned(name, self.checkpoint[self.prefix + found])
+        tensor = PlanFile("", structured=structured).planned(name, self.checkpoint[self.stored_name(found)])
         if like is not None:
             if tensor.shape != like.shape:
                 raise InputError(
-                    f"{self.prefix + found} is {list(tensor.shape)} in the checkpoint (as planned so far), "
+                    f"{self.stored_name(found)} is {list(tensor.shape)} in the checkpoint (as planned so far), "
                     f"the model has {list(like.shape)}: not the checkpoint of this model"
                 )
             tensor = tensor.to(like.dtype)
         return tensor
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint's name of the model's tensor ``name``: with the prefix, and numbered as before
+        any block removal of the plans so far."""
+        for removal in reversed([p for p in self.plans if isinstance(p, BlockRemoval)]):
+            name = removal.original(name)
+        return self.prefix + name
 
     def weights(self, model: nn.Module) -> Mapping[str, torch.Tensor]:
         """Every parameter of ``model`` by name, read when asked for (what weight criteria read)."""
@@ -120,7 +128,7 @@ class Stream(Blocks):
             for path, module in modules:
                 for store in (module._parameters, module._buffers):
                     for attr, tensor in store.items():
-                        stored = store is module._buffers and self.prefix + qualified(path, attr) in self.checkpoint
+                        stored = store is module._buffers and self.stored_name(qualified(path, attr)) in self.checkpoint
                         if tensor is None or (tensor.device.type != "meta" and not stored):
                             continue
                         if id(tensor) not in real:
