@@ -62,6 +62,7 @@ def test_ignore_and_per_module_ratios(sample):
     assert result.module.layers[3].conv1.out_channels == 32  # 64 * 0.5
 
 
+@pytest.mark.slow
 def test_global_ranking_respects_the_cap(sample):
     model, x = sample
     result = gp.prune(model, x, passes=[ChannelPrune(0.5, allocation="global", max_ratio=0.6)])

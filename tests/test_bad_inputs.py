@@ -221,6 +221,7 @@ def test_onnx_files_that_cannot_be_read(tmp_path):
         gp.prune_onnx(model, passes=[ChannelPrune(0.5)])
 
 
+@pytest.mark.slow
 def test_quantized_onnx_models_are_refused(tmp_path):
     model = _mlp()  # seeded first: the same draws in every run
     x = (torch.randn(2, 8),)

@@ -66,6 +66,7 @@ def test_the_pruned_checkpoint_loads_and_computes_what_the_pruned_module_compute
     assert (tmp_path / "out" / "generation_config.json").exists()
 
 
+@pytest.mark.slow
 def test_config_sizes_are_inferred_where_shapes_tell(pruned, tmp_path):
     folder, _ = pruned
     gp.prune(_llama(), IDS, passes=[ChannelPrune(0.5, round_to=8, heads=False)]).save_plan(tmp_path / "plan")
@@ -170,6 +171,7 @@ def test_plan_files_carry_the_slices_a_checkpoint_needs(pruned):
     assert loaded.masks["model.layers.0.mlp.gate_proj.weight"].pattern == NMPattern(2, 4, LINEAR)
 
 
+@pytest.mark.slow
 def test_the_command_line_applies_a_plan_to_a_checkpoint(pruned, tmp_path, capsys):
     from graphprune.cli import EXIT_INPUT, main
 

@@ -347,6 +347,7 @@ def _llama_checkpoint(folder, vocab_size: int = 100) -> T.LlamaForCausalLM:
     return model
 
 
+@pytest.mark.slow
 def test_plan_a_checkpoint_folder_then_apply_it(tmp_path):
     """plan is the first half of prune: the plan of a folder, written; apply-checkpoint then gives
     the checkpoint of the model pruned in memory.  Pass options on a plan file are refused, not

@@ -52,6 +52,7 @@ def test_batchnorm_reestimation_matches_statistics_computed_by_hand():
         assert bn.momentum == 0.1
 
 
+@pytest.mark.slow
 def test_channel_prune_reestimates_batchnorm_on_request():
     model, x = resnet.build()
     batches = [(torch.randn(6, 3, 32, 32),) for _ in range(2)]

@@ -21,6 +21,7 @@ def _kl(student, teacher, batches) -> float:
         return sum(float(distillation.loss(student, b, i)) for i, b in enumerate(batches)) / len(batches)
 
 
+@pytest.mark.slow
 def test_a_student_equal_to_its_teacher_has_no_loss_and_states_match_by_kept_block():
     setup = tiny_lm()
     same = clone(setup.model)

@@ -104,6 +104,7 @@ def test_channel_pruned_layers_are_compared_with_their_kept_dense_channels():
         assert torch.allclose(result.module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
 
 
+@pytest.mark.slow
 def test_onnx_export_carries_the_paths_float_and_int8(tmp_path):
     model, data = _mlp()
     x = data[1][0]

@@ -191,6 +191,7 @@ def test_atomic_write_and_path_errors(tmp_path, monkeypatch):
     assert _relative_error(_run_onnx(str(tmp_path / "ext.onnx"), x), _torch_outputs(model, x)) < 1e-5
 
 
+@pytest.mark.slow
 def test_batch_of_one_still_gives_a_dynamic_batch_and_static_is_available(tmp_path):
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     gp.export_onnx(model, (torch.randn(1, 8),), tmp_path / "dynamic.onnx")

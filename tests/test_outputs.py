@@ -126,6 +126,7 @@ def test_staging_folders_of_dead_processes_are_swept_by_the_next_write(tmp_path,
 
 
 # ------------------------------------------------------------------ report pages
+@pytest.mark.slow
 def test_report_pages_never_replace_a_folder_graphprune_did_not_make(tmp_path, monkeypatch, pruned):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
@@ -316,6 +317,7 @@ def test_cli_internal_errors_exit_4_and_ask_for_a_report(capsys, monkeypatch):
     assert "a plan kept a channel twice" in err and "this is a bug in graphprune, please report it" in err
 
 
+@pytest.mark.slow
 def test_a_failed_writer_leaves_nothing_in_the_callers_transaction(tmp_path):
     model, x = _mlp(), (torch.randn(2, 8),)
     with Outputs() as out:

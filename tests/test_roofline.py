@@ -83,6 +83,7 @@ def test_op_time_is_the_roofline_formula():
     assert op_time(layer, Format("fp32", "fp32", (4, 8)), TOY) == dense  # only 2:4 has sparse tensor cores
 
 
+@pytest.mark.slow
 def test_the_model_itself_predicts_no_change_and_pruning_more_is_faster():
     model, x = ResNet().eval(), (torch.randn(2, 3, 32, 32),)
     same = gp.roofline(model, x, device=TOY)

@@ -192,6 +192,7 @@ def test_blocks_that_are_not_a_chain_are_refused(tmp_path):
         gp.plan(meta, (x,), [NMSparsity(2, 4, method="wanda")], calibration=[x], weights=weights, blocks="stem")
 
 
+@pytest.mark.slow
 def test_what_a_streamed_plan_cannot_do_is_refused_up_front(llama, tmp_path):
     model, folder, meta = llama
     with pytest.raises(gp.InputError, match="parameters must be on meta"):

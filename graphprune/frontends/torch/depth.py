@@ -117,9 +117,10 @@ def block_inputs(model: nn.Module, path: str, container: nn.Module, example: Any
             )
         )
         handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: results.setdefault(i, out)))
+    args, kwargs = normalize_inputs(example)
     try:
         with no_kv_cache(model), eval_mode(model), torch.no_grad():
-            model(*normalize_inputs(example)[0], **normalize_inputs(example)[1])
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
