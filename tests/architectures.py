@@ -55,6 +55,21 @@ def llama_gqa():
     return T.LlamaForCausalLM(cfg), _ids()
 
 
+def small_llama(hidden: int = 64, layers: int = 2) -> T.LlamaForCausalLM:
+    """A LLaMA with GQA (4 query heads over 2) and an explicit head size, seeded, in eval mode."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=layers,
+        vocab_size=100,
+        head_dim=16,
+    )
+    return T.LlamaForCausalLM(cfg).eval()
+
+
 def qwen3():
     cfg = T.Qwen3Config(
         hidden_size=64,

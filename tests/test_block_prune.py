@@ -18,23 +18,14 @@ from graphprune.errors import ContractError, InputError, PostconditionError
 from graphprune.frontends.torch.copying import clone
 from graphprune.frontends.torch.depth import POST_NORM, PRE_NORM, survey
 from graphprune.passes import BlockPrune, ChannelPrune
+from tests.architectures import small_llama
 
 IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 CALIBRATION = [(torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(s)),) for s in (1, 2)]
 
 
 def _llama(layers: int = 4) -> T.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=layers,
-        vocab_size=100,
-        head_dim=16,
-    )
-    return T.LlamaForCausalLM(cfg).eval()
+    return small_llama(layers=layers)
 
 
 def _qwen(layers: int = 5) -> T.Qwen2ForCausalLM:

@@ -16,31 +16,18 @@ import graphprune.io.checkpoint as checkpoint
 from graphprune.algorithms.nm import LINEAR, NMPattern, satisfies
 from graphprune.frontends.torch.copying import clone
 from graphprune.passes import ChannelPrune, NMSparsity
+from tests.architectures import small_llama
 
 # hidden 64 -> 32, query heads 4 -> 1 and kv heads 2 -> 1 (GQA groups), MLP 128 -> 64 (see the plan)
 CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1}
 IDS = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))}
 
 
-def _llama(hidden: int = 64) -> T.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=100,
-        head_dim=16,
-    )
-    return T.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """A multi-shard checkpoint of a small LLaMA, and the plan of channels + 2:4 made on it."""
     folder = tmp_path_factory.mktemp("checkpoint")
-    model = _llama()
+    model = small_llama()
     model.save_pretrained(folder / "source", max_shard_size="100KB")
     result = gp.prune(model, IDS, passes=[ChannelPrune(0.5, round_to=8), NMSparsity(2, 4)])
     result.save_plan(folder / "plan")
@@ -69,7 +56,7 @@ def test_the_pruned_checkpoint_loads_and_computes_what_the_pruned_module_compute
 @pytest.mark.slow
 def test_config_sizes_are_inferred_where_shapes_tell(pruned, tmp_path):
     folder, _ = pruned
-    gp.prune(_llama(), IDS, passes=[ChannelPrune(0.5, round_to=8, heads=False)]).save_plan(tmp_path / "plan")
+    gp.prune(small_llama(), IDS, passes=[ChannelPrune(0.5, round_to=8, heads=False)]).save_plan(tmp_path / "plan")
     report = gp.apply_to_checkpoint(tmp_path / "plan.json", folder / "source", tmp_path / "out")
     assert report.config == {"hidden_size": 32, "intermediate_size": 64}  # found by the architecture's own shapes
     assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.intermediate_size == 64
@@ -126,7 +113,7 @@ def test_inferred_head_counts_are_those_of_the_model_the_plan_made(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_refused(pruned, tmp_path):
     folder, _ = pruned
-    _llama(hidden=48).save_pretrained(tmp_path / "other")
+    small_llama(hidden=48).save_pretrained(tmp_path / "other")
     with pytest.raises(gp.InputError, match="not the same architecture"):
         gp.apply_to_checkpoint(folder / "plan.json", tmp_path / "other", tmp_path / "out", config=CONFIG)
     with pytest.raises(gp.InputError, match="does it need prefix="):  # names that do not match at all
