@@ -16,7 +16,7 @@ import graphprune as gp
 from graphprune.core.depth import BlockRemoval
 from graphprune.errors import ContractError, InputError, PostconditionError
 from graphprune.frontends.torch.copying import clone
-from graphprune.frontends.torch.depth import POST_NORM, PRE_NORM, survey
+from graphprune.frontends.torch.depth import POST_NORM, PRE_NORM, bypassed, survey
 from graphprune.passes import BlockPrune, ChannelPrune
 from tests.architectures import small_llama
 
@@ -336,3 +336,14 @@ def test_a_streamed_depth_plan_is_the_plan_made_in_memory_and_applies_to_its_che
         assert torch.allclose(loaded(IDS).logits, pruned(IDS).logits, atol=1e-6)
     with pytest.raises(InputError, match="importance='cosine' only"):
         gp.plan(meta, (IDS,), [BlockPrune(n=1, importance="output")], calibration=CALIBRATION, weights=tmp_path)
+
+
+def test_a_bypass_puts_back_the_forward_a_block_had_of_its_own():
+    model, x = _Chain(["residual"] * 3), torch.randn(4, 8)
+    wrapped = model.blocks[1].forward  # a wrapper set on the instance, as hooks libraries do
+    model.blocks[1].forward = lambda t: wrapped(t)
+    own = vars(model.blocks[1])["forward"]
+    with bypassed(model.blocks, [0, 1]):
+        with torch.no_grad():
+            assert torch.equal(model(x), model.head(model.blocks[2](x)))
+    assert vars(model.blocks[1])["forward"] is own and "forward" not in vars(model.blocks[0])

@@ -67,6 +67,13 @@ def test_logits_saved_to_disk_train_what_the_teacher_module_trains(depth_plan, t
     setup = tiny_lm()
     path = save_teacher_logits(setup.model, setup.batches, tmp_path / "logits.safetensors", outputs=setup.outputs)
     assert TeacherLogits(path).count == len(setup.batches)
+    assert save_teacher_logits(setup.model, setup.batches[:1], path, outputs=setup.outputs) == path  # its own file
+    assert TeacherLogits(path).count == 1
+    save_teacher_logits(setup.model, setup.batches, path, outputs=setup.outputs)
+    (tmp_path / "mine.safetensors").write_bytes(b"a file graphprune did not write")
+    with pytest.raises(InputError, match="mine.safetensors"):
+        save_teacher_logits(setup.model, setup.batches, tmp_path / "mine.safetensors", outputs=setup.outputs)
+    assert (tmp_path / "mine.safetensors").read_bytes() == b"a file graphprune did not write"
     from_module = fine_tune(setup, plan=depth_plan / "plan.json", teacher="dense", steps=5, lr=0.5)
     from_disk = fine_tune(tiny_lm(), plan=depth_plan / "plan.json", teacher=path, steps=5, lr=0.5)
     assert set(from_module.values) == set(from_disk.values)

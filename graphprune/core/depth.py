@@ -8,6 +8,7 @@ way; :meth:`BlockRemoval.renamed` maps a name of the model as given to its name 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from graphprune.errors import InputError
@@ -40,23 +41,29 @@ class BlockRemoval:
     def renamed(self, name: str) -> str | None:
         """``name`` (a tensor or module path of the model as given) after the removal: the same
         outside the blocks, renumbered inside a kept one, None inside a removed one."""
-        head = self.blocks + "." if self.blocks else ""
-        if not name.startswith(head):
+        split = self._split(name, self.count)
+        if split is None:
             return name
-        index, dot, rest = name[len(head) :].partition(".")
-        if not index.isdigit() or int(index) >= self.count:
-            return name
-        position = int(index)
+        position, rest = split
         if position in self.removed:
             return None
-        return f"{head}{self.kept.index(position)}{dot}{rest}"
+        return f"{self.blocks}.{self.kept.index(position)}{rest}"
 
     def original(self, name: str) -> str:
         """The name in the model as given of ``name`` (a name after the removal)."""
-        head = self.blocks + "." if self.blocks else ""
-        if not name.startswith(head):
-            return name
-        index, dot, rest = name[len(head) :].partition(".")
-        if not index.isdigit() or int(index) >= len(self.kept):
-            return name
-        return f"{head}{self.kept[int(index)]}{dot}{rest}"
+        split = self._split(name, len(self.kept))
+        return name if split is None else f"{self.blocks}.{self.kept[split[0]]}{split[1]}"
+
+    def _split(self, name: str, count: int) -> tuple[int, str] | None:
+        """``name`` as (block position, the rest from its dot) when it lies in one of ``count`` blocks."""
+        index, dot, rest = name.removeprefix(self.blocks + ".").partition(".")
+        if not name.startswith(self.blocks + ".") or not index.isdigit() or int(index) >= count:
+            return None
+        return int(index), dot + rest
+
+
+def original_name(plans: Iterable[object], name: str) -> str:
+    """``name`` (as the model is after the block removals among ``plans``) in the model as given."""
+    for removal in reversed([p for p in plans if isinstance(p, BlockRemoval)]):
+        name = removal.original(name)
+    return name

@@ -43,7 +43,7 @@ from graphprune.frontends.torch.depth import remove_checked
 from graphprune.frontends.torch.lowrank import compensate, refusal
 from graphprune.frontends.torch.masks import attach, stored_at
 from graphprune.io.outputs import Outputs, resolved, writing
-from graphprune.io.tensor_store import PartWriter, TensorFiles, opened
+from graphprune.io.tensor_store import PartWriter, TensorFiles, file_format
 
 FORMAT, VERSION = "graphprune-plan", 4  # 2 added values and part files, 3 low-rank paths, 4 removed blocks
 PART_METADATA = {"format": FORMAT}  # in each tensor file's header: marks it as a plan's, safe to replace
@@ -391,12 +391,7 @@ def _is_plan_json(path: str) -> bool:
 
 def _is_plan_part(path: str) -> bool:
     """Whether ``path`` is a plan's tensor file: its header carries :data:`PART_METADATA`."""
-    try:
-        with opened(path) as f:
-            metadata = f.metadata() or {}
-    except InputError:
-        return False
-    return metadata.get("format") == FORMAT
+    return file_format(path) == FORMAT
 
 
 # ------------------------------------------------------------------ the file's schema

@@ -147,3 +147,14 @@ class PartWriter:
         """Write what is pending; the written tensors, read back lazily (where they were written)."""
         self.flush(last=True)
         return TensorFiles(self._written)
+
+
+def file_format(path: str) -> str | None:
+    """The ``format`` a safetensors file's header names (what marks a file graphprune wrote), or None
+    for a file that is not one or names none."""
+    try:
+        with opened(path) as f:
+            metadata = f.metadata() or {}
+    except InputError:
+        return None
+    return metadata.get("format")

@@ -28,8 +28,11 @@ from graphprune.errors import InputError
 from graphprune.frontends.torch.blocks import first_output
 from graphprune.frontends.torch.capture import eval_mode, normalize_inputs
 from graphprune.frontends.torch.distributed import split_batch
+from graphprune.io.outputs import writing
+from graphprune.io.tensor_store import file_format
 
 Outputs = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> the logits distillation matches
+LOGITS_FORMAT = "graphprune-teacher-logits"  # in the header of a file save_teacher_logits wrote
 
 
 def first_logits(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -62,12 +65,20 @@ class TeacherLogits:
 
 
 def save_teacher_logits(
-    teacher: nn.Module, batches: Sequence[Any], path: str | os.PathLike, *, outputs: Outputs = first_logits
+    teacher: nn.Module,
+    batches: Sequence[Any],
+    path: str | os.PathLike,
+    *,
+    outputs: Outputs = first_logits,
+    overwrite: bool = False,
 ) -> str:
-    """Write ``teacher``'s logits on each of ``batches`` (whole global batches) to ``path``."""
+    """Write ``teacher``'s logits on each of ``batches`` (whole global batches) to ``path``; an existing
+    file is replaced only if it holds teacher logits graphprune wrote, or with ``overwrite``."""
     with torch.no_grad(), eval_mode(teacher):
         tensors = {f"batch/{i}": outputs(teacher, batch).detach().cpu().contiguous() for i, batch in enumerate(batches)}
-    save_file(tensors, str(path), metadata={"format": "graphprune-teacher-logits"})
+    with writing(None, overwrite=overwrite) as out:
+        staged = out.claim(path, ours=lambda existing: file_format(existing) == LOGITS_FORMAT)
+        save_file(tensors, staged, metadata={"format": LOGITS_FORMAT})
     return str(path)
 
 

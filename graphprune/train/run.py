@@ -92,7 +92,7 @@ def learn_masks(
         steps,
         torch.optim.Adam(masks.parameters(), lr=lr),
         masks.step,
-        _task(setup, model, None),
+        _task(setup, None),
         masks.regularization,
     )
     masks.finalize()
@@ -122,14 +122,12 @@ def fine_tune(
     setup's, or, with ``teacher`` (``"dense"``: the setup's model as built; else a file of
     :func:`save_teacher_logits`), distillation (:class:`~graphprune.train.distill.Distillation`, with
     ``temperature``, ``task_weight``, and ``states_weight`` on the blocks a removal kept)."""
-    if plan is not None:
+    if plan is not None:  # either way the setup's model stays as built: the teacher
         decided = PlanFile.load(plan)
-        dense = setup.model
-        model = apply_plan_file(dense, setup.example_inputs, decided)
+        model = apply_plan_file(setup.model, setup.example_inputs, decided)
         pipeline = list(decided.pipeline)
     else:
         decided = None
-        dense = setup.model  # prune leaves it as it is: the teacher
         result = prune(
             setup.model,
             setup.example_inputs,
@@ -138,9 +136,9 @@ def fine_tune(
         )
         model, pipeline = result.module, list(result.report.pipeline)
     trainer = SparseTraining(model, recipe=recipe) if nm_masks(model) else None
-    loss = _task(setup, model, None)
+    loss = _task(setup, None)
     if teacher is not None:
-        source = dense if teacher == "dense" else TeacherLogits(teacher)
+        source = setup.model if teacher == "dense" else TeacherLogits(teacher)
         matched = []
         if states_weight:
             depth = decided.depth if decided is not None else None
@@ -157,7 +155,7 @@ def fine_tune(
             matched=matched,
             outputs=setup.outputs,
         )
-        loss = _task(setup, model, distillation)
+        loss = _task(setup, distillation)
     parameters = [p for p in model.parameters() if p.requires_grad]
     _train(model, setup, steps, torch.optim.SGD(parameters, lr=lr), trainer.step if trainer else _nothing, loss)
     if trainer is not None:
@@ -184,9 +182,7 @@ def _nothing() -> None:
     return None
 
 
-def _task(
-    setup: Setup, model: nn.Module, distillation: Distillation | None
-) -> Callable[[nn.Module, Any, int], torch.Tensor]:
+def _task(setup: Setup, distillation: Distillation | None) -> Callable[[nn.Module, Any, int], torch.Tensor]:
     """The training loss of a step: the setup's, or distillation (with the setup's as its task term)."""
     if distillation is None:
         return lambda trained, batch, index: setup.loss(trained, batch)

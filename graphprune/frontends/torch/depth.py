@@ -206,14 +206,18 @@ def _role(node: fx.Node) -> str | None:
 def bypassed(container: nn.Module, positions: Sequence[int]) -> Iterator[None]:
     """While open, the blocks at ``positions`` hand on their first input as their first output (the
     rest of their output as computed): the model without those blocks, as the oracle sees it."""
+    own = {i: vars(container[i]).get("forward") for i in positions}  # an instance's own forward, if any
     for i in positions:
         block = container[i]
-        block.forward = (lambda own: lambda *a, **k: with_first(own(*a, **k), a[0]))(block.forward)
+        block.forward = (lambda call: lambda *a, **k: with_first(call(*a, **k), a[0]))(block.forward)
     try:
         yield
     finally:
         for i in positions:
-            del container[i].forward
+            if own[i] is None:
+                del container[i].forward
+            else:
+                container[i].forward = own[i]
 
 
 @dataclass
@@ -262,10 +266,10 @@ def remove_checked(model: nn.Module, removal: BlockRemoval, args: tuple, kwargs:
     those blocks bypassed, else it is put back and :class:`PostconditionError` raised."""
     container = model.get_submodule(removal.blocks)
     with bypassed(container, removal.removed):
-        expected = _outputs(model, (args, kwargs))
+        expected = _outputs(model, args, kwargs)
     removed = remove_blocks(model, removal)
     try:
-        error = max_relative_error(_outputs(model, (args, kwargs)), expected)
+        error = max_relative_error(_outputs(model, args, kwargs), expected)
     except BaseException:
         removed.undo()
         raise
@@ -349,7 +353,7 @@ def _turn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
 def stream_change_by_block(runner: Blocks, model: nn.Module, gone: Sequence[int] = ()) -> list[float]:
     """:func:`stream_change` with the batches run block by block by ``runner`` (a streamed plan's,
     whose weights are read from the checkpoint one block at a time)."""
-    path, container = runner.block_list(model)
+    _, container = runner.block_list(model)
     totals = torch.zeros(len(container), dtype=torch.float64)
     counts = torch.zeros(len(container), dtype=torch.float64)
     with bypassed(container, gone):
@@ -370,13 +374,14 @@ def output_change(
 ) -> list[float]:
     """For each block at ``positions``, the relative squared change of the model's outputs on the
     batches (against the model as it is) when that block and those at ``gone`` are bypassed."""
-    reference = [_outputs(model, batch) for batch in batches]
+    calls = [normalize_inputs(batch) for batch in batches]
+    reference = [_outputs(model, *call) for call in calls]
     scores = []
     for i in positions:
         with bypassed(container, [*gone, i]):
             change = norm = 0.0
-            for batch, dense in zip(batches, reference):
-                for a, b in zip(_outputs(model, batch), dense, strict=True):
+            for call, dense in zip(calls, reference):
+                for a, b in zip(_outputs(model, *call), dense, strict=True):
                     change += float((a.double() - b.double()).square().sum())
                     norm += float(b.double().square().sum())
         scores.append(change / max(norm, 1e-30))
@@ -404,16 +409,11 @@ def loss_without(
 
 def _run(model: nn.Module, batches: list[Any]) -> None:
     for batch in batches:
-        _outputs(model, batch)
+        _outputs(model, *normalize_inputs(batch))
 
 
-def _outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
-    """The model's floating outputs on ``batch`` (example inputs, or an ``(args, kwargs)`` pair)."""
-    args, kwargs = batch if _is_call(batch) else normalize_inputs(batch)
+def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The model's floating outputs on ``args`` and ``kwargs``."""
     with no_kv_cache(model), eval_mode(model), torch.no_grad():
         out = model(*args, **kwargs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _is_call(batch: Any) -> bool:
-    return isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], tuple) and isinstance(batch[1], dict)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from graphprune.algorithms.nm import CONV, NMPattern
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
-from graphprune.core.depth import BlockRemoval
+from graphprune.core.depth import BlockRemoval, original_name
 from graphprune.core.frontend import Activations
 from graphprune.core.groups import Analysis
 from graphprune.core.layers import output_heads
@@ -299,10 +299,8 @@ class CompressionState:
         if self.dense is None:
             raise InternalError("this state was made without the model as given: no dense weights to compare with")
         structured = [p for p in self.plans if isinstance(p, Plan)]
-        name = layer.weight
-        for removal in reversed([p for p in self.plans if isinstance(p, BlockRemoval)]):
-            name = removal.original(name)
-        return PlanFile("", structured=structured).planned(layer.weight, tensor_at(self.dense, name).detach())
+        dense = tensor_at(self.dense, original_name(self.plans, layer.weight)).detach()
+        return PlanFile("", structured=structured).planned(layer.weight, dense)
 
     def remove_blocks(self, removal: BlockRemoval) -> list[str]:
         """Remove whole blocks (:func:`graphprune.frontends.torch.depth.remove_blocks`), verified: on the

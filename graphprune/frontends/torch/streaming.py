@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from graphprune.algorithms.nm import NMPattern, satisfies
-from graphprune.core.depth import BlockRemoval
+from graphprune.core.depth import original_name
 from graphprune.core.plan import Plan
 from graphprune.errors import InputError
 from graphprune.frontends.torch.blocks import Blocks
@@ -108,9 +108,7 @@ class Stream(Blocks):
     def stored_name(self, name: str) -> str:
         """The checkpoint's name of the model's tensor ``name``: with the prefix, and numbered as before
         any block removal of the plans so far."""
-        for removal in reversed([p for p in self.plans if isinstance(p, BlockRemoval)]):
-            name = removal.original(name)
-        return self.prefix + name
+        return self.prefix + original_name(self.plans, name)
 
     def weights(self, model: nn.Module) -> Mapping[str, torch.Tensor]:
         """Every parameter of ``model`` by name, read when asked for (what weight criteria read)."""
