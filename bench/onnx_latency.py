@@ -80,7 +80,7 @@ def main() -> None:
                     path, {k: v.numpy() for k, v in inputs.items()}, runs=args.runs, threads=args.threads
                 )
                 base_ms = base_ms or ms
-                ops = ", ".join(f"{k} {v}" for k, v in sorted(exported.int8_ops.items())) or "-"
+                ops = ", ".join(f"{k} {v}" for k, v in sorted(exported.quantized_ops.items())) or "-"
                 size = os.path.getsize(path) / 1e6
                 print(
                     f"{name:<10}{variant:<26}{size:>8.1f}{ms:>9.1f}{base_ms / ms:>8.2f}x"

@@ -1,4 +1,4 @@
-"""graphprune: a compiler for model compression (structured pruning, N:M sparsity, int8).
+"""graphprune: a compiler for model compression (structured pruning, N:M sparsity, int8/int4/fp8).
 
 import graphprune as gp
 from graphprune.passes import ChannelPrune

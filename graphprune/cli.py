@@ -311,7 +311,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         "onnx": {
             "max_error": written.max_error,
             "l2_error": written.l2_error,
-            "int8_ops": written.int8_ops,
+            "quantized_ops": written.quantized_ops,
             "sparse_weights": len(written.sparse_weights),
         },
     }

@@ -35,7 +35,7 @@ from graphprune.algorithms.refine import NOTHING, Refinement, refine_layer
 from graphprune.algorithms.sparsegpt import PRECISIONS, layer_hessians, sparsegpt_layers
 from graphprune.core.frontend import Frontend
 from graphprune.core.groups import Analysis
-from graphprune.core.layers import WeightLayer
+from graphprune.core.layers import WeightLayer, by_input
 from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
 from graphprune.errors import InputError
 
@@ -283,7 +283,7 @@ class NMSparsity(Pass):
             return self._refine_layer(layer, dense, new, keep, hessians, refined)
 
         return sparsegpt_layers(
-            _by_input(layers),
+            by_input(layers),
             lambda layer, precision: layer_hessians(state, layer, calibration, precision),
             state.weight,
             lambda layer, new, keep: self._write(
@@ -306,7 +306,7 @@ class NMSparsity(Pass):
     ) -> None:
         """Magnitude or Wanda masks on one part of the model, refined on Hessians read from the model
         as already sparsified upstream (the masks the method alone would choose are the start)."""
-        for group in _by_input(layers):
+        for group in by_input(layers):
             hessians = layer_hessians(state, group[0], calibration, self.precision)
             for layer in group:
                 dense = state.weight(layer)
@@ -347,14 +347,6 @@ class NMSparsity(Pass):
         if learned and self.learned_weights == "prior" and dense is not None:
             values = torch.where(keep, new.to(dense.dtype), dense)
         state.write_nm(layer, keep, NMPattern(self.n, self.m, layer.layout), values=values, zero_pruned=not learned)
-
-
-def _by_input(layers: list[WeightLayer]) -> list[list[WeightLayer]]:
-    """Layers grouped by the activation they read (a conv by its own patches), in graph order."""
-    by_input: dict[tuple, list[WeightLayer]] = {}
-    for layer in layers:
-        by_input.setdefault((layer.activation, layer.owner if layer.layout == CONV else None), []).append(layer)
-    return list(by_input.values())
 
 
 def _refinement(total: Refinement, layers: int) -> str:

@@ -60,7 +60,7 @@ def test_prune_writes_a_verified_onnx_file_and_a_json_report(pruned):
         "NMSparsity",
         "Quantize",
     ]
-    assert summary["onnx"]["int8_ops"]["QLinearConv"] > 0
+    assert summary["onnx"]["quantized_ops"]["QLinearConv"] > 0
     assert summary["latency_ms"]["dense"] > 0 and summary["latency_ms"]["compressed"] > 0
     pages = out / "small.onnx.report"
     assert sorted(os.listdir(pages)) == [

@@ -84,7 +84,7 @@ def test_int8_qdq_model_fuses_matches_fake_quant_and_keeps_patterns(tmp_path):
     report = result.export_onnx(path)
     plan = result.plans[-1]
     assert report.quantized_layers == len(plan.layers)
-    assert report.int8_ops.get("QLinearConv", 0) + report.int8_ops.get("QGemm", 0) == len(plan.layers)
+    assert report.quantized_ops.get("QLinearConv", 0) + report.quantized_ops.get("QGemm", 0) == len(plan.layers)
     probe = (torch.randn(3, 3, 32, 32),)
     assert _relative_error(_run_onnx(path, probe), _torch_outputs(result.module, probe)) < 0.01
     model = onnx.load(path)
@@ -108,7 +108,7 @@ def test_int8_transformer_fuses_matmuls(tmp_path):
     model, inputs = build("bert")
     result = gp.prune(model, inputs, calibration=[inputs], passes=[NMSparsity(2, 4), Quantize()])
     report = result.export_onnx(tmp_path / "bert.onnx")
-    assert sum(report.int8_ops.values()) == report.quantized_layers == len(result.plans[-1].layers)
+    assert sum(report.quantized_ops.values()) == report.quantized_layers == len(result.plans[-1].layers)
     bigger = _bigger_batch(inputs)
     assert _relative_error(_run_onnx(str(tmp_path / "bert.onnx"), bigger), _torch_outputs(result.module, bigger)) < 0.01
 

@@ -394,7 +394,7 @@ def test_int8_follows_the_torch_plan(exported, tmp_path):
     torch_result = gp.prune(model, inputs, passes=[NMSparsity(2, 4), Quantize()], calibration=[inputs])
     tied_head = 1 if name == "gpt2" else 0  # shared with the embedding in PyTorch (left float), not in ONNX
     assert written.quantized_layers == len(torch_result.plans[-1].layers) + tied_head
-    assert sum(written.int8_ops.values()) == written.quantized_layers
+    assert sum(written.quantized_ops.values()) == written.quantized_layers
     assert len(written.sparse_weights) == len(result.masked) > 0
     got = ort.InferenceSession(written.path, providers=["CPUExecutionProvider"]).run(None, feeds[0])
     want = [t.numpy() for t in outputs(torch_result.module, inputs)]
@@ -417,7 +417,7 @@ def test_tf2onnx_layout_full_pipeline(tmp_path):
         nhwc_model(), passes=[ChannelPrune(0.25), NMSparsity(2, 4, dense_heads=False), Quantize()], calibration=feeds
     )
     written = result.save(tmp_path / "int8.onnx")
-    assert written.int8_ops == {"QLinearConv": 3, "QGemm": 1}
+    assert written.quantized_ops == {"QLinearConv": 3, "QGemm": 1}
     assert written.quantization_error < 0.1 and written.l2_error < 0.01
     model = onnx.load(written.path)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -519,7 +519,7 @@ def test_onnx_plan_files_replay_the_run(tmp_path):
     assert np.array_equal(run_model(replayed, feeds[1])[0], run_model(result.model, feeds[1])[0])
     quantized = gp.prune_onnx(nhwc_model(), passes=[ChannelPrune(0.5), Quantize()], calibration=feeds)
     quantized.save_plan(tmp_path / "q")
-    with pytest.raises(gp.InputError, match="re-applying int8 plans is not implemented yet"):
+    with pytest.raises(gp.InputError, match="int8 quantization plan, which is re-applied to PyTorch models only"):
         gp.apply_plan_file_onnx(nhwc_model(), tmp_path / "q.json")
 
 

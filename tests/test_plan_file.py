@@ -68,14 +68,17 @@ def test_diff_names_the_decisions_that_differ(tmp_path):
     assert a.diff(a) == []
 
 
-def test_int8_plans_are_recorded_but_not_silently_reapplied(tmp_path):
+def test_int8_plans_reapply_with_their_batchnorm_folds(tmp_path):
     model, x = _resnet()
-    result = gp.prune(model, x, passes=[ChannelPrune(0.5), Quantize()], calibration=[x])
+    calibration = [(torch.randn(4, *x[0].shape[1:]),) for _ in range(2)]
+    result = gp.prune(model, x, passes=[ChannelPrune(0.5), Quantize()], calibration=calibration)
     result.save_plan(tmp_path / "q")
     loaded = gp.PlanFile.load(tmp_path / "q.json")
     assert loaded.quantization is not None and "int8 plan for" in loaded.describe()
-    with pytest.raises(gp.InputError, match="re-applying int8 plans is not implemented yet"):
-        gp.apply_plan_file(model, x, loaded)
+    assert loaded.quantization.folded  # the ResNet's BatchNorms were folded before the scales were read
+    again = gp.apply_plan_file(model, x, loaded)
+    probe = torch.randn(3, *x[0].shape[1:])
+    assert torch.equal(again(probe), result.module(probe))
 
 
 def test_unreadable_plan_files(tmp_path):

@@ -120,9 +120,9 @@ JSON_PROBES = {
         r"'example_inputs' args entry 0 is \[",
     ),
     "example inputs without kwargs": (_delete("example_inputs", "kwargs"), r"'example_inputs' has no 'kwargs'"),
-    "quantization not an int8 plan": (
+    "quantization not a quantization plan": (
         _set("quantization", value={"version": 1, "kind": "int8"}),
-        r"'quantization' is not an int8 plan",
+        r"'quantization' is not a quantization plan",
     ),
     "tensor file climbing out": (_set("tensor_files", value=["../../etc/passwd"]), r"'tensor_files' entry .*plain"),
     "tensor file absolute": (_set("tensor_files", value=["/etc/evil.safetensors"]), r"not a plain .safetensors"),

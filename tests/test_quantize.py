@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import graphprune as gp
 from graphprune.algorithms.nm import CONV, CONV1D, LINEAR, NMPattern, nm_mask, satisfies
-from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, QuantPlan, RangeObserver, activation_qparams, weight_scales
+from graphprune.algorithms.number_formats import ACT_QMAX, ACT_QMIN, activation_qparams, weight_scales
+from graphprune.algorithms.quant import QuantPlan, RangeObserver
 from graphprune.frontends.torch.fake_quant import FakeQuantWeight, is_quantized
 from graphprune.frontends.torch.folding import fold_batchnorm
 from graphprune.frontends.torch.masks import finalize, masked_weights
@@ -278,7 +279,7 @@ def test_bert_sparsegpt_then_int8_stays_close_to_dense():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"dtype": "int4"}, "dtype='int8' only"),
+        ({"dtype": "int2"}, "dtype must be one of"),
         ({"activations": "entropy"}, "activations must be one of"),
         ({"percentile": 30}, "percentile must be a number"),
         ({"percentile": True}, "percentile must be a number"),

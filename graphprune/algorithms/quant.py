@@ -1,15 +1,9 @@
-"""Int8 quantization: the arithmetic and the recorded parameters, for every frontend.
+"""Quantization plans: the parameters a quantized model carries, and how they are calibrated.
 
-Weights: symmetric, per output channel, zero-point 0, range [-127, 127].  Zero-point 0 maps an
-exact zero to the integer 0 and back, so N:M masks survive quantization; the narrow range keeps
-``q(-w) == -q(w)``.  Activations: static, per tensor, asymmetric int8 [-128, 127] (onnxruntime's
-S8S8 QDQ default); the range always contains 0 so zero is exact.  Biases: int32 with scale
-``input_scale * weight_scale[c]``, as integer kernels add them to the int32 accumulator
-(onnxruntime fuses a Gemm with a float output into QGemm only with such a bias).
-
+The number formats (int8, int4, fp8) and their arithmetic are :mod:`graphprune.algorithms.number_formats`'.
 In PyTorch the quantized model runs with fake quantization
 (:mod:`graphprune.frontends.torch.fake_quant`); :class:`QuantPlan` records the same numbers as
-plain data for emitters.
+plain data for emitters and plan files.
 """
 
 from __future__ import annotations
@@ -21,48 +15,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from graphprune.algorithms.nm import CONV, CONV1D
-from graphprune.core.layers import WeightLayer
+from graphprune.algorithms.number_formats import (
+    FORMATS,
+    FP8,
+    GROUPED,
+    INT8,
+    WEIGHT_ONLY,
+    activation_qparams,
+    fp8_activation_scale,
+    weight_scales,
+)
+from graphprune.core.layers import CONV, WeightLayer
 from graphprune.errors import InputError
 
 if TYPE_CHECKING:
     from graphprune.core.frontend import Frontend
 
 L = TypeVar("L", bound=WeightLayer)
-
-WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
-ACT_QMIN, ACT_QMAX = -128, 127
-BIAS_QMIN, BIAS_QMAX = -(2**31), 2**31 - 1
-
-
-def weight_axis(layout: str) -> int:
-    """The output-channel axis of a weight: 0, except transformers' Conv1D ``[in, out]``."""
-    return 1 if layout == CONV1D else 0
-
-
-def weight_scales(weight: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-channel symmetric scales ``max|w_c| / 127`` (1.0 for an all-zero channel)."""
-    amax = weight.detach().abs().float().movedim(axis, 0).reshape(weight.shape[axis], -1).amax(1)
-    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
-
-
-def activation_qparams(low: float, high: float) -> tuple[float, int]:
-    """Scale and int8 zero-point for values in ``[low, high]`` (the range is widened to hold 0)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    if high == low:
-        return 1.0, 0
-    scale = (high - low) / (ACT_QMAX - ACT_QMIN)
-    zero_point = int(round(ACT_QMIN - low / scale))
-    return scale, max(ACT_QMIN, min(ACT_QMAX, zero_point))
-
-
-def integer_weight(weight: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    """The int8 values the fake-quantized ``weight`` stands for (``fake_quant(w) == q * scale``)."""
-    shape = [-1 if d == axis else 1 for d in range(weight.dim())]
-    fq = torch.fake_quantize_per_channel_affine(
-        weight.detach().float(), scale, torch.zeros_like(scale, dtype=torch.int32), axis, WEIGHT_QMIN, WEIGHT_QMAX
-    )
-    return torch.round(fq / scale.reshape(shape)).to(torch.int8)
 
 
 class RangeObserver:
@@ -116,63 +85,89 @@ class RangeObserver:
         return activation_qparams(*self.range())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerQuant:
-    """One quantized layer: its weight's per-channel scales and its activations' parameters."""
+    """One quantized layer: its weight's scales and, unless weight-only, its activations' parameters."""
 
     module: str  # the module whose input (and output) the activation parameters belong to
-    axis: int
-    weight_scale: list[float]
-    input: tuple[float, int]  # (scale, zero_point)
+    axis: int  # the weight's output-channel axis
+    weight_scale: list  # per channel, or per channel and group ([out][groups]) for grouped formats
+    input: tuple[float, int] | None  # (scale, zero_point); None: activations stay float (weight-only)
     output: tuple[float, int] | None = None
     bias: str | None = None  # the int32-quantized bias tensor
     bias_scale: list[float] | None = None
+    group_size: int | None = None  # grouped formats: reduction entries per scale
+
+    def scale(self, device: torch.device | None = None) -> torch.Tensor:
+        """The weight scales as a float32 tensor (``[out]`` or ``[out, groups]``)."""
+        return torch.tensor(self.weight_scale, dtype=torch.float32, device=device)
 
 
 @dataclass
 class QuantPlan:
-    """The int8 parameters of a model, by weight name (plain data, JSON round-trip)."""
+    """The quantization parameters of a model in one number format, by weight name (plain data,
+    JSON round-trip)."""
 
     layers: dict[str, LayerQuant] = field(default_factory=dict)
+    kind: str = INT8
+    folded: dict[str, str] = field(default_factory=dict)  # convolution module -> the BatchNorm folded into it
+
+    @property
+    def weight_only(self) -> bool:
+        return self.kind in WEIGHT_ONLY
 
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "kind": "int8", "layers": {k: asdict(v) for k, v in self.layers.items()}})
+        layers = {k: asdict(v) for k, v in self.layers.items()}
+        return json.dumps({"version": 2, "kind": self.kind, "layers": layers, "folded": self.folded})
 
     @classmethod
     def from_json(cls, text: str) -> "QuantPlan":
+        """Version 2 (any format), or version 1 (int8, as graphprune wrote it before int4 and fp8)."""
         data = json.loads(text)
-        if data.get("version") != 1 or data.get("kind") != "int8":
-            raise InputError(
-                f"not an int8 quantization plan (version {data.get('version')!r}, kind {data.get('kind')!r})"
-            )
+        version, kind = data.get("version"), data.get("kind")
+        if not ((version == 1 and kind == INT8) or (version == 2 and kind in FORMATS)):
+            raise InputError(f"not a quantization plan (version {version!r}, kind {kind!r})")
         layers = {}
         for name, layer in data["layers"].items():
-            out = layer.get("output")
+            given, out = layer.get("input"), layer.get("output")
             layers[name] = LayerQuant(
                 module=layer["module"],
                 axis=layer["axis"],
                 weight_scale=list(layer["weight_scale"]),
-                input=tuple(layer["input"]),
+                input=tuple(given) if given is not None else None,
                 output=tuple(out) if out is not None else None,
                 bias=layer.get("bias"),
                 bias_scale=layer.get("bias_scale"),
+                group_size=layer.get("group_size"),
             )
-        return cls(layers)
+        folded = data.get("folded", {})
+        if not isinstance(folded, dict) or not all(isinstance(v, str) for v in folded.values()):
+            raise InputError(f"a quantization plan's 'folded' maps convolutions to BatchNorms, got {folded!r}")
+        return cls(layers, kind, folded)
 
 
 def observe_ranges(
-    state: Frontend[Any], layers: Sequence[WeightLayer], calibration: Any, method: str, percentile: float
+    state: Frontend[Any],
+    layers: Sequence[WeightLayer],
+    calibration: Any,
+    method: str,
+    percentile: float,
+    kind: str = INT8,
 ) -> tuple[dict[str, RangeObserver], dict[str, RangeObserver]]:
-    """Range observers, by weight name, of each layer's input and of each convolution's result, fed
-    by the calibration runner of ``state``.  ``method="auto"``: min/max for convolutions (post-ReLU
-    CNN activations are bounded, clipping them loses more than it gains), the percentile for
-    everything else (transformer activations carry rare large outliers)."""
+    """Range observers, by weight name, of each layer's input and (int8) of each convolution's
+    result, fed by the calibration runner of ``state``.  ``method="auto"``: for int8, min/max for
+    convolutions (post-ReLU CNN activations are bounded, clipping them loses more than it gains) and
+    the percentile for everything else (transformer activations carry rare large outliers that would
+    waste most of the 8-bit range); for fp8 min/max everywhere (its exponent covers outliers, and
+    clipping them loses more)."""
     inputs: dict[str, RangeObserver] = {}
     outputs: dict[str, RangeObserver] = {}
     for layer in layers:
-        chosen = method if method != "auto" else "minmax" if layer.layout == CONV else "percentile"
+        chosen = method
+        if method == "auto":
+            chosen = "minmax" if kind == FP8 or layer.layout == CONV else "percentile"
         inputs[layer.weight] = RangeObserver(chosen, percentile)
-        if layer.layout == CONV:
+        if kind == INT8 and layer.layout == CONV:
             outputs[layer.weight] = RangeObserver(chosen, percentile)
     state.observe(
         calibration,
@@ -190,27 +185,40 @@ def quant_plan(
     *,
     bias: Callable[[L], str | None],
     clipped_at_zero: Callable[[L], bool],
+    kind: str = INT8,
+    group_size: int | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> QuantPlan:
-    """The int8 parameters of each layer, by weight name: per-channel weight scales of ``weight(layer)``,
-    the input's (and a convolution's result's) range from :func:`observe_ranges`, starting at 0 where
-    ``clipped_at_zero`` (a ReLU follows: the quantization clips exactly), and the layer's own
-    ``bias`` as int32 with scale ``input_scale * weight_scale``."""
-    plan = QuantPlan()
+    """The parameters of each layer in format ``kind``, by weight name: the scales of ``weight(layer)``
+    (per channel, or per group of ``group_size``); for formats that quantize activations, the
+    input's range from :func:`observe_ranges`; for int8 also a convolution's result's, starting at 0
+    where ``clipped_at_zero`` (a ReLU follows: the quantization clips exactly), and the layer's own
+    ``bias`` as int32 with scale ``input_scale * weight_scale``.  ``scales``: weight scales an
+    algorithm fixed (GPTQ's), by weight name, used as given."""
+    plan = QuantPlan(kind=kind)
     for layer in layers:
-        scale = weight_scales(weight(layer), layer.output_axis)
-        x_scale, x_zero = inputs[layer.weight].qparams()
-        out = None
-        if layer.weight in outputs:
-            low, high = outputs[layer.weight].range()
-            out = activation_qparams(0.0 if clipped_at_zero(layer) else low, high)
-        bias_name = bias(layer)
-        plan.layers[layer.weight] = LayerQuant(
+        given = (scales or {}).get(layer.weight)
+        scale = (
+            given.float().cpu()
+            if given is not None
+            else weight_scales(weight(layer), layer.output_axis, kind, group_size)
+        )
+        quantized = LayerQuant(
             module=layer.owner,
             axis=layer.output_axis,
             weight_scale=scale.tolist(),
-            input=(x_scale, x_zero),
-            output=out,
-            bias=bias_name,
-            bias_scale=(x_scale * scale).tolist() if bias_name is not None else None,
+            input=None,
+            group_size=group_size if kind in GROUPED else None,
         )
+        if kind == FP8:
+            quantized.input = (fp8_activation_scale(*inputs[layer.weight].range()), 0)
+        elif kind == INT8:
+            quantized.input = inputs[layer.weight].qparams()
+            if layer.weight in outputs:
+                low, high = outputs[layer.weight].range()
+                quantized.output = activation_qparams(0.0 if clipped_at_zero(layer) else low, high)
+            quantized.bias = bias(layer)
+            if quantized.bias is not None:
+                quantized.bias_scale = (quantized.input[0] * scale).tolist()
+        plan.layers[layer.weight] = quantized
     return plan

@@ -278,6 +278,23 @@ def prune_layer(
     return new, keep
 
 
+def factored(
+    hessians: Callable[[str], list[torch.Tensor]], *, damp: float, precision: str = "float32", keep: bool = False
+) -> tuple[list[InverseFactor], list[torch.Tensor]]:
+    """The :class:`InverseFactor` of each Hessian ``hessians(precision)`` accumulates, and those
+    Hessians (spent by the factorisation unless ``keep``).  A float32 factorisation that fails is
+    retried in float64, from the same sums and, where those lost too much (or the failed solve used up
+    their memory), from sums accumulated again in float64."""
+    try:
+        sums = hessians(precision)
+        return [inverse_factor(h, damp=damp, precision=precision, consume=not keep) for h in sums], sums
+    except Unfactorable:
+        if precision == "float64":
+            raise
+        sums = hessians("float64")
+        return [inverse_factor(h, damp=damp, precision="float64", consume=not keep) for h in sums], sums
+
+
 def sparsegpt_layers(
     groups: Sequence[Sequence[L]],
     hessians: Callable[[L, str], list[torch.Tensor]],
@@ -296,22 +313,15 @@ def sparsegpt_layers(
     """SparseGPT over a model, group by group in graph order: a group is the layers that read one
     activation, whose Hessians ``hessians(first layer, precision)`` read from the model as already
     sparsified upstream are factored once for the group; ``write(layer, new weight, keep-mask)``
-    puts each result where the frontend keeps it.  A float32 factorisation that fails is retried in
-    float64, from the same sums and, where those lost too much (or the failed solve used up their
-    memory), from sums accumulated again in float64.  ``refine(layer, dense, new, keep, Hessians)``,
-    where given, improves each result before it is written (the Hessians are then kept, not consumed
-    by the factorisation).  Returns the layers retried so."""
+    puts each result where the frontend keeps it (factorisations as :func:`factored` makes them).
+    ``refine(layer, dense, new, keep, Hessians)``, where given, improves each result before it is
+    written (the Hessians are then kept, not consumed by the factorisation).  Returns the layers
+    whose solve was retried in float64."""
     retried = []
     for group in tqdm(groups, desc="SparseGPT", unit="input", disable=None, leave=False):
-        consume = refine is None
-        try:
-            sums = hessians(group[0], precision)
-            factors = [inverse_factor(h, damp=damp, precision=precision, consume=consume) for h in sums]
-        except Unfactorable:
-            if precision == "float64":
-                raise
-            sums = hessians(group[0], "float64")
-            factors = [inverse_factor(h, damp=damp, precision="float64", consume=consume) for h in sums]
+        factors, sums = factored(
+            lambda p: hessians(group[0], p), damp=damp, precision=precision, keep=refine is not None
+        )
         again = any(f.precision != precision for f in factors)
         for layer in group:
             dense = weight(layer)

@@ -177,9 +177,14 @@ class Frontend(State, Protocol[L]):
         the layers as they are then, and how many BatchNorms were folded."""
         ...
 
-    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
-        """Quantize the model by ``plan`` (torch: fake quantization; ONNX: QDQ nodes); returns the plan
-        as the model now carries it."""
+    def write_quantization(self, plan: QuantPlan, values: Mapping[str, torch.Tensor] | None = None) -> QuantPlan:
+        """Quantize the model by ``plan`` (torch: fake quantization; ONNX: QDQ nodes), after writing
+        the new weight ``values`` an algorithm computed (GPTQ's), where given; returns the plan as the
+        model now carries it."""
+        ...
+
+    def keep_mask(self, layer: L) -> torch.Tensor | None:
+        """The layer's N:M keep-mask (bool, the weight's shape), or None where it has none."""
         ...
 
     def write_nm(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 # How a weight is stored (its layout): Linear [out, in]; transformers' Conv1D [in, out]; Conv [K, C/g, k...]
 LINEAR, CONV1D, CONV = "linear", "conv1d_transposed", "conv"
@@ -48,6 +48,31 @@ class WeightLayer:
     def nm_axis(self) -> int:
         """The weight axis N:M groups run along (the reduction)."""
         return 0 if self.layout == CONV1D else 1
+
+
+class ReadsActivation(Protocol):
+    """A weight layer as frontends define it: with the activation it reads."""
+
+    @property
+    def activation(self) -> Hashable: ...
+
+    @property
+    def layout(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+
+W = TypeVar("W", bound=ReadsActivation)
+
+
+def by_input(layers: Sequence[W]) -> list[list[W]]:
+    """Layers grouped by the activation they read (a conv by its own patches), in graph order: the
+    layers of a group share one Hessian."""
+    groups: dict[tuple, list[W]] = {}
+    for layer in layers:
+        groups.setdefault((layer.activation, layer.owner if layer.layout == CONV else None), []).append(layer)
+    return list(groups.values())
 
 
 Node = TypeVar("Node", bound=Hashable)

@@ -47,7 +47,11 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from graphprune.algorithms.nm import CONV1D, NMPattern, nm_holds
+from graphprune.algorithms.number_formats import FP8, INT4, INT8
 from graphprune.core.pipeline import Stage
+from graphprune.emit.matmul_nbits import SUFFIX as INT4_SUFFIX
+from graphprune.emit.matmul_nbits import ZERO_POINT as INT4_ZERO_POINT
+from graphprune.emit.matmul_nbits import insert_matmul_nbits, unpack_int4
 from graphprune.emit.qdq import TRANSPOSED, insert_qdq, pretranspose, stored_integers
 from graphprune.errors import ApplyError, CaptureError, InputError
 from graphprune.frontends.onnx.capture import quiet_onnx_tools
@@ -69,7 +73,8 @@ PRODUCER = "graphprune"  # the producer_name of every ONNX file graphprune write
 INT8_MARGIN = 1.1  # int8 file vs float model may be at most this times the fake-quant model's error
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; leave room for the graph itself
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"}
-INT8_COMPUTE = {
+QUANTIZED_COMPUTE = {
+    "MatMulNBits",
     "QLinearConv",
     "QGemm",
     "QLinearMatMul",
@@ -77,6 +82,10 @@ INT8_COMPUTE = {
     "ConvInteger",
     "MatMulInteger",
     "DynamicQuantizeMatMul",
+}
+KERNELS_SAY = {  # how the report's line on the quantized layers says what onnxruntime runs
+    INT4: "written as",
+    FP8: "run by onnxruntime on CPU as DequantizeLinear + float kernels (it has no fp8 kernels there)",
 }
 
 
@@ -92,7 +101,8 @@ class ExportReport:
     quantization_error: float = 0.0  # int8: ||fake-quant - float|| / ||float||, worst output
     onnx_quantization_error: float = 0.0  # int8: ||onnxruntime - float|| / ||float||, worst output
     quantized_layers: int = 0
-    int8_ops: dict[str, int] = field(default_factory=dict)  # in onnxruntime's optimized graph
+    quant_format: str = ""  # "int8", "int4" or "fp8" where quantized
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # in onnxruntime's optimized graph
     sparse_weights: dict[str, str] = field(default_factory=dict)  # ONNX initializer -> N:M pattern
     external_data: bool = False
     reference: str = "torch"  # what onnxruntime's outputs were compared with (PyTorch, or the graph as written)
@@ -107,11 +117,12 @@ class ExportReport:
         if self.quantized_layers:
             fake = "PyTorch" if self.reference == "torch" else "graph"
             lines.append(
-                f"  int8 error against the float model: onnxruntime {self.onnx_quantization_error:.2e}, "
-                f"fake-quant {fake} {self.quantization_error:.2e}"
+                f"  {self.quant_format} error against the float model: onnxruntime "
+                f"{self.onnx_quantization_error:.2e}, fake-quant {fake} {self.quantization_error:.2e}"
             )
-            ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.int8_ops.items()))
-            lines.append(f"  int8 layers: {self.quantized_layers}, fused by onnxruntime into {ops}")
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.quantized_ops.items()))
+            ran = KERNELS_SAY.get(self.quant_format, "fused by onnxruntime into")
+            lines.append(f"  {self.quant_format} layers: {self.quantized_layers}, {ran} {ops}".rstrip())
         if self.sparse_weights:
             lines.append(f"  N:M weights (dense with exact zeros, recorded in metadata): {len(self.sparse_weights)}")
         return "\n".join(lines)
@@ -172,7 +183,9 @@ def export_onnx(
         progress.update()
         progress.set_postfix_str("QDQ" if plan else "metadata")
         weights = {name: tensor_at(float_model, name).detach().numpy() for name in (plan.layers if plan else {})}
-        quantized = insert_qdq(model, plan, weights) if plan else 0
+        quantized = 0
+        if plan is not None:
+            quantized = (insert_matmul_nbits if plan.kind == INT4 else insert_qdq)(model, plan, weights)
         sparse = _sparse_records(model, patterns)
         model.metadata_props.update(graphprune_metadata(stage, pipeline, sparse))
         staged, external = save_model(model, path, out)
@@ -184,6 +197,7 @@ def export_onnx(
             max_error=0.0,
             tolerance=int8_tolerance if plan else fp32_tolerance,
             quantized_layers=quantized,
+            quant_format=plan.kind if plan else "",
             external_data=external,
             sparse_weights={k: v["pattern"] for k, v in sparse.items()},
         )
@@ -332,6 +346,7 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
                 (name + TRANSPOSED, True),
                 (name + "_quantized", False),
                 (name + TRANSPOSED + "_quantized", True),
+                (name + INT4_SUFFIX, False),
             )
             if n in initializers
         ]
@@ -342,7 +357,10 @@ def _sparse_records(model: ir.Model, patterns: dict[str, tuple[torch.Tensor, NMP
             )
         onnx_name, transposed = found[0]
         axis = 1 - axis if transposed else axis
-        values, zero = stored_integers(initializers, onnx_name)
+        if onnx_name.endswith(INT4_SUFFIX):  # packed [N, K / block, block / 2]; its groups run along K
+            values, zero, axis = unpack_int4(initializers[onnx_name].const_value.numpy()), INT4_ZERO_POINT, 1
+        else:
+            values, zero = stored_integers(initializers, onnx_name)
         if not nm_holds(values, axis, pattern):
             raise ApplyError(f"{name} lost its {pattern} pattern in the exported graph ({onnx_name})")
         records[onnx_name] = {"pattern": str(pattern), "axis": axis, "torch_name": name, "zero_point": zero}
@@ -438,13 +456,13 @@ def check_outputs(report: ExportReport, optimized: str) -> None:
         and report.onnx_quantization_error > INT8_MARGIN * report.quantization_error
     ):
         raise ApplyError(
-            f"onnxruntime's int8 outputs differ from the fake-quant reference's by {report.l2_error:.3g} "
-            f"(relative L2, tolerance {report.tolerance:g}) and are further from the float model "
+            f"onnxruntime's {report.quant_format} outputs differ from the fake-quant reference's by "
+            f"{report.l2_error:.3g} (relative L2, tolerance {report.tolerance:g}) and are further from the float model "
             f"({report.onnx_quantization_error:.3g}) than the fake-quant reference is "
             f"({report.quantization_error:.3g}); nothing was written"
         )
     if report.quantized_layers:
-        report.int8_ops = check_fusion(onnx.load(optimized))
+        report.quantized_ops = check_fusion(onnx.load(optimized), report.quant_format)
 
 
 def _outputs(module: nn.Module, args: tuple, kwargs: dict) -> list[np.ndarray]:
@@ -464,9 +482,12 @@ def _one_more(x: Any) -> Any:
     return x
 
 
-def check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
+def check_fusion(optimized: onnx.ModelProto, kind: str = INT8) -> dict[str, int]:
     """Raise if a float Conv/Gemm/MatMul still reads a DequantizeLinear after onnxruntime's
-    optimizations; returns the count of each int8 op."""
+    optimizations (int8 and int4; fp8 layers run so on CPU, see :mod:`graphprune.emit.qdq`); returns
+    the count of each quantized kernel."""
+    if kind == FP8:
+        return {}
     producers = {out: node for node in optimized.graph.node for out in node.output}
     unfused = [
         node.name or node.op_type
@@ -481,6 +502,6 @@ def check_fusion(optimized: onnx.ModelProto) -> dict[str, int]:
         )
     counts: dict[str, int] = {}
     for node in optimized.graph.node:
-        if node.op_type in INT8_COMPUTE:
+        if node.op_type in QUANTIZED_COMPUTE:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts

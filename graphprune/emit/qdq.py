@@ -1,4 +1,4 @@
-"""Write a :class:`~graphprune.algorithms.quant.QuantPlan` into an ONNX graph as QDQ nodes.
+"""Write an int8 or fp8 :class:`~graphprune.algorithms.quant.QuantPlan` into an ONNX graph as QDQ nodes.
 
 The graph is the float export of the model (fake quantization stripped).  For each quantized
 layer: its weight initializer becomes a uint8 initializer holding the plan's int8 integers plus 128
@@ -13,16 +13,24 @@ quantization already clips at 0, as in the PyTorch model).  That is the pattern 
 into QLinearConv / QGemm / QLinearMatMul (or MatMulIntegerToFloat).  Weight names: the exporter
 feeds ``x @ W.T`` as ``Transpose(W) -> MatMul``; :func:`pretranspose` turns that into an
 initializer ``<W>.T`` before the optimizer folds it under an anonymous name.
+
+fp8 (E4M3, opset 19 and later): the weight initializer holds ``float8e4m3fn`` values read through a
+per-channel ``DequantizeLinear``, and each input activation goes through ``QuantizeLinear ->
+DequantizeLinear`` with a float8 zero-point (saturating, as the fake quantization does).
+onnxruntime executes these on CPU as written and computes the layer itself in float: it has no fp8
+matrix kernels on CPU; a GPU build's would read the same graph.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from graphprune.algorithms.quant import BIAS_QMAX, BIAS_QMIN, LayerQuant, QuantPlan, integer_weight
-from graphprune.errors import ApplyError
+from graphprune.algorithms.number_formats import BIAS_QMAX, BIAS_QMIN, FP8, INT8, integer_weight, to_fp8
+from graphprune.algorithms.quant import LayerQuant, QuantPlan
+from graphprune.errors import ApplyError, InternalError
 
 WEIGHT_READERS = {"Conv", "Gemm", "MatMul"}
 TRANSPOSED = ".T"
@@ -46,7 +54,7 @@ def pretranspose(model: ir.Model, names: set[str]) -> None:
 
 def _transposed_initializer(graph: ir.Graph, value: ir.Value) -> ir.Value:
     array = np.ascontiguousarray(value.const_value.numpy().T)
-    return _initializer(graph, value.name + TRANSPOSED, array)
+    return initializer(graph, value.name + TRANSPOSED, array)
 
 
 def _is_2d_transpose(node: ir.Node) -> bool:
@@ -58,6 +66,8 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray])
     """Rewrite ``model`` in place; returns the number of quantized layers written.  ``weights`` are
     the float weights the plan's scales were computed for: an initializer whose values differ (the
     optimizer folded something into it) is refused, since the plan no longer describes it."""
+    if plan.kind not in (INT8, FP8):
+        raise InternalError(f"QDQ nodes are written for int8 and fp8 plans, not {plan.kind}")
     graph = model.graph
     activations: dict[tuple, ir.Value] = {}  # (value, scale, zero point) -> its dequantized copy
     for weight_name, layer in plan.layers.items():
@@ -85,8 +95,15 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray])
             )
         axis = 1 - layer.axis if transposed else layer.axis
         scale = torch.tensor(layer.weight_scale, dtype=torch.float32)
-        q = integer_weight(torch.from_numpy(value.const_value.numpy().copy()), scale, axis)
-        dequantized = _dequantize_weight(graph, value, q.numpy(), scale.numpy(), axis, readers[0])
+        original = torch.from_numpy(value.const_value.numpy().copy())
+        if plan.kind == INT8:  # uint8 with zero-point 128: see the module doc
+            stored = (integer_weight(original, scale, axis).numpy().astype(np.int16) + 128).astype(np.uint8)
+            zero = np.full(scale.shape, 128, dtype=np.uint8)
+        else:
+            shape = [-1 if d == axis else 1 for d in range(original.dim())]
+            stored = _fp8_array(to_fp8(original, scale.reshape(shape)))
+            zero = np.zeros(scale.shape, dtype=ml_dtypes.float8_e4m3fn)
+        dequantized = _dequantize_weight(graph, value, stored, scale.numpy(), zero, axis, readers[0])
         value.replace_all_uses_with(dequantized)
         del graph.initializers[value.name]
         if layer.bias is not None:
@@ -94,9 +111,12 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, weights: dict[str, np.ndarray])
         for node in readers:
             activation = node.inputs[0]
             key = (activation, *layer.input)
-            if key not in activations:
-                activations[key] = _quantize_dequantize(graph, activation, *layer.input, before=node)
-            node.replace_input_with(0, activations[key])
+            if plan.kind == FP8 and (relu := _relu_only_for(activation, node)) is not None:
+                _fp8_before_relu(graph, relu, layer.input[0])
+            elif key not in activations:
+                activations[key] = _quantize_dequantize(graph, activation, *layer.input, kind=plan.kind, before=node)
+            if key in activations:
+                node.replace_input_with(0, activations[key])
             if layer.output is not None:
                 _quantize_output(graph, node, *layer.output)
     graph.sort()  # a shared activation's pair sits before the reader handled first, maybe not the earliest
@@ -123,9 +143,9 @@ def _quantize_bias(graph: ir.Graph, layer: LayerQuant, readers: list[ir.Node]) -
         node = ir.node(
             "DequantizeLinear",
             [
-                _initializer(graph, f"{value.name}_quantized", q),
-                _initializer(graph, f"{value.name}_scale", scale.numpy()),
-                _initializer(graph, f"{value.name}_zero_point", np.zeros(q.shape, np.int32)),
+                initializer(graph, f"{value.name}_quantized", q),
+                initializer(graph, f"{value.name}_scale", scale.numpy()),
+                initializer(graph, f"{value.name}_zero_point", np.zeros(q.shape, np.int32)),
             ],
             {"axis": 0},
             name=f"{value.name}_DequantizeLinear",
@@ -157,18 +177,43 @@ def _replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
         old.name, new.name = f"{name}_replaced", name
 
 
+def _relu_only_for(activation: ir.Value, reader: ir.Node) -> ir.Node | None:
+    """The ReLU that produces ``activation`` when ``reader`` is its only user."""
+    relu = activation.producer()
+    if relu is None or relu.op_type != "Relu" or relu.domain != "" or activation.is_graph_output():
+        return None
+    return relu if [use.node for use in activation.uses()] == [reader] else None
+
+
+def _fp8_before_relu(graph: ir.Graph, relu: ir.Node, scale: float) -> None:
+    """fp8 quantization of a ReLU's result, written in front of the ReLU: the same values (E4M3
+    rounding is symmetric and keeps 0, so it commutes with ReLU), and a graph onnxruntime computes
+    right.  Behind it, onnxruntime's extended optimizations drop the ReLU (they take a float8
+    zero-point of 0 for the quantized type's minimum, as for uint8)."""
+    relu.replace_input_with(0, _quantize_dequantize(graph, relu.inputs[0], scale, 0, kind=FP8, before=relu))
+
+
+def _fp8_array(values: torch.Tensor) -> np.ndarray:
+    """A torch ``float8_e4m3fn`` tensor as the numpy array onnx_ir stores as FLOAT8E4M3FN."""
+    return values.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+
+
 def _dequantize_weight(
-    graph: ir.Graph, value: ir.Value, q: np.ndarray, scale: np.ndarray, axis: int, before: ir.Node
+    graph: ir.Graph,
+    value: ir.Value,
+    stored: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    axis: int,
+    before: ir.Node,
 ) -> ir.Value:
     name = value.name
-    quantized = _initializer(
-        graph, f"{name}_quantized", (q.astype(np.int16) + 128).astype(np.uint8)
-    )  # see the module doc
-    scales = _initializer(graph, f"{name}_scale", scale)
-    zeros = _initializer(graph, f"{name}_zero_point", np.full(scale.shape, 128, dtype=np.uint8))
+    quantized = initializer(graph, f"{name}_quantized", stored)
+    scales = initializer(graph, f"{name}_scale", scale)
+    zeros = initializer(graph, f"{name}_zero_point", zero)
     node = ir.node("DequantizeLinear", [quantized, scales, zeros], {"axis": axis}, name=f"{name}_DequantizeLinear")
     node.outputs[0].name = f"{name}_dequantized"
-    _typed(node.outputs[0], ir.DataType.FLOAT, ir.Shape(q.shape))
+    _typed(node.outputs[0], ir.DataType.FLOAT, ir.Shape(stored.shape))
     graph.insert_before(before, node)
     return node.outputs[0]
 
@@ -179,20 +224,25 @@ def _quantize_dequantize(
     scale: float,
     zero_point: int,
     *,
+    kind: str = INT8,
     before: ir.Node | None = None,
     after: ir.Node | None = None,
 ) -> ir.Value:
     base = f"{value.name}_{len(graph.initializers)}"
-    s = _initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
-    # uint8 with the zero-point shifted by 128 stands for exactly the same values as the plan's int8
-    # (q_u8 = q_s8 + 128); it is the activation type onnxruntime's x86 kernels take natively (it would
-    # otherwise convert int8 pairs itself, and a conversion that reaches only some pairs of a layer
-    # blocks QLinearConv fusion)
-    z = _initializer(graph, f"{base}_zero_point", np.array(zero_point + 128, dtype=np.uint8))
+    s = initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
+    # int8: uint8 with the zero-point shifted by 128 stands for exactly the same values as the plan's
+    # int8 (q_u8 = q_s8 + 128); it is the activation type onnxruntime's x86 kernels take natively (it
+    # would otherwise convert int8 pairs itself, and a conversion that reaches only some pairs of a
+    # layer blocks QLinearConv fusion).  fp8: the float8 zero-point sets the quantized type.
+    if kind == INT8:
+        zero = np.array(zero_point + 128, dtype=np.uint8)
+    else:
+        zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
+    z = initializer(graph, f"{base}_zero_point", zero)
     q = ir.node("QuantizeLinear", [value, s, z], name=f"{base}_QuantizeLinear")
     dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{base}_DequantizeLinear")
     q.outputs[0].name, dq.outputs[0].name = f"{base}_quantized", f"{base}_dequantized"
-    _typed(q.outputs[0], ir.DataType.UINT8, value.shape)
+    _typed(q.outputs[0], ir.DataType.from_numpy(zero.dtype), value.shape)
     _typed(dq.outputs[0], ir.DataType.FLOAT, value.shape)
     if after is not None:
         graph.insert_after(after, [q, dq])
@@ -222,6 +272,8 @@ def stored_integers(initializers: "dict[str, ir.Value]", name: str) -> tuple[np.
     """The integers initializer ``name`` stands for, with its zero-point subtracted (zero stays zero,
     so an N:M pattern can be checked on them), and that zero-point (0 for an unquantized value)."""
     values = initializers[name].const_value.numpy()
+    if values.dtype == ml_dtypes.float8_e4m3fn:
+        return values.astype(np.float32), 0  # fp8: zero is 0.0
     point = initializers.get(name[: -len("_quantized")] + "_zero_point") if name.endswith("_quantized") else None
     if point is None:
         return values, 0
@@ -235,7 +287,8 @@ def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
     value.type, value.shape = ir.TensorType(dtype), shape
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer ``name`` holding ``array``, registered in ``graph``."""
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from graphprune.algorithms.nm import LINEAR
-from graphprune.algorithms.quant import ACT_QMAX, ACT_QMIN, integer_weight
+from graphprune.algorithms.number_formats import ACT_QMAX, ACT_QMIN, INT8, integer_weight
 from graphprune.emit.devices import for_gpu
 from graphprune.emit.roofline import linear_cost, two_four_speedup
 from graphprune.errors import InputError
 from graphprune.frontends.torch.capture import ExampleInputs, eval_mode, normalize_inputs, set_eval, to_device
 from graphprune.frontends.torch.copying import clone
-from graphprune.frontends.torch.fake_quant import FakeQuantWeight, strip_quantization
+from graphprune.frontends.torch.fake_quant import FakeQuantWeight, read_quant_plan, strip_quantization
 from graphprune.frontends.torch.masks import NMMask, finalize
 
 # ------------------------------------------------------------------ the reference 2:4 format
@@ -348,6 +348,12 @@ def to_sparse_kernels(
         raise InputError(f"choose must be 'timed' or 'sparse', got {choose!r}")
     if timing not in ("eager", "graph"):
         raise InputError(f"timing must be 'eager' or 'graph', got {timing!r}")
+    plan = read_quant_plan(module)
+    if plan is not None and plan.kind != INT8:
+        raise InputError(
+            f"to_sparse_kernels runs float and int8 models; this one is quantized to {plan.kind}, for which "
+            "PyTorch has no 2:4 kernel (cuSPARSELt takes int8, fp16 and bf16): export it to ONNX instead"
+        )
     model = clone(module)
     reason = kernel_support()
     if reason is not None:

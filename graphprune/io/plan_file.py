@@ -40,6 +40,8 @@ from graphprune.frontends.torch.apply import apply_plan
 from graphprune.frontends.torch.capture import ExampleInputs, normalize_inputs, tensor_at
 from graphprune.frontends.torch.copying import clone
 from graphprune.frontends.torch.depth import remove_checked
+from graphprune.frontends.torch.fake_quant import quantize_by_plan
+from graphprune.frontends.torch.folding import fold_batchnorm
 from graphprune.frontends.torch.lowrank import compensate, refusal
 from graphprune.frontends.torch.masks import attach, stored_at
 from graphprune.io.outputs import Outputs, resolved, writing
@@ -125,13 +127,15 @@ class PlanFile:
         return out
 
     @classmethod
-    def reapplicable(cls, plan: "PlanFile | str | os.PathLike") -> "PlanFile":
-        """The plan (loaded if a path), refused if it holds what cannot be re-applied yet."""
+    def reapplicable(cls, plan: "PlanFile | str | os.PathLike", *, quantization: bool = False) -> "PlanFile":
+        """The plan (loaded if a path), refused if it quantizes and the caller cannot re-apply that
+        (``quantization=False``)."""
         plan = plan if isinstance(plan, PlanFile) else cls.load(plan)
-        if plan.quantization is not None:
+        if plan.quantization is not None and not quantization:
             raise InputError(
-                "this plan holds an int8 plan, and re-applying int8 plans is not implemented yet; run "
-                "Quantize on the re-applied model (its plan is recorded here for inspection)"
+                f"this plan holds a {plan.quantization.kind} quantization plan, which is re-applied to PyTorch "
+                "models only (gp.apply_plan_file), not here yet; re-apply the rest of a plan saved before "
+                "Quantize, then quantize"
             )
         return plan
 
@@ -270,7 +274,7 @@ class PlanFile:
             added = sum(down.numel() + up.numel() for down, up, _ in self.low_rank.values())
             lines.append(f"  low-rank paths beside {len(self.low_rank)} layers (ranks {shown}, {added} parameters)")
         if self.quantization:
-            lines.append(f"  int8 plan for {len(self.quantization.layers)} layers")
+            lines.append(f"  {self.quantization.kind} plan for {len(self.quantization.layers)} layers")
         return "\n".join(lines)
 
     def diff(self, other: "PlanFile") -> list[str]:
@@ -548,7 +552,7 @@ def _parse(json_path: str, tensor_path: str, data: object) -> PlanFile:
         try:
             quantization = QuantPlan.from_json(json.dumps(quantization))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise read.fail("'quantization'", f"is not an int8 plan ({type(exc).__name__}: {exc})") from exc
+            raise read.fail("'quantization'", f"is not a quantization plan ({type(exc).__name__}: {exc})") from exc
     inputs = _example_inputs(read, read.key(data, "example_inputs", (dict, type(None)), "the plan", None))
     return PlanFile(
         model=model,
@@ -656,8 +660,8 @@ def apply_plan_file(
 ) -> nn.Module:
     """Re-apply a saved plan to ``model`` (a copy unless ``inplace``): its block removal (checked against
     the model with those blocks bypassed), its structured plans in order, each checked against the
-    model's analysis at that point, then its N:M masks, then its low-rank paths."""
-    plan = PlanFile.reapplicable(plan)
+    model's analysis at that point, then its N:M masks, then its low-rank paths, then its quantization."""
+    plan = PlanFile.reapplicable(plan, quantization=True)
     working = model if inplace else clone(model)
     if plan.depth is not None:
         try:
@@ -702,4 +706,29 @@ def apply_plan_file(
         if (why := refusal(working, layer, weight, layout)) is not None:
             raise InputError(f"the plan puts a low-rank path beside {layer}, which cannot take one: {why}")
         compensate(working, layer, down, up, layout)
+    if plan.quantization is not None:
+        _quantize(working, plan.quantization)
     return working
+
+
+def _quantize(model: nn.Module, plan: QuantPlan) -> None:
+    """The plan's BatchNorm folds, then its fake quantization, each layer checked against the model."""
+    for conv, batchnorm in plan.folded.items():
+        try:
+            model.get_submodule(conv), model.get_submodule(batchnorm)
+        except AttributeError:
+            raise InputError(f"the plan folds {batchnorm} into {conv}, which this model does not have") from None
+        fold_batchnorm(model, conv, batchnorm)
+    for name, layer in plan.layers.items():
+        try:
+            weight = tensor_at(model, name)
+        except AttributeError:
+            raise InputError(f"the plan quantizes {name}, which this model does not have") from None
+        channels, scales = weight.shape[layer.axis], layer.scale().shape
+        groups = weight.numel() // channels // layer.group_size if layer.group_size else None
+        if scales != ((channels, groups) if groups else (channels,)):
+            raise InputError(
+                f"the plan's {plan.kind} scales for {name} are {list(scales)}, not those of a "
+                f"{list(weight.shape)} weight"
+            )
+    quantize_by_plan(model, plan)

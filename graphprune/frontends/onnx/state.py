@@ -19,6 +19,7 @@ import onnx_ir as ir
 import torch
 
 from graphprune.algorithms.nm import NMPattern, nm_holds
+from graphprune.algorithms.number_formats import INT8
 from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import ConvGeometry
 from graphprune.core.frontend import Activations
@@ -248,14 +249,25 @@ class OnnxState:
         now = {layer.weight: layer for layer in self.weight_layers()[0]}
         return [now[layer.weight] for layer in found], 0
 
-    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
-        """QDQ nodes in a re-measured copy (:func:`~graphprune.frontends.onnx.quantize.quantized_copy`);
+    def write_quantization(self, plan: QuantPlan, values: Mapping[str, torch.Tensor] | None = None) -> QuantPlan:
+        """int8 QDQ nodes in a re-measured copy (:func:`~graphprune.frontends.onnx.quantize.quantized_copy`);
         the float outputs are kept as the int8 check's reference and the masks follow the weights
-        to their quantized initializers."""
+        to their quantized initializers.  (Quantize refuses the other formats and new values on
+        ONNX models before anything is written.)"""
+        if plan.kind != INT8 or values:
+            raise InternalError(f"an ONNX model takes int8 plans without new weights, got {plan.kind}")
         self.float_outputs = self.capture.outputs
         self.replace(quantize.quantized_copy(self.capture, plan))
         self.masked = {f"{name}_quantized" if name in plan.layers else name: m for name, m in self.masked.items()}
         return plan
+
+    def keep_mask(self, layer: OnnxLayer) -> torch.Tensor | None:
+        found = self.masked.get(layer.weight)
+        if found is None:
+            return None
+        return (
+            found.mask if found.mask is not None else self.weight(layer) != 0
+        )  # read from metadata: the zeros are the pruned entries
 
     def write_nm(
         self,

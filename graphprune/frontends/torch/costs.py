@@ -90,15 +90,19 @@ def model_costs(model: nn.Module, example_inputs: ExampleInputs) -> list[OpCost]
 
 
 def layer_formats(model: nn.Module, precision: str) -> dict[str, Format]:
-    """The number formats and N:M pattern of each compressed weight of ``model`` (int8 where it
-    carries fake quantization, the float ``precision`` elsewhere)."""
-    quantized = read_quant_plan(model)
-    int8 = set(quantized.layers) if quantized else set()
+    """The number formats and N:M pattern of each compressed weight of ``model`` (its quantization
+    format where it carries fake quantization, activations in float for weight-only formats, the
+    float ``precision`` elsewhere)."""
+    plan = read_quant_plan(model)
+    quantized = set(plan.layers) if plan else set()
     patterns = {name: (pattern.n, pattern.m) for name, (_, pattern) in nm_masks(model).items()}
-    return {
-        name: Format("int8" if name in int8 else precision, "int8" if name in int8 else precision, patterns.get(name))
-        for name in sorted(int8 | set(patterns))
-    }
+    formats = {}
+    for name in sorted(quantized | set(patterns)):
+        if plan is not None and name in quantized:
+            formats[name] = Format(plan.kind, precision if plan.weight_only else plan.kind, patterns.get(name))
+        else:
+            formats[name] = Format(precision, precision, patterns.get(name))
+    return formats
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:

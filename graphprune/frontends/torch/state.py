@@ -42,18 +42,20 @@ from graphprune.frontends.torch.capture import CapturedGraph, qualified, run_out
 from graphprune.frontends.torch.compensation import ModuleRefit, apply_bias_corrections
 from graphprune.frontends.torch.depth import remove_blocks, remove_checked
 from graphprune.frontends.torch.distributed import reduce_sum, single_process_only
-from graphprune.frontends.torch.fake_quant import (
-    is_quantized,
-    quantize_activation,
-    quantize_bias,
-    read_quant_plan,
-    weight_fake_quant,
-)
+from graphprune.frontends.torch.fake_quant import is_quantized, quantize_by_plan, read_quant_plan
 from graphprune.frontends.torch.folding import fold_batchnorm, foldable_batchnorm
 from graphprune.frontends.torch.lowrank import compensate, low_rank_paths, path_weights
 from graphprune.frontends.torch.lowrank import refusal as low_rank_refusal
 from graphprune.frontends.torch.macs import count_params, graph_macs
-from graphprune.frontends.torch.masks import attach, capture_masked, check_patterns, masked_weights, stored, stored_at
+from graphprune.frontends.torch.masks import (
+    attach,
+    capture_masked,
+    check_patterns,
+    masked_weights,
+    nm_masks,
+    stored,
+    stored_at,
+)
 from graphprune.io.plan_file import PlanFile
 
 if TYPE_CHECKING:
@@ -353,22 +355,25 @@ class CompressionState:
             fold_batchnorm(self.model, module, batchnorm)
         return layers, len(self._folded)
 
-    def write_quantization(self, plan: QuantPlan) -> QuantPlan:
+    def write_quantization(self, plan: QuantPlan, values: Mapping[str, torch.Tensor] | None = None) -> QuantPlan:
         """Fake quantization (:mod:`graphprune.frontends.torch.fake_quant`) on each layer's module:
-        its weight, input, a convolution's output, its bias."""
-        for name, layer in plan.layers.items():
-            owner = self.model.get_submodule(layer.module)
-            device = tensor_at(self.model, name).device
-            weight_fake_quant(
-                owner, name.rpartition(".")[2], torch.tensor(layer.weight_scale, device=device), layer.axis
-            )
-            quantize_activation(owner, "input", *layer.input)
-            if layer.output is not None:
-                quantize_activation(owner, "output", *layer.output)
-            if layer.bias is not None and layer.bias_scale is not None:
-                quantize_bias(owner, layer.bias.rpartition(".")[2], torch.tensor(layer.bias_scale, device=device))
+        its weight, and as the format has it its input, a convolution's output, its bias.  ``values``:
+        new weights (GPTQ's), written under any mask first and recorded in :attr:`updated`."""
+        for name, value in (values or {}).items():
+            owner, attr = self.model.get_submodule(plan.layers[name].module), name.rpartition(".")[2]
+            with torch.no_grad():
+                stored(owner, attr).copy_(value)
+            self.updated.add(name)
+        quantize_by_plan(self.model, plan)
         recorded = read_quant_plan(self.model)
-        return recorded if recorded is not None else plan
+        if recorded is None:
+            return plan
+        recorded.folded = {module: batchnorm for module, (batchnorm, _) in self._folded.items()}
+        return recorded
+
+    def keep_mask(self, layer: Consumer) -> torch.Tensor | None:
+        found = nm_masks(self.model).get(layer.weight)
+        return None if found is None else found[0]
 
     def write_nm(
         self,

@@ -1,0 +1,246 @@
+"""int4 (group-wise, RTN and GPTQ) and fp8 quantization: the arithmetic, the pass, the order
+contract, plan files and the ONNX emitters, each against an oracle."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper
+
+import graphprune as gp
+from graphprune.algorithms.gptq import quantize_columns
+from graphprune.algorithms.number_formats import (
+    FP8,
+    FP8_MAX,
+    INT4,
+    fake_quantize_weight,
+    integer_weight,
+    to_fp8,
+    weight_scales,
+)
+from graphprune.algorithms.quant import QuantPlan
+from graphprune.algorithms.sparsegpt import inverse_factor
+from graphprune.emit.matmul_nbits import pack_int4, unpack_int4
+from graphprune.passes import NMSparsity, Quantize
+
+
+class MLP(nn.Module):
+    def __init__(self, features: int = 64, hidden: int = 128, out: int = 32) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(features, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def correlated(rows: int, features: int = 64, seed: int = 0) -> torch.Tensor:
+    """Inputs that mostly vary along a few directions (as transformer activations do): the
+    anisotropy GPTQ uses and round-to-nearest ignores."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, features, generator=torch.Generator().manual_seed(1234))  # one subspace for every seed
+    return torch.randn(rows, 8, generator=g) @ basis + 0.05 * torch.randn(rows, features, generator=g)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return MLP().eval(), (torch.randn(4, 64),), [(correlated(64, seed=i),) for i in range(4)]
+
+
+def test_int4_codes_pack_as_onnxruntime_reads_them():
+    """Bit-exact: our packing unpacks to the codes, and onnxruntime's MatMulNBits computes with the
+    weights those codes and scales stand for."""
+    rng = np.random.default_rng(0)
+    n, k, block = 24, 64, 16
+    codes = rng.integers(-7, 8, (n, k))
+    packed = pack_int4(codes, block)
+    assert packed.shape == (n, k // block, block // 2) and packed.dtype == np.uint8
+    assert np.array_equal(unpack_int4(packed), codes)
+    scales = rng.uniform(0.01, 0.1, (n, k // block)).astype(np.float32)
+    node = helper.make_node(
+        "MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [onnx.numpy_helper.from_array(packed, "b"), onnx.numpy_helper.from_array(scales, "s")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    want = a @ (codes * np.repeat(scales, block, axis=1)).T
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_and_fp8_grids():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64)
+    scale = weight_scales(weight, 0, INT4, 16)
+    assert scale.shape == (8, 4)
+    q = integer_weight(weight, scale, 0, INT4, 16)
+    assert q.abs().max() == 7 and torch.equal(
+        fake_quantize_weight(weight, scale, 0, INT4, 16), q.float() * scale.repeat_interleave(16, 1)
+    )
+    conv1d = weight.t().contiguous()  # transformers' Conv1D stores [in, out]: the same groups
+    assert torch.equal(weight_scales(conv1d, 1, INT4, 16), scale)
+    fp8_scale = weight_scales(weight, 0, FP8)
+    rounded = fake_quantize_weight(weight, fp8_scale, 0, FP8)
+    assert torch.equal(rounded, to_fp8(weight, fp8_scale[:, None]).float() * fp8_scale[:, None])
+    assert (rounded.abs().amax(1) / fp8_scale).max() == FP8_MAX
+    sparse = weight * (torch.rand_like(weight) > 0.5)
+    for kind, group in ((INT4, 16), (FP8, None)):  # symmetric: zeros stay exact zeros
+        s = weight_scales(sparse, 0, kind, group)
+        assert torch.all(fake_quantize_weight(sparse, s, 0, kind, group)[sparse == 0] == 0)
+
+
+@pytest.mark.parametrize("kind, group", [(INT4, 16), ("int8", None), (FP8, None)])
+def test_gptq_beats_round_to_nearest_on_anisotropic_inputs(kind, group):
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 64), correlated(512)
+    hessian = 2 * x.T @ x / x.shape[0]
+    factor = inverse_factor(hessian, damp=0.01)
+    gptq, scales = quantize_columns(weight, factor, kind, group_size=group)
+    rtn = fake_quantize_weight(weight, weight_scales(weight, 0, kind, group), 0, kind, group)
+    assert torch.equal(fake_quantize_weight(gptq.float(), scales, 0, kind, group), gptq.float())  # on its grid
+
+    def error(w: torch.Tensor) -> float:
+        return float((x @ (w.float() - weight).T).norm())
+
+    assert error(gptq) < 0.6 * error(rtn)
+
+
+def test_gptq_on_a_masked_layer_keeps_the_mask_and_beats_rounding_the_masked_weights():
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 64), correlated(512)
+    keep = torch.zeros_like(weight, dtype=torch.bool)
+    keep.view(32, 16, 4).scatter_(2, weight.abs().view(32, 16, 4).topk(2, dim=2).indices, True)
+    factor = inverse_factor(2 * x.T @ x / x.shape[0], damp=0.01)
+    gptq, _ = quantize_columns(weight * keep, factor, INT4, group_size=16, keep=keep)
+    assert torch.all(gptq[~keep] == 0)
+    masked = weight * keep
+    rtn = fake_quantize_weight(masked, weight_scales(masked, 0, INT4, 16), 0, INT4, 16)
+    assert (x @ (gptq - weight).T).norm() < (x @ (rtn - weight).T).norm()
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        [NMSparsity(2, 4, method="sparsegpt", dense_heads=False), Quantize("int4", group_size=32, method="gptq")],
+        [NMSparsity(2, 4, dense_heads=False), Quantize("int4", group_size=32)],
+        [NMSparsity(2, 4, dense_heads=False), Quantize("fp8", method="gptq")],
+    ],
+    ids=["sparsegpt+int4-gptq", "magnitude+int4-rtn", "magnitude+fp8-gptq"],
+)
+def test_sparsity_then_quantization_keeps_the_pattern_replays_and_exports(passes, tmp_path):
+    model, x, calibration = _mlp()
+    result = gp.prune(model, x, calibration=calibration, passes=passes)
+    for layer in (result.module.a, result.module.b):
+        w = layer.weight.detach()
+        assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2  # 2:4 after quantization
+    plan = result.plans[-1]
+    assert plan.kind == passes[-1].dtype and set(plan.layers) == {"a.weight", "b.weight"}
+    result.save_plan(tmp_path / "p")
+    replayed = gp.apply_plan_file(model, x, tmp_path / "p.json")
+    probe = correlated(16, seed=9)
+    assert torch.equal(replayed(probe), result.module(probe))
+    report = result.export_onnx(tmp_path / "m.onnx")
+    assert report.quant_format == passes[-1].dtype and report.quantized_layers == 2
+    assert len(report.sparse_weights) == 2  # the pattern, checked on the written (packed) values
+    if passes[-1].dtype == "int4":
+        assert report.quantized_ops == {"MatMulNBits": 2}
+    else:  # fp8 QDQ; the first layer's ReLU input is quantized in front of it (see emit.qdq)
+        written = onnx.load(tmp_path / "m.onnx")
+        fp8 = [i for i in written.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN and len(i.dims) == 2]
+        assert len(fp8) == 2 and report.l2_error < 1e-5
+
+
+def test_gptq_beats_rtn_on_the_model_and_reads_the_quantized_model_upstream():
+    model, x, calibration = _mlp()
+    probe = correlated(256, seed=7)
+    with torch.no_grad():
+        want = model(probe)
+
+    def error(method: str) -> float:
+        out = gp.prune(model, x, calibration=calibration, passes=[Quantize("int4", group_size=16, method=method)])
+        with torch.no_grad():
+            return float((out.module(probe) - want).norm() / want.norm())
+
+    assert error("gptq") < error("rtn")
+
+
+def test_bad_arguments_are_refused_by_name():
+    model, x, calibration = _mlp()
+    with pytest.raises(gp.InputError, match="do not split into groups of 48"):
+        gp.prune(model, x, passes=[Quantize("int4", group_size=48)])
+    with pytest.raises(gp.InputError, match="method must be one of"):
+        Quantize("int4", method="awq")
+    with pytest.raises(gp.InputError, match="dtype must be one of"):
+        Quantize("int2")
+    with pytest.raises(gp.InputError, match="group_size is for int4"):
+        Quantize("int8", group_size=64)
+    with pytest.raises(gp.InputError, match="positive integer"):
+        Quantize("int4", group_size=0)
+    with pytest.raises(gp.InputError, match="weights only"):
+        Quantize("int4", activations="minmax")
+    with pytest.raises(gp.InputError, match="needs calibration"):
+        gp.prune(model, x, passes=[Quantize("int4", group_size=32, method="gptq")])
+    result = gp.prune(model, x, passes=[Quantize("int4", group_size=32)])  # weight-only RTN needs no data
+    assert result.plans[-1].kind == INT4
+    with pytest.raises(gp.InputError, match="no 2:4 kernel"):
+        result.to_sparse_kernels()
+    odd = gp.prune(model, x, passes=[Quantize("int4", group_size=8)])
+    with pytest.raises(gp.ApplyError, match="power of 2 from 16"):
+        odd.export_onnx("never-written.onnx")
+
+
+def test_the_order_contract_covers_the_new_formats():
+    model, x, calibration = _mlp()
+    for quantize in (Quantize("int4", group_size=32), Quantize("fp8")):
+        with pytest.raises(gp.ContractError, match="stage 'quantized'"):
+            gp.prune(model, x, calibration=calibration, passes=[quantize, NMSparsity(2, 4)])
+        result = gp.prune(
+            model, x, calibration=calibration, passes=[quantize, NMSparsity(2, 4)], experimental_order=True
+        )
+        assert any("EXPERIMENTAL ORDER" in note for note in result.report.notes)
+
+
+def test_quantization_plans_of_every_format_survive_json_and_old_int8_plans_load():
+    model, x, calibration = _mlp()
+    for quantize in (Quantize("int8"), Quantize("int4", group_size=32), Quantize("fp8")):
+        plan = gp.prune(model, x, calibration=calibration, passes=[quantize]).plans[-1]
+        assert QuantPlan.from_json(plan.to_json()) == plan
+    layer = {"module": "a", "axis": 0, "weight_scale": [1.0], "input": [0.1, 0]}
+    old = json.dumps({"version": 1, "kind": "int8", "layers": {"a.weight": layer}})
+    assert QuantPlan.from_json(old).kind == "int8"
+    with pytest.raises(gp.InputError, match="not a quantization plan"):
+        QuantPlan.from_json('{"version": 2, "kind": "int3", "layers": {}}')
+
+
+def test_fp8_activation_rounding_matches_onnxruntime_bit_for_bit():
+    x = torch.randn(4096) * 30
+    scale = torch.tensor(0.05)
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])
+    dq = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])
+    zero = onnx.numpy_helper.from_array(np.array(0, dtype=ml_dtypes.float8_e4m3fn), "z")
+    graph = helper.make_graph(
+        [q, dq],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+        [onnx.numpy_helper.from_array(np.array(0.05, np.float32), "s"), zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )
+    assert np.array_equal(got[0], fake_quantize_weight(x[:, None], scale.expand(4096), 0, FP8)[:, 0].numpy())
