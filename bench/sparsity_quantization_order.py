@@ -1,16 +1,18 @@
-"""Sparsity then quantization, or the other way round? Both orders on two real models.
+"""Sparsity then quantization, or the other way round? Both orders on two real models, three formats.
 
-1. all-MiniLM-L6-v2 (pretrained, from PyPI): 2:4 on every encoder linear + int8.  Task metric:
+1. all-MiniLM-L6-v2 (pretrained, from PyPI): 2:4 on every encoder linear + int8, int4 or fp8.  Task metric:
    paraphrase retrieval on held-out sentence pairs (is each sentence's nearest neighbour its
    paraphrase?); output error: 1 - mean cosine between the compressed and dense embeddings.
-2. A small CNN trained here on scikit-learn's digits: 50% of channels removed, 2:4, int8.
+2. A small CNN trained here on scikit-learn's digits: 50% of channels removed, 2:4, then int8, int4
+   (its two linear layers: int4 leaves convolutions in float) or fp8.
    Task metric: test accuracy; output error: relative L2 error of the logits on the test set.
    Channel pruning runs first in both orders (after Quantize it is always refused: per-channel
    scales and calibrated ranges belong to the unpruned tensors), so the orders differ in where
    2:4 sits relative to int8.
 
-Rows: dense, S only, Q only, S->Q, Q->S (run with ``experimental_order=True``), for the
-magnitude and SparseGPT criteria.  No fine-tuning anywhere.
+Rows: dense, then per format (int8 static; int4 weights in groups of 128, round to nearest; fp8
+E4M3 static) S only, Q only, S->Q, Q->S (run with ``experimental_order=True``), for the magnitude
+and SparseGPT criteria, as Harma et al. compare the orders across number formats.  No fine-tuning.
 
     python -m bench.sparsity_quantization_order
 """
@@ -74,6 +76,11 @@ CALIBRATION = SENTENCES + [
     "Prices for fresh fruit went up this week.",
 ]
 METHODS = ("magnitude", "sparsegpt")
+FORMATS = {  # a fresh pass for each run
+    "int8": lambda: Quantize("int8"),
+    "int4": lambda: Quantize("int4", group_size=128),
+    "fp8": lambda: Quantize("fp8"),
+}
 
 
 def _orders(sparsity: list, quantize: gp.Pass) -> dict[str, tuple[list, bool]]:
@@ -97,21 +104,23 @@ def minilm_rows() -> None:
         partner = torch.arange(pairs) ^ 1  # the two sentences of a pair sit next to each other
         return (nearest == partner).float().mean().item(), 1 - (emb * dense).sum(-1).mean().item()
 
-    print("all-MiniLM-L6-v2: 2:4 on encoder linears + int8 (no fine-tuning)")
-    print(f"{'order':<10}{'criterion':<11}{'retrieval':>10}{'1-cos':>9}{'seconds':>9}")
+    print("all-MiniLM-L6-v2: 2:4 on encoder linears + int8 / int4 / fp8 (no fine-tuning)")
+    print(f"{'format':<7}{'order':<10}{'criterion':<11}{'retrieval':>10}{'1-cos':>9}{'seconds':>9}")
     acc, err = metrics(dense)
-    print(f"{'dense':<10}{'-':<11}{acc:>10.3f}{err:>9.4f}{'-':>9}")
-    for method in METHODS:
-        for order, (passes, experimental) in _orders([NMSparsity(2, 4, method=method)], Quantize()).items():
-            if order == "Q only" and method != METHODS[0]:
-                continue
-            start = time.perf_counter()
-            result = gp.prune(
-                model, calibration[0], passes=passes, calibration=calibration, experimental_order=experimental
-            )
-            acc, err = metrics(embed(result.module, held))
-            label = "-" if order == "Q only" else method
-            print(f"{order:<10}{label:<11}{acc:>10.3f}{err:>9.4f}{time.perf_counter() - start:>9.1f}")
+    print(f"{'fp32':<7}{'dense':<10}{'-':<11}{acc:>10.3f}{err:>9.4f}{'-':>9}")
+    for kind, quantize in FORMATS.items():
+        for method in METHODS:
+            for order, (passes, experimental) in _orders([NMSparsity(2, 4, method=method)], quantize()).items():
+                if (order == "Q only" and method != METHODS[0]) or (order == "S only" and kind != "int8"):
+                    continue
+                start = time.perf_counter()
+                result = gp.prune(
+                    model, calibration[0], passes=passes, calibration=calibration, experimental_order=experimental
+                )
+                acc, err = metrics(embed(result.module, held))
+                label = "-" if order == "Q only" else method
+                shown = "-" if order == "S only" else kind
+                print(f"{shown:<7}{order:<10}{label:<11}{acc:>10.3f}{err:>9.4f}{time.perf_counter() - start:>9.1f}")
 
 
 class DigitsNet(nn.Module):
@@ -154,27 +163,32 @@ def digits_rows() -> None:
             out = m(test)
         return (out.argmax(1) == labels).float().mean().item(), ((out - dense).norm() / dense.norm()).item()
 
-    print(f"\nDigitsNet on scikit-learn digits ({len(test)} test images): 50% channels + 2:4 + int8 (no fine-tuning)")
-    print(f"{'order':<10}{'criterion':<11}{'accuracy':>10}{'logit err':>11}{'params':>9}")
+    print(
+        f"\nDigitsNet on scikit-learn digits ({len(test)} test images): 50% channels + 2:4 + int8 / int4 / fp8 "
+        "(no fine-tuning)"
+    )
+    print(f"{'format':<7}{'order':<10}{'criterion':<11}{'accuracy':>10}{'logit err':>11}{'params':>9}")
     acc, err = metrics(model)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{'dense':<10}{'-':<11}{acc:>10.3f}{err:>11.4f}{params:>9}")
-    for method in METHODS:
-        sparsity = [
-            ChannelPrune(0.5, importance="activation", compensate="bias+batchnorm"),
-            NMSparsity(2, 4, method=method),
-        ]
-        for order, (passes, experimental) in _orders(sparsity, Quantize()).items():
-            if order == "Q only" and method != METHODS[0]:
-                continue
-            if order == "Q->S":  # channels first in both orders (see the module docstring)
-                passes = [sparsity[0], passes[0], sparsity[1]]
-            result = gp.prune(
-                model, train[:64], passes=passes, calibration=calibration, experimental_order=experimental
-            )
-            acc, err = metrics(result.module)
-            label = "-" if order == "Q only" else method
-            print(f"{order:<10}{label:<11}{acc:>10.3f}{err:>11.4f}{result.report.params_after:>9}")
+    print(f"{'fp32':<7}{'dense':<10}{'-':<11}{acc:>10.3f}{err:>11.4f}{params:>9}")
+    for kind, quantize in FORMATS.items():
+        for method in METHODS:
+            sparsity = [
+                ChannelPrune(0.5, importance="activation", compensate="bias+batchnorm"),
+                NMSparsity(2, 4, method=method),
+            ]
+            for order, (passes, experimental) in _orders(sparsity, quantize()).items():
+                if (order == "Q only" and method != METHODS[0]) or (order == "S only" and kind != "int8"):
+                    continue
+                if order == "Q->S":  # channels first in both orders (see the module docstring)
+                    passes = [sparsity[0], passes[0], sparsity[1]]
+                result = gp.prune(
+                    model, train[:64], passes=passes, calibration=calibration, experimental_order=experimental
+                )
+                acc, err = metrics(result.module)
+                label = "-" if order == "Q only" else method
+                shown = "-" if order == "S only" else kind
+                print(f"{shown:<7}{order:<10}{label:<11}{acc:>10.3f}{err:>11.4f}{result.report.params_after:>9}")
 
 
 def main() -> None:

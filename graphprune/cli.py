@@ -182,6 +182,7 @@ def _pass_flags(args: argparse.Namespace) -> bool:
             args.nm is not None,
             args.low_rank is not None,
             args.int8,
+            args.quantize is not None,
         )
     )
 
@@ -193,8 +194,13 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
     flags = _pass_flags(args)
     if args.recipe and (flags or args.refine):
         raise InputError(
-            "give either --recipe or the --remove-blocks/--channels/--nm/--refine/--low-rank/--int8 flags, not both"
+            "give either --recipe or the --remove-blocks/--channels/--nm/--refine/--low-rank/--int8/--quantize "
+            "flags, not both"
         )
+    if args.int8 and args.quantize is not None:
+        raise InputError("--int8 is --quantize int8: give one of them")
+    if args.quantize is None and (args.group_size is not None or args.quant_method != "rtn"):
+        raise InputError("--group-size and --quant-method set how --quantize quantizes: give --quantize too")
     if args.refine and args.nm is None:
         raise InputError("--refine refines N:M masks: give --nm too")
     if args.recipe:
@@ -212,10 +218,12 @@ def _passes(args: argparse.Namespace) -> tuple[list, bool]:
         passes.append(NMSparsity(int(n), int(m), method=args.method, refine=args.refine))
     if args.low_rank is not None:
         passes.append(LowRankCompensation(args.low_rank))
-    if args.int8:
-        passes.append(Quantize("int8"))
+    if args.int8 or args.quantize is not None:
+        passes.append(Quantize(args.quantize or "int8", method=args.quant_method, group_size=args.group_size))
     if not passes:
-        raise InputError("nothing to do: give --recipe, or --remove-blocks, --channels, --nm, --low-rank and/or --int8")
+        raise InputError(
+            "nothing to do: give --recipe, or --remove-blocks, --channels, --nm, --low-rank and/or --int8/--quantize"
+        )
     return passes, False
 
 
@@ -568,7 +576,13 @@ def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
             except json.JSONDecodeError as exc:
                 raise InputError(f"--config {key}: {value!r} is not an integer or JSON value") from exc
     report = apply_to_checkpoint(
-        args.plan, args.source, args.destination, prefix=args.prefix, config=config, overwrite=args.overwrite
+        args.plan,
+        args.source,
+        args.destination,
+        prefix=args.prefix,
+        config=config,
+        overwrite=args.overwrite,
+        format=args.format,
     )
     if not args.json:
         print(report)
@@ -670,7 +684,7 @@ EXAMPLES = {
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="graphprune",
-        description="Compress PyTorch models: structured pruning, N:M sparsity, int8; emit verified ONNX.",
+        description="Compress PyTorch models: structured pruning, N:M sparsity, int8/int4/fp8; emit verified ONNX.",
     )
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -715,7 +729,16 @@ def parser() -> argparse.ArgumentParser:
             type=int,
             help="rank of a low-rank path beside every compressed linear layer (LowRankCompensation, EoRA)",
         )
-        p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize)")
+        p.add_argument("--int8", action="store_true", help="static int8 quantization (Quantize; --quantize int8)")
+        p.add_argument(
+            "--quantize",
+            choices=["int8", "int4", "fp8"],
+            help="quantization format (Quantize): int8, int4 weights, fp8",
+        )
+        p.add_argument("--group-size", type=int, help="int4's weights per scale along the reduction dim (128)")
+        p.add_argument(
+            "--quant-method", choices=["rtn", "gptq"], default="rtn", help="round to nearest, or GPTQ (calibration)"
+        )
         p.add_argument(
             "--calibration", help=".npz or .pt calibration data; for a checkpoint folder also .txt (one sample a line)"
         )
@@ -796,6 +819,11 @@ def parser() -> argparse.ArgumentParser:
         "where transformers knows it; give none to copy it unchanged)",
     )
     p.add_argument("--prefix", default="", help="prepended to the plan's tensor names to find them in the checkpoint")
+    p.add_argument(
+        "--format",
+        choices=["compressed-tensors"],
+        help="write the plan's quantization (int4, fp8) in the compressed-tensors layout vLLM and transformers load",
+    )
     overwrite(p, "destination folders")
     common(p)
     p = command(

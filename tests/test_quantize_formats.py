@@ -29,6 +29,7 @@ from graphprune.algorithms.quant import QuantPlan
 from graphprune.algorithms.sparsegpt import inverse_factor
 from graphprune.emit.matmul_nbits import pack_int4, unpack_int4
 from graphprune.passes import NMSparsity, Quantize
+from tests.architectures import small_llama
 
 
 class MLP(nn.Module):
@@ -244,3 +245,69 @@ def test_fp8_activation_rounding_matches_onnxruntime_bit_for_bit():
         None, {"x": x.numpy()}
     )
     assert np.array_equal(got[0], fake_quantize_weight(x[:, None], scale.expand(4096), 0, FP8)[:, 0].numpy())
+
+
+@pytest.mark.parametrize("quantize", [Quantize("int4", group_size=16, method="gptq"), Quantize("fp8")], ids=repr)
+def test_compressed_tensors_checkpoints_load_in_transformers_and_compute_the_quantized_model(quantize, tmp_path):
+    """2:4 then int4 (GPTQ) or fp8, saved as a plan, applied to the dense checkpoint in the
+    compressed-tensors layout: transformers loads it (through compressed-tensors) and computes what
+    the fake-quantized pruned module computes."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    model = small_llama()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    calibration = [(torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    result = gp.prune(model, (ids,), calibration=calibration, passes=[NMSparsity(2, 4, method="sparsegpt"), quantize])
+    model.save_pretrained(tmp_path / "dense")
+    result.save_plan(tmp_path / "plan")
+    with pytest.raises(gp.InputError, match="format='compressed-tensors'"):
+        gp.apply_to_checkpoint(tmp_path / "plan.json", tmp_path / "dense", tmp_path / "plain")
+    report = gp.apply_to_checkpoint(
+        tmp_path / "plan.json", tmp_path / "dense", tmp_path / "out", format="compressed-tensors"
+    )
+    assert report.bytes_after < report.bytes_before
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["quantization_status"] == "compressed"
+    assert config["format"] == ("pack-quantized" if quantize.dtype == "int4" else "float-quantized")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        want = result.module(ids).logits
+        assert torch.allclose(loaded(ids).logits, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_what_compressed_tensors_cannot_carry_is_refused(tmp_path):
+    model = small_llama()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "dense")
+    int8 = gp.prune(model, (ids,), calibration=[(ids,)], passes=[Quantize("int8")])
+    int8.save_plan(tmp_path / "int8")
+    with pytest.raises(gp.InputError, match="int8 plan quantizes biases"):
+        gp.apply_to_checkpoint(
+            tmp_path / "int8.json", tmp_path / "dense", tmp_path / "out", format="compressed-tensors"
+        )
+    sparse = gp.prune(model, (ids,), passes=[NMSparsity(2, 4)])
+    sparse.save_plan(tmp_path / "sparse")
+    with pytest.raises(gp.InputError, match="this plan does not quantize"):
+        gp.apply_to_checkpoint(
+            tmp_path / "sparse.json", tmp_path / "dense", tmp_path / "out", format="compressed-tensors"
+        )
+    with pytest.raises(gp.InputError, match="format must be None or"):
+        gp.apply_to_checkpoint(tmp_path / "sparse.json", tmp_path / "dense", tmp_path / "out", format="gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_names_the_formats():
+    from graphprune.cli import _passes, parser
+
+    def passes(*flags: str) -> list:
+        return _passes(parser().parse_args(["prune", "samples.resnet:build", "-o", "x.onnx", *flags]))[0]
+
+    (quantize,) = passes("--quantize", "int4", "--group-size", "32", "--quant-method", "gptq")
+    assert (quantize.dtype, quantize.group_size, quantize.method) == ("int4", 32, "gptq")
+    assert passes("--nm", "2:4", "--quantize", "fp8")[-1].dtype == "fp8"
+    assert passes("--int8")[0].dtype == "int8"
+    with pytest.raises(gp.InputError, match="give one of them"):
+        passes("--int8", "--quantize", "int4")
+    with pytest.raises(gp.InputError, match="give --quantize too"):
+        passes("--nm", "2:4", "--group-size", "32")

@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from graphprune.errors import GraphpruneError, InputError
 from graphprune.frontends.torch.analysis import analyze
 from graphprune.frontends.torch.capture import spec_inputs
 from graphprune.frontends.torch.depth import per_layer_lists
+from graphprune.io import compressed_tensors
 from graphprune.io.outputs import Outputs, overlap
 from graphprune.io.plan_file import PlanFile, check_kept
 from graphprune.io.tensor_store import opened
@@ -85,6 +85,7 @@ def apply_to_checkpoint(
     prefix: str = "",
     config: dict[str, object] | None = None,
     overwrite: bool = False,
+    format: str | None = None,
 ) -> CheckpointReport:
     """Write the checkpoint in ``source`` (a folder of ``.safetensors`` shards, with their index and
     any other files) pruned by ``plan`` to the folder ``destination``.
@@ -94,8 +95,12 @@ def apply_to_checkpoint(
     ``config`` updates ``config.json`` (see the module doc; ``{}`` copies it unchanged on purpose).
     An existing ``destination`` (not empty) is replaced only with ``overwrite``; one that is, holds or
     lies inside the source or the plan's files is refused, and so is such a staging folder.
+
+    ``format="compressed-tensors"`` writes the plan's quantization (int4 or fp8) in the layout vLLM
+    and transformers load (:mod:`graphprune.io.compressed_tensors`); a plan that quantizes needs it.
     """
-    plan_file = PlanFile.reapplicable(plan)
+    plan_file = PlanFile.reapplicable(plan, quantization=True)
+    _check_format(plan_file, format)
     if plan_file.low_rank:
         raise InputError(
             f"this plan puts low-rank paths beside {len(plan_file.low_rank)} layers, which a Hugging Face "
@@ -116,7 +121,13 @@ def apply_to_checkpoint(
         shards, config = _prepared(plan_file, source, prefix, config)
         identity = json.loads(
             json.dumps(
-                {"plan": _digest(plan_file), "source": _source_identity(shards), "prefix": prefix, "config": config},
+                {
+                    "plan": _digest(plan_file),
+                    "source": _source_identity(shards),
+                    "prefix": prefix,
+                    "config": config,
+                    "format": format,
+                },
                 default=str,
             )
         )
@@ -177,7 +188,28 @@ def _prepared(
         config = fits[0]
     if depth:
         config = {**depth, **(config or {})}
+    if plan.quantization is not None:
+        config = {
+            **(config or {}),
+            "quantization_config": compressed_tensors.quantization_config(plan.quantization, prefix),
+        }
     return shards, config
+
+
+def _check_format(plan: PlanFile, format: str | None) -> None:
+    """Refuse a format the plan cannot be written in, before anything is read."""
+    if format not in (None, compressed_tensors.FORMAT):
+        raise InputError(f"apply_to_checkpoint format must be None or {compressed_tensors.FORMAT!r}, got {format!r}")
+    if plan.quantization is None and format is not None:
+        raise InputError(f"format={format!r} writes quantized weights, and this plan does not quantize")
+    if plan.quantization is not None and format is None:
+        raise InputError(
+            f"this plan quantizes to {plan.quantization.kind}, which a plain checkpoint cannot carry: pass "
+            f"format={compressed_tensors.FORMAT!r} (vLLM and transformers load it), or re-apply the plan to the "
+            "model with gp.apply_plan_file"
+        )
+    if plan.quantization is not None and (why := compressed_tensors.refusal(plan.quantization)) is not None:
+        raise InputError(f"cannot write this plan as compressed-tensors: {why}")
 
 
 def _write(
@@ -210,16 +242,23 @@ def _write(
                     report.tensors_changed.append(name)
                     continue
                 tensor = f.get_tensor(name)
-                pruned = plan.planned(_plan_name(new, prefix), tensor)
+                key = _plan_name(new, prefix)
+                pruned = plan.planned(key, tensor)
                 if pruned is not tensor or new != name:
                     report.tensors_changed.append(name)
-                tensors[new] = pruned.contiguous()
+                layer = plan.quantization.layers.get(key or "") if plan.quantization is not None else None
+                if layer is not None and plan.quantization is not None:
+                    report.tensors_changed.append(name)
+                    quantized = compressed_tensors.quantized_tensors(new, pruned, layer, plan.quantization.kind)
+                    tensors.update({k: v.contiguous() for k, v in quantized.items()})
+                else:
+                    tensors[new] = pruned.contiguous()
         temporary = out.with_name(out.name + ".tmp")
         save_file(tensors, str(temporary), metadata=metadata)
         os.replace(temporary, out)
         report.bytes_after += out.stat().st_size
         del tensors
-    _copy_other_files(shards[0].parent, partial, config, report, lambda name: _new_name(name, plan, prefix))
+    _copy_other_files(shards[0].parent, partial, config, report)
     try:
         _verify(partial, plan, prefix)
     except InputError:
@@ -548,10 +587,9 @@ def _copy_other_files(
     partial: Path,
     config: dict[str, object],
     report: CheckpointReport,
-    renamed: Callable[[str], str | None],
 ) -> None:
     """The files beside the shards: ``config.json`` with ``config`` applied, the shard index with
-    the new total size and its tensors ``renamed`` (dropped where None), the rest copied."""
+    the new total size and the written tensors' shards, the rest copied."""
     for path in sorted(source.iterdir()):
         if path.suffix == ".safetensors" or not path.is_file():
             continue
@@ -565,11 +603,17 @@ def _copy_other_files(
             index = _read_json(path)
             index.setdefault("metadata", {})["total_size"] = _tensor_bytes(partial)
             if isinstance(index.get("weight_map"), dict):
-                moved = {renamed(name): shard for name, shard in index["weight_map"].items()}
-                index["weight_map"] = {name: shard for name, shard in moved.items() if name is not None}
+                index["weight_map"] = {
+                    name: shard.name for shard in sorted(partial.glob("*.safetensors")) for name in _keys(shard)
+                }
             target.write_text(json.dumps(index, indent=2) + "\n")
         else:
             shutil.copy2(path, target)
+
+
+def _keys(shard: Path) -> list[str]:
+    with opened(shard) as f:
+        return list(f.keys())
 
 
 def _tensor_bytes(folder: Path) -> int:
@@ -591,13 +635,24 @@ def _itemsize(dtype: str) -> int:
 def _verify(folder: Path, plan: PlanFile, prefix: str) -> None:
     """Planned shapes, N:M patterns on the written values, and the config's own shapes."""
     written: dict[str, list[int]] = {}
+    quantized = set(plan.quantization.layers) if plan.quantization is not None else set()
     for shard in sorted(folder.glob("*.safetensors")):
         with opened(shard) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if plan.quantization is not None else {}
             for name in f.keys():
                 written[name] = list(f.get_slice(name).get_shape())
-                record = plan.masks.get(_plan_name(name, prefix) or "")
+                key = _plan_name(name, prefix) or ""
+                record = None if key in quantized else plan.masks.get(key)  # quantized: checked below
                 if record is not None and not satisfies(f.get_tensor(name), record.pattern):
                     raise InputError(f"{name}: the written tensor breaks its {record.pattern} pattern")
+            for layer in plan.quantization.layers.values() if plan.quantization is not None else []:
+                weight = compressed_tensors.dequantized(tensors, prefix + layer.module)
+                if weight is None:
+                    continue
+                written[f"{prefix}{layer.module}.weight"] = list(weight.shape)
+                record = plan.masks.get(f"{layer.module}.weight")
+                if record is not None and not satisfies(weight, record.pattern):
+                    raise InputError(f"{prefix}{layer.module}: the written weights break its {record.pattern} pattern")
     config_path = folder / "config.json"
     if not config_path.exists():
         return
