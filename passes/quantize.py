@@ -195,7 +195,7 @@ class Quantize(Pass):
         for layer in layers:
             state.weight(layer)  # real weights, or refused before anything changes
         layers, folded = state.prepare_quantization(layers)
-        details: dict[str, Any] = {"quantized layers": len(layers), "format": self._format()}
+        details: dict[str, Any] = {"quantized layers": len(layers), "format": self.format_details()}
         carried = [QuantPlan(kind=self.dtype)]  # the plan the model carries, after each write
         if self.method == "gptq":
             with state.writing():
@@ -203,7 +203,7 @@ class Quantize(Pass):
                     layers, calibration, lambda part, data: carried.append(self._gptq(state, part, data)), skipped
                 )
         else:
-            carried.append(self._write(state, layers, calibration))
+            carried.append(self.quantize_layers(state, layers, calibration))
         state.plans.append(carried[-1])
         if folded:
             details["folded BatchNorm"] = folded
@@ -211,7 +211,8 @@ class Quantize(Pass):
             details["float layers"] = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(state, bool(layers), details)
 
-    def _format(self) -> str:
+    def format_details(self) -> str:
+        """The format and method, as the report shows them."""
         what = {"int8": "int8 weights and activations", "fp8": "fp8 E4M3 weights and activations"}
         grid = what.get(self.dtype, f"{self.dtype} weights in groups of {self.group_size}")
         return f"{grid}, {self.method}"
@@ -233,7 +234,9 @@ class Quantize(Pass):
             scales=given.get("scales"),
         )
 
-    def _write(self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any, **given: Any) -> QuantPlan:
+    def quantize_layers(
+        self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any, **given: Any
+    ) -> QuantPlan:
         """Quantize ``layers``; returns the plan the model then carries."""
         return state.write_quantization(self._plan(state, layers, calibration, **given), given.get("values"))
 
@@ -258,6 +261,6 @@ class Quantize(Pass):
                     keep=state.keep_mask(layer),
                     block=self.block,
                 )
-        return self._write(
+        return self.quantize_layers(
             state, layers, calibration, weight=lambda layer: values[layer.weight], scales=scales, values=values
         )

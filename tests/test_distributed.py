@@ -3,6 +3,9 @@ decides on the same data, for statistics summed over ranks and for training unde
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ import graphprune as gp
 import graphprune.frontends.torch.distributed as distributed
 from graphprune.passes import BlockPrune, ChannelPrune, NMSparsity, Quantize
 from graphprune.train.run import fine_tune
+from graphprune.train.run import main as train_main
 from tests.train_setups import tiny, tiny_lm
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
@@ -22,23 +26,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(tmp_path: Path, ranks: int, *args: str, setup: str = "tests.train_setups:tiny") -> gp.PlanFile:
+    """``python -m graphprune.train ARGS`` under torchrun on ``ranks`` processes; one rank runs in this
+    process (the same ``main``, without two interpreter starts)."""
     out = tmp_path / f"{args[0]}-{ranks}"
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        if ranks > 1
-        else [sys.executable]
-    )
-    command = [*launcher, "-m", "graphprune.train", *args, "--setup", setup, "--out", str(out)]
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"({ranks} rank" in done.stdout
+    argv = [*args, "--setup", setup, "--out", str(out)]
+    if ranks == 1:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert train_main(argv) == 0
+        stdout = printed.getvalue()
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        done = subprocess.run(
+            [*launcher, "-m", "graphprune.train", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        stdout = done.stdout
+    assert f"({ranks} rank" in stdout
     return gp.PlanFile.load(f"{out}.json")
 
 

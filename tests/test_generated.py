@@ -29,7 +29,7 @@ from tests.oracles import Explodes, max_relative_error, outputs, random_plan, sn
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
 
-EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "45"))
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "40"))
 EXPORT_EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXPORT_EXAMPLES", "6"))
 INPUTS = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)),)
 CALIBRATION = [INPUTS, (torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)]

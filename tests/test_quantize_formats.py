@@ -311,3 +311,37 @@ def test_the_command_line_names_the_formats():
         passes("--int8", "--quantize", "int4")
     with pytest.raises(gp.InputError, match="give --quantize too"):
         passes("--nm", "2:4", "--group-size", "32")
+
+
+def test_sparsegpt_then_gptq_share_one_sweep_over_the_calibration_data(tmp_path):
+    """Adjacent SparseGPT and GPTQ passes run as one (the SparseGPT paper's joint variant): the
+    calibration batches go through the model's first block half as often, the pattern holds, the
+    weights lie on the int4 grid, and the plan replays exactly."""
+    model = small_llama(layers=2)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    calibration = [(torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *_: calls.append(1))
+
+    def run(damp: float) -> gp.PruneResult:
+        calls.clear()
+        passes = [NMSparsity(2, 4, method="sparsegpt"), Quantize("int4", group_size=16, method="gptq", damp=damp)]
+        return gp.prune(model, (ids,), calibration=calibration, passes=passes)
+
+    joint = run(0.01)
+    joint_calls = len(calls)
+    separate = run(0.02)  # different damping: two passes, two sweeps
+    assert [row.pass_name for row in joint.report.rows] == ["SparseGPTQ"]
+    assert [row.pass_name for row in separate.report.rows] == ["NMSparsity", "Quantize"]
+    assert joint_calls < len(calls)
+    assert joint.report.rows[0].details["sweeps"].startswith("one")
+    plan = joint.plans[-1]
+    for layer in plan.layers.values():
+        weight = joint.module.get_submodule(layer.module).weight.detach()
+        assert torch.equal(fake_quantize_weight(weight, layer.scale(), 0, INT4, 16), weight)
+    joint.save_plan(tmp_path / "p")
+    masks = gp.PlanFile.load(tmp_path / "p.json").masks
+    assert masks and all(int(record.mask.reshape(-1, 4).sum(1).max()) <= 2 for record in masks.values())
+    replayed = gp.apply_plan_file(model, (ids,), tmp_path / "p.json")
+    with torch.no_grad():
+        assert torch.equal(replayed(ids).logits, joint.module(ids).logits)

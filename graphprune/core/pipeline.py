@@ -171,6 +171,22 @@ class Pass(abc.ABC):
         return result
 
 
+Fusion = Callable[[Pass, Pass], "Pass | None"]  # one pass doing two adjacent passes' work, or None
+
+
+def fused(passes: list[Pass], fusions: Sequence[Fusion]) -> list[Pass]:
+    """``passes`` with each adjacent pair that a rule of ``fusions`` joins replaced by the pass it
+    returns (one sweep over the calibration data instead of two), left to right."""
+    out: list[Pass] = []
+    for p in passes:
+        joined = next((j for rule in fusions if out and (j := rule(out[-1], p)) is not None), None)
+        if joined is not None:
+            out[-1] = joined
+        else:
+            out.append(p)
+    return out
+
+
 class PassManager:
     """Runs passes in the given order after checking the order against their declared stages,
     and the registered checks after every pass."""
@@ -181,11 +197,12 @@ class PassManager:
         *,
         experimental_order: bool = False,
         checks: Sequence[Check] = (check_nm_patterns,),
+        fusions: Sequence[Fusion] = (),
     ) -> None:
         for p in passes:
             if not isinstance(p, Pass):
                 raise ContractError(f"{p!r} is not a graphprune pass (see graphprune.passes)")
-        self.passes = list(passes)
+        self.passes = fused(list(passes), fusions)
         self.experimental_order = experimental_order
         self.checks = list(checks)
 

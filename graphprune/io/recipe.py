@@ -173,10 +173,13 @@ def pass_manager(
     passes: Sequence[Pass] | None, recipe: str | os.PathLike | None, experimental_order: bool
 ) -> PassManager:
     """The pass manager for exactly one of ``passes`` or a TOML ``recipe`` (whose own
-    ``experimental_order = true`` also allows experimental orders)."""
+    ``experimental_order = true`` also allows experimental orders), with graphprune's fusion rules
+    (``graphprune.passes.FUSIONS``: adjacent passes that share one sweep over the calibration data)."""
     if (passes is None) == (recipe is None):
         raise InputError("give exactly one of passes=[...] or recipe=...")
     if recipe is not None:
         loaded = load_recipe(recipe)
         passes, experimental_order = loaded.passes, experimental_order or loaded.experimental_order
-    return PassManager(list(passes), experimental_order=experimental_order)
+    import graphprune.passes as known
+
+    return PassManager(list(passes), experimental_order=experimental_order, fusions=known.FUSIONS)
