@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from graphprune.algorithms.gptq import quantize_layer
 from graphprune.algorithms.nm import NMPattern
 from graphprune.algorithms.number_formats import WEIGHT_ONLY
 from graphprune.algorithms.quant import QuantPlan
@@ -114,15 +113,7 @@ class SparseGPTQ(Pass):
                     new, keep = prune_layer(state.weight(layer), layer.layout, factors, pattern, block=sparsity.block)
                     state.write_nm(layer, keep, pattern, values=new)
                 if layer.weight in to_quantize:
-                    values[layer.weight], scales[layer.weight] = quantize_layer(
-                        state.weight(layer),
-                        layer.layout,
-                        factors,
-                        quantize.dtype,
-                        group_size=quantize.group_size,
-                        keep=state.keep_mask(layer),
-                        block=quantize.block,
-                    )
+                    values[layer.weight], scales[layer.weight] = quantize.round_layer(state, layer, factors)
             rounded = [to_quantize[name] for name in values]
             if rounded:
                 plans.append(

@@ -45,7 +45,7 @@ import torch.nn as nn
 from graphprune.algorithms.gptq import quantize_layer
 from graphprune.algorithms.number_formats import DEFAULT_GROUP_SIZE, FORMATS, GROUPED, INT8, WEIGHT_ONLY
 from graphprune.algorithms.quant import QuantPlan, observe_ranges, quant_plan
-from graphprune.algorithms.sparsegpt import PRECISIONS, factored, layer_hessians
+from graphprune.algorithms.sparsegpt import PRECISIONS, InverseFactor, factored, layer_hessians
 from graphprune.core.frontend import Frontend
 from graphprune.core.layers import CONV, WeightLayer, by_input
 from graphprune.core.pipeline import MODULE, ONNX, STREAMED, Pass, PassResult, Stage
@@ -240,6 +240,21 @@ class Quantize(Pass):
         """Quantize ``layers``; returns the plan the model then carries."""
         return state.write_quantization(self._plan(state, layers, calibration, **given), given.get("values"))
 
+    def round_layer(
+        self, state: Frontend[Any], layer: WeightLayer, factors: list[InverseFactor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ on the layer's weight as the model has it now (its N:M mask kept), with the Hessian
+        ``factors`` of its inputs: the new weight and its scales."""
+        return quantize_layer(
+            state.weight(layer),
+            layer.layout,
+            factors,
+            self.dtype,
+            group_size=self.group_size,
+            keep=state.keep_mask(layer),
+            block=self.block,
+        )
+
     def _gptq(self, state: Frontend[Any], layers: list[WeightLayer], calibration: Any) -> QuantPlan:
         """GPTQ on one part of the model (its inputs from the model as quantized upstream): layers
         reading one activation share its Hessians; the part is quantized before the next is read."""
@@ -252,15 +267,7 @@ class Quantize(Pass):
                 precision=self.precision,
             )
             for layer in group:
-                values[layer.weight], scales[layer.weight] = quantize_layer(
-                    state.weight(layer),
-                    layer.layout,
-                    factors,
-                    self.dtype,
-                    group_size=self.group_size,
-                    keep=state.keep_mask(layer),
-                    block=self.block,
-                )
+                values[layer.weight], scales[layer.weight] = self.round_layer(state, layer, factors)
         return self.quantize_layers(
             state, layers, calibration, weight=lambda layer: values[layer.weight], scales=scales, values=values
         )
