@@ -592,6 +592,7 @@ def cmd_apply_checkpoint(args: argparse.Namespace) -> dict:
         "tensors_changed": len(report.tensors_changed),
         "bytes_before": report.bytes_before,
         "bytes_after": report.bytes_after,
+        "notes": report.notes,
         "resumed_shards": report.resumed_shards,
         "config": report.config,
     }

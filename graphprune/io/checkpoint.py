@@ -67,13 +67,19 @@ class CheckpointReport:
     bytes_after: int = 0
     resumed_shards: int = 0
     config: dict[str, object] = field(default_factory=dict)  # the config.json keys changed
+    notes: list[str] = field(default_factory=list)  # what the written format does not say
 
     def __str__(self) -> str:
+        shown = {
+            k: (f"<{v.get('format')}>" if k == "quantization_config" and isinstance(v, dict) else v)
+            for k, v in self.config.items()
+        }
         return (
             f"{self.destination}: {self.shards} shards, {len(self.tensors_changed)} tensors changed, "
             f"{self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB"
             + (f", resumed after {self.resumed_shards} finished shards" if self.resumed_shards else "")
-            + (f", config.json: {self.config}" if self.config else "")
+            + (f", config.json: {shown}" if self.config else "")
+            + "".join(f"\n  note: {note}" for note in self.notes)
         )
 
 
@@ -132,9 +138,13 @@ def apply_to_checkpoint(
             )
         )
         _check_resumable(partial, identity)
-        report = _write(
-            partial, CheckpointReport(str(destination), len(shards)), shards, plan_file, prefix, config or {}, identity
-        )
+        report = CheckpointReport(str(destination), len(shards))
+        if plan_file.quantization is not None and plan_file.masks:
+            report.notes.append(
+                f"{len(plan_file.masks)} N:M-masked weights keep their zeros in the quantized values, but "
+                "compressed-tensors (0.15 on) writes no sparsity metadata: loaders will not know they are N:M"
+            )
+        report = _write(partial, report, shards, plan_file, prefix, config or {}, identity)
         staged = outputs.claim(destination, folder=True)
         os.rmdir(staged)
         os.replace(partial, staged)
