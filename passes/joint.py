@@ -63,13 +63,16 @@ class SparseGPTQ(Pass):
         to_quantize = {layer.weight: layer for layer in quantized}
         chosen = {layer.weight: layer for layer in [*masked, *quantized]}
         carried = [QuantPlan(kind=quantize.dtype)]
+        between: dict[str, str] = {}  # layers the block-by-block runner leaves out, with the reason
         with state.writing():
             visited, calibrated = state.sequential(
                 list(chosen.values()),
                 calibration,
                 lambda part, data: carried.extend(self._part(state, part, data, to_mask, to_quantize)),
-                {**dense, **floating},
+                between,
             )
+        dense.update({k: v for k, v in between.items() if k in to_mask})
+        floating.update({k: v for k, v in between.items() if k in to_quantize})
         state.plans.append(carried[-1])
         done = {layer.weight for layer in visited}
         details: dict[str, Any] = {

@@ -179,7 +179,7 @@ def test_gptq_beats_rtn_on_the_model_and_reads_the_quantized_model_upstream():
     assert error("gptq") < error("rtn")
 
 
-def test_bad_arguments_are_refused_by_name():
+def test_bad_arguments_are_refused_by_name(tmp_path):
     model, x, calibration = _mlp()
     with pytest.raises(gp.InputError, match="do not split into groups of 48"):
         gp.prune(model, x, passes=[Quantize("int4", group_size=48)])
@@ -201,7 +201,8 @@ def test_bad_arguments_are_refused_by_name():
         result.to_sparse_kernels()
     odd = gp.prune(model, x, passes=[Quantize("int4", group_size=8)])
     with pytest.raises(gp.ApplyError, match="power of 2 from 16"):
-        odd.export_onnx("never-written.onnx")
+        odd.export_onnx(tmp_path / "never-written.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_order_contract_covers_the_new_formats():
@@ -247,6 +248,7 @@ def test_fp8_activation_rounding_matches_onnxruntime_bit_for_bit():
     assert np.array_equal(got[0], fake_quantize_weight(x[:, None], scale.expand(4096), 0, FP8)[:, 0].numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [Quantize("int4", group_size=16, method="gptq"), Quantize("fp8")], ids=repr)
 def test_compressed_tensors_checkpoints_load_in_transformers_and_compute_the_quantized_model(quantize, tmp_path):
     """2:4 then int4 (GPTQ) or fp8, saved as a plan, applied to the dense checkpoint in the
@@ -314,6 +316,7 @@ def test_the_command_line_names_the_formats():
         passes("--nm", "2:4", "--group-size", "32")
 
 
+@pytest.mark.slow
 def test_sparsegpt_then_gptq_share_one_sweep_over_the_calibration_data(tmp_path):
     """Adjacent SparseGPT and GPTQ passes run as one (the SparseGPT paper's joint variant): the
     calibration batches go through the model's first block half as often, the pattern holds, the
@@ -346,3 +349,15 @@ def test_sparsegpt_then_gptq_share_one_sweep_over_the_calibration_data(tmp_path)
     replayed = gp.apply_plan_file(model, (ids,), tmp_path / "p.json")
     with torch.no_grad():
         assert torch.equal(replayed(ids).logits, joint.module(ids).logits)
+
+
+def test_a_checkpoint_without_the_quantized_weights_is_refused_before_writing(tmp_path):
+    model = small_llama()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    gp.prune(model, (ids,), passes=[Quantize("int4", group_size=16)]).save_plan(tmp_path / "plan")
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(gp.InputError, match="does not have .*prefix"):
+        gp.apply_to_checkpoint(
+            tmp_path / "plan.json", tmp_path / "dense", tmp_path / "out", format="compressed-tensors", prefix="base."
+        )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

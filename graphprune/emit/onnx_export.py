@@ -462,7 +462,7 @@ def check_outputs(report: ExportReport, optimized: str) -> None:
             f"({report.quantization_error:.3g}); nothing was written"
         )
     if report.quantized_layers:
-        report.quantized_ops = check_fusion(onnx.load(optimized), report.quant_format)
+        report.quantized_ops = check_fusion(onnx.load(optimized), report.quant_format, report.quantized_layers)
 
 
 def _outputs(module: nn.Module, args: tuple, kwargs: dict) -> list[np.ndarray]:
@@ -482,10 +482,10 @@ def _one_more(x: Any) -> Any:
     return x
 
 
-def check_fusion(optimized: onnx.ModelProto, kind: str = INT8) -> dict[str, int]:
+def check_fusion(optimized: onnx.ModelProto, kind: str = INT8, layers: int = 0) -> dict[str, int]:
     """Raise if a float Conv/Gemm/MatMul still reads a DequantizeLinear after onnxruntime's
-    optimizations (int8 and int4; fp8 layers run so on CPU, see :mod:`graphprune.emit.qdq`); returns
-    the count of each quantized kernel."""
+    optimizations (int8 and int4; fp8 layers run so on CPU, see :mod:`graphprune.emit.qdq`), or if
+    fewer than ``layers`` int4 layers are MatMulNBits there; returns the count of each quantized kernel."""
     if kind == FP8:
         return {}
     producers = {out: node for node in optimized.graph.node for out in node.output}
@@ -504,4 +504,9 @@ def check_fusion(optimized: onnx.ModelProto, kind: str = INT8) -> dict[str, int]
     for node in optimized.graph.node:
         if node.op_type in QUANTIZED_COMPUTE:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if kind == INT4 and counts.get("MatMulNBits", 0) < layers:
+        raise ApplyError(
+            f"onnxruntime's optimized graph holds {counts.get('MatMulNBits', 0)} MatMulNBits nodes for "
+            f"{layers} int4 layers; nothing was written"
+        )
     return counts

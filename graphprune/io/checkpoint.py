@@ -166,6 +166,14 @@ def _prepared(
         )
     _check_other_files(source)
     dense, planned = _check_source(shards, plan, prefix)
+    if plan.quantization is not None:
+        present = {_plan_name(new, prefix) for name in dense if (new := _new_name(name, plan, prefix)) is not None}
+        missing = sorted(set(plan.quantization.layers) - present)
+        if missing:
+            raise InputError(
+                f"the plan quantizes {len(missing)} weights the checkpoint does not have ({prefix}{missing[0]}, ...): "
+                "not the model the plan was made for, or it needs prefix="
+            )
     changes = _planned_changes(plan)  # after the check: the plan's dims fit the checkpoint's
     config_path = source / "config.json"
     depth = _depth_config(config_path, plan)
@@ -254,12 +262,12 @@ def _write(
                 tensor = f.get_tensor(name)
                 key = _plan_name(new, prefix)
                 pruned = plan.planned(key, tensor)
-                if pruned is not tensor or new != name:
+                quantization = plan.quantization
+                layer = quantization.layers.get(key or "") if quantization is not None else None
+                if pruned is not tensor or new != name or layer is not None:
                     report.tensors_changed.append(name)
-                layer = plan.quantization.layers.get(key or "") if plan.quantization is not None else None
-                if layer is not None and plan.quantization is not None:
-                    report.tensors_changed.append(name)
-                    quantized = compressed_tensors.quantized_tensors(new, pruned, layer, plan.quantization.kind)
+                if layer is not None and quantization is not None:
+                    quantized = compressed_tensors.quantized_tensors(new, pruned, layer, quantization.kind)
                     tensors.update({k: v.contiguous() for k, v in quantized.items()})
                 else:
                     tensors[new] = pruned.contiguous()

@@ -712,13 +712,13 @@ def apply_plan_file(
 
 
 def _quantize(model: nn.Module, plan: QuantPlan) -> None:
-    """The plan's BatchNorm folds, then its fake quantization, each layer checked against the model."""
+    """The plan's BatchNorm folds, then its fake quantization, everything checked against the model
+    before anything changes (folding keeps shapes)."""
     for conv, batchnorm in plan.folded.items():
         try:
             model.get_submodule(conv), model.get_submodule(batchnorm)
         except AttributeError:
             raise InputError(f"the plan folds {batchnorm} into {conv}, which this model does not have") from None
-        fold_batchnorm(model, conv, batchnorm)
     for name, layer in plan.layers.items():
         try:
             weight = tensor_at(model, name)
@@ -731,4 +731,6 @@ def _quantize(model: nn.Module, plan: QuantPlan) -> None:
                 f"the plan's {plan.kind} scales for {name} are {list(scales)}, not those of a "
                 f"{list(weight.shape)} weight"
             )
+    for conv, batchnorm in plan.folded.items():
+        fold_batchnorm(model, conv, batchnorm)
     quantize_by_plan(model, plan)

@@ -265,9 +265,9 @@ class OnnxState:
         found = self.masked.get(layer.weight)
         if found is None:
             return None
-        return (
-            found.mask if found.mask is not None else self.weight(layer) != 0
-        )  # read from metadata: the zeros are the pruned entries
+        if found.mask is None:  # read from a file's metadata: its zeros are the pruned entries
+            return self.weight(layer) != 0
+        return found.mask
 
     def write_nm(
         self,

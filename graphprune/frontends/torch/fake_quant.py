@@ -9,6 +9,8 @@ arithmetic is :mod:`graphprune.algorithms.number_formats`'.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from graphprune.algorithms.number_formats import (
@@ -66,7 +68,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
 
 
-def _first_input(args: tuple, kwargs: dict, quantize) -> tuple[tuple, dict]:
+def _first_input(args: tuple, kwargs: dict, quantize: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple, dict]:
     if args:
         return (quantize(args[0]), *args[1:]), kwargs
     key = next(iter(kwargs))
